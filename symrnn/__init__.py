@@ -1,0 +1,14 @@
+"""symrnn: the equations of a recurrent cell -> verified gradient kernels."""
+
+from .cell import DIMS, Block, Cell, Loss, MatVec, Param, ParamSymbol, params
+from .cells import builtin, builtin_names
+from .errors import CellError, InternalError, UserError
+from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIMS", "Block", "Cell", "CellError", "InternalError", "Loss", "MatVec", "OPS", "Param",
+    "ParamSymbol", "UserError", "builtin", "builtin_names", "exp", "identity", "params", "relu",
+    "sigmoid", "softplus", "step", "tanh",
+]

@@ -1,0 +1,177 @@
+"""The step graph: a small, closed, immutable IR between SymPy and the printers.
+
+One time step of a cell, lowered from its equations (:mod:`symrnn.lower`):
+
+* :class:`Leaf`: a value the step reads: the input, a state at t-1, a
+  parameter used elementwise (a scalar, a vector or one row block of a vector),
+  the loss target.
+* :class:`Pointwise`: a node computed unit by unit from other values by a
+  SymPy expression.  Every nonlinearity application is its own node, so an
+  expression is either ``op(rational)`` or rational, and every derivative is
+  rational in stored values.
+* :class:`MatVecNode`: a node ``W[rows, cols] @ operand``.
+
+Nodes are in topological order; names are unique and deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import sympy
+
+from .errors import InternalError
+from .ops import Op
+
+LeafKind = Literal["input", "prev_state", "param", "target"]
+Role = Literal["intermediate", "state", "readout", "auxiliary"]
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    name: str
+    shape: tuple[sympy.Expr, ...]
+    blocks: int = 1
+
+    @property
+    def kind(self) -> str:
+        return ("scalar", "vector", "matrix")[len(self.shape)]
+
+    @property
+    def block_rows(self) -> sympy.Expr:
+        return self.shape[0] / self.blocks
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str
+    kind: LeafKind
+    size: sympy.Expr | None  # None: a scalar, broadcast over units
+    param: str = ""  # kind == "param": the declared parameter
+    block: int | None = None  # kind == "param": its row block, if any
+    state: str = ""  # kind == "prev_state": the state
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    name: str
+    size: sympy.Expr
+    expr: sympy.Expr
+    role: Role
+    equation: str  # the cell equation this node implements (or is part of)
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(sorted(s.name for s in self.expr.free_symbols))
+
+    @property
+    def op(self) -> type[Op] | None:
+        """The nonlinearity if the node is ``op(argument)``."""
+        return type(self.expr) if isinstance(self.expr, Op) else None
+
+
+@dataclass(frozen=True)
+class MatVecNode:
+    name: str
+    size: sympy.Expr
+    param: str
+    block: int | None  # row block of ``param``; None: all rows
+    cols: tuple[sympy.Expr, sympy.Expr]  # column range [start, stop) of the operand
+    operand: str
+    role: Role
+    equation: str
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.operand,)
+
+
+Node = Union[Pointwise, MatVecNode]
+
+
+@dataclass(frozen=True)
+class StateDecl:
+    name: str
+    size: sympy.Expr
+    prev: str  # name of the leaf holding its value at t-1
+
+
+@dataclass(frozen=True)
+class LossIR:
+    expr: sympy.Expr  # per unit, in readout/state names and the target
+    reduction: Literal["sum", "mean"]
+    target: str  # the target leaf's name
+    target_of: str  # the readout it is compared with
+
+
+@dataclass(frozen=True)
+class StepGraph:
+    cell: str
+    source: str
+    description: str
+    dims: tuple[tuple[str, int | None], ...]  # (dimension, fixed value or None)
+    input: Leaf
+    states: tuple[StateDecl, ...]
+    params: tuple[ParamDecl, ...]
+    leaves: tuple[Leaf, ...]
+    nodes: tuple[Node, ...]
+    readouts: tuple[str, ...]
+    loss: LossIR | None
+    equations: tuple[tuple[str, sympy.Expr], ...]  # the user's equations, for documents
+    warnings: tuple[str, ...] = ()
+
+    # -- lookups -----------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def leaf(self, name: str) -> Leaf:
+        for leaf in self.leaves:
+            if leaf.name == name:
+                return leaf
+        raise KeyError(name)
+
+    def param(self, name: str) -> ParamDecl:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def is_leaf(self, name: str) -> bool:
+        return any(leaf.name == name for leaf in self.leaves)
+
+    def size(self, name: str) -> sympy.Expr | None:
+        return self.leaf(name).size if self.is_leaf(name) else self.node(name).size
+
+    def consumers(self, name: str) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if name in n.deps)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Per-step outputs of ``forward``: every state, then every readout."""
+        return self.state_names + self.readouts
+
+    def verify(self) -> None:
+        """Check the IR's invariants; raise InternalError naming the bad node."""
+        known = {leaf.name for leaf in self.leaves}
+        for n in self.nodes:
+            if n.name in known:
+                raise InternalError(f"node '{n.name}' of cell '{self.cell}' is defined twice")
+            for d in n.deps:
+                if d not in known:
+                    raise InternalError(f"node '{n.name}' of cell '{self.cell}' reads '{d}' before it is defined")
+            if isinstance(n, Pointwise):
+                for sub in sympy.preorder_traversal(n.expr):
+                    if isinstance(sub, Op) and sub is not n.expr:
+                        raise InternalError(f"node '{n.name}': nested nonlinearity {sub}")
+            known.add(n.name)
+        for s in self.states:
+            if s.name not in known:
+                raise InternalError(f"state '{s.name}' of cell '{self.cell}' has no node")

@@ -1,0 +1,331 @@
+"""Lowering: a :class:`~symrnn.cell.Cell` (user equations) -> a :class:`~symrnn.ir.StepGraph`.
+
+The lowering resolves every name, checks every size, splits ``W @ (a, b)``
+into one matrix-vector node per operand (column blocks of W), turns every
+nonlinearity application into a node of its own and rejects, naming it, the
+first subexpression it cannot translate.  Errors are :class:`CellError` (a
+problem in the user's cell), never assertions.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+
+import sympy
+
+from .cell import DIMS, Block, Cell, MatVec
+from .errors import CellError, suggest
+from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
+from .ops import OPS, Op
+
+#: names the generated modules use for their own variables
+RESERVED = frozenset(
+    "np cp t T B K G p dtype params x state0 outputs cache grads grad_outputs target loss "
+    "n_in n_hidden n_out cot cotangent dW_stack rng bound self".split()
+)
+_PREFIXES = ("d_", "J_", "o_", "W_stack_")
+_SUFFIXES = ("_seq", "_proj", "_next")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def lower(cell: Cell) -> StepGraph:
+    """Lower a cell to its step graph (the first stage of the pipeline)."""
+    return _Lowering(cell).run()
+
+
+class _Lowering:
+    def __init__(self, cell: Cell):
+        self.cell = cell
+        self.fixed = {DIMS[k]: sympy.Integer(v) for k, v in cell.dims.items()}
+        self.scope: dict[str, tuple[str, sympy.Expr | None]] = {}  # name -> (what, size)
+        self.leaves: list[Leaf] = []
+        self.nodes: list = []
+        self.used_params: set[str] = set()
+        self.taken: set[str] = set()
+        self.sizes: dict[str, sympy.Expr | None] = {}  # every leaf and node
+
+    # -- helpers -------------------------------------------------------------
+    def error(self, where: str, message: str) -> CellError:
+        return CellError(self.cell.name, where, message)
+
+    def size(self, value, where: str) -> sympy.Expr:
+        try:
+            expr = sympy.sympify(value, locals=dict(DIMS)) if isinstance(value, str) else sympy.sympify(value)
+        except (sympy.SympifyError, SyntaxError, TypeError) as exc:
+            raise self.error(where, f"cannot read size {value!r}: {exc}") from None
+        bad = sorted(s.name for s in expr.free_symbols if s not in DIMS.values())
+        if bad:
+            raise self.error(where, f"size {value!r} uses unknown dimension '{bad[0]}' (sizes are written in n_in, n_hidden, n_out)")
+        return sympy.simplify(expr.subs(self.fixed))
+
+    def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
+        return sympy.simplify(a - b) == 0
+
+    def claim(self, name: str, where: str, allow: frozenset = frozenset()) -> None:
+        if not _NAME.match(name) or keyword.iskeyword(name):
+            raise self.error(where, f"'{name}' is not a valid name (letters, digits and _, starting with a letter)")
+        if (name in RESERVED - allow) or name.startswith(_PREFIXES) or name.endswith(_SUFFIXES):
+            raise self.error(where, f"'{name}' is reserved by the generated code; choose another name")
+        if name in self.taken:
+            raise self.error(where, f"'{name}' is defined twice")
+        self.taken.add(name)
+
+    def fresh(self, base: str) -> str:
+        base = re.sub(r"\W+", "_", base).strip("_")[:40] or "tmp"
+        name, k = base, 2
+        while name in self.taken or name in RESERVED:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+    def add_leaf(self, leaf: Leaf) -> None:
+        self.leaves.append(leaf)
+        self.sizes[leaf.name] = leaf.size
+        if leaf.kind != "param":  # a parameter's name stays bound to its declaration
+            self.scope[leaf.name] = (leaf.kind, leaf.size)
+
+    def add_node(self, node) -> None:
+        self.nodes.append(node)
+        self.sizes[node.name] = node.size
+        self.scope[node.name] = ("node", node.size)
+
+    # -- the pass ---------------------------------------------------------------
+    def run(self) -> StepGraph:
+        cell = self.cell
+        for k in cell.dims:
+            if k not in DIMS:
+                raise self.error(f"dims['{k}']", f"unknown dimension (use {', '.join(DIMS)})")
+        if len(cell.inputs) != 1:
+            raise self.error("inputs", f"a cell has exactly one input vector, got {len(cell.inputs)}")
+        (in_name, in_size), = cell.inputs.items()
+        self.claim(in_name, "inputs", allow=frozenset({"x"}))
+        input_leaf = Leaf(in_name, "input", self.size(in_size, f"inputs['{in_name}']"))
+        self.add_leaf(input_leaf)
+
+        if not cell.states:
+            raise self.error("states", "a cell needs at least one state")
+        states = []
+        for name, size in cell.states.items():
+            self.claim(name, "states")
+            prev = f"{name}_prev"
+            self.claim(prev, f"states['{name}']")
+            s = StateDecl(name, self.size(size, f"states['{name}']"), prev)
+            states.append(s)
+            self.add_leaf(Leaf(prev, "prev_state", s.size, state=name))
+
+        self.params = {}
+        for name, p in cell.params.items():
+            self.claim(name, "params")
+            where = f"params['{name}']"
+            if len(p.shape) > 2:
+                raise self.error(where, "a parameter is a scalar, a vector or a matrix")
+            if p.blocks < 1:
+                raise self.error(where, "blocks must be a positive integer")
+            decl = ParamDecl(name, tuple(self.size(s, where) for s in p.shape), p.blocks)
+            if p.blocks > 1 and decl.kind == "scalar":
+                raise self.error(where, "a scalar has no row blocks")
+            self.params[name] = decl
+            self.scope[name] = ("param", None)
+
+        state_names = {s.name for s in states}
+        for name, expr in cell.equations.items():
+            where = f"equation '{name}'"
+            if name in self.scope or name in self.taken - state_names:
+                raise self.error(where, f"'{name}' is already an input, state at t-1 or parameter")
+            if name not in state_names:
+                self.claim(name, where)
+            role = "state" if name in state_names else "intermediate"
+            self.equation(name, expr, role)
+        for s in states:
+            if s.name not in self.scope:
+                raise self.error(f"states['{s.name}']", f"state '{s.name}' has no update equation (add equations['{s.name}'])")
+            if not self.same(self.scope[s.name][1], s.size):
+                raise self.error(f"equation '{s.name}'", f"the update has size {self.scope[s.name][1]}, the state is declared with {s.size}")
+
+        readouts = []
+        for name, expr in cell.readout.items():
+            self.claim(name, f"readout '{name}'")
+            self.equation(name, expr, "readout")
+            readouts.append(name)
+
+        loss = self.lower_loss(cell, readouts) if cell.loss is not None else None
+        warnings = tuple(
+            f"cell '{cell.name}': parameter '{p}' is declared and never used" for p in self.params if p not in self.used_params
+        )
+        graph = StepGraph(
+            cell=cell.name,
+            source=cell.source,
+            description=cell.description,
+            dims=tuple((k, cell.dims.get(k)) for k in DIMS),
+            input=input_leaf,
+            states=tuple(states),
+            params=tuple(self.params.values()),
+            leaves=tuple(self.leaves),
+            nodes=tuple(self.nodes),
+            readouts=tuple(readouts),
+            loss=loss,
+            equations=tuple(cell.equations.items()) + tuple(cell.readout.items()),
+            warnings=warnings,
+        )
+        graph.verify()
+        return graph
+
+    def lower_loss(self, cell: Cell, readouts: list[str]) -> LossIR:
+        loss = cell.loss
+        if loss.reduction not in ("sum", "mean"):
+            raise self.error("loss", f"reduction must be 'sum' or 'mean', got {loss.reduction!r}")
+        if loss.target_of not in readouts:
+            raise self.error("loss", f"target_of names readout '{loss.target_of}', which the cell does not have")
+        self.scope["target"] = ("target", self.scope[loss.target_of][1])
+        self.leaves.append(Leaf("target", "target", self.scope[loss.target_of][1]))
+        expr = self.resolve_plain(sympy.sympify(loss.expr), "loss")
+        return LossIR(expr, loss.reduction, "target", loss.target_of)
+
+    def resolve_plain(self, expr: sympy.Expr, where: str) -> sympy.Expr:
+        """Check the names of an expression that is not lowered into nodes (the loss)."""
+        for sub in sympy.preorder_traversal(expr):
+            if isinstance(sub, (MatVec, Block)):
+                raise self.error(where, "a matrix product is not allowed here")
+            if isinstance(sub, sympy.Symbol):
+                self.lookup(sub.name, where)
+            elif isinstance(sub, sympy.Function) and not isinstance(sub, Op):
+                raise self.error(where, f"function '{type(sub).__name__}' is not allowed (allowed: {', '.join(OPS)})")
+        return expr
+
+    def lookup(self, name: str, where: str) -> tuple[str, sympy.Expr | None]:
+        if name in self.scope:
+            return self.scope[name]
+        if name in self.cell.states:
+            raise self.error(where, f"state '{name}' is used before its update equation; write {name}_prev for its value at t-1")
+        raise self.error(where, f"unknown symbol '{name}'{suggest(name, self.scope)}")
+
+    # -- equations ----------------------------------------------------------------
+    def equation(self, name: str, expr, role: str) -> None:
+        where = f"equation '{name}'"
+        try:
+            expr = sympy.sympify(expr)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise self.error(where, f"not a SymPy expression: {exc}") from None
+        if isinstance(expr, MatVec) and len(expr.args[1]) == 1:
+            self.matvec(expr, where, name=name, role=role)
+            return
+        if isinstance(expr, Op):
+            body = type(expr)(self.rational(expr.args[0], name, where))
+        else:
+            body = self.rational(expr, name, where)
+        node = Pointwise(name, self.pointwise_size(body, where), body, role, name)
+        self.add_node(node)
+
+    def rational(self, expr: sympy.Expr, eq: str, where: str) -> sympy.Expr:
+        """Lower an expression to one over value symbols, creating nodes as needed."""
+        if isinstance(expr, MatVec):
+            return sympy.Add(*[sympy.Symbol(n.name) for n in self.matvec(expr, where)])
+        if isinstance(expr, Block):
+            return sympy.Symbol(self.param_leaf(expr.args[0].name, int(expr.args[1]), where))
+        if isinstance(expr, Op):
+            arg = self.rational(expr.args[0], eq, where)
+            base = f"{type(expr).__name__}_{arg.name if arg.is_Symbol else eq}"
+            node = Pointwise(self.fresh(base), self.pointwise_size(arg, where), type(expr)(arg), "auxiliary", eq)
+            self.add_node(node)
+            return sympy.Symbol(node.name)
+        if isinstance(expr, sympy.Symbol):
+            kind, _ = self.lookup(expr.name, where)
+            if kind == "param":
+                return sympy.Symbol(self.param_leaf(expr.name, None, where))
+            if kind == "target":
+                raise self.error(where, "'target' is only available in the loss")
+            return sympy.Symbol(expr.name)
+        if expr.is_Number:
+            if not expr.is_real:
+                raise self.error(where, f"complex constant {expr}")
+            return expr
+        if isinstance(expr, sympy.Pow):
+            if not expr.args[1].is_Number:
+                raise self.error(where, f"in {expr}: exponents must be numbers")
+            return sympy.Pow(self.rational(expr.args[0], eq, where), expr.args[1])
+        if isinstance(expr, (sympy.Add, sympy.Mul)):
+            return expr.func(*[self.rational(a, eq, where) for a in expr.args])
+        if isinstance(expr, sympy.Function):
+            fname = type(expr).__name__
+            raise self.error(where, f"function '{fname}' is not allowed (allowed: {', '.join(OPS)}){suggest(fname, OPS)}")
+        raise self.error(where, f"cannot translate {sympy.sstr(expr)!r} ({type(expr).__name__})")
+
+    def param_leaf(self, name: str, block: int | None, where: str) -> str:
+        """The leaf of a parameter (or one row block of it) used elementwise."""
+        decl = self.params.get(name)
+        if decl is None:
+            self.lookup(name, where)
+            raise self.error(where, f"'{name}' is not a parameter")
+        if decl.kind == "matrix":
+            raise self.error(where, f"matrix '{name}' can only multiply a vector ({name} @ v)")
+        if decl.blocks > 1 and block is None:
+            raise self.error(where, f"'{name}' has {decl.blocks} row blocks; use one of them, {name}[k]")
+        if block is not None and not 0 <= block < decl.blocks:
+            raise self.error(where, f"{name}[{block}]: '{name}' has row blocks 0..{decl.blocks - 1}")
+        self.used_params.add(name)
+        leaf_name = name if block is None else f"{name}_{block}"
+        if not any(leaf.name == leaf_name for leaf in self.leaves):
+            if block is not None:
+                self.claim(leaf_name, where)
+            size = None if decl.kind == "scalar" else decl.block_rows
+            self.add_leaf(Leaf(leaf_name, "param", size, param=name, block=block))
+        return leaf_name
+
+    def matvec(self, expr: MatVec, where: str, name: str | None = None, role: str = "auxiliary") -> list[MatVecNode]:
+        weight, operands = expr.args
+        block = None
+        if isinstance(weight, Block):
+            weight, block = weight.args[0], int(weight.args[1])
+        if not isinstance(weight, sympy.Symbol):
+            raise self.error(where, f"in {sympy.sstr(expr)}: the left of @ must be a parameter matrix")
+        decl = self.params.get(weight.name)
+        if decl is None:
+            self.lookup(weight.name, where)
+            raise self.error(where, f"'{weight.name}' @ ...: '{weight.name}' is not a parameter")
+        if decl.kind != "matrix":
+            raise self.error(where, f"'{weight.name}' @ ...: '{weight.name}' is a {decl.kind}, not a matrix")
+        if decl.blocks > 1 and block is None:
+            raise self.error(where, f"'{weight.name}' has {decl.blocks} row blocks; write {weight.name}[k] @ ...")
+        if block is not None and not 0 <= block < decl.blocks:
+            raise self.error(where, f"{weight.name}[{block}]: '{weight.name}' has row blocks 0..{decl.blocks - 1}")
+        self.used_params.add(weight.name)
+        names = []
+        for i, operand in enumerate(operands):
+            lowered = self.rational(operand, name or "mv", where)
+            if lowered.is_Symbol and self.scope[lowered.name][1] is not None:
+                names.append(lowered.name)
+            else:
+                aux = Pointwise(self.fresh(f"{weight.name}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", name or "")
+                self.add_node(aux)
+                names.append(aux.name)
+        sizes = [self.scope[n][1] for n in names]
+        total = sympy.Add(*sizes)
+        if not self.same(total, decl.shape[1]):
+            got = " + ".join(f"{n} ({s})" for n, s in zip(names, sizes))
+            raise self.error(where, f"{weight.name} @ ...: {weight.name} has {decl.shape[1]} columns but the vector has {got} = {total} entries")
+        nodes, start = [], sympy.Integer(0)
+        single = len(names) == 1 and name is not None
+        for operand, size in zip(names, sizes):
+            base = weight.name + (f"_{block}" if block is not None else "") + f"_{operand}"
+            node_name = name if single else self.fresh(base)
+            node = MatVecNode(node_name, decl.block_rows, weight.name, block, (start, start + size), operand,
+                              role if single else "auxiliary", name or "")
+            self.add_node(node)
+            nodes.append(node)
+            start = start + size
+        return nodes
+
+    def pointwise_size(self, expr: sympy.Expr, where: str) -> sympy.Expr:
+        sizes = {}
+        for s in sorted(expr.free_symbols, key=lambda s: s.name):
+            size = self.sizes[s.name]
+            if size is not None:
+                sizes[s.name] = size
+        if not sizes:
+            raise self.error(where, f"{sympy.sstr(expr)} has no vector in it, so its size is unknown")
+        first_name, first = next(iter(sizes.items()))
+        for n, s in sizes.items():
+            if not self.same(s, first):
+                raise self.error(where, f"elementwise operation on vectors of different sizes: '{first_name}' has {first}, '{n}' has {s}")
+        return first

@@ -1,0 +1,148 @@
+"""Elementwise nonlinearities: every rule of one op in one place.
+
+Each op is a SymPy ``Function`` subclass carrying
+
+* ``derivative(y)``: its derivative written through its own output ``y``
+  (sigmoid' = y (1 - y), tanh' = 1 - y**2), so backward code reuses the stored
+  forward value and recomputes no transcendental function (softplus is the one
+  exception: its derivative 1 - exp(-y) needs one ``exp``);
+* ``numpy``: its NumPy spelling, a format string over the argument ``{x}``;
+* ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
+* ``latex``: its LaTeX name.
+
+``tests/test_ops.py`` asserts that every op has every rule and that each
+derivative agrees with SymPy's derivative of the op's explicit formula.
+
+>>> import sympy
+>>> y = sympy.Symbol("y")
+>>> sigmoid.derivative(y)
+y*(1 - y)
+"""
+
+from __future__ import annotations
+
+import sympy
+
+__all__ = ["OPS", "Op", "identity", "relu", "sigmoid", "softplus", "step", "tanh", "exp"]
+
+
+class Op(sympy.Function):
+    """Base class of symrnn's elementwise nonlinearities (one argument)."""
+
+    nargs = 1
+    #: LaTeX name, e.g. ``\sigma``.
+    latex: str = ""
+    #: NumPy spelling; ``{x}`` is the argument.  Must be a complete expression.
+    numpy: str = ""
+    #: CUDA C spelling for (float, double); ``{x}`` is the argument.
+    cuda: tuple[str, str] = ("", "")
+    #: explicit formula, used only to verify ``derivative`` in the tests.
+    formula = None
+
+    @classmethod
+    def derivative(cls, y: sympy.Expr) -> sympy.Expr:
+        """d op(a) / da, written through the output ``y = op(a)``."""
+        raise NotImplementedError
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return self.derivative(self)
+
+    def _latex(self, printer) -> str:
+        return rf"{self.latex}\left({printer._print(self.args[0])}\right)"
+
+
+class sigmoid(Op):
+    latex = r"\sigma"
+    # one tanh instead of exp + division; exact: sigma(a) = (1 + tanh(a/2)) / 2
+    numpy = "(0.5 * np.tanh(0.5 * ({x})) + 0.5)"
+    cuda = ("(0.5f * tanhf(0.5f * ({x})) + 0.5f)", "(0.5 * tanh(0.5 * ({x})) + 0.5)")
+    formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
+
+    @classmethod
+    def derivative(cls, y):
+        return y * (1 - y)
+
+
+class tanh(Op):
+    latex = r"\tanh"
+    numpy = "np.tanh({x})"
+    cuda = ("tanhf({x})", "tanh({x})")
+    formula = staticmethod(sympy.tanh)
+
+    @classmethod
+    def derivative(cls, y):
+        return 1 - y**2
+
+
+class relu(Op):
+    latex = r"\operatorname{relu}"
+    numpy = "np.maximum({x}, 0)"
+    cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
+    formula = staticmethod(lambda a: sympy.Max(a, 0))
+
+    @classmethod
+    def derivative(cls, y):
+        # relu'(0) = 0, as in PyTorch
+        return step(y)
+
+
+class softplus(Op):
+    latex = r"\operatorname{softplus}"
+    numpy = "np.logaddexp(0, {x})"
+    cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
+    formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
+
+    @classmethod
+    def derivative(cls, y):
+        # sigma(a) = 1 - exp(-softplus(a)): one exp, the only transcendental
+        # function any backward pass recomputes.
+        return 1 - exp(-y)
+
+
+class exp(Op):
+    latex = r"\exp"
+    numpy = "np.exp({x})"
+    cuda = ("expf({x})", "exp({x})")
+    formula = staticmethod(sympy.exp)
+
+    @classmethod
+    def derivative(cls, y):
+        return y
+
+
+class identity(Op):
+    latex = r"\operatorname{id}"
+    numpy = "({x})"
+    cuda = ("({x})", "({x})")
+    formula = staticmethod(lambda a: a)
+
+    @classmethod
+    def eval(cls, a):
+        return a
+
+    @classmethod
+    def derivative(cls, y):
+        return sympy.Integer(1)
+
+
+class step(Op):
+    """Heaviside step at y > 0 (step(0) = 0); the derivative of relu."""
+
+    latex = r"\mathbb{1}"
+    numpy = "(({x}) > 0)"
+    cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
+    formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
+
+    @classmethod
+    def derivative(cls, y):
+        # zero almost everywhere; only ever needed inside a second derivative
+        return sympy.Integer(0)
+
+    def _latex(self, printer) -> str:
+        return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
+
+
+#: every op, by the name used in equations (and in spec files)
+OPS: dict[str, type[Op]] = {
+    op.__name__: op for op in (sigmoid, tanh, relu, softplus, exp, identity, step)
+}

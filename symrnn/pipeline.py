@@ -1,0 +1,214 @@
+"""The driver: cell -> lower -> derive -> plan -> render -> write.
+
+Each stage takes the previous stage's value and returns a new one:
+
+    cell: Cell
+      -> graph: StepGraph       (lower.lower: names resolved, sizes checked)
+      -> derivation: Derivation (derive.derive: local partials, adjoints, tangents)
+      -> plan: KernelPlan       (plan.plan: pre / loop / post, stages, stacked GEMMs)
+      -> source: str            (render_numpy: backend statements + Jinja template)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from collections.abc import Iterable
+from pathlib import Path
+
+import jinja2
+
+from .backends.numpy_backend import dim, emit
+from .cell import Cell
+from .cells import builtin
+from .derive import derive
+from .errors import UserError
+from .lower import lower
+from .plan import KernelPlan, plan
+
+__all__ = ["build", "render_numpy", "load_module", "generate", "write_atomic", "module_name"]
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("symrnn.templates", ""),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+def build(cell: Cell | str) -> KernelPlan:
+    """Cell (or built-in name) -> kernel plan: lower, derive, plan."""
+    cell = builtin(cell) if isinstance(cell, str) else cell
+    graph = lower(cell)  # Cell -> StepGraph
+    derivation = derive(graph)  # StepGraph -> Derivation
+    return plan(derivation)  # Derivation -> KernelPlan
+
+
+def module_name(cell_name: str, backend: str = "numpy") -> str:
+    return f"{cell_name}_{backend}"
+
+
+def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
+    """KernelPlan -> source of the NumPy module."""
+    g = kernel_plan.graph
+    m = emit(kernel_plan)
+    from .cells import BUILTIN
+
+    command = command or (
+        f"symrnn generate {g.cell} --out generated" if g.cell in BUILTIN else f"symrnn generate <spec of {g.cell}>"
+    )
+    loss = g.loss
+    return _ENV.get_template("numpy_module.py.j2").render(
+        cell=g.cell,
+        source=g.source or "user-defined",
+        command=command,
+        title=f"NumPy kernels for the '{g.cell}' cell: forward, BPTT backward and RTRL gradients.",
+        equations=_equation_lines(g),
+        outputs_doc=", ".join(f'"{o}"' for o in g.outputs),
+        initial_doc=", ".join(f'"{s.name}0"' for s in g.states),
+        has_loss=loss is not None,
+        param_shapes=[(p.name, _tuple([dim(s) for s in p.shape])) for p in g.params],
+        param_shape_names=[(p.name, _tuple([f'"{dim(s)}"' for s in p.shape])) for p in g.params],
+        fixed_dims=[(k, v) for k, v in g.dims if v is not None],
+        states=[(s.name, dim(s.size)) for s in g.states],
+        states_dict={s.name: dim(s.size) for s in g.states},
+        state_shapes=[(s.name, dim(s.size)) for s in g.states],
+        state_names=list(g.state_names),
+        outputs=list(g.outputs),
+        outputs_code=m.outputs,
+        dim_sources=_dim_sources(kernel_plan),
+        setup=m.setup,
+        stacks=m.stacks,
+        forward_pre=m.forward_pre,
+        forward_alloc=m.forward_alloc,
+        forward_loop=m.forward_loop,
+        forward_post=m.forward_post,
+        cache_names=m.cache_names,
+        backward_seed=m.backward_seed,
+        backward_post=m.backward_post,
+        backward_loop=m.backward_loop,
+        backward_after=m.backward_after,
+        backward_pre=m.backward_pre,
+        backward_weights=m.backward_weights,
+        grads=m.grads,
+        rtrl_setup=m.rtrl_setup,
+        rtrl_loop=m.rtrl_loop,
+        rtrl_grads=m.rtrl_grads,
+        loss_value=m.loss_value,
+        loss_grad=m.loss_grad,
+        loss_scale=m.loss_scale,
+        loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
+        target_of=loss.target_of if loss else "",
+    )
+
+
+def _tuple(items: list[str]) -> str:
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _equation_lines(g) -> list[str]:
+    from .cell import _plain
+
+    lines = [f"{lhs} = {_plain(rhs)}" for lhs, rhs in g.equations]
+    if g.loss is not None:
+        lines.append(f"L^t = {_plain(g.loss.expr)}    (L = {g.loss.reduction} over t)")
+    return lines
+
+
+def _dim_sources(kernel_plan: KernelPlan) -> list[tuple[str, str]]:
+    """Code reading n_hidden and n_out off the parameters' shapes."""
+    import sympy
+
+    from .cell import DIMS
+
+    g = kernel_plan.graph
+    out = []
+    for name in ("n_hidden", "n_out"):
+        fixed = dict(g.dims)[name]
+        if fixed is not None:
+            out.append((name, str(fixed)))
+            continue
+        source = None
+        for p in g.params:
+            for axis, size in enumerate(p.shape):
+                coeff = sympy.simplify(size / DIMS[name])
+                if coeff.is_Integer and coeff > 0:
+                    source = f'_dim_of(p, "{p.name}", {axis}' + (f", {coeff})" if coeff != 1 else ")")
+                    break
+            if source:
+                break
+        out.append((name, source or ("n_hidden" if name == "n_out" else "None")))
+    return out
+
+
+def load_module(source: str, name: str) -> types.ModuleType:
+    """Execute generated source as a fresh module (not registered in sys.modules)."""
+    module = types.ModuleType(name)
+    module.__file__ = f"<symrnn:{name}>"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generated_init(names: Iterable[str]) -> str:
+    from . import __version__
+
+    mods = sorted(names)
+    lines = [
+        "# Generated by symrnn. Do not edit. Regenerate with: symrnn generate --out generated",
+        f'"""Generated kernel modules (symrnn {__version__}); each depends on NumPy only."""',
+        "",
+        "MODULES = (",
+        *[f'    "{m}",' for m in mods],
+        ")",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def generate(cells: Iterable[Cell | str], out_dir: Path | str) -> list[Path]:
+    """Render every module in memory, then write them all (atomically, one by one).
+
+    Nothing is written if any cell fails to render; an unwritable folder raises
+    a UserError naming it.
+    """
+    out_dir = Path(out_dir)
+    rendered: dict[str, str] = {}
+    for cell in cells:
+        kp = build(cell)
+        rendered[module_name(kp.graph.cell) + ".py"] = render_numpy(kp)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder '{out_dir}' is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"'{out_dir}' is not writable")
+        init = out_dir / "__init__.py"
+        existing = set()
+        if init.exists():
+            existing = {p.stem for p in out_dir.glob("*_numpy.py")}
+        written = []
+        for filename, text in rendered.items():
+            path = out_dir / filename
+            write_atomic(path, text)
+            written.append(path)
+        write_atomic(init, generated_init(existing | {Path(f).stem for f in rendered}))
+        return written
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder '{out_dir}': {exc.strerror or exc}") from None

@@ -1,0 +1,162 @@
+"""The kernel plan: what runs where, independent of the backend.
+
+* **Regions.**  ``pre``: nodes that read no state (the input projection of all
+  time steps, one GEMM before the loop); ``loop``: nodes on the recurrence,
+  computed step by step; ``post``: nodes that read the states but do not feed
+  them back (the readout, one GEMM over all steps after the loop).
+* **Stages.**  Within a region, stage k runs its GEMMs, then its pointwise
+  nodes; a GEMM whose operand is computed in the same step (the seeds' GRU
+  multiplies r * h_prev) waits for the stage before it.  Per step, most cells
+  have one stage: one recurrent GEMM and one fused pointwise pass.
+* **Stacking.**  Matrix-vector nodes of one stage that multiply the same
+  vector form one GEMM with their weights stacked row-wise, ordered by
+  parameter and row block; when the stack is exactly one declared parameter
+  (PyTorch's ``weight_hh_l0``), it is used as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import sympy
+
+from .derive import Derivation
+from .errors import CellError
+from .ir import MatVecNode, Pointwise, StepGraph
+
+__all__ = ["GemmGroup", "KernelPlan", "Region", "Stage", "plan"]
+
+
+@dataclass(frozen=True)
+class GemmGroup:
+    """Matrix-vector nodes of one stage that multiply the same operand."""
+
+    operand: str
+    members: tuple[MatVecNode, ...]
+    offsets: tuple[sympy.Expr, ...]  # row offset of each member in the stacked product
+    rows: sympy.Expr
+    whole_param: str | None  # the declared parameter this stack is, if any
+
+    @property
+    def name(self) -> str:
+        return f"{self.operand}_proj"
+
+
+@dataclass(frozen=True)
+class Stage:
+    groups: tuple[GemmGroup, ...]
+    pointwise: tuple[Pointwise, ...]
+
+    @property
+    def matvecs(self) -> tuple[MatVecNode, ...]:
+        return tuple(m for g in self.groups for m in g.members)
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str  # "pre", "loop" or "post"
+    stages: tuple[Stage, ...]
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(n.name for s in self.stages for n in (*s.matvecs, *s.pointwise))
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    graph: StepGraph
+    derivation: Derivation
+    pre: Region
+    loop: Region
+    post: Region
+
+    @property
+    def regions(self) -> tuple[Region, Region, Region]:
+        return (self.pre, self.loop, self.post)
+
+    @cached_property
+    def region_of(self) -> dict[str, str]:
+        return {n: r.name for r in self.regions for n in r.nodes}
+
+    @cached_property
+    def stored(self) -> tuple[str, ...]:
+        """Loop nodes kept for every step (besides the states): those the
+        backward pass or the post region reads.  Sorted by node order."""
+        need = set(self.derivation.stored_values)
+        for name in self.post.nodes:
+            need |= set(self.graph.node(name).deps)
+        states = set(self.graph.state_names)
+        return tuple(n for n in self.loop.nodes if n in need and n not in states)
+
+
+def plan(derivation: Derivation) -> KernelPlan:
+    """The third stage of the pipeline: Derivation -> KernelPlan."""
+    g = derivation.graph
+    states = set(g.state_names)
+    recurrent: set[str] = {s.prev for s in g.states}
+    for n in g.nodes:
+        if n.name in states or any(d in recurrent for d in n.deps):
+            recurrent.add(n.name)
+    feeds: set[str] = set(states)  # nodes the next states depend on
+    for n in reversed(g.nodes):
+        if n.name in feeds:
+            feeds |= {d for d in n.deps if not g.is_leaf(d)}
+    region: dict[str, str] = {}
+    for n in g.nodes:
+        if n.name not in recurrent:
+            region[n.name] = "pre"
+        elif n.name in feeds:
+            region[n.name] = "loop"
+        else:
+            region[n.name] = "post"
+            for d in n.deps:
+                if g.is_leaf(d) and g.leaf(d).kind == "prev_state":
+                    raise CellError(g.cell, f"readout '{n.name}'", f"reads '{d}'; a readout can read the new states only")
+    return KernelPlan(
+        g, derivation, *(_region(g, name, [n for n in g.nodes if region[n.name] == name]) for name in ("pre", "loop", "post"))
+    )
+
+
+def _region(g: StepGraph, name: str, nodes: list) -> Region:
+    inside = {n.name for n in nodes}
+    level: dict[str, int] = {}
+    for n in nodes:
+        deps = [level[d] for d in n.deps if d in inside]
+        if isinstance(n, MatVecNode):
+            level[n.name] = deps[0] + 1 if deps else 0
+        else:
+            level[n.name] = max(deps, default=0)
+    stages = []
+    for k in range(max(level.values(), default=-1) + 1):
+        matvecs = [n for n in nodes if isinstance(n, MatVecNode) and level[n.name] == k]
+        pointwise = tuple(n for n in nodes if isinstance(n, Pointwise) and level[n.name] == k)
+        stages.append(Stage(_groups(g, matvecs), pointwise))
+    return Region(name, tuple(stages))
+
+
+def _groups(g: StepGraph, matvecs: list[MatVecNode]) -> tuple[GemmGroup, ...]:
+    order = {p.name: i for i, p in enumerate(g.params)}
+    by_operand: dict[str, list[MatVecNode]] = {}
+    for m in matvecs:
+        by_operand.setdefault(m.operand, []).append(m)
+    groups = []
+    for operand, members in by_operand.items():
+        members.sort(key=lambda m: (order[m.param], m.block or 0, str(m.cols[0])))
+        offsets, start = [], sympy.Integer(0)
+        for m in members:
+            offsets.append(start)
+            start = start + m.size
+        groups.append(GemmGroup(operand, tuple(members), tuple(offsets), start, _whole(g, members)))
+    return tuple(groups)
+
+
+def _whole(g: StepGraph, members: list[MatVecNode]) -> str | None:
+    """The parameter the stacked members are, exactly, if they are one."""
+    p = g.param(members[0].param)
+    blocks = [m.block or 0 for m in members]
+    if any(m.param != p.name for m in members) or blocks != list(range(p.blocks)):
+        return None
+    if any(sympy.simplify(m.cols[0]) != 0 or sympy.simplify(m.cols[1] - p.shape[1]) != 0 for m in members):
+        return None
+    return p.name

@@ -1,0 +1,56 @@
+"""Expression printers: SymPy's printers, subclassed; backends differ by tables.
+
+``NumpyPrinter`` prints a per-unit expression as NumPy array code: values are
+renamed through a table (``f`` -> ``f_seq`` outside the loop), each op is
+spelled by its own ``numpy`` rule (:mod:`symrnn.ops`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sympy
+import sympy.printing.precedence
+from sympy.printing.numpy import NumPyPrinter as _SympyNumPyPrinter
+
+from .errors import InternalError
+from .ops import Op
+
+
+class NumpyPrinter(_SympyNumPyPrinter):
+    """Prints with ``np.`` and a renaming table for symbols."""
+
+    _module = "np"
+
+    def __init__(self, names: Mapping[str, str] | None = None):
+        super().__init__({"fully_qualified_modules": True, "inline": True})
+        self._names = dict(names or {})
+
+    def _print_Symbol(self, expr):
+        return self._names.get(expr.name, expr.name)
+
+    def _print_Function(self, expr):
+        if isinstance(expr, Op):
+            return type(expr).numpy.format(x=self._print(expr.args[0]))
+        raise InternalError(f"no NumPy spelling for {expr}")
+
+    def _module_format(self, fqn, register=True):
+        return "np." + fqn.split(".")[-1] if fqn.startswith("numpy.") else fqn
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp.is_Integer and exp < 0:
+            inv = sympy.Pow(base, -exp, evaluate=False) if exp != -1 else base
+            return f"1/{self.parenthesize(inv, sympy.printing.precedence.PRECEDENCE['Pow'])}"
+        return super()._print_Pow(expr, rational=rational)
+
+
+def numpy_code(expr: sympy.Expr, names: Mapping[str, str] | None = None) -> str:
+    """``expr`` as NumPy code, symbols renamed through ``names``.
+
+    >>> import sympy
+    >>> s = sympy.Symbol("s")
+    >>> numpy_code(1 - s**2, {"s": "s_seq"})
+    '1 - s_seq**2'
+    """
+    return NumpyPrinter(names).doprint(expr)
