@@ -5,9 +5,9 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    z = matvec(U, (x,)) + matvec(W, (s_prev,))
+    z = U @ x + W @ s_prev
     s = tanh(z)
-    y = matvec(V, (s,))
+    y = V @ s
     L^t = (-target + y)**2    (L = sum over t)
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

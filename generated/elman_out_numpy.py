@@ -5,8 +5,8 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    h = tanh(b_h + matvec(W_h, (h_prev,)) + matvec(W_x, (x,)))
-    y = tanh(b_y + matvec(W_y, (h,)))
+    h = tanh(b_h + W_h @ h_prev + W_x @ x)
+    y = tanh(b_y + W_y @ h)
     L^t = (-target + y)**2/2    (L = mean over t)
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

@@ -5,9 +5,9 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    z = sigmoid(matvec(W_zh, (h_prev,)) + matvec(W_zx, (x,)))
-    r = sigmoid(matvec(W_rh, (h_prev,)) + matvec(W_rx, (x,)))
-    h_tilde = tanh(matvec(W_hh, (h_prev*r,)) + matvec(W_hx, (x,)))
+    z = sigmoid(W_zh @ h_prev + W_zx @ x)
+    r = sigmoid(W_rh @ h_prev + W_rx @ x)
+    h_tilde = tanh(W_hh @ h_prev*r + W_hx @ x)
     h = h_prev*(1 - z) + h_tilde*z
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

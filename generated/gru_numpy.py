@@ -5,9 +5,9 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    z = sigmoid(Block(b_rz, 0) + matvec(Block(W_rz, 0), (h_prev, x)))
-    r = sigmoid(Block(b_rz, 1) + matvec(Block(W_rz, 1), (h_prev, x)))
-    h_tilde = tanh(b_h + matvec(W_h, (h_prev*r, x)))
+    z = sigmoid(b_rz[0] + W_rz[0] @ [h_prev; x])
+    r = sigmoid(b_rz[1] + W_rz[1] @ [h_prev; x])
+    h_tilde = tanh(b_h + W_h @ [h_prev*r; x])
     h = h_prev*(1 - z) + h_tilde*z
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

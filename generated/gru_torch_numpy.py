@@ -5,9 +5,9 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    r = sigmoid(Block(bias_hh_l0, 0) + Block(bias_ih_l0, 0) + matvec(Block(weight_hh_l0, 0), (h_prev,)) + matvec(Block(weight_ih_l0, 0), (x,)))
-    z = sigmoid(Block(bias_hh_l0, 1) + Block(bias_ih_l0, 1) + matvec(Block(weight_hh_l0, 1), (h_prev,)) + matvec(Block(weight_ih_l0, 1), (x,)))
-    n = tanh(r*(Block(bias_hh_l0, 2) + matvec(Block(weight_hh_l0, 2), (h_prev,))) + Block(bias_ih_l0, 2) + matvec(Block(weight_ih_l0, 2), (x,)))
+    r = sigmoid(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
+    z = sigmoid(bias_hh_l0[1] + bias_ih_l0[1] + weight_hh_l0[1] @ h_prev + weight_ih_l0[1] @ x)
+    n = tanh(r*(bias_hh_l0[2] + weight_hh_l0[2] @ h_prev) + bias_ih_l0[2] + weight_ih_l0[2] @ x)
     h = h_prev*z + n*(1 - z)
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

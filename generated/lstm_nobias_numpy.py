@@ -5,11 +5,11 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    f = sigmoid(matvec(W_fh, (h_prev,)) + matvec(W_fx, (x,)))
-    i = sigmoid(matvec(W_ih, (h_prev,)) + matvec(W_ix, (x,)))
-    c_tilde = tanh(matvec(W_ch, (h_prev,)) + matvec(W_cx, (x,)))
+    f = sigmoid(W_fh @ h_prev + W_fx @ x)
+    i = sigmoid(W_ih @ h_prev + W_ix @ x)
+    c_tilde = tanh(W_ch @ h_prev + W_cx @ x)
     c = c_prev*f + c_tilde*i
-    o = sigmoid(matvec(W_oh, (h_prev,)) + matvec(W_ox, (x,)))
+    o = sigmoid(W_oh @ h_prev + W_ox @ x)
     h = o*tanh(c)
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

@@ -5,10 +5,10 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    f = sigmoid(b_f + matvec(W_f, (h_prev, x)))
-    i = sigmoid(b_i + matvec(W_i, (h_prev, x)))
-    o = sigmoid(b_o + matvec(W_o, (h_prev, x)))
-    g = tanh(b_g + matvec(W_g, (h_prev, x)))
+    f = sigmoid(b_f + W_f @ [h_prev; x])
+    i = sigmoid(b_i + W_i @ [h_prev; x])
+    o = sigmoid(b_o + W_o @ [h_prev; x])
+    g = tanh(b_g + W_g @ [h_prev; x])
     c = c_prev*f + g*i
     h = o*tanh(c)
 

@@ -5,10 +5,10 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    i = sigmoid(Block(bias_hh_l0, 0) + Block(bias_ih_l0, 0) + matvec(Block(weight_hh_l0, 0), (h_prev,)) + matvec(Block(weight_ih_l0, 0), (x,)))
-    f = sigmoid(Block(bias_hh_l0, 1) + Block(bias_ih_l0, 1) + matvec(Block(weight_hh_l0, 1), (h_prev,)) + matvec(Block(weight_ih_l0, 1), (x,)))
-    g = tanh(Block(bias_hh_l0, 2) + Block(bias_ih_l0, 2) + matvec(Block(weight_hh_l0, 2), (h_prev,)) + matvec(Block(weight_ih_l0, 2), (x,)))
-    o = sigmoid(Block(bias_hh_l0, 3) + Block(bias_ih_l0, 3) + matvec(Block(weight_hh_l0, 3), (h_prev,)) + matvec(Block(weight_ih_l0, 3), (x,)))
+    i = sigmoid(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
+    f = sigmoid(bias_hh_l0[1] + bias_ih_l0[1] + weight_hh_l0[1] @ h_prev + weight_ih_l0[1] @ x)
+    g = tanh(bias_hh_l0[2] + bias_ih_l0[2] + weight_hh_l0[2] @ h_prev + weight_ih_l0[2] @ x)
+    o = sigmoid(bias_hh_l0[3] + bias_ih_l0[3] + weight_hh_l0[3] @ h_prev + weight_ih_l0[3] @ x)
     c = c_prev*f + g*i
     h = o*tanh(c)
 

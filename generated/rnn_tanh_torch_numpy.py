@@ -5,7 +5,7 @@
 
 Equations of one time step (per unit; W @ v is a matrix-vector product):
 
-    h = tanh(Block(bias_hh_l0, 0) + Block(bias_ih_l0, 0) + matvec(Block(weight_hh_l0, 0), (h_prev,)) + matvec(Block(weight_ih_l0, 0), (x,)))
+    h = tanh(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):
 

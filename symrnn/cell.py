@@ -57,6 +57,11 @@ class MatVec(sympy.Function):
 
     nargs = 2
 
+    def _sympystr(self, printer) -> str:
+        weight, operands = self.args
+        vec = printer._print(operands[0]) if len(operands) == 1 else "[" + "; ".join(printer._print(v) for v in operands) + "]"
+        return f"{printer._print(weight)} @ {vec}"
+
     def _latex(self, printer) -> str:
         weight, operands = self.args
         parts = [printer._print(v) for v in operands]
@@ -71,6 +76,9 @@ class Block(sympy.Function):
 
     def __matmul__(self, other):
         return MatVec(self, _operands(other))
+
+    def _sympystr(self, printer) -> str:
+        return f"{printer._print(self.args[0])}[{self.args[1]}]"
 
     def _latex(self, printer) -> str:
         return f"{printer._print(self.args[0])}_{{[{self.args[1]}]}}"
@@ -181,4 +189,4 @@ class Cell:
 
 
 def _plain(expr: sympy.Expr) -> str:
-    return sympy.sstr(expr).replace("MatVec(", "matvec(")
+    return sympy.sstr(expr)

@@ -1,0 +1,103 @@
+"""The ``symrnn`` command.
+
+    symrnn list                          built-in cells, one line each, with their source
+    symrnn show CELL                     the equations of a cell
+    symrnn generate [CELL ...] [--out DIR]   write <cell>_numpy.py modules (all cells by default)
+    symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
+
+Bad input (an unknown cell, an unwritable folder, a bad option) prints one line
+``symrnn: error: ...`` and exits with status 2; a failed check exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .cells import BUILTIN, builtin
+from .errors import UserError
+
+EXIT_FAIL, EXIT_USAGE = 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too)
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="symrnn", description="Recurrent-cell equations -> verified gradient kernels.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list the built-in cells")
+    show = sub.add_parser("show", help="print a cell's equations")
+    show.add_argument("cell")
+    gen = sub.add_parser("generate", help="write NumPy kernel modules")
+    gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
+    gen.add_argument("--out", default="generated", help="output folder (default: generated)")
+    check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
+    check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random instance (default: 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"symrnn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("symrnn: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cells(names: list[str]):
+    names = names or list(BUILTIN)
+    return [builtin(n) for n in names]  # raises UserError on an unknown name, before any work
+
+
+def _list(args) -> int:
+    width = max(len(n) for n in BUILTIN)
+    for name in BUILTIN:
+        cell = builtin(name)
+        print(f"{name:{width}s}  [{cell.source}]  {cell.description}")
+    return 0
+
+
+def _show(args) -> int:
+    print(builtin(args.cell).equations_text())
+    return 0
+
+
+def _generate(args) -> int:
+    from .pipeline import generate
+
+    cells = _cells(args.cells)
+    start = time.perf_counter()
+    written = generate(cells, args.out)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"generated {len(written)} module(s) in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _check(args) -> int:
+    from .gradcheck import check_module, report
+    from .pipeline import build, load_module, module_name, render_numpy
+
+    failed = 0
+    for cell in _cells(args.cells):
+        module = load_module(render_numpy(build(cell)), module_name(cell.name))
+        results = check_module(module, seed=args.seed)
+        print(report(cell.name, results))
+        failed += sum(not r.ok for r in results)
+    print("all checks passed" if not failed else f"{failed} check(s) failed")
+    return EXIT_FAIL if failed else 0
+
+
+_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

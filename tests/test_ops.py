@@ -1,0 +1,49 @@
+"""Every nonlinearity has every rule, and its derivative through its output is right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy
+
+from symrnn.ops import OPS, Op, step
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_every_rule(name):
+    op = OPS[name]
+    assert issubclass(op, Op)
+    assert op.latex and "{x}" in op.numpy
+    assert len(op.cuda) == 2 and all("{x}" in c for c in op.cuda)
+    assert op.formula is not None
+    y = sympy.Symbol("y")
+    assert isinstance(op.derivative(y), sympy.Expr)
+
+
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"step"}))
+def test_derivative_through_output(name):
+    op = OPS[name]
+    a = sympy.Symbol("a", real=True)
+    exact = sympy.diff(op.formula(a), a)
+    through_output = op.derivative(op.formula(a))
+    for value in (-2.3, -0.4, 0.7, 1.9):
+        lhs = float(exact.subs(a, value).rewrite(sympy.Piecewise).evalf()) if name == "relu" else float(exact.subs(a, value))
+        assert abs(lhs - float(through_output.subs(a, value).replace(step, lambda u: sympy.Heaviside(u, 0)))) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"step", "identity"}))
+def test_numpy_spelling_matches_formula(name):
+    op = OPS[name]
+    a = np.linspace(-3, 3, 13)
+    code = op.numpy.format(x="a")
+    got = eval(code, {"np": np, "a": a})  # noqa: S307 - our own format string
+    want = np.array([float(op.formula(sympy.Float(v))) for v in a])
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+
+
+def test_backward_recomputes_no_transcendental():
+    """Derivatives of sigmoid, tanh, relu, identity, exp are rational in the output."""
+    y = sympy.Symbol("y")
+    for name in ("sigmoid", "tanh", "relu", "identity", "exp"):
+        d = OPS[name].derivative(y)
+        assert not d.atoms(sympy.exp, sympy.tanh, sympy.log), name
