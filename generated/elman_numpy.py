@@ -101,7 +101,6 @@ def backward(params, cache, grad_outputs):
     s_seq = cache["s_seq"]
     d_s_seq = _seed(grad_outputs, "s", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
-    d_U_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_U = np.zeros_like(U)
     d_W = np.zeros_like(W)
@@ -117,18 +116,15 @@ def backward(params, cache, grad_outputs):
         d_s = d_s_next + d_s_seq[t]
         d_z = d_s*(1 - s**2)
         d_W_s_prev = d_z
-        d_U_x_seq[t] += d_W_s_prev
         d_s_prev_proj_seq[t] = d_W_s_prev
         d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
         d_s_next = d_s_prev_from_s_prev_proj
     # input side, every step at once
-    d_U_x = d_U_x_seq
-    d_x_proj_seq = d_U_x
-    d_x_seq += d_x_proj_seq @ U
+    d_x_seq += d_s_prev_proj_seq @ U
     # weight gradients: one GEMM over every step per stacked product
     d_V += d_s_proj_seq.reshape(-1, n_out).T @ s_seq[1:].reshape(-1, n_hidden)
     d_W += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ s_seq[:-1].reshape(-1, n_hidden)
-    d_U += d_x_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_U += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {
         "U": d_U,
         "W": d_W,

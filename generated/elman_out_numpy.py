@@ -110,7 +110,6 @@ def backward(params, cache, grad_outputs):
     y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
-    d_W_x_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_W_x = np.zeros_like(W_x)
     d_W_h = np.zeros_like(W_h)
@@ -129,19 +128,16 @@ def backward(params, cache, grad_outputs):
         h = h_seq[t + 1]
         d_h = d_h_next + d_h_seq[t]
         d_W_h_h_prev = d_h*(1 - h**2)
-        d_b_h += np.sum(d_W_h_h_prev, axis=0)
-        d_W_x_x_seq[t] += d_W_h_h_prev
         d_h_prev_proj_seq[t] = d_W_h_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_h
         d_h_next = d_h_prev_from_h_prev_proj
+    d_b_h += np.sum(d_h_prev_proj_seq, axis=(0, 1))
     # input side, every step at once
-    d_W_x_x = d_W_x_x_seq
-    d_x_proj_seq = d_W_x_x
-    d_x_seq += d_x_proj_seq @ W_x
+    d_x_seq += d_h_prev_proj_seq @ W_x
     # weight gradients: one GEMM over every step per stacked product
     d_W_y += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
     d_W_h += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_W_x += d_x_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_W_x += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {
         "W_x": d_W_x,
         "W_h": d_W_h,

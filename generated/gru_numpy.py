@@ -154,7 +154,6 @@ def backward(params, cache, grad_outputs):
         d_h_tilde = d_h*z
         d_W_h_W_h_in0 = d_h_tilde*(1 - h_tilde**2)
         d_h_prev_1 = d_h*(1 - z)
-        d_b_h += np.sum(d_W_h_W_h_in0, axis=0)
         d_z_from1 = d_h*(-h_prev + h_tilde)
         d_W_h_x_seq[t] += d_W_h_W_h_in0
         d_W_h_in0_proj_seq[t] = d_W_h_W_h_in0
@@ -165,14 +164,15 @@ def backward(params, cache, grad_outputs):
         d_z = d_z_from1
         d_W_rz_0_h_prev = d_z*z*(1 - z)
         d_h_prev_0 = d_W_h_in0*r
-        d_b_rz[:n_hidden] += np.sum(d_W_rz_0_h_prev, axis=0)
-        d_b_rz[n_hidden:2*n_hidden] += np.sum(d_W_rz_1_h_prev, axis=0)
         d_W_rz_0_x_seq[t] += d_W_rz_0_h_prev
         d_W_rz_1_x_seq[t] += d_W_rz_1_h_prev
         d_h_prev_proj_seq[t, :, :n_hidden] = d_W_rz_0_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_rz_1_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
         d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
+    d_b_h += np.sum(d_W_h_in0_proj_seq, axis=(0, 1))
+    d_b_rz[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_b_rz[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
     # input side, every step at once
     d_W_h_x = d_W_h_x_seq
     d_W_rz_1_x = d_W_rz_1_x_seq

@@ -159,11 +159,6 @@ def backward(params, cache, grad_outputs):
         d_r = d_n*(1 - n**2)*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)
         d_weight_hh_l0_0_h_prev = d_r*r*(1 - r)
         d_h_prev_0 = d_h*z
-        d_bias_hh_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_bias_ih_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_bias_hh_l0[n_hidden:2*n_hidden] += np.sum(d_weight_hh_l0_1_h_prev, axis=0)
-        d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_weight_hh_l0_1_h_prev, axis=0)
-        d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_weight_hh_l0_2_h_prev, axis=0)
         d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_n*(1 - n**2), axis=0)
         d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
         d_weight_ih_l0_1_x_seq[t] += d_weight_hh_l0_1_h_prev
@@ -173,6 +168,11 @@ def backward(params, cache, grad_outputs):
         d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_weight_hh_l0_2_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
         d_h_next = d_h_prev_0 + d_h_prev_from_h_prev_proj
+    d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_bias_hh_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
     # input side, every step at once
     d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq
     d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq

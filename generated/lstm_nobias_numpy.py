@@ -164,10 +164,6 @@ def backward(params, cache, grad_outputs):
     tanh_c_seq = cache["tanh_c_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
-    d_W_fx_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_ix_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_cx_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_ox_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_W_fx = np.zeros_like(W_fx)
     d_W_fh = np.zeros_like(W_fh)
@@ -199,10 +195,6 @@ def backward(params, cache, grad_outputs):
         d_f = c_prev*d_c
         d_W_fh_h_prev = d_f*f*(1 - f)
         d_c_prev_0 = d_c*f
-        d_W_fx_x_seq[t] += d_W_fh_h_prev
-        d_W_ix_x_seq[t] += d_W_ih_h_prev
-        d_W_cx_x_seq[t] += d_W_ch_h_prev
-        d_W_ox_x_seq[t] += d_W_oh_h_prev
         d_h_prev_proj_seq[t, :, :n_hidden] = d_W_fh_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_ih_h_prev
         d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_W_ch_h_prev
@@ -211,19 +203,14 @@ def backward(params, cache, grad_outputs):
         d_h_next = d_h_prev_from_h_prev_proj
         d_c_next = d_c_prev_0
     # input side, every step at once
-    d_W_ox_x = d_W_ox_x_seq
-    d_W_cx_x = d_W_cx_x_seq
-    d_W_ix_x = d_W_ix_x_seq
-    d_W_fx_x = d_W_fx_x_seq
-    d_x_proj_seq = np.concatenate([d_W_fx_x, d_W_ix_x, d_W_cx_x, d_W_ox_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ W_stack_x
+    d_x_seq += d_h_prev_proj_seq @ W_stack_x
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_fh += dW_stack[:n_hidden]
     d_W_ih += dW_stack[n_hidden:2*n_hidden]
     d_W_ch += dW_stack[2*n_hidden:3*n_hidden]
     d_W_oh += dW_stack[3*n_hidden:4*n_hidden]
-    dW_stack = d_x_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
+    dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
     d_W_fx += dW_stack[:n_hidden]
     d_W_ix += dW_stack[n_hidden:2*n_hidden]
     d_W_cx += dW_stack[2*n_hidden:3*n_hidden]

@@ -164,10 +164,6 @@ def backward(params, cache, grad_outputs):
     tanh_c_seq = cache["tanh_c_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
-    d_W_f_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_i_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_o_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_g_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_W_f = np.zeros_like(W_f)
     d_W_i = np.zeros_like(W_i)
@@ -199,14 +195,6 @@ def backward(params, cache, grad_outputs):
         d_f = c_prev*d_c
         d_W_f_h_prev = d_f*f*(1 - f)
         d_c_prev_0 = d_c*f
-        d_b_f += np.sum(d_W_f_h_prev, axis=0)
-        d_b_i += np.sum(d_W_i_h_prev, axis=0)
-        d_b_o += np.sum(d_W_o_h_prev, axis=0)
-        d_b_g += np.sum(d_W_g_h_prev, axis=0)
-        d_W_f_x_seq[t] += d_W_f_h_prev
-        d_W_i_x_seq[t] += d_W_i_h_prev
-        d_W_o_x_seq[t] += d_W_o_h_prev
-        d_W_g_x_seq[t] += d_W_g_h_prev
         d_h_prev_proj_seq[t, :, :n_hidden] = d_W_f_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_i_h_prev
         d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_W_o_h_prev
@@ -214,20 +202,19 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
         d_h_next = d_h_prev_from_h_prev_proj
         d_c_next = d_c_prev_0
+    d_b_f += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_b_i += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_b_o += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
+    d_b_g += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_W_g_x = d_W_g_x_seq
-    d_W_o_x = d_W_o_x_seq
-    d_W_i_x = d_W_i_x_seq
-    d_W_f_x = d_W_f_x_seq
-    d_x_proj_seq = np.concatenate([d_W_f_x, d_W_i_x, d_W_o_x, d_W_g_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ W_stack_x
+    d_x_seq += d_h_prev_proj_seq @ W_stack_x
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_f[:, :n_hidden] += dW_stack[:n_hidden]
     d_W_i[:, :n_hidden] += dW_stack[n_hidden:2*n_hidden]
     d_W_o[:, :n_hidden] += dW_stack[2*n_hidden:3*n_hidden]
     d_W_g[:, :n_hidden] += dW_stack[3*n_hidden:4*n_hidden]
-    dW_stack = d_x_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
+    dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
     d_W_f[:, n_hidden:n_hidden + n_in] += dW_stack[:n_hidden]
     d_W_i[:, n_hidden:n_hidden + n_in] += dW_stack[n_hidden:2*n_hidden]
     d_W_o[:, n_hidden:n_hidden + n_in] += dW_stack[2*n_hidden:3*n_hidden]

@@ -158,10 +158,6 @@ def backward(params, cache, grad_outputs):
     tanh_c_seq = cache["tanh_c_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
-    d_weight_ih_l0_0_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_weight_ih_l0_1_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_weight_ih_l0_2_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_weight_ih_l0_3_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
     d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
@@ -189,18 +185,6 @@ def backward(params, cache, grad_outputs):
         d_i = d_c*g
         d_weight_hh_l0_0_h_prev = d_i*i*(1 - i)
         d_c_prev_0 = d_c*f
-        d_bias_hh_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_bias_ih_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_bias_hh_l0[n_hidden:2*n_hidden] += np.sum(d_weight_hh_l0_1_h_prev, axis=0)
-        d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_weight_hh_l0_1_h_prev, axis=0)
-        d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_weight_hh_l0_2_h_prev, axis=0)
-        d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_weight_hh_l0_2_h_prev, axis=0)
-        d_bias_hh_l0[3*n_hidden:4*n_hidden] += np.sum(d_weight_hh_l0_3_h_prev, axis=0)
-        d_bias_ih_l0[3*n_hidden:4*n_hidden] += np.sum(d_weight_hh_l0_3_h_prev, axis=0)
-        d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
-        d_weight_ih_l0_1_x_seq[t] += d_weight_hh_l0_1_h_prev
-        d_weight_ih_l0_2_x_seq[t] += d_weight_hh_l0_2_h_prev
-        d_weight_ih_l0_3_x_seq[t] += d_weight_hh_l0_3_h_prev
         d_h_prev_proj_seq[t, :, :n_hidden] = d_weight_hh_l0_0_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_weight_hh_l0_1_h_prev
         d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_weight_hh_l0_2_h_prev
@@ -208,16 +192,19 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
         d_h_next = d_h_prev_from_h_prev_proj
         d_c_next = d_c_prev_0
+    d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
+    d_bias_hh_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
+    d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
+    d_bias_hh_l0[3*n_hidden:4*n_hidden] += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
+    d_bias_ih_l0[3*n_hidden:4*n_hidden] += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_weight_ih_l0_3_x = d_weight_ih_l0_3_x_seq
-    d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq
-    d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq
-    d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq
-    d_x_proj_seq = np.concatenate([d_weight_ih_l0_0_x, d_weight_ih_l0_1_x, d_weight_ih_l0_2_x, d_weight_ih_l0_3_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ weight_ih_l0
+    d_x_seq += d_h_prev_proj_seq @ weight_ih_l0
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_weight_ih_l0 += d_x_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
+    d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
     return {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,

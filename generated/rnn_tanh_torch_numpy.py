@@ -99,7 +99,6 @@ def backward(params, cache, grad_outputs):
     bias_ih_l0_0 = bias_ih_l0[:n_hidden]
     h_seq = cache["h_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
-    d_weight_ih_l0_0_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
     d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
@@ -111,19 +110,16 @@ def backward(params, cache, grad_outputs):
         h = h_seq[t + 1]
         d_h = d_h_next + d_h_seq[t]
         d_weight_hh_l0_0_h_prev = d_h*(1 - h**2)
-        d_bias_hh_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_bias_ih_l0[:n_hidden] += np.sum(d_weight_hh_l0_0_h_prev, axis=0)
-        d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
         d_h_prev_proj_seq[t] = d_weight_hh_l0_0_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
         d_h_next = d_h_prev_from_h_prev_proj
+    d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
+    d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
     # input side, every step at once
-    d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq
-    d_x_proj_seq = d_weight_ih_l0_0_x
-    d_x_seq += d_x_proj_seq @ weight_ih_l0
+    d_x_seq += d_h_prev_proj_seq @ weight_ih_l0
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_weight_ih_l0 += d_x_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,

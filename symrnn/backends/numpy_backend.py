@@ -73,6 +73,12 @@ class _Emitter:
         self.acc: dict[str, list[str]] = {}  # value -> names of the arrays its adjoint sums
         self.group_buffers: dict[tuple, str] = {}
         self.region_name = ""
+        self.stage: Stage | None = None
+        self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
+        self.shared_groups: dict[str, str] = {}
+        self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
+        self.slots: dict[str, str] = {}  # loop adjoint name -> the buffer slice that stores it over all steps
+        self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
 
     # -- names in each context ----------------------------------------------------
     def ref(self, name: str, ctx: str) -> str:
@@ -191,8 +197,39 @@ class _Emitter:
         return f"({node.equation})" if node.equation and node.equation != node.name else f"({node.name})"
 
     # -- backward -----------------------------------------------------------------
+    def shared_adjoints(self) -> dict[str, str]:
+        """Input-side products whose adjoint provably equals a recurrent product's.
+
+        W_x x and W_h h_prev added into the same pre-activations have the same
+        consumers with the same partial derivatives, hence the same adjoint: the
+        input side then reads the recurrent GEMM's adjoint buffer instead of
+        keeping a copy.  Returns pre-region group name -> loop group name."""
+        d, shared = self.d, {}
+        loop_groups = [grp for st in self.plan.loop.stages for grp in st.groups]
+        for stage in self.plan.pre.stages:
+            for pre in stage.groups:
+                for rec in loop_groups:
+                    if len(pre.members) == len(rec.members) and all(
+                        self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)
+                    ):
+                        shared[pre.name] = rec.name
+                        self.shared_members.update({a.name: b.name for a, b in zip(pre.members, rec.members)})
+                        break
+        return shared
+
+    def same_adjoint(self, a: MatVecNode, b: MatVecNode) -> bool:
+        consumers_a = {c.name for c in self.g.consumers(a.name)}
+        if consumers_a != {c.name for c in self.g.consumers(b.name)} or sympy.simplify(a.size - b.size) != 0:
+            return False
+        loop = set(self.plan.loop.nodes)
+        return consumers_a <= loop and all(
+            isinstance(self.g.node(c), Pointwise) and self.d.partial(c, a.name) == self.d.partial(c, b.name)
+            for c in consumers_a
+        )
+
     def backward(self) -> None:
         m, g, plan = self.m, self.g, self.plan
+        self.shared_groups = self.shared_adjoints()
         for s in g.states:
             m.backward_seed.append(f'd_{s.name}_seq = _seed(grad_outputs, "{s.name}", (T, B, {dim(s.size)}), dtype)')
         for r in g.readouts:
@@ -205,7 +242,7 @@ class _Emitter:
                 continue
             mine = order[plan.region_of[n.name]]
             later = any(order[plan.region_of[c.name]] > mine for c in g.consumers(n.name))
-            if later:
+            if later and n.name not in self.shared_members:
                 m.backward_seed.append(f"d_{n.name}_seq = np.zeros((T, B, {dim(n.size)}), dtype)")
         m.backward_seed.append("d_x_seq = np.zeros_like(x)")
         for p in g.params:
@@ -218,13 +255,28 @@ class _Emitter:
             if name not in g.state_names and any(plan.region_of[c.name] == "post" for c in g.consumers(name)):
                 self.acc.setdefault(name, []).append(f"d_{name}_seq[t]")
         self.region_backward(plan.loop, "loop", m.backward_loop)
+        self.parameter_sums()
         for name in plan.pre.nodes:
-            if any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
+            if name in self.shared_members:
+                self.acc[name] = [f"d_{self.shared_members[name]}"]  # never printed: see gemm_backward
+            elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
                 self.acc.setdefault(name, []).append(f"d_{name}_seq")
         self.region_backward(plan.pre, "all", m.backward_pre)
         # initial states and the input
         m.grads = [(p.name, f"d_{p.name}") for p in g.params] + [("x", "d_x_seq")]
         m.grads += [(f"{s.name}0", f"d_{s.name}_next") for s in g.states]
+
+    def parameter_sums(self) -> None:
+        """Gradients of elementwise parameters whose adjoint a buffer stores: one sum each."""
+        for leaf, name in self.deferred_sums:
+            name = self.alias.get(name, name)
+            p = self.g.param(leaf.param)
+            rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
+            axes = "" if p.kind == "scalar" else ", axis=(0, 1)"
+            if name in self.slots:
+                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({self.slots[name]}{axes})")
+            else:
+                raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
 
     def region_backward(self, region: Region, ctx: str, out: list[str]) -> None:
         g = self.g
@@ -263,11 +315,15 @@ class _Emitter:
 
     def stage_backward(self, region: Region, stage: Stage, k: int, ctx: str, out: list[str]) -> None:
         g, d = self.g, self.d
+        self.stage = stage
         final_pw = {n.name for n in stage.pointwise}
         final = [n for n in g.nodes if n.name in final_pw or n.name in {mv.name for mv in stage.matvecs}]
         seen: dict[sympy.Expr, str] = {}  # adjoint expression -> the name that holds it
         nonzero: set[str] = set()
         for node in reversed(final):
+            if node.name in self.shared_members and ctx == "all":
+                nonzero.add(node.name)  # held by the recurrent GEMM's adjoint buffer
+                continue
             terms = [sympy.Symbol(src) for src in self.acc.get(node.name, [])]
             for c, coeff in d.adjoint_terms(node.name):
                 if c in final_pw and c in nonzero:
@@ -308,6 +364,12 @@ class _Emitter:
         if expr in seen:  # the very value an adjoint already holds
             expr = sympy.Symbol(seen[expr])
         leaf = g.leaf(dep) if g.is_leaf(dep) else None
+        if dep in self.shared_members:
+            return  # the recurrent product's adjoint buffer holds this value already
+        stored = {f"d_{mv.name}" for mv in self.stage.matvecs}  # written to a buffer over all steps
+        if leaf is not None and leaf.kind == "param" and ctx == "loop" and expr.is_Symbol and self.alias.get(expr.name, expr.name) in stored:
+            self.deferred_sums.append((leaf, expr.name))  # summed over every step after the loop
+            return
         if leaf is not None and leaf.kind == "param":
             p = g.param(leaf.param)
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
@@ -339,7 +401,9 @@ class _Emitter:
         if ctx == "loop":
             if signature in self.group_buffers:
                 buf = self.group_buffers[signature]
+                self.loop_buffer[group.name] = buf
             else:
+                self.loop_buffer[group.name] = buf
                 self.group_buffers[signature] = buf
                 self.m.backward_seed.append(f"{buf} = np.empty((T, B, {dim(group.rows)}), dtype)")
                 for a, mv, off in zip(adj, group.members, group.offsets):
@@ -347,7 +411,13 @@ class _Emitter:
                         out.append(f"{buf}[t] = {a or 0.0}")
                     else:
                         out.append(f"{buf}[t, :, {_slice(off, mv.size)}] = {a or 0.0}")
+            for a, mv, off in zip(adj, group.members, group.offsets):
+                if a:
+                    self.slots.setdefault(a, f"{buf}[..., {_slice(off, mv.size)}]" if len(group.members) > 1 else buf)
             step = f"{buf}[t]"
+        elif group.name in self.shared_groups:
+            buf = self.loop_buffer[self.shared_groups[group.name]]
+            step = buf
         else:
             if len(group.members) == 1:
                 out.append(f"{buf} = {adj[0]}")
