@@ -152,17 +152,19 @@ def backward(params, cache, grad_outputs):
         weight_hh_l0_2_h_prev = weight_hh_l0_2_h_prev_seq[t]
         n = n_seq[t]
         d_h = d_h_next + d_h_seq[t]
-        d_n = d_h*(1 - z)
-        d_weight_hh_l0_2_h_prev = d_n*r*(1 - n**2)
+        d_tmp0 = 1 - z
+        d_n = d_h*d_tmp0
+        d_tmp1 = d_n*(1 - n**2)
+        d_weight_hh_l0_2_h_prev = d_tmp1*r
         d_z = d_h*(h_prev - n)
-        d_weight_hh_l0_1_h_prev = d_z*z*(1 - z)
-        d_r = d_n*(1 - n**2)*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)
+        d_weight_hh_l0_1_h_prev = d_tmp0*d_z*z
+        d_r = d_tmp1*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)
         d_weight_hh_l0_0_h_prev = d_r*r*(1 - r)
         d_h_prev_0 = d_h*z
-        d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_n*(1 - n**2), axis=0)
+        d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_tmp1, axis=0)
         d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
         d_weight_ih_l0_1_x_seq[t] += d_weight_hh_l0_1_h_prev
-        d_weight_ih_l0_2_x_seq[t] += d_n*(1 - n**2)
+        d_weight_ih_l0_2_x_seq[t] += d_tmp1
         d_h_prev_proj_seq[t, :, :n_hidden] = d_weight_hh_l0_0_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_weight_hh_l0_1_h_prev
         d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_weight_hh_l0_2_h_prev

@@ -73,6 +73,7 @@ class _Emitter:
         self.acc: dict[str, list[str]] = {}  # value -> names of the arrays its adjoint sums
         self.group_buffers: dict[tuple, str] = {}
         self.region_name = ""
+        self.temporaries = sympy.numbered_symbols("d_tmp")  # names of shared subexpressions
         self.stage: Stage | None = None
         self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
         self.shared_groups: dict[str, str] = {}
@@ -320,6 +321,7 @@ class _Emitter:
         final = [n for n in g.nodes if n.name in final_pw or n.name in {mv.name for mv in stage.matvecs}]
         seen: dict[sympy.Expr, str] = {}  # adjoint expression -> the name that holds it
         nonzero: set[str] = set()
+        stmts: list[tuple[str, sympy.Expr | None]] = []  # (line with {} for the expression, expression)
         for node in reversed(final):
             if node.name in self.shared_members and ctx == "all":
                 nonzero.add(node.name)  # held by the recurrent GEMM's adjoint buffer
@@ -332,15 +334,43 @@ class _Emitter:
             if expr == 0:
                 continue
             nonzero.add(node.name)
-            out.append(self.assign(f"d_{node.name}", expr, ctx, seen))
+            stmts.append(self.assign(f"d_{node.name}", expr, ctx, seen))
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final}, key=self.order)
         for dep in targets:
             expr = sympy.Add(*[d.partial(c.name, dep) * sympy.Symbol(f"d_{c.name}") for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
-                self.route(dep, expr, k, ctx, out, seen)
+                self.route(dep, expr, k, ctx, stmts, seen)
+        self.print_with_cse(stmts, ctx, out)
         for group in stage.groups:
             self.gemm_backward(region, group, ctx, out, nonzero)
+
+    def print_with_cse(self, stmts: list, ctx: str, out: list[str]) -> None:
+        """Print a stage's statements, common subexpressions shared (sympy.cse).
+
+        Each temporary is placed just before the first statement that reads it,
+        so it may use the adjoints computed by the statements above."""
+        exprs = [e for _, e in stmts if e is not None]
+        replacements, reduced = sympy.cse(exprs, symbols=self.temporaries, order="none")
+        definition = dict(replacements)
+        position = {sym: i for i, (sym, _) in enumerate(replacements)}
+        emitted: set[sympy.Symbol] = set()
+
+        def place(expr: sympy.Expr) -> None:
+            for sym in sorted(expr.free_symbols & definition.keys(), key=position.get):
+                if sym not in emitted:
+                    place(definition[sym])
+                    emitted.add(sym)
+                    out.append(f"{sym.name} = {self.code(definition[sym], ctx)}")
+
+        reduced = iter(reduced)
+        for template, expr in stmts:
+            if expr is None:
+                out.append(template)
+                continue
+            expr = next(reduced)
+            place(expr)
+            out.append(template.format(self.code(expr, ctx)))
 
     def order(self, name: str) -> tuple[int, str]:
         for i, leaf in enumerate(self.g.leaves):
@@ -348,14 +378,14 @@ class _Emitter:
                 return (i, name)
         return (len(self.g.leaves) + [n.name for n in self.g.nodes].index(name), name)
 
-    def assign(self, name: str, expr: sympy.Expr, ctx: str, seen: dict) -> str:
+    def assign(self, name: str, expr: sympy.Expr, ctx: str, seen: dict) -> tuple[str, sympy.Expr | None]:
         """``name = expr``, or an alias when the same expression was computed already."""
         expr = sympy.factor_terms(expr)
         if expr in seen:
             self.alias[name] = seen[expr]
-            return f"{name} = {seen[expr]}"
+            return (f"{name} = {seen[expr]}", None)
         seen[expr] = name
-        return f"{name} = {self.code(expr, ctx)}"
+        return (f"{name} = {{}}", expr)
 
     def route(self, dep: str, expr: sympy.Expr, k: int, ctx: str, out: list[str], seen: dict) -> None:
         """Add a stage's contribution ``expr`` to the adjoint of ``dep`` (outside the stage)."""
@@ -374,9 +404,9 @@ class _Emitter:
             p = g.param(leaf.param)
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
             axes = "" if p.kind == "scalar" else (", axis=0" if ctx == "loop" else ", axis=(0, 1)")
-            out.append(f"d_{p.name}{rows} += np.sum({self.code(expr, ctx)}{axes})")
+            out.append((f"d_{p.name}{rows} += np.sum({{}}{axes})", expr))
         elif leaf is not None and leaf.kind == "input":
-            out.append(f"d_x_seq{'[t]' if ctx == 'loop' else ''} += {self.code(expr, ctx)}")
+            out.append((f"d_x_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
         elif leaf is not None and leaf.kind == "prev_state":
             name = f"d_{dep}_{k}"
             out.append(self.assign(name, expr, ctx, seen))
@@ -387,7 +417,7 @@ class _Emitter:
                 out.append(self.assign(name, expr, ctx, seen))
                 self.acc.setdefault(dep, []).append(name)
             else:
-                out.append(f"d_{dep}_seq{'[t]' if ctx == 'loop' else ''} += {self.code(expr, ctx)}")
+                out.append((f"d_{dep}_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
 
     def gemm_backward(self, region: Region, group: GemmGroup, ctx: str, out: list[str], nonzero: set[str]) -> None:
         g = self.g
