@@ -135,23 +135,26 @@ def local_partials(node: Pointwise) -> tuple[tuple[str, sympy.Expr], ...]:
 
 
 # -- seed-form sensitivity recursions ---------------------------------------------
-_l, _m, _i, _j = sympy.symbols("l m i j", integer=True)
+_l, _i, _j = sympy.symbols("l i j", integer=True)
 
 
 def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
+    """Per-unit forward-mode recursion: every vector value is indexed by its unit
+    (``s[l]``), a matrix-vector product becomes a sum over a fresh index."""
     g = der.graph
     decl = g.param(param)
     idx: tuple[sympy.Symbol, ...] = {"scalar": (), "vector": (_i,), "matrix": (_i, _j)}[decl.kind]
-    # per-unit tangents of every value w.r.t. theta = param[idx], at unit l
-    sens_prev = {
-        s.prev: sympy.IndexedBase(f"d{s.name}_prev_d{param}") for s in g.states
-    }
-    tangent: dict[str, sympy.Expr] = {}
+    sens_prev = {s.prev: sympy.IndexedBase(f"d{s.name}_prev_d{param}") for s in g.states}
+    dummies = iter(sympy.numbered_symbols("m", integer=True, start=1))
+
+    def at(expr: sympy.Expr, unit: sympy.Expr) -> sympy.Expr:
+        """Index every vector value of a per-unit expression at ``unit``."""
+        table = {sym: sympy.IndexedBase(sym.name)[unit] for sym in expr.free_symbols if g.size(sym.name) is not None}
+        return expr.xreplace(table)
 
     def tan(name: str, unit: sympy.Expr) -> sympy.Expr:
         if name in sens_prev:
-            base = sens_prev[name]
-            return base[(unit, *idx)] if idx else base[unit]
+            return sens_prev[name][(unit, *idx)] if idx else sens_prev[name][unit]
         if g.is_leaf(name):
             leaf = g.leaf(name)
             if leaf.kind == "param" and leaf.param == param:
@@ -160,23 +163,23 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
                 offset = leaf.block * leaf.size if leaf.block is not None else 0
                 return sympy.KroneckerDelta(unit + offset, _i)
             return sympy.Integer(0)
-        return tangent[name].subs(_l, unit) if unit != _l else tangent[name]
-
-    for node in g.nodes:
+        node = g.node(name)
         if isinstance(node, Pointwise):
-            tangent[node.name] = sympy.Add(*[p * tan(d, _l) for d, p in der.partials[node.name]])
-        else:
-            w = sympy.IndexedBase(node.param.lower() if len(node.param) == 1 else node.param)
-            row = _l + (node.block * node.size if node.block is not None else 0)
-            col0 = node.cols[0]
-            dv = tan(node.operand, _m)
-            terms = []
-            if dv != 0:
-                terms.append(sympy.Sum(w[row, _m + col0] * dv, (_m, 0, g.size(node.operand) - 1)))
-            if node.param == param:
-                operand = sympy.IndexedBase(node.operand)[_j - col0]
-                terms.append(sympy.KroneckerDelta(row, _i) * operand)
-            tangent[node.name] = sympy.Add(*terms)
+            return sympy.Add(*[at(p, unit) * tan(d, unit) for d, p in der.partials[name]])
+        w = sympy.IndexedBase(node.param.lower() if len(node.param) == 1 else node.param)
+        row = unit + (node.block * node.size if node.block is not None else 0)
+        col0 = node.cols[0]
+        terms = []
+        probe = sympy.Dummy("m")
+        dv = tan(node.operand, probe)
+        if dv != 0:  # a fresh summation index, drawn only when a sum is written
+            m = next(dummies)
+            dv = dv.xreplace({probe: m})
+            terms.append(sympy.Sum(w[row, m + col0] * dv, (m, 0, g.size(node.operand) - 1)))
+        if node.param == param:
+            terms.append(sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
+        return sympy.Add(*terms)
+
     lhs_base = sympy.IndexedBase(f"d{state}_d{param}")
     lhs = lhs_base[(_l, *idx)] if idx else lhs_base[_l]
-    return Sensitivity(state, param, lhs, tangent[state], sympy.Integer(0), idx)
+    return Sensitivity(state, param, lhs, tan(state, _l), sympy.Integer(0), idx)

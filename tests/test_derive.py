@@ -8,7 +8,8 @@ from symrnn.derive import derive
 from symrnn.lower import lower
 from symrnn.cells import builtin
 
-l, m, i, j = sympy.symbols("l m i j", integer=True)
+l, i, j = sympy.symbols("l i j", integer=True)
+m = sympy.Symbol("m1", integer=True)
 
 
 def derivation(name):
@@ -17,7 +18,8 @@ def derivation(name):
 
 def test_seed002_sensitivity_recursions():
     der = derivation("single_sigmoid")
-    h, v, x, h_prev = sympy.symbols("h v x h_prev")
+    v = sympy.Symbol("v")  # a scalar parameter
+    h, x, h_prev = (sympy.IndexedBase(name)[l] for name in ("h", "x", "h_prev"))
     sigma_prime = h * (1 - h)  # sigma'(a^t), through the stored h^t
     for param, direct in (("b", 1), ("w", x), ("v", h_prev)):
         sens = der.sensitivity("h", param)
@@ -32,7 +34,7 @@ def test_seed002_sensitivity_recursions():
 def test_seed000_elman_sensitivity_for_U():
     der = derivation("elman")
     sens = der.sensitivity("s", "U")
-    s = sympy.Symbol("s")
+    s = sympy.IndexedBase("s")[l]
     x = sympy.IndexedBase("x")
     w = sympy.IndexedBase("w")
     ds_prev = sympy.IndexedBase("ds_prev_dU")
@@ -41,6 +43,18 @@ def test_seed000_elman_sensitivity_for_U():
     seed = (1 - s**2) * (x[j] * sympy.KroneckerDelta(l, i) + sympy.Sum(w[l, m] * ds_prev[m, i, j], (m, 0, n_hidden - 1)))
     assert sympy.simplify(sens.rhs - seed) == 0
     assert sens.indices == (i, j)
+
+
+def test_gru_sensitivity_indexes_values_inside_the_sum():
+    """Seed 003's GRU: the reset gate enters a matrix product, so its tangent is
+    needed at the summed-over unit m, and r, h_prev must be indexed there."""
+    sens = derivation("gru").sensitivity("h", "b_h")
+    inner = [s for s in sens.rhs.atoms(sympy.Sum)]
+    assert inner, sens.rhs
+    summed = {str(a) for s in inner for a in s.function.atoms(sympy.Indexed)}
+    assert any(a.startswith("r[m") for a in summed) and any(a.startswith("h_prev[m") for a in summed)
+    bare = sens.rhs.replace(lambda e: isinstance(e, sympy.Indexed), lambda e: sympy.Integer(1)).free_symbols
+    assert not {s.name for s in bare} & {"r", "z", "h_prev", "h_tilde"}, bare  # vector values are always indexed
 
 
 def test_local_partials_use_stored_values():
