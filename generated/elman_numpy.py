@@ -70,7 +70,7 @@ def forward(params, x, state0=None):
     W = p["W"]
     V = p["V"]
     # input side, every step at once
-    U_x_seq = x @ U.T  # U_x
+    U_x_seq = (x.reshape(-1, n_in) @ U.T).reshape(T, B, n_hidden)  # U_x
     s_seq = np.empty((T + 1, B, n_hidden), dtype)
     s_seq[0] = state0["s"]
     for t in range(T):
@@ -80,7 +80,7 @@ def forward(params, x, state0=None):
         s = np.tanh(z)  # (s)
         s_seq[t + 1] = s
     # readout, every step at once
-    y_seq = s_seq[1:] @ V.T  # y
+    y_seq = (s_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # y
     outputs = {
         "s": s_seq[1:],
         "y": y_seq,
@@ -110,7 +110,7 @@ def backward(params, cache, grad_outputs):
     # readout, every step at once
     d_y = d_y_seq
     d_s_proj_seq = d_y
-    d_s_seq += d_s_proj_seq @ V
+    d_s_seq += (d_s_proj_seq.reshape(-1, n_out) @ V).reshape(T, B, n_hidden)
     for t in reversed(range(T)):
         s = s_seq[t + 1]
         d_s = d_s_next + d_s_seq[t]
@@ -120,7 +120,7 @@ def backward(params, cache, grad_outputs):
         d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
         d_s_next = d_s_prev_from_s_prev_proj
     # input side, every step at once
-    d_x_seq += d_s_prev_proj_seq @ U
+    d_x_seq += (d_s_prev_proj_seq.reshape(-1, n_hidden) @ U).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_V += d_s_proj_seq.reshape(-1, n_out).T @ s_seq[1:].reshape(-1, n_hidden)
     d_W += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ s_seq[:-1].reshape(-1, n_hidden)

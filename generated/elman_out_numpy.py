@@ -75,7 +75,7 @@ def forward(params, x, state0=None):
     W_y = p["W_y"]
     b_y = p["b_y"]
     # input side, every step at once
-    W_x_x_seq = x @ W_x.T  # W_x_x
+    W_x_x_seq = (x.reshape(-1, n_in) @ W_x.T).reshape(T, B, n_hidden)  # W_x_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     for t in range(T):
@@ -84,7 +84,7 @@ def forward(params, x, state0=None):
         h = np.tanh(W_h_h_prev + W_x_x_seq[t] + b_h)  # (h)
         h_seq[t + 1] = h
     # readout, every step at once
-    W_y_h_seq = h_seq[1:] @ W_y.T  # W_y_h
+    W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y.T).reshape(T, B, n_out)  # W_y_h
     y_seq = np.tanh(W_y_h_seq + b_y)  # (y)
     outputs = {
         "h": h_seq[1:],
@@ -123,7 +123,7 @@ def backward(params, cache, grad_outputs):
     d_W_y_h = d_y*(1 - y_seq**2)
     d_b_y += np.sum(d_W_y_h, axis=(0, 1))
     d_h_proj_seq = d_W_y_h
-    d_h_seq += d_h_proj_seq @ W_y
+    d_h_seq += (d_h_proj_seq.reshape(-1, n_out) @ W_y).reshape(T, B, n_hidden)
     for t in reversed(range(T)):
         h = h_seq[t + 1]
         d_h = d_h_next + d_h_seq[t]
@@ -133,7 +133,7 @@ def backward(params, cache, grad_outputs):
         d_h_next = d_h_prev_from_h_prev_proj
     d_b_h += np.sum(d_h_prev_proj_seq, axis=(0, 1))
     # input side, every step at once
-    d_x_seq += d_h_prev_proj_seq @ W_x
+    d_x_seq += (d_h_prev_proj_seq.reshape(-1, n_hidden) @ W_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_W_y += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
     d_W_h += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)

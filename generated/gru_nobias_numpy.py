@@ -79,7 +79,7 @@ def forward(params, x, state0=None):
     W_stack_x = np.concatenate([W_zx, W_rx, W_hx], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_zh, W_rh], axis=0)  # stacked: one GEMM for 2 products
     # input side, every step at once
-    x_proj_seq = x @ W_stack_x.T  # W_zx_x, W_rx_x, W_hx_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_zx_x, W_rx_x, W_hx_x
     W_zx_x_seq = x_proj_seq[..., :n_hidden]
     W_rx_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_hx_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -181,7 +181,7 @@ def backward(params, cache, grad_outputs):
     d_W_rx_x = d_W_rx_x_seq
     d_W_zx_x = d_W_zx_x_seq
     d_x_proj_seq = np.concatenate([d_W_zx_x, d_W_rx_x, d_W_hx_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ W_stack_x
+    d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_W_hh += d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T @ W_hh_in0_seq.reshape(-1, n_hidden)
     dW_stack = d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)

@@ -75,7 +75,7 @@ def forward(params, x, state0=None):
     W_stack_x = np.concatenate([W_rz[:n_hidden, n_hidden:n_hidden + n_in], W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in], W_h[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_rz[:n_hidden, :n_hidden], W_rz[n_hidden:2*n_hidden, :n_hidden]], axis=0)  # stacked: one GEMM for 2 products
     # input side, every step at once
-    x_proj_seq = x @ W_stack_x.T  # W_rz_0_x, W_rz_1_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
     W_rz_0_x_seq = x_proj_seq[..., :n_hidden]
     W_rz_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_h_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -178,7 +178,7 @@ def backward(params, cache, grad_outputs):
     d_W_rz_1_x = d_W_rz_1_x_seq
     d_W_rz_0_x = d_W_rz_0_x_seq
     d_x_proj_seq = np.concatenate([d_W_rz_0_x, d_W_rz_1_x, d_W_h_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ W_stack_x
+    d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_W_h_in0_proj_seq.reshape(-1, n_hidden).T @ W_h_in0_seq.reshape(-1, n_hidden)
     d_W_h[:, :n_hidden] += dW_stack[:n_hidden]

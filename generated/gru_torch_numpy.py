@@ -77,7 +77,7 @@ def forward(params, x, state0=None):
     bias_hh_l0_2 = bias_hh_l0[2*n_hidden:3*n_hidden]
     bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
     # input side, every step at once
-    x_proj_seq = x @ weight_ih_l0.T  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
+    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
     weight_ih_l0_0_x_seq = x_proj_seq[..., :n_hidden]
     weight_ih_l0_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -180,7 +180,7 @@ def backward(params, cache, grad_outputs):
     d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq
     d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq
     d_x_proj_seq = np.concatenate([d_weight_ih_l0_0_x, d_weight_ih_l0_1_x, d_weight_ih_l0_2_x], axis=-1)
-    d_x_seq += d_x_proj_seq @ weight_ih_l0
+    d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_weight_ih_l0 += d_x_proj_seq.reshape(-1, 3*n_hidden).T @ x.reshape(-1, n_in)

@@ -87,7 +87,7 @@ def forward(params, x, state0=None):
     W_stack_x = np.concatenate([W_fx, W_ix, W_cx, W_ox], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_fh, W_ih, W_ch, W_oh], axis=0)  # stacked: one GEMM for 4 products
     # input side, every step at once
-    x_proj_seq = x @ W_stack_x.T  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
     W_fx_x_seq = x_proj_seq[..., :n_hidden]
     W_ix_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_cx_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -203,7 +203,7 @@ def backward(params, cache, grad_outputs):
         d_h_next = d_h_prev_from_h_prev_proj
         d_c_next = d_c_prev_0
     # input side, every step at once
-    d_x_seq += d_h_prev_proj_seq @ W_stack_x
+    d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_fh += dW_stack[:n_hidden]

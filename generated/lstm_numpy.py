@@ -87,7 +87,7 @@ def forward(params, x, state0=None):
     W_stack_x = np.concatenate([W_f[:, n_hidden:n_hidden + n_in], W_i[:, n_hidden:n_hidden + n_in], W_o[:, n_hidden:n_hidden + n_in], W_g[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_f[:, :n_hidden], W_i[:, :n_hidden], W_o[:, :n_hidden], W_g[:, :n_hidden]], axis=0)  # stacked: one GEMM for 4 products
     # input side, every step at once
-    x_proj_seq = x @ W_stack_x.T  # W_f_x, W_i_x, W_o_x, W_g_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_f_x, W_i_x, W_o_x, W_g_x
     W_f_x_seq = x_proj_seq[..., :n_hidden]
     W_i_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_o_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -207,7 +207,7 @@ def backward(params, cache, grad_outputs):
     d_b_o += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
     d_b_g += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_x_seq += d_h_prev_proj_seq @ W_stack_x
+    d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_f[:, :n_hidden] += dW_stack[:n_hidden]

@@ -81,7 +81,7 @@ def forward(params, x, state0=None):
     bias_hh_l0_3 = bias_hh_l0[3*n_hidden:4*n_hidden]
     bias_ih_l0_3 = bias_ih_l0[3*n_hidden:4*n_hidden]
     # input side, every step at once
-    x_proj_seq = x @ weight_ih_l0.T  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x, weight_ih_l0_3_x
+    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 4*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x, weight_ih_l0_3_x
     weight_ih_l0_0_x_seq = x_proj_seq[..., :n_hidden]
     weight_ih_l0_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
@@ -201,7 +201,7 @@ def backward(params, cache, grad_outputs):
     d_bias_hh_l0[3*n_hidden:4*n_hidden] += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
     d_bias_ih_l0[3*n_hidden:4*n_hidden] += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_x_seq += d_h_prev_proj_seq @ weight_ih_l0
+    d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)

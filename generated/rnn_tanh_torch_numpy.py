@@ -70,7 +70,7 @@ def forward(params, x, state0=None):
     bias_hh_l0_0 = bias_hh_l0[:n_hidden]
     bias_ih_l0_0 = bias_ih_l0[:n_hidden]
     # input side, every step at once
-    weight_ih_l0_0_x_seq = x @ weight_ih_l0.T  # weight_ih_l0_0_x
+    weight_ih_l0_0_x_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, n_hidden)  # weight_ih_l0_0_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     for t in range(T):
@@ -116,7 +116,7 @@ def backward(params, cache, grad_outputs):
     d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
     d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
     # input side, every step at once
-    d_x_seq += d_h_prev_proj_seq @ weight_ih_l0
+    d_x_seq += (d_h_prev_proj_seq.reshape(-1, n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)

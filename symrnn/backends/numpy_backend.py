@@ -27,6 +27,13 @@ def dim(expr: sympy.Expr) -> str:
     return numpy_code(sympy.sympify(expr))
 
 
+def steps_matmul(a: str, a_cols: str, b: str, rows: str) -> str:
+    """``a @ b`` for ``a`` of shape (T, B, a_cols): one GEMM over all T * B rows.
+
+    (NumPy runs a 3-D ``a @ b`` as T separate small products, several times slower.)"""
+    return f"({a}.reshape(-1, {a_cols}) @ {b}).reshape(T, B, {rows})"
+
+
 def _slice(start: sympy.Expr, size: sympy.Expr) -> str:
     lo, hi = dim(start), dim(sympy.expand(start + size))
     return f"{'' if lo == '0' else lo}:{hi}"
@@ -153,10 +160,14 @@ class _Emitter:
         w = self.weights[group.name]
         suffix = "" if ctx == "loop" else "_seq"
         labels = ", ".join(mv.name for mv in group.members)
-        if len(group.members) == 1:
-            out.append(f"{group.members[0].name}{suffix} = {operand} @ {w}.T  # {labels}")
+        if ctx == "loop":
+            product = f"{operand} @ {w}.T"
         else:
-            out.append(f"{group.name}{suffix} = {operand} @ {w}.T  # {labels}")
+            product = steps_matmul(operand, dim(self.g.size(group.operand)), f"{w}.T", dim(group.rows))
+        if len(group.members) == 1:
+            out.append(f"{group.members[0].name}{suffix} = {product}  # {labels}")
+        else:
+            out.append(f"{group.name}{suffix} = {product}  # {labels}")
             for mv, off in zip(group.members, group.offsets):
                 out.append(f"{mv.name}{suffix} = {group.name}{suffix}[..., {_slice(off, mv.size)}]")
         if ctx == "loop":
@@ -457,22 +468,23 @@ class _Emitter:
             step = buf
         # adjoint of the operand: W^T delta
         operand = group.operand
+        back = steps_matmul(buf, dim(group.rows), w, dim(g.size(operand)))  # W^T delta, every step
         in_loop = ctx == "loop" and (g.is_leaf(operand) and g.leaf(operand).kind == "prev_state" or self.plan.region_of.get(operand) == "loop")
         if ctx == "loop" and not in_loop:
             target = "d_x_seq" if operand == g.input.name else f"d_{operand}_seq"
-            self.m.backward_after.append(f"{target} += {buf} @ {w}  # W^T delta for every step at once")
+            self.m.backward_after.append(f"{target} += {back}  # W^T delta for every step at once")
         elif ctx == "loop":
             name = f"d_{operand}_from_{group.name}"
             out.append(f"{name} = {step} @ {w}")
             self.acc.setdefault(operand, []).append(name)
         else:
             if operand == g.input.name:
-                out.append(f"d_x_seq += {buf} @ {w}")
+                out.append(f"d_x_seq += {back}")
             elif operand in g.state_names or self.plan.region_of[operand] != self.region_name:
-                out.append(f"d_{operand}_seq += {buf} @ {w}")
+                out.append(f"d_{operand}_seq += {back}")
             else:
                 name = f"d_{operand}_from_{group.name}"
-                out.append(f"{name} = {buf} @ {w}")
+                out.append(f"{name} = {back}")
                 self.acc.setdefault(operand, []).append(name)
         # gradient of the weights: one GEMM over every step, after the loop
         rows, cols = dim(group.rows), dim(g.size(operand))
