@@ -4,6 +4,7 @@
     symrnn show CELL                     the equations of a cell
     symrnn generate [CELL ...] [--out DIR]   write <cell>_numpy.py modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
+    symrnn latex CELL [--format tex|pdf] [-o FILE]   the derivation as a LaTeX document
 
 Bad input (an unknown cell, an unwritable folder, a bad option) prints one line
 ``symrnn: error: ...`` and exits with status 2; a failed check exits with 1.
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write NumPy kernel modules")
     gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
+    latex = sub.add_parser("latex", help="export the derivation as LaTeX (or a PDF through pdflatex)")
+    latex.add_argument("cell")
+    latex.add_argument("--format", choices=("tex", "pdf"), default="tex", help="tex (default) or pdf")
+    latex.add_argument("--time", choices=("super", "index"), default="super", help="write time as h^{t} (super) or h[t] (index)")
+    latex.add_argument("-o", "--output", help="output file (default: <cell>.tex or <cell>.pdf; '-' prints the .tex)")
     check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
     check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random instance (default: 0)")
@@ -97,7 +103,37 @@ def _check(args) -> int:
     return EXIT_FAIL if failed else 0
 
 
-_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check}
+def _latex(args) -> int:
+    from pathlib import Path
+
+    from .latex import Notation
+    from .pipeline import build, render_latex, write_atomic, compile_pdf
+
+    cell = builtin(args.cell)
+    tex = render_latex(build(cell), Notation(time=args.time))
+    if args.output == "-":
+        if args.format == "pdf":
+            raise UserError("--format pdf cannot be written to standard output; give -o FILE.pdf")
+        sys.stdout.write(tex)
+        return 0
+    out = Path(args.output or f"{cell.name}.{args.format}")
+    if out.is_dir():
+        raise UserError(f"output '{out}' is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write '{out}': folder '{out.parent}' does not exist")
+    if args.format == "pdf":
+        write_pdf = compile_pdf(tex, out)
+        print(f"wrote {write_pdf}")
+        return 0
+    try:
+        write_atomic(out, tex)
+    except OSError as exc:
+        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    print(f"wrote {out}")
+    return 0
+
+
+_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

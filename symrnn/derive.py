@@ -101,6 +101,13 @@ class Derivation:
         """The sensitivity recursion of ``state`` w.r.t. parameter ``param`` (seed form)."""
         return _sensitivity(self, state, param)
 
+    def to_latex(self, notation=None) -> str:
+        """The whole derivation as a standalone LaTeX document (see symrnn.latex)."""
+        from .pipeline import render_latex
+        from .plan import plan
+
+        return render_latex(plan(self), notation)
+
     @cached_property
     def stored_values(self) -> tuple[str, ...]:
         """Forward values the backward pass reads (sorted): those in any partial

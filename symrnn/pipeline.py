@@ -159,11 +159,19 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _usual_mode(path: str) -> None:
+    """Give a temporary file the mode a plain open() would (mkstemp makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def generated_init(names: Iterable[str]) -> str:
@@ -212,3 +220,50 @@ def generate(cells: Iterable[Cell | str], out_dir: Path | str) -> list[Path]:
         return written
     except OSError as exc:
         raise UserError(f"cannot write to output folder '{out_dir}': {exc.strerror or exc}") from None
+
+
+def render_latex(kernel_plan: KernelPlan, notation=None) -> str:
+    """KernelPlan -> a standalone LaTeX document of the cell's derivation."""
+    from .cells import BUILTIN
+    from .latex import Notation, document_data
+
+    data = document_data(kernel_plan, notation or Notation())
+    g = kernel_plan.graph
+    command = f"symrnn latex {g.cell} --format tex" if g.cell in BUILTIN else f"symrnn latex <spec of {g.cell}>"
+    return _ENV.get_template("derivation.tex.j2").render(command=command, **data)
+
+
+def compile_pdf(tex: str, out: Path) -> Path:
+    """Compile ``tex`` with pdflatex in a scratch folder; move the PDF to ``out`` atomically.
+
+    A failure raises a UserError with the first error lines of pdflatex's log;
+    ``out`` is then left as it was."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pdflatex")
+    if exe is None:
+        raise UserError("pdflatex is not installed (Debian: apt-get install texlive-latex-base texlive-latex-recommended)")
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="symrnn-latex-") as tmp:
+        src = Path(tmp) / "derivation.tex"
+        src.write_text(tex, encoding="utf-8")
+        for _ in range(2):  # twice, for the equation references
+            proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", src.name],
+                                  cwd=tmp, capture_output=True, text=True, errors="replace")
+            if proc.returncode != 0:
+                log = (Path(tmp) / "derivation.log")
+                text = log.read_text(errors="replace") if log.exists() else proc.stdout
+                errors = [line for line in text.splitlines() if line.startswith("!")][:3]
+                raise UserError(f"pdflatex failed: {' | '.join(errors) or 'see its log'}")
+        fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(Path(tmp) / "derivation.pdf", partial)
+            _usual_mode(partial)
+            os.replace(partial, out)
+        except BaseException:
+            if os.path.exists(partial):
+                os.unlink(partial)
+            raise
+    return out

@@ -1,0 +1,377 @@
+"""LaTeX export of a derivation: every formula printed from the derivation objects.
+
+The printer subclasses SymPy's ``LatexPrinter``; it knows, for each name of the
+step graph, its LaTeX base (``h_tilde`` -> ``\\tilde{h}``, ``weight_hh_l0`` ->
+``W_{hh}``) and its time (``h_prev`` -> ``h^{t-1}``).  Auxiliary nodes (one per
+nonlinearity, one per matrix-vector product) print as their definition, so a
+reader sees ``\\tanh(c^{t})`` and ``W_{hh} h^{t-1}``, not internal names.
+The template (``templates/derivation.tex.j2``) holds prose and layout only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
+
+from .cell import DIMS
+from .derive import Derivation
+from .ir import MatVecNode, Pointwise
+from .plan import KernelPlan
+
+__all__ = ["Notation", "DerivationLatexPrinter", "document_data"]
+
+_GREEK = {
+    "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "kappa", "lambda", "mu",
+    "nu", "xi", "rho", "sigma", "tau", "phi", "chi", "psi", "omega",
+}
+_ACCENTS = {"tilde": r"\tilde", "hat": r"\hat", "bar": r"\bar"}
+
+
+@dataclass(frozen=True)
+class Notation:
+    """How time is written: ``super`` (h^{t}, as seeds 000-003) or ``index`` (h[t], as seed 004)."""
+
+    time: str = "super"
+
+    def at(self, base: str, time: str) -> str:
+        if self.time == "index":
+            return f"{{{base}[{time}]}}"
+        return f"{{{base}^{{{time}}}}}"  # braced, so a power reads {h^{t}}^{2}
+
+
+def base_latex(name: str) -> str:
+    """The LaTeX of a name without time: W_f -> W_{f}, h_tilde -> \\tilde{h}, weight_ih_l0 -> W_{ih}."""
+    name = re.sub(r"_l0(?=_|$)", "", name)
+    name = re.sub(r"^weight_", "W_", name)
+    name = re.sub(r"^bias_", "b_", name)
+    parts = name.split("_")
+    head = parts[0]
+    head = f"\\{head}" if head in _GREEK else head
+    rest = parts[1:]
+    for accent, command in _ACCENTS.items():
+        if accent in rest:
+            rest.remove(accent)
+            head = f"{{{command}{{{head}}}{{}}}}"  # the {} stops amsmath's accent from reading a following ^
+    if not rest:
+        return head
+    sub = ",".join(f"\\{r}" if r in _GREEK else r for r in rest)
+    return f"{{{head}_{{{sub}}}}}"  # braced: it may take another index
+
+
+class DerivationLatexPrinter(LatexPrinter):
+    """Prints per-unit expressions of one step graph with time indices."""
+
+    def __init__(self, plan: KernelPlan, notation: Notation = Notation(), settings=None):
+        super().__init__({"mul_symbol": None, **(settings or {})})
+        self.plan, self.g, self.notation = plan, plan.graph, notation
+
+    # -- names ------------------------------------------------------------------
+    def value(self, name: str, time: str = "t") -> str:
+        """LaTeX of a value of the step graph at time ``time``."""
+        g = self.g
+        if g.is_leaf(name):
+            leaf = g.leaf(name)
+            if leaf.kind == "prev_state":
+                return self.notation.at(base_latex(leaf.state), "t-1")
+            if leaf.kind == "param":
+                base = base_latex(leaf.param)
+                return base if leaf.block is None else f"{{{base}^{{({leaf.block})}}}}"
+            if leaf.kind == "target":
+                return self.notation.at(r"\mathrm{target}", time)
+            return self.notation.at(base_latex(name), time)
+        node = g.node(name)
+        if node.role == "auxiliary":
+            return self.definition(node)
+        return self.notation.at(base_latex(name), time)
+
+    def definition(self, node) -> str:
+        if isinstance(node, MatVecNode):
+            return f"{self.weight(node)} {self.value(node.operand)}"
+        return self.doprint(node.expr)
+
+    def weight(self, node: MatVecNode) -> str:
+        base = base_latex(node.param)
+        p = self.g.param(node.param)
+        if node.block is not None:
+            base = f"{base}^{{({node.block})}}"
+        full = sympy.simplify(node.cols[0]) == 0 and sympy.simplify(node.cols[1] - p.shape[1]) == 0
+        if not full:
+            lo, hi = sympy.latex(node.cols[0] + 1), sympy.latex(node.cols[1])
+            base = f"{base}_{{[:,\\,{lo}:{hi}]}}"
+        return f"{{{base}}}"
+
+    def _print_Symbol(self, expr, style="plain"):
+        name = expr.name
+        if name in DIMS:
+            return rf"n_{{\mathrm{{{name[2:]}}}}}"
+        if expr.is_integer:  # an index of the derivation (l, i, j, m1), never a value
+            return re.sub(r"^([a-z])(\d+)$", r"\1_{\2}", name)
+        if self.g.is_leaf(name) or any(n.name == name for n in self.g.nodes):
+            text = self.value(name)
+            node = None if self.g.is_leaf(name) else self.g.node(name)
+            if node is not None and node.role == "auxiliary" and isinstance(node, Pointwise) and node.op is None:
+                return rf"\left({text}\right)"
+            return text
+        if name.startswith("d_"):
+            return rf"\bar{{{self.value(name[2:])}}}"
+        return super()._print_Symbol(expr, style)
+
+    def _print_Indexed(self, expr):
+        label = expr.base.label.name
+        idx = ",".join(self._print(i) for i in expr.indices)
+        match = re.match(r"^d(\w+?)(_prev)?_d(\w+)$", label)
+        if match and match.group(1) in self.g.state_names:
+            state, prev, param = match.groups()
+            time = "t-1" if prev else "t"
+            first, *rest = expr.indices
+            num = "{" + self.notation.at(base_latex(state), time) + f"_{{{self._print(first)}}}}}"
+            den = base_latex(param)
+            if rest:
+                den = f"{{{base_latex(param).lower() if len(param) == 1 else base_latex(param)}}}_{{{','.join(self._print(i) for i in rest)}}}"
+            return rf"\frac{{\partial {num}}}{{\partial {den}}}"
+        if self.g.is_leaf(label) or any(n.name == label for n in self.g.nodes):
+            return f"{{{self.value(label)}_{{{idx}}}}}"
+        return f"{{{base_latex(label)}_{{{idx}}}}}"
+
+    def _print_KroneckerDelta(self, expr, exp=None):
+        i, j = expr.args
+        return rf"\delta_{{{self._print(i)}{self._print(j)}}}"
+
+
+@dataclass(frozen=True)
+class Equation:
+    label: str
+    lhs: str
+    rhs: str
+    note: str = ""
+
+
+def _lines(printer: DerivationLatexPrinter, expr: sympy.Expr, per_line: int = 3) -> list[str]:
+    """The terms of a sum, grouped a few to a line, for an aligned display."""
+    terms = list(sympy.Add.make_args(expr)) if isinstance(expr, sympy.Add) else [expr]
+    terms.sort(key=lambda e: len(printer.doprint(e)))
+    out, line = [], []
+    for term in terms:
+        line.append(term)
+        if len(line) == per_line or len(printer.doprint(sympy.Add(*line, evaluate=False))) > 70:
+            out.append(line)
+            line = []
+    if line:
+        out.append(line)
+    texts = []
+    for i, group in enumerate(out):
+        text = " + ".join(printer.doprint(t) for t in group).replace("+ -", "- ")
+        texts.append(text if i == 0 else ("+ " + text if not text.startswith("-") else text))
+    return texts
+
+
+def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
+    """Everything the derivation template prints, as plain strings."""
+    g, der = plan.graph, plan.derivation
+    P = DerivationLatexPrinter(plan, notation)
+    cell = g.cell
+    symbols = [(P.value(leaf.name), "input", sympy.latex(leaf.size)) for leaf in g.leaves if leaf.kind == "input"]
+    symbols += [(P.value(s.name), "state", sympy.latex(s.size)) for s in g.states]
+    symbols += [
+        (P.value(n.name), "intermediate" if n.role == "intermediate" else n.role, sympy.latex(n.size))
+        for n in g.nodes if n.role in ("intermediate", "readout")
+    ]
+    symbols += [
+        (base_latex(p.name), "parameter", r" \times ".join(sympy.latex(s) for s in p.shape) or "1")
+        for p in g.params
+    ]
+    forward = []
+    for n in g.nodes:
+        if n.role == "auxiliary":
+            continue
+        forward.append(Equation(f"eq:{cell}:{n.name}", P.value(n.name), P.definition(n) if isinstance(n, MatVecNode) else P.doprint(n.expr)))
+    loss = None
+    if g.loss is not None:
+        reduction = r"\frac{1}{T}\sum_{t=0}^{T-1}" if g.loss.reduction == "mean" else r"\sum_{t=0}^{T-1}"
+        loss = dict(per_step=P.doprint(g.loss.expr), total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss")
+    partials = []
+    for n in g.nodes:
+        if isinstance(n, Pointwise):
+            for dep, p in der.partials[n.name]:
+                partials.append((rf"\frac{{\partial {P.value(n.name)}}}{{\partial {P.value(dep)}}}", P.doprint(p)))
+    adjoints = []
+    for s in g.states:
+        adjoints.append(_adjoint(P, der, s.name, g))
+    for n in reversed(g.nodes):
+        if n.name not in g.state_names:
+            eq = _adjoint(P, der, n.name, g)
+            if eq is not None:
+                adjoints.append(eq)
+    for s in g.states:
+        eq = _adjoint(P, der, s.prev, g)
+        if eq is not None:
+            adjoints.append(eq)
+    gradients = _param_gradients(P, der, g)
+    sensitivities = []
+    for s in g.states:
+        for p in g.params:
+            sens = der.sensitivity(s.name, p.name)
+            lines = _lines(P, sens.rhs)
+            chain = []
+            if max(_visible(line) for line in lines) > _MAX_LINE:  # too long substituted: the chain, node by node
+                chain, lines = _chain(P, der, p.name, s.name), []
+            sensitivities.append(dict(
+                label=f"eq:{cell}:rtrl:{s.name}:{p.name}",
+                lhs=P.doprint(sens.lhs), lines=lines, chain=chain,
+                initial=P.doprint(sens.lhs).replace("^{t}", "^{-1}", 1) + " = 0",
+            ))
+    return dict(
+        cell=cell, source=g.source or "user-defined", description=g.description, symbols=symbols,
+        forward=forward, loss=loss, partials=partials, adjoints=[a for a in adjoints if a],
+        gradients=gradients, sensitivities=sensitivities, cost=_cost(plan),
+    )
+
+
+_MAX_LINE = 60  # visible characters (roughly) in one displayed line
+
+
+def _visible(tex: str) -> int:
+    """A rough count of the characters a line of LaTeX math shows."""
+    tex = re.sub(r"\\(left|right|big|Big|mathrm|tfrac|quad|,)", "", tex)
+    tex = re.sub(r"\\frac\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}\{", lambda m: "{", tex)  # a fraction shows its wider part
+    tex = re.sub(r"\\[A-Za-z]+", "x", tex)
+    return len(re.sub(r"[{}_^\s]", "", tex))
+
+
+def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
+    """The forward-mode recursion of ``state`` w.r.t. ``param`` node by node (per unit l):
+    a dot is d/d(param); a matrix product keeps its vector form (W dv)_l."""
+    g = der.graph
+    decl = g.param(param)
+    index = {"scalar": "", "vector": "_{i}", "matrix": "_{ij}"}[decl.kind]
+    theta = (base_latex(param).lower() if len(param) == 1 and decl.kind == "matrix" else base_latex(param)) + index
+    memo: dict[str, str] = {}
+
+    def dot(name: str) -> str:
+        if g.is_leaf(name):
+            leaf = g.leaf(name)
+            if leaf.kind == "prev_state":
+                return rf"\frac{{\partial {P.value(name)}_{{l}}}}{{\partial {theta}}}"
+            if leaf.kind == "param" and leaf.param == param:
+                if decl.kind == "scalar":
+                    return "1"
+                row = "l" if not leaf.block else f"(l + {P.doprint(leaf.block * leaf.size)})"
+                return rf"\delta_{{{row}i}}"
+            return ""
+        if name in memo:
+            return memo[name]
+        node = g.node(name)
+        if isinstance(node, MatVecNode):
+            terms = []
+            inner = dot(node.operand)
+            if inner:
+                terms.append(rf"\left({P.weight(node)} \tfrac{{\partial {P.value(node.operand)}}}{{\partial {theta}}}\right)_{{l}}")
+            if node.param == param:
+                row = "l" if not node.block else f"(l + {P.doprint(node.block * node.size)})"
+                terms.append(rf"\delta_{{{row}i}} {P.value(node.operand)}_{{j}}")
+            text = " + ".join(terms)
+        else:
+            terms = []
+            for dep, p in der.partials[name]:
+                d = dot(dep)
+                if d:
+                    factor = "" if p == 1 else P.parenthesize(p, PRECEDENCE["Mul"], strict=True) + r"\, "
+                    terms.append(factor + (rf"\left({d}\right)" if " + " in d and factor else d))
+            text = " + ".join(terms)
+        if text and node.role != "auxiliary":
+            lines = _group(terms if isinstance(node, Pointwise) else [text], per_line=2)
+            chain.append((rf"\frac{{\partial {P.value(name)}_{{l}}}}{{\partial {theta}}}", lines))
+            text = rf"\frac{{\partial {P.value(name)}_{{l}}}}{{\partial {theta}}}"
+        memo[name] = text
+        return text
+
+    chain: list[tuple[str, str]] = []
+    dot(state)
+    return chain
+
+
+def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
+    terms = []
+    for consumer, coeff in der.adjoint_terms(name):
+        node = g.node(consumer)
+        if isinstance(node, MatVecNode):
+            terms.append(rf"{P.weight(node)}^{{\top}} \bar{{{P.value(consumer)}}}")
+        else:
+            factor = "" if coeff == 1 else rf"{P.doprint(coeff)}\, "
+            terms.append(rf"{factor}\bar{{{P.value(consumer)}}}")
+    if g.is_leaf(name):
+        state = g.leaf(name).state
+        lhs = rf"\bar{{{P.value(name)}}}"
+        note = "from step t to t-1"
+        if not terms:
+            return None
+        return dict(lhs=lhs, lines=_group(terms), note=note, label=f"eq:{g.cell}:adj:{name}")
+    if name in g.state_names:
+        prev = g.states[g.state_names.index(name)].prev
+        terms.insert(0, r"\frac{\partial L}{\partial " + P.value(name) + "}")
+        terms.insert(1, rf"\left.\bar{{{P.value(prev)}}}\right|_{{t+1}}")
+        return dict(lhs=rf"\bar{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
+    if not terms and name not in g.readouts:
+        return None
+    if name in g.readouts:
+        direct = r"\frac{\partial L}{\partial " + P.value(name) + "}"
+        partial = dict(der.loss_partials).get(name)
+        if partial is not None:
+            scale = r"\frac{1}{T}" if g.loss.reduction == "mean" else ""
+            value = P.parenthesize(sympy.factor(partial), PRECEDENCE["Mul"], strict=True) if scale else P.doprint(sympy.factor(partial))
+            direct += rf" = {scale}\frac{{\partial L^{{t}}}}{{\partial {P.value(name)}}} = {scale}{value}"
+        terms.insert(0, direct)
+    return dict(lhs=rf"\bar{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
+
+
+def _group(terms: list[str], per_line: int = 2, width: int = 150) -> list[str]:
+    """Terms of a sum, at most ``per_line`` and about ``width`` source characters to a line."""
+    lines: list[list[str]] = [[]]
+    for term in terms:
+        if lines[-1] and (len(lines[-1]) == per_line or len(" + ".join(lines[-1] + [term])) > width):
+            lines.append([])
+        lines[-1].append(term)
+    return [(" + " if i else "") + " + ".join(line) for i, line in enumerate(lines)]
+
+
+def _param_gradients(P, der: Derivation, g) -> list[dict]:
+    out = []
+    for p in g.params:
+        terms = []
+        for n in g.nodes:
+            if isinstance(n, MatVecNode) and n.param == p.name:
+                w = P.weight(n)
+                terms.append((w, rf"\bar{{{P.value(n.name)}}} \left({P.value(n.operand)}\right)^{{\top}}"))
+            elif isinstance(n, Pointwise):
+                for leaf in g.leaves:
+                    if leaf.kind == "param" and leaf.param == p.name:
+                        coeff = der.partial(n.name, leaf.name)
+                        if coeff != 0:
+                            target = P.value(leaf.name)
+                            reduce = r"\sum_{b,\,l}" if p.kind == "scalar" else r"\sum_{b}"
+                            factor = "" if coeff == 1 else rf"{P.doprint(coeff)}\, "
+                            terms.append((target, rf"{reduce} {factor}\bar{{{P.value(n.name)}}}"))
+        for target, term in terms:
+            out.append(dict(lhs=rf"\frac{{\partial L}}{{\partial {target}}}", rhs=rf"\sum_{{t=0}}^{{T-1}} {term}"))
+    return out
+
+
+def _cost(plan: KernelPlan) -> list[tuple[str, str, str]]:
+    """Per-step work and storage of forward, BPTT and RTRL."""
+    g = plan.graph
+    gemm_rows = sympy.Add(*[m.size for m in g.nodes if isinstance(m, MatVecNode)])
+    n_params = sympy.Add(*[sympy.Mul(*p.shape) for p in g.params])
+    states = sympy.Add(*[s.size for s in g.states])
+    stored = sympy.Add(*[g.node(n).size for n in plan.stored]) + states
+    B = sympy.Symbol("B")
+    mults = sympy.Add(*[m.size * (m.cols[1] - m.cols[0]) for m in g.nodes if isinstance(m, MatVecNode)])
+    return [
+        ("forward", rf"${sympy.latex(sympy.expand(mults))} \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
+        ("BPTT (reverse)", rf"$2 \cdot {sympy.latex(sympy.expand(mults))} \cdot B$", rf"${sympy.latex(stored)} \cdot T \cdot B$: every step's activations"),
+        ("RTRL (forward)", rf"${sympy.latex(sympy.expand(mults))} \cdot P \cdot B$, with $P = {sympy.latex(n_params)}$",
+         rf"${sympy.latex(states)} \cdot P \cdot B$: the sensitivity tensor, independent of $T$"),
+    ]

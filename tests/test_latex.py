@@ -1,0 +1,94 @@
+"""LaTeX export: every document compiles with pdflatex and prints the derivation's own objects."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import symrnn.pipeline
+from conftest import CELLS
+from symrnn.cli import main
+from symrnn.latex import DerivationLatexPrinter, Notation
+from symrnn.pipeline import build, render_latex
+
+PDFLATEX = shutil.which("pdflatex")
+
+
+def compile_tex(tex: str, folder) -> str:
+    """Run pdflatex; return its log.  pdflatex is required (.ci/run installs it)."""
+    assert PDFLATEX, "pdflatex is missing: apt-get install texlive-latex-base texlive-latex-recommended"
+    (folder / "doc.tex").write_text(tex)
+    proc = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                          cwd=folder, capture_output=True, text=True, errors="replace")
+    log = (folder / "doc.log").read_text(errors="replace")
+    assert proc.returncode == 0, "\n".join(line for line in log.splitlines() if line.startswith("!"))
+    return log
+
+
+@pytest.mark.parametrize("time", ["super", "index"])
+def test_document_compiles_cleanly(cell_name, time, tmp_path):
+    log = compile_tex(render_latex(build(cell_name), Notation(time=time)), tmp_path)
+    assert "Undefined control sequence" not in log
+    assert not re.search(r"^!", log, re.M)
+    widths = [float(w) for w in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
+    assert all(w <= 5.0 for w in widths), f"lines run off the page by {max(widths)}pt"
+
+
+def test_formulas_are_the_derivation_objects():
+    plan = build("single_sigmoid")
+    tex = render_latex(plan)
+    printer = DerivationLatexPrinter(plan)
+    for param in ("w", "v", "b"):  # seed 002's three recursions, printed from the same objects
+        sens = plan.derivation.sensitivity("h", param)
+        assert printer.doprint(sens.lhs) in tex
+        assert f"eq:single_sigmoid:rtrl:h:{param}" in tex
+    # dL/dy^t: seed 002's -(y^t - yhat^t), here (y - target) / T with the mean over time
+    assert r"\frac{1}{T}\frac{\partial L^{t}}{\partial {y^{t}}}" in tex
+    assert r"\frac{\partial L}{\partial d}" in tex and r"\frac{\partial L}{\partial u}" in tex
+
+
+def test_elman_forward_sensitivity_for_U_is_in_the_seed_form():
+    tex = render_latex(build("elman"))
+    assert r"\delta_{il}" in tex or r"\delta_{li}" in tex  # x_j delta_li
+    assert r"\sum_{m_{1}=0}^{n_{\mathrm{hidden}} - 1}" in tex  # sum_m w_lm ds^{t-1}_m / du_ij
+
+
+def test_api_equals_cli(tmp_path, capsys):
+    plan = build("gru")
+    assert plan.derivation.to_latex() == render_latex(plan)
+    assert main(["latex", "gru", "-o", str(tmp_path / "gru.tex")]) == 0
+    assert (tmp_path / "gru.tex").read_text() == render_latex(plan)
+
+
+def test_pdf_export(tmp_path, capsys):
+    assert PDFLATEX
+    out = tmp_path / "lstm.pdf"
+    assert main(["latex", "lstm", "--format", "pdf", "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(b"%PDF")
+
+
+def test_failed_pdf_keeps_the_users_file(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "elman.pdf"
+    out.write_bytes(b"the user's pdf")
+    broken = r"\documentclass{article}\begin{document}\undefinedmacro\end{document}"
+    monkeypatch.setattr(symrnn.pipeline, "render_latex", lambda plan, notation=None: broken)
+    assert main(["latex", "elman", "--format", "pdf", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pdflatex failed" in err and "Undefined control sequence" in err and err.count("\n") == 1
+    assert out.read_bytes() == b"the user's pdf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elman.pdf"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["latex", "lstn"], "unknown cell 'lstn'"),
+    (["latex", "elman", "--format", "docx"], "invalid choice: 'docx'"),
+    (["latex", "elman", "-o", "/no/such/folder/e.tex"], "folder '/no/such/folder' does not exist"),
+    (["latex", "elman", "--format", "pdf", "-o", "-"], "cannot be written to standard output"),
+])
+def test_latex_bad_input(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
