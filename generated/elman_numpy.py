@@ -3,7 +3,9 @@
 #     symrnn generate elman --out generated
 """NumPy kernels for the 'elman' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex elman,
+or docs/derivations/elman.md in the symrnn repository):
 
     z = U @ x + W @ s_prev
     s = tanh(z)
@@ -76,8 +78,8 @@ def forward(params, x, state0=None):
     for t in range(T):
         s_prev = s_seq[t]
         W_s_prev = s_prev @ W.T  # W_s_prev
-        z = U_x_seq[t] + W_s_prev  # (z)
-        s = np.tanh(z)  # (s)
+        z = U_x_seq[t] + W_s_prev  # eq:elman:z
+        s = np.tanh(z)  # eq:elman:s
         s_seq[t + 1] = s
     # readout, every step at once
     y_seq = (s_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # y
@@ -108,14 +110,14 @@ def backward(params, cache, grad_outputs):
     d_s_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_s_next = np.zeros((B, n_hidden), dtype)
     # readout, every step at once
-    d_y = d_y_seq
+    d_y = d_y_seq  # eq:elman:adj:y
     d_s_proj_seq = d_y
     d_s_seq += (d_s_proj_seq.reshape(-1, n_out) @ V).reshape(T, B, n_hidden)
     for t in reversed(range(T)):
         s = s_seq[t + 1]
-        d_s = d_s_next + d_s_seq[t]
-        d_z = d_s*(1 - s**2)
-        d_W_s_prev = d_z
+        d_s = d_s_next + d_s_seq[t]  # eq:elman:adj:s
+        d_z = d_s*(1 - s**2)  # eq:elman:adj:z
+        d_W_s_prev = d_z  # eq:elman:adj:W_s_prev
         d_s_prev_proj_seq[t] = d_W_s_prev
         d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
         d_s_next = d_s_prev_from_s_prev_proj
@@ -208,22 +210,22 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         s_prev, J_s_prev = s, J_s
-        # U_x  (U_x)
+        # U_x  eq:elman:z
         U_x = x[t] @ U.T
         J_U_x = np.zeros((K, B, n_hidden), dtype)
         J_U_x[o_x + t * n_in:o_x + t * n_in + n_in] += U.T[:, None, :]
         _add_matrix(J_U_x, o_U, U.shape, 0, 0, x[t])
-        # W_s_prev  (W_s_prev)
+        # W_s_prev  eq:elman:z
         W_s_prev = s_prev @ W.T
         J_W_s_prev = J_s_prev @ W.T
         _add_matrix(J_W_s_prev, o_W, W.shape, 0, 0, s_prev)
-        # z  (z)
+        # z  eq:elman:z
         z = U_x + W_s_prev
         J_z = J_U_x + J_W_s_prev
-        # s  (s)
+        # s  eq:elman:s
         s = np.tanh(z)
         J_s = (1 - s**2) * J_z
-        # y  (y)
+        # y  eq:elman:y
         y = s @ V.T
         J_y = J_s @ V.T
         _add_matrix(J_y, o_V, V.shape, 0, 0, s)

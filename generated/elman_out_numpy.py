@@ -3,7 +3,9 @@
 #     symrnn generate elman_out --out generated
 """NumPy kernels for the 'elman_out' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex elman_out,
+or docs/derivations/elman_out.md in the symrnn repository):
 
     h = tanh(b_h + W_h @ h_prev + W_x @ x)
     y = tanh(b_y + W_y @ h)
@@ -81,11 +83,11 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         W_h_h_prev = h_prev @ W_h.T  # W_h_h_prev
-        h = np.tanh(W_h_h_prev + W_x_x_seq[t] + b_h)  # (h)
+        h = np.tanh(W_h_h_prev + W_x_x_seq[t] + b_h)  # eq:elman_out:h
         h_seq[t + 1] = h
     # readout, every step at once
     W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y.T).reshape(T, B, n_out)  # W_y_h
-    y_seq = np.tanh(W_y_h_seq + b_y)  # (y)
+    y_seq = np.tanh(W_y_h_seq + b_y)  # eq:elman_out:y
     outputs = {
         "h": h_seq[1:],
         "y": y_seq,
@@ -119,15 +121,15 @@ def backward(params, cache, grad_outputs):
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
     # readout, every step at once
-    d_y = d_y_seq
-    d_W_y_h = d_y*(1 - y_seq**2)
+    d_y = d_y_seq  # eq:elman_out:adj:y
+    d_W_y_h = d_y*(1 - y_seq**2)  # eq:elman_out:adj:W_y_h
     d_b_y += np.sum(d_W_y_h, axis=(0, 1))
     d_h_proj_seq = d_W_y_h
     d_h_seq += (d_h_proj_seq.reshape(-1, n_out) @ W_y).reshape(T, B, n_hidden)
     for t in reversed(range(T)):
         h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]
-        d_W_h_h_prev = d_h*(1 - h**2)
+        d_h = d_h_next + d_h_seq[t]  # eq:elman_out:adj:h
+        d_W_h_h_prev = d_h*(1 - h**2)  # eq:elman_out:adj:W_h_h_prev
         d_h_prev_proj_seq[t] = d_W_h_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_h
         d_h_next = d_h_prev_from_h_prev_proj
@@ -227,24 +229,24 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # W_h_h_prev  (W_h_h_prev)
+        # W_h_h_prev  eq:elman_out:h
         W_h_h_prev = h_prev @ W_h.T
         J_W_h_h_prev = J_h_prev @ W_h.T
         _add_matrix(J_W_h_h_prev, o_W_h, W_h.shape, 0, 0, h_prev)
-        # W_x_x  (W_x_x)
+        # W_x_x  eq:elman_out:h
         W_x_x = x[t] @ W_x.T
         J_W_x_x = np.zeros((K, B, n_hidden), dtype)
         J_W_x_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_x.T[:, None, :]
         _add_matrix(J_W_x_x, o_W_x, W_x.shape, 0, 0, x[t])
-        # h  (h)
+        # h  eq:elman_out:h
         h = np.tanh(W_h_h_prev + W_x_x + b_h)
         J_h = (1 - h**2) * J_W_h_h_prev + (1 - h**2) * J_W_x_x
         _add_diagonal(J_h, o_b_h, 1 - h**2)
-        # W_y_h  (W_y_h)
+        # W_y_h  eq:elman_out:y
         W_y_h = h @ W_y.T
         J_W_y_h = J_h @ W_y.T
         _add_matrix(J_W_y_h, o_W_y, W_y.shape, 0, 0, h)
-        # y  (y)
+        # y  eq:elman_out:y
         y = np.tanh(W_y_h + b_y)
         J_y = (1 - y**2) * J_W_y_h
         _add_diagonal(J_y, o_b_y, 1 - y**2)

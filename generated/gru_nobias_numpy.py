@@ -3,7 +3,9 @@
 #     symrnn generate gru_nobias --out generated
 """NumPy kernels for the 'gru_nobias' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex gru_nobias,
+or docs/derivations/gru_nobias.md in the symrnn repository):
 
     z = sigmoid(W_zh @ h_prev + W_zx @ x)
     r = sigmoid(W_rh @ h_prev + W_rx @ x)
@@ -94,16 +96,16 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev @ W_stack_h_prev.T  # W_zh_h_prev, W_rh_h_prev
         W_zh_h_prev = h_prev_proj[..., :n_hidden]
         W_rh_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        z = (0.5 * np.tanh(0.5 * (W_zh_h_prev + W_zx_x_seq[t])) + 0.5)  # (z)
+        z = (0.5 * np.tanh(0.5 * (W_zh_h_prev + W_zx_x_seq[t])) + 0.5)  # eq:gru_nobias:z
         z_seq[t] = z
-        r = (0.5 * np.tanh(0.5 * (W_rh_h_prev + W_rx_x_seq[t])) + 0.5)  # (r)
+        r = (0.5 * np.tanh(0.5 * (W_rh_h_prev + W_rx_x_seq[t])) + 0.5)  # eq:gru_nobias:r
         r_seq[t] = r
-        W_hh_in0 = h_prev*r  # (W_hh_in0)
+        W_hh_in0 = h_prev*r  # eq:gru_nobias:h_tilde
         W_hh_in0_seq[t] = W_hh_in0
         W_hh_W_hh_in0 = W_hh_in0 @ W_hh.T  # W_hh_W_hh_in0
-        h_tilde = np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t])  # (h_tilde)
+        h_tilde = np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t])  # eq:gru_nobias:h_tilde
         h_tilde_seq[t] = h_tilde
-        h = h_prev*(1 - z) + h_tilde*z  # (h)
+        h = h_prev*(1 - z) + h_tilde*z  # eq:gru_nobias:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -156,19 +158,19 @@ def backward(params, cache, grad_outputs):
         z = z_seq[t]
         r = r_seq[t]
         h_tilde = h_tilde_seq[t]
-        d_h = d_h_next + d_h_seq[t]
-        d_h_tilde = d_h*z
-        d_W_hh_W_hh_in0 = d_h_tilde*(1 - h_tilde**2)
+        d_h = d_h_next + d_h_seq[t]  # eq:gru_nobias:adj:h
+        d_h_tilde = d_h*z  # eq:gru_nobias:adj:h_tilde
+        d_W_hh_W_hh_in0 = d_h_tilde*(1 - h_tilde**2)  # eq:gru_nobias:adj:W_hh_W_hh_in0
         d_h_prev_1 = d_h*(1 - z)
         d_z_from1 = d_h*(-h_prev + h_tilde)
         d_W_hx_x_seq[t] += d_W_hh_W_hh_in0
         d_W_hh_in0_proj_seq[t] = d_W_hh_W_hh_in0
         d_W_hh_in0_from_W_hh_in0_proj = d_W_hh_in0_proj_seq[t] @ W_hh
-        d_W_hh_in0 = d_W_hh_in0_from_W_hh_in0_proj
-        d_r = d_W_hh_in0*h_prev
-        d_W_rh_h_prev = d_r*r*(1 - r)
-        d_z = d_z_from1
-        d_W_zh_h_prev = d_z*z*(1 - z)
+        d_W_hh_in0 = d_W_hh_in0_from_W_hh_in0_proj  # eq:gru_nobias:adj:W_hh_in0
+        d_r = d_W_hh_in0*h_prev  # eq:gru_nobias:adj:r
+        d_W_rh_h_prev = d_r*r*(1 - r)  # eq:gru_nobias:adj:W_rh_h_prev
+        d_z = d_z_from1  # eq:gru_nobias:adj:z
+        d_W_zh_h_prev = d_z*z*(1 - z)  # eq:gru_nobias:adj:W_zh_h_prev
         d_h_prev_0 = d_W_hh_in0*r
         d_W_zx_x_seq[t] += d_W_zh_h_prev
         d_W_rx_x_seq[t] += d_W_rh_h_prev
@@ -177,9 +179,9 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
         d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # input side, every step at once
-    d_W_hx_x = d_W_hx_x_seq
-    d_W_rx_x = d_W_rx_x_seq
-    d_W_zx_x = d_W_zx_x_seq
+    d_W_hx_x = d_W_hx_x_seq  # eq:gru_nobias:adj:W_hx_x
+    d_W_rx_x = d_W_rx_x_seq  # eq:gru_nobias:adj:W_rx_x
+    d_W_zx_x = d_W_zx_x_seq  # eq:gru_nobias:adj:W_zx_x
     d_x_proj_seq = np.concatenate([d_W_zx_x, d_W_rx_x, d_W_hx_x], axis=-1)
     d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
@@ -242,46 +244,46 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # W_zh_h_prev  (W_zh_h_prev)
+        # W_zh_h_prev  eq:gru_nobias:z
         W_zh_h_prev = h_prev @ W_zh.T
         J_W_zh_h_prev = J_h_prev @ W_zh.T
         _add_matrix(J_W_zh_h_prev, o_W_zh, W_zh.shape, 0, 0, h_prev)
-        # W_zx_x  (W_zx_x)
+        # W_zx_x  eq:gru_nobias:z
         W_zx_x = x[t] @ W_zx.T
         J_W_zx_x = np.zeros((K, B, n_hidden), dtype)
         J_W_zx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_zx.T[:, None, :]
         _add_matrix(J_W_zx_x, o_W_zx, W_zx.shape, 0, 0, x[t])
-        # z  (z)
+        # z  eq:gru_nobias:z
         z = (0.5 * np.tanh(0.5 * (W_zh_h_prev + W_zx_x)) + 0.5)
         J_z = (z*(1 - z)) * J_W_zh_h_prev + (z*(1 - z)) * J_W_zx_x
-        # W_rh_h_prev  (W_rh_h_prev)
+        # W_rh_h_prev  eq:gru_nobias:r
         W_rh_h_prev = h_prev @ W_rh.T
         J_W_rh_h_prev = J_h_prev @ W_rh.T
         _add_matrix(J_W_rh_h_prev, o_W_rh, W_rh.shape, 0, 0, h_prev)
-        # W_rx_x  (W_rx_x)
+        # W_rx_x  eq:gru_nobias:r
         W_rx_x = x[t] @ W_rx.T
         J_W_rx_x = np.zeros((K, B, n_hidden), dtype)
         J_W_rx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_rx.T[:, None, :]
         _add_matrix(J_W_rx_x, o_W_rx, W_rx.shape, 0, 0, x[t])
-        # r  (r)
+        # r  eq:gru_nobias:r
         r = (0.5 * np.tanh(0.5 * (W_rh_h_prev + W_rx_x)) + 0.5)
         J_r = (r*(1 - r)) * J_W_rh_h_prev + (r*(1 - r)) * J_W_rx_x
-        # W_hh_in0  (W_hh_in0)
+        # W_hh_in0  eq:gru_nobias:h_tilde
         W_hh_in0 = h_prev*r
         J_W_hh_in0 = (r) * J_h_prev + (h_prev) * J_r
-        # W_hh_W_hh_in0  (W_hh_W_hh_in0)
+        # W_hh_W_hh_in0  eq:gru_nobias:h_tilde
         W_hh_W_hh_in0 = W_hh_in0 @ W_hh.T
         J_W_hh_W_hh_in0 = J_W_hh_in0 @ W_hh.T
         _add_matrix(J_W_hh_W_hh_in0, o_W_hh, W_hh.shape, 0, 0, W_hh_in0)
-        # W_hx_x  (W_hx_x)
+        # W_hx_x  eq:gru_nobias:h_tilde
         W_hx_x = x[t] @ W_hx.T
         J_W_hx_x = np.zeros((K, B, n_hidden), dtype)
         J_W_hx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_hx.T[:, None, :]
         _add_matrix(J_W_hx_x, o_W_hx, W_hx.shape, 0, 0, x[t])
-        # h_tilde  (h_tilde)
+        # h_tilde  eq:gru_nobias:h_tilde
         h_tilde = np.tanh(W_hh_W_hh_in0 + W_hx_x)
         J_h_tilde = (1 - h_tilde**2) * J_W_hh_W_hh_in0 + (1 - h_tilde**2) * J_W_hx_x
-        # h  (h)
+        # h  eq:gru_nobias:h
         h = h_prev*(1 - z) + h_tilde*z
         J_h = (1 - z) * J_h_prev + (z) * J_h_tilde + (-h_prev + h_tilde) * J_z
         cot = cotangent(t, {"h": h})

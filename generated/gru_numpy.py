@@ -3,7 +3,9 @@
 #     symrnn generate gru --out generated
 """NumPy kernels for the 'gru' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex gru,
+or docs/derivations/gru.md in the symrnn repository):
 
     z = sigmoid(b_rz[0] + W_rz[0] @ [h_prev; x])
     r = sigmoid(b_rz[1] + W_rz[1] @ [h_prev; x])
@@ -90,16 +92,16 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev @ W_stack_h_prev.T  # W_rz_0_h_prev, W_rz_1_h_prev
         W_rz_0_h_prev = h_prev_proj[..., :n_hidden]
         W_rz_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x_seq[t] + b_rz_0)) + 0.5)  # (z)
+        z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x_seq[t] + b_rz_0)) + 0.5)  # eq:gru:z
         z_seq[t] = z
-        r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x_seq[t] + b_rz_1)) + 0.5)  # (r)
+        r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x_seq[t] + b_rz_1)) + 0.5)  # eq:gru:r
         r_seq[t] = r
-        W_h_in0 = h_prev*r  # (W_h_in0)
+        W_h_in0 = h_prev*r  # eq:gru:h_tilde
         W_h_in0_seq[t] = W_h_in0
         W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T  # W_h_W_h_in0
-        h_tilde = np.tanh(W_h_W_h_in0 + W_h_x_seq[t] + b_h)  # (h_tilde)
+        h_tilde = np.tanh(W_h_W_h_in0 + W_h_x_seq[t] + b_h)  # eq:gru:h_tilde
         h_tilde_seq[t] = h_tilde
-        h = h_prev*(1 - z) + h_tilde*z  # (h)
+        h = h_prev*(1 - z) + h_tilde*z  # eq:gru:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -150,19 +152,19 @@ def backward(params, cache, grad_outputs):
         z = z_seq[t]
         r = r_seq[t]
         h_tilde = h_tilde_seq[t]
-        d_h = d_h_next + d_h_seq[t]
-        d_h_tilde = d_h*z
-        d_W_h_W_h_in0 = d_h_tilde*(1 - h_tilde**2)
+        d_h = d_h_next + d_h_seq[t]  # eq:gru:adj:h
+        d_h_tilde = d_h*z  # eq:gru:adj:h_tilde
+        d_W_h_W_h_in0 = d_h_tilde*(1 - h_tilde**2)  # eq:gru:adj:W_h_W_h_in0
         d_h_prev_1 = d_h*(1 - z)
         d_z_from1 = d_h*(-h_prev + h_tilde)
         d_W_h_x_seq[t] += d_W_h_W_h_in0
         d_W_h_in0_proj_seq[t] = d_W_h_W_h_in0
         d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
-        d_W_h_in0 = d_W_h_in0_from_W_h_in0_proj
-        d_r = d_W_h_in0*h_prev
-        d_W_rz_1_h_prev = d_r*r*(1 - r)
-        d_z = d_z_from1
-        d_W_rz_0_h_prev = d_z*z*(1 - z)
+        d_W_h_in0 = d_W_h_in0_from_W_h_in0_proj  # eq:gru:adj:W_h_in0
+        d_r = d_W_h_in0*h_prev  # eq:gru:adj:r
+        d_W_rz_1_h_prev = d_r*r*(1 - r)  # eq:gru:adj:W_rz_1_h_prev
+        d_z = d_z_from1  # eq:gru:adj:z
+        d_W_rz_0_h_prev = d_z*z*(1 - z)  # eq:gru:adj:W_rz_0_h_prev
         d_h_prev_0 = d_W_h_in0*r
         d_W_rz_0_x_seq[t] += d_W_rz_0_h_prev
         d_W_rz_1_x_seq[t] += d_W_rz_1_h_prev
@@ -174,9 +176,9 @@ def backward(params, cache, grad_outputs):
     d_b_rz[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
     d_b_rz[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_W_h_x = d_W_h_x_seq
-    d_W_rz_1_x = d_W_rz_1_x_seq
-    d_W_rz_0_x = d_W_rz_0_x_seq
+    d_W_h_x = d_W_h_x_seq  # eq:gru:adj:W_h_x
+    d_W_rz_1_x = d_W_rz_1_x_seq  # eq:gru:adj:W_rz_1_x
+    d_W_rz_0_x = d_W_rz_0_x_seq  # eq:gru:adj:W_rz_0_x
     d_x_proj_seq = np.concatenate([d_W_rz_0_x, d_W_rz_1_x, d_W_h_x], axis=-1)
     d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
@@ -236,49 +238,49 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # W_rz_0_h_prev  (W_rz_0_h_prev)
+        # W_rz_0_h_prev  eq:gru:z
         W_rz_0_h_prev = h_prev @ W_rz[:n_hidden, :n_hidden].T
         J_W_rz_0_h_prev = J_h_prev @ W_rz[:n_hidden, :n_hidden].T
         _add_matrix(J_W_rz_0_h_prev, o_W_rz, W_rz.shape, 0, 0, h_prev)
-        # W_rz_0_x  (W_rz_0_x)
+        # W_rz_0_x  eq:gru:z
         W_rz_0_x = x[t] @ W_rz[:n_hidden, n_hidden:n_hidden + n_in].T
         J_W_rz_0_x = np.zeros((K, B, n_hidden), dtype)
         J_W_rz_0_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_rz[:n_hidden, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_rz_0_x, o_W_rz, W_rz.shape, 0, n_hidden, x[t])
-        # z  (z)
+        # z  eq:gru:z
         z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x + b_rz_0)) + 0.5)
         J_z = (z*(1 - z)) * J_W_rz_0_h_prev + (z*(1 - z)) * J_W_rz_0_x
         _add_diagonal(J_z, o_b_rz, z*(1 - z))
-        # W_rz_1_h_prev  (W_rz_1_h_prev)
+        # W_rz_1_h_prev  eq:gru:r
         W_rz_1_h_prev = h_prev @ W_rz[n_hidden:2*n_hidden, :n_hidden].T
         J_W_rz_1_h_prev = J_h_prev @ W_rz[n_hidden:2*n_hidden, :n_hidden].T
         _add_matrix(J_W_rz_1_h_prev, o_W_rz, W_rz.shape, n_hidden, 0, h_prev)
-        # W_rz_1_x  (W_rz_1_x)
+        # W_rz_1_x  eq:gru:r
         W_rz_1_x = x[t] @ W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in].T
         J_W_rz_1_x = np.zeros((K, B, n_hidden), dtype)
         J_W_rz_1_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_rz_1_x, o_W_rz, W_rz.shape, n_hidden, n_hidden, x[t])
-        # r  (r)
+        # r  eq:gru:r
         r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x + b_rz_1)) + 0.5)
         J_r = (r*(1 - r)) * J_W_rz_1_h_prev + (r*(1 - r)) * J_W_rz_1_x
         _add_diagonal(J_r, o_b_rz + n_hidden, r*(1 - r))
-        # W_h_in0  (W_h_in0)
+        # W_h_in0  eq:gru:h_tilde
         W_h_in0 = h_prev*r
         J_W_h_in0 = (r) * J_h_prev + (h_prev) * J_r
-        # W_h_W_h_in0  (W_h_W_h_in0)
+        # W_h_W_h_in0  eq:gru:h_tilde
         W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T
         J_W_h_W_h_in0 = J_W_h_in0 @ W_h[:, :n_hidden].T
         _add_matrix(J_W_h_W_h_in0, o_W_h, W_h.shape, 0, 0, W_h_in0)
-        # W_h_x  (W_h_x)
+        # W_h_x  eq:gru:h_tilde
         W_h_x = x[t] @ W_h[:, n_hidden:n_hidden + n_in].T
         J_W_h_x = np.zeros((K, B, n_hidden), dtype)
         J_W_h_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_h[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_h_x, o_W_h, W_h.shape, 0, n_hidden, x[t])
-        # h_tilde  (h_tilde)
+        # h_tilde  eq:gru:h_tilde
         h_tilde = np.tanh(W_h_W_h_in0 + W_h_x + b_h)
         J_h_tilde = (1 - h_tilde**2) * J_W_h_W_h_in0 + (1 - h_tilde**2) * J_W_h_x
         _add_diagonal(J_h_tilde, o_b_h, 1 - h_tilde**2)
-        # h  (h)
+        # h  eq:gru:h
         h = h_prev*(1 - z) + h_tilde*z
         J_h = (1 - z) * J_h_prev + (z) * J_h_tilde + (-h_prev + h_tilde) * J_z
         cot = cotangent(t, {"h": h})

@@ -3,7 +3,9 @@
 #     symrnn generate gru_torch --out generated
 """NumPy kernels for the 'gru_torch' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex gru_torch,
+or docs/derivations/gru_torch.md in the symrnn repository):
 
     r = sigmoid(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
     z = sigmoid(bias_hh_l0[1] + bias_ih_l0[1] + weight_hh_l0[1] @ h_prev + weight_ih_l0[1] @ x)
@@ -94,13 +96,13 @@ def forward(params, x, state0=None):
         weight_hh_l0_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
         weight_hh_l0_2_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
         weight_hh_l0_2_h_prev_seq[t] = weight_hh_l0_2_h_prev
-        r = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])) + 0.5)  # (r)
+        r = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])) + 0.5)  # eq:gru_torch:r
         r_seq[t] = r
-        z = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x_seq[t])) + 0.5)  # (z)
+        z = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x_seq[t])) + 0.5)  # eq:gru_torch:z
         z_seq[t] = z
-        n = np.tanh(bias_ih_l0_2 + r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x_seq[t])  # (n)
+        n = np.tanh(bias_ih_l0_2 + r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x_seq[t])  # eq:gru_torch:n
         n_seq[t] = n
-        h = h_prev*z + n*(1 - z)  # (h)
+        h = h_prev*z + n*(1 - z)  # eq:gru_torch:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -151,15 +153,15 @@ def backward(params, cache, grad_outputs):
         z = z_seq[t]
         weight_hh_l0_2_h_prev = weight_hh_l0_2_h_prev_seq[t]
         n = n_seq[t]
-        d_h = d_h_next + d_h_seq[t]
+        d_h = d_h_next + d_h_seq[t]  # eq:gru_torch:adj:h
         d_tmp0 = 1 - z
-        d_n = d_h*d_tmp0
+        d_n = d_h*d_tmp0  # eq:gru_torch:adj:n
         d_tmp1 = d_n*(1 - n**2)
-        d_weight_hh_l0_2_h_prev = d_tmp1*r
-        d_z = d_h*(h_prev - n)
-        d_weight_hh_l0_1_h_prev = d_tmp0*d_z*z
-        d_r = d_tmp1*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)
-        d_weight_hh_l0_0_h_prev = d_r*r*(1 - r)
+        d_weight_hh_l0_2_h_prev = d_tmp1*r  # eq:gru_torch:adj:weight_hh_l0_2_h_prev
+        d_z = d_h*(h_prev - n)  # eq:gru_torch:adj:z
+        d_weight_hh_l0_1_h_prev = d_tmp0*d_z*z  # eq:gru_torch:adj:weight_hh_l0_1_h_prev
+        d_r = d_tmp1*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)  # eq:gru_torch:adj:r
+        d_weight_hh_l0_0_h_prev = d_r*r*(1 - r)  # eq:gru_torch:adj:weight_hh_l0_0_h_prev
         d_h_prev_0 = d_h*z
         d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_tmp1, axis=0)
         d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
@@ -176,9 +178,9 @@ def backward(params, cache, grad_outputs):
     d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
     d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
     # input side, every step at once
-    d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq
-    d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq
-    d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq
+    d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq  # eq:gru_torch:adj:weight_ih_l0_2_x
+    d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq  # eq:gru_torch:adj:weight_ih_l0_1_x
+    d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq  # eq:gru_torch:adj:weight_ih_l0_0_x
     d_x_proj_seq = np.concatenate([d_weight_ih_l0_0_x, d_weight_ih_l0_1_x, d_weight_ih_l0_2_x], axis=-1)
     d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
@@ -235,49 +237,49 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # weight_hh_l0_0_h_prev  (weight_hh_l0_0_h_prev)
+        # weight_hh_l0_0_h_prev  eq:gru_torch:r
         weight_hh_l0_0_h_prev = h_prev @ weight_hh_l0[:n_hidden].T
         J_weight_hh_l0_0_h_prev = J_h_prev @ weight_hh_l0[:n_hidden].T
         _add_matrix(J_weight_hh_l0_0_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 0, 0, h_prev)
-        # weight_ih_l0_0_x  (weight_ih_l0_0_x)
+        # weight_ih_l0_0_x  eq:gru_torch:r
         weight_ih_l0_0_x = x[t] @ weight_ih_l0[:n_hidden].T
         J_weight_ih_l0_0_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_0_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[:n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_0_x, o_weight_ih_l0, weight_ih_l0.shape, 0, 0, x[t])
-        # r  (r)
+        # r  eq:gru_torch:r
         r = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x)) + 0.5)
         J_r = (r*(1 - r)) * J_weight_hh_l0_0_h_prev + (r*(1 - r)) * J_weight_ih_l0_0_x
         _add_diagonal(J_r, o_bias_hh_l0, r*(1 - r))
         _add_diagonal(J_r, o_bias_ih_l0, r*(1 - r))
-        # weight_hh_l0_1_h_prev  (weight_hh_l0_1_h_prev)
+        # weight_hh_l0_1_h_prev  eq:gru_torch:z
         weight_hh_l0_1_h_prev = h_prev @ weight_hh_l0[n_hidden:2*n_hidden].T
         J_weight_hh_l0_1_h_prev = J_h_prev @ weight_hh_l0[n_hidden:2*n_hidden].T
         _add_matrix(J_weight_hh_l0_1_h_prev, o_weight_hh_l0, weight_hh_l0.shape, n_hidden, 0, h_prev)
-        # weight_ih_l0_1_x  (weight_ih_l0_1_x)
+        # weight_ih_l0_1_x  eq:gru_torch:z
         weight_ih_l0_1_x = x[t] @ weight_ih_l0[n_hidden:2*n_hidden].T
         J_weight_ih_l0_1_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_1_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[n_hidden:2*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_1_x, o_weight_ih_l0, weight_ih_l0.shape, n_hidden, 0, x[t])
-        # z  (z)
+        # z  eq:gru_torch:z
         z = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x)) + 0.5)
         J_z = (z*(1 - z)) * J_weight_hh_l0_1_h_prev + (z*(1 - z)) * J_weight_ih_l0_1_x
         _add_diagonal(J_z, o_bias_hh_l0 + n_hidden, z*(1 - z))
         _add_diagonal(J_z, o_bias_ih_l0 + n_hidden, z*(1 - z))
-        # weight_hh_l0_2_h_prev  (weight_hh_l0_2_h_prev)
+        # weight_hh_l0_2_h_prev  eq:gru_torch:n
         weight_hh_l0_2_h_prev = h_prev @ weight_hh_l0[2*n_hidden:3*n_hidden].T
         J_weight_hh_l0_2_h_prev = J_h_prev @ weight_hh_l0[2*n_hidden:3*n_hidden].T
         _add_matrix(J_weight_hh_l0_2_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 2*n_hidden, 0, h_prev)
-        # weight_ih_l0_2_x  (weight_ih_l0_2_x)
+        # weight_ih_l0_2_x  eq:gru_torch:n
         weight_ih_l0_2_x = x[t] @ weight_ih_l0[2*n_hidden:3*n_hidden].T
         J_weight_ih_l0_2_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_2_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[2*n_hidden:3*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_2_x, o_weight_ih_l0, weight_ih_l0.shape, 2*n_hidden, 0, x[t])
-        # n  (n)
+        # n  eq:gru_torch:n
         n = np.tanh(bias_ih_l0_2 + r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x)
         J_n = ((1 - n**2)*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)) * J_r + (r*(1 - n**2)) * J_weight_hh_l0_2_h_prev + (1 - n**2) * J_weight_ih_l0_2_x
         _add_diagonal(J_n, o_bias_hh_l0 + 2*n_hidden, r*(1 - n**2))
         _add_diagonal(J_n, o_bias_ih_l0 + 2*n_hidden, 1 - n**2)
-        # h  (h)
+        # h  eq:gru_torch:h
         h = h_prev*z + n*(1 - z)
         J_h = (z) * J_h_prev + (1 - z) * J_n + (h_prev - n) * J_z
         cot = cotangent(t, {"h": h})

@@ -3,7 +3,9 @@
 #     symrnn generate lstm_nobias --out generated
 """NumPy kernels for the 'lstm_nobias' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex lstm_nobias,
+or docs/derivations/lstm_nobias.md in the symrnn repository):
 
     f = sigmoid(W_fh @ h_prev + W_fx @ x)
     i = sigmoid(W_ih @ h_prev + W_ix @ x)
@@ -109,19 +111,19 @@ def forward(params, x, state0=None):
         W_ih_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
         W_ch_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
         W_oh_h_prev = h_prev_proj[..., 3*n_hidden:4*n_hidden]
-        f = (0.5 * np.tanh(0.5 * (W_fh_h_prev + W_fx_x_seq[t])) + 0.5)  # (f)
+        f = (0.5 * np.tanh(0.5 * (W_fh_h_prev + W_fx_x_seq[t])) + 0.5)  # eq:lstm_nobias:f
         f_seq[t] = f
-        i = (0.5 * np.tanh(0.5 * (W_ih_h_prev + W_ix_x_seq[t])) + 0.5)  # (i)
+        i = (0.5 * np.tanh(0.5 * (W_ih_h_prev + W_ix_x_seq[t])) + 0.5)  # eq:lstm_nobias:i
         i_seq[t] = i
-        c_tilde = np.tanh(W_ch_h_prev + W_cx_x_seq[t])  # (c_tilde)
+        c_tilde = np.tanh(W_ch_h_prev + W_cx_x_seq[t])  # eq:lstm_nobias:c_tilde
         c_tilde_seq[t] = c_tilde
-        c = c_prev*f + c_tilde*i  # (c)
+        c = c_prev*f + c_tilde*i  # eq:lstm_nobias:c
         c_seq[t + 1] = c
-        o = (0.5 * np.tanh(0.5 * (W_oh_h_prev + W_ox_x_seq[t])) + 0.5)  # (o)
+        o = (0.5 * np.tanh(0.5 * (W_oh_h_prev + W_ox_x_seq[t])) + 0.5)  # eq:lstm_nobias:o
         o_seq[t] = o
-        tanh_c = np.tanh(c)  # (h)
+        tanh_c = np.tanh(c)  # eq:lstm_nobias:h
         tanh_c_seq[t] = tanh_c
-        h = o*tanh_c  # (h)
+        h = o*tanh_c  # eq:lstm_nobias:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -183,17 +185,17 @@ def backward(params, cache, grad_outputs):
         c_tilde = c_tilde_seq[t]
         o = o_seq[t]
         tanh_c = tanh_c_seq[t]
-        d_h = d_h_next + d_h_seq[t]
-        d_tanh_c = d_h*o
-        d_o = d_h*tanh_c
-        d_W_oh_h_prev = d_o*o*(1 - o)
-        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)
-        d_c_tilde = d_c*i
-        d_W_ch_h_prev = d_c_tilde*(1 - c_tilde**2)
-        d_i = c_tilde*d_c
-        d_W_ih_h_prev = d_i*i*(1 - i)
-        d_f = c_prev*d_c
-        d_W_fh_h_prev = d_f*f*(1 - f)
+        d_h = d_h_next + d_h_seq[t]  # eq:lstm_nobias:adj:h
+        d_tanh_c = d_h*o  # eq:lstm_nobias:adj:tanh_c
+        d_o = d_h*tanh_c  # eq:lstm_nobias:adj:o
+        d_W_oh_h_prev = d_o*o*(1 - o)  # eq:lstm_nobias:adj:W_oh_h_prev
+        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)  # eq:lstm_nobias:adj:c
+        d_c_tilde = d_c*i  # eq:lstm_nobias:adj:c_tilde
+        d_W_ch_h_prev = d_c_tilde*(1 - c_tilde**2)  # eq:lstm_nobias:adj:W_ch_h_prev
+        d_i = c_tilde*d_c  # eq:lstm_nobias:adj:i
+        d_W_ih_h_prev = d_i*i*(1 - i)  # eq:lstm_nobias:adj:W_ih_h_prev
+        d_f = c_prev*d_c  # eq:lstm_nobias:adj:f
+        d_W_fh_h_prev = d_f*f*(1 - f)  # eq:lstm_nobias:adj:W_fh_h_prev
         d_c_prev_0 = d_c*f
         d_h_prev_proj_seq[t, :, :n_hidden] = d_W_fh_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_ih_h_prev
@@ -278,61 +280,61 @@ def _rtrl(params, x, state0, cotangent):
     for t in range(T):
         h_prev, J_h_prev = h, J_h
         c_prev, J_c_prev = c, J_c
-        # W_fh_h_prev  (W_fh_h_prev)
+        # W_fh_h_prev  eq:lstm_nobias:f
         W_fh_h_prev = h_prev @ W_fh.T
         J_W_fh_h_prev = J_h_prev @ W_fh.T
         _add_matrix(J_W_fh_h_prev, o_W_fh, W_fh.shape, 0, 0, h_prev)
-        # W_fx_x  (W_fx_x)
+        # W_fx_x  eq:lstm_nobias:f
         W_fx_x = x[t] @ W_fx.T
         J_W_fx_x = np.zeros((K, B, n_hidden), dtype)
         J_W_fx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_fx.T[:, None, :]
         _add_matrix(J_W_fx_x, o_W_fx, W_fx.shape, 0, 0, x[t])
-        # f  (f)
+        # f  eq:lstm_nobias:f
         f = (0.5 * np.tanh(0.5 * (W_fh_h_prev + W_fx_x)) + 0.5)
         J_f = (f*(1 - f)) * J_W_fh_h_prev + (f*(1 - f)) * J_W_fx_x
-        # W_ih_h_prev  (W_ih_h_prev)
+        # W_ih_h_prev  eq:lstm_nobias:i
         W_ih_h_prev = h_prev @ W_ih.T
         J_W_ih_h_prev = J_h_prev @ W_ih.T
         _add_matrix(J_W_ih_h_prev, o_W_ih, W_ih.shape, 0, 0, h_prev)
-        # W_ix_x  (W_ix_x)
+        # W_ix_x  eq:lstm_nobias:i
         W_ix_x = x[t] @ W_ix.T
         J_W_ix_x = np.zeros((K, B, n_hidden), dtype)
         J_W_ix_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_ix.T[:, None, :]
         _add_matrix(J_W_ix_x, o_W_ix, W_ix.shape, 0, 0, x[t])
-        # i  (i)
+        # i  eq:lstm_nobias:i
         i = (0.5 * np.tanh(0.5 * (W_ih_h_prev + W_ix_x)) + 0.5)
         J_i = (i*(1 - i)) * J_W_ih_h_prev + (i*(1 - i)) * J_W_ix_x
-        # W_ch_h_prev  (W_ch_h_prev)
+        # W_ch_h_prev  eq:lstm_nobias:c_tilde
         W_ch_h_prev = h_prev @ W_ch.T
         J_W_ch_h_prev = J_h_prev @ W_ch.T
         _add_matrix(J_W_ch_h_prev, o_W_ch, W_ch.shape, 0, 0, h_prev)
-        # W_cx_x  (W_cx_x)
+        # W_cx_x  eq:lstm_nobias:c_tilde
         W_cx_x = x[t] @ W_cx.T
         J_W_cx_x = np.zeros((K, B, n_hidden), dtype)
         J_W_cx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_cx.T[:, None, :]
         _add_matrix(J_W_cx_x, o_W_cx, W_cx.shape, 0, 0, x[t])
-        # c_tilde  (c_tilde)
+        # c_tilde  eq:lstm_nobias:c_tilde
         c_tilde = np.tanh(W_ch_h_prev + W_cx_x)
         J_c_tilde = (1 - c_tilde**2) * J_W_ch_h_prev + (1 - c_tilde**2) * J_W_cx_x
-        # c  (c)
+        # c  eq:lstm_nobias:c
         c = c_prev*f + c_tilde*i
         J_c = (f) * J_c_prev + (i) * J_c_tilde + (c_prev) * J_f + (c_tilde) * J_i
-        # W_oh_h_prev  (W_oh_h_prev)
+        # W_oh_h_prev  eq:lstm_nobias:o
         W_oh_h_prev = h_prev @ W_oh.T
         J_W_oh_h_prev = J_h_prev @ W_oh.T
         _add_matrix(J_W_oh_h_prev, o_W_oh, W_oh.shape, 0, 0, h_prev)
-        # W_ox_x  (W_ox_x)
+        # W_ox_x  eq:lstm_nobias:o
         W_ox_x = x[t] @ W_ox.T
         J_W_ox_x = np.zeros((K, B, n_hidden), dtype)
         J_W_ox_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_ox.T[:, None, :]
         _add_matrix(J_W_ox_x, o_W_ox, W_ox.shape, 0, 0, x[t])
-        # o  (o)
+        # o  eq:lstm_nobias:o
         o = (0.5 * np.tanh(0.5 * (W_oh_h_prev + W_ox_x)) + 0.5)
         J_o = (o*(1 - o)) * J_W_oh_h_prev + (o*(1 - o)) * J_W_ox_x
-        # tanh_c  (h)
+        # tanh_c  eq:lstm_nobias:h
         tanh_c = np.tanh(c)
         J_tanh_c = (1 - tanh_c**2) * J_c
-        # h  (h)
+        # h  eq:lstm_nobias:h
         h = o*tanh_c
         J_h = (tanh_c) * J_o + (o) * J_tanh_c
         cot = cotangent(t, {"h": h, "c": c})

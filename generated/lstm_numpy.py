@@ -3,7 +3,9 @@
 #     symrnn generate lstm --out generated
 """NumPy kernels for the 'lstm' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex lstm,
+or docs/derivations/lstm.md in the symrnn repository):
 
     f = sigmoid(b_f + W_f @ [h_prev; x])
     i = sigmoid(b_i + W_i @ [h_prev; x])
@@ -109,19 +111,19 @@ def forward(params, x, state0=None):
         W_i_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
         W_o_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
         W_g_h_prev = h_prev_proj[..., 3*n_hidden:4*n_hidden]
-        f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x_seq[t] + b_f)) + 0.5)  # (f)
+        f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x_seq[t] + b_f)) + 0.5)  # eq:lstm:f
         f_seq[t] = f
-        i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x_seq[t] + b_i)) + 0.5)  # (i)
+        i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x_seq[t] + b_i)) + 0.5)  # eq:lstm:i
         i_seq[t] = i
-        o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x_seq[t] + b_o)) + 0.5)  # (o)
+        o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x_seq[t] + b_o)) + 0.5)  # eq:lstm:o
         o_seq[t] = o
-        g = np.tanh(W_g_h_prev + W_g_x_seq[t] + b_g)  # (g)
+        g = np.tanh(W_g_h_prev + W_g_x_seq[t] + b_g)  # eq:lstm:g
         g_seq[t] = g
-        c = c_prev*f + g*i  # (c)
+        c = c_prev*f + g*i  # eq:lstm:c
         c_seq[t + 1] = c
-        tanh_c = np.tanh(c)  # (h)
+        tanh_c = np.tanh(c)  # eq:lstm:h
         tanh_c_seq[t] = tanh_c
-        h = o*tanh_c  # (h)
+        h = o*tanh_c  # eq:lstm:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -183,17 +185,17 @@ def backward(params, cache, grad_outputs):
         o = o_seq[t]
         g = g_seq[t]
         tanh_c = tanh_c_seq[t]
-        d_h = d_h_next + d_h_seq[t]
-        d_tanh_c = d_h*o
-        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)
-        d_g = d_c*i
-        d_W_g_h_prev = d_g*(1 - g**2)
-        d_o = d_h*tanh_c
-        d_W_o_h_prev = d_o*o*(1 - o)
-        d_i = d_c*g
-        d_W_i_h_prev = d_i*i*(1 - i)
-        d_f = c_prev*d_c
-        d_W_f_h_prev = d_f*f*(1 - f)
+        d_h = d_h_next + d_h_seq[t]  # eq:lstm:adj:h
+        d_tanh_c = d_h*o  # eq:lstm:adj:tanh_c
+        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)  # eq:lstm:adj:c
+        d_g = d_c*i  # eq:lstm:adj:g
+        d_W_g_h_prev = d_g*(1 - g**2)  # eq:lstm:adj:W_g_h_prev
+        d_o = d_h*tanh_c  # eq:lstm:adj:o
+        d_W_o_h_prev = d_o*o*(1 - o)  # eq:lstm:adj:W_o_h_prev
+        d_i = d_c*g  # eq:lstm:adj:i
+        d_W_i_h_prev = d_i*i*(1 - i)  # eq:lstm:adj:W_i_h_prev
+        d_f = c_prev*d_c  # eq:lstm:adj:f
+        d_W_f_h_prev = d_f*f*(1 - f)  # eq:lstm:adj:W_f_h_prev
         d_c_prev_0 = d_c*f
         d_h_prev_proj_seq[t, :, :n_hidden] = d_W_f_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_i_h_prev
@@ -282,65 +284,65 @@ def _rtrl(params, x, state0, cotangent):
     for t in range(T):
         h_prev, J_h_prev = h, J_h
         c_prev, J_c_prev = c, J_c
-        # W_f_h_prev  (W_f_h_prev)
+        # W_f_h_prev  eq:lstm:f
         W_f_h_prev = h_prev @ W_f[:, :n_hidden].T
         J_W_f_h_prev = J_h_prev @ W_f[:, :n_hidden].T
         _add_matrix(J_W_f_h_prev, o_W_f, W_f.shape, 0, 0, h_prev)
-        # W_f_x  (W_f_x)
+        # W_f_x  eq:lstm:f
         W_f_x = x[t] @ W_f[:, n_hidden:n_hidden + n_in].T
         J_W_f_x = np.zeros((K, B, n_hidden), dtype)
         J_W_f_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_f[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_f_x, o_W_f, W_f.shape, 0, n_hidden, x[t])
-        # f  (f)
+        # f  eq:lstm:f
         f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x + b_f)) + 0.5)
         J_f = (f*(1 - f)) * J_W_f_h_prev + (f*(1 - f)) * J_W_f_x
         _add_diagonal(J_f, o_b_f, f*(1 - f))
-        # W_i_h_prev  (W_i_h_prev)
+        # W_i_h_prev  eq:lstm:i
         W_i_h_prev = h_prev @ W_i[:, :n_hidden].T
         J_W_i_h_prev = J_h_prev @ W_i[:, :n_hidden].T
         _add_matrix(J_W_i_h_prev, o_W_i, W_i.shape, 0, 0, h_prev)
-        # W_i_x  (W_i_x)
+        # W_i_x  eq:lstm:i
         W_i_x = x[t] @ W_i[:, n_hidden:n_hidden + n_in].T
         J_W_i_x = np.zeros((K, B, n_hidden), dtype)
         J_W_i_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_i[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_i_x, o_W_i, W_i.shape, 0, n_hidden, x[t])
-        # i  (i)
+        # i  eq:lstm:i
         i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x + b_i)) + 0.5)
         J_i = (i*(1 - i)) * J_W_i_h_prev + (i*(1 - i)) * J_W_i_x
         _add_diagonal(J_i, o_b_i, i*(1 - i))
-        # W_o_h_prev  (W_o_h_prev)
+        # W_o_h_prev  eq:lstm:o
         W_o_h_prev = h_prev @ W_o[:, :n_hidden].T
         J_W_o_h_prev = J_h_prev @ W_o[:, :n_hidden].T
         _add_matrix(J_W_o_h_prev, o_W_o, W_o.shape, 0, 0, h_prev)
-        # W_o_x  (W_o_x)
+        # W_o_x  eq:lstm:o
         W_o_x = x[t] @ W_o[:, n_hidden:n_hidden + n_in].T
         J_W_o_x = np.zeros((K, B, n_hidden), dtype)
         J_W_o_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_o[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_o_x, o_W_o, W_o.shape, 0, n_hidden, x[t])
-        # o  (o)
+        # o  eq:lstm:o
         o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x + b_o)) + 0.5)
         J_o = (o*(1 - o)) * J_W_o_h_prev + (o*(1 - o)) * J_W_o_x
         _add_diagonal(J_o, o_b_o, o*(1 - o))
-        # W_g_h_prev  (W_g_h_prev)
+        # W_g_h_prev  eq:lstm:g
         W_g_h_prev = h_prev @ W_g[:, :n_hidden].T
         J_W_g_h_prev = J_h_prev @ W_g[:, :n_hidden].T
         _add_matrix(J_W_g_h_prev, o_W_g, W_g.shape, 0, 0, h_prev)
-        # W_g_x  (W_g_x)
+        # W_g_x  eq:lstm:g
         W_g_x = x[t] @ W_g[:, n_hidden:n_hidden + n_in].T
         J_W_g_x = np.zeros((K, B, n_hidden), dtype)
         J_W_g_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_g[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_g_x, o_W_g, W_g.shape, 0, n_hidden, x[t])
-        # g  (g)
+        # g  eq:lstm:g
         g = np.tanh(W_g_h_prev + W_g_x + b_g)
         J_g = (1 - g**2) * J_W_g_h_prev + (1 - g**2) * J_W_g_x
         _add_diagonal(J_g, o_b_g, 1 - g**2)
-        # c  (c)
+        # c  eq:lstm:c
         c = c_prev*f + g*i
         J_c = (f) * J_c_prev + (c_prev) * J_f + (i) * J_g + (g) * J_i
-        # tanh_c  (h)
+        # tanh_c  eq:lstm:h
         tanh_c = np.tanh(c)
         J_tanh_c = (1 - tanh_c**2) * J_c
-        # h  (h)
+        # h  eq:lstm:h
         h = o*tanh_c
         J_h = (tanh_c) * J_o + (o) * J_tanh_c
         cot = cotangent(t, {"h": h, "c": c})

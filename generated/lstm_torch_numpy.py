@@ -3,7 +3,9 @@
 #     symrnn generate lstm_torch --out generated
 """NumPy kernels for the 'lstm_torch' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex lstm_torch,
+or docs/derivations/lstm_torch.md in the symrnn repository):
 
     i = sigmoid(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
     f = sigmoid(bias_hh_l0[1] + bias_ih_l0[1] + weight_hh_l0[1] @ h_prev + weight_ih_l0[1] @ x)
@@ -103,19 +105,19 @@ def forward(params, x, state0=None):
         weight_hh_l0_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
         weight_hh_l0_2_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
         weight_hh_l0_3_h_prev = h_prev_proj[..., 3*n_hidden:4*n_hidden]
-        i = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])) + 0.5)  # (i)
+        i = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])) + 0.5)  # eq:lstm_torch:i
         i_seq[t] = i
-        f = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x_seq[t])) + 0.5)  # (f)
+        f = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x_seq[t])) + 0.5)  # eq:lstm_torch:f
         f_seq[t] = f
-        g = np.tanh(bias_hh_l0_2 + bias_ih_l0_2 + weight_hh_l0_2_h_prev + weight_ih_l0_2_x_seq[t])  # (g)
+        g = np.tanh(bias_hh_l0_2 + bias_ih_l0_2 + weight_hh_l0_2_h_prev + weight_ih_l0_2_x_seq[t])  # eq:lstm_torch:g
         g_seq[t] = g
-        o = (0.5 * np.tanh(0.5 * (bias_hh_l0_3 + bias_ih_l0_3 + weight_hh_l0_3_h_prev + weight_ih_l0_3_x_seq[t])) + 0.5)  # (o)
+        o = (0.5 * np.tanh(0.5 * (bias_hh_l0_3 + bias_ih_l0_3 + weight_hh_l0_3_h_prev + weight_ih_l0_3_x_seq[t])) + 0.5)  # eq:lstm_torch:o
         o_seq[t] = o
-        c = c_prev*f + g*i  # (c)
+        c = c_prev*f + g*i  # eq:lstm_torch:c
         c_seq[t + 1] = c
-        tanh_c = np.tanh(c)  # (h)
+        tanh_c = np.tanh(c)  # eq:lstm_torch:h
         tanh_c_seq[t] = tanh_c
-        h = o*tanh_c  # (h)
+        h = o*tanh_c  # eq:lstm_torch:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -173,17 +175,17 @@ def backward(params, cache, grad_outputs):
         g = g_seq[t]
         o = o_seq[t]
         tanh_c = tanh_c_seq[t]
-        d_h = d_h_next + d_h_seq[t]
-        d_tanh_c = d_h*o
-        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)
-        d_o = d_h*tanh_c
-        d_weight_hh_l0_3_h_prev = d_o*o*(1 - o)
-        d_g = d_c*i
-        d_weight_hh_l0_2_h_prev = d_g*(1 - g**2)
-        d_f = c_prev*d_c
-        d_weight_hh_l0_1_h_prev = d_f*f*(1 - f)
-        d_i = d_c*g
-        d_weight_hh_l0_0_h_prev = d_i*i*(1 - i)
+        d_h = d_h_next + d_h_seq[t]  # eq:lstm_torch:adj:h
+        d_tanh_c = d_h*o  # eq:lstm_torch:adj:tanh_c
+        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)  # eq:lstm_torch:adj:c
+        d_o = d_h*tanh_c  # eq:lstm_torch:adj:o
+        d_weight_hh_l0_3_h_prev = d_o*o*(1 - o)  # eq:lstm_torch:adj:weight_hh_l0_3_h_prev
+        d_g = d_c*i  # eq:lstm_torch:adj:g
+        d_weight_hh_l0_2_h_prev = d_g*(1 - g**2)  # eq:lstm_torch:adj:weight_hh_l0_2_h_prev
+        d_f = c_prev*d_c  # eq:lstm_torch:adj:f
+        d_weight_hh_l0_1_h_prev = d_f*f*(1 - f)  # eq:lstm_torch:adj:weight_hh_l0_1_h_prev
+        d_i = d_c*g  # eq:lstm_torch:adj:i
+        d_weight_hh_l0_0_h_prev = d_i*i*(1 - i)  # eq:lstm_torch:adj:weight_hh_l0_0_h_prev
         d_c_prev_0 = d_c*f
         d_h_prev_proj_seq[t, :, :n_hidden] = d_weight_hh_l0_0_h_prev
         d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_weight_hh_l0_1_h_prev
@@ -264,69 +266,69 @@ def _rtrl(params, x, state0, cotangent):
     for t in range(T):
         h_prev, J_h_prev = h, J_h
         c_prev, J_c_prev = c, J_c
-        # weight_hh_l0_0_h_prev  (weight_hh_l0_0_h_prev)
+        # weight_hh_l0_0_h_prev  eq:lstm_torch:i
         weight_hh_l0_0_h_prev = h_prev @ weight_hh_l0[:n_hidden].T
         J_weight_hh_l0_0_h_prev = J_h_prev @ weight_hh_l0[:n_hidden].T
         _add_matrix(J_weight_hh_l0_0_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 0, 0, h_prev)
-        # weight_ih_l0_0_x  (weight_ih_l0_0_x)
+        # weight_ih_l0_0_x  eq:lstm_torch:i
         weight_ih_l0_0_x = x[t] @ weight_ih_l0[:n_hidden].T
         J_weight_ih_l0_0_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_0_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[:n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_0_x, o_weight_ih_l0, weight_ih_l0.shape, 0, 0, x[t])
-        # i  (i)
+        # i  eq:lstm_torch:i
         i = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x)) + 0.5)
         J_i = (i*(1 - i)) * J_weight_hh_l0_0_h_prev + (i*(1 - i)) * J_weight_ih_l0_0_x
         _add_diagonal(J_i, o_bias_hh_l0, i*(1 - i))
         _add_diagonal(J_i, o_bias_ih_l0, i*(1 - i))
-        # weight_hh_l0_1_h_prev  (weight_hh_l0_1_h_prev)
+        # weight_hh_l0_1_h_prev  eq:lstm_torch:f
         weight_hh_l0_1_h_prev = h_prev @ weight_hh_l0[n_hidden:2*n_hidden].T
         J_weight_hh_l0_1_h_prev = J_h_prev @ weight_hh_l0[n_hidden:2*n_hidden].T
         _add_matrix(J_weight_hh_l0_1_h_prev, o_weight_hh_l0, weight_hh_l0.shape, n_hidden, 0, h_prev)
-        # weight_ih_l0_1_x  (weight_ih_l0_1_x)
+        # weight_ih_l0_1_x  eq:lstm_torch:f
         weight_ih_l0_1_x = x[t] @ weight_ih_l0[n_hidden:2*n_hidden].T
         J_weight_ih_l0_1_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_1_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[n_hidden:2*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_1_x, o_weight_ih_l0, weight_ih_l0.shape, n_hidden, 0, x[t])
-        # f  (f)
+        # f  eq:lstm_torch:f
         f = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x)) + 0.5)
         J_f = (f*(1 - f)) * J_weight_hh_l0_1_h_prev + (f*(1 - f)) * J_weight_ih_l0_1_x
         _add_diagonal(J_f, o_bias_hh_l0 + n_hidden, f*(1 - f))
         _add_diagonal(J_f, o_bias_ih_l0 + n_hidden, f*(1 - f))
-        # weight_hh_l0_2_h_prev  (weight_hh_l0_2_h_prev)
+        # weight_hh_l0_2_h_prev  eq:lstm_torch:g
         weight_hh_l0_2_h_prev = h_prev @ weight_hh_l0[2*n_hidden:3*n_hidden].T
         J_weight_hh_l0_2_h_prev = J_h_prev @ weight_hh_l0[2*n_hidden:3*n_hidden].T
         _add_matrix(J_weight_hh_l0_2_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 2*n_hidden, 0, h_prev)
-        # weight_ih_l0_2_x  (weight_ih_l0_2_x)
+        # weight_ih_l0_2_x  eq:lstm_torch:g
         weight_ih_l0_2_x = x[t] @ weight_ih_l0[2*n_hidden:3*n_hidden].T
         J_weight_ih_l0_2_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_2_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[2*n_hidden:3*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_2_x, o_weight_ih_l0, weight_ih_l0.shape, 2*n_hidden, 0, x[t])
-        # g  (g)
+        # g  eq:lstm_torch:g
         g = np.tanh(bias_hh_l0_2 + bias_ih_l0_2 + weight_hh_l0_2_h_prev + weight_ih_l0_2_x)
         J_g = (1 - g**2) * J_weight_hh_l0_2_h_prev + (1 - g**2) * J_weight_ih_l0_2_x
         _add_diagonal(J_g, o_bias_hh_l0 + 2*n_hidden, 1 - g**2)
         _add_diagonal(J_g, o_bias_ih_l0 + 2*n_hidden, 1 - g**2)
-        # weight_hh_l0_3_h_prev  (weight_hh_l0_3_h_prev)
+        # weight_hh_l0_3_h_prev  eq:lstm_torch:o
         weight_hh_l0_3_h_prev = h_prev @ weight_hh_l0[3*n_hidden:4*n_hidden].T
         J_weight_hh_l0_3_h_prev = J_h_prev @ weight_hh_l0[3*n_hidden:4*n_hidden].T
         _add_matrix(J_weight_hh_l0_3_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 3*n_hidden, 0, h_prev)
-        # weight_ih_l0_3_x  (weight_ih_l0_3_x)
+        # weight_ih_l0_3_x  eq:lstm_torch:o
         weight_ih_l0_3_x = x[t] @ weight_ih_l0[3*n_hidden:4*n_hidden].T
         J_weight_ih_l0_3_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_3_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[3*n_hidden:4*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_3_x, o_weight_ih_l0, weight_ih_l0.shape, 3*n_hidden, 0, x[t])
-        # o  (o)
+        # o  eq:lstm_torch:o
         o = (0.5 * np.tanh(0.5 * (bias_hh_l0_3 + bias_ih_l0_3 + weight_hh_l0_3_h_prev + weight_ih_l0_3_x)) + 0.5)
         J_o = (o*(1 - o)) * J_weight_hh_l0_3_h_prev + (o*(1 - o)) * J_weight_ih_l0_3_x
         _add_diagonal(J_o, o_bias_hh_l0 + 3*n_hidden, o*(1 - o))
         _add_diagonal(J_o, o_bias_ih_l0 + 3*n_hidden, o*(1 - o))
-        # c  (c)
+        # c  eq:lstm_torch:c
         c = c_prev*f + g*i
         J_c = (f) * J_c_prev + (c_prev) * J_f + (i) * J_g + (g) * J_i
-        # tanh_c  (h)
+        # tanh_c  eq:lstm_torch:h
         tanh_c = np.tanh(c)
         J_tanh_c = (1 - tanh_c**2) * J_c
-        # h  (h)
+        # h  eq:lstm_torch:h
         h = o*tanh_c
         J_h = (tanh_c) * J_o + (o) * J_tanh_c
         cot = cotangent(t, {"h": h, "c": c})

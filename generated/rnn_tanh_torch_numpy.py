@@ -3,7 +3,9 @@
 #     symrnn generate rnn_tanh_torch --out generated
 """NumPy kernels for the 'rnn_tanh_torch' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex rnn_tanh_torch,
+or docs/derivations/rnn_tanh_torch.md in the symrnn repository):
 
     h = tanh(bias_hh_l0[0] + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + weight_ih_l0[0] @ x)
 
@@ -76,7 +78,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         weight_hh_l0_0_h_prev = h_prev @ weight_hh_l0.T  # weight_hh_l0_0_h_prev
-        h = np.tanh(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])  # (h)
+        h = np.tanh(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])  # eq:rnn_tanh_torch:h
         h_seq[t + 1] = h
     outputs = {
         "h": h_seq[1:],
@@ -108,8 +110,8 @@ def backward(params, cache, grad_outputs):
     d_h_next = np.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):
         h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]
-        d_weight_hh_l0_0_h_prev = d_h*(1 - h**2)
+        d_h = d_h_next + d_h_seq[t]  # eq:rnn_tanh_torch:adj:h
+        d_weight_hh_l0_0_h_prev = d_h*(1 - h**2)  # eq:rnn_tanh_torch:adj:weight_hh_l0_0_h_prev
         d_h_prev_proj_seq[t] = d_weight_hh_l0_0_h_prev
         d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
         d_h_next = d_h_prev_from_h_prev_proj
@@ -167,16 +169,16 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # weight_hh_l0_0_h_prev  (weight_hh_l0_0_h_prev)
+        # weight_hh_l0_0_h_prev  eq:rnn_tanh_torch:h
         weight_hh_l0_0_h_prev = h_prev @ weight_hh_l0[:n_hidden].T
         J_weight_hh_l0_0_h_prev = J_h_prev @ weight_hh_l0[:n_hidden].T
         _add_matrix(J_weight_hh_l0_0_h_prev, o_weight_hh_l0, weight_hh_l0.shape, 0, 0, h_prev)
-        # weight_ih_l0_0_x  (weight_ih_l0_0_x)
+        # weight_ih_l0_0_x  eq:rnn_tanh_torch:h
         weight_ih_l0_0_x = x[t] @ weight_ih_l0[:n_hidden].T
         J_weight_ih_l0_0_x = np.zeros((K, B, n_hidden), dtype)
         J_weight_ih_l0_0_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[:n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_0_x, o_weight_ih_l0, weight_ih_l0.shape, 0, 0, x[t])
-        # h  (h)
+        # h  eq:rnn_tanh_torch:h
         h = np.tanh(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x)
         J_h = (1 - h**2) * J_weight_hh_l0_0_h_prev + (1 - h**2) * J_weight_ih_l0_0_x
         _add_diagonal(J_h, o_bias_hh_l0, 1 - h**2)

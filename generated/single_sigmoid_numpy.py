@@ -3,7 +3,9 @@
 #     symrnn generate single_sigmoid --out generated
 """NumPy kernels for the 'single_sigmoid' cell: forward, BPTT backward and RTRL gradients.
 
-Equations of one time step (per unit; W @ v is a matrix-vector product):
+Equations of one time step (per unit; W @ v is a matrix-vector product).
+Comments "# eq:..." cite the equations of the derivation (symrnn latex single_sigmoid,
+or docs/derivations/single_sigmoid.md in the symrnn repository):
 
     a = b + v*h_prev + w*x
     h = sigmoid(a)
@@ -79,11 +81,11 @@ def forward(params, x, state0=None):
     h_seq[0] = state0["h"]
     for t in range(T):
         h_prev = h_seq[t]
-        a = b + h_prev*v + w*x[t]  # (a)
-        h = (0.5 * np.tanh(0.5 * (a)) + 0.5)  # (h)
+        a = b + h_prev*v + w*x[t]  # eq:single_sigmoid:a
+        h = (0.5 * np.tanh(0.5 * (a)) + 0.5)  # eq:single_sigmoid:h
         h_seq[t + 1] = h
     # readout, every step at once
-    y_seq = d + h_seq[1:]*u  # (y)
+    y_seq = d + h_seq[1:]*u  # eq:single_sigmoid:y
     outputs = {
         "h": h_seq[1:],
         "y": y_seq,
@@ -114,15 +116,15 @@ def backward(params, cache, grad_outputs):
     d_d = np.zeros_like(d)
     d_h_next = np.zeros((B, 1), dtype)
     # readout, every step at once
-    d_y = d_y_seq
+    d_y = d_y_seq  # eq:single_sigmoid:adj:y
     d_u += np.sum(d_y*h_seq[1:])
     d_d += np.sum(d_y)
     d_h_seq += d_y*u
     for t in reversed(range(T)):
         h_prev = h_seq[t]
         h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]
-        d_a = d_h*h*(1 - h)
+        d_h = d_h_next + d_h_seq[t]  # eq:single_sigmoid:adj:h
+        d_a = d_h*h*(1 - h)  # eq:single_sigmoid:adj:a
         d_x_seq[t] += d_a*w
         d_h_prev_0 = d_a*v
         d_v += np.sum(d_a*h_prev)
@@ -220,17 +222,17 @@ def _rtrl(params, x, state0, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # a  (a)
+        # a  eq:single_sigmoid:a
         a = b + h_prev*v + w*x[t]
         J_a = (v) * J_h_prev
         J_a[o_b] += 1
         J_a[o_v] += h_prev
         J_a[o_w] += x[t]
         _add_diagonal(J_a, o_x + t * n_in, w)
-        # h  (h)
+        # h  eq:single_sigmoid:h
         h = (0.5 * np.tanh(0.5 * (a)) + 0.5)
         J_h = (h*(1 - h)) * J_a
-        # y  (y)
+        # y  eq:single_sigmoid:y
         y = d + h*u
         J_y = (u) * J_h
         J_y[o_d] += 1

@@ -4,7 +4,7 @@
     symrnn show CELL                     the equations of a cell
     symrnn generate [CELL ...] [--out DIR]   write <cell>_numpy.py modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
-    symrnn latex CELL [--format tex|pdf] [-o FILE]   the derivation as a LaTeX document
+    symrnn latex CELL ... [--format tex|md|pdf] [-o FILE|DIR]   the derivation as a document
 
 Bad input (an unknown cell, an unwritable folder, a bad option) prints one line
 ``symrnn: error: ...`` and exits with status 2; a failed check exits with 1.
@@ -36,11 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write NumPy kernel modules")
     gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
-    latex = sub.add_parser("latex", help="export the derivation as LaTeX (or a PDF through pdflatex)")
-    latex.add_argument("cell")
-    latex.add_argument("--format", choices=("tex", "pdf"), default="tex", help="tex (default) or pdf")
+    latex = sub.add_parser("latex", help="export the derivation as LaTeX, Markdown or PDF")
+    latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")
+    latex.add_argument("--format", choices=("tex", "md", "pdf"), default="tex", help="tex (default), md or pdf (through pdflatex)")
     latex.add_argument("--time", choices=("super", "index"), default="super", help="write time as h^{t} (super) or h[t] (index)")
-    latex.add_argument("-o", "--output", help="output file (default: <cell>.tex or <cell>.pdf; '-' prints the .tex)")
+    latex.add_argument("-o", "--output", help="output file, or an existing folder for <cell>.<format> (default: the current folder); '-' prints")
     check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
     check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random instance (default: 0)")
@@ -107,29 +107,34 @@ def _latex(args) -> int:
     from pathlib import Path
 
     from .latex import Notation
-    from .pipeline import build, render_latex, write_atomic, compile_pdf
+    from .pipeline import build, compile_pdf, render_latex, render_markdown, write_atomic
 
-    cell = builtin(args.cell)
-    tex = render_latex(build(cell), Notation(time=args.time))
+    cells = _cells(args.cells)
+    render = render_markdown if args.format == "md" else render_latex
+    documents = {cell.name: render(build(cell), Notation(time=args.time)) for cell in cells}  # all before writing
     if args.output == "-":
         if args.format == "pdf":
             raise UserError("--format pdf cannot be written to standard output; give -o FILE.pdf")
-        sys.stdout.write(tex)
+        sys.stdout.write("".join(documents.values()))
         return 0
-    out = Path(args.output or f"{cell.name}.{args.format}")
-    if out.is_dir():
-        raise UserError(f"output '{out}' is a folder; give a file name")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write '{out}': folder '{out.parent}' does not exist")
-    if args.format == "pdf":
-        write_pdf = compile_pdf(tex, out)
-        print(f"wrote {write_pdf}")
-        return 0
-    try:
-        write_atomic(out, tex)
-    except OSError as exc:
-        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
-    print(f"wrote {out}")
+    target = Path(args.output or ".")
+    if target.is_dir():
+        paths = {name: target / f"{name}.{args.format}" for name in documents}
+    elif len(documents) > 1:
+        raise UserError(f"-o '{target}' must be an existing folder when several cells are exported")
+    elif not target.parent.is_dir():
+        raise UserError(f"cannot write '{target}': folder '{target.parent}' does not exist")
+    else:
+        paths = {next(iter(documents)): target}
+    for name, text in documents.items():
+        try:
+            if args.format == "pdf":
+                compile_pdf(text, paths[name])
+            else:
+                write_atomic(paths[name], text)
+        except OSError as exc:
+            raise UserError(f"cannot write '{paths[name]}': {exc.strerror or exc}") from None
+        print(f"wrote {paths[name]}")
     return 0
 
 

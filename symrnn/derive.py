@@ -108,6 +108,13 @@ class Derivation:
 
         return render_latex(plan(self), notation)
 
+    def to_markdown(self, notation=None) -> str:
+        """The whole derivation as Markdown with $$ math blocks."""
+        from .pipeline import render_markdown
+        from .plan import plan
+
+        return render_markdown(plan(self), notation)
+
     @cached_property
     def stored_values(self) -> tuple[str, ...]:
         """Forward values the backward pass reads (sorted): those in any partial

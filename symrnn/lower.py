@@ -220,7 +220,7 @@ class _Lowering:
     def rational(self, expr: sympy.Expr, eq: str, where: str) -> sympy.Expr:
         """Lower an expression to one over value symbols, creating nodes as needed."""
         if isinstance(expr, MatVec):
-            return sympy.Add(*[sympy.Symbol(n.name) for n in self.matvec(expr, where)])
+            return sympy.Add(*[sympy.Symbol(n.name) for n in self.matvec(expr, where, equation=eq)])
         if isinstance(expr, Block):
             return sympy.Symbol(self.param_leaf(expr.args[0].name, int(expr.args[1]), where))
         if isinstance(expr, Op):
@@ -272,7 +272,9 @@ class _Lowering:
             self.add_leaf(Leaf(leaf_name, "param", size, param=name, block=block))
         return leaf_name
 
-    def matvec(self, expr: MatVec, where: str, name: str | None = None, role: str = "auxiliary") -> list[MatVecNode]:
+    def matvec(self, expr: MatVec, where: str, name: str | None = None, role: str = "auxiliary",
+               equation: str = "") -> list[MatVecNode]:
+        equation = name or equation  # the cell equation these nodes are part of
         weight, operands = expr.args
         block = None
         if isinstance(weight, Block):
@@ -292,11 +294,11 @@ class _Lowering:
         self.used_params.add(weight.name)
         names = []
         for i, operand in enumerate(operands):
-            lowered = self.rational(operand, name or "mv", where)
+            lowered = self.rational(operand, equation or "mv", where)
             if lowered.is_Symbol and self.scope[lowered.name][1] is not None:
                 names.append(lowered.name)
             else:
-                aux = Pointwise(self.fresh(f"{weight.name}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", name or "")
+                aux = Pointwise(self.fresh(f"{weight.name}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", equation)
                 self.add_node(aux)
                 names.append(aux.name)
         sizes = [self.scope[n][1] for n in names]
@@ -310,7 +312,7 @@ class _Lowering:
             base = weight.name + (f"_{block}" if block is not None else "") + f"_{operand}"
             node_name = name if single else self.fresh(base)
             node = MatVecNode(node_name, decl.block_rows, weight.name, block, (start, start + size), operand,
-                              role if single else "auxiliary", name or "")
+                              role if single else "auxiliary", equation)
             self.add_node(node)
             nodes.append(node)
             start = start + size

@@ -224,13 +224,23 @@ def generate(cells: Iterable[Cell | str], out_dir: Path | str) -> list[Path]:
 
 def render_latex(kernel_plan: KernelPlan, notation=None) -> str:
     """KernelPlan -> a standalone LaTeX document of the cell's derivation."""
+    return _render_document(kernel_plan, notation, "tex")
+
+
+def render_markdown(kernel_plan: KernelPlan, notation=None) -> str:
+    """KernelPlan -> the derivation as Markdown with $$ math blocks (renders on code-hosting sites)."""
+    return _render_document(kernel_plan, notation, "md")
+
+
+def _render_document(kernel_plan: KernelPlan, notation, fmt: str) -> str:
     from .cells import BUILTIN
     from .latex import Notation, document_data
 
     data = document_data(kernel_plan, notation or Notation())
     g = kernel_plan.graph
-    command = f"symrnn latex {g.cell} --format tex" if g.cell in BUILTIN else f"symrnn latex <spec of {g.cell}>"
-    return _ENV.get_template("derivation.tex.j2").render(command=command, **data)
+    out = " -o docs/derivations" if fmt == "md" else ""
+    command = f"symrnn latex {g.cell} --format {fmt}{out}" if g.cell in BUILTIN else f"symrnn latex <spec of {g.cell}>"
+    return _ENV.get_template(f"derivation.{fmt}.j2").render(command=command, **data)
 
 
 def compile_pdf(tex: str, out: Path) -> Path:

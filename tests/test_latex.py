@@ -92,3 +92,35 @@ def test_latex_bad_input(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_committed_markdown_is_up_to_date(cell_name, root):
+    from symrnn.pipeline import render_markdown
+
+    path = root / "docs" / "derivations" / f"{cell_name}.md"
+    assert path.exists() and path.read_text() == render_markdown(build(cell_name)), (
+        f"{path} is stale; run: symrnn latex --format md -o docs/derivations"
+    )
+
+
+def test_markdown_has_the_same_formulas_as_latex():
+    from symrnn.pipeline import render_markdown
+
+    plan = build("elman")
+    tex, md = render_latex(plan), render_markdown(plan)
+    for line in tex.splitlines():
+        if line.startswith(r"\frac{\partial {{s^{t}}_{l}}}{\partial {u}_{i,j}}"):
+            assert line in md
+            break
+    else:
+        pytest.fail("no sensitivity of s w.r.t. U in the LaTeX document")
+
+
+def test_generated_code_cites_labels_the_document_defines(cell_name):
+    """From a code line to its equation: every '# eq:...' in the module is a \\label in the .tex."""
+    from conftest import rendered
+
+    cited = set(re.findall(r"# (eq:[\w:]+)", rendered(cell_name)))
+    defined = set(re.findall(r"\\label\{(eq:[\w:]+)\}", render_latex(build(cell_name))))
+    assert any(":adj:" in c for c in cited) and any(":adj:" not in c for c in cited)
+    assert cited <= defined, sorted(cited - defined)

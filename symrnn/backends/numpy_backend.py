@@ -206,7 +206,8 @@ class _Emitter:
         m.cache_names = sorted(keep)
 
     def label(self, node) -> str:
-        return f"({node.equation})" if node.equation and node.equation != node.name else f"({node.name})"
+        """The label of the equation a node implements (as in ``symrnn latex``)."""
+        return f"eq:{self.g.cell}:{node.name if node.role != 'auxiliary' else node.equation or node.name}"
 
     # -- backward -----------------------------------------------------------------
     def shared_adjoints(self) -> dict[str, str]:
@@ -305,7 +306,8 @@ class _Emitter:
 
     def loop_bindings(self, lines: list[str]) -> list[str]:
         """Forward values the loop body reads, in graph order."""
-        used = set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", "\n".join(lines)))
+        code = "\n".join(line.split("#")[0] for line in lines)  # comments cite labels, not values
+        used = set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", code))
         names = []
         for s in self.g.states:
             if s.prev in used:
@@ -345,7 +347,7 @@ class _Emitter:
             if expr == 0:
                 continue
             nonzero.add(node.name)
-            stmts.append(self.assign(f"d_{node.name}", expr, ctx, seen))
+            stmts.append(self.assign(f"d_{node.name}", expr, ctx, seen, label=f"eq:{g.cell}:adj:{node.name}"))
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final}, key=self.order)
         for dep in targets:
@@ -389,14 +391,15 @@ class _Emitter:
                 return (i, name)
         return (len(self.g.leaves) + [n.name for n in self.g.nodes].index(name), name)
 
-    def assign(self, name: str, expr: sympy.Expr, ctx: str, seen: dict) -> tuple[str, sympy.Expr | None]:
+    def assign(self, name: str, expr: sympy.Expr, ctx: str, seen: dict, label: str = "") -> tuple[str, sympy.Expr | None]:
         """``name = expr``, or an alias when the same expression was computed already."""
         expr = sympy.factor_terms(expr)
+        comment = f"  # {label}" if label else ""
         if expr in seen:
             self.alias[name] = seen[expr]
-            return (f"{name} = {seen[expr]}", None)
+            return (f"{name} = {seen[expr]}{comment}", None)
         seen[expr] = name
-        return (f"{name} = {{}}", expr)
+        return (f"{name} = {{}}{comment}", expr)
 
     def route(self, dep: str, expr: sympy.Expr, k: int, ctx: str, out: list[str], seen: dict) -> None:
         """Add a stage's contribution ``expr`` to the adjoint of ``dep`` (outside the stage)."""
