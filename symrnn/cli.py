@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")
     latex.add_argument("--format", choices=("tex", "md", "pdf"), default="tex", help="tex (default), md or pdf (through pdflatex)")
     latex.add_argument("--time", choices=("super", "index"), default="super", help="write time as h^{t} (super) or h[t] (index)")
+    latex.add_argument("--rename", action="append", default=[], metavar="NAME=SHOWN",
+                       help="write a name differently, e.g. --rename s=h (repeatable)")
     latex.add_argument("-o", "--output", help="output file, or an existing folder for <cell>.<format> (default: the current folder); '-' prints")
     check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
     check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
@@ -110,8 +112,15 @@ def _latex(args) -> int:
     from .pipeline import build, compile_pdf, render_latex, render_markdown, write_atomic
 
     cells = _cells(args.cells)
+    rename = []
+    for item in args.rename:
+        old, sep, new = item.partition("=")
+        if not sep or not old.isidentifier() or not new.isidentifier():
+            raise UserError(f"--rename '{item}': expected NAME=SHOWN, e.g. --rename s=h")
+        rename.append((old, new))
+    notation = Notation(time=args.time, rename=tuple(rename))
     render = render_markdown if args.format == "md" else render_latex
-    documents = {cell.name: render(build(cell), Notation(time=args.time)) for cell in cells}  # all before writing
+    documents = {cell.name: render(build(cell), notation) for cell in cells}  # all before writing
     if args.output == "-":
         if args.format == "pdf":
             raise UserError("--format pdf cannot be written to standard output; give -o FILE.pdf")

@@ -33,9 +33,17 @@ _ACCENTS = {"tilde": r"\tilde", "hat": r"\hat", "bar": r"\bar"}
 
 @dataclass(frozen=True)
 class Notation:
-    """How time is written: ``super`` (h^{t}, as seeds 000-003) or ``index`` (h[t], as seed 004)."""
+    """How the document writes things where the seeds differ.
+
+    ``time``: ``super`` (h^{t}, as seeds 000-003) or ``index`` (h[t], as seed 004);
+    ``rename``: (name, shown as) pairs, e.g. (("s", "h"),) writes seed 000's state s as h.
+    """
 
     time: str = "super"
+    rename: tuple[tuple[str, str], ...] = ()
+
+    def base(self, name: str) -> str:
+        return base_latex(dict(self.rename).get(name, name))
 
     def at(self, base: str, time: str) -> str:
         if self.time == "index":
@@ -76,17 +84,17 @@ class DerivationLatexPrinter(LatexPrinter):
         if g.is_leaf(name):
             leaf = g.leaf(name)
             if leaf.kind == "prev_state":
-                return self.notation.at(base_latex(leaf.state), "t-1")
+                return self.notation.at(self.notation.base(leaf.state), "t-1")
             if leaf.kind == "param":
-                base = base_latex(leaf.param)
+                base = self.notation.base(leaf.param)
                 return base if leaf.block is None else f"{{{base}^{{({leaf.block})}}}}"
             if leaf.kind == "target":
                 return self.notation.at(r"\mathrm{target}", time)
-            return self.notation.at(base_latex(name), time)
+            return self.notation.at(self.notation.base(name), time)
         node = g.node(name)
         if node.role == "auxiliary":
             return self.definition(node)
-        return self.notation.at(base_latex(name), time)
+        return self.notation.at(self.notation.base(name), time)
 
     def definition(self, node) -> str:
         if isinstance(node, MatVecNode):
@@ -94,7 +102,7 @@ class DerivationLatexPrinter(LatexPrinter):
         return self.doprint(node.expr)
 
     def weight(self, node: MatVecNode) -> str:
-        base = base_latex(node.param)
+        base = self.notation.base(node.param)
         p = self.g.param(node.param)
         if node.block is not None:
             base = f"{base}^{{({node.block})}}"
@@ -128,14 +136,15 @@ class DerivationLatexPrinter(LatexPrinter):
             state, prev, param = match.groups()
             time = "t-1" if prev else "t"
             first, *rest = expr.indices
-            num = "{" + self.notation.at(base_latex(state), time) + f"_{{{self._print(first)}}}}}"
-            den = base_latex(param)
+            num = "{" + self.notation.at(self.notation.base(state), time) + f"_{{{self._print(first)}}}}}"
+            base = self.notation.base(param)
+            den = base
             if rest:
-                den = f"{{{base_latex(param).lower() if len(param) == 1 else base_latex(param)}}}_{{{','.join(self._print(i) for i in rest)}}}"
+                den = f"{{{base.lower() if len(base) == 1 else base}}}_{{{','.join(self._print(i) for i in rest)}}}"
             return rf"\frac{{\partial {num}}}{{\partial {den}}}"
         if self.g.is_leaf(label) or any(n.name == label for n in self.g.nodes):
             return f"{{{self.value(label)}_{{{idx}}}}}"
-        return f"{{{base_latex(label)}_{{{idx}}}}}"
+        return f"{{{self.notation.base(label)}_{{{idx}}}}}"
 
     def _print_KroneckerDelta(self, expr, exp=None):
         i, j = expr.args
@@ -181,7 +190,7 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
         for n in g.nodes if n.role in ("intermediate", "readout")
     ]
     symbols += [
-        (base_latex(p.name), "parameter", r" \times ".join(sympy.latex(s) for s in p.shape) or "1")
+        (notation.base(p.name), "parameter", r" \times ".join(sympy.latex(s) for s in p.shape) or "1")
         for p in g.params
     ]
     forward = []
@@ -248,7 +257,8 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
     g = der.graph
     decl = g.param(param)
     index = {"scalar": "", "vector": "_{i}", "matrix": "_{ij}"}[decl.kind]
-    theta = (base_latex(param).lower() if len(param) == 1 and decl.kind == "matrix" else base_latex(param)) + index
+    base = P.notation.base(param)
+    theta = (base.lower() if len(base) == 1 and decl.kind == "matrix" else base) + index
     memo: dict[str, str] = {}
 
     def dot(name: str) -> str:

@@ -124,3 +124,11 @@ def test_generated_code_cites_labels_the_document_defines(cell_name):
     defined = set(re.findall(r"\\label\{(eq:[\w:]+)\}", render_latex(build(cell_name))))
     assert any(":adj:" in c for c in cited) and any(":adj:" not in c for c in cited)
     assert cited <= defined, sorted(cited - defined)
+
+
+def test_renamed_state_compiles(tmp_path):
+    """Seed 000 calls the state s, seed 004 calls it h: the document can use either."""
+    tex = render_latex(build("elman"), Notation(time="index", rename=(("s", "h"),)))
+    assert "{h[t-1]}" in tex and "{s[t" not in tex
+    assert r"\label{eq:elman:rtrl:s:U}" in tex  # labels stay those the code cites
+    compile_tex(tex, tmp_path)
