@@ -190,7 +190,8 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
         for n in g.nodes if n.role in ("intermediate", "readout")
     ]
     symbols += [
-        (notation.base(p.name), "parameter", r" \times ".join(sympy.latex(s) for s in p.shape) or "1")
+        (notation.base(p.name), "parameter", r" \times ".join(_dim(s) for s in p.shape) if len(p.shape) > 1
+         else (sympy.latex(p.shape[0]) if p.shape else "1"))
         for p in g.params
     ]
     forward = []
@@ -251,6 +252,17 @@ def _visible(tex: str) -> int:
     return len(re.sub(r"[{}_^\s]", "", tex))
 
 
+def _factor(P, expr: sympy.Expr) -> str:
+    """An expression that multiplies what follows it: a sum gets parentheses."""
+    return P.parenthesize(expr, PRECEDENCE["Mul"], strict=True)
+
+
+def _dim(expr: sympy.Expr) -> str:
+    """A size inside a product: n_hidden + n_in becomes (n_hidden + n_in)."""
+    text = sympy.latex(expr)
+    return rf"\left({text}\right)" if isinstance(expr, sympy.Add) else text
+
+
 def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
     """The forward-mode recursion of ``state`` w.r.t. ``param`` node by node (per unit l):
     a dot is d/d(param); a matrix product keeps its vector form (W dv)_l."""
@@ -289,7 +301,7 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
             for dep, p in der.partials[name]:
                 d = dot(dep)
                 if d:
-                    factor = "" if p == 1 else P.parenthesize(p, PRECEDENCE["Mul"], strict=True) + r"\, "
+                    factor = "" if p == 1 else _factor(P, p) + r"\, "
                     terms.append(factor + (rf"\left({d}\right)" if " + " in d and factor else d))
             text = " + ".join(terms)
         if text and node.role != "auxiliary":
@@ -311,7 +323,7 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
         if isinstance(node, MatVecNode):
             terms.append(rf"{P.weight(node)}^{{\top}} \bar{{{P.value(consumer)}}}")
         else:
-            factor = "" if coeff == 1 else rf"{P.doprint(coeff)}\, "
+            factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
             terms.append(rf"{factor}\bar{{{P.value(consumer)}}}")
     if g.is_leaf(name):
         state = g.leaf(name).state
@@ -363,7 +375,7 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
                         if coeff != 0:
                             target = P.value(leaf.name)
                             reduce = r"\sum_{b,\,l}" if p.kind == "scalar" else r"\sum_{b}"
-                            factor = "" if coeff == 1 else rf"{P.doprint(coeff)}\, "
+                            factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
                             terms.append((target, rf"{reduce} {factor}\bar{{{P.value(n.name)}}}"))
         for target, term in terms:
             out.append(dict(lhs=rf"\frac{{\partial L}}{{\partial {target}}}", rhs=rf"\sum_{{t=0}}^{{T-1}} {term}"))
@@ -379,9 +391,11 @@ def _cost(plan: KernelPlan) -> list[tuple[str, str, str]]:
     stored = sympy.Add(*[g.node(n).size for n in plan.stored]) + states
     B = sympy.Symbol("B")
     mults = sympy.Add(*[m.size * (m.cols[1] - m.cols[0]) for m in g.nodes if isinstance(m, MatVecNode)])
+    mults = sympy.expand(mults)
+    work = _dim(mults)
     return [
-        ("forward", rf"${sympy.latex(sympy.expand(mults))} \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
-        ("BPTT (reverse)", rf"$2 \cdot {sympy.latex(sympy.expand(mults))} \cdot B$", rf"${sympy.latex(stored)} \cdot T \cdot B$: every step's activations"),
-        ("RTRL (forward)", rf"${sympy.latex(sympy.expand(mults))} \cdot P \cdot B$, with $P = {sympy.latex(n_params)}$",
-         rf"${sympy.latex(states)} \cdot P \cdot B$: the sensitivity tensor, independent of $T$"),
+        ("forward", rf"${work} \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
+        ("BPTT (reverse)", rf"$2 \cdot {work} \cdot B$", rf"${_dim(stored)} \cdot T \cdot B$: every step's activations"),
+        ("RTRL (forward)", rf"${work} \cdot P \cdot B$, with $P = {sympy.latex(n_params)}$",
+         rf"${_dim(states)} \cdot P \cdot B$: the sensitivity tensor, independent of $T$"),
     ]

@@ -132,3 +132,14 @@ def test_renamed_state_compiles(tmp_path):
     assert "{h[t-1]}" in tex and "{s[t" not in tex
     assert r"\label{eq:elman:rtrl:s:U}" in tex  # labels stay those the code cites
     compile_tex(tex, tmp_path)
+
+
+def test_sums_that_multiply_are_parenthesized():
+    from symrnn.pipeline import render_markdown
+
+    md = render_markdown(build("lstm"))
+    # the adjoint through g = tanh(...): (1 - g^2) times the adjoint of g, never 1 - g^2 * adjoint
+    assert r"&= \left(1 - \left({g^{t}}\right)^{2}\right)\, \bar{{g^{t}}}" in md
+    assert r"&= 1 - " not in md
+    assert r"n_{hidden} \times \left(n_{hidden} + n_{in}\right)" in md  # W_f's shape
+    assert r"$\left(4 n_{hidden}^{2} + 4 n_{hidden} n_{in}\right) \cdot B$" in md  # forward cost

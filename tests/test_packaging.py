@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Build from a copy of the working tree, so that the build neither writes build/ or
 # *.egg-info into the checkout nor packs stale files left in an old build/lib.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
+    ".git", "node_modules", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
     ".hypothesis", ".benchmarks", ".venv*", "*.whl",
 )
 
