@@ -376,7 +376,9 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
                             target = P.value(leaf.name)
                             reduce = r"\sum_{b,\,l}" if p.kind == "scalar" else r"\sum_{b}"
                             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
-                            terms.append((target, rf"{reduce} {factor}\bar{{{P.value(n.name)}}}"))
+                            q = P.value(n.name)
+                            chain = rf"\frac{{\partial L}}{{\partial {q}}} \frac{{\partial {q}}}{{\partial {target}}}"
+                            terms.append((target, rf"{chain} = \sum_{{t=0}}^{{T-1}} {reduce} {factor}\bar{{{q}}}"))
         for target, term in terms:
             out.append(dict(lhs=rf"\frac{{\partial L}}{{\partial {target}}}", rhs=rf"\sum_{{t=0}}^{{T-1}} {term}"))
     return out

@@ -66,3 +66,15 @@ def test_local_partials_use_stored_values():
     for terms in der.partials.values():
         for _, p in terms:
             assert not p.atoms(sympy.Function) - p.atoms(sympy.Symbol), p
+
+
+def test_seed002_output_gradients():
+    """Seed 002: dL^t/dd = -(y^t - yhat^t), dL^t/du = -(y^t - yhat^t) h^t (its y is our target,
+    its yhat our y); with L the mean over time, the derivation's pieces give exactly that."""
+    der = derivation("single_sigmoid")
+    y, target, h = sympy.symbols("y target h")
+    dL_dy = dict(der.loss_partials)["y"]
+    assert sympy.expand(dL_dy - (-(target - y))) == 0
+    assert der.partial("y", "d") == 1
+    assert der.partial("y", "u") == h
+    assert der.graph.loss.reduction == "mean"  # L = (1/T) sum_t L^t
