@@ -154,11 +154,16 @@ def load_module(source: str, name: str) -> types.ModuleType:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
+    _replace(Path(path), text.encode("utf-8"))
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` atomically: a temporary file beside it, then a rename.
+    On any failure the temporary file is removed and ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -266,14 +271,5 @@ def compile_pdf(tex: str, out: Path) -> Path:
                 text = log.read_text(errors="replace") if log.exists() else proc.stdout
                 errors = [line for line in text.splitlines() if line.startswith("!")][:3]
                 raise UserError(f"pdflatex failed: {' | '.join(errors) or 'see its log'}")
-        fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(Path(tmp) / "derivation.pdf", partial)
-            _usual_mode(partial)
-            os.replace(partial, out)
-        except BaseException:
-            if os.path.exists(partial):
-                os.unlink(partial)
-            raise
+        _replace(out, (Path(tmp) / "derivation.pdf").read_bytes())
     return out
