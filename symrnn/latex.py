@@ -326,7 +326,6 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
             terms.append(rf"{factor}\bar{{{P.value(consumer)}}}")
     if g.is_leaf(name):
-        state = g.leaf(name).state
         lhs = rf"\bar{{{P.value(name)}}}"
         note = "from step t to t-1"
         if not terms:
@@ -387,11 +386,9 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
 def _cost(plan: KernelPlan) -> list[tuple[str, str, str]]:
     """Per-step work and storage of forward, BPTT and RTRL."""
     g = plan.graph
-    gemm_rows = sympy.Add(*[m.size for m in g.nodes if isinstance(m, MatVecNode)])
     n_params = sympy.Add(*[sympy.Mul(*p.shape) for p in g.params])
     states = sympy.Add(*[s.size for s in g.states])
     stored = sympy.Add(*[g.node(n).size for n in plan.stored]) + states
-    B = sympy.Symbol("B")
     mults = sympy.Add(*[m.size * (m.cols[1] - m.cols[0]) for m in g.nodes if isinstance(m, MatVecNode)])
     mults = sympy.expand(mults)
     work = _dim(mults)

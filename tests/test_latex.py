@@ -9,7 +9,6 @@ import subprocess
 import pytest
 
 import symrnn.pipeline
-from conftest import CELLS
 from symrnn.cli import main
 from symrnn.latex import DerivationLatexPrinter, Notation
 from symrnn.pipeline import build, render_latex

@@ -217,7 +217,7 @@ class _Emitter:
         consumers with the same partial derivatives, hence the same adjoint: the
         input side then reads the recurrent GEMM's adjoint buffer instead of
         keeping a copy.  Returns pre-region group name -> loop group name."""
-        d, shared = self.d, {}
+        shared = {}
         loop_groups = [grp for st in self.plan.loop.stages for grp in st.groups]
         for stage in self.plan.pre.stages:
             for pre in stage.groups:
