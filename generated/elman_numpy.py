@@ -30,6 +30,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "elman"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "U": ("n_hidden", "n_in"),
@@ -75,12 +77,16 @@ def forward(params, x, state0=None):
     U_x_seq = (x.reshape(-1, n_in) @ U.T).reshape(T, B, n_hidden)  # U_x
     s_seq = np.empty((T + 1, B, n_hidden), dtype)
     s_seq[0] = state0["s"]
+    s_prev_proj_step = np.empty((B, n_hidden), dtype)
     for t in range(T):
         s_prev = s_seq[t]
-        W_s_prev = s_prev @ W.T  # W_s_prev
-        z = U_x_seq[t] + W_s_prev  # eq:elman:z
-        s = np.tanh(z)  # eq:elman:s
-        s_seq[t + 1] = s
+        s_prev_proj = s_prev_proj_step
+        np.matmul(s_prev, W.T, out=s_prev_proj)  # W_s_prev
+        s_prev_proj += U_x_seq[t]  # + the input side (and biases) of every slot
+        W_s_prev_sum = s_prev_proj[:, :n_hidden]
+        z = W_s_prev_sum  # eq:elman:z
+        s = s_seq[t + 1]
+        np.tanh(z, out=s)  # eq:elman:s
     # readout, every step at once
     y_seq = (s_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # y
     outputs = {
@@ -113,14 +119,15 @@ def backward(params, cache, grad_outputs):
     d_y = d_y_seq  # eq:elman:adj:y
     d_s_proj_seq = d_y
     d_s_seq += (d_s_proj_seq.reshape(-1, n_out) @ V).reshape(T, B, n_hidden)
-    for t in reversed(range(T)):
-        s = s_seq[t + 1]
-        d_s = d_s_next + d_s_seq[t]  # eq:elman:adj:s
-        d_z = d_s*(1 - s**2)  # eq:elman:adj:z
-        d_W_s_prev = d_z  # eq:elman:adj:W_s_prev
-        d_s_prev_proj_seq[t] = d_W_s_prev
-        d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
-        d_s_next = d_s_prev_from_s_prev_proj
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        ds_next_dW_s_prev = 1 - s_seq[t0 + 1:t1 + 1]**2
+        for t in reversed(range(t0, t1)):
+            d_W_s_prev = d_s_next*ds_next_dW_s_prev[t - t0] + d_s_seq[t]*ds_next_dW_s_prev[t - t0]  # eq:elman:adj:W_s_prev
+            d_s_prev_proj_seq[t] = d_W_s_prev
+            d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
+            d_s_next = d_s_prev_from_s_prev_proj
     # input side, every step at once
     d_x_seq += (d_s_prev_proj_seq.reshape(-1, n_hidden) @ U).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product

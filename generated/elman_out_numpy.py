@@ -29,6 +29,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "elman_out"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W_x": ("n_hidden", "n_in"),
@@ -78,13 +80,16 @@ def forward(params, x, state0=None):
     b_y = p["b_y"]
     # input side, every step at once
     W_x_x_seq = (x.reshape(-1, n_in) @ W_x.T).reshape(T, B, n_hidden)  # W_x_x
+    W_x_x_seq += b_h  # the biases of h, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     for t in range(T):
         h_prev = h_seq[t]
-        W_h_h_prev = h_prev @ W_h.T  # W_h_h_prev
-        h = np.tanh(W_h_h_prev + W_x_x_seq[t] + b_h)  # eq:elman_out:h
-        h_seq[t + 1] = h
+        h_prev_proj = h_seq[t + 1]
+        np.matmul(h_prev, W_h.T, out=h_prev_proj)  # W_h_h_prev
+        h_prev_proj += W_x_x_seq[t]  # + the input side (and biases) of every slot
+        np.tanh(h_prev_proj, out=h_prev_proj)  # eq:elman_out:h
+        h = h_prev_proj
     # readout, every step at once
     W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y.T).reshape(T, B, n_out)  # W_y_h
     y_seq = np.tanh(W_y_h_seq + b_y)  # eq:elman_out:y
@@ -126,14 +131,17 @@ def backward(params, cache, grad_outputs):
     d_b_y += np.sum(d_W_y_h, axis=(0, 1))
     d_h_proj_seq = d_W_y_h
     d_h_seq += (d_h_proj_seq.reshape(-1, n_out) @ W_y).reshape(T, B, n_hidden)
-    for t in reversed(range(T)):
-        h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]  # eq:elman_out:adj:h
-        d_W_h_h_prev = d_h*(1 - h**2)  # eq:elman_out:adj:W_h_h_prev
-        d_h_prev_proj_seq[t] = d_W_h_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_h
-        d_h_next = d_h_prev_from_h_prev_proj
-    d_b_h += np.sum(d_h_prev_proj_seq, axis=(0, 1))
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_next_dW_h_h_prev = 1 - h_seq[t0 + 1:t1 + 1]**2
+        for t in reversed(range(t0, t1)):
+            d_W_h_h_prev = d_h_next*dh_next_dW_h_h_prev[t - t0] + d_h_seq[t]*dh_next_dW_h_h_prev[t - t0]  # eq:elman_out:adj:W_h_h_prev
+            d_h_prev_proj_seq[t] = d_W_h_h_prev
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_h
+            d_h_next = d_h_prev_from_h_prev_proj
+    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_b_h += d_h_prev_proj_sum
     # input side, every step at once
     d_x_seq += (d_h_prev_proj_seq.reshape(-1, n_hidden) @ W_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product

@@ -28,6 +28,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "gru_nobias"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W_zx": ("n_hidden", "n_in"),
@@ -100,13 +102,13 @@ def forward(params, x, state0=None):
         z_seq[t] = z
         r = (0.5 * np.tanh(0.5 * (W_rh_h_prev + W_rx_x_seq[t])) + 0.5)  # eq:gru_nobias:r
         r_seq[t] = r
-        W_hh_in0 = h_prev*r  # eq:gru_nobias:h_tilde
-        W_hh_in0_seq[t] = W_hh_in0
+        W_hh_in0 = W_hh_in0_seq[t]
+        np.multiply(h_prev, r, out=W_hh_in0)  # eq:gru_nobias:h_tilde
         W_hh_W_hh_in0 = W_hh_in0 @ W_hh.T  # W_hh_W_hh_in0
-        h_tilde = np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t])  # eq:gru_nobias:h_tilde
-        h_tilde_seq[t] = h_tilde
-        h = h_prev*(1 - z) + h_tilde*z  # eq:gru_nobias:h
-        h_seq[t + 1] = h
+        h_tilde = h_tilde_seq[t]
+        np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t], out=h_tilde)  # eq:gru_nobias:h_tilde
+        h = h_seq[t + 1]
+        np.add(h_prev*(1 - z), h_tilde*z, out=h)  # eq:gru_nobias:h
     outputs = {
         "h": h_seq[1:],
     }
@@ -153,31 +155,32 @@ def backward(params, cache, grad_outputs):
     d_W_hh_in0_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        h_prev = h_seq[t]
-        z = z_seq[t]
-        r = r_seq[t]
-        h_tilde = h_tilde_seq[t]
-        d_h = d_h_next + d_h_seq[t]  # eq:gru_nobias:adj:h
-        d_h_tilde = d_h*z  # eq:gru_nobias:adj:h_tilde
-        d_W_hh_W_hh_in0 = d_h_tilde*(1 - h_tilde**2)  # eq:gru_nobias:adj:W_hh_W_hh_in0
-        d_h_prev_1 = d_h*(1 - z)
-        d_z_from1 = d_h*(-h_prev + h_tilde)
-        d_W_hx_x_seq[t] += d_W_hh_W_hh_in0
-        d_W_hh_in0_proj_seq[t] = d_W_hh_W_hh_in0
-        d_W_hh_in0_from_W_hh_in0_proj = d_W_hh_in0_proj_seq[t] @ W_hh
-        d_W_hh_in0 = d_W_hh_in0_from_W_hh_in0_proj  # eq:gru_nobias:adj:W_hh_in0
-        d_r = d_W_hh_in0*h_prev  # eq:gru_nobias:adj:r
-        d_W_rh_h_prev = d_r*r*(1 - r)  # eq:gru_nobias:adj:W_rh_h_prev
-        d_z = d_z_from1  # eq:gru_nobias:adj:z
-        d_W_zh_h_prev = d_z*z*(1 - z)  # eq:gru_nobias:adj:W_zh_h_prev
-        d_h_prev_0 = d_W_hh_in0*r
-        d_W_zx_x_seq[t] += d_W_zh_h_prev
-        d_W_rx_x_seq[t] += d_W_rh_h_prev
-        d_h_prev_proj_seq[t, :, :n_hidden] = d_W_zh_h_prev
-        d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_rh_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
-        d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_dW_hh_W_hh_in0 = z_seq[t0:t1]*(1 - h_tilde_seq[t0:t1]**2)
+        dh_dz_from1 = -h_seq[t0:t1] + h_tilde_seq[t0:t1]
+        dh_dh_prev_1 = 1 - z_seq[t0:t1]
+        dW_hh_in0_from_W_hh_in0_proj_dW_rh_h_prev = h_seq[t0:t1]*r_seq[t0:t1]*(1 - r_seq[t0:t1])
+        dz_from1_dW_zh_h_prev = z_seq[t0:t1]*(1 - z_seq[t0:t1])
+        for t in reversed(range(t0, t1)):
+            r = r_seq[t]
+            d_h = d_h_next + d_h_seq[t]  # eq:gru_nobias:adj:h
+            d_W_hh_W_hh_in0 = d_W_hh_in0_proj_seq[t]
+            np.multiply(d_h, dh_dW_hh_W_hh_in0[t - t0], out=d_W_hh_W_hh_in0)  # eq:gru_nobias:adj:W_hh_W_hh_in0
+            d_z_from1 = d_h*dh_dz_from1[t - t0]
+            d_W_hx_x_seq[t] = d_W_hh_W_hh_in0
+            d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
+            d_W_hh_in0_from_W_hh_in0_proj = d_W_hh_in0_proj_seq[t] @ W_hh
+            d_W_rh_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
+            np.multiply(dW_hh_in0_from_W_hh_in0_proj_dW_rh_h_prev[t - t0], d_W_hh_in0_from_W_hh_in0_proj, out=d_W_rh_h_prev)  # eq:gru_nobias:adj:W_rh_h_prev
+            d_W_zh_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
+            np.multiply(d_z_from1, dz_from1_dW_zh_h_prev[t - t0], out=d_W_zh_h_prev)  # eq:gru_nobias:adj:W_zh_h_prev
+            d_W_zx_x_seq[t] = d_W_zh_h_prev
+            d_W_rx_x_seq[t] = d_W_rh_h_prev
+            d_h_prev_0 = d_W_hh_in0_from_W_hh_in0_proj*r
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # input side, every step at once
     d_W_hx_x = d_W_hx_x_seq  # eq:gru_nobias:adj:W_hx_x
     d_W_rx_x = d_W_rx_x_seq  # eq:gru_nobias:adj:W_rx_x

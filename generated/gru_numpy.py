@@ -28,6 +28,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "gru"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W_rz": ("2*n_hidden", "n_hidden + n_in"),
@@ -81,6 +83,9 @@ def forward(params, x, state0=None):
     W_rz_0_x_seq = x_proj_seq[..., :n_hidden]
     W_rz_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_h_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
+    x_proj_seq[..., :n_hidden] += b_rz_0  # the biases of z, for every step at once
+    x_proj_seq[..., n_hidden:2*n_hidden] += b_rz_1  # the biases of r, for every step at once
+    x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_h  # the biases of h_tilde, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     z_seq = np.empty((T, B, n_hidden), dtype)
@@ -92,17 +97,17 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev @ W_stack_h_prev.T  # W_rz_0_h_prev, W_rz_1_h_prev
         W_rz_0_h_prev = h_prev_proj[..., :n_hidden]
         W_rz_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x_seq[t] + b_rz_0)) + 0.5)  # eq:gru:z
+        z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x_seq[t])) + 0.5)  # eq:gru:z
         z_seq[t] = z
-        r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x_seq[t] + b_rz_1)) + 0.5)  # eq:gru:r
+        r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x_seq[t])) + 0.5)  # eq:gru:r
         r_seq[t] = r
-        W_h_in0 = h_prev*r  # eq:gru:h_tilde
-        W_h_in0_seq[t] = W_h_in0
+        W_h_in0 = W_h_in0_seq[t]
+        np.multiply(h_prev, r, out=W_h_in0)  # eq:gru:h_tilde
         W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T  # W_h_W_h_in0
-        h_tilde = np.tanh(W_h_W_h_in0 + W_h_x_seq[t] + b_h)  # eq:gru:h_tilde
-        h_tilde_seq[t] = h_tilde
-        h = h_prev*(1 - z) + h_tilde*z  # eq:gru:h
-        h_seq[t + 1] = h
+        h_tilde = h_tilde_seq[t]
+        np.tanh(W_h_W_h_in0 + W_h_x_seq[t], out=h_tilde)  # eq:gru:h_tilde
+        h = h_seq[t + 1]
+        np.add(h_prev*(1 - z), h_tilde*z, out=h)  # eq:gru:h
     outputs = {
         "h": h_seq[1:],
     }
@@ -147,34 +152,37 @@ def backward(params, cache, grad_outputs):
     d_W_h_in0_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        h_prev = h_seq[t]
-        z = z_seq[t]
-        r = r_seq[t]
-        h_tilde = h_tilde_seq[t]
-        d_h = d_h_next + d_h_seq[t]  # eq:gru:adj:h
-        d_h_tilde = d_h*z  # eq:gru:adj:h_tilde
-        d_W_h_W_h_in0 = d_h_tilde*(1 - h_tilde**2)  # eq:gru:adj:W_h_W_h_in0
-        d_h_prev_1 = d_h*(1 - z)
-        d_z_from1 = d_h*(-h_prev + h_tilde)
-        d_W_h_x_seq[t] += d_W_h_W_h_in0
-        d_W_h_in0_proj_seq[t] = d_W_h_W_h_in0
-        d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
-        d_W_h_in0 = d_W_h_in0_from_W_h_in0_proj  # eq:gru:adj:W_h_in0
-        d_r = d_W_h_in0*h_prev  # eq:gru:adj:r
-        d_W_rz_1_h_prev = d_r*r*(1 - r)  # eq:gru:adj:W_rz_1_h_prev
-        d_z = d_z_from1  # eq:gru:adj:z
-        d_W_rz_0_h_prev = d_z*z*(1 - z)  # eq:gru:adj:W_rz_0_h_prev
-        d_h_prev_0 = d_W_h_in0*r
-        d_W_rz_0_x_seq[t] += d_W_rz_0_h_prev
-        d_W_rz_1_x_seq[t] += d_W_rz_1_h_prev
-        d_h_prev_proj_seq[t, :, :n_hidden] = d_W_rz_0_h_prev
-        d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_rz_1_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
-        d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
-    d_b_h += np.sum(d_W_h_in0_proj_seq, axis=(0, 1))
-    d_b_rz[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_b_rz[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_dW_h_W_h_in0 = z_seq[t0:t1]*(1 - h_tilde_seq[t0:t1]**2)
+        dh_dz_from1 = -h_seq[t0:t1] + h_tilde_seq[t0:t1]
+        dh_dh_prev_1 = 1 - z_seq[t0:t1]
+        dW_h_in0_from_W_h_in0_proj_dW_rz_1_h_prev = h_seq[t0:t1]*r_seq[t0:t1]*(1 - r_seq[t0:t1])
+        dz_from1_dW_rz_0_h_prev = z_seq[t0:t1]*(1 - z_seq[t0:t1])
+        for t in reversed(range(t0, t1)):
+            r = r_seq[t]
+            d_h = d_h_next + d_h_seq[t]  # eq:gru:adj:h
+            d_W_h_W_h_in0 = d_W_h_in0_proj_seq[t]
+            np.multiply(d_h, dh_dW_h_W_h_in0[t - t0], out=d_W_h_W_h_in0)  # eq:gru:adj:W_h_W_h_in0
+            d_z_from1 = d_h*dh_dz_from1[t - t0]
+            d_W_h_x_seq[t] = d_W_h_W_h_in0
+            d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
+            d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
+            d_W_rz_1_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
+            np.multiply(dW_h_in0_from_W_h_in0_proj_dW_rz_1_h_prev[t - t0], d_W_h_in0_from_W_h_in0_proj, out=d_W_rz_1_h_prev)  # eq:gru:adj:W_rz_1_h_prev
+            d_W_rz_0_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
+            np.multiply(d_z_from1, dz_from1_dW_rz_0_h_prev[t - t0], out=d_W_rz_0_h_prev)  # eq:gru:adj:W_rz_0_h_prev
+            d_W_rz_0_x_seq[t] = d_W_rz_0_h_prev
+            d_W_rz_1_x_seq[t] = d_W_rz_1_h_prev
+            d_h_prev_0 = d_W_h_in0_from_W_h_in0_proj*r
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
+    d_W_h_in0_proj_sum = np.sum(d_W_h_in0_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_b_h += d_W_h_in0_proj_sum
+    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_b_rz[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_b_rz[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     # input side, every step at once
     d_W_h_x = d_W_h_x_seq  # eq:gru:adj:W_h_x
     d_W_rz_1_x = d_W_rz_1_x_seq  # eq:gru:adj:W_rz_1_x

@@ -28,6 +28,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "gru_torch"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "weight_ih_l0": ("3*n_hidden", "n_in"),
@@ -83,27 +85,32 @@ def forward(params, x, state0=None):
     weight_ih_l0_0_x_seq = x_proj_seq[..., :n_hidden]
     weight_ih_l0_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
+    x_proj_seq[..., :n_hidden] += bias_hh_l0_0 + bias_ih_l0_0  # the biases of r, for every step at once
+    x_proj_seq[..., n_hidden:2*n_hidden] += bias_hh_l0_1 + bias_ih_l0_1  # the biases of z, for every step at once
+    x_proj_seq[..., 2*n_hidden:3*n_hidden] += bias_ih_l0_2  # the biases of n, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
-    weight_hh_l0_2_h_prev_seq = np.empty((T, B, n_hidden), dtype)
-    r_seq = np.empty((T, B, n_hidden), dtype)
-    z_seq = np.empty((T, B, n_hidden), dtype)
+    h_prev_proj_seq = np.empty((T, B, 3*n_hidden), dtype)  # r, z, weight_hh_l0_2_h_prev
     n_seq = np.empty((T, B, n_hidden), dtype)
+    r_seq = h_prev_proj_seq[..., :n_hidden]
+    z_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
+    weight_hh_l0_2_h_prev_seq = h_prev_proj_seq[..., 2*n_hidden:3*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
-        h_prev_proj = h_prev @ weight_hh_l0.T  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
-        weight_hh_l0_0_h_prev = h_prev_proj[..., :n_hidden]
-        weight_hh_l0_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        weight_hh_l0_2_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
-        weight_hh_l0_2_h_prev_seq[t] = weight_hh_l0_2_h_prev
-        r = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])) + 0.5)  # eq:gru_torch:r
-        r_seq[t] = r
-        z = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x_seq[t])) + 0.5)  # eq:gru_torch:z
-        z_seq[t] = z
-        n = np.tanh(bias_ih_l0_2 + r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x_seq[t])  # eq:gru_torch:n
-        n_seq[t] = n
-        h = h_prev*z + n*(1 - z)  # eq:gru_torch:h
-        h_seq[t + 1] = h
+        h_prev_proj = h_prev_proj_seq[t]
+        np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
+        h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
+        h_prev_proj[:, :2*n_hidden] *= 0.5  # eq:gru_torch:r, eq:gru_torch:z: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        np.tanh(h_prev_proj[:, :2*n_hidden], out=h_prev_proj[:, :2*n_hidden])
+        h_prev_proj[:, :2*n_hidden] *= 0.5
+        h_prev_proj[:, :2*n_hidden] += 0.5
+        r = h_prev_proj[:, :n_hidden]
+        z = h_prev_proj[:, n_hidden:2*n_hidden]
+        weight_hh_l0_2_h_prev = h_prev_proj[:, 2*n_hidden:3*n_hidden]
+        n = n_seq[t]
+        np.tanh(r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x_seq[t], out=n)  # eq:gru_torch:n
+        h = h_seq[t + 1]
+        np.add(h_prev*z, n*(1 - z), out=h)  # eq:gru_torch:h
     outputs = {
         "h": h_seq[1:],
     }
@@ -137,8 +144,6 @@ def backward(params, cache, grad_outputs):
     weight_hh_l0_2_h_prev_seq = cache["weight_hh_l0_2_h_prev_seq"]
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
-    d_weight_ih_l0_0_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_weight_ih_l0_1_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_weight_ih_l0_2_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
     d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
@@ -147,45 +152,42 @@ def backward(params, cache, grad_outputs):
     d_bias_hh_l0 = np.zeros_like(bias_hh_l0)
     d_h_prev_proj_seq = np.empty((T, B, 3*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        h_prev = h_seq[t]
-        r = r_seq[t]
-        z = z_seq[t]
-        weight_hh_l0_2_h_prev = weight_hh_l0_2_h_prev_seq[t]
-        n = n_seq[t]
-        d_h = d_h_next + d_h_seq[t]  # eq:gru_torch:adj:h
-        d_tmp0 = 1 - z
-        d_n = d_h*d_tmp0  # eq:gru_torch:adj:n
-        d_tmp1 = d_n*(1 - n**2)
-        d_weight_hh_l0_2_h_prev = d_tmp1*r  # eq:gru_torch:adj:weight_hh_l0_2_h_prev
-        d_z = d_h*(h_prev - n)  # eq:gru_torch:adj:z
-        d_weight_hh_l0_1_h_prev = d_tmp0*d_z*z  # eq:gru_torch:adj:weight_hh_l0_1_h_prev
-        d_r = d_tmp1*(bias_hh_l0_2 + weight_hh_l0_2_h_prev)  # eq:gru_torch:adj:r
-        d_weight_hh_l0_0_h_prev = d_r*r*(1 - r)  # eq:gru_torch:adj:weight_hh_l0_0_h_prev
-        d_h_prev_0 = d_h*z
-        d_bias_ih_l0[2*n_hidden:3*n_hidden] += np.sum(d_tmp1, axis=0)
-        d_weight_ih_l0_0_x_seq[t] += d_weight_hh_l0_0_h_prev
-        d_weight_ih_l0_1_x_seq[t] += d_weight_hh_l0_1_h_prev
-        d_weight_ih_l0_2_x_seq[t] += d_tmp1
-        d_h_prev_proj_seq[t, :, :n_hidden] = d_weight_hh_l0_0_h_prev
-        d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_weight_hh_l0_1_h_prev
-        d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_weight_hh_l0_2_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
-        d_h_next = d_h_prev_0 + d_h_prev_from_h_prev_proj
-    d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_hh_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[n_hidden:2*n_hidden] += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_hh_l0[2*n_hidden:3*n_hidden] += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_dweight_hh_l0_2_h_prev = r_seq[t0:t1]*(1 - n_seq[t0:t1]**2)*(1 - z_seq[t0:t1])
+        dh_dweight_hh_l0_1_h_prev = z_seq[t0:t1]*(1 - z_seq[t0:t1])*(h_seq[t0:t1] - n_seq[t0:t1])
+        dh_dweight_hh_l0_0_h_prev = r_seq[t0:t1]*(1 - n_seq[t0:t1]**2)*(1 - r_seq[t0:t1])*(1 - z_seq[t0:t1])*(bias_hh_l0_2 + weight_hh_l0_2_h_prev_seq[t0:t1])
+        d_coef = (1 - n_seq[t0:t1]**2)*(1 - z_seq[t0:t1])
+        for t in reversed(range(t0, t1)):
+            z = z_seq[t]
+            d_h = d_h_next + d_h_seq[t]  # eq:gru_torch:adj:h
+            d_weight_hh_l0_2_h_prev = d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden]
+            np.multiply(d_h, dh_dweight_hh_l0_2_h_prev[t - t0], out=d_weight_hh_l0_2_h_prev)  # eq:gru_torch:adj:weight_hh_l0_2_h_prev
+            d_weight_hh_l0_1_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
+            np.multiply(d_h, dh_dweight_hh_l0_1_h_prev[t - t0], out=d_weight_hh_l0_1_h_prev)  # eq:gru_torch:adj:weight_hh_l0_1_h_prev
+            d_weight_hh_l0_0_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
+            np.multiply(d_h, dh_dweight_hh_l0_0_h_prev[t - t0], out=d_weight_hh_l0_0_h_prev)  # eq:gru_torch:adj:weight_hh_l0_0_h_prev
+            np.multiply(d_coef[t - t0], d_h, out=d_weight_ih_l0_2_x_seq[t])
+            d_h_prev_0 = d_h*z
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
+            d_h_next = d_h_prev_0 + d_h_prev_from_h_prev_proj
+    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_hh_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_ih_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_hh_l0[2*n_hidden:3*n_hidden] += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_weight_ih_l0_2_x_sum = np.sum(d_weight_ih_l0_2_x_seq, axis=(0, 1))  # over the steps and the batch
+    d_bias_ih_l0[2*n_hidden:3*n_hidden] += d_weight_ih_l0_2_x_sum
     # input side, every step at once
     d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq  # eq:gru_torch:adj:weight_ih_l0_2_x
-    d_weight_ih_l0_1_x = d_weight_ih_l0_1_x_seq  # eq:gru_torch:adj:weight_ih_l0_1_x
-    d_weight_ih_l0_0_x = d_weight_ih_l0_0_x_seq  # eq:gru_torch:adj:weight_ih_l0_0_x
-    d_x_proj_seq = np.concatenate([d_weight_ih_l0_0_x, d_weight_ih_l0_1_x, d_weight_ih_l0_2_x], axis=-1)
-    d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
+    d_x_seq += (d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden) @ weight_ih_l0[:2*n_hidden]).reshape(T, B, n_in)
+    d_x_seq += (d_weight_ih_l0_2_x.reshape(-1, n_hidden) @ weight_ih_l0[2*n_hidden:3*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_weight_ih_l0 += d_x_proj_seq.reshape(-1, 3*n_hidden).T @ x.reshape(-1, n_in)
+    d_weight_ih_l0[:2*n_hidden] += d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden).T @ x.reshape(-1, n_in)
+    d_weight_ih_l0[2*n_hidden:3*n_hidden] += d_weight_ih_l0_2_x.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,

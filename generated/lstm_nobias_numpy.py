@@ -30,6 +30,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "lstm_nobias"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W_fx": ("n_hidden", "n_in"),
@@ -98,33 +100,34 @@ def forward(params, x, state0=None):
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
     c_seq[0] = state0["c"]
-    f_seq = np.empty((T, B, n_hidden), dtype)
-    i_seq = np.empty((T, B, n_hidden), dtype)
-    c_tilde_seq = np.empty((T, B, n_hidden), dtype)
-    o_seq = np.empty((T, B, n_hidden), dtype)
+    h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)  # f, i, c_tilde, o
+    h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype), np.full(n_hidden, 0.5, dtype)])
+    h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype), np.full(n_hidden, 0.5, dtype)])
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
+    f_seq = h_prev_proj_seq[..., :n_hidden]
+    i_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
+    c_tilde_seq = h_prev_proj_seq[..., 2*n_hidden:3*n_hidden]
+    o_seq = h_prev_proj_seq[..., 3*n_hidden:4*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
-        h_prev_proj = h_prev @ W_stack_h_prev.T  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
-        W_fh_h_prev = h_prev_proj[..., :n_hidden]
-        W_ih_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        W_ch_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
-        W_oh_h_prev = h_prev_proj[..., 3*n_hidden:4*n_hidden]
-        f = (0.5 * np.tanh(0.5 * (W_fh_h_prev + W_fx_x_seq[t])) + 0.5)  # eq:lstm_nobias:f
-        f_seq[t] = f
-        i = (0.5 * np.tanh(0.5 * (W_ih_h_prev + W_ix_x_seq[t])) + 0.5)  # eq:lstm_nobias:i
-        i_seq[t] = i
-        c_tilde = np.tanh(W_ch_h_prev + W_cx_x_seq[t])  # eq:lstm_nobias:c_tilde
-        c_tilde_seq[t] = c_tilde
-        c = c_prev*f + c_tilde*i  # eq:lstm_nobias:c
-        c_seq[t + 1] = c
-        o = (0.5 * np.tanh(0.5 * (W_oh_h_prev + W_ox_x_seq[t])) + 0.5)  # eq:lstm_nobias:o
-        o_seq[t] = o
-        tanh_c = np.tanh(c)  # eq:lstm_nobias:h
-        tanh_c_seq[t] = tanh_c
-        h = o*tanh_c  # eq:lstm_nobias:h
-        h_seq[t + 1] = h
+        h_prev_proj = h_prev_proj_seq[t]
+        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
+        h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
+        h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        np.tanh(h_prev_proj, out=h_prev_proj)
+        h_prev_proj *= h_prev_proj_scale
+        h_prev_proj += h_prev_proj_shift
+        f = h_prev_proj[:, :n_hidden]
+        i = h_prev_proj[:, n_hidden:2*n_hidden]
+        c_tilde = h_prev_proj[:, 2*n_hidden:3*n_hidden]
+        o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
+        c = c_seq[t + 1]
+        np.add(c_prev*f, c_tilde*i, out=c)  # eq:lstm_nobias:c
+        tanh_c = tanh_c_seq[t]
+        np.tanh(c, out=tanh_c)  # eq:lstm_nobias:h
+        h = h_seq[t + 1]
+        np.multiply(o, tanh_c, out=h)  # eq:lstm_nobias:h
     outputs = {
         "h": h_seq[1:],
         "c": c_seq[1:],
@@ -178,32 +181,30 @@ def backward(params, cache, grad_outputs):
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
     d_c_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        c_prev = c_seq[t]
-        f = f_seq[t]
-        i = i_seq[t]
-        c_tilde = c_tilde_seq[t]
-        o = o_seq[t]
-        tanh_c = tanh_c_seq[t]
-        d_h = d_h_next + d_h_seq[t]  # eq:lstm_nobias:adj:h
-        d_tanh_c = d_h*o  # eq:lstm_nobias:adj:tanh_c
-        d_o = d_h*tanh_c  # eq:lstm_nobias:adj:o
-        d_W_oh_h_prev = d_o*o*(1 - o)  # eq:lstm_nobias:adj:W_oh_h_prev
-        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)  # eq:lstm_nobias:adj:c
-        d_c_tilde = d_c*i  # eq:lstm_nobias:adj:c_tilde
-        d_W_ch_h_prev = d_c_tilde*(1 - c_tilde**2)  # eq:lstm_nobias:adj:W_ch_h_prev
-        d_i = c_tilde*d_c  # eq:lstm_nobias:adj:i
-        d_W_ih_h_prev = d_i*i*(1 - i)  # eq:lstm_nobias:adj:W_ih_h_prev
-        d_f = c_prev*d_c  # eq:lstm_nobias:adj:f
-        d_W_fh_h_prev = d_f*f*(1 - f)  # eq:lstm_nobias:adj:W_fh_h_prev
-        d_c_prev_0 = d_c*f
-        d_h_prev_proj_seq[t, :, :n_hidden] = d_W_fh_h_prev
-        d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_ih_h_prev
-        d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_W_ch_h_prev
-        d_h_prev_proj_seq[t, :, 3*n_hidden:4*n_hidden] = d_W_oh_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
-        d_h_next = d_h_prev_from_h_prev_proj
-        d_c_next = d_c_prev_0
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_dW_oh_h_prev = o_seq[t0:t1]*tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1])
+        dh_dc = o_seq[t0:t1]*(1 - tanh_c_seq[t0:t1]**2)
+        dc_dW_ch_h_prev = i_seq[t0:t1]*(1 - c_tilde_seq[t0:t1]**2)
+        dc_dW_ih_h_prev = c_tilde_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
+        dc_dW_fh_h_prev = c_seq[t0:t1]*f_seq[t0:t1]*(1 - f_seq[t0:t1])
+        for t in reversed(range(t0, t1)):
+            f = f_seq[t]
+            d_h = d_h_next + d_h_seq[t]  # eq:lstm_nobias:adj:h
+            d_W_oh_h_prev = d_h_prev_proj_seq[t, :, 3*n_hidden:4*n_hidden]
+            np.multiply(d_h, dh_dW_oh_h_prev[t - t0], out=d_W_oh_h_prev)  # eq:lstm_nobias:adj:W_oh_h_prev
+            d_c = d_c_next + d_c_seq[t] + d_h*dh_dc[t - t0]  # eq:lstm_nobias:adj:c
+            d_W_ch_h_prev = d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden]
+            np.multiply(d_c, dc_dW_ch_h_prev[t - t0], out=d_W_ch_h_prev)  # eq:lstm_nobias:adj:W_ch_h_prev
+            d_W_ih_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
+            np.multiply(d_c, dc_dW_ih_h_prev[t - t0], out=d_W_ih_h_prev)  # eq:lstm_nobias:adj:W_ih_h_prev
+            d_W_fh_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
+            np.multiply(d_c, dc_dW_fh_h_prev[t - t0], out=d_W_fh_h_prev)  # eq:lstm_nobias:adj:W_fh_h_prev
+            d_c_prev_0 = d_c*f
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_next = d_h_prev_from_h_prev_proj
+            d_c_next = d_c_prev_0
     # input side, every step at once
     d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product

@@ -30,6 +30,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "lstm"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W_f": ("n_hidden", "n_hidden + n_in"),
@@ -94,37 +96,42 @@ def forward(params, x, state0=None):
     W_i_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_o_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     W_g_x_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
+    x_proj_seq[..., :n_hidden] += b_f  # the biases of f, for every step at once
+    x_proj_seq[..., n_hidden:2*n_hidden] += b_i  # the biases of i, for every step at once
+    x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_o  # the biases of o, for every step at once
+    x_proj_seq[..., 3*n_hidden:4*n_hidden] += b_g  # the biases of g, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
     c_seq[0] = state0["c"]
-    f_seq = np.empty((T, B, n_hidden), dtype)
-    i_seq = np.empty((T, B, n_hidden), dtype)
-    o_seq = np.empty((T, B, n_hidden), dtype)
-    g_seq = np.empty((T, B, n_hidden), dtype)
+    h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)  # f, i, o, g
+    h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype)])
+    h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype)])
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
+    f_seq = h_prev_proj_seq[..., :n_hidden]
+    i_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
+    o_seq = h_prev_proj_seq[..., 2*n_hidden:3*n_hidden]
+    g_seq = h_prev_proj_seq[..., 3*n_hidden:4*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
-        h_prev_proj = h_prev @ W_stack_h_prev.T  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
-        W_f_h_prev = h_prev_proj[..., :n_hidden]
-        W_i_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        W_o_h_prev = h_prev_proj[..., 2*n_hidden:3*n_hidden]
-        W_g_h_prev = h_prev_proj[..., 3*n_hidden:4*n_hidden]
-        f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x_seq[t] + b_f)) + 0.5)  # eq:lstm:f
-        f_seq[t] = f
-        i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x_seq[t] + b_i)) + 0.5)  # eq:lstm:i
-        i_seq[t] = i
-        o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x_seq[t] + b_o)) + 0.5)  # eq:lstm:o
-        o_seq[t] = o
-        g = np.tanh(W_g_h_prev + W_g_x_seq[t] + b_g)  # eq:lstm:g
-        g_seq[t] = g
-        c = c_prev*f + g*i  # eq:lstm:c
-        c_seq[t + 1] = c
-        tanh_c = np.tanh(c)  # eq:lstm:h
-        tanh_c_seq[t] = tanh_c
-        h = o*tanh_c  # eq:lstm:h
-        h_seq[t + 1] = h
+        h_prev_proj = h_prev_proj_seq[t]
+        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
+        h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
+        h_prev_proj *= h_prev_proj_scale  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        np.tanh(h_prev_proj, out=h_prev_proj)
+        h_prev_proj *= h_prev_proj_scale
+        h_prev_proj += h_prev_proj_shift
+        f = h_prev_proj[:, :n_hidden]
+        i = h_prev_proj[:, n_hidden:2*n_hidden]
+        o = h_prev_proj[:, 2*n_hidden:3*n_hidden]
+        g = h_prev_proj[:, 3*n_hidden:4*n_hidden]
+        c = c_seq[t + 1]
+        np.add(c_prev*f, g*i, out=c)  # eq:lstm:c
+        tanh_c = tanh_c_seq[t]
+        np.tanh(c, out=tanh_c)  # eq:lstm:h
+        h = h_seq[t + 1]
+        np.multiply(o, tanh_c, out=h)  # eq:lstm:h
     outputs = {
         "h": h_seq[1:],
         "c": c_seq[1:],
@@ -178,36 +185,35 @@ def backward(params, cache, grad_outputs):
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
     d_c_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        c_prev = c_seq[t]
-        f = f_seq[t]
-        i = i_seq[t]
-        o = o_seq[t]
-        g = g_seq[t]
-        tanh_c = tanh_c_seq[t]
-        d_h = d_h_next + d_h_seq[t]  # eq:lstm:adj:h
-        d_tanh_c = d_h*o  # eq:lstm:adj:tanh_c
-        d_c = d_c_next + d_c_seq[t] + d_tanh_c*(1 - tanh_c**2)  # eq:lstm:adj:c
-        d_g = d_c*i  # eq:lstm:adj:g
-        d_W_g_h_prev = d_g*(1 - g**2)  # eq:lstm:adj:W_g_h_prev
-        d_o = d_h*tanh_c  # eq:lstm:adj:o
-        d_W_o_h_prev = d_o*o*(1 - o)  # eq:lstm:adj:W_o_h_prev
-        d_i = d_c*g  # eq:lstm:adj:i
-        d_W_i_h_prev = d_i*i*(1 - i)  # eq:lstm:adj:W_i_h_prev
-        d_f = c_prev*d_c  # eq:lstm:adj:f
-        d_W_f_h_prev = d_f*f*(1 - f)  # eq:lstm:adj:W_f_h_prev
-        d_c_prev_0 = d_c*f
-        d_h_prev_proj_seq[t, :, :n_hidden] = d_W_f_h_prev
-        d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_W_i_h_prev
-        d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_W_o_h_prev
-        d_h_prev_proj_seq[t, :, 3*n_hidden:4*n_hidden] = d_W_g_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
-        d_h_next = d_h_prev_from_h_prev_proj
-        d_c_next = d_c_prev_0
-    d_b_f += np.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_b_i += np.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_b_o += np.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
-    d_b_g += np.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_dc = o_seq[t0:t1]*(1 - tanh_c_seq[t0:t1]**2)
+        dc_dW_g_h_prev = i_seq[t0:t1]*(1 - g_seq[t0:t1]**2)
+        dh_dW_o_h_prev = o_seq[t0:t1]*tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1])
+        dc_dW_i_h_prev = g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
+        dc_dW_f_h_prev = c_seq[t0:t1]*f_seq[t0:t1]*(1 - f_seq[t0:t1])
+        for t in reversed(range(t0, t1)):
+            f = f_seq[t]
+            d_h = d_h_next + d_h_seq[t]  # eq:lstm:adj:h
+            d_c = d_c_next + d_c_seq[t] + d_h*dh_dc[t - t0]  # eq:lstm:adj:c
+            d_W_g_h_prev = d_h_prev_proj_seq[t, :, 3*n_hidden:4*n_hidden]
+            np.multiply(d_c, dc_dW_g_h_prev[t - t0], out=d_W_g_h_prev)  # eq:lstm:adj:W_g_h_prev
+            d_W_o_h_prev = d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden]
+            np.multiply(d_h, dh_dW_o_h_prev[t - t0], out=d_W_o_h_prev)  # eq:lstm:adj:W_o_h_prev
+            d_W_i_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
+            np.multiply(d_c, dc_dW_i_h_prev[t - t0], out=d_W_i_h_prev)  # eq:lstm:adj:W_i_h_prev
+            d_W_f_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
+            np.multiply(d_c, dc_dW_f_h_prev[t - t0], out=d_W_f_h_prev)  # eq:lstm:adj:W_f_h_prev
+            d_c_prev_0 = d_c*f
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_next = d_h_prev_from_h_prev_proj
+            d_c_next = d_c_prev_0
+    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_b_f += d_h_prev_proj_sum[:n_hidden]
+    d_b_i += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_b_o += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_b_g += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # input side, every step at once
     d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product

@@ -25,6 +25,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "rnn_tanh_torch"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "weight_ih_l0": ("n_hidden", "n_in"),
@@ -73,13 +75,16 @@ def forward(params, x, state0=None):
     bias_ih_l0_0 = bias_ih_l0[:n_hidden]
     # input side, every step at once
     weight_ih_l0_0_x_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, n_hidden)  # weight_ih_l0_0_x
+    weight_ih_l0_0_x_seq += bias_hh_l0_0 + bias_ih_l0_0  # the biases of h, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     for t in range(T):
         h_prev = h_seq[t]
-        weight_hh_l0_0_h_prev = h_prev @ weight_hh_l0.T  # weight_hh_l0_0_h_prev
-        h = np.tanh(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x_seq[t])  # eq:rnn_tanh_torch:h
-        h_seq[t + 1] = h
+        h_prev_proj = h_seq[t + 1]
+        np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev
+        h_prev_proj += weight_ih_l0_0_x_seq[t]  # + the input side (and biases) of every slot
+        np.tanh(h_prev_proj, out=h_prev_proj)  # eq:rnn_tanh_torch:h
+        h = h_prev_proj
     outputs = {
         "h": h_seq[1:],
     }
@@ -108,15 +113,18 @@ def backward(params, cache, grad_outputs):
     d_bias_hh_l0 = np.zeros_like(bias_hh_l0)
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
-    for t in reversed(range(T)):
-        h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]  # eq:rnn_tanh_torch:adj:h
-        d_weight_hh_l0_0_h_prev = d_h*(1 - h**2)  # eq:rnn_tanh_torch:adj:weight_hh_l0_0_h_prev
-        d_h_prev_proj_seq[t] = d_weight_hh_l0_0_h_prev
-        d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
-        d_h_next = d_h_prev_from_h_prev_proj
-    d_bias_hh_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
-    d_bias_ih_l0[:n_hidden] += np.sum(d_h_prev_proj_seq, axis=(0, 1))
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_next_dweight_hh_l0_0_h_prev = 1 - h_seq[t0 + 1:t1 + 1]**2
+        for t in reversed(range(t0, t1)):
+            d_weight_hh_l0_0_h_prev = d_h_next*dh_next_dweight_hh_l0_0_h_prev[t - t0] + d_h_seq[t]*dh_next_dweight_hh_l0_0_h_prev[t - t0]  # eq:rnn_tanh_torch:adj:weight_hh_l0_0_h_prev
+            d_h_prev_proj_seq[t] = d_weight_hh_l0_0_h_prev
+            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
+            d_h_next = d_h_prev_from_h_prev_proj
+    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
+    d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum
+    d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum
     # input side, every step at once
     d_x_seq += (d_h_prev_proj_seq.reshape(-1, n_hidden) @ weight_ih_l0).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product

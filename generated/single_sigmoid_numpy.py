@@ -30,6 +30,8 @@ Depends on NumPy only.
 import numpy as np
 
 CELL = "single_sigmoid"
+#: backward computes the coefficients of its recursion this many steps at a time
+_COEF_STEPS = 16
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "w": (),
@@ -117,20 +119,22 @@ def backward(params, cache, grad_outputs):
     d_h_next = np.zeros((B, 1), dtype)
     # readout, every step at once
     d_y = d_y_seq  # eq:single_sigmoid:adj:y
+    d_h_seq += d_y*u
     d_u += np.sum(d_y*h_seq[1:])
     d_d += np.sum(d_y)
-    d_h_seq += d_y*u
-    for t in reversed(range(T)):
-        h_prev = h_seq[t]
-        h = h_seq[t + 1]
-        d_h = d_h_next + d_h_seq[t]  # eq:single_sigmoid:adj:h
-        d_a = d_h*h*(1 - h)  # eq:single_sigmoid:adj:a
-        d_x_seq[t] += d_a*w
-        d_h_prev_0 = d_a*v
-        d_v += np.sum(d_a*h_prev)
-        d_w += np.sum(d_a*x[t])
-        d_b += np.sum(d_a)
-        d_h_next = d_h_prev_0
+    for t1 in range(T, 0, -_COEF_STEPS):
+        t0 = max(t1 - _COEF_STEPS, 0)
+        # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        dh_next_da = h_seq[t0 + 1:t1 + 1]*(1 - h_seq[t0 + 1:t1 + 1])
+        for t in reversed(range(t0, t1)):
+            h_prev = h_seq[t]
+            d_a = d_h_next*dh_next_da[t - t0] + d_h_seq[t]*dh_next_da[t - t0]  # eq:single_sigmoid:adj:a
+            d_x_seq[t] += d_a*w
+            d_h_prev_0 = d_a*v
+            d_v += np.sum(d_a*h_prev)
+            d_w += np.sum(d_a*x[t])
+            d_b += np.sum(d_a)
+            d_h_next = d_h_prev_0
     # weight gradients: one GEMM over every step per stacked product
 
     return {

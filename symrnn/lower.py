@@ -21,7 +21,7 @@ from .ops import OPS, Op
 
 #: names the generated modules use for their own variables
 RESERVED = frozenset(
-    "np cp t T B K G p dtype params x state0 outputs cache grads grad_outputs target loss "
+    "np cp t t0 t1 T B K G p dtype params x state0 outputs cache grads grad_outputs target loss "
     "n_in n_hidden n_out cot cotangent dW_stack rng bound self".split()
 )
 _PREFIXES = ("d_", "J_", "o_", "W_stack_")

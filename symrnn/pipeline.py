@@ -100,6 +100,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         cache_names=m.cache_names,
         backward_seed=m.backward_seed,
         backward_post=m.backward_post,
+        backward_coefs=m.backward_coefs,
         backward_loop=m.backward_loop,
         backward_after=m.backward_after,
         backward_pre=m.backward_pre,

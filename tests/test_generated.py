@@ -63,10 +63,37 @@ def test_kernel_plan_one_gemm_per_step(cell_name):
     forward, backward = _function(source, "forward"), _function(source, "backward")
     before_loop = forward.split("for t in range(T):")[0]
     assert re.search(r"\(x\.reshape\(-1, n_in\) @ \w+\.T\)\.reshape\(T, B, ", before_loop), "input projection is not one hoisted GEMM"
-    assert _loop(forward, "for t in range(T):").count(" @ ") == 1
-    assert _loop(backward, "for t in reversed(range(T)):").count(" @ ") == 1
-    after = backward.split("for t in reversed(range(T)):")[1]
+    assert _gemms(_loop(forward, "for t in range(T):")) == 1
+    header = _backward_loop_header(backward)
+    assert _gemms(_loop(backward, header)) == 1
+    after = backward.split(header)[1]
     assert ".reshape(-1," in after and "x.reshape(-1, n_in)" in after
+
+
+def _gemms(code: str) -> int:
+    return code.count(" @ ") + code.count("np.matmul(")
+
+
+def _backward_loop_header(backward: str) -> str:
+    return "for t in reversed(range(t0, t1)):" if "for t in reversed(range(t0, t1)):" in backward else "for t in reversed(range(T)):"
+
+
+@pytest.mark.parametrize("cell_name", ["lstm_torch", "gru_torch", "lstm"])
+def test_step_loops_hold_only_adjoint_work(cell_name):
+    """Forward: the gates of one step share one tanh call (sigmoid through tanh), biases
+    are added before the loop.  Backward: every derivative factor of stored values
+    (1 - g**2, o*(1 - o), ...) is computed for a block of steps before the step loop;
+    the loop multiplies adjoints by them."""
+    source = rendered(cell_name)
+    forward, backward = _function(source, "forward"), _function(source, "backward")
+    step = "\n".join(line.split("#")[0] for line in _loop(forward, "for t in range(T):").splitlines())
+    biases = set(re.findall(r"\b(?:bias_\w+|b_\w+)", step))
+    assert biases == ({"bias_hh_l0_2"} if cell_name == "gru_torch" else set()), biases  # GRU: b_hn is inside r * (...)
+    assert step.count("np.tanh(") == 2, step  # the gates, tanh(c) (LSTM) / n (GRU)
+    loop = _loop(backward, "for t in reversed(range(t0, t1)):")
+    assert "1 - " not in loop and "**2" not in loop, loop
+    coefficients = _loop(backward, "for t1 in range(T, 0, -_COEF_STEPS):").split("for t in reversed")[0]
+    assert "[t0:t1]" in coefficients and "1 - " in coefficients
 
 
 def test_gru_seed_form_has_two_stages():

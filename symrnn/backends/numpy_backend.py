@@ -34,6 +34,22 @@ def steps_matmul(a: str, a_cols: str, b: str, rows: str) -> str:
     return f"({a}.reshape(-1, {a_cols}) @ {b}).reshape(T, B, {rows})"
 
 
+def _assigned(template: str) -> str | None:
+    """The adjoint a statement template ``d_name = {}`` assigns, if it is one."""
+    match = re.match(r"^(d_\w+) = \{\}", template)
+    return match.group(1) if match else None
+
+
+def _words(code: str) -> list[str]:
+    return re.findall(r"\b[A-Za-z_]\w*\b", code.split("#")[0])
+
+
+def _one_term(expr: sympy.Expr) -> bool:
+    """One adjoint times a coefficient: substituting it into several users adds no work."""
+    adjoints = [s for s in expr.free_symbols if s.name.startswith("d_")]
+    return len(adjoints) == 1 and not expr.is_Add
+
+
 def _slice(start: sympy.Expr, size: sympy.Expr) -> str:
     lo, hi = dim(start), dim(sympy.expand(start + size))
     return f"{'' if lo == '0' else lo}:{hi}"
@@ -53,6 +69,7 @@ class NumpyModule:
     outputs: list[tuple[str, str]] = field(default_factory=list)
     backward_seed: list[str] = field(default_factory=list)
     backward_post: list[str] = field(default_factory=list)
+    backward_coefs: list[str] = field(default_factory=list)  # per block of steps, before the loop over it
     backward_loop: list[str] = field(default_factory=list)
     backward_after: list[str] = field(default_factory=list)
     backward_pre: list[str] = field(default_factory=list)
@@ -64,6 +81,177 @@ class NumpyModule:
     loss_value: str = ""
     loss_grad: str = ""
     loss_scale: str = ""
+
+
+class _LoopFusion:
+    """How one forward step avoids temporaries, for the per-step GEMMs of the loop.
+
+    1. Parameter-only addends (biases) of a sum that holds an input-side product
+       are added into that product's buffer once, for every step, before the loop.
+    2. Where an input-side product and a recurrent product are summed (W_x x +
+       W_h h_prev), slot by slot in the same layout, the step adds the whole
+       input-side buffer to the recurrent GEMM's output in one operation.
+    3. A slot whose consumer is sigmoid(slot) or tanh(slot) is activated in
+       place: every such slot of the GEMM output shares one tanh call
+       (sigmoid(a) = tanh(a/2)/2 + 1/2, exact), and the GEMM output lives in the
+       stored buffer of those values (i_seq, f_seq, ... are views of it), so
+       nothing is copied.
+    Nothing here changes what a value means: a product is folded into only when
+    no other node and no backward formula reads it."""
+
+    def __init__(self, emitter: "_Emitter"):
+        self.e = emitter
+        e, g, plan = emitter, emitter.g, emitter.plan
+        self.exprs: dict[str, sympy.Expr] = {n.name: n.expr for n in g.nodes if isinstance(n, Pointwise)}
+        self.pre_lines: list[str] = []
+        self.alloc_lines: list[str] = []
+        self.view_lines: list[str] = []
+        self.views: set[str] = set()  # stored values that are views of a group's buffer
+        self.computed: set[str] = set()  # pointwise nodes the fused GEMM step computes
+        self.slot_names: dict[str, str] = {}
+        self.groups: dict[str, dict] = {}
+        needed = set(e.d.stored_values) | set(plan.stored)
+        loop_pointwise = [n for n in g.nodes if isinstance(n, Pointwise) and plan.region_of[n.name] == "loop"]
+        pre_members = {mv.name: (grp, off) for st in plan.pre.stages for grp in st.groups for mv, off in zip(grp.members, grp.offsets)}
+
+        def sole_use(name: str, node: Pointwise) -> bool:
+            consumers = g.consumers(name)
+            return len(consumers) == 1 and consumers[0].name == node.name and name not in needed
+
+        # 1. biases into the input-side products
+        for node in loop_pointwise:
+            for add in sympy.preorder_traversal(self.exprs[node.name]):
+                if not add.is_Add:
+                    continue
+                products = [a for a in add.args if a.is_Symbol and a.name in pre_members and sole_use(a.name, node)]
+                biases = [a for a in add.args if self.parameter_only(a)]
+                if len(products) == 1 and biases:
+                    product = products[0].name
+                    grp, off = pre_members[product]
+                    view = f"{grp.name}_seq[..., {_slice(off, g.node(product).size)}]" if len(grp.members) > 1 else f"{product}_seq"
+                    self.pre_lines.append(f"{view} += {numpy_code(sympy.Add(*biases), e.names('all'))}  # the biases of {node.name}, for every step at once")
+                    self.exprs[node.name] = self.exprs[node.name].xreplace({add: add.func(*[a for a in add.args if a not in biases])})
+                    break
+        # 2. and 3., per recurrent GEMM
+        for stage in plan.loop.stages:
+            for grp in stage.groups:
+                self.plan_group(grp, pre_members, sole_use)
+
+    def parameter_only(self, expr: sympy.Expr) -> bool:
+        g = self.e.g
+        return bool(expr.free_symbols) and all(g.is_leaf(s.name) and g.leaf(s.name).kind == "param" for s in expr.free_symbols)
+
+    def plan_group(self, grp: GemmGroup, pre_members: dict, sole_use) -> None:
+        e, g, plan = self.e, self.e.g, self.e.plan
+        slots = []  # per member: dict(consumer, slot symbol, input-side group, activation)
+        for mv, off in zip(grp.members, grp.offsets):
+            consumers = g.consumers(mv.name)
+            info = {"member": mv, "offset": off, "content": mv.name, "pre": None, "act": None, "node": None}
+            if len(consumers) == 1 and isinstance(consumers[0], Pointwise) and mv.name not in e.plan.stored:
+                node = consumers[0]
+                expr = self.exprs[node.name]
+                for add in sympy.preorder_traversal(expr):
+                    if add.is_Add and sympy.Symbol(mv.name) in add.args:
+                        partners = [a for a in add.args if a.is_Symbol and a.name in pre_members and sole_use(a.name, node)]
+                        partners = [a for a in partners if pre_members[a.name][0].rows == grp.rows
+                                    and sympy.expand(pre_members[a.name][1] - off) == 0]
+                        if partners:
+                            rest = [a for a in add.args if a not in (partners[0], sympy.Symbol(mv.name))]
+                            whole = expr.args and expr.args[0] == add and len(expr.args) == 1
+                            stem = f"pre_{node.name}" if whole else f"{mv.name}_sum"
+                            slot = sympy.Symbol(e.fresh(stem))
+                            self.exprs[node.name] = expr.xreplace({add: sympy.Add(slot, *rest)})
+                            info.update(pre=pre_members[partners[0].name][0], node=node, content=slot.name)
+                        break
+                expr = self.exprs[node.name]
+                act = type(expr).__name__
+                if info["pre"] is not None and act in ("sigmoid", "tanh") and expr.args[0] == sympy.Symbol(info["content"]):
+                    info.update(act=act, content=node.name)
+            slots.append(info)
+        if not any(s["pre"] for s in slots):
+            return
+        single_state = len(slots) == 1 and slots[0]["act"] and slots[0]["content"] in g.state_names
+        stored = [s["content"] in plan.stored for s in slots]
+        if single_state:
+            dest = f"{slots[0]['content']}_seq[t + 1]"
+        elif all(stored):
+            dest = f"{grp.name}_seq[t]"
+            self.alloc_lines.append(f"{grp.name}_seq = np.empty((T, B, {dim(grp.rows)}), dtype)  # {', '.join(s['content'] for s in slots)}")
+            for s in slots:
+                self.views.add(s["content"])
+                self.view_lines.append(f"{s['content']}_seq = {grp.name}_seq[..., {_slice(s['offset'], s['member'].size)}]")
+        else:
+            dest = f"{grp.name}_step"
+            self.alloc_lines.append(f"{dest} = np.empty((B, {dim(grp.rows)}), dtype)")
+        self.groups[grp.name] = {"slots": slots, "dest": dest, "stored": stored, "single_state": single_state}
+        for s in slots:
+            if s["act"]:
+                self.computed.add(s["content"])
+
+    def expr(self, node: Pointwise) -> sympy.Expr:
+        return self.exprs[node.name]
+
+    def gemm(self, grp: GemmGroup, out: list[str]) -> None:
+        """The fused step of one recurrent GEMM: product, input side, activations."""
+        e, g = self.e, self.e.g
+        info = self.groups[grp.name]
+        slots, buf = info["slots"], grp.name
+        out.append(f"{buf} = {info['dest']}")
+        labels = ", ".join(s["member"].name for s in slots)
+        out.append(f"np.matmul({e.ref(grp.operand, 'loop')}, {e.weights[grp.name]}.T, out={buf})  # {labels}")
+        pre = {s["pre"].name for s in slots if s["pre"] is not None}
+        whole = f"{buf}[:, {{}}]"
+        for run in _runs([s for s in slots if s["pre"] is not None]):
+            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
+            src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
+            if len(run) == len(slots) and len(pre) == 1:
+                out.append(f"{buf} += {src}_seq[t]  # + the input side (and biases) of every slot")
+            else:
+                sl = _slice(lo, hi - lo)
+                out.append(f"{whole.format(sl)} += {src}_seq[t, :, {sl}]")
+        for run in _runs([s for s in slots if s["act"]], same=lambda a, b: True):
+            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
+            view = buf if len(run) == len(slots) else whole.format(_slice(lo, hi - lo))
+            kinds = {s["act"] for s in run}
+            names = ", ".join(e.label(s["node"]) for s in run)
+            if kinds == {"tanh"}:
+                out.append(f"np.tanh({view}, out={view})  # {names}")
+                continue
+            if kinds == {"sigmoid"}:
+                scale, shift = "0.5", "0.5"
+            else:  # one tanh for both kinds: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+                scale = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 1.0}, "scale")
+                shift = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 0.0}, "shift")
+            out.append(f"{view} *= {scale}  # {names}: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5")
+            out.append(f"np.tanh({view}, out={view})")
+            out.append(f"{view} *= {scale}")
+            out.append(f"{view} += {shift}")
+        for s in slots:
+            if info["single_state"]:
+                out.append(f"{s['content']} = {buf}")
+            else:
+                out.append(f"{s['content']} = {buf}[:, {_slice(s['offset'], s['member'].size)}]")
+                self.slot_names[s["content"]] = s["content"]
+            if s["content"] in e.plan.stored and s["content"] not in self.views:
+                out.append(f"{s['content']}_seq[t] = {s['content']}")
+
+    def vector(self, grp: GemmGroup, run: list, values: dict, what: str) -> str:
+        name = self.e.fresh(f"{grp.name}_{what}")
+        parts = ", ".join(f"np.full({dim(s['member'].size)}, {values[s['act']]}, dtype)" for s in run)
+        self.alloc_lines.append(f"{name} = np.concatenate([{parts}])")
+        return name
+
+
+def _runs(slots: list, same=None) -> list[list]:
+    """Consecutive slots (adjacent offsets; and the same input-side group unless ``same``)."""
+    same = same or (lambda a, b: a["pre"] is b["pre"])
+    runs: list[list] = []
+    for s in slots:
+        if runs and same(runs[-1][-1], s) and sympy.expand(runs[-1][-1]["offset"] + runs[-1][-1]["member"].size - s["offset"]) == 0:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
 
 
 def emit(plan: KernelPlan) -> NumpyModule:
@@ -78,37 +266,48 @@ class _Emitter:
         self.weights: dict[str, str] = {}  # group name -> weight code
         self.alias: dict[str, str] = {}  # adjoint name -> the name holding the same value
         self.acc: dict[str, list[str]] = {}  # value -> names of the arrays its adjoint sums
-        self.group_buffers: dict[tuple, str] = {}
+        self.group_buffers: dict[str, str] = {}  # loop adjoint buffer -> the group that owns it
+        self.buffer_signature: dict[str, tuple] = {}  # loop adjoint buffer -> the adjoints its slots hold
+        self.destination: dict[str, str] = {}  # loop adjoint -> its slot in an adjoint buffer
+        self.in_place: set[str] = set()  # loop adjoints computed directly into their slot
         self.region_name = ""
         self.temporaries = sympy.numbered_symbols("d_tmp")  # names of shared subexpressions
         self.stage: Stage | None = None
         self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
         self.shared_groups: dict[str, str] = {}
+        self.partial_groups: dict[str, GemmGroup] = {}  # input-side group -> loop group some members share with
+        self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, str] = {}  # loop adjoint name -> the buffer slice that stores it over all steps
         self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
+        self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
+        self.coef_refs: dict[str, str] = {}  # coefficient buffer -> its value at step t
+        self.fresh_names: set[str] = set()
 
     # -- names in each context ----------------------------------------------------
     def ref(self, name: str, ctx: str) -> str:
-        """Code for value ``name`` in context ``ctx`` ('loop': one step t; 'all': every step)."""
+        """Code for value ``name`` in context ``ctx`` ('loop': one step t; 'all': every step;
+        'block': the steps t0 .. t1 - 1)."""
         g = self.g
         if g.is_leaf(name):
             leaf = g.leaf(name)
             if leaf.kind == "input":
-                return "x[t]" if ctx == "loop" else "x"
+                return {"loop": "x[t]", "block": "x[t0:t1]"}.get(ctx, "x")
             if leaf.kind == "prev_state":
-                return name if ctx == "loop" else f"{leaf.state}_seq[:-1]"
+                return {"loop": name, "block": f"{leaf.state}_seq[t0:t1]"}.get(ctx, f"{leaf.state}_seq[:-1]")
             return name  # parameters (and their row blocks) are bound once
         region = self.plan.region_of[name]
         if name in g.state_names:
-            return name if ctx == "loop" else f"{name}_seq[1:]"
+            return {"loop": name, "block": f"{name}_seq[t0 + 1:t1 + 1]"}.get(ctx, f"{name}_seq[1:]")
         if ctx == "loop" and region == "loop":
             return name
-        return f"{name}_seq[t]" if ctx == "loop" else f"{name}_seq"
+        return {"loop": f"{name}_seq[t]", "block": f"{name}_seq[t0:t1]"}.get(ctx, f"{name}_seq")
 
     def names(self, ctx: str) -> dict[str, str]:
         table = {leaf.name: self.ref(leaf.name, ctx) for leaf in self.g.leaves if leaf.kind != "target"}
         table.update({n.name: self.ref(n.name, ctx) for n in self.g.nodes})
+        if ctx == "loop":
+            table.update(self.coef_refs)
         return table
 
     def code(self, expr: sympy.Expr, ctx: str, extra: dict[str, str] | None = None) -> str:
@@ -175,25 +374,29 @@ class _Emitter:
 
     def forward(self) -> None:
         m, g, plan = self.m, self.g, self.plan
+        fused = _LoopFusion(self)
         for ctx, region, out in (("all", plan.pre, m.forward_pre), ("loop", plan.loop, m.forward_loop), ("all", plan.post, m.forward_post)):
             for stage in region.stages:
                 for group in stage.groups:
-                    self.gemm_forward(group, ctx, out)
-                for node in stage.pointwise:
-                    rhs = self.code(node.expr, ctx)
-                    if ctx == "all":
-                        out.append(f"{node.name}_seq = {rhs}  # {self.label(node)}")
+                    if ctx == "loop" and group.name in fused.groups:
+                        fused.gemm(group, out)
                     else:
-                        out.append(f"{node.name} = {rhs}  # {self.label(node)}")
-                        if node.name in g.state_names:
-                            out.append(f"{node.name}_seq[t + 1] = {node.name}")
-                        elif node.name in plan.stored:
-                            out.append(f"{node.name}_seq[t] = {node.name}")
+                        self.gemm_forward(group, ctx, out)
+                if region is plan.pre:
+                    out.extend(fused.pre_lines if stage is region.stages[-1] else [])
+                for node in stage.pointwise:
+                    if ctx == "all":
+                        out.append(f"{node.name}_seq = {self.code(node.expr, ctx)}  # {self.label(node)}")
+                    elif node.name not in fused.computed:
+                        self.pointwise_forward(node, fused.expr(node), fused, out)
         for s in g.states:
             m.forward_alloc.append(f"{s.name}_seq = np.empty((T + 1, B, {dim(s.size)}), dtype)")
             m.forward_alloc.append(f'{s.name}_seq[0] = state0["{s.name}"]')
+        m.forward_alloc.extend(fused.alloc_lines)
         for name in plan.stored:
-            m.forward_alloc.append(f"{name}_seq = np.empty((T, B, {dim(g.node(name).size)}), dtype)")
+            if name not in fused.views:
+                m.forward_alloc.append(f"{name}_seq = np.empty((T, B, {dim(g.node(name).size)}), dtype)")
+        m.forward_alloc.extend(fused.view_lines)
         if plan.loop.stages:
             m.forward_loop[:0] = [f"{s.prev} = {s.name}_seq[t]" for s in g.states]
         m.outputs = [(s.name, f"{s.name}_seq[1:]") for s in g.states] + [(r, f"{r}_seq") for r in g.readouts]
@@ -204,6 +407,31 @@ class _Emitter:
                 keep.add(name + "_seq")
         keep |= {w for w in self.weights.values() if w.startswith("W_stack_")}
         m.cache_names = sorted(keep)
+
+    def pointwise_forward(self, node: Pointwise, expr: sympy.Expr, fused: "_LoopFusion", out: list[str]) -> None:
+        """One step of a pointwise node, written straight into its stored buffer where it has one."""
+        g, plan = self.g, self.plan
+        names = {**self.names("loop"), **fused.slot_names}
+        code = numpy_code(expr, names)
+        label = f"  # {self.label(node)}"
+        if node.name in g.state_names:
+            dest = f"{node.name}_seq[t + 1]"
+        elif node.name in plan.stored:
+            dest = f"{node.name}_seq[t]"
+        else:
+            out.append(f"{node.name} = {code}{label}")
+            return
+        ufunc = {sympy.Add: "np.add", sympy.Mul: "np.multiply"}.get(type(expr))
+        if ufunc and len(expr.args) >= 2:
+            first, rest = expr.args[0], expr.func(*expr.args[1:])
+            out.append(f"{node.name} = {dest}")
+            out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={node.name}){label}")
+        elif type(expr).__name__ == "tanh":
+            out.append(f"{node.name} = {dest}")
+            out.append(f"np.tanh({numpy_code(expr.args[0], names)}, out={node.name}){label}")
+        else:
+            out.append(f"{node.name} = {code}{label}")
+            out.append(f"{dest} = {node.name}")
 
     def label(self, node) -> str:
         """The label of the equation a node implements (as in ``symrnn latex``)."""
@@ -222,12 +450,17 @@ class _Emitter:
         for stage in self.plan.pre.stages:
             for pre in stage.groups:
                 for rec in loop_groups:
-                    if len(pre.members) == len(rec.members) and all(
-                        self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)
-                    ):
+                    if len(pre.members) != len(rec.members):
+                        continue
+                    same = [self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)]
+                    if all(same):
                         shared[pre.name] = rec.name
-                        self.shared_members.update({a.name: b.name for a, b in zip(pre.members, rec.members)})
-                        break
+                    elif any(same) and pre.operand == self.g.input.name:
+                        self.partial_groups[pre.name] = rec  # GRU: r and z share, n has its own
+                    else:
+                        continue
+                    self.shared_members.update({a.name: b.name for a, b, ok in zip(pre.members, rec.members, same) if ok})
+                    break
         return shared
 
     def same_adjoint(self, a: MatVecNode, b: MatVecNode) -> bool:
@@ -280,16 +513,36 @@ class _Emitter:
         m.grads += [(f"{s.name}0", f"d_{s.name}_next") for s in g.states]
 
     def parameter_sums(self) -> None:
-        """Gradients of elementwise parameters whose adjoint a buffer stores: one sum each."""
+        """Gradients of elementwise parameters whose adjoint a buffer stores: one sum per
+        buffer over the steps and the batch, shared by every parameter that reads it
+        (PyTorch's two biases get the same sum)."""
+        totals: dict[str, str] = {}
         for leaf, name in self.deferred_sums:
             name = self.alias.get(name, name)
             p = self.g.param(leaf.param)
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
-            axes = "" if p.kind == "scalar" else ", axis=(0, 1)"
-            if name in self.slots:
-                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({self.slots[name]}{axes})")
-            else:
+            if name not in self.slots:
                 raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
+            buf, _, cols = self.slots[name].partition("[...")
+            if p.kind == "scalar":
+                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({self.slots[name]})")
+                continue
+            if buf not in totals:
+                totals[buf] = self.fresh(f"{buf.removesuffix('_seq')}_sum")
+                self.m.backward_after.append(f"{totals[buf]} = np.sum({buf}, axis=(0, 1))  # over the steps and the batch")
+            self.m.backward_after.append(f"d_{p.name}{rows} += {totals[buf]}{'[' + cols.lstrip(', ') if cols else ''}")
+
+    def fresh(self, stem: str) -> str:
+        """``stem``, or ``stem_1``, ...: a name no value of the cell, its adjoint, buffer or
+        coefficient has."""
+        names = {leaf.name for leaf in self.g.leaves} | {n.name for n in self.g.nodes}
+        taken = {f"{pre}{n}{post}" for n in names for pre in ("", "d_") for post in ("", "_seq")}
+        taken |= set(self.coefs.values()) | set(self.fresh_names)
+        name, k = stem, 1
+        while name in taken:
+            name, k = f"{stem}_{k}", k + 1
+        self.fresh_names.add(name)
+        return name
 
     def region_backward(self, region: Region, ctx: str, out: list[str]) -> None:
         g = self.g
@@ -349,14 +602,76 @@ class _Emitter:
             nonzero.add(node.name)
             stmts.append(self.assign(f"d_{node.name}", expr, ctx, seen, label=f"eq:{g.cell}:adj:{node.name}"))
         # contributions to values outside this stage
-        targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final}, key=self.order)
+        targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
+                         key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
         for dep in targets:
             expr = sympy.Add(*[d.partial(c.name, dep) * sympy.Symbol(f"d_{c.name}") for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
                 self.route(dep, expr, k, ctx, stmts, seen)
+        if ctx == "loop":
+            stmts = self.linearize(stmts, stage)
+            for group in stage.groups:
+                self.loop_adjoint_buffer(group, nonzero)
         self.print_with_cse(stmts, ctx, out)
         for group in stage.groups:
             self.gemm_backward(region, group, ctx, out, nonzero)
+
+    def linearize(self, stmts: list, stage: Stage) -> list:
+        """Leave in the loop only what depends on the incoming adjoints.
+
+        Every adjoint statement is linear in adjoints, with coefficients that
+        are functions of stored forward values only.  First, an adjoint used
+        once (or defined as one adjoint times a coefficient) is substituted
+        into its user, so chains such as d_tanh_c = d_h o, d_c += d_tanh_c (1 -
+        tanh_c^2) collapse into one product.  Then each statement is split into
+        sum_j d_j * k_j; a coefficient k_j that is more than a number or one
+        stored value becomes a buffer computed for a block of steps at once,
+        before the loop runs over that block (``backward_coefs``)."""
+        keep = {f"d_{mv.name}" for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
+        keep |= {name for names in self.acc.values() for name in names}
+        keep |= set(self.alias) | set(self.alias.values())
+        uses: dict[str, int] = {}
+        for template, expr in stmts:
+            names = [s.name for s in expr.free_symbols] if expr is not None else _words(template.split("=", 1)[1])
+            for name in names:
+                uses[name] = uses.get(name, 0) + 1
+        inlined: dict[sympy.Symbol, sympy.Expr] = {}
+        kept = []
+        for template, expr in stmts:
+            if expr is not None:
+                expr = expr.xreplace(inlined)
+            name = _assigned(template)
+            if name and expr is not None and name not in keep and (uses.get(name, 0) <= 1 or _one_term(expr)):
+                inlined[sympy.Symbol(name)] = expr
+                continue
+            kept.append((template, expr))
+        return [(template, self.split_coefficients(template, expr) if expr is not None else None) for template, expr in kept]
+
+    def split_coefficients(self, template: str, expr: sympy.Expr) -> sympy.Expr:
+        """``expr`` = sum_j d_j * k_j with each non-trivial k_j replaced by its buffer."""
+        adjoints = sorted((s for s in expr.free_symbols if s.name.startswith("d_")), key=lambda s: s.name)
+        terms = [(a, sympy.factor_terms(sympy.diff(expr, a))) for a in adjoints]
+        if any(k.has(*adjoints) for _, k in terms) or sympy.expand(expr - sum(a * k for a, k in terms)) != 0:
+            raise InternalError(f"adjoint statement '{template}' of cell '{self.g.cell}' is not linear in the adjoints: {expr}")
+        target = _assigned(template) or "d_"
+        return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
+
+    def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
+        """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
+        if k.is_Number or k.is_Symbol or (-k).is_Symbol:
+            return k
+        if k not in self.coefs:
+            src, tgt = source[2:], target[2:]
+            name = self.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
+            self.coefs[k] = name
+            varies = any(not self.g.is_leaf(s.name) or self.g.leaf(s.name).kind != "param" for s in k.free_symbols)
+            if varies:
+                self.coef_refs[name] = f"{name}[t - t0]"
+                self.m.backward_coefs.append(f"{name} = {self.code(k, 'block')}")
+            else:  # parameters only: once
+                self.coef_refs[name] = name
+                self.m.backward_seed.append(f"{name} = {self.code(k, 'all')}")
+        return sympy.Symbol(self.coefs[k])
 
     def print_with_cse(self, stmts: list, ctx: str, out: list[str]) -> None:
         """Print a stage's statements, common subexpressions shared (sympy.cse).
@@ -383,6 +698,19 @@ class _Emitter:
                 continue
             expr = next(reduced)
             place(expr)
+            name = _assigned(template)
+            lhs = template.split(" = {}", 1)[0] if " = {}" in template else None
+            if ctx == "loop" and lhs and lhs.endswith("]") and expr.is_Mul and len(expr.args) == 2:
+                a, b = (self.code(arg, ctx) for arg in expr.args)  # one product, into the buffer
+                out.append(f"np.multiply({a}, {b}, out={lhs}){template.split('{}', 1)[1]}")
+                continue
+            if ctx == "loop" and name in self.destination and expr.is_Mul and len(expr.args) == 2:
+                # one product, straight into the adjoint buffer's slot: no temporary, no copy
+                a, b = (self.code(arg, ctx) for arg in expr.args)
+                self.in_place.add(name)
+                out.append(f"{name} = {self.destination[name]}")
+                out.append(f"np.multiply({a}, {b}, out={name}){template.split('{}', 1)[1]}")
+                continue
             out.append(template.format(self.code(expr, ctx)))
 
     def order(self, name: str) -> tuple[int, str]:
@@ -414,6 +742,10 @@ class _Emitter:
         if leaf is not None and leaf.kind == "param" and ctx == "loop" and expr.is_Symbol and self.alias.get(expr.name, expr.name) in stored:
             self.deferred_sums.append((leaf, expr.name))  # summed over every step after the loop
             return
+        if leaf is not None and leaf.kind == "param" and ctx == "loop" and expr in self.routed and self.only_here(dep):
+            self.slots.setdefault(self.routed[expr], self.routed[expr])
+            self.deferred_sums.append((leaf, self.routed[expr]))  # the same values as that buffer's
+            return
         if leaf is not None and leaf.kind == "param":
             p = g.param(leaf.param)
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
@@ -431,7 +763,44 @@ class _Emitter:
                 out.append(self.assign(name, expr, ctx, seen))
                 self.acc.setdefault(dep, []).append(name)
             else:
-                out.append((f"d_{dep}_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
+                if ctx == "loop" and self.only_here(dep):  # this step's whole contribution
+                    out.append((f"d_{dep}_seq[t] = {{}}", expr))
+                    self.routed.setdefault(expr, f"d_{dep}_seq")
+                else:
+                    out.append((f"d_{dep}_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
+
+    def loop_adjoint_buffer(self, group: GemmGroup, nonzero: set[str]) -> tuple[str, bool]:
+        """The buffer holding a loop GEMM's output adjoint for every step (for the weight
+        gradient after the loop), and whether it is this group's own.  A member adjoint
+        that is one product is written into its slot in place (``self.in_place``)."""
+        if group.name in self.loop_buffer:
+            buf = self.loop_buffer[group.name]
+            return buf, self.group_buffers[buf] == group.name
+        adj = [self.alias.get(f"d_{mv.name}", f"d_{mv.name}") if mv.name in nonzero else None for mv in group.members]
+        signature = tuple(adj)
+        for buf, owner in self.group_buffers.items():
+            if self.buffer_signature[buf] == signature:
+                self.loop_buffer[group.name] = buf
+                return buf, False
+        buf = f"d_{group.name}_seq"
+        self.loop_buffer[group.name] = buf
+        self.group_buffers[buf] = group.name
+        self.buffer_signature[buf] = signature
+        self.m.backward_seed.append(f"{buf} = np.empty((T, B, {dim(group.rows)}), dtype)")
+        for a, mv, off in zip(adj, group.members, group.offsets):
+            if a:
+                self.slots.setdefault(a, f"{buf}[..., {_slice(off, mv.size)}]" if len(group.members) > 1 else buf)
+                self.destination.setdefault(a, self.slot(group, mv, off, buf))
+        return buf, True
+
+    @staticmethod
+    def slot(group: GemmGroup, mv: MatVecNode, offset: sympy.Expr, buf: str) -> str:
+        return f"{buf}[t]" if len(group.members) == 1 else f"{buf}[t, :, {_slice(offset, mv.size)}]"
+
+    def only_here(self, name: str) -> bool:
+        """Every consumer of ``name`` is a pointwise node of the current stage."""
+        here = {n.name for n in self.stage.pointwise}
+        return all(c.name in here for c in self.g.consumers(name))
 
     def gemm_backward(self, region: Region, group: GemmGroup, ctx: str, out: list[str], nonzero: set[str]) -> None:
         g = self.g
@@ -440,28 +809,20 @@ class _Emitter:
         adj = [self.alias.get(a, a) if a else None for a in adj]
         if all(a is None for a in adj):
             return
-        signature = (ctx, tuple(adj))
         buf = f"d_{group.name}_seq"
         if ctx == "loop":
-            if signature in self.group_buffers:
-                buf = self.group_buffers[signature]
-                self.loop_buffer[group.name] = buf
-            else:
-                self.loop_buffer[group.name] = buf
-                self.group_buffers[signature] = buf
-                self.m.backward_seed.append(f"{buf} = np.empty((T, B, {dim(group.rows)}), dtype)")
+            buf, new = self.loop_adjoint_buffer(group, nonzero)
+            if new:
                 for a, mv, off in zip(adj, group.members, group.offsets):
-                    if len(group.members) == 1:
-                        out.append(f"{buf}[t] = {a or 0.0}")
-                    else:
-                        out.append(f"{buf}[t, :, {_slice(off, mv.size)}] = {a or 0.0}")
-            for a, mv, off in zip(adj, group.members, group.offsets):
-                if a:
-                    self.slots.setdefault(a, f"{buf}[..., {_slice(off, mv.size)}]" if len(group.members) > 1 else buf)
+                    if a not in self.in_place:
+                        out.append(f"{self.slot(group, mv, off, buf)} = {a or 0.0}")
             step = f"{buf}[t]"
         elif group.name in self.shared_groups:
             buf = self.loop_buffer[self.shared_groups[group.name]]
             step = buf
+        elif group.name in self.partial_groups:
+            self.partial_gemms(group, adj)
+            return
         else:
             if len(group.members) == 1:
                 out.append(f"{buf} = {adj[0]}")
@@ -501,6 +862,33 @@ class _Emitter:
             for mv, off in zip(group.members, group.offsets):
                 target = self.member_weight(mv).replace(mv.param, f"d_{mv.param}", 1)
                 lines.append(f"{target} += dW_stack[{_slice(off, mv.size)}]")
+
+    def partial_gemms(self, group: GemmGroup, adj: list[str | None]) -> None:
+        """Input-side GEMMs of a group whose members partly share the loop buffer's slots:
+        one product per run of members (shared runs read the loop buffer, no copies)."""
+        g = self.g
+        rec = self.partial_groups[group.name]
+        loop_buf = self.loop_buffer[rec.name]
+        runs: list[list] = []  # [source, first offset in source, first row, size]
+        for a, mv, off, rec_off in zip(adj, group.members, group.offsets, rec.offsets):
+            if mv.name in self.shared_members:
+                if runs and runs[-1][0] == loop_buf and sympy.expand(runs[-1][1] + runs[-1][3] - rec_off) == 0 and group.whole_param:
+                    runs[-1][3] += mv.size
+                    continue
+                runs.append([loop_buf, rec_off, off, mv.size])
+            elif a:
+                runs.append([a, None, off, mv.size])
+        w, cols = self.weights[group.name], dim(g.size(group.operand))
+        for source, src_off, row, size in runs:
+            view = source if src_off is None else f"{source}[..., {_slice(src_off, size)}]"
+            rows = _slice(row, size)
+            self.m.backward_pre.append(f"d_x_seq += {steps_matmul(view, dim(size), f'{w}[{rows}]', cols)}")
+            dW = f"{view}.reshape(-1, {dim(size)}).T @ x.reshape(-1, {cols})"
+            if group.whole_param:
+                self.m.backward_weights.append(f"d_{group.whole_param}[{rows}] += {dW}")
+            else:
+                (mv,) = [m for m, o in zip(group.members, group.offsets) if o == row]
+                self.m.backward_weights.append(f"{self.member_weight(mv).replace(mv.param, f'd_{mv.param}', 1)} += {dW}")
 
     # -- forward mode (RTRL) ------------------------------------------------------
     def rtrl(self) -> None:
