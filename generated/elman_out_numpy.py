@@ -89,7 +89,6 @@ def forward(params, x, state0=None):
         np.matmul(h_prev, W_h.T, out=h_prev_proj)  # W_h_h_prev
         h_prev_proj += W_x_x_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj, out=h_prev_proj)  # eq:elman_out:h
-        h = h_prev_proj
     # readout, every step at once
     W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y.T).reshape(T, B, n_out)  # W_y_h
     y_seq = np.tanh(W_y_h_seq + b_y)  # eq:elman_out:y
@@ -206,7 +205,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

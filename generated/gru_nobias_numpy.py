@@ -214,7 +214,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

@@ -131,8 +131,6 @@ def backward(params, cache, grad_outputs):
     b_rz = p["b_rz"]
     W_h = p["W_h"]
     b_h = p["b_h"]
-    b_rz_0 = b_rz[:n_hidden]
-    b_rz_1 = b_rz[n_hidden:2*n_hidden]
     W_h_in0_seq = cache["W_h_in0_seq"]
     W_stack_h_prev = cache["W_stack_h_prev"]
     W_stack_x = cache["W_stack_x"]
@@ -215,7 +213,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

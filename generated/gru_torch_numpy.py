@@ -82,8 +82,6 @@ def forward(params, x, state0=None):
     bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
     # input side, every step at once
     x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
-    weight_ih_l0_0_x_seq = x_proj_seq[..., :n_hidden]
-    weight_ih_l0_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     x_proj_seq[..., :n_hidden] += bias_hh_l0_0 + bias_ih_l0_0  # the biases of r, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += bias_hh_l0_1 + bias_ih_l0_1  # the biases of z, for every step at once
@@ -132,12 +130,7 @@ def backward(params, cache, grad_outputs):
     weight_hh_l0 = p["weight_hh_l0"]
     bias_ih_l0 = p["bias_ih_l0"]
     bias_hh_l0 = p["bias_hh_l0"]
-    bias_hh_l0_0 = bias_hh_l0[:n_hidden]
-    bias_ih_l0_0 = bias_ih_l0[:n_hidden]
-    bias_hh_l0_1 = bias_hh_l0[n_hidden:2*n_hidden]
-    bias_ih_l0_1 = bias_ih_l0[n_hidden:2*n_hidden]
     bias_hh_l0_2 = bias_hh_l0[2*n_hidden:3*n_hidden]
-    bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
     h_seq = cache["h_seq"]
     n_seq = cache["n_seq"]
     r_seq = cache["r_seq"]
@@ -204,7 +197,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

@@ -92,10 +92,6 @@ def forward(params, x, state0=None):
     W_stack_h_prev = np.concatenate([W_fh, W_ih, W_ch, W_oh], axis=0)  # stacked: one GEMM for 4 products
     # input side, every step at once
     x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
-    W_fx_x_seq = x_proj_seq[..., :n_hidden]
-    W_ix_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
-    W_cx_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
-    W_ox_x_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
@@ -239,7 +235,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

@@ -92,10 +92,6 @@ def forward(params, x, state0=None):
     W_stack_h_prev = np.concatenate([W_f[:, :n_hidden], W_i[:, :n_hidden], W_o[:, :n_hidden], W_g[:, :n_hidden]], axis=0)  # stacked: one GEMM for 4 products
     # input side, every step at once
     x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_f_x, W_i_x, W_o_x, W_g_x
-    W_f_x_seq = x_proj_seq[..., :n_hidden]
-    W_i_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
-    W_o_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
-    W_g_x_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
     x_proj_seq[..., :n_hidden] += b_f  # the biases of f, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += b_i  # the biases of i, for every step at once
     x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_o  # the biases of o, for every step at once
@@ -248,7 +244,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

@@ -84,7 +84,6 @@ def forward(params, x, state0=None):
         np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev
         h_prev_proj += weight_ih_l0_0_x_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj, out=h_prev_proj)  # eq:rnn_tanh_torch:h
-        h = h_prev_proj
     outputs = {
         "h": h_seq[1:],
     }
@@ -102,8 +101,6 @@ def backward(params, cache, grad_outputs):
     weight_hh_l0 = p["weight_hh_l0"]
     bias_ih_l0 = p["bias_ih_l0"]
     bias_hh_l0 = p["bias_hh_l0"]
-    bias_hh_l0_0 = bias_hh_l0[:n_hidden]
-    bias_ih_l0_0 = bias_ih_l0[:n_hidden]
     h_seq = cache["h_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_x_seq = np.zeros_like(x)
@@ -146,7 +143,6 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
-    T, B = x.shape[0], x.shape[1]
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:

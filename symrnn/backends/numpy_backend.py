@@ -60,6 +60,9 @@ class NumpyModule:
     """Plain data for the template."""
 
     setup: list[str] = field(default_factory=list)  # bind parameters and their row blocks
+    forward_setup: list[str] = field(default_factory=list)  # ... those forward reads
+    backward_setup: list[str] = field(default_factory=list)
+    rtrl_bind: list[str] = field(default_factory=list)
     stacks: list[str] = field(default_factory=list)  # stacked weights (forward computes, cache keeps)
     forward_pre: list[str] = field(default_factory=list)
     forward_alloc: list[str] = field(default_factory=list)
@@ -193,7 +196,7 @@ class _LoopFusion:
 
     def gemm(self, grp: GemmGroup, out: list[str]) -> None:
         """The fused step of one recurrent GEMM: product, input side, activations."""
-        e, g = self.e, self.e.g
+        e = self.e
         info = self.groups[grp.name]
         slots, buf = info["slots"], grp.name
         out.append(f"{buf} = {info['dest']}")
@@ -226,7 +229,10 @@ class _LoopFusion:
             out.append(f"np.tanh({view}, out={view})")
             out.append(f"{view} *= {scale}")
             out.append(f"{view} += {shift}")
+        read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
         for s in slots:
+            if s["content"] not in read and (s["content"] in self.views or info["single_state"]):
+                continue  # nothing else in the step reads it; its buffer holds it
             if info["single_state"]:
                 out.append(f"{s['content']} = {buf}")
             else:
@@ -320,7 +326,18 @@ class _Emitter:
         self.backward()
         self.rtrl()
         self.loss()
-        return self.m
+        m = self.m
+        m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
+        m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
+                                           m.backward_after, m.backward_pre, m.backward_weights)
+        m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [code for _, code in m.rtrl_grads])
+        return m
+
+    def used_setup(self, *bodies: list[str]) -> list[str]:
+        """The setup lines a function needs: every parameter, and the row blocks its code reads."""
+        code = "\n".join(line.split("#")[0] for body in bodies for line in body)
+        return [line for line in self.m.setup
+                if "= p[" in line or re.search(rf"\b{line.split(' = ')[0]}\b", code)]
 
     def setup(self) -> None:
         m, g = self.m, self.g
@@ -407,6 +424,12 @@ class _Emitter:
                 keep.add(name + "_seq")
         keep |= {w for w in self.weights.values() if w.startswith("W_stack_")}
         m.cache_names = sorted(keep)
+        # views of input-side products that folding left unread
+        code = "\n".join([*m.forward_loop, *m.forward_post, *fused.pre_lines, *(c for _, c in m.outputs), *m.cache_names])
+        views = {i: match.group(1) for i, line in enumerate(m.forward_pre)
+                 if (match := re.match(r"^(\w+_seq) = \w+_seq\[\.\.\., [^\]]*\]$", line))}
+        code += "\n".join(line for i, line in enumerate(m.forward_pre) if i not in views)
+        m.forward_pre = [line for i, line in enumerate(m.forward_pre) if i not in views or re.search(rf"\b{views[i]}\b", code)]
 
     def pointwise_forward(self, node: Pointwise, expr: sympy.Expr, fused: "_LoopFusion", out: list[str]) -> None:
         """One step of a pointwise node, written straight into its stored buffer where it has one."""
