@@ -108,8 +108,8 @@ def backward(params, cache, grad_outputs):
     V = p["V"]
     s_seq = cache["s_seq"]
     d_s_seq = _seed(grad_outputs, "s", (T, B, n_hidden), dtype)
-    d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype, writable=False)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_U = np.zeros_like(U)
     d_W = np.zeros_like(W)
     d_V = np.zeros_like(V)
@@ -129,7 +129,7 @@ def backward(params, cache, grad_outputs):
             d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
             d_s_next = d_s_prev_from_s_prev_proj
     # input side, every step at once
-    d_x_seq += (d_s_prev_proj_seq.reshape(-1, n_hidden) @ U).reshape(T, B, n_in)
+    np.matmul(d_s_prev_proj_seq.reshape(-1, n_hidden), U, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
     d_V += d_s_proj_seq.reshape(-1, n_out).T @ s_seq[1:].reshape(-1, n_hidden)
     d_W += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ s_seq[:-1].reshape(-1, n_hidden)
@@ -264,15 +264,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

@@ -115,8 +115,8 @@ def backward(params, cache, grad_outputs):
     h_seq = cache["h_seq"]
     y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
-    d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype, writable=False)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_W_x = np.zeros_like(W_x)
     d_W_h = np.zeros_like(W_h)
     d_b_h = np.zeros_like(b_h)
@@ -142,7 +142,7 @@ def backward(params, cache, grad_outputs):
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_b_h += d_h_prev_proj_sum
     # input side, every step at once
-    d_x_seq += (d_h_prev_proj_seq.reshape(-1, n_hidden) @ W_x).reshape(T, B, n_in)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), W_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
     d_W_y += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
     d_W_h += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
@@ -287,15 +287,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

@@ -141,11 +141,11 @@ def backward(params, cache, grad_outputs):
     h_tilde_seq = cache["h_tilde_seq"]
     r_seq = cache["r_seq"]
     z_seq = cache["z_seq"]
-    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
+    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_W_zx_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_W_rx_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_W_hx_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_W_zx = np.zeros_like(W_zx)
     d_W_zh = np.zeros_like(W_zh)
     d_W_rx = np.zeros_like(W_rx)
@@ -186,7 +186,7 @@ def backward(params, cache, grad_outputs):
     d_W_rx_x = d_W_rx_x_seq  # eq:gru_nobias:adj:W_rx_x
     d_W_zx_x = d_W_zx_x_seq  # eq:gru_nobias:adj:W_zx_x
     d_x_proj_seq = np.concatenate([d_W_zx_x, d_W_rx_x, d_W_hx_x], axis=-1)
-    d_x_seq += (d_x_proj_seq.reshape(-1, 3*n_hidden) @ W_stack_x).reshape(T, B, n_in)
+    np.matmul(d_x_proj_seq.reshape(-1, 3*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
     d_W_hh += d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T @ W_hh_in0_seq.reshape(-1, n_hidden)
     dW_stack = d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
@@ -318,15 +318,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

@@ -136,9 +136,9 @@ def backward(params, cache, grad_outputs):
     r_seq = cache["r_seq"]
     weight_hh_l0_2_h_prev_seq = cache["weight_hh_l0_2_h_prev_seq"]
     z_seq = cache["z_seq"]
-    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
+    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_weight_ih_l0_2_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
     d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
     d_bias_ih_l0 = np.zeros_like(bias_ih_l0)
@@ -175,7 +175,7 @@ def backward(params, cache, grad_outputs):
     d_bias_ih_l0[2*n_hidden:3*n_hidden] += d_weight_ih_l0_2_x_sum
     # input side, every step at once
     d_weight_ih_l0_2_x = d_weight_ih_l0_2_x_seq  # eq:gru_torch:adj:weight_ih_l0_2_x
-    d_x_seq += (d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden) @ weight_ih_l0[:2*n_hidden]).reshape(T, B, n_in)
+    np.matmul(d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden), weight_ih_l0[:2*n_hidden], out=d_x_seq.reshape(-1, n_in))
     d_x_seq += (d_weight_ih_l0_2_x.reshape(-1, n_hidden) @ weight_ih_l0[2*n_hidden:3*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
@@ -304,15 +304,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

@@ -163,9 +163,9 @@ def backward(params, cache, grad_outputs):
     i_seq = cache["i_seq"]
     o_seq = cache["o_seq"]
     tanh_c_seq = cache["tanh_c_seq"]
-    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
-    d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
+    d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype, writable=False)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_W_fx = np.zeros_like(W_fx)
     d_W_fh = np.zeros_like(W_fh)
     d_W_ix = np.zeros_like(W_ix)
@@ -202,7 +202,7 @@ def backward(params, cache, grad_outputs):
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     # input side, every step at once
-    d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_fh += dW_stack[:n_hidden]
@@ -368,15 +368,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

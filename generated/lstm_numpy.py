@@ -167,9 +167,9 @@ def backward(params, cache, grad_outputs):
     i_seq = cache["i_seq"]
     o_seq = cache["o_seq"]
     tanh_c_seq = cache["tanh_c_seq"]
-    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
-    d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
-    d_x_seq = np.zeros_like(x)
+    d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
+    d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype, writable=False)
+    d_x_seq = np.empty((T, B, n_in), dtype)
     d_W_f = np.zeros_like(W_f)
     d_W_i = np.zeros_like(W_i)
     d_W_o = np.zeros_like(W_o)
@@ -211,7 +211,7 @@ def backward(params, cache, grad_outputs):
     d_b_o += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
     d_b_g += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # input side, every step at once
-    d_x_seq += (d_h_prev_proj_seq.reshape(-1, 4*n_hidden) @ W_stack_x).reshape(T, B, n_in)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_f[:, :n_hidden] += dW_stack[:n_hidden]
@@ -381,15 +381,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

@@ -109,7 +109,7 @@ def backward(params, cache, grad_outputs):
     d = p["d"]
     h_seq = cache["h_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, 1), dtype)
-    d_y_seq = _seed(grad_outputs, "y", (T, B, 1), dtype)
+    d_y_seq = _seed(grad_outputs, "y", (T, B, 1), dtype, writable=False)
     d_x_seq = np.zeros_like(x)
     d_w = np.zeros_like(w)
     d_v = np.zeros_like(v)
@@ -271,15 +271,16 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _seed(grad_outputs, name, shape, dtype):
-    """A writable copy of grad_outputs[name] (zeros when it is missing)."""
+def _seed(grad_outputs, name, shape, dtype, writable=True):
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype)
+        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
     g = np.asarray(g)
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
-    return g.astype(dtype, copy=True)
+    return g.astype(dtype, copy=writable)
 
 
 def _dims(n_in, n_hidden, n_out):

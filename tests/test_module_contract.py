@@ -60,3 +60,23 @@ def test_bad_input_and_state_shapes(module):
         module.forward(params, np.ones((2, 1, n_in)), {state: np.ones((3, 7))})
     with pytest.raises(ValueError, match="dtype"):
         module.forward(params, np.ones((2, 1, n_in), dtype=np.int64))
+
+
+def test_backward_leaves_its_inputs_alone(module):
+    """backward reads the caller's grad_outputs, the cache and the parameters without
+    writing into them (some seeds are read in place), so it can run twice on one cache."""
+    n_in, n_hidden, n_out = sizes(module)
+    rng = np.random.default_rng(3)
+    params = module.init_params(n_in, n_hidden, n_out, seed=2)
+    x = rng.standard_normal((6, 3, n_in))
+    outputs, cache = module.forward(params, x)
+    grad_outputs = {name: rng.standard_normal(value.shape) for name, value in outputs.items()}
+    before = {k: v.copy() for k, v in grad_outputs.items()}
+    params_before = {k: v.copy() for k, v in params.items()}
+    cache_before = {k: v.copy() for k, v in cache.items() if isinstance(v, np.ndarray)}
+    first = module.backward(params, cache, grad_outputs)
+    second = module.backward(params, cache, grad_outputs)
+    assert all(np.array_equal(before[k], grad_outputs[k]) for k in before)
+    assert all(np.array_equal(params_before[k], params[k]) for k in params)
+    assert all(np.array_equal(cache_before[k], cache[k]) for k in cache_before)
+    assert all(np.array_equal(first[k], second[k]) for k in first)

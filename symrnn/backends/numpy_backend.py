@@ -327,11 +327,33 @@ class _Emitter:
         self.rtrl()
         self.loss()
         m = self.m
+        self.lean_buffers()
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)
         m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [code for _, code in m.rtrl_grads])
         return m
+
+    def lean_buffers(self) -> None:
+        """Backward allocates no more than it writes: a seed nothing adds into is read
+        from the caller's array (or a broadcast zero); when the first write to d_x is a
+        GEMM over every step, that GEMM writes into it (no zero fill, no temporary)."""
+        m = self.m
+        later = [*m.backward_post, *m.backward_coefs, *m.backward_loop, *m.backward_after, *m.backward_pre, *m.backward_weights]
+        code = "\n".join(line.split("#")[0] for line in later)
+        for i, line in enumerate(m.backward_seed):
+            match = re.match(r"^(d_\w+_seq) = _seed\((.*)\)$", line)
+            if match and not re.search(rf"\b{match.group(1)}(\[[^\]]*\])? \+?=", code):
+                m.backward_seed[i] = f"{match.group(1)} = _seed({match.group(2)}, writable=False)"
+        for body in (m.backward_post, m.backward_coefs, m.backward_loop, m.backward_after, m.backward_pre):
+            for i, line in enumerate(body):
+                if "d_x_seq" not in line.split("#")[0]:
+                    continue
+                match = re.match(r"^d_x_seq \+= \((.*) @ (.*)\)\.reshape\(T, B, n_in\)$", line.split("  #")[0])
+                if match:
+                    body[i] = f"np.matmul({match.group(1)}, {match.group(2)}, out=d_x_seq.reshape(-1, n_in))"
+                    m.backward_seed[m.backward_seed.index("d_x_seq = np.zeros_like(x)")] = "d_x_seq = np.empty((T, B, n_in), dtype)"
+                return
 
     def used_setup(self, *bodies: list[str]) -> list[str]:
         """The setup lines a function needs: every parameter, and the row blocks its code reads."""
