@@ -80,27 +80,28 @@ def forward(params, x, state0=None):
     W_stack_h_prev = np.concatenate([W_rz[:n_hidden, :n_hidden], W_rz[n_hidden:2*n_hidden, :n_hidden]], axis=0)  # stacked: one GEMM for 2 products
     # input side, every step at once
     x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
-    W_rz_0_x_seq = x_proj_seq[..., :n_hidden]
-    W_rz_1_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     W_h_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     x_proj_seq[..., :n_hidden] += b_rz_0  # the biases of z, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += b_rz_1  # the biases of r, for every step at once
     x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_h  # the biases of h_tilde, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
-    z_seq = np.empty((T, B, n_hidden), dtype)
-    r_seq = np.empty((T, B, n_hidden), dtype)
+    h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)  # z, r
     W_h_in0_seq = np.empty((T, B, n_hidden), dtype)
     h_tilde_seq = np.empty((T, B, n_hidden), dtype)
+    z_seq = h_prev_proj_seq[..., :n_hidden]
+    r_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
-        h_prev_proj = h_prev @ W_stack_h_prev.T  # W_rz_0_h_prev, W_rz_1_h_prev
-        W_rz_0_h_prev = h_prev_proj[..., :n_hidden]
-        W_rz_1_h_prev = h_prev_proj[..., n_hidden:2*n_hidden]
-        z = (0.5 * np.tanh(0.5 * (W_rz_0_h_prev + W_rz_0_x_seq[t])) + 0.5)  # eq:gru:z
-        z_seq[t] = z
-        r = (0.5 * np.tanh(0.5 * (W_rz_1_h_prev + W_rz_1_x_seq[t])) + 0.5)  # eq:gru:r
-        r_seq[t] = r
+        h_prev_proj = h_prev_proj_seq[t]
+        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
+        h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
+        h_prev_proj *= 0.5  # eq:gru:z, eq:gru:r: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        np.tanh(h_prev_proj, out=h_prev_proj)
+        h_prev_proj *= 0.5
+        h_prev_proj += 0.5
+        z = h_prev_proj[:, :n_hidden]
+        r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_h_in0 = W_h_in0_seq[t]
         np.multiply(h_prev, r, out=W_h_in0)  # eq:gru:h_tilde
         W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T  # W_h_W_h_in0
@@ -139,9 +140,6 @@ def backward(params, cache, grad_outputs):
     r_seq = cache["r_seq"]
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
-    d_W_rz_0_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_rz_1_x_seq = np.zeros((T, B, n_hidden), dtype)
-    d_W_h_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.empty((T, B, n_in), dtype)
     d_W_rz = np.zeros_like(W_rz)
     d_b_rz = np.zeros_like(b_rz)
@@ -164,15 +162,12 @@ def backward(params, cache, grad_outputs):
             d_W_h_W_h_in0 = d_W_h_in0_proj_seq[t]
             np.multiply(d_h, dh_dW_h_W_h_in0[t - t0], out=d_W_h_W_h_in0)  # eq:gru:adj:W_h_W_h_in0
             d_z_from1 = d_h*dh_dz_from1[t - t0]
-            d_W_h_x_seq[t] = d_W_h_W_h_in0
             d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
             d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
             d_W_rz_1_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
             np.multiply(dW_h_in0_from_W_h_in0_proj_dW_rz_1_h_prev[t - t0], d_W_h_in0_from_W_h_in0_proj, out=d_W_rz_1_h_prev)  # eq:gru:adj:W_rz_1_h_prev
             d_W_rz_0_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_z_from1, dz_from1_dW_rz_0_h_prev[t - t0], out=d_W_rz_0_h_prev)  # eq:gru:adj:W_rz_0_h_prev
-            d_W_rz_0_x_seq[t] = d_W_rz_0_h_prev
-            d_W_rz_1_x_seq[t] = d_W_rz_1_h_prev
             d_h_prev_0 = d_W_h_in0_from_W_h_in0_proj*r
             d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
             d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
@@ -182,21 +177,17 @@ def backward(params, cache, grad_outputs):
     d_b_rz[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
     d_b_rz[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     # input side, every step at once
-    d_W_h_x = d_W_h_x_seq  # eq:gru:adj:W_h_x
-    d_W_rz_1_x = d_W_rz_1_x_seq  # eq:gru:adj:W_rz_1_x
-    d_W_rz_0_x = d_W_rz_0_x_seq  # eq:gru:adj:W_rz_0_x
-    d_x_proj_seq = np.concatenate([d_W_rz_0_x, d_W_rz_1_x, d_W_h_x], axis=-1)
-    np.matmul(d_x_proj_seq.reshape(-1, 3*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
+    np.matmul(d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden), W_stack_x[:2*n_hidden], out=d_x_seq.reshape(-1, n_in))
+    d_x_seq += (d_W_h_in0_proj_seq.reshape(-1, n_hidden) @ W_stack_x[2*n_hidden:3*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = d_W_h_in0_proj_seq.reshape(-1, n_hidden).T @ W_h_in0_seq.reshape(-1, n_hidden)
     d_W_h[:, :n_hidden] += dW_stack[:n_hidden]
     dW_stack = d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_rz[:n_hidden, :n_hidden] += dW_stack[:n_hidden]
     d_W_rz[n_hidden:2*n_hidden, :n_hidden] += dW_stack[n_hidden:2*n_hidden]
-    dW_stack = d_x_proj_seq.reshape(-1, 3*n_hidden).T @ x.reshape(-1, n_in)
-    d_W_rz[:n_hidden, n_hidden:n_hidden + n_in] += dW_stack[:n_hidden]
-    d_W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in] += dW_stack[n_hidden:2*n_hidden]
-    d_W_h[:, n_hidden:n_hidden + n_in] += dW_stack[2*n_hidden:3*n_hidden]
+    d_W_rz[:n_hidden, n_hidden:n_hidden + n_in] += d_h_prev_proj_seq[..., :n_hidden].reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in] += d_h_prev_proj_seq[..., n_hidden:2*n_hidden].reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_W_h[:, n_hidden:n_hidden + n_in] += d_W_h_in0_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {
         "W_rz": d_W_rz,
         "b_rz": d_b_rz,

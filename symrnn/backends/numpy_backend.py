@@ -156,8 +156,7 @@ class _LoopFusion:
                 for add in sympy.preorder_traversal(expr):
                     if add.is_Add and sympy.Symbol(mv.name) in add.args:
                         partners = [a for a in add.args if a.is_Symbol and a.name in pre_members and sole_use(a.name, node)]
-                        partners = [a for a in partners if pre_members[a.name][0].rows == grp.rows
-                                    and sympy.expand(pre_members[a.name][1] - off) == 0]
+                        partners = [a for a in partners if sympy.expand(pre_members[a.name][1] - off) == 0]
                         if partners:
                             rest = [a for a in add.args if a not in (partners[0], sympy.Symbol(mv.name))]
                             whole = expr.args and expr.args[0] == add and len(expr.args) == 1
@@ -207,7 +206,7 @@ class _LoopFusion:
         for run in _runs([s for s in slots if s["pre"] is not None]):
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
             src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
-            if len(run) == len(slots) and len(pre) == 1:
+            if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
                 out.append(f"{buf} += {src}_seq[t]  # + the input side (and biases) of every slot")
             else:
                 sl = _slice(lo, hi - lo)
@@ -281,7 +280,8 @@ class _Emitter:
         self.stage: Stage | None = None
         self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
         self.shared_groups: dict[str, str] = {}
-        self.partial_groups: dict[str, GemmGroup] = {}  # input-side group -> loop group some members share with
+        self.partial_groups: dict[str, GemmGroup] = {}  # input-side groups some of whose members share a loop slot
+        self.member_source: dict[str, tuple] = {}  # input-side product -> (loop group, offset) holding its adjoint
         self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, str] = {}  # loop adjoint name -> the buffer slice that stores it over all steps
@@ -495,17 +495,24 @@ class _Emitter:
         for stage in self.plan.pre.stages:
             for pre in stage.groups:
                 for rec in loop_groups:
-                    if len(pre.members) != len(rec.members):
-                        continue
-                    same = [self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)]
-                    if all(same):
+                    if len(pre.members) == len(rec.members) and all(
+                        self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)
+                    ):
                         shared[pre.name] = rec.name
-                    elif any(same) and pre.operand == self.g.input.name:
-                        self.partial_groups[pre.name] = rec  # GRU: r and z share, n has its own
-                    else:
+                        self.shared_members.update({a.name: b.name for a, b in zip(pre.members, rec.members)})
+                        break
+                else:
+                    if pre.operand != self.g.input.name:
                         continue
-                    self.shared_members.update({a.name: b.name for a, b, ok in zip(pre.members, rec.members, same) if ok})
-                    break
+                    # member by member (GRU: r and z share, n keeps its own)
+                    for a in pre.members:
+                        for rec in loop_groups:
+                            for b, off in zip(rec.members, rec.offsets):
+                                if a.name not in self.member_source and self.same_adjoint(a, b):
+                                    self.member_source[a.name] = (rec, off)
+                                    self.shared_members[a.name] = b.name
+                    if any(a.name in self.member_source for a in pre.members):
+                        self.partial_groups[pre.name] = pre
         return shared
 
     def same_adjoint(self, a: MatVecNode, b: MatVecNode) -> bool:
@@ -912,12 +919,15 @@ class _Emitter:
         """Input-side GEMMs of a group whose members partly share the loop buffer's slots:
         one product per run of members (shared runs read the loop buffer, no copies)."""
         g = self.g
-        rec = self.partial_groups[group.name]
-        loop_buf = self.loop_buffer[rec.name]
         runs: list[list] = []  # [source, first offset in source, first row, size]
-        for a, mv, off, rec_off in zip(adj, group.members, group.offsets, rec.offsets):
-            if mv.name in self.shared_members:
-                if runs and runs[-1][0] == loop_buf and sympy.expand(runs[-1][1] + runs[-1][3] - rec_off) == 0 and group.whole_param:
+        for a, mv, off in zip(adj, group.members, group.offsets):
+            if mv.name in self.member_source:
+                rec, rec_off = self.member_source[mv.name]
+                loop_buf = self.loop_buffer[rec.name]
+                if len(rec.members) == 1:
+                    rec_off = None  # the whole buffer
+                if (runs and runs[-1][0] == loop_buf and rec_off is not None and runs[-1][1] is not None
+                        and sympy.expand(runs[-1][1] + runs[-1][3] - rec_off) == 0):
                     runs[-1][3] += mv.size
                     continue
                 runs.append([loop_buf, rec_off, off, mv.size])
@@ -931,8 +941,13 @@ class _Emitter:
             dW = f"{view}.reshape(-1, {dim(size)}).T @ x.reshape(-1, {cols})"
             if group.whole_param:
                 self.m.backward_weights.append(f"d_{group.whole_param}[{rows}] += {dW}")
-            else:
-                (mv,) = [m for m, o in zip(group.members, group.offsets) if o == row]
+                continue
+            for mv, off in zip(group.members, group.offsets):  # stacked from several parameters: member by member
+                inside = sympy.expand(off - row)
+                if inside.is_negative or sympy.expand(row + size - off - mv.size).is_negative:
+                    continue
+                part = source if src_off is None else f"{source}[..., {_slice(src_off + inside, mv.size)}]"
+                dW = f"{part}.reshape(-1, {dim(mv.size)}).T @ x.reshape(-1, {cols})"
                 self.m.backward_weights.append(f"{self.member_weight(mv).replace(mv.param, f'd_{mv.param}', 1)} += {dW}")
 
     # -- forward mode (RTRL) ------------------------------------------------------
