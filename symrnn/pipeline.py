@@ -29,8 +29,19 @@ from .plan import KernelPlan, plan
 
 __all__ = ["build", "render_numpy", "load_module", "generate", "write_atomic", "module_name"]
 
+def _template_loader() -> jinja2.BaseLoader:
+    """The templates of this source checkout if it is one, else the installed package's.
+
+    (An editable install maps ``symrnn.templates`` to one checkout's ``templates/``;
+    a second checkout or worktree run from its own folder must use its own.)"""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "numpy_module.py.j2").is_file():
+        return jinja2.FileSystemLoader(checkout / "templates")
+    return jinja2.PackageLoader("symrnn.templates", "")
+
+
 _ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("symrnn.templates", ""),
+    loader=_template_loader(),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
