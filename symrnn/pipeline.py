@@ -27,7 +27,10 @@ from .errors import UserError
 from .lower import lower
 from .plan import KernelPlan, plan
 
-__all__ = ["build", "render_numpy", "load_module", "generate", "write_atomic", "module_name"]
+__all__ = ["build", "render_numpy", "render_cupy", "render_cuda", "load_module", "generate", "write_atomic", "module_name", "BACKENDS"]
+
+#: backend name -> renderer (KernelPlan -> module source)
+BACKENDS = ("numpy", "cupy")
 
 def _template_loader() -> jinja2.BaseLoader:
     """The templates of this source checkout if it is one, else the installed package's.
@@ -114,6 +117,75 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
         target_of=loss.target_of if loss else "",
     )
+
+
+def render_cuda(kernel_plan: KernelPlan, command: str | None = None) -> str:
+    """KernelPlan -> the CUDA C++ source of the cell's fused kernels (embedded in the CuPy module)."""
+    from .backends.cupy_backend import emit_cupy, template_kernels
+    from .cuda_printing import op_helpers
+
+    g = kernel_plan.graph
+    m = emit_cupy(kernel_plan)
+    return _ENV.get_template("cuda_kernels.cu.j2").render(
+        cell=g.cell,
+        source=g.source or "user-defined",
+        command=command or _command(g.cell, "cupy"),
+        ops=op_helpers(m.ops),
+        kernels=template_kernels(m.kernels),
+    )
+
+
+def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
+    """KernelPlan -> source of the CuPy module (its CUDA source inside)."""
+    from .backends.cupy_backend import BLOCK, design_note, emit_cupy
+    from .backends.numpy_backend import emit as emit_numpy
+
+    g = kernel_plan.graph
+    m = emit_cupy(kernel_plan)
+    command = command or _command(g.cell, "cupy")
+    loss = g.loss
+    numpy_parts = emit_numpy(kernel_plan) if loss is not None else None
+    return _ENV.get_template("cupy_module.py.j2").render(
+        cell=g.cell,
+        source=g.source or "user-defined",
+        command=command,
+        title=f"CuPy kernels for the '{g.cell}' cell: forward and BPTT backward as fused CUDA kernels.",
+        equations=_equation_lines(g),
+        outputs_doc=", ".join(f'"{o}"' for o in g.outputs),
+        initial_doc=", ".join(f'"{s.name}0"' for s in g.states),
+        has_loss=loss is not None,
+        kernel_count=len(m.kernels),
+        design=design_note(kernel_plan),
+        kernels=m.kernels,
+        block_size=BLOCK,
+        param_shapes=[(p.name, _tuple([dim(s) for s in p.shape])) for p in g.params],
+        param_shape_names=[(p.name, _tuple([f'"{dim(s)}"' for s in p.shape])) for p in g.params],
+        fixed_dims=[(k, v) for k, v in g.dims if v is not None],
+        states=[(s.name, dim(s.size)) for s in g.states],
+        state_shapes=[(s.name, dim(s.size)) for s in g.states],
+        outputs=list(g.outputs),
+        outputs_code=m.outputs,
+        dim_sources=_dim_sources(kernel_plan),
+        setup=m.setup,
+        stacks=m.stacks,
+        forward=m.forward,
+        cache_names=m.cache_names,
+        backward=m.backward,
+        grads=m.grads,
+        loss_value=numpy_parts.loss_value.replace("np.", "cp.") if numpy_parts else "",
+        loss_grad=numpy_parts.loss_grad.replace("np.", "cp.") if numpy_parts else "",
+        loss_scale=numpy_parts.loss_scale if numpy_parts else "",
+        loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
+        target_of=loss.target_of if loss else "",
+        cuda_source=render_cuda(kernel_plan, command),
+    )
+
+
+def _command(cell: str, backend: str) -> str:
+    from .cells import BUILTIN
+
+    flag = "" if backend == "numpy" else f" --backend {backend}"
+    return f"symrnn generate {cell}{flag} --out generated" if cell in BUILTIN else f"symrnn generate{flag} <spec of {cell}>"
 
 
 def _tuple(items: list[str]) -> str:
