@@ -76,7 +76,7 @@ def host_cupy(build_dir: Path) -> types.ModuleType:
     """A ``cupy`` module object backed by NumPy and the host-compiled kernels."""
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
-                 "matmul", "sum", "concatenate", "float32", "float64", "ndarray"):
+                 "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray"):
         setattr(m, name, getattr(np, name))
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     m.RawModule = lambda **kw: _HostModule(build_dir, **kw)
