@@ -129,7 +129,6 @@ def test_elementwise_recurrence_is_one_time_loop_kernel():
 
 
 def test_unsupported_structure_is_a_user_error():
-    from symrnn.cell import Cell  # noqa: F401  (custom cells: see tests/test_custom_cells.py)
     from symrnn.backends.cupy_backend import _Emitter
 
     plan = build("elman")

@@ -405,7 +405,7 @@ class BackwardEmitter:
         self.time_carry: list[tuple[str, str]] = []
 
     def run(self) -> None:
-        g, plan, e = self.g, self.plan, self.e
+        g, e = self.g, self.e
         L = self.lines
         for s in g.states:
             L.append(f'd_{s.name}_seq = _seed(grad_outputs, "{s.name}", (T, B, {dim(s.size)}), dtype)')
@@ -628,7 +628,7 @@ class BackwardEmitter:
 
     # -- regions -----------------------------------------------------------------------
     def post(self) -> None:
-        g, e = self.g, self.e
+        e = self.e
         for k, stage in enumerate(self.plan.post.stages):
             self.lines.append("# readout, every step at once")
             if stage.pointwise:
