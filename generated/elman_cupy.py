@@ -340,7 +340,7 @@ __host__ __device__ inline void elman_backward_loop0_element(
     const scalar_t d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj_next_ptr[row_ * n_hidden + unit_];
     const scalar_t s = s_seq_t_1[row_ * n_hidden + unit_];
     const scalar_t d_s = d_s_from_s_proj + d_s_out + d_s_prev_from_s_prev_proj_next;  // eq:elman:adj:s
-    const scalar_t d_z = d_s*(scalar_t(1) - s*s);  // eq:elman:adj:z
+    const scalar_t d_z = d_s*(scalar_t(1) - (s*s));  // eq:elman:adj:z
     const scalar_t d_W_s_prev = d_z;
     d_s_prev_proj_seq_t[row_ * n_hidden + unit_] = d_W_s_prev;
 }

@@ -141,8 +141,7 @@ def backward(params, cache, grad_outputs):
     d_b_y = cp.zeros_like(b_y)
     # readout, every step at once
     d_h_proj_seq = cp.empty((T, B, n_out), dtype)
-    d_b_y_post0_seq = cp.empty((T, B, n_out), dtype)
-    _launch("elman_out_backward_post0", dtype, T * B, n_out, 1, dims, d_y_seq, d_h_proj_seq, d_b_y_post0_seq, y_seq)
+    _launch("elman_out_backward_post0", dtype, T * B, n_out, 1, dims, d_y_seq, d_h_proj_seq, y_seq)
     d_h_from_h_proj_seq = cp.matmul(d_h_proj_seq.reshape(-1, n_out), W_y).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = cp.empty((T, B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)
@@ -153,7 +152,7 @@ def backward(params, cache, grad_outputs):
     d_h0 = d_h_prev_from_h_prev_proj
     # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_b_y += cp.sum(d_b_y_post0_seq, axis=(0, 1))
+    d_b_y += cp.sum(d_h_proj_seq, axis=(0, 1))
     d_b_h += cp.sum(d_h_prev_proj_seq, axis=(0, 1))
     # weight gradients: one GEMM over every step per stacked product
     d_W_y += cp.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden))
@@ -369,16 +368,13 @@ __host__ __device__ inline void elman_out_backward_post0_element(
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ d_y_seq,
     scalar_t* __restrict__ d_h_proj_seq,
-    scalar_t* __restrict__ d_b_y_post0_seq,
     const scalar_t* __restrict__ y_seq)
 {
     const scalar_t d_y_out = d_y_seq[row_ * n_out + unit_];
     const scalar_t y = y_seq[row_ * n_out + unit_];
     const scalar_t d_y = d_y_out;  // eq:elman_out:adj:y
-    const scalar_t tmp0 = d_y*(scalar_t(1) - y*y);
-    const scalar_t d_W_y_h = tmp0;
+    const scalar_t d_W_y_h = d_y*(scalar_t(1) - (y*y));
     d_h_proj_seq[row_ * n_out + unit_] = d_W_y_h;
-    d_b_y_post0_seq[row_ * n_out + unit_] = tmp0;
 }
 
 // backward, loop stage 0: adjoints of h
@@ -397,7 +393,7 @@ __host__ __device__ inline void elman_out_backward_loop0_element(
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
     const scalar_t h = h_seq_t_1[row_ * n_hidden + unit_];
     const scalar_t d_h = d_h_from_h_proj + d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:elman_out:adj:h
-    const scalar_t d_W_h_h_prev = d_h*(scalar_t(1) - h*h);
+    const scalar_t d_W_h_h_prev = d_h*(scalar_t(1) - (h*h));
     d_h_prev_proj_seq_t[row_ * n_hidden + unit_] = d_W_h_h_prev;
 }
 
@@ -461,13 +457,12 @@ extern "C" __global__ void elman_out_backward_post0_f32(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_h_proj_seq,
-    float* __restrict__ d_b_y_post0_seq,
     const float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, d_b_y_post0_seq, y_seq);
+        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
@@ -475,13 +470,12 @@ extern "C" __global__ void elman_out_backward_post0_f64(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_h_proj_seq,
-    double* __restrict__ d_b_y_post0_seq,
     const double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, d_b_y_post0_seq, y_seq);
+        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
@@ -571,12 +565,11 @@ extern "C" void elman_out_backward_post0_f32(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_h_proj_seq,
-    float* __restrict__ d_b_y_post0_seq,
     const float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, d_b_y_post0_seq, y_seq);
+        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
@@ -584,12 +577,11 @@ extern "C" void elman_out_backward_post0_f64(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_h_proj_seq,
-    double* __restrict__ d_b_y_post0_seq,
     const double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, d_b_y_post0_seq, y_seq);
+        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 

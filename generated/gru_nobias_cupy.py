@@ -404,7 +404,7 @@ __host__ __device__ inline void gru_nobias_backward_loop1_element(
     const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_0_next + d_h_prev_1_next + d_h_prev_from_h_prev_proj_next;  // eq:gru_nobias:adj:h
     const scalar_t d_h_tilde = d_h*z;  // eq:gru_nobias:adj:h_tilde
-    const scalar_t tmp0 = d_h_tilde*(scalar_t(1) - h_tilde*h_tilde);
+    const scalar_t tmp0 = d_h_tilde*(scalar_t(1) - (h_tilde*h_tilde));
     const scalar_t d_W_hh_W_hh_in0 = tmp0;
     d_W_hh_in0_proj_seq_t[row_ * n_hidden + unit_] = d_W_hh_W_hh_in0;
     d_h_prev_1[row_ * n_hidden + unit_] = d_h*(scalar_t(1) - z);

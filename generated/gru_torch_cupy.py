@@ -373,7 +373,7 @@ __host__ __device__ inline void gru_torch_backward_loop0_element(
     const scalar_t d_h = d_h_out + d_h_prev_0_next + d_h_prev_from_h_prev_proj_next;  // eq:gru_torch:adj:h
     const scalar_t tmp0 = scalar_t(1) - z;
     const scalar_t d_n = d_h*tmp0;  // eq:gru_torch:adj:n
-    const scalar_t tmp1 = d_n*(scalar_t(1) - n*n);
+    const scalar_t tmp1 = d_n*(scalar_t(1) - (n*n));
     const scalar_t d_weight_hh_l0_2_h_prev = r*tmp1;
     d_h_prev_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_] = d_weight_hh_l0_2_h_prev;
     const scalar_t d_z = d_h*(h_prev - n);  // eq:gru_torch:adj:z

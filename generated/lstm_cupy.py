@@ -430,9 +430,9 @@ __host__ __device__ inline void lstm_backward_loop0_element(
     const scalar_t f = f_seq_t[row_ * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:lstm:adj:h
     const scalar_t d_tanh_c = d_h*o;  // eq:lstm:adj:tanh_c
-    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - tanh_c*tanh_c);  // eq:lstm:adj:c
+    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - (tanh_c*tanh_c));  // eq:lstm:adj:c
     const scalar_t d_g = d_c*i;  // eq:lstm:adj:g
-    const scalar_t d_W_g_h_prev = d_g*(scalar_t(1) - g*g);
+    const scalar_t d_W_g_h_prev = d_g*(scalar_t(1) - (g*g));
     d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 3*n_hidden + unit_] = d_W_g_h_prev;
     const scalar_t d_o = d_h*tanh_c;  // eq:lstm:adj:o
     const scalar_t d_W_o_h_prev = d_o*o*(scalar_t(1) - o);

@@ -420,9 +420,9 @@ __host__ __device__ inline void lstm_nobias_backward_loop0_element(
     const scalar_t d_o = d_h*tanh_c;  // eq:lstm_nobias:adj:o
     const scalar_t d_W_oh_h_prev = d_o*o*(scalar_t(1) - o);
     d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 3*n_hidden + unit_] = d_W_oh_h_prev;
-    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - tanh_c*tanh_c);  // eq:lstm_nobias:adj:c
+    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - (tanh_c*tanh_c));  // eq:lstm_nobias:adj:c
     const scalar_t d_c_tilde = d_c*i;  // eq:lstm_nobias:adj:c_tilde
-    const scalar_t d_W_ch_h_prev = d_c_tilde*(scalar_t(1) - c_tilde*c_tilde);
+    const scalar_t d_W_ch_h_prev = d_c_tilde*(scalar_t(1) - (c_tilde*c_tilde));
     d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 2*n_hidden + unit_] = d_W_ch_h_prev;
     const scalar_t d_i = c_tilde*d_c;  // eq:lstm_nobias:adj:i
     const scalar_t d_W_ih_h_prev = d_i*i*(scalar_t(1) - i);

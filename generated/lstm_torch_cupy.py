@@ -398,12 +398,12 @@ __host__ __device__ inline void lstm_torch_backward_loop0_element(
     const scalar_t f = f_seq_t[row_ * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:lstm_torch:adj:h
     const scalar_t d_tanh_c = d_h*o;  // eq:lstm_torch:adj:tanh_c
-    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - tanh_c*tanh_c);  // eq:lstm_torch:adj:c
+    const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - (tanh_c*tanh_c));  // eq:lstm_torch:adj:c
     const scalar_t d_o = d_h*tanh_c;  // eq:lstm_torch:adj:o
     const scalar_t d_weight_hh_l0_3_h_prev = d_o*o*(scalar_t(1) - o);
     d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 3*n_hidden + unit_] = d_weight_hh_l0_3_h_prev;
     const scalar_t d_g = d_c*i;  // eq:lstm_torch:adj:g
-    const scalar_t d_weight_hh_l0_2_h_prev = d_g*(scalar_t(1) - g*g);
+    const scalar_t d_weight_hh_l0_2_h_prev = d_g*(scalar_t(1) - (g*g));
     d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 2*n_hidden + unit_] = d_weight_hh_l0_2_h_prev;
     const scalar_t d_f = c_prev*d_c;  // eq:lstm_torch:adj:f
     const scalar_t d_weight_hh_l0_1_h_prev = d_f*f*(scalar_t(1) - f);

@@ -311,7 +311,7 @@ __host__ __device__ inline void rnn_tanh_torch_backward_loop0_element(
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
     const scalar_t h = h_seq_t_1[row_ * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:rnn_tanh_torch:adj:h
-    const scalar_t d_weight_hh_l0_0_h_prev = d_h*(scalar_t(1) - h*h);
+    const scalar_t d_weight_hh_l0_0_h_prev = d_h*(scalar_t(1) - (h*h));
     d_h_prev_proj_seq_t[row_ * n_hidden + unit_] = d_weight_hh_l0_0_h_prev;
 }
 

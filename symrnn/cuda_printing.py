@@ -9,7 +9,9 @@ double bodies are the op's own ``cuda`` spellings (:mod:`symrnn.ops`).
 >>> from symrnn.ops import sigmoid
 >>> y, a = sympy.symbols("y a")
 >>> cuda_code(1 - y**2)
-'scalar_t(1) - y*y'
+'scalar_t(1) - (y*y)'
+>>> cuda_code(y / (1 + y)**2)
+'y/((y + scalar_t(1))*(y + scalar_t(1)))'
 >>> cuda_code(sigmoid(a) / 2, {"a": "a_t"})
 '(scalar_t(1)/scalar_t(2))*op_sigmoid(a_t)'
 """
@@ -60,9 +62,9 @@ class CudaPrinter(C99CodePrinter):
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
-        if exp.is_Integer and 1 <= exp <= 4:
+        if exp.is_Integer and 1 <= exp <= 4:  # y*y, not pow(y, 2); parenthesized: it may be a denominator
             b = self.parenthesize(base, PRECEDENCE["Mul"], strict=True)
-            return "*".join([b] * int(exp))
+            return b if exp == 1 else "(" + "*".join([b] * int(exp)) + ")"
         if exp.is_Integer and exp < 0:
             inv = sympy.Pow(base, -exp, evaluate=False) if exp != -1 else base
             return f"{SCALAR}(1)/{self.parenthesize(inv, PRECEDENCE['Pow'], strict=True)}"

@@ -39,7 +39,8 @@ def test_cuda_printer_is_dtype_parametric():
     import sympy
 
     y, a = sympy.symbols("y a")
-    assert cuda_code(1 - y**2) == "scalar_t(1) - y*y"
+    assert cuda_code(1 - y**2) == "scalar_t(1) - (y*y)"
+    assert cuda_code(-a * y / (1 + y) ** 2) == "-a*y/((y + scalar_t(1))*(y + scalar_t(1)))"  # a square as a denominator
     assert sorted(cuda_code(OPS["sigmoid"](a) * OPS["tanh"](a)).split("*")) == ["op_sigmoid(a)", "op_tanh(a)"]
     assert cuda_code(a / 3 + sympy.Float(0.25)) == "(scalar_t(1)/scalar_t(3))*a + scalar_t(0.25)"
     assert cuda_code(1 / a) == "scalar_t(1)/a"
@@ -129,13 +130,20 @@ def test_elementwise_recurrence_is_one_time_loop_kernel():
 
 
 def test_unsupported_structure_is_a_user_error():
-    from symrnn.backends.cupy_backend import _Emitter
+    """Two GEMM stages before the loop (W2 @ tanh(W1 @ x)): refused, naming the cell and the fix."""
+    import sympy
 
-    plan = build("elman")
-    pre = plan.pre
-    fake = type(plan)(plan.graph, plan.derivation, pre, plan.loop, type(pre)("post", plan.post.stages * 2))
-    with pytest.raises(CellError, match="cupy backend.*use the NumPy backend"):
-        _Emitter(fake)
+    from symrnn import Cell, params, tanh
+    from symrnn.errors import UserError
+
+    x, h_prev = sympy.symbols("x h_prev")
+    W1, W2, U = params("W1 W2 U")
+    cell = Cell(name="deep_input", inputs={"x": "n_in"}, states={"h": "n_hidden"},
+                params={"W1": ("n_hidden", "n_in"), "W2": ("n_hidden", "n_hidden"), "U": ("n_hidden", "n_hidden")},
+                equations={"h": tanh(W2 @ tanh(W1 @ x) + U @ h_prev)})
+    with pytest.raises(CellError, match="cell 'deep_input', cupy backend: .*two GEMM stages before the loop.*use the NumPy backend"):
+        render_cupy(build(cell))
+    assert issubclass(CellError, UserError)
 
 
 # -- nvcc: every kernel compiles for sm_80 and sm_90 ---------------------------------------
@@ -195,6 +203,31 @@ def test_host_compiled_kernels_match_numpy(host_xp, monkeypatch, cell_name, dtyp
     errors = compare(module, host_xp, cell_name, dtype)
     bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
     assert not bad, f"{cell_name} ({np.dtype(dtype).name}): relative errors above {TOL[dtype]}: {bad}"
+
+
+@pytest.mark.parametrize("make", ["min_gru", "ind_rnn", "gated_readout", "two_stage"])
+def test_host_custom_cells_match_numpy(host_xp, monkeypatch, make):
+    """Shapes the built-ins lack (tests/test_custom_cells.py): pre-loop pointwise nodes
+    (minGRU), a diagonal recurrence (IndRNN: one time-loop kernel), a readout of a gate
+    through a product (two readout stages), a GEMM on a value of the step."""
+    import test_custom_cells
+    from symrnn.gradcheck import random_problem, rel_error
+
+    cell = getattr(test_custom_cells, make)()
+    plan = build(cell)
+    monkeypatch.setitem(__import__("sys").modules, "cupy", host_xp)
+    cu = load_module(render_cupy(plan), cell.name + "_cupy")
+    ref = load_module(__import__("symrnn.pipeline", fromlist=["render_numpy"]).render_numpy(plan), cell.name)
+    for dtype in DTYPES:
+        pr = random_problem(ref, T=5, B=3, seed=2, dtype=dtype)
+        out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
+        out, cache = cu.forward(pr.params, pr.x, pr.state0)
+        grads_ref, grads = ref.backward(pr.params, cache_ref, pr.grad_outputs), cu.backward(pr.params, cache, pr.grad_outputs)
+        errors = {k: rel_error(out[k], out_ref[k]) for k in out_ref} | {"d_" + k: rel_error(grads[k], grads_ref[k]) for k in grads_ref}
+        bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
+        assert not bad, f"{cell.name} ({np.dtype(dtype).name}): {bad}"
+    if make in ("min_gru", "ind_rnn"):
+        assert "loops over time" in render_cupy(plan)
 
 
 def test_host_loss_and_partial_cotangents(host_xp, monkeypatch):

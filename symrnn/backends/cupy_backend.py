@@ -168,20 +168,16 @@ class _Emitter:
 
     def check(self) -> None:
         g, plan = self.g, self.plan
-        if any(s.pointwise for s in plan.pre.stages):
-            raise self.unsupported("pointwise nodes that read no state (before the loop) are not supported yet")
-        if len(plan.post.stages) > 1:
-            raise self.unsupported("a readout with more than one GEMM stage is not supported yet")
-        for region in (plan.loop, plan.post):
+        if len(plan.pre.stages) > 1:
+            raise self.unsupported("a product of a value computed from the input alone (two GEMM stages before the loop) is not supported yet")
+        for region in (plan.pre, plan.loop, plan.post):
             for stage in region.stages:
                 sizes = {self.fixed(n.size) for n in stage.pointwise}
                 if len(sizes) > 1:
                     raise self.unsupported(f"pointwise nodes of different sizes in one {region.name} stage are not supported yet")
-        for stage in plan.pre.stages:
-            for group in stage.groups:
-                for mv in group.members:
-                    if any(plan.region_of[c.name] != "loop" for c in g.consumers(mv.name)):
-                        raise self.unsupported(f"input product '{mv.name}' read outside the loop is not supported yet")
+        for name in plan.pre.nodes:
+            if any(plan.region_of[c.name] == "post" for c in g.consumers(name)):
+                raise self.unsupported(f"a readout that reads '{name}', a value of the input alone, is not supported yet")
 
     def fixed(self, expr) -> sympy.Expr:
         from ..cell import DIMS
@@ -303,8 +299,13 @@ class _Emitter:
         m, g, plan = self.m, self.g, self.plan
         lines = m.forward
         for stage in plan.pre.stages:
-            lines.append("# input side, every step at once: one GEMM")
+            lines.append("# input side, every step at once: one GEMM" + (", then one kernel" if stage.pointwise else ""))
             lines.extend(self.gemm(group, "all") for group in stage.groups)
+            if stage.pointwise:
+                for n in stage.pointwise:
+                    lines.append(f"{n.name}_seq = cp.empty((T, B, {dim(n.size)}), dtype)")
+                k = self.forward_kernel(stage, 0, "all", "pre")
+                lines.append(self.launch(k, "T * B"))
         for s in g.states:
             lines.append(f"{s.name}_seq = cp.empty((T + 1, B, {dim(s.size)}), dtype)")
             lines.append(f'{s.name}_seq[0] = state0["{s.name}"]')
@@ -328,7 +329,7 @@ class _Emitter:
             if stage.pointwise:
                 for n in stage.pointwise:
                     lines.append(f"{n.name}_seq = cp.empty((T, B, {dim(n.size)}), dtype)")
-                k = self.forward_kernel(stage, i, "all")
+                k = self.forward_kernel(stage, i, "all", "post")
                 lines.append(self.launch(k, "T * B"))
         m.outputs = [(s.name, f"{s.name}_seq[1:]") for s in g.states]
         for r in g.readouts:
@@ -337,6 +338,7 @@ class _Emitter:
         keep = {f"{s.name}_seq" for s in g.states} | {f"{n}_seq" for n in self.keep}
         for stage in plan.pre.stages:
             keep |= {f"{grp.name}_seq" for grp in stage.groups}
+            keep |= {f"{n.name}_seq" for n in stage.pointwise}
         for stage in plan.post.stages:
             keep |= {f"{n.name}_seq" for n in stage.pointwise}
             keep |= {f"{grp.name}_seq" for grp in stage.groups}
@@ -349,9 +351,8 @@ class _Emitter:
             return f"{group.name}_seq"
         return f"{group.name}_seq[..., {_slice(off, self.g.node(name).size)}]"
 
-    def forward_kernel(self, stage: Stage, k: int, mode: str) -> Kernel:
+    def forward_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
         g = self.g
-        region = "post" if mode == "all" else "loop"
         size = stage.pointwise[0].size
         kernel = Kernel(f"{self.cell}_forward_{region}{k}", f"forward, {region} stage {k}: " + ", ".join(n.name for n in stage.pointwise), dim_code(size), dim(size), mode)
         b = _Builder(kernel, set(self.values))
@@ -366,7 +367,7 @@ class _Emitter:
                 elif dep not in mine:
                     b.load(dep, self.loc(dep, ctx))
             b.stores.append(f"const {SCALAR} {node.name} = {cuda_code(node.expr)};  // {self.label(node)}")
-            if node.name in g.state_names or node.name in self.keep or region == "post":
+            if node.name in g.state_names or node.name in self.keep or region != "loop":
                 b.store(self.loc(node.name, ctx), node.name)
         for mv in stage.matvecs:
             if mv.name in self.keep:  # products backward reads (PyTorch's GRU: W_hn h + b_hn)
@@ -505,9 +506,8 @@ class BackwardEmitter:
         return sympy.factor_terms(sympy.Add(*[self.d.partial(c.name, mv.name) * sympy.Symbol(f"d_{c.name}") for c in stage.pointwise]))
 
     # -- one stage kernel ------------------------------------------------------------
-    def stage_kernel(self, stage: Stage, k: int, mode: str) -> Kernel:
+    def stage_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
         g, e = self.g, self.e
-        region = "post" if mode == "all" else "loop"
         size = stage.pointwise[0].size
         kernel = Kernel(f"{self.g.cell}_backward_{region}{k}", f"backward, {region} stage {k}: adjoints of "
                         + ", ".join(n.name for n in reversed(stage.pointwise)), dim_code(size), dim(size), mode, reverse=True)
@@ -535,7 +535,9 @@ class BackwardEmitter:
         for dep, expr in outside.items():
             leaf = g.leaf(dep) if g.is_leaf(dep) else None
             if leaf is not None and leaf.kind == "param":
-                slot = self.loop_slot(expr, stage) if region == "loop" else None
+                slot = next((n for n, ex in adj if n in members and ex == expr), None)
+                if slot is None and region == "loop":
+                    slot = self.loop_slot(expr, stage)
                 p = g.param(leaf.param)
                 rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
                 axes = "" if p.kind == "scalar" else ", axis=(0, 1)"
@@ -562,6 +564,11 @@ class BackwardEmitter:
                     stmts.append((b_store_line(b, Loc(name, ld=leaf.size), "{}"), expr))
                     self.direct_sources.append((name, dim(leaf.size)))
                     self.next_sources.setdefault(leaf.state, []).append(name)
+            elif self.plan.region_of[dep] == "pre" and isinstance(g.node(dep), Pointwise):
+                name = f"d_{dep}_{region}{k}_seq"
+                self.lines.append(f"{name} = cp.empty((T, B, {dim(g.size(dep))}), dtype)")
+                stmts.append((b_store_line(b, Loc(name + ("[t]" if ctx == "step" else ""), ld=g.size(dep)), "{}"), expr))
+                self.acc.setdefault(dep, []).append((f"d_{dep}_{region}{k}", Loc(name, ld=g.size(dep), seq=True)))
             elif self.plan.region_of[dep] == "pre":
                 group, off = e.group_of(dep)
                 if group.name in self.pre_alias:
@@ -629,13 +636,14 @@ class BackwardEmitter:
     # -- regions -----------------------------------------------------------------------
     def post(self) -> None:
         e = self.e
-        for k, stage in enumerate(self.plan.post.stages):
+        for k in reversed(range(len(self.plan.post.stages))):
+            stage = self.plan.post.stages[k]
             self.lines.append("# readout, every step at once")
             if stage.pointwise:
                 for mv in stage.matvecs:
                     group, _ = e.group_of(mv.name)
                     self.lines.append(f"d_{group.name}_seq = cp.empty((T, B, {dim(group.rows)}), dtype)")
-                kernel = self.stage_kernel(stage, k, "all")
+                kernel = self.stage_kernel(stage, k, "all", "post")
                 self.lines.append(e.launch(kernel, "T * B"))
             for group in stage.groups:
                 if not stage.pointwise:
@@ -758,9 +766,20 @@ class BackwardEmitter:
         self.lines.append(e.launch(kernel, "B", "T"))
 
     def pre(self) -> None:
+        g = self.g
         for stage in self.plan.pre.stages:
-            if stage.groups:
+            if stage.groups or stage.pointwise:
                 self.lines.append("# input side, every step at once")
+            if stage.pointwise:
+                for group in stage.groups:
+                    if group.name in self.pre_alias:
+                        continue
+                    for mv, off in zip(group.members, group.offsets):
+                        if any(self.plan.region_of[c.name] == "loop" for c in g.consumers(mv.name)):
+                            # the loop's kernels wrote their part of this adjoint here; this kernel adds the rest
+                            self.acc.setdefault(mv.name, []).append((f"d_{mv.name}_loop", Loc(f"d_{group.name}_seq", ld=group.rows, off=off)))
+                kernel = self.stage_kernel(stage, 0, "all", "pre")
+                self.lines.append(self.e.launch(kernel, "T * B"))
             for group in stage.groups:
                 self.gemm_back(group, "all", 0)
 
