@@ -334,7 +334,7 @@ CUDA_SOURCE = r"""
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
 // unit_ a unit; t_ a step, in the kernels that loop over time.
 
-#ifndef __CUDACC__
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
 #define __host__
 #define __device__
@@ -433,7 +433,7 @@ __host__ __device__ inline void lstm_nobias_backward_loop0_element(
     d_c_prev_0[row_ * n_hidden + unit_] = d_c*f;
 }
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void lstm_nobias_forward_loop0_f32(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,

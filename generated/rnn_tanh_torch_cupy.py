@@ -268,7 +268,7 @@ CUDA_SOURCE = r"""
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
 // unit_ a unit; t_ a step, in the kernels that loop over time.
 
-#ifndef __CUDACC__
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
 #define __host__
 #define __device__
@@ -315,7 +315,7 @@ __host__ __device__ inline void rnn_tanh_torch_backward_loop0_element(
     d_h_prev_proj_seq_t[row_ * n_hidden + unit_] = d_weight_hh_l0_0_h_prev;
 }
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void rnn_tanh_torch_forward_loop0_f32(
     long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
