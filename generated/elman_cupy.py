@@ -134,7 +134,6 @@ def backward(params, cache, grad_outputs):
         _launch("elman_backward_loop0", dtype, B, n_hidden, 1, dims, d_s_seq[t], d_s_from_s_proj_seq[t], d_s_prev_from_s_prev_proj_next, d_s_prev_proj_seq[t], s_seq[t + 1])
         d_s_prev_from_s_prev_proj = cp.matmul(d_s_prev_proj_seq[t], W)  # W^T delta
     d_s0 = d_s_prev_from_s_prev_proj
-    # input side, every step at once
     # weight gradients: one GEMM over every step per stacked product
     d_V += cp.matmul(d_s_proj_seq.reshape(-1, n_out).T, s_seq[1:].reshape(-1, n_hidden))
     d_W += cp.matmul(d_s_prev_proj_seq.reshape(-1, n_hidden).T, s_seq[:-1].reshape(-1, n_hidden))

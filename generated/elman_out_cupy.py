@@ -150,10 +150,11 @@ def backward(params, cache, grad_outputs):
         _launch("elman_out_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_from_h_proj_seq[t], d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq[t], h_seq[t + 1])
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_h)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_b_y += cp.sum(d_h_proj_seq, axis=(0, 1))
-    d_b_h += cp.sum(d_h_prev_proj_seq, axis=(0, 1))
+    d_h_proj_sum = cp.sum(d_h_proj_seq.reshape(-1, n_out), axis=0)
+    d_b_y += d_h_proj_sum
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_b_h += d_h_prev_proj_sum
     # weight gradients: one GEMM over every step per stacked product
     d_W_y += cp.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden))
     d_W_h += cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))

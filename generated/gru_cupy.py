@@ -162,11 +162,12 @@ def backward(params, cache, grad_outputs):
         _launch("gru_backward_loop0", dtype, B, n_hidden, 1, dims, d_W_h_in0_from_W_h_in0_proj, d_h_prev_proj_seq[t], d_z_from1, d_h_prev_0, d_x_proj_seq[t], h_seq[t], r_seq[t], z_seq[t])
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_b_h += cp.sum(d_W_h_in0_proj_seq, axis=(0, 1))
-    d_b_rz[:n_hidden] += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_b_rz[n_hidden:2*n_hidden] += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
+    d_W_h_in0_proj_sum = cp.sum(d_W_h_in0_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_b_h += d_W_h_in0_proj_sum
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, 2*n_hidden), axis=0)
+    d_b_rz[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_b_rz[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = cp.matmul(d_W_h_in0_proj_seq.reshape(-1, n_hidden).T, W_h_in0_seq.reshape(-1, n_hidden))
     d_W_h[:, :n_hidden] += dW_stack[:n_hidden]

@@ -172,7 +172,6 @@ def backward(params, cache, grad_outputs):
         _launch("gru_nobias_backward_loop0", dtype, B, n_hidden, 1, dims, d_W_hh_in0_from_W_hh_in0_proj, d_h_prev_proj_seq[t], d_z_from1, d_h_prev_0, d_x_proj_seq[t], h_seq[t], r_seq[t], z_seq[t])
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
-    # input side, every step at once
     # weight gradients: one GEMM over every step per stacked product
     d_W_hh += cp.matmul(d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T, W_hh_in0_seq.reshape(-1, n_hidden))
     dW_stack = cp.matmul(d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))

@@ -145,14 +145,15 @@ def backward(params, cache, grad_outputs):
         _launch("gru_torch_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_prev_0_next, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq[t], d_h_prev_0, d_x_proj_seq[t], z_seq[t], r_seq[t], n_seq[t], h_seq[t], bias_hh_l0, weight_hh_l0_2_h_prev_seq[t])
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], weight_hh_l0)  # W^T delta
     d_h0 = d_h_prev_0 + d_h_prev_from_h_prev_proj
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_bias_hh_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_ih_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_hh_l0[n_hidden:2*n_hidden] += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[n_hidden:2*n_hidden] += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_hh_l0[2*n_hidden:3*n_hidden] += cp.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[2*n_hidden:3*n_hidden] += cp.sum(d_x_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, 3*n_hidden), axis=0)
+    d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_hh_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_ih_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_hh_l0[2*n_hidden:3*n_hidden] += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_x_proj_sum = cp.sum(d_x_proj_seq.reshape(-1, 3*n_hidden), axis=0)
+    d_bias_ih_l0[2*n_hidden:3*n_hidden] += d_x_proj_sum[2*n_hidden:3*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += cp.matmul(d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_weight_ih_l0 += cp.matmul(d_x_proj_seq.reshape(-1, 3*n_hidden).T, x.reshape(-1, n_in))

@@ -182,12 +182,12 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_b_f += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_b_i += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_b_o += cp.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
-    d_b_g += cp.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), axis=0)
+    d_b_f += d_h_prev_proj_sum[:n_hidden]
+    d_b_i += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_b_o += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_b_g += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = cp.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_W_f[:, :n_hidden] += dW_stack[:n_hidden]

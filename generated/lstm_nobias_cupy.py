@@ -182,7 +182,6 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
-    # input side, every step at once
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = cp.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_W_fh += dW_stack[:n_hidden]

@@ -156,16 +156,16 @@ def backward(params, cache, grad_outputs):
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], weight_hh_l0)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_bias_hh_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_ih_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq[..., :n_hidden], axis=(0, 1))
-    d_bias_hh_l0[n_hidden:2*n_hidden] += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[n_hidden:2*n_hidden] += cp.sum(d_h_prev_proj_seq[..., n_hidden:2*n_hidden], axis=(0, 1))
-    d_bias_hh_l0[2*n_hidden:3*n_hidden] += cp.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[2*n_hidden:3*n_hidden] += cp.sum(d_h_prev_proj_seq[..., 2*n_hidden:3*n_hidden], axis=(0, 1))
-    d_bias_hh_l0[3*n_hidden:4*n_hidden] += cp.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
-    d_bias_ih_l0[3*n_hidden:4*n_hidden] += cp.sum(d_h_prev_proj_seq[..., 3*n_hidden:4*n_hidden], axis=(0, 1))
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), axis=0)
+    d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
+    d_bias_hh_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_ih_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
+    d_bias_hh_l0[2*n_hidden:3*n_hidden] += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_bias_ih_l0[2*n_hidden:3*n_hidden] += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
+    d_bias_hh_l0[3*n_hidden:4*n_hidden] += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
+    d_bias_ih_l0[3*n_hidden:4*n_hidden] += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += cp.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_weight_ih_l0 += cp.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, x.reshape(-1, n_in))

@@ -126,10 +126,10 @@ def backward(params, cache, grad_outputs):
         _launch("rnn_tanh_torch_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq[t], h_seq[t + 1])
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], weight_hh_l0)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
-    # input side, every step at once
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_bias_hh_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq, axis=(0, 1))
-    d_bias_ih_l0[:n_hidden] += cp.sum(d_h_prev_proj_seq, axis=(0, 1))
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum
+    d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum
     # weight gradients: one GEMM over every step per stacked product
     d_weight_hh_l0 += cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_weight_ih_l0 += cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))

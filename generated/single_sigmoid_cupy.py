@@ -150,7 +150,6 @@ def backward(params, cache, grad_outputs):
     d_v += cp.sum(d_v_loop0_seq)
     d_w += cp.sum(d_w_loop0_seq)
     d_b += cp.sum(d_b_loop0_seq)
-    # weight gradients: one GEMM over every step per stacked product
     d_x = d_x_loop0_seq
     return {
         "w": d_w,

@@ -393,7 +393,7 @@ class BackwardEmitter:
         self.e, self.g, self.d, self.plan = e, e.g, e.d, e.plan
         self.lines = e.m.backward
         self.acc: dict[str, list[tuple[str, Loc]]] = {}  # value -> (C local, location) of contributions to its adjoint
-        self.sums: list[str] = []  # parameter gradients reduced after the loop
+        self.sums: list[tuple] = []  # (gradient, stored adjoint, its width, columns, scalar?): reduced after the loop
         self.dx_terms: list[str] = []
         self.weight_lines: list[str] = []
         self.next_sources: dict[str, list[str]] = {}  # state -> arrays carried to the step before
@@ -423,12 +423,27 @@ class BackwardEmitter:
         self.pre()
         if self.sums:
             L.append("# gradients of elementwise parameters: deterministic sums over the stored adjoints")
-            L.extend(self.sums)
-        L.append("# weight gradients: one GEMM over every step per stacked product")
-        L.extend(self.weight_lines)
+            L.extend(self.sum_lines())
+        if self.weight_lines:
+            L.append("# weight gradients: one GEMM over every step per stacked product")
+            L.extend(self.weight_lines)
         L.append("d_x = " + (" + ".join(self.dx_terms) if self.dx_terms else "cp.zeros_like(x)"))
         e.m.grads = [(p.name, f"d_{p.name}") for p in g.params] + [("x", "d_x")]
         e.m.grads += [(f"{s.name}0", f"d_{s.name}0") for s in g.states]
+
+    def sum_lines(self) -> list[str]:
+        """One reduction over the batch and the steps per stored adjoint buffer (cupy.sum:
+        no atomics), then each parameter's gradient from its columns."""
+        lines, reduced = [], {}
+        for target, src, width, part, scalar in self.sums:
+            if scalar:
+                lines.append(f"{target} += cp.sum({src})")
+                continue
+            if src not in reduced:
+                reduced[src] = src.removesuffix("_seq") + "_sum"
+                lines.append(f"{reduced[src]} = cp.sum({src}.reshape(-1, {dim(width)}), axis=0)")
+            lines.append(f"{target} += {reduced[src]}{part}")
+        return lines
 
     # -- symbolic adjoints of one stage ----------------------------------------------
     def stage_adjoints(self, stage: Stage) -> tuple[list[tuple[str, sympy.Expr]], dict[str, sympy.Expr]]:
@@ -540,16 +555,16 @@ class BackwardEmitter:
                     slot = self.loop_slot(expr, stage)
                 p = g.param(leaf.param)
                 rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
-                axes = "" if p.kind == "scalar" else ", axis=(0, 1)"
                 if slot is not None:
                     group, off = e.group_of(slot)
-                    src = self.pre_alias.get(group.name, f"d_{group.name}_seq") + ("" if len(group.members) == 1 else f"[..., {_slice(off, g.node(slot).size)}]")
+                    src, width = self.pre_alias.get(group.name, f"d_{group.name}_seq"), group.rows
+                    part = "" if len(group.members) == 1 else f"[{_slice(off, g.node(slot).size)}]"
                 else:
-                    src = f"d_{dep}_{region}{k}_seq"
+                    src, width, part = f"d_{dep}_{region}{k}_seq", size, ""
                     self.lines.append(f"{src} = cp.empty((T, B, {dim(size)}), dtype)")
                     t = "[t]" if ctx == "step" else ""
                     stmts.append((b_store_line(b, Loc(src + t, ld=size), "{}"), expr))
-                self.sums.append(f"d_{p.name}{rows} += cp.sum({src}{axes})")
+                self.sums.append((f"d_{p.name}{rows}", src, width, part, p.kind == "scalar"))
             elif leaf is not None and leaf.kind == "input":
                 src = f"d_x_{region}{k}_seq"
                 self.lines.append(f"{src} = cp.empty_like(x)")
@@ -768,7 +783,7 @@ class BackwardEmitter:
     def pre(self) -> None:
         g = self.g
         for stage in self.plan.pre.stages:
-            if stage.groups or stage.pointwise:
+            if stage.pointwise:
                 self.lines.append("# input side, every step at once")
             if stage.pointwise:
                 for group in stage.groups:
