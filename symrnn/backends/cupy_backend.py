@@ -403,7 +403,7 @@ class BackwardEmitter:
         self.member_exprs: dict[str, sympy.Expr] = {}
         self.loop_lines: list[str] = []
         self.gemm_sources: list[tuple[str, str]] = []  # (array, its size): W^T delta, carried
-        self.time_carry: list[tuple[str, str]] = []
+        self.time_carry: set[str] = set()  # states whose adjoint a time-loop kernel carries in a register
 
     def run(self) -> None:
         g, e = self.g, self.e
@@ -574,7 +574,7 @@ class BackwardEmitter:
                 name = f"d_{dep}_{k}"
                 if mode == "time":
                     carry_lines.append((f"d_{leaf.state}_next = {{}};", expr))
-                    self.time_carry.append((leaf.state, f"d_{leaf.state}0"))
+                    self.time_carry.add(leaf.state)
                 else:
                     stmts.append((b_store_line(b, Loc(name, ld=leaf.size), "{}"), expr))
                     self.direct_sources.append((name, dim(leaf.size)))
@@ -767,8 +767,7 @@ class BackwardEmitter:
             self.acc[s.name].append((f"d_{s.name}_next", None))
         kernel = self.stage_kernel(stage, 0, "time")
         b_out = []
-        carried = {state for state, _ in self.time_carry}
-        kernel.body += [f"d_{s.name}_next = {SCALAR}(0);" for s in g.states if s.name not in carried]
+        kernel.body += [f"d_{s.name}_next = {SCALAR}(0);" for s in g.states if s.name not in self.time_carry]
         kernel.prologue = [f"{SCALAR} d_{s.name}_next = {SCALAR}(0);  // from step t + 1" for s in g.states]
         for s in g.states:
             self.lines.append(f"d_{s.name}0 = cp.empty((B, {dim(s.size)}), dtype)")
