@@ -304,3 +304,15 @@ def test_render_cupy_names_its_regeneration_command():
     source = render_cupy(build("elman"))
     assert source.splitlines()[2] == "#     symrnn generate elman --backend cupy --out generated"
     assert [line.strip() for line in source.splitlines() if re.match(r"\s*(import|from)\s", line)] == ["import numpy as np", "import cupy"]
+
+
+def test_gpu_test_code_runs_against_the_host_standin(host_xp, monkeypatch):
+    """tests/test_cupy_gpu.py only runs on a GPU; its code (comparison, finite differences
+    through a NumPy-facing wrapper, reruns) is exercised here on the host stand-in, so the
+    first GPU run does not fail on a bug of its own."""
+    import test_cupy_gpu as gpu
+
+    monkeypatch.setitem(__import__("sys").modules, "cupy", host_xp)
+    gpu.test_gpu_matches_numpy(host_xp, "lstm_torch", np.float32)
+    gpu.test_gpu_finite_differences_float64(host_xp, "single_sigmoid")
+    gpu.test_gpu_reruns_are_bit_identical(host_xp, "gru", np.float64)
