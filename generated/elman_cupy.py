@@ -93,7 +93,7 @@ def forward(params, x, state0=None):
     s_seq[0] = state0["s"]
     for t in range(T):
         s_prev_proj = cp.matmul(s_seq[t], W.T)  # W_s_prev
-        _launch("elman_forward_loop0", dtype, B, n_hidden, 1, dims, x_proj_seq[t], s_prev_proj, s_seq[t + 1])
+        _launch("elman_forward_loop0", dtype, B, n_hidden, 1, t, dims, x_proj_seq, s_prev_proj, s_seq)
     # readout, every step at once
     s_proj_seq = cp.matmul(s_seq[1:].reshape(-1, n_hidden), V.T).reshape(T, B, n_out)  # y
     outputs = {
@@ -131,7 +131,7 @@ def backward(params, cache, grad_outputs):
     d_s_prev_from_s_prev_proj = cp.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):
         d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj
-        _launch("elman_backward_loop0", dtype, B, n_hidden, 1, dims, d_s_seq[t], d_s_from_s_proj_seq[t], d_s_prev_from_s_prev_proj_next, d_s_prev_proj_seq[t], s_seq[t + 1])
+        _launch("elman_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next, d_s_prev_proj_seq, s_seq)
         d_s_prev_from_s_prev_proj = cp.matmul(d_s_prev_proj_seq[t], W)  # W^T delta
     d_s0 = d_s_prev_from_s_prev_proj
     # weight gradients: one GEMM over every step per stacked product
@@ -196,8 +196,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -206,7 +208,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -295,7 +297,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -310,149 +313,149 @@ __host__ __device__ inline double op_tanh(double x) { return tanh(x); }
 // forward, loop stage 0: z, s
 template <typename scalar_t>
 __host__ __device__ inline void elman_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ x_proj_seq_t,
+    const scalar_t* __restrict__ x_proj_seq,
     const scalar_t* __restrict__ s_prev_proj,
-    scalar_t* __restrict__ s_seq_t_1)
+    scalar_t* __restrict__ s_seq)
 {
-    const scalar_t U_x = x_proj_seq_t[row_ * n_hidden + unit_];
+    const scalar_t U_x = x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t W_s_prev = s_prev_proj[row_ * n_hidden + unit_];
     const scalar_t z = U_x + W_s_prev;  // eq:elman:z
     const scalar_t s = op_tanh(z);  // eq:elman:s
-    s_seq_t_1[row_ * n_hidden + unit_] = s;
+    s_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = s;
 }
 
 // backward, loop stage 0: adjoints of s, z
 template <typename scalar_t>
 __host__ __device__ inline void elman_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ d_s_seq_t,
-    const scalar_t* __restrict__ d_s_from_s_proj_seq_t,
+    const scalar_t* __restrict__ d_s_seq,
+    const scalar_t* __restrict__ d_s_from_s_proj_seq,
     const scalar_t* __restrict__ d_s_prev_from_s_prev_proj_next_ptr,
-    scalar_t* __restrict__ d_s_prev_proj_seq_t,
-    const scalar_t* __restrict__ s_seq_t_1)
+    scalar_t* __restrict__ d_s_prev_proj_seq,
+    const scalar_t* __restrict__ s_seq)
 {
-    const scalar_t d_s_out = d_s_seq_t[row_ * n_hidden + unit_];
-    const scalar_t d_s_from_s_proj = d_s_from_s_proj_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_s_out = d_s_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t d_s_from_s_proj = d_s_from_s_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t s = s_seq_t_1[row_ * n_hidden + unit_];
+    const scalar_t s = s_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_s = d_s_from_s_proj + d_s_out + d_s_prev_from_s_prev_proj_next;  // eq:elman:adj:s
     const scalar_t d_z = d_s*(scalar_t(1) - (s*s));  // eq:elman:adj:z
     const scalar_t d_W_s_prev = d_z;
-    d_s_prev_proj_seq_t[row_ * n_hidden + unit_] = d_W_s_prev;
+    d_s_prev_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_s_prev;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void elman_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ x_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ s_prev_proj,
-    float* __restrict__ s_seq_t_1)
+    float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, x_proj_seq_t, s_prev_proj, s_seq_t_1);
+        elman_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
     }
 }
 
 extern "C" __global__ void elman_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ x_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ s_prev_proj,
-    double* __restrict__ s_seq_t_1)
+    double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, x_proj_seq_t, s_prev_proj, s_seq_t_1);
+        elman_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
     }
 }
 
 extern "C" __global__ void elman_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_s_seq_t,
-    const float* __restrict__ d_s_from_s_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_s_seq,
+    const float* __restrict__ d_s_from_s_proj_seq,
     const float* __restrict__ d_s_prev_from_s_prev_proj_next_ptr,
-    float* __restrict__ d_s_prev_proj_seq_t,
-    const float* __restrict__ s_seq_t_1)
+    float* __restrict__ d_s_prev_proj_seq,
+    const float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_s_seq_t, d_s_from_s_proj_seq_t, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq_t, s_seq_t_1);
+        elman_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
     }
 }
 
 extern "C" __global__ void elman_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_s_seq_t,
-    const double* __restrict__ d_s_from_s_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_s_seq,
+    const double* __restrict__ d_s_from_s_proj_seq,
     const double* __restrict__ d_s_prev_from_s_prev_proj_next_ptr,
-    double* __restrict__ d_s_prev_proj_seq_t,
-    const double* __restrict__ s_seq_t_1)
+    double* __restrict__ d_s_prev_proj_seq,
+    const double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_s_seq_t, d_s_from_s_proj_seq_t, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq_t, s_seq_t_1);
+        elman_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void elman_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ x_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ s_prev_proj,
-    float* __restrict__ s_seq_t_1)
+    float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, x_proj_seq_t, s_prev_proj, s_seq_t_1);
+        elman_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
     }
 }
 
 extern "C" void elman_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ x_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ s_prev_proj,
-    double* __restrict__ s_seq_t_1)
+    double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, x_proj_seq_t, s_prev_proj, s_seq_t_1);
+        elman_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
     }
 }
 
 extern "C" void elman_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_s_seq_t,
-    const float* __restrict__ d_s_from_s_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_s_seq,
+    const float* __restrict__ d_s_from_s_proj_seq,
     const float* __restrict__ d_s_prev_from_s_prev_proj_next_ptr,
-    float* __restrict__ d_s_prev_proj_seq_t,
-    const float* __restrict__ s_seq_t_1)
+    float* __restrict__ d_s_prev_proj_seq,
+    const float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_s_seq_t, d_s_from_s_proj_seq_t, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq_t, s_seq_t_1);
+        elman_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
     }
 }
 
 extern "C" void elman_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_s_seq_t,
-    const double* __restrict__ d_s_from_s_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_s_seq,
+    const double* __restrict__ d_s_from_s_proj_seq,
     const double* __restrict__ d_s_prev_from_s_prev_proj_next_ptr,
-    double* __restrict__ d_s_prev_proj_seq_t,
-    const double* __restrict__ s_seq_t_1)
+    double* __restrict__ d_s_prev_proj_seq,
+    const double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_s_seq_t, d_s_from_s_proj_seq_t, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq_t, s_seq_t_1);
+        elman_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
     }
 }
 #endif

@@ -100,11 +100,11 @@ def forward(params, x, state0=None):
     h_seq[0] = state0["h"]
     for t in range(T):
         h_prev_proj = cp.matmul(h_seq[t], W_h.T)  # W_h_h_prev
-        _launch("elman_out_forward_loop0", dtype, B, n_hidden, 1, dims, h_prev_proj, x_proj_seq[t], b_h, h_seq[t + 1])
+        _launch("elman_out_forward_loop0", dtype, B, n_hidden, 1, t, dims, h_prev_proj, x_proj_seq, b_h, h_seq)
     # readout, every step at once
     h_proj_seq = cp.matmul(h_seq[1:].reshape(-1, n_hidden), W_y.T).reshape(T, B, n_out)  # W_y_h
     y_seq = cp.empty((T, B, n_out), dtype)
-    _launch("elman_out_forward_post0", dtype, T * B, n_out, 1, dims, h_proj_seq, b_y, y_seq)
+    _launch("elman_out_forward_post0", dtype, T * B, n_out, 1, 0, dims, h_proj_seq, b_y, y_seq)
     outputs = {
         "h": h_seq[1:],
         "y": y_seq,
@@ -141,13 +141,13 @@ def backward(params, cache, grad_outputs):
     d_b_y = cp.zeros_like(b_y)
     # readout, every step at once
     d_h_proj_seq = cp.empty((T, B, n_out), dtype)
-    _launch("elman_out_backward_post0", dtype, T * B, n_out, 1, dims, d_y_seq, d_h_proj_seq, y_seq)
+    _launch("elman_out_backward_post0", dtype, T * B, n_out, 1, 0, dims, d_y_seq, d_h_proj_seq, y_seq)
     d_h_from_h_proj_seq = cp.matmul(d_h_proj_seq.reshape(-1, n_out), W_y).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = cp.empty((T, B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
-        _launch("elman_out_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_from_h_proj_seq[t], d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq[t], h_seq[t + 1])
+        _launch("elman_out_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq, h_seq)
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_h)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
@@ -219,8 +219,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -229,7 +231,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -318,7 +320,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -333,24 +336,24 @@ __host__ __device__ inline double op_tanh(double x) { return tanh(x); }
 // forward, loop stage 0: h
 template <typename scalar_t>
 __host__ __device__ inline void elman_out_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ h_prev_proj,
-    const scalar_t* __restrict__ x_proj_seq_t,
+    const scalar_t* __restrict__ x_proj_seq,
     const scalar_t* __restrict__ b_h_ptr,
-    scalar_t* __restrict__ h_seq_t_1)
+    scalar_t* __restrict__ h_seq)
 {
     const scalar_t W_h_h_prev = h_prev_proj[row_ * n_hidden + unit_];
-    const scalar_t W_x_x = x_proj_seq_t[row_ * n_hidden + unit_];
+    const scalar_t W_x_x = x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t b_h = b_h_ptr[unit_];
     const scalar_t h = op_tanh(W_h_h_prev + W_x_x + b_h);  // eq:elman_out:h
-    h_seq_t_1[row_ * n_hidden + unit_] = h;
+    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h;
 }
 
 // forward, post stage 0: y
 template <typename scalar_t>
 __host__ __device__ inline void elman_out_forward_post0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ h_proj_seq,
     const scalar_t* __restrict__ b_y_ptr,
@@ -365,7 +368,7 @@ __host__ __device__ inline void elman_out_forward_post0_element(
 // backward, post stage 0: adjoints of y
 template <typename scalar_t>
 __host__ __device__ inline void elman_out_backward_post0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ d_y_seq,
     scalar_t* __restrict__ d_h_proj_seq,
@@ -381,55 +384,55 @@ __host__ __device__ inline void elman_out_backward_post0_element(
 // backward, loop stage 0: adjoints of h
 template <typename scalar_t>
 __host__ __device__ inline void elman_out_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ d_h_seq_t,
-    const scalar_t* __restrict__ d_h_from_h_proj_seq_t,
+    const scalar_t* __restrict__ d_h_seq,
+    const scalar_t* __restrict__ d_h_from_h_proj_seq,
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    scalar_t* __restrict__ d_h_prev_proj_seq_t,
-    const scalar_t* __restrict__ h_seq_t_1)
+    scalar_t* __restrict__ d_h_prev_proj_seq,
+    const scalar_t* __restrict__ h_seq)
 {
-    const scalar_t d_h_out = d_h_seq_t[row_ * n_hidden + unit_];
-    const scalar_t d_h_from_h_proj = d_h_from_h_proj_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t d_h_from_h_proj = d_h_from_h_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t h = h_seq_t_1[row_ * n_hidden + unit_];
+    const scalar_t h = h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h = d_h_from_h_proj + d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:elman_out:adj:h
     const scalar_t d_W_h_h_prev = d_h*(scalar_t(1) - (h*h));
-    d_h_prev_proj_seq_t[row_ * n_hidden + unit_] = d_W_h_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_h_h_prev;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void elman_out_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_h_ptr,
-    float* __restrict__ h_seq_t_1)
+    float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_h_ptr, h_seq_t_1);
+        elman_out_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
     }
 }
 
 extern "C" __global__ void elman_out_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_h_ptr,
-    double* __restrict__ h_seq_t_1)
+    double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_h_ptr, h_seq_t_1);
+        elman_out_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
     }
 }
 
 extern "C" __global__ void elman_out_forward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_proj_seq,
     const float* __restrict__ b_y_ptr,
     float* __restrict__ y_seq)
@@ -437,12 +440,12 @@ extern "C" __global__ void elman_out_forward_post0_f32(
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        elman_out_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
     }
 }
 
 extern "C" __global__ void elman_out_forward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_proj_seq,
     const double* __restrict__ b_y_ptr,
     double* __restrict__ y_seq)
@@ -450,12 +453,12 @@ extern "C" __global__ void elman_out_forward_post0_f64(
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        elman_out_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
     }
 }
 
 extern "C" __global__ void elman_out_backward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_h_proj_seq,
     const float* __restrict__ y_seq)
@@ -463,12 +466,12 @@ extern "C" __global__ void elman_out_backward_post0_f32(
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
 extern "C" __global__ void elman_out_backward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_h_proj_seq,
     const double* __restrict__ y_seq)
@@ -476,141 +479,141 @@ extern "C" __global__ void elman_out_backward_post0_f64(
     const long long units_ = n_out;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
 extern "C" __global__ void elman_out_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
-    const float* __restrict__ d_h_from_h_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
+    const float* __restrict__ d_h_from_h_proj_seq,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
-    const float* __restrict__ h_seq_t_1)
+    float* __restrict__ d_h_prev_proj_seq,
+    const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_from_h_proj_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, h_seq_t_1);
+        elman_out_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
     }
 }
 
 extern "C" __global__ void elman_out_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
-    const double* __restrict__ d_h_from_h_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
+    const double* __restrict__ d_h_from_h_proj_seq,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
-    const double* __restrict__ h_seq_t_1)
+    double* __restrict__ d_h_prev_proj_seq,
+    const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        elman_out_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_from_h_proj_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, h_seq_t_1);
+        elman_out_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void elman_out_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_h_ptr,
-    float* __restrict__ h_seq_t_1)
+    float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_h_ptr, h_seq_t_1);
+        elman_out_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
     }
 }
 
 extern "C" void elman_out_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_h_ptr,
-    double* __restrict__ h_seq_t_1)
+    double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_h_ptr, h_seq_t_1);
+        elman_out_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
     }
 }
 
 extern "C" void elman_out_forward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_proj_seq,
     const float* __restrict__ b_y_ptr,
     float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        elman_out_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
     }
 }
 
 extern "C" void elman_out_forward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_proj_seq,
     const double* __restrict__ b_y_ptr,
     double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        elman_out_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
     }
 }
 
 extern "C" void elman_out_backward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_h_proj_seq,
     const float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
 extern "C" void elman_out_backward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_h_proj_seq,
     const double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
     }
 }
 
 extern "C" void elman_out_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
-    const float* __restrict__ d_h_from_h_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
+    const float* __restrict__ d_h_from_h_proj_seq,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
-    const float* __restrict__ h_seq_t_1)
+    float* __restrict__ d_h_prev_proj_seq,
+    const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_from_h_proj_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, h_seq_t_1);
+        elman_out_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
     }
 }
 
 extern "C" void elman_out_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
-    const double* __restrict__ d_h_from_h_proj_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
+    const double* __restrict__ d_h_from_h_proj_seq,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
-    const double* __restrict__ h_seq_t_1)
+    double* __restrict__ d_h_prev_proj_seq,
+    const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_from_h_proj_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, h_seq_t_1);
+        elman_out_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
     }
 }
 #endif

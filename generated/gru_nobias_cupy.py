@@ -109,9 +109,9 @@ def forward(params, x, state0=None):
     h_tilde_seq = cp.empty((T, B, n_hidden), dtype)
     for t in range(T):
         h_prev_proj = cp.matmul(h_seq[t], W_stack_h_prev.T)  # W_zh_h_prev, W_rh_h_prev
-        _launch("gru_nobias_forward_loop0", dtype, B, n_hidden, 1, dims, h_prev_proj, x_proj_seq[t], z_seq[t], r_seq[t], h_seq[t], W_hh_in0_seq[t])
+        _launch("gru_nobias_forward_loop0", dtype, B, n_hidden, 1, t, dims, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq)
         W_hh_in0_proj = cp.matmul(W_hh_in0_seq[t], W_hh.T)  # W_hh_W_hh_in0
-        _launch("gru_nobias_forward_loop1", dtype, B, n_hidden, 1, dims, W_hh_in0_proj, x_proj_seq[t], h_tilde_seq[t], h_seq[t], z_seq[t], h_seq[t + 1])
+        _launch("gru_nobias_forward_loop1", dtype, B, n_hidden, 1, t, dims, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq)
     outputs = {
         "h": h_seq[1:],
     }
@@ -167,9 +167,9 @@ def backward(params, cache, grad_outputs):
         d_h_prev_1 = cp.empty((B, n_hidden), dtype)
         d_h_prev_0 = cp.empty((B, n_hidden), dtype)
         d_z_from1 = cp.empty((B, n_hidden), dtype)
-        _launch("gru_nobias_backward_loop1", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_prev_0_next, d_h_prev_1_next, d_h_prev_from_h_prev_proj_next, d_W_hh_in0_proj_seq[t], d_h_prev_1, d_z_from1, d_x_proj_seq[t], z_seq[t], h_tilde_seq[t], h_seq[t])
+        _launch("gru_nobias_backward_loop1", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_prev_0_next, d_h_prev_1_next, d_h_prev_from_h_prev_proj_next, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq)
         d_W_hh_in0_from_W_hh_in0_proj = cp.matmul(d_W_hh_in0_proj_seq[t], W_hh)  # W^T delta
-        _launch("gru_nobias_backward_loop0", dtype, B, n_hidden, 1, dims, d_W_hh_in0_from_W_hh_in0_proj, d_h_prev_proj_seq[t], d_z_from1, d_h_prev_0, d_x_proj_seq[t], h_seq[t], r_seq[t], z_seq[t])
+        _launch("gru_nobias_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_W_hh_in0_from_W_hh_in0_proj, d_h_prev_proj_seq, d_z_from1, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq)
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # weight gradients: one GEMM over every step per stacked product
@@ -217,8 +217,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -227,7 +229,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -316,7 +318,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -333,394 +336,389 @@ __host__ __device__ inline double op_tanh(double x) { return tanh(x); }
 // forward, loop stage 0: z, r, W_hh_in0
 template <typename scalar_t>
 __host__ __device__ inline void gru_nobias_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ h_prev_proj,
-    const scalar_t* __restrict__ x_proj_seq_t,
-    scalar_t* __restrict__ z_seq_t,
-    scalar_t* __restrict__ r_seq_t,
-    const scalar_t* __restrict__ h_seq_t,
-    scalar_t* __restrict__ W_hh_in0_seq_t)
+    const scalar_t* __restrict__ x_proj_seq,
+    scalar_t* __restrict__ z_seq,
+    scalar_t* __restrict__ r_seq,
+    const scalar_t* __restrict__ h_seq,
+    scalar_t* __restrict__ W_hh_in0_seq)
 {
     const scalar_t W_zh_h_prev = h_prev_proj[row_ * (2*n_hidden) + unit_];
-    const scalar_t W_zx_x = x_proj_seq_t[row_ * (3*n_hidden) + unit_];
+    const scalar_t W_zx_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + unit_];
     const scalar_t W_rh_h_prev = h_prev_proj[row_ * (2*n_hidden) + n_hidden + unit_];
-    const scalar_t W_rx_x = x_proj_seq_t[row_ * (3*n_hidden) + n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t W_rx_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t z = op_sigmoid(W_zh_h_prev + W_zx_x);  // eq:gru_nobias:z
-    z_seq_t[row_ * n_hidden + unit_] = z;
+    z_seq[(step_ * rows_ + row_) * n_hidden + unit_] = z;
     const scalar_t r = op_sigmoid(W_rh_h_prev + W_rx_x);  // eq:gru_nobias:r
-    r_seq_t[row_ * n_hidden + unit_] = r;
+    r_seq[(step_ * rows_ + row_) * n_hidden + unit_] = r;
     const scalar_t W_hh_in0 = h_prev*r;  // eq:gru_nobias:h_tilde
-    W_hh_in0_seq_t[row_ * n_hidden + unit_] = W_hh_in0;
+    W_hh_in0_seq[(step_ * rows_ + row_) * n_hidden + unit_] = W_hh_in0;
 }
 
 // forward, loop stage 1: h_tilde, h
 template <typename scalar_t>
 __host__ __device__ inline void gru_nobias_forward_loop1_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ W_hh_in0_proj,
-    const scalar_t* __restrict__ x_proj_seq_t,
-    scalar_t* __restrict__ h_tilde_seq_t,
-    const scalar_t* __restrict__ h_seq_t,
-    const scalar_t* __restrict__ z_seq_t,
-    scalar_t* __restrict__ h_seq_t_1)
+    const scalar_t* __restrict__ x_proj_seq,
+    scalar_t* __restrict__ h_tilde_seq,
+    scalar_t* __restrict__ h_seq,
+    const scalar_t* __restrict__ z_seq)
 {
     const scalar_t W_hh_W_hh_in0 = W_hh_in0_proj[row_ * n_hidden + unit_];
-    const scalar_t W_hx_x = x_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
-    const scalar_t z = z_seq_t[row_ * n_hidden + unit_];
+    const scalar_t W_hx_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t z = z_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t h_tilde = op_tanh(W_hh_W_hh_in0 + W_hx_x);  // eq:gru_nobias:h_tilde
-    h_tilde_seq_t[row_ * n_hidden + unit_] = h_tilde;
+    h_tilde_seq[(step_ * rows_ + row_) * n_hidden + unit_] = h_tilde;
     const scalar_t h = h_prev*(scalar_t(1) - z) + h_tilde*z;  // eq:gru_nobias:h
-    h_seq_t_1[row_ * n_hidden + unit_] = h;
+    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h;
 }
 
 // backward, loop stage 1: adjoints of h, h_tilde
 template <typename scalar_t>
 __host__ __device__ inline void gru_nobias_backward_loop1_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ d_h_seq_t,
+    const scalar_t* __restrict__ d_h_seq,
     const scalar_t* __restrict__ d_h_prev_0_next_ptr,
     const scalar_t* __restrict__ d_h_prev_1_next_ptr,
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    scalar_t* __restrict__ d_W_hh_in0_proj_seq_t,
+    scalar_t* __restrict__ d_W_hh_in0_proj_seq,
     scalar_t* __restrict__ d_h_prev_1,
     scalar_t* __restrict__ d_z_from1,
-    scalar_t* __restrict__ d_x_proj_seq_t,
-    const scalar_t* __restrict__ z_seq_t,
-    const scalar_t* __restrict__ h_tilde_seq_t,
-    const scalar_t* __restrict__ h_seq_t)
+    scalar_t* __restrict__ d_x_proj_seq,
+    const scalar_t* __restrict__ z_seq,
+    const scalar_t* __restrict__ h_tilde_seq,
+    const scalar_t* __restrict__ h_seq)
 {
-    const scalar_t d_h_out = d_h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h_prev_0_next = d_h_prev_0_next_ptr[row_ * n_hidden + unit_];
     const scalar_t d_h_prev_1_next = d_h_prev_1_next_ptr[row_ * n_hidden + unit_];
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t z = z_seq_t[row_ * n_hidden + unit_];
-    const scalar_t h_tilde = h_tilde_seq_t[row_ * n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t z = z_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t h_tilde = h_tilde_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_0_next + d_h_prev_1_next + d_h_prev_from_h_prev_proj_next;  // eq:gru_nobias:adj:h
     const scalar_t d_h_tilde = d_h*z;  // eq:gru_nobias:adj:h_tilde
     const scalar_t tmp0 = d_h_tilde*(scalar_t(1) - (h_tilde*h_tilde));
     const scalar_t d_W_hh_W_hh_in0 = tmp0;
-    d_W_hh_in0_proj_seq_t[row_ * n_hidden + unit_] = d_W_hh_W_hh_in0;
+    d_W_hh_in0_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_hh_W_hh_in0;
     d_h_prev_1[row_ * n_hidden + unit_] = d_h*(scalar_t(1) - z);
     d_z_from1[row_ * n_hidden + unit_] = d_h*(-h_prev + h_tilde);
-    d_x_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_] = tmp0;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_] = tmp0;
 }
 
 // backward, loop stage 0: adjoints of W_hh_in0, r, z
 template <typename scalar_t>
 __host__ __device__ inline void gru_nobias_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ d_W_hh_in0_from_W_hh_in0_proj_ptr,
-    scalar_t* __restrict__ d_h_prev_proj_seq_t,
+    scalar_t* __restrict__ d_h_prev_proj_seq,
     const scalar_t* __restrict__ d_z_from1_ptr,
     scalar_t* __restrict__ d_h_prev_0,
-    scalar_t* __restrict__ d_x_proj_seq_t,
-    const scalar_t* __restrict__ h_seq_t,
-    const scalar_t* __restrict__ r_seq_t,
-    const scalar_t* __restrict__ z_seq_t)
+    scalar_t* __restrict__ d_x_proj_seq,
+    const scalar_t* __restrict__ h_seq,
+    const scalar_t* __restrict__ r_seq,
+    const scalar_t* __restrict__ z_seq)
 {
     const scalar_t d_W_hh_in0_from_W_hh_in0_proj = d_W_hh_in0_from_W_hh_in0_proj_ptr[row_ * n_hidden + unit_];
     const scalar_t d_z_from1 = d_z_from1_ptr[row_ * n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
-    const scalar_t r = r_seq_t[row_ * n_hidden + unit_];
-    const scalar_t z = z_seq_t[row_ * n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t r = r_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t z = z_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_W_hh_in0 = d_W_hh_in0_from_W_hh_in0_proj;  // eq:gru_nobias:adj:W_hh_in0
     const scalar_t d_r = d_W_hh_in0*h_prev;  // eq:gru_nobias:adj:r
     const scalar_t tmp0 = d_r*r*(scalar_t(1) - r);
     const scalar_t d_W_rh_h_prev = tmp0;
-    d_h_prev_proj_seq_t[row_ * (2*n_hidden) + n_hidden + unit_] = d_W_rh_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (2*n_hidden) + n_hidden + unit_] = d_W_rh_h_prev;
     const scalar_t d_z = d_z_from1;  // eq:gru_nobias:adj:z
     const scalar_t tmp1 = d_z*z*(scalar_t(1) - z);
     const scalar_t d_W_zh_h_prev = tmp1;
-    d_h_prev_proj_seq_t[row_ * (2*n_hidden) + unit_] = d_W_zh_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (2*n_hidden) + unit_] = d_W_zh_h_prev;
     d_h_prev_0[row_ * n_hidden + unit_] = d_W_hh_in0*r;
-    d_x_proj_seq_t[row_ * (3*n_hidden) + unit_] = tmp1;
-    d_x_proj_seq_t[row_ * (3*n_hidden) + n_hidden + unit_] = tmp0;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + unit_] = tmp1;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_] = tmp0;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void gru_nobias_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ z_seq_t,
-    float* __restrict__ r_seq_t,
-    const float* __restrict__ h_seq_t,
-    float* __restrict__ W_hh_in0_seq_t)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ z_seq,
+    float* __restrict__ r_seq,
+    const float* __restrict__ h_seq,
+    float* __restrict__ W_hh_in0_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, z_seq_t, r_seq_t, h_seq_t, W_hh_in0_seq_t);
+        gru_nobias_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ z_seq_t,
-    double* __restrict__ r_seq_t,
-    const double* __restrict__ h_seq_t,
-    double* __restrict__ W_hh_in0_seq_t)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ z_seq,
+    double* __restrict__ r_seq,
+    const double* __restrict__ h_seq,
+    double* __restrict__ W_hh_in0_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, z_seq_t, r_seq_t, h_seq_t, W_hh_in0_seq_t);
+        gru_nobias_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_forward_loop1_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ W_hh_in0_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ h_tilde_seq_t,
-    const float* __restrict__ h_seq_t,
-    const float* __restrict__ z_seq_t,
-    float* __restrict__ h_seq_t_1)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ h_tilde_seq,
+    float* __restrict__ h_seq,
+    const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq_t, h_tilde_seq_t, h_seq_t, z_seq_t, h_seq_t_1);
+        gru_nobias_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_forward_loop1_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ W_hh_in0_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ h_tilde_seq_t,
-    const double* __restrict__ h_seq_t,
-    const double* __restrict__ z_seq_t,
-    double* __restrict__ h_seq_t_1)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ h_tilde_seq,
+    double* __restrict__ h_seq,
+    const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq_t, h_tilde_seq_t, h_seq_t, z_seq_t, h_seq_t_1);
+        gru_nobias_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_backward_loop1_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_0_next_ptr,
     const float* __restrict__ d_h_prev_1_next_ptr,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_W_hh_in0_proj_seq_t,
+    float* __restrict__ d_W_hh_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
     float* __restrict__ d_z_from1,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ z_seq_t,
-    const float* __restrict__ h_tilde_seq_t,
-    const float* __restrict__ h_seq_t)
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ z_seq,
+    const float* __restrict__ h_tilde_seq,
+    const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq_t, d_h_prev_1, d_z_from1, d_x_proj_seq_t, z_seq_t, h_tilde_seq_t, h_seq_t);
+        gru_nobias_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_backward_loop1_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_0_next_ptr,
     const double* __restrict__ d_h_prev_1_next_ptr,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_W_hh_in0_proj_seq_t,
+    double* __restrict__ d_W_hh_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
     double* __restrict__ d_z_from1,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ z_seq_t,
-    const double* __restrict__ h_tilde_seq_t,
-    const double* __restrict__ h_seq_t)
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ z_seq,
+    const double* __restrict__ h_tilde_seq,
+    const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq_t, d_h_prev_1, d_z_from1, d_x_proj_seq_t, z_seq_t, h_tilde_seq_t, h_seq_t);
+        gru_nobias_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_W_hh_in0_from_W_hh_in0_proj_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     const float* __restrict__ d_z_from1_ptr,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ h_seq_t,
-    const float* __restrict__ r_seq_t,
-    const float* __restrict__ z_seq_t)
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ h_seq,
+    const float* __restrict__ r_seq,
+    const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq_t, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq_t, h_seq_t, r_seq_t, z_seq_t);
+        gru_nobias_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
     }
 }
 
 extern "C" __global__ void gru_nobias_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_W_hh_in0_from_W_hh_in0_proj_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     const double* __restrict__ d_z_from1_ptr,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ h_seq_t,
-    const double* __restrict__ r_seq_t,
-    const double* __restrict__ z_seq_t)
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ h_seq,
+    const double* __restrict__ r_seq,
+    const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_nobias_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq_t, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq_t, h_seq_t, r_seq_t, z_seq_t);
+        gru_nobias_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void gru_nobias_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ z_seq_t,
-    float* __restrict__ r_seq_t,
-    const float* __restrict__ h_seq_t,
-    float* __restrict__ W_hh_in0_seq_t)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ z_seq,
+    float* __restrict__ r_seq,
+    const float* __restrict__ h_seq,
+    float* __restrict__ W_hh_in0_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, z_seq_t, r_seq_t, h_seq_t, W_hh_in0_seq_t);
+        gru_nobias_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq);
     }
 }
 
 extern "C" void gru_nobias_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ z_seq_t,
-    double* __restrict__ r_seq_t,
-    const double* __restrict__ h_seq_t,
-    double* __restrict__ W_hh_in0_seq_t)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ z_seq,
+    double* __restrict__ r_seq,
+    const double* __restrict__ h_seq,
+    double* __restrict__ W_hh_in0_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, z_seq_t, r_seq_t, h_seq_t, W_hh_in0_seq_t);
+        gru_nobias_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq);
     }
 }
 
 extern "C" void gru_nobias_forward_loop1_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ W_hh_in0_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ h_tilde_seq_t,
-    const float* __restrict__ h_seq_t,
-    const float* __restrict__ z_seq_t,
-    float* __restrict__ h_seq_t_1)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ h_tilde_seq,
+    float* __restrict__ h_seq,
+    const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq_t, h_tilde_seq_t, h_seq_t, z_seq_t, h_seq_t_1);
+        gru_nobias_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq);
     }
 }
 
 extern "C" void gru_nobias_forward_loop1_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ W_hh_in0_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ h_tilde_seq_t,
-    const double* __restrict__ h_seq_t,
-    const double* __restrict__ z_seq_t,
-    double* __restrict__ h_seq_t_1)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ h_tilde_seq,
+    double* __restrict__ h_seq,
+    const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq_t, h_tilde_seq_t, h_seq_t, z_seq_t, h_seq_t_1);
+        gru_nobias_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq);
     }
 }
 
 extern "C" void gru_nobias_backward_loop1_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_0_next_ptr,
     const float* __restrict__ d_h_prev_1_next_ptr,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_W_hh_in0_proj_seq_t,
+    float* __restrict__ d_W_hh_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
     float* __restrict__ d_z_from1,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ z_seq_t,
-    const float* __restrict__ h_tilde_seq_t,
-    const float* __restrict__ h_seq_t)
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ z_seq,
+    const float* __restrict__ h_tilde_seq,
+    const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq_t, d_h_prev_1, d_z_from1, d_x_proj_seq_t, z_seq_t, h_tilde_seq_t, h_seq_t);
+        gru_nobias_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
 extern "C" void gru_nobias_backward_loop1_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_0_next_ptr,
     const double* __restrict__ d_h_prev_1_next_ptr,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_W_hh_in0_proj_seq_t,
+    double* __restrict__ d_W_hh_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
     double* __restrict__ d_z_from1,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ z_seq_t,
-    const double* __restrict__ h_tilde_seq_t,
-    const double* __restrict__ h_seq_t)
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ z_seq,
+    const double* __restrict__ h_tilde_seq,
+    const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq_t, d_h_prev_1, d_z_from1, d_x_proj_seq_t, z_seq_t, h_tilde_seq_t, h_seq_t);
+        gru_nobias_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
 extern "C" void gru_nobias_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_W_hh_in0_from_W_hh_in0_proj_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     const float* __restrict__ d_z_from1_ptr,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ h_seq_t,
-    const float* __restrict__ r_seq_t,
-    const float* __restrict__ z_seq_t)
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ h_seq,
+    const float* __restrict__ r_seq,
+    const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq_t, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq_t, h_seq_t, r_seq_t, z_seq_t);
+        gru_nobias_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
     }
 }
 
 extern "C" void gru_nobias_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_W_hh_in0_from_W_hh_in0_proj_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     const double* __restrict__ d_z_from1_ptr,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ h_seq_t,
-    const double* __restrict__ r_seq_t,
-    const double* __restrict__ z_seq_t)
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ h_seq,
+    const double* __restrict__ r_seq,
+    const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_nobias_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq_t, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq_t, h_seq_t, r_seq_t, z_seq_t);
+        gru_nobias_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
     }
 }
 #endif

@@ -99,7 +99,7 @@ def forward(params, x, state0=None):
     n_seq = cp.empty((T, B, n_hidden), dtype)
     for t in range(T):
         h_prev_proj = cp.matmul(h_seq[t], weight_hh_l0.T)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
-        _launch("gru_torch_forward_loop0", dtype, B, n_hidden, 1, dims, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq[t], r_seq[t], z_seq[t], n_seq[t], h_seq[t], h_seq[t + 1], weight_hh_l0_2_h_prev_seq[t])
+        _launch("gru_torch_forward_loop0", dtype, B, n_hidden, 1, t, dims, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, r_seq, z_seq, n_seq, h_seq, weight_hh_l0_2_h_prev_seq)
     outputs = {
         "h": h_seq[1:],
     }
@@ -142,7 +142,7 @@ def backward(params, cache, grad_outputs):
         d_h_prev_0_next = d_h_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_h_prev_0 = cp.empty((B, n_hidden), dtype)
-        _launch("gru_torch_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_prev_0_next, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq[t], d_h_prev_0, d_x_proj_seq[t], z_seq[t], r_seq[t], n_seq[t], h_seq[t], bias_hh_l0, weight_hh_l0_2_h_prev_seq[t])
+        _launch("gru_torch_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_prev_0_next, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, z_seq, r_seq, n_seq, h_seq, bias_hh_l0, weight_hh_l0_2_h_prev_seq)
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], weight_hh_l0)  # W^T delta
     d_h0 = d_h_prev_0 + d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
@@ -191,8 +191,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -201,7 +203,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -290,7 +292,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -307,255 +310,250 @@ __host__ __device__ inline double op_tanh(double x) { return tanh(x); }
 // forward, loop stage 0: r, z, n, h
 template <typename scalar_t>
 __host__ __device__ inline void gru_torch_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ bias_hh_l0,
     const scalar_t* __restrict__ bias_ih_l0,
     const scalar_t* __restrict__ h_prev_proj,
-    const scalar_t* __restrict__ x_proj_seq_t,
-    scalar_t* __restrict__ r_seq_t,
-    scalar_t* __restrict__ z_seq_t,
-    scalar_t* __restrict__ n_seq_t,
-    const scalar_t* __restrict__ h_seq_t,
-    scalar_t* __restrict__ h_seq_t_1,
-    scalar_t* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const scalar_t* __restrict__ x_proj_seq,
+    scalar_t* __restrict__ r_seq,
+    scalar_t* __restrict__ z_seq,
+    scalar_t* __restrict__ n_seq,
+    scalar_t* __restrict__ h_seq,
+    scalar_t* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const scalar_t bias_hh_l0_0 = bias_hh_l0[unit_];
     const scalar_t bias_ih_l0_0 = bias_ih_l0[unit_];
     const scalar_t weight_hh_l0_0_h_prev = h_prev_proj[row_ * (3*n_hidden) + unit_];
-    const scalar_t weight_ih_l0_0_x = x_proj_seq_t[row_ * (3*n_hidden) + unit_];
+    const scalar_t weight_ih_l0_0_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + unit_];
     const scalar_t bias_hh_l0_1 = bias_hh_l0[n_hidden + unit_];
     const scalar_t bias_ih_l0_1 = bias_ih_l0[n_hidden + unit_];
     const scalar_t weight_hh_l0_1_h_prev = h_prev_proj[row_ * (3*n_hidden) + n_hidden + unit_];
-    const scalar_t weight_ih_l0_1_x = x_proj_seq_t[row_ * (3*n_hidden) + n_hidden + unit_];
+    const scalar_t weight_ih_l0_1_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_];
     const scalar_t bias_hh_l0_2 = bias_hh_l0[2*n_hidden + unit_];
     const scalar_t bias_ih_l0_2 = bias_ih_l0[2*n_hidden + unit_];
     const scalar_t weight_hh_l0_2_h_prev = h_prev_proj[row_ * (3*n_hidden) + 2*n_hidden + unit_];
-    const scalar_t weight_ih_l0_2_x = x_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t weight_ih_l0_2_x = x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t r = op_sigmoid(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x);  // eq:gru_torch:r
-    r_seq_t[row_ * n_hidden + unit_] = r;
+    r_seq[(step_ * rows_ + row_) * n_hidden + unit_] = r;
     const scalar_t z = op_sigmoid(bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x);  // eq:gru_torch:z
-    z_seq_t[row_ * n_hidden + unit_] = z;
+    z_seq[(step_ * rows_ + row_) * n_hidden + unit_] = z;
     const scalar_t n = op_tanh(bias_ih_l0_2 + r*(bias_hh_l0_2 + weight_hh_l0_2_h_prev) + weight_ih_l0_2_x);  // eq:gru_torch:n
-    n_seq_t[row_ * n_hidden + unit_] = n;
+    n_seq[(step_ * rows_ + row_) * n_hidden + unit_] = n;
     const scalar_t h = h_prev*z + n*(scalar_t(1) - z);  // eq:gru_torch:h
-    h_seq_t_1[row_ * n_hidden + unit_] = h;
-    weight_hh_l0_2_h_prev_seq_t[row_ * n_hidden + unit_] = weight_hh_l0_2_h_prev;
+    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h;
+    weight_hh_l0_2_h_prev_seq[(step_ * rows_ + row_) * n_hidden + unit_] = weight_hh_l0_2_h_prev;
 }
 
 // backward, loop stage 0: adjoints of h, n, z, r
 template <typename scalar_t>
 __host__ __device__ inline void gru_torch_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ d_h_seq_t,
+    const scalar_t* __restrict__ d_h_seq,
     const scalar_t* __restrict__ d_h_prev_0_next_ptr,
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    scalar_t* __restrict__ d_h_prev_proj_seq_t,
+    scalar_t* __restrict__ d_h_prev_proj_seq,
     scalar_t* __restrict__ d_h_prev_0,
-    scalar_t* __restrict__ d_x_proj_seq_t,
-    const scalar_t* __restrict__ z_seq_t,
-    const scalar_t* __restrict__ r_seq_t,
-    const scalar_t* __restrict__ n_seq_t,
-    const scalar_t* __restrict__ h_seq_t,
+    scalar_t* __restrict__ d_x_proj_seq,
+    const scalar_t* __restrict__ z_seq,
+    const scalar_t* __restrict__ r_seq,
+    const scalar_t* __restrict__ n_seq,
+    const scalar_t* __restrict__ h_seq,
     const scalar_t* __restrict__ bias_hh_l0,
-    const scalar_t* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const scalar_t* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
-    const scalar_t d_h_out = d_h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h_prev_0_next = d_h_prev_0_next_ptr[row_ * n_hidden + unit_];
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t z = z_seq_t[row_ * n_hidden + unit_];
-    const scalar_t r = r_seq_t[row_ * n_hidden + unit_];
-    const scalar_t n = n_seq_t[row_ * n_hidden + unit_];
-    const scalar_t h_prev = h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t z = z_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t r = r_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t n = n_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t bias_hh_l0_2 = bias_hh_l0[2*n_hidden + unit_];
-    const scalar_t weight_hh_l0_2_h_prev = weight_hh_l0_2_h_prev_seq_t[row_ * n_hidden + unit_];
+    const scalar_t weight_hh_l0_2_h_prev = weight_hh_l0_2_h_prev_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_0_next + d_h_prev_from_h_prev_proj_next;  // eq:gru_torch:adj:h
     const scalar_t tmp0 = scalar_t(1) - z;
     const scalar_t d_n = d_h*tmp0;  // eq:gru_torch:adj:n
     const scalar_t tmp1 = d_n*(scalar_t(1) - (n*n));
     const scalar_t d_weight_hh_l0_2_h_prev = r*tmp1;
-    d_h_prev_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_] = d_weight_hh_l0_2_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_] = d_weight_hh_l0_2_h_prev;
     const scalar_t d_z = d_h*(h_prev - n);  // eq:gru_torch:adj:z
     const scalar_t tmp2 = d_z*tmp0*z;
     const scalar_t d_weight_hh_l0_1_h_prev = tmp2;
-    d_h_prev_proj_seq_t[row_ * (3*n_hidden) + n_hidden + unit_] = d_weight_hh_l0_1_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_] = d_weight_hh_l0_1_h_prev;
     const scalar_t d_r = tmp1*(bias_hh_l0_2 + weight_hh_l0_2_h_prev);  // eq:gru_torch:adj:r
     const scalar_t tmp3 = d_r*r*(scalar_t(1) - r);
     const scalar_t d_weight_hh_l0_0_h_prev = tmp3;
-    d_h_prev_proj_seq_t[row_ * (3*n_hidden) + unit_] = d_weight_hh_l0_0_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + unit_] = d_weight_hh_l0_0_h_prev;
     d_h_prev_0[row_ * n_hidden + unit_] = d_h*z;
-    d_x_proj_seq_t[row_ * (3*n_hidden) + unit_] = tmp3;
-    d_x_proj_seq_t[row_ * (3*n_hidden) + n_hidden + unit_] = tmp2;
-    d_x_proj_seq_t[row_ * (3*n_hidden) + 2*n_hidden + unit_] = tmp1;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + unit_] = tmp3;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_] = tmp2;
+    d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_] = tmp1;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void gru_torch_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ bias_hh_l0,
     const float* __restrict__ bias_ih_l0,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ r_seq_t,
-    float* __restrict__ z_seq_t,
-    float* __restrict__ n_seq_t,
-    const float* __restrict__ h_seq_t,
-    float* __restrict__ h_seq_t_1,
-    float* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ r_seq,
+    float* __restrict__ z_seq,
+    float* __restrict__ n_seq,
+    float* __restrict__ h_seq,
+    float* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_torch_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq_t, r_seq_t, z_seq_t, n_seq_t, h_seq_t, h_seq_t_1, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, r_seq, z_seq, n_seq, h_seq, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" __global__ void gru_torch_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ bias_hh_l0,
     const double* __restrict__ bias_ih_l0,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ r_seq_t,
-    double* __restrict__ z_seq_t,
-    double* __restrict__ n_seq_t,
-    const double* __restrict__ h_seq_t,
-    double* __restrict__ h_seq_t_1,
-    double* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ r_seq,
+    double* __restrict__ z_seq,
+    double* __restrict__ n_seq,
+    double* __restrict__ h_seq,
+    double* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_torch_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq_t, r_seq_t, z_seq_t, n_seq_t, h_seq_t, h_seq_t_1, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, r_seq, z_seq, n_seq, h_seq, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" __global__ void gru_torch_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_0_next_ptr,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ z_seq_t,
-    const float* __restrict__ r_seq_t,
-    const float* __restrict__ n_seq_t,
-    const float* __restrict__ h_seq_t,
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ z_seq,
+    const float* __restrict__ r_seq,
+    const float* __restrict__ n_seq,
+    const float* __restrict__ h_seq,
     const float* __restrict__ bias_hh_l0,
-    const float* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const float* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_torch_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, d_h_prev_0, d_x_proj_seq_t, z_seq_t, r_seq_t, n_seq_t, h_seq_t, bias_hh_l0, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, z_seq, r_seq, n_seq, h_seq, bias_hh_l0, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" __global__ void gru_torch_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_0_next_ptr,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ z_seq_t,
-    const double* __restrict__ r_seq_t,
-    const double* __restrict__ n_seq_t,
-    const double* __restrict__ h_seq_t,
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ z_seq,
+    const double* __restrict__ r_seq,
+    const double* __restrict__ n_seq,
+    const double* __restrict__ h_seq,
     const double* __restrict__ bias_hh_l0,
-    const double* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const double* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_torch_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, d_h_prev_0, d_x_proj_seq_t, z_seq_t, r_seq_t, n_seq_t, h_seq_t, bias_hh_l0, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, z_seq, r_seq, n_seq, h_seq, bias_hh_l0, weight_hh_l0_2_h_prev_seq);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void gru_torch_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ bias_hh_l0,
     const float* __restrict__ bias_ih_l0,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
-    float* __restrict__ r_seq_t,
-    float* __restrict__ z_seq_t,
-    float* __restrict__ n_seq_t,
-    const float* __restrict__ h_seq_t,
-    float* __restrict__ h_seq_t_1,
-    float* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const float* __restrict__ x_proj_seq,
+    float* __restrict__ r_seq,
+    float* __restrict__ z_seq,
+    float* __restrict__ n_seq,
+    float* __restrict__ h_seq,
+    float* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_torch_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq_t, r_seq_t, z_seq_t, n_seq_t, h_seq_t, h_seq_t_1, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, r_seq, z_seq, n_seq, h_seq, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" void gru_torch_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ bias_hh_l0,
     const double* __restrict__ bias_ih_l0,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
-    double* __restrict__ r_seq_t,
-    double* __restrict__ z_seq_t,
-    double* __restrict__ n_seq_t,
-    const double* __restrict__ h_seq_t,
-    double* __restrict__ h_seq_t_1,
-    double* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const double* __restrict__ x_proj_seq,
+    double* __restrict__ r_seq,
+    double* __restrict__ z_seq,
+    double* __restrict__ n_seq,
+    double* __restrict__ h_seq,
+    double* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_torch_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq_t, r_seq_t, z_seq_t, n_seq_t, h_seq_t, h_seq_t_1, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, r_seq, z_seq, n_seq, h_seq, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" void gru_torch_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_0_next_ptr,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq_t,
-    const float* __restrict__ z_seq_t,
-    const float* __restrict__ r_seq_t,
-    const float* __restrict__ n_seq_t,
-    const float* __restrict__ h_seq_t,
+    float* __restrict__ d_x_proj_seq,
+    const float* __restrict__ z_seq,
+    const float* __restrict__ r_seq,
+    const float* __restrict__ n_seq,
+    const float* __restrict__ h_seq,
     const float* __restrict__ bias_hh_l0,
-    const float* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const float* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_torch_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, d_h_prev_0, d_x_proj_seq_t, z_seq_t, r_seq_t, n_seq_t, h_seq_t, bias_hh_l0, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, z_seq, r_seq, n_seq, h_seq, bias_hh_l0, weight_hh_l0_2_h_prev_seq);
     }
 }
 
 extern "C" void gru_torch_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_0_next_ptr,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq_t,
-    const double* __restrict__ z_seq_t,
-    const double* __restrict__ r_seq_t,
-    const double* __restrict__ n_seq_t,
-    const double* __restrict__ h_seq_t,
+    double* __restrict__ d_x_proj_seq,
+    const double* __restrict__ z_seq,
+    const double* __restrict__ r_seq,
+    const double* __restrict__ n_seq,
+    const double* __restrict__ h_seq,
     const double* __restrict__ bias_hh_l0,
-    const double* __restrict__ weight_hh_l0_2_h_prev_seq_t)
+    const double* __restrict__ weight_hh_l0_2_h_prev_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_torch_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq_t, d_h_prev_0, d_x_proj_seq_t, z_seq_t, r_seq_t, n_seq_t, h_seq_t, bias_hh_l0, weight_hh_l0_2_h_prev_seq_t);
+        gru_torch_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, z_seq, r_seq, n_seq, h_seq, bias_hh_l0, weight_hh_l0_2_h_prev_seq);
     }
 }
 #endif

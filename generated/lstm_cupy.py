@@ -118,7 +118,7 @@ def forward(params, x, state0=None):
     tanh_c_seq = cp.empty((T, B, n_hidden), dtype)
     for t in range(T):
         h_prev_proj = cp.matmul(h_seq[t], W_stack_h_prev.T)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
-        _launch("lstm_forward_loop0", dtype, B, n_hidden, 1, dims, h_prev_proj, x_proj_seq[t], b_f, f_seq[t], b_i, i_seq[t], b_o, o_seq[t], b_g, g_seq[t], c_seq[t], c_seq[t + 1], tanh_c_seq[t], h_seq[t + 1])
+        _launch("lstm_forward_loop0", dtype, B, n_hidden, 1, t, dims, h_prev_proj, x_proj_seq, b_f, f_seq, b_i, i_seq, b_o, o_seq, b_g, g_seq, c_seq, tanh_c_seq, h_seq)
     outputs = {
         "h": h_seq[1:],
         "c": c_seq[1:],
@@ -178,7 +178,7 @@ def backward(params, cache, grad_outputs):
         d_c_prev_0_next = d_c_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_0 = cp.empty((B, n_hidden), dtype)
-        _launch("lstm_backward_loop0", dtype, B, n_hidden, 1, dims, d_h_seq[t], d_h_prev_from_h_prev_proj_next, d_c_seq[t], d_c_prev_0_next, d_h_prev_proj_seq[t], d_c_prev_0, o_seq[t], tanh_c_seq[t], i_seq[t], g_seq[t], c_seq[t], f_seq[t])
+        _launch("lstm_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_prev_from_h_prev_proj_next, d_c_seq, d_c_prev_0_next, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq)
         d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
@@ -238,8 +238,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -248,7 +250,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -337,7 +339,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -354,279 +357,274 @@ __host__ __device__ inline double op_tanh(double x) { return tanh(x); }
 // forward, loop stage 0: f, i, o, g, c, tanh_c, h
 template <typename scalar_t>
 __host__ __device__ inline void lstm_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ h_prev_proj,
-    const scalar_t* __restrict__ x_proj_seq_t,
+    const scalar_t* __restrict__ x_proj_seq,
     const scalar_t* __restrict__ b_f_ptr,
-    scalar_t* __restrict__ f_seq_t,
+    scalar_t* __restrict__ f_seq,
     const scalar_t* __restrict__ b_i_ptr,
-    scalar_t* __restrict__ i_seq_t,
+    scalar_t* __restrict__ i_seq,
     const scalar_t* __restrict__ b_o_ptr,
-    scalar_t* __restrict__ o_seq_t,
+    scalar_t* __restrict__ o_seq,
     const scalar_t* __restrict__ b_g_ptr,
-    scalar_t* __restrict__ g_seq_t,
-    const scalar_t* __restrict__ c_seq_t,
-    scalar_t* __restrict__ c_seq_t_1,
-    scalar_t* __restrict__ tanh_c_seq_t,
-    scalar_t* __restrict__ h_seq_t_1)
+    scalar_t* __restrict__ g_seq,
+    scalar_t* __restrict__ c_seq,
+    scalar_t* __restrict__ tanh_c_seq,
+    scalar_t* __restrict__ h_seq)
 {
     const scalar_t W_f_h_prev = h_prev_proj[row_ * (4*n_hidden) + unit_];
-    const scalar_t W_f_x = x_proj_seq_t[row_ * (4*n_hidden) + unit_];
+    const scalar_t W_f_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + unit_];
     const scalar_t b_f = b_f_ptr[unit_];
     const scalar_t W_i_h_prev = h_prev_proj[row_ * (4*n_hidden) + n_hidden + unit_];
-    const scalar_t W_i_x = x_proj_seq_t[row_ * (4*n_hidden) + n_hidden + unit_];
+    const scalar_t W_i_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_];
     const scalar_t b_i = b_i_ptr[unit_];
     const scalar_t W_o_h_prev = h_prev_proj[row_ * (4*n_hidden) + 2*n_hidden + unit_];
-    const scalar_t W_o_x = x_proj_seq_t[row_ * (4*n_hidden) + 2*n_hidden + unit_];
+    const scalar_t W_o_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_];
     const scalar_t b_o = b_o_ptr[unit_];
     const scalar_t W_g_h_prev = h_prev_proj[row_ * (4*n_hidden) + 3*n_hidden + unit_];
-    const scalar_t W_g_x = x_proj_seq_t[row_ * (4*n_hidden) + 3*n_hidden + unit_];
+    const scalar_t W_g_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_];
     const scalar_t b_g = b_g_ptr[unit_];
-    const scalar_t c_prev = c_seq_t[row_ * n_hidden + unit_];
+    const scalar_t c_prev = c_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t f = op_sigmoid(W_f_h_prev + W_f_x + b_f);  // eq:lstm:f
-    f_seq_t[row_ * n_hidden + unit_] = f;
+    f_seq[(step_ * rows_ + row_) * n_hidden + unit_] = f;
     const scalar_t i = op_sigmoid(W_i_h_prev + W_i_x + b_i);  // eq:lstm:i
-    i_seq_t[row_ * n_hidden + unit_] = i;
+    i_seq[(step_ * rows_ + row_) * n_hidden + unit_] = i;
     const scalar_t o = op_sigmoid(W_o_h_prev + W_o_x + b_o);  // eq:lstm:o
-    o_seq_t[row_ * n_hidden + unit_] = o;
+    o_seq[(step_ * rows_ + row_) * n_hidden + unit_] = o;
     const scalar_t g = op_tanh(W_g_h_prev + W_g_x + b_g);  // eq:lstm:g
-    g_seq_t[row_ * n_hidden + unit_] = g;
+    g_seq[(step_ * rows_ + row_) * n_hidden + unit_] = g;
     const scalar_t c = c_prev*f + g*i;  // eq:lstm:c
-    c_seq_t_1[row_ * n_hidden + unit_] = c;
+    c_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = c;
     const scalar_t tanh_c = op_tanh(c);  // eq:lstm:h
-    tanh_c_seq_t[row_ * n_hidden + unit_] = tanh_c;
+    tanh_c_seq[(step_ * rows_ + row_) * n_hidden + unit_] = tanh_c;
     const scalar_t h = o*tanh_c;  // eq:lstm:h
-    h_seq_t_1[row_ * n_hidden + unit_] = h;
+    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h;
 }
 
 // backward, loop stage 0: adjoints of h, tanh_c, c, g, o, i, f
 template <typename scalar_t>
 __host__ __device__ inline void lstm_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ d_h_seq_t,
+    const scalar_t* __restrict__ d_h_seq,
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    const scalar_t* __restrict__ d_c_seq_t,
+    const scalar_t* __restrict__ d_c_seq,
     const scalar_t* __restrict__ d_c_prev_0_next_ptr,
-    scalar_t* __restrict__ d_h_prev_proj_seq_t,
+    scalar_t* __restrict__ d_h_prev_proj_seq,
     scalar_t* __restrict__ d_c_prev_0,
-    const scalar_t* __restrict__ o_seq_t,
-    const scalar_t* __restrict__ tanh_c_seq_t,
-    const scalar_t* __restrict__ i_seq_t,
-    const scalar_t* __restrict__ g_seq_t,
-    const scalar_t* __restrict__ c_seq_t,
-    const scalar_t* __restrict__ f_seq_t)
+    const scalar_t* __restrict__ o_seq,
+    const scalar_t* __restrict__ tanh_c_seq,
+    const scalar_t* __restrict__ i_seq,
+    const scalar_t* __restrict__ g_seq,
+    const scalar_t* __restrict__ c_seq,
+    const scalar_t* __restrict__ f_seq)
 {
-    const scalar_t d_h_out = d_h_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t d_c_out = d_c_seq_t[row_ * n_hidden + unit_];
+    const scalar_t d_c_out = d_c_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_c_prev_0_next = d_c_prev_0_next_ptr[row_ * n_hidden + unit_];
-    const scalar_t o = o_seq_t[row_ * n_hidden + unit_];
-    const scalar_t tanh_c = tanh_c_seq_t[row_ * n_hidden + unit_];
-    const scalar_t i = i_seq_t[row_ * n_hidden + unit_];
-    const scalar_t g = g_seq_t[row_ * n_hidden + unit_];
-    const scalar_t c_prev = c_seq_t[row_ * n_hidden + unit_];
-    const scalar_t f = f_seq_t[row_ * n_hidden + unit_];
+    const scalar_t o = o_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t tanh_c = tanh_c_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t i = i_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t g = g_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t c_prev = c_seq[(step_ * rows_ + row_) * n_hidden + unit_];
+    const scalar_t f = f_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t d_h = d_h_out + d_h_prev_from_h_prev_proj_next;  // eq:lstm:adj:h
     const scalar_t d_tanh_c = d_h*o;  // eq:lstm:adj:tanh_c
     const scalar_t d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(scalar_t(1) - (tanh_c*tanh_c));  // eq:lstm:adj:c
     const scalar_t d_g = d_c*i;  // eq:lstm:adj:g
     const scalar_t d_W_g_h_prev = d_g*(scalar_t(1) - (g*g));
-    d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 3*n_hidden + unit_] = d_W_g_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_] = d_W_g_h_prev;
     const scalar_t d_o = d_h*tanh_c;  // eq:lstm:adj:o
     const scalar_t d_W_o_h_prev = d_o*o*(scalar_t(1) - o);
-    d_h_prev_proj_seq_t[row_ * (4*n_hidden) + 2*n_hidden + unit_] = d_W_o_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_] = d_W_o_h_prev;
     const scalar_t d_i = d_c*g;  // eq:lstm:adj:i
     const scalar_t d_W_i_h_prev = d_i*i*(scalar_t(1) - i);
-    d_h_prev_proj_seq_t[row_ * (4*n_hidden) + n_hidden + unit_] = d_W_i_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_] = d_W_i_h_prev;
     const scalar_t d_f = c_prev*d_c;  // eq:lstm:adj:f
     const scalar_t d_W_f_h_prev = d_f*f*(scalar_t(1) - f);
-    d_h_prev_proj_seq_t[row_ * (4*n_hidden) + unit_] = d_W_f_h_prev;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + unit_] = d_W_f_h_prev;
     d_c_prev_0[row_ * n_hidden + unit_] = d_c*f;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void lstm_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_f_ptr,
-    float* __restrict__ f_seq_t,
+    float* __restrict__ f_seq,
     const float* __restrict__ b_i_ptr,
-    float* __restrict__ i_seq_t,
+    float* __restrict__ i_seq,
     const float* __restrict__ b_o_ptr,
-    float* __restrict__ o_seq_t,
+    float* __restrict__ o_seq,
     const float* __restrict__ b_g_ptr,
-    float* __restrict__ g_seq_t,
-    const float* __restrict__ c_seq_t,
-    float* __restrict__ c_seq_t_1,
-    float* __restrict__ tanh_c_seq_t,
-    float* __restrict__ h_seq_t_1)
+    float* __restrict__ g_seq,
+    float* __restrict__ c_seq,
+    float* __restrict__ tanh_c_seq,
+    float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        lstm_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_f_ptr, f_seq_t, b_i_ptr, i_seq_t, b_o_ptr, o_seq_t, b_g_ptr, g_seq_t, c_seq_t, c_seq_t_1, tanh_c_seq_t, h_seq_t_1);
+        lstm_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, b_i_ptr, i_seq, b_o_ptr, o_seq, b_g_ptr, g_seq, c_seq, tanh_c_seq, h_seq);
     }
 }
 
 extern "C" __global__ void lstm_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_f_ptr,
-    double* __restrict__ f_seq_t,
+    double* __restrict__ f_seq,
     const double* __restrict__ b_i_ptr,
-    double* __restrict__ i_seq_t,
+    double* __restrict__ i_seq,
     const double* __restrict__ b_o_ptr,
-    double* __restrict__ o_seq_t,
+    double* __restrict__ o_seq,
     const double* __restrict__ b_g_ptr,
-    double* __restrict__ g_seq_t,
-    const double* __restrict__ c_seq_t,
-    double* __restrict__ c_seq_t_1,
-    double* __restrict__ tanh_c_seq_t,
-    double* __restrict__ h_seq_t_1)
+    double* __restrict__ g_seq,
+    double* __restrict__ c_seq,
+    double* __restrict__ tanh_c_seq,
+    double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        lstm_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_f_ptr, f_seq_t, b_i_ptr, i_seq_t, b_o_ptr, o_seq_t, b_g_ptr, g_seq_t, c_seq_t, c_seq_t_1, tanh_c_seq_t, h_seq_t_1);
+        lstm_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, b_i_ptr, i_seq, b_o_ptr, o_seq, b_g_ptr, g_seq, c_seq, tanh_c_seq, h_seq);
     }
 }
 
 extern "C" __global__ void lstm_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    const float* __restrict__ d_c_seq_t,
+    const float* __restrict__ d_c_seq,
     const float* __restrict__ d_c_prev_0_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_c_prev_0,
-    const float* __restrict__ o_seq_t,
-    const float* __restrict__ tanh_c_seq_t,
-    const float* __restrict__ i_seq_t,
-    const float* __restrict__ g_seq_t,
-    const float* __restrict__ c_seq_t,
-    const float* __restrict__ f_seq_t)
+    const float* __restrict__ o_seq,
+    const float* __restrict__ tanh_c_seq,
+    const float* __restrict__ i_seq,
+    const float* __restrict__ g_seq,
+    const float* __restrict__ c_seq,
+    const float* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        lstm_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq_t, d_c_prev_0_next_ptr, d_h_prev_proj_seq_t, d_c_prev_0, o_seq_t, tanh_c_seq_t, i_seq_t, g_seq_t, c_seq_t, f_seq_t);
+        lstm_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
     }
 }
 
 extern "C" __global__ void lstm_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    const double* __restrict__ d_c_seq_t,
+    const double* __restrict__ d_c_seq,
     const double* __restrict__ d_c_prev_0_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_c_prev_0,
-    const double* __restrict__ o_seq_t,
-    const double* __restrict__ tanh_c_seq_t,
-    const double* __restrict__ i_seq_t,
-    const double* __restrict__ g_seq_t,
-    const double* __restrict__ c_seq_t,
-    const double* __restrict__ f_seq_t)
+    const double* __restrict__ o_seq,
+    const double* __restrict__ tanh_c_seq,
+    const double* __restrict__ i_seq,
+    const double* __restrict__ g_seq,
+    const double* __restrict__ c_seq,
+    const double* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        lstm_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq_t, d_c_prev_0_next_ptr, d_h_prev_proj_seq_t, d_c_prev_0, o_seq_t, tanh_c_seq_t, i_seq_t, g_seq_t, c_seq_t, f_seq_t);
+        lstm_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void lstm_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ h_prev_proj,
-    const float* __restrict__ x_proj_seq_t,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_f_ptr,
-    float* __restrict__ f_seq_t,
+    float* __restrict__ f_seq,
     const float* __restrict__ b_i_ptr,
-    float* __restrict__ i_seq_t,
+    float* __restrict__ i_seq,
     const float* __restrict__ b_o_ptr,
-    float* __restrict__ o_seq_t,
+    float* __restrict__ o_seq,
     const float* __restrict__ b_g_ptr,
-    float* __restrict__ g_seq_t,
-    const float* __restrict__ c_seq_t,
-    float* __restrict__ c_seq_t_1,
-    float* __restrict__ tanh_c_seq_t,
-    float* __restrict__ h_seq_t_1)
+    float* __restrict__ g_seq,
+    float* __restrict__ c_seq,
+    float* __restrict__ tanh_c_seq,
+    float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_f_ptr, f_seq_t, b_i_ptr, i_seq_t, b_o_ptr, o_seq_t, b_g_ptr, g_seq_t, c_seq_t, c_seq_t_1, tanh_c_seq_t, h_seq_t_1);
+        lstm_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, b_i_ptr, i_seq, b_o_ptr, o_seq, b_g_ptr, g_seq, c_seq, tanh_c_seq, h_seq);
     }
 }
 
 extern "C" void lstm_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ h_prev_proj,
-    const double* __restrict__ x_proj_seq_t,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_f_ptr,
-    double* __restrict__ f_seq_t,
+    double* __restrict__ f_seq,
     const double* __restrict__ b_i_ptr,
-    double* __restrict__ i_seq_t,
+    double* __restrict__ i_seq,
     const double* __restrict__ b_o_ptr,
-    double* __restrict__ o_seq_t,
+    double* __restrict__ o_seq,
     const double* __restrict__ b_g_ptr,
-    double* __restrict__ g_seq_t,
-    const double* __restrict__ c_seq_t,
-    double* __restrict__ c_seq_t_1,
-    double* __restrict__ tanh_c_seq_t,
-    double* __restrict__ h_seq_t_1)
+    double* __restrict__ g_seq,
+    double* __restrict__ c_seq,
+    double* __restrict__ tanh_c_seq,
+    double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq_t, b_f_ptr, f_seq_t, b_i_ptr, i_seq_t, b_o_ptr, o_seq_t, b_g_ptr, g_seq_t, c_seq_t, c_seq_t_1, tanh_c_seq_t, h_seq_t_1);
+        lstm_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, b_i_ptr, i_seq, b_o_ptr, o_seq, b_g_ptr, g_seq, c_seq, tanh_c_seq, h_seq);
     }
 }
 
 extern "C" void lstm_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const float* __restrict__ d_h_seq,
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    const float* __restrict__ d_c_seq_t,
+    const float* __restrict__ d_c_seq,
     const float* __restrict__ d_c_prev_0_next_ptr,
-    float* __restrict__ d_h_prev_proj_seq_t,
+    float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_c_prev_0,
-    const float* __restrict__ o_seq_t,
-    const float* __restrict__ tanh_c_seq_t,
-    const float* __restrict__ i_seq_t,
-    const float* __restrict__ g_seq_t,
-    const float* __restrict__ c_seq_t,
-    const float* __restrict__ f_seq_t)
+    const float* __restrict__ o_seq,
+    const float* __restrict__ tanh_c_seq,
+    const float* __restrict__ i_seq,
+    const float* __restrict__ g_seq,
+    const float* __restrict__ c_seq,
+    const float* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq_t, d_c_prev_0_next_ptr, d_h_prev_proj_seq_t, d_c_prev_0, o_seq_t, tanh_c_seq_t, i_seq_t, g_seq_t, c_seq_t, f_seq_t);
+        lstm_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
     }
 }
 
 extern "C" void lstm_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ d_h_seq_t,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
+    const double* __restrict__ d_h_seq,
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
-    const double* __restrict__ d_c_seq_t,
+    const double* __restrict__ d_c_seq,
     const double* __restrict__ d_c_prev_0_next_ptr,
-    double* __restrict__ d_h_prev_proj_seq_t,
+    double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_c_prev_0,
-    const double* __restrict__ o_seq_t,
-    const double* __restrict__ tanh_c_seq_t,
-    const double* __restrict__ i_seq_t,
-    const double* __restrict__ g_seq_t,
-    const double* __restrict__ c_seq_t,
-    const double* __restrict__ f_seq_t)
+    const double* __restrict__ o_seq,
+    const double* __restrict__ tanh_c_seq,
+    const double* __restrict__ i_seq,
+    const double* __restrict__ g_seq,
+    const double* __restrict__ c_seq,
+    const double* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq_t, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq_t, d_c_prev_0_next_ptr, d_h_prev_proj_seq_t, d_c_prev_0, o_seq_t, tanh_c_seq_t, i_seq_t, g_seq_t, c_seq_t, f_seq_t);
+        lstm_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
     }
 }
 #endif

@@ -98,10 +98,10 @@ def forward(params, x, state0=None):
     h_seq = cp.empty((T + 1, B, 1), dtype)
     h_seq[0] = state0["h"]
     # the whole recurrence: one kernel that loops over time, one thread per (batch, unit)
-    _launch("single_sigmoid_forward_loop0", dtype, B, 1, T, dims, b, h_seq, v, w, x, h_seq[1:])
+    _launch("single_sigmoid_forward_loop0", dtype, B, 1, T, 0, dims, b, h_seq, v, w, x)
     # readout, every step at once
     y_seq = cp.empty((T, B, 1), dtype)
-    _launch("single_sigmoid_forward_post0", dtype, T * B, 1, 1, dims, d, h_seq[1:], u, y_seq)
+    _launch("single_sigmoid_forward_post0", dtype, T * B, 1, 1, 0, dims, d, h_seq[1:], u, y_seq)
     outputs = {
         "h": h_seq[1:],
         "y": y_seq,
@@ -136,14 +136,14 @@ def backward(params, cache, grad_outputs):
     d_u_post0_seq = cp.empty((T, B, 1), dtype)
     d_d_post0_seq = cp.empty((T, B, 1), dtype)
     d_h_from_post0_seq = cp.empty((T, B, 1), dtype)
-    _launch("single_sigmoid_backward_post0", dtype, T * B, 1, 1, dims, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq[1:], u)
+    _launch("single_sigmoid_backward_post0", dtype, T * B, 1, 1, 0, dims, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq[1:], u)
     d_x_loop0_seq = cp.empty_like(x)
     d_v_loop0_seq = cp.empty((T, B, 1), dtype)
     d_w_loop0_seq = cp.empty((T, B, 1), dtype)
     d_b_loop0_seq = cp.empty((T, B, 1), dtype)
     d_h0 = cp.empty((B, 1), dtype)
     # the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)
-    _launch("single_sigmoid_backward_loop0", dtype, B, 1, T, dims, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq[1:], w, h_seq, x, v, d_h0)
+    _launch("single_sigmoid_backward_loop0", dtype, B, 1, T, 0, dims, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w, x, v, d_h0)
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
     d_u += cp.sum(d_u_post0_seq)
     d_d += cp.sum(d_d_post0_seq)
@@ -210,8 +210,10 @@ _MODULE = None
 _FUNCTIONS = {}
 
 
-def _launch(name, dtype, rows, units, steps, dims, *arrays):
-    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use)."""
+def _launch(name, dtype, rows, units, steps, step, dims, *arrays):
+    """Run kernel ``name`` on rows x units threads (compiled by NVRTC on first use).
+
+    ``steps``: the steps a time-loop kernel runs; ``step``: the step a one-step kernel does."""
     global _MODULE
     key = name + ("_f32" if np.dtype(dtype) == np.float32 else "_f64")
     if key not in _FUNCTIONS:
@@ -220,7 +222,7 @@ def _launch(name, dtype, rows, units, steps, dims, *arrays):
         _FUNCTIONS[key] = _MODULE.get_function(key)
     total = rows * units
     if total:
-        sizes = (np.int64(rows), np.int64(steps), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
+        sizes = (np.int64(rows), np.int64(steps), np.int64(step), np.int64(dims[0]), np.int64(dims[1]), np.int64(dims[2]))
         _FUNCTIONS[key](((total + _BLOCK - 1) // _BLOCK,), (_BLOCK,), sizes + arrays)
 
 
@@ -309,7 +311,8 @@ CUDA_SOURCE = r"""
 // symrnn's tests check it against the NumPy module.  The math is a template
 // over scalar_t, instantiated for float (suffix _f32) and double (_f64).
 // Indices: row_ is a batch row (rows_ = B) or a (step, batch) row (rows_ = T * B);
-// unit_ a unit; t_ a step, in the kernels that loop over time.
+// unit_ a unit; step_ the step of a one-step kernel, which reads and writes its
+// step of whole (T, B, .) arrays; t_ the step in the kernels that loop over time.
 
 #if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)  // a host compiler: no CUDA keywords
 #include <math.h>
@@ -324,14 +327,13 @@ __host__ __device__ inline double op_sigmoid(double x) { return (0.5 * tanh(0.5 
 // forward, loop stage 0: a, h
 template <typename scalar_t>
 __host__ __device__ inline void single_sigmoid_forward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* b_ptr,
-    const scalar_t* h_seq,
+    scalar_t* h_seq,
     const scalar_t* v_ptr,
     const scalar_t* w_ptr,
-    const scalar_t* x_ptr,
-    scalar_t* h_seq_1)
+    const scalar_t* x_ptr)
 {
     for (long long t_ = 0; t_ < steps_; ++t_) {
         const scalar_t b = b_ptr[0];
@@ -341,14 +343,14 @@ __host__ __device__ inline void single_sigmoid_forward_loop0_element(
         const scalar_t x = x_ptr[(t_ * rows_ + row_) * 1 + unit_];
         const scalar_t a = b + h_prev*v + w*x;  // eq:single_sigmoid:a
         const scalar_t h = op_sigmoid(a);  // eq:single_sigmoid:h
-        h_seq_1[(t_ * rows_ + row_) * 1 + unit_] = h;
+        h_seq[((t_ + 1) * rows_ + row_) * 1 + unit_] = h;
     }
 }
 
 // forward, post stage 0: y
 template <typename scalar_t>
 __host__ __device__ inline void single_sigmoid_forward_post0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ d_ptr,
     const scalar_t* __restrict__ h_seq_1,
@@ -365,7 +367,7 @@ __host__ __device__ inline void single_sigmoid_forward_post0_element(
 // backward, post stage 0: adjoints of y
 template <typename scalar_t>
 __host__ __device__ inline void single_sigmoid_backward_post0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* __restrict__ d_y_seq,
     scalar_t* __restrict__ d_u_post0_seq,
@@ -386,7 +388,7 @@ __host__ __device__ inline void single_sigmoid_backward_post0_element(
 // backward, loop stage 0: adjoints of h, a
 template <typename scalar_t>
 __host__ __device__ inline void single_sigmoid_backward_loop0_element(
-    long long row_, long long unit_, long long rows_, long long steps_,
+    long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
     const scalar_t* d_h_seq,
     const scalar_t* d_h_from_post0_seq,
@@ -394,9 +396,8 @@ __host__ __device__ inline void single_sigmoid_backward_loop0_element(
     scalar_t* d_v_loop0_seq,
     scalar_t* d_w_loop0_seq,
     scalar_t* d_b_loop0_seq,
-    const scalar_t* h_seq_1,
-    const scalar_t* w_ptr,
     const scalar_t* h_seq,
+    const scalar_t* w_ptr,
     const scalar_t* x_ptr,
     const scalar_t* v_ptr,
     scalar_t* d_h0_ptr)
@@ -405,7 +406,7 @@ __host__ __device__ inline void single_sigmoid_backward_loop0_element(
     for (long long t_ = steps_ - 1; t_ >= 0; --t_) {
         const scalar_t d_h_out = d_h_seq[(t_ * rows_ + row_) * 1 + unit_];
         const scalar_t d_h_from_post0 = d_h_from_post0_seq[(t_ * rows_ + row_) * 1 + unit_];
-        const scalar_t h = h_seq_1[(t_ * rows_ + row_) * 1 + unit_];
+        const scalar_t h = h_seq[((t_ + 1) * rows_ + row_) * 1 + unit_];
         const scalar_t w = w_ptr[0];
         const scalar_t h_prev = h_seq[(t_ * rows_ + row_) * 1 + unit_];
         const scalar_t x = x_ptr[(t_ * rows_ + row_) * 1 + unit_];
@@ -424,39 +425,37 @@ __host__ __device__ inline void single_sigmoid_backward_loop0_element(
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void single_sigmoid_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* b_ptr,
-    const float* h_seq,
+    float* h_seq,
     const float* v_ptr,
     const float* w_ptr,
-    const float* x_ptr,
-    float* h_seq_1)
+    const float* x_ptr)
 {
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr, h_seq_1);
+        single_sigmoid_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
     }
 }
 
 extern "C" __global__ void single_sigmoid_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* b_ptr,
-    const double* h_seq,
+    double* h_seq,
     const double* v_ptr,
     const double* w_ptr,
-    const double* x_ptr,
-    double* h_seq_1)
+    const double* x_ptr)
 {
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr, h_seq_1);
+        single_sigmoid_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
     }
 }
 
 extern "C" __global__ void single_sigmoid_forward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_ptr,
     const float* __restrict__ h_seq_1,
     const float* __restrict__ u_ptr,
@@ -465,12 +464,12 @@ extern "C" __global__ void single_sigmoid_forward_post0_f32(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        single_sigmoid_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
     }
 }
 
 extern "C" __global__ void single_sigmoid_forward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_ptr,
     const double* __restrict__ h_seq_1,
     const double* __restrict__ u_ptr,
@@ -479,12 +478,12 @@ extern "C" __global__ void single_sigmoid_forward_post0_f64(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        single_sigmoid_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
     }
 }
 
 extern "C" __global__ void single_sigmoid_backward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_u_post0_seq,
     float* __restrict__ d_d_post0_seq,
@@ -495,12 +494,12 @@ extern "C" __global__ void single_sigmoid_backward_post0_f32(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        single_sigmoid_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
     }
 }
 
 extern "C" __global__ void single_sigmoid_backward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_u_post0_seq,
     double* __restrict__ d_d_post0_seq,
@@ -511,21 +510,20 @@ extern "C" __global__ void single_sigmoid_backward_post0_f64(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        single_sigmoid_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
     }
 }
 
 extern "C" __global__ void single_sigmoid_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* d_h_seq,
     const float* d_h_from_post0_seq,
     float* d_x_loop0_seq,
     float* d_v_loop0_seq,
     float* d_w_loop0_seq,
     float* d_b_loop0_seq,
-    const float* h_seq_1,
-    const float* w_ptr,
     const float* h_seq,
+    const float* w_ptr,
     const float* x_ptr,
     const float* v_ptr,
     float* d_h0_ptr)
@@ -533,21 +531,20 @@ extern "C" __global__ void single_sigmoid_backward_loop0_f32(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq_1, w_ptr, h_seq, x_ptr, v_ptr, d_h0_ptr);
+        single_sigmoid_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
     }
 }
 
 extern "C" __global__ void single_sigmoid_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* d_h_seq,
     const double* d_h_from_post0_seq,
     double* d_x_loop0_seq,
     double* d_v_loop0_seq,
     double* d_w_loop0_seq,
     double* d_b_loop0_seq,
-    const double* h_seq_1,
-    const double* w_ptr,
     const double* h_seq,
+    const double* w_ptr,
     const double* x_ptr,
     const double* v_ptr,
     double* d_h0_ptr)
@@ -555,44 +552,42 @@ extern "C" __global__ void single_sigmoid_backward_loop0_f64(
     const long long units_ = 1;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        single_sigmoid_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq_1, w_ptr, h_seq, x_ptr, v_ptr, d_h0_ptr);
+        single_sigmoid_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
     }
 }
 #else
 // host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
 
 extern "C" void single_sigmoid_forward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* b_ptr,
-    const float* h_seq,
+    float* h_seq,
     const float* v_ptr,
     const float* w_ptr,
-    const float* x_ptr,
-    float* h_seq_1)
+    const float* x_ptr)
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr, h_seq_1);
+        single_sigmoid_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
     }
 }
 
 extern "C" void single_sigmoid_forward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* b_ptr,
-    const double* h_seq,
+    double* h_seq,
     const double* v_ptr,
     const double* w_ptr,
-    const double* x_ptr,
-    double* h_seq_1)
+    const double* x_ptr)
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr, h_seq_1);
+        single_sigmoid_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
     }
 }
 
 extern "C" void single_sigmoid_forward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_ptr,
     const float* __restrict__ h_seq_1,
     const float* __restrict__ u_ptr,
@@ -600,12 +595,12 @@ extern "C" void single_sigmoid_forward_post0_f32(
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        single_sigmoid_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
     }
 }
 
 extern "C" void single_sigmoid_forward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_ptr,
     const double* __restrict__ h_seq_1,
     const double* __restrict__ u_ptr,
@@ -613,12 +608,12 @@ extern "C" void single_sigmoid_forward_post0_f64(
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        single_sigmoid_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
     }
 }
 
 extern "C" void single_sigmoid_backward_post0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* __restrict__ d_y_seq,
     float* __restrict__ d_u_post0_seq,
     float* __restrict__ d_d_post0_seq,
@@ -628,12 +623,12 @@ extern "C" void single_sigmoid_backward_post0_f32(
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        single_sigmoid_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
     }
 }
 
 extern "C" void single_sigmoid_backward_post0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* __restrict__ d_y_seq,
     double* __restrict__ d_u_post0_seq,
     double* __restrict__ d_d_post0_seq,
@@ -643,49 +638,47 @@ extern "C" void single_sigmoid_backward_post0_f64(
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        single_sigmoid_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
     }
 }
 
 extern "C" void single_sigmoid_backward_loop0_f32(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const float* d_h_seq,
     const float* d_h_from_post0_seq,
     float* d_x_loop0_seq,
     float* d_v_loop0_seq,
     float* d_w_loop0_seq,
     float* d_b_loop0_seq,
-    const float* h_seq_1,
-    const float* w_ptr,
     const float* h_seq,
+    const float* w_ptr,
     const float* x_ptr,
     const float* v_ptr,
     float* d_h0_ptr)
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq_1, w_ptr, h_seq, x_ptr, v_ptr, d_h0_ptr);
+        single_sigmoid_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
     }
 }
 
 extern "C" void single_sigmoid_backward_loop0_f64(
-    long long rows_, long long steps_, long long n_in, long long n_hidden, long long n_out,
+    long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
     const double* d_h_seq,
     const double* d_h_from_post0_seq,
     double* d_x_loop0_seq,
     double* d_v_loop0_seq,
     double* d_w_loop0_seq,
     double* d_b_loop0_seq,
-    const double* h_seq_1,
-    const double* w_ptr,
     const double* h_seq,
+    const double* w_ptr,
     const double* x_ptr,
     const double* v_ptr,
     double* d_h0_ptr)
 {
     const long long units_ = 1;
     for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq_1, w_ptr, h_seq, x_ptr, v_ptr, d_h0_ptr);
+        single_sigmoid_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
     }
 }
 #endif

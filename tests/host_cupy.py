@@ -48,9 +48,9 @@ class _HostFunction:
         self.calls = 0
 
     def __call__(self, grid, block, args):
-        rows, steps, *_dims = (int(a) for a in args[:5])
-        c_args = [ctypes.c_longlong(int(a)) for a in args[:5]]
-        for a in args[5:]:
+        rows = int(args[0])
+        c_args = [ctypes.c_longlong(int(a)) for a in args[:6]]  # rows, steps, step, n_in, n_hidden, n_out
+        for a in args[6:]:
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"{self.name}: argument {a!r} is not an array")
             if not a.flags["C_CONTIGUOUS"]:

@@ -94,18 +94,19 @@ class _Builder:
             return f"{off}unit_"
         ld = dim_code(loc.ld)
         ld = ld if re.fullmatch(r"\w+", ld) else f"({ld})"
-        row = "(t_ * rows_ + row_)" if self.k.mode == "time" else "row_"
+        if self.k.mode == "time" or (loc.seq and self.k.mode == "step"):
+            t = "t_" if self.k.mode == "time" else "step_"
+            row = f"(({t} + {loc.shift}) * rows_ + row_)" if loc.shift else f"({t} * rows_ + row_)"
+        else:
+            row = "row_"
         return f"{row} * {ld} + {off}unit_"
-
-    def py(self, loc: "Loc") -> str:
-        return loc.py + "[t]" if loc.seq and self.k.mode == "step" else loc.py
 
     def load(self, local: str, loc: "Loc") -> None:
         if local in self.loaded:
             return
         self.loaded.add(local)
         self.taken.add(local)
-        self.loads.append(f"const {SCALAR} {local} = {self.ptr(self.py(loc), False, local)}[{self.index(loc)}];")
+        self.loads.append(f"const {SCALAR} {local} = {self.ptr(loc.py, False, local)}[{self.index(loc)}];")
 
     def store(self, loc: "Loc", code: str, comment: str = "") -> None:
         self.stores.append(f"{self.ptr(loc.py, True)}[{self.index(loc)}] = {code};{comment}")
@@ -128,7 +129,8 @@ class Loc:
     kind: str = "row"  # "row": [row, ld] (rows = B or T * B), "vec": per unit, "scalar"
     ld: sympy.Expr = sympy.Integer(1)
     off: sympy.Expr = sympy.Integer(0)
-    seq: bool = False  # py holds every step (T, B, ld): a one-step kernel reads py[t]
+    seq: bool = False  # py holds every step (T, B, ld): one-step kernels read step ``step_`` of it
+    shift: int = 0  # ... or step ``step_ + shift`` (a state's new value in its (T + 1, B, ld) array)
 
 
 @dataclass
@@ -199,16 +201,18 @@ class _Emitter:
 
     # -- locations -------------------------------------------------------------
     def loc(self, name: str, ctx: str) -> Loc:
-        """Where kernels of context ``ctx`` ('step', 'time', 'all') read value ``name``."""
+        """Where kernels of context ``ctx`` ('step', 'time', 'all') read value ``name``.
+
+        One-step and time-loop kernels get whole arrays over the steps and index the
+        step themselves (no per-step views); 'all' kernels run over T * B rows."""
         g = self.g
-        t = "[t]" if ctx == "step" else ""
         if g.is_leaf(name):
             leaf = g.leaf(name)
             if leaf.kind == "input":
-                return Loc(f"x{t}", ld=g.size(name))
+                return Loc("x", ld=g.size(name), seq=True)
             if leaf.kind == "prev_state":
                 size = g.size(name)
-                return Loc(f"{leaf.state}_seq[t]" if ctx == "step" else f"{leaf.state}_seq", ld=size) if ctx != "all" else Loc(f"{leaf.state}_seq[:-1]", ld=size)
+                return Loc(f"{leaf.state}_seq[:-1]", ld=size) if ctx == "all" else Loc(f"{leaf.state}_seq", ld=size, seq=True)
             if leaf.kind == "param":
                 if leaf.size is None:
                     return Loc(leaf.param, kind="scalar")
@@ -217,14 +221,15 @@ class _Emitter:
         node = g.node(name)
         region = self.plan.region_of[name]
         if name in g.state_names:
-            return Loc(f"{name}_seq[t + 1]" if ctx == "step" else f"{name}_seq[1:]", ld=node.size)
+            return Loc(f"{name}_seq[1:]", ld=node.size) if ctx == "all" else Loc(f"{name}_seq", ld=node.size, seq=True, shift=1)
         if isinstance(node, MatVecNode) and not (region == "loop" and name in self.keep):
             group, off = self.group_of(name)
-            suffix = "" if region == "loop" else "_seq"
-            return Loc(f"{group.name}{suffix}{t if region != 'loop' else ''}", ld=group.rows, off=off)
+            if region == "loop":
+                return Loc(group.name, ld=group.rows, off=off)  # this step's product
+            return Loc(f"{group.name}_seq", ld=group.rows, off=off, seq=True)
         if region == "loop" and name not in self.keep:
             raise InternalError(f"kernel of cell '{self.cell}' reads '{name}', which forward does not keep")
-        return Loc(f"{name}_seq{t}", ld=node.size)
+        return Loc(f"{name}_seq", ld=node.size, seq=True)
 
     def group_of(self, name: str) -> tuple[GemmGroup, sympy.Expr]:
         for region in self.plan.regions:
@@ -281,15 +286,16 @@ class _Emitter:
         self.m.stacks.append(f"{name} = cp.concatenate([{parts}], axis=0)  # stacked: one GEMM for {len(group.members)} products")
         return name
 
-    def launch(self, k: Kernel, rows: str, steps: str = "1") -> str:
-        return f'_launch("{k.name}", dtype, {rows}, {k.py_units}, {steps}, dims, {", ".join(k.py_args)})'
+    def launch(self, k: Kernel, rows: str, steps: str = "1", step: str = "0") -> str:
+        return f'_launch("{k.name}", dtype, {rows}, {k.py_units}, {steps}, {step}, dims, {", ".join(k.py_args)})'
 
     # -- forward -----------------------------------------------------------------
     def gemm(self, group: GemmGroup, ctx: str) -> str:
         w = self.weights[group.name]
         labels = ", ".join(mv.name for mv in group.members)
         if ctx == "step":
-            operand = self.loc(group.operand, "step").py
+            loc = self.loc(group.operand, "step")  # this step's operand: a view of its array
+            operand = f"{loc.py}[t{f' + {loc.shift}' if loc.shift else ''}]" if loc.seq else loc.py
             return f"{group.name} = cp.matmul({operand}, {w}.T)  # {labels}"
         operand = self.loc(group.operand, "all").py
         cols, rows = dim(self.g.size(group.operand)), dim(group.rows)
@@ -320,7 +326,7 @@ class _Emitter:
             for i, stage in enumerate(plan.loop.stages):
                 body.extend(self.gemm(group, "step") for group in stage.groups)
                 k = self.forward_kernel(stage, i, "step")
-                body.append(self.launch(k, "B"))
+                body.append(self.launch(k, "B", step="t"))
             lines.append("for t in range(T):")
             lines.extend("    " + line for line in body)
         for i, stage in enumerate(plan.post.stages):
@@ -363,7 +369,7 @@ class _Emitter:
             for dep in node.deps:
                 if dep in members:
                     group, off = self.group_of(dep)
-                    b.load(dep, Loc(group.name + ("" if region == "loop" else "_seq"), ld=group.rows, off=off))
+                    b.load(dep, Loc(group.name + ("" if region == "loop" else "_seq"), ld=group.rows, off=off, seq=region != "loop"))
                 elif dep not in mine:
                     b.load(dep, self.loc(dep, ctx))
             b.stores.append(f"const {SCALAR} {node.name} = {cuda_code(node.expr)};  // {self.label(node)}")
@@ -541,9 +547,9 @@ class BackwardEmitter:
                 b.load(local, loc)
             if name in members:
                 group, off = e.group_of(name)
-                buf = f"d_{group.name}_seq" + ("[t]" if ctx == "step" else "")
+                buf = Loc(f"d_{group.name}_seq", ld=group.rows, off=off, seq=True)
                 stmts.append((f"const {SCALAR} d_{name} = {{}};", expr))
-                stmts.append((b_store_line(b, Loc(buf, ld=group.rows, off=off), f"d_{name}"), None))
+                stmts.append((b_store_line(b, buf, f"d_{name}"), None))
             else:
                 label = f"eq:{self.g.cell}:adj:{name}"
                 stmts.append((f"const {SCALAR} d_{name} = {{}};  // {label}", expr))
@@ -562,13 +568,12 @@ class BackwardEmitter:
                 else:
                     src, width, part = f"d_{dep}_{region}{k}_seq", size, ""
                     self.lines.append(f"{src} = cp.empty((T, B, {dim(size)}), dtype)")
-                    t = "[t]" if ctx == "step" else ""
-                    stmts.append((b_store_line(b, Loc(src + t, ld=size), "{}"), expr))
+                    stmts.append((b_store_line(b, Loc(src, ld=size, seq=True), "{}"), expr))
                 self.sums.append((f"d_{p.name}{rows}", src, width, part, p.kind == "scalar"))
             elif leaf is not None and leaf.kind == "input":
                 src = f"d_x_{region}{k}_seq"
                 self.lines.append(f"{src} = cp.empty_like(x)")
-                stmts.append((b_store_line(b, Loc(src + ("[t]" if ctx == "step" else ""), ld=leaf.size), "{}"), expr))
+                stmts.append((b_store_line(b, Loc(src, ld=leaf.size, seq=True), "{}"), expr))
                 self.dx_terms.append(src)
             elif leaf is not None and leaf.kind == "prev_state":
                 name = f"d_{dep}_{k}"
@@ -582,14 +587,13 @@ class BackwardEmitter:
             elif self.plan.region_of[dep] == "pre" and isinstance(g.node(dep), Pointwise):
                 name = f"d_{dep}_{region}{k}_seq"
                 self.lines.append(f"{name} = cp.empty((T, B, {dim(g.size(dep))}), dtype)")
-                stmts.append((b_store_line(b, Loc(name + ("[t]" if ctx == "step" else ""), ld=g.size(dep)), "{}"), expr))
+                stmts.append((b_store_line(b, Loc(name, ld=g.size(dep), seq=True), "{}"), expr))
                 self.acc.setdefault(dep, []).append((f"d_{dep}_{region}{k}", Loc(name, ld=g.size(dep), seq=True)))
             elif self.plan.region_of[dep] == "pre":
                 group, off = e.group_of(dep)
                 if group.name in self.pre_alias:
                     continue
-                buf = f"d_{group.name}_seq" + ("[t]" if ctx == "step" else "")
-                stmts.append((b_store_line(b, Loc(buf, ld=group.rows, off=off), "{}"), expr))
+                stmts.append((b_store_line(b, Loc(f"d_{group.name}_seq", ld=group.rows, off=off, seq=True), "{}"), expr))
             elif self.plan.region_of[dep] == "loop" and region == "loop":
                 name = f"d_{dep}_from{k}"
                 self.step_fresh.append(f"{name} = cp.empty((B, {dim(g.size(dep))}), dtype)")
@@ -728,7 +732,7 @@ class BackwardEmitter:
             kernel = self.stage_kernel(stage, k, "step")
             kernels.append(kernel)
             self.step_fresh_flush()
-            self.loop_lines.append(e.launch(kernel, "B"))
+            self.loop_lines.append(e.launch(kernel, "B", step="t"))
             for group in stage.groups:
                 self.gemm_back(group, "step", k)
         carried = [name for name, _ in self.direct_sources]
