@@ -898,7 +898,9 @@ difference is smaller than the growth over the baseline RSS by that amount.
 ## Observations (automatic)
 
 """ + "\n".join("- " + n for n in notes) + "\n"
-    path.write_text(text)
+    old = path.read_text() if path.exists() else ""
+    gpu = old.find("\n## GPU: ")  # the GPU section belongs to benchmarks/rnn_gpu.py: kept as it is
+    path.write_text(text + (old[gpu:] if gpu >= 0 else ""))
 
 
 if __name__ == "__main__":

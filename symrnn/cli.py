@@ -2,7 +2,8 @@
 
     symrnn list                          built-in cells, one line each, with their source
     symrnn show CELL                     the equations of a cell
-    symrnn generate [CELL ...] [--out DIR]   write <cell>_numpy.py modules (all cells by default)
+    symrnn generate [CELL ...] [--out DIR] [--backend numpy|cupy|all]
+                                         write <cell>_numpy.py (and/or <cell>_cupy.py) modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
     symrnn latex CELL ... [--format tex|md|pdf] [-o FILE|DIR]   the derivation as a document
 
@@ -33,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the built-in cells")
     show = sub.add_parser("show", help="print a cell's equations")
     show.add_argument("cell")
-    gen = sub.add_parser("generate", help="write NumPy kernel modules")
+    gen = sub.add_parser("generate", help="write NumPy (and CuPy) kernel modules")
     gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
+    gen.add_argument("--backend", choices=("numpy", "cupy", "all"), default="numpy",
+                     help="numpy (default): <cell>_numpy.py; cupy: <cell>_cupy.py (fused CUDA kernels); all: both")
     latex = sub.add_parser("latex", help="export the derivation as LaTeX, Markdown or PDF")
     latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")
     latex.add_argument("--format", choices=("tex", "md", "pdf"), default="tex", help="tex (default), md or pdf (through pdflatex)")
@@ -84,7 +87,8 @@ def _generate(args) -> int:
 
     cells = _cells(args.cells)
     start = time.perf_counter()
-    written = generate(cells, args.out)
+    backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    written = generate(cells, args.out, backends)
     for path in written:
         print(f"wrote {path}")
     print(f"generated {len(written)} module(s) in {time.perf_counter() - start:.2f} s")

@@ -43,6 +43,7 @@ def test_show(capsys):
         (["generate", "nope"], "unknown cell 'nope'"),
         (["check", "nope"], "unknown cell 'nope'"),
         (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "--backend", "opencl"], "invalid choice: 'opencl'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["check", "--seed", "x"], "invalid int value: 'x'"),
         ([], "the following arguments are required"),
@@ -56,10 +57,19 @@ def test_bad_input_is_one_line_with_status_2(capsys, argv, message):
 
 
 def test_generate_writes_what_is_committed(tmp_path, capsys):
-    code, out, _ = run(capsys, "generate", "--out", str(tmp_path))
-    assert code == 0 and "generated 10 module(s)" in out
+    code, out, _ = run(capsys, "generate", "--backend", "all", "--out", str(tmp_path))
+    assert code == 0 and "generated 20 module(s)" in out
     for path in (ROOT / "generated").glob("*.py"):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes()
+
+
+def test_generate_backend_choice(tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", "elman", "--backend", "cupy", "--out", str(tmp_path))
+    assert code == 0 and "generated 1 module(s)" in out
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["__init__.py", "elman_cupy.py"]
+    code, out, _ = run(capsys, "generate", "elman", "--out", str(tmp_path))  # default: numpy, the list keeps cupy
+    assert code == 0 and sorted(p.name for p in tmp_path.glob("*.py")) == ["__init__.py", "elman_cupy.py", "elman_numpy.py"]
+    assert '"elman_cupy",' in (tmp_path / "__init__.py").read_text()
 
 
 def test_generate_into_a_file_is_a_user_error(tmp_path, capsys):

@@ -1,4 +1,7 @@
-"""The committed generated/ modules run with NumPy alone: no sympy, symrnn or jinja2."""
+"""The committed generated/ modules run with NumPy alone: no sympy, symrnn or jinja2.
+
+CuPy modules import without CuPy too (it is imported on the first call, which
+then raises one clear error pointing to the NumPy module)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ROOT / "generated"
 
-BLOCKED = ("sympy", "symrnn", "jinja2")
+BLOCKED = ("sympy", "symrnn", "jinja2", "cupy")
 
 _SCRIPT = textwrap.dedent(
     """
@@ -48,6 +51,19 @@ _SCRIPT = textwrap.dedent(
     assert generated.MODULES, "generated.MODULES is empty"
     for mod_name in generated.MODULES:
         m = importlib.import_module("generated." + mod_name)
+        if mod_name.endswith("_cupy"):  # without CuPy: imports, and every call says why it cannot run
+            assert m.KERNELS and "__global__" in m.CUDA_SOURCE, mod_name
+            for call in (lambda: m.init_params(2, 3), lambda: m.forward({{}}, np.zeros((3, 2, 2))),
+                         lambda: m.backward({{}}, {{}}, {{}})):
+                try:
+                    call()
+                except m.CupyUnavailable as exc:
+                    message = str(exc)
+                    assert "CuPy is not installed or no CUDA device" in message, message
+                    assert f"use generated/{{m.CELL}}_numpy.py instead" in message, message
+                else:
+                    raise AssertionError(f"{{mod_name}} ran without CuPy")
+            continue
         dims = {{"n_in": 2, "n_hidden": 3, "n_out": 2}}
         dims.update(m.FIXED_DIMS)
         n_in, n_hidden, n_out = dims["n_in"], dims["n_hidden"], dims["n_out"]
@@ -113,11 +129,20 @@ def test_modules_list_matches_files():
 
 
 def test_generated_files_import_numpy_only():
+    """NumPy modules import numpy, at module level, and nothing else; CuPy modules
+    import numpy the same way and cupy only inside ``_cupy()`` (on the first call)."""
     for name in _module_names():
         path = GENERATED / f"{name}.py"
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
         imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        if name.endswith("_cupy"):
+            lazy = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_cupy"]
+            assert len(lazy) == 1, f"{path.name}: no _cupy()"
+            inner = [n for n in ast.walk(lazy[0]) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert [[(a.name, a.asname) for a in n.names] for n in inner] == [[("cupy", None)]], path.name
+            imports = [n for n in imports if n not in inner]
+            text = text.replace("\n            import cupy\n", "\n")
         assert len(imports) == 1, f"{path.name}: {len(imports)} import statements"
         (node,) = imports
         assert isinstance(node, ast.Import), f"{path.name}: line {node.lineno} is a from-import"
