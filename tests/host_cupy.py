@@ -25,15 +25,16 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def compile_host(code: str, build_dir: Path) -> ctypes.CDLL:
-    """The CUDA source compiled as C++17 for the host, as a shared library (cached by content)."""
-    key = hashlib.sha256(code.encode()).hexdigest()[:16]
+def compile_host(code: str, build_dir: Path, optimize: tuple[str, ...] = ("-O1",)) -> ctypes.CDLL:
+    """The CUDA source compiled as C++17 for the host, as a shared library (cached by
+    content and flags; the tests compile with -O1, benchmarks/fused_cpu.py with -O3)."""
+    key = hashlib.sha256((code + " ".join(optimize)).encode()).hexdigest()[:16]
     if key not in _LIBS:
         if CXX is None:
             raise RuntimeError("no C++ compiler (g++) found; install g++ (Debian: apt-get install g++)")
         src, lib = build_dir / f"k{key}.cpp", build_dir / f"k{key}.so"
         src.write_text(code)
-        proc = subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", "-Wno-unused-variable",
+        proc = subprocess.run([CXX, "-std=c++17", *optimize, "-Wall", "-Werror", "-Wno-unused-variable",
                                "-Wno-unused-but-set-variable", "-shared", "-fPIC", "-o", str(lib), str(src)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -65,20 +66,20 @@ class _HostFunction:
 
 
 class _HostModule:
-    def __init__(self, build_dir: Path, code: str, options=(), **kwargs):
-        self.lib = compile_host(code, build_dir)
+    def __init__(self, build_dir: Path, code: str, options=(), optimize=("-O1",), **kwargs):
+        self.lib = compile_host(code, build_dir, optimize)
 
     def get_function(self, name: str) -> _HostFunction:
         return _HostFunction(getattr(self.lib, name), name)
 
 
-def host_cupy(build_dir: Path) -> types.ModuleType:
+def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",)) -> types.ModuleType:
     """A ``cupy`` module object backed by NumPy and the host-compiled kernels."""
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
                  "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray"):
         setattr(m, name, getattr(np, name))
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    m.RawModule = lambda **kw: _HostModule(build_dir, **kw)
+    m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, **kw)
     m.asnumpy = np.asarray
     return m
