@@ -102,7 +102,7 @@ def backward(params, cache, grad_outputs):
         h_prev = h_seq[t]
         h = h_seq[t + 1]
         d_h = d_h_next + d_h_seq[t]  # eq:indrnn:adj:h
-        d_tmp0 = d_h*((h) > 0)
+        d_tmp0 = d_h*np.heaviside(h, 0)
         d_h_prev_0 = d_tmp0*u
         d_u += np.sum(d_tmp0*h_prev, axis=0)
         d_b += np.sum(d_tmp0, axis=0)
@@ -163,9 +163,9 @@ def _rtrl(params, x, state0, cotangent):
         _add_matrix(J_W_x, o_W, W.shape, 0, 0, x[t])
         # h  eq:indrnn:h
         h = np.maximum(W_x + b + h_prev*u, 0)
-        J_h = (((h) > 0)) * J_W_x + (u*((h) > 0)) * J_h_prev
-        _add_diagonal(J_h, o_b, ((h) > 0))
-        _add_diagonal(J_h, o_u, h_prev*((h) > 0))
+        J_h = (np.heaviside(h, 0)) * J_W_x + (u*np.heaviside(h, 0)) * J_h_prev
+        _add_diagonal(J_h, o_b, np.heaviside(h, 0))
+        _add_diagonal(J_h, o_u, h_prev*np.heaviside(h, 0))
         cot = cotangent(t, {"h": h})
         if "h" in cot:
             G += np.einsum("kbn,bn->kb", J_h, cot["h"])

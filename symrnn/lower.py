@@ -178,6 +178,7 @@ class _Lowering:
             self.equation(name, expr, "readout")
             readouts.append(name)
 
+        self.check_used(states, readouts)
         loss = self.lower_loss(cell, readouts) if cell.loss is not None else None
         warnings = tuple(
             CellWarning(f"cell '{cell.name}': parameter '{p}' is declared and never used", f"params['{p}']")
@@ -200,6 +201,17 @@ class _Lowering:
         )
         graph.verify()
         return graph
+
+    def check_used(self, states: list[StateDecl], readouts: list[str]) -> None:
+        """Every intermediate must feed a state update or a readout."""
+        needed = {s.name for s in states} | set(readouts)
+        for node in reversed(self.nodes):
+            if node.name in needed:
+                needed |= set(node.deps)
+        for node in self.nodes:
+            if node.role == "intermediate" and node.name not in needed:
+                raise self.error(f"equation '{node.name}'", f"'{node.name}' is computed but no state update or readout "
+                                 "uses it; use it or remove it")
 
     def not_recurrent(self, states: list[StateDecl]) -> tuple[CellWarning, ...]:
         """A warning for each state whose update reads no state at t-1 (through any path)."""

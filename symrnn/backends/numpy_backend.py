@@ -175,13 +175,21 @@ class _Emitter:
 
     def forward(self) -> None:
         m, g, plan = self.m, self.g, self.plan
+        # values that do not change over time (computed from parameters only, e.g.
+        # sigmoid(b)): broadcast to (T, B, size) like every other value of a region
+        constant = {leaf.name for leaf in g.leaves if leaf.kind == "param"}
+        for n in g.nodes:
+            if isinstance(n, Pointwise) and all(d in constant for d in n.deps):
+                constant.add(n.name)
         for ctx, region, out in (("all", plan.pre, m.forward_pre), ("loop", plan.loop, m.forward_loop), ("all", plan.post, m.forward_post)):
             for stage in region.stages:
                 for group in stage.groups:
                     self.gemm_forward(group, ctx, out)
                 for node in stage.pointwise:
                     rhs = self.code(node.expr, ctx)
-                    if ctx == "all":
+                    if ctx == "all" and node.name in constant:
+                        out.append(f"{node.name}_seq = np.broadcast_to({rhs}, (T, B, {dim(node.size)}))  # {self.label(node)}")
+                    elif ctx == "all":
                         out.append(f"{node.name}_seq = {rhs}  # {self.label(node)}")
                     else:
                         out.append(f"{node.name} = {rhs}  # {self.label(node)}")
