@@ -151,8 +151,12 @@ class _Reader:
             data = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as exc:
             m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+            msg = re.sub(r"\s*\((at line \d+, column \d+|at end of document)\)", "", str(exc))
             place = f"{self.filename}:{m.group(1)}:{m.group(2)}" if m else self.filename
+            if "Illegal character '\\n'" in msg:
+                msg += " (a string that is not closed on its line?)"
+            if "at end of document" in str(exc):
+                place, msg = f"{self.filename}:{len(self.text.splitlines()) or 1}", msg + " (at the end of the file)"
             raise SpecError(f"{place}: not valid TOML: {msg}") from None
         self.lines = _index(self.text)
         for table, value in data.items():
