@@ -184,11 +184,10 @@ def _latex(args) -> int:
     notation = Notation(time=args.time, rename=tuple(rename))
     render = render_markdown if args.format == "md" else render_latex
     out = " -o docs/derivations" if args.format == "md" else ""
-    documents = {  # all before writing
-        cell.name: render(build(cell), notation,
-                          command=f"symrnn latex {command} --format {args.format}{out}" if command else None)
-        for cell, command in selected
-    }
+    documents = {}  # all before writing
+    for cell, command in selected:
+        extra = {"command": f"symrnn latex {command} --format {args.format}{out}"} if command else {}
+        documents[cell.name] = render(build(cell), notation, **extra)
     if args.output == "-":
         if args.format == "pdf":
             raise UserError("--format pdf cannot be written to standard output; give -o FILE.pdf")

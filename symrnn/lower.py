@@ -157,6 +157,7 @@ class _Lowering:
             self.params[name] = decl
             self.scope[name] = ("param", None)
 
+        self.check_sizes_readable(states)
         state_names = {s.name for s in states}
         for name, expr in cell.equations.items():
             where = f"equation '{name}'"
@@ -201,6 +202,20 @@ class _Lowering:
         )
         graph.verify()
         return graph
+
+    def check_sizes_readable(self, states: list[StateDecl]) -> None:
+        """The generated module reads n_hidden off a parameter's shape: one must have it."""
+        n_hidden = DIMS["n_hidden"]
+        if n_hidden in self.fixed or not any(n_hidden in s.size.free_symbols for s in states):
+            return
+        for decl in self.params.values():
+            for size in decl.shape:
+                coeff = sympy.simplify(size / n_hidden)
+                if coeff.is_Integer and coeff > 0:
+                    return
+        raise self.error("params", "no parameter has n_hidden (or k*n_hidden) in its shape, so the generated module "
+                         "cannot tell n_hidden from the parameters; declare one (e.g. a bias b of size n_hidden) "
+                         "or fix the size in dims")
 
     def check_used(self, states: list[StateDecl], readouts: list[str]) -> None:
         """Every intermediate must feed a state update or a readout."""

@@ -185,6 +185,9 @@ class _Reader:
         if missing:
             raise self.error("states", missing[0], f"state '{missing[0]}' has no update equation; add {missing[0]} = \"...\" to [equations]")
 
+        for table, exprs in (("equations", eq_exprs), ("readout", ro_exprs)):
+            if "target" in exprs:
+                raise self.error(table, "target", "'target' is reserved for the target in the loss; choose another name")
         prevs = {f"{s}_prev" for s in states}
         eq_names = set(inputs) | prevs | set(params) | set(consts) | set(eq_exprs)
         ro_names = eq_names | set(ro_exprs)
@@ -193,9 +196,6 @@ class _Reader:
         order = self.order(eq_exprs, equations)
         readout = {e.key: self.builder.expr(e, ro_names) for e in ro_exprs.values()}
         loss = self.loss(data["loss"], ro_names | {"target"}) if "loss" in data else None
-        for name, kind in (("target", "the target in the loss"),):
-            if name in eq_exprs or name in ro_exprs:
-                raise self.error("equations" if name in eq_exprs else "readout", name, f"'{name}' is reserved for {kind}")
 
         cell = Cell(
             name=meta["name"],
@@ -332,7 +332,7 @@ class _Reader:
 
     def order(self, exprs: dict[str, _Expr], built: dict[str, sympy.Expr]) -> list[str]:
         """Equations in an order where each comes after what it uses (file order where possible)."""
-        uses = {k: [s.name for s in _symbols_in_order(v) if s.name in built and s.name != ""] for k, v in built.items()}
+        uses = {k: [s.name for s in _symbols_in_order(v) if s.name in built] for k, v in built.items()}
         order: list[str] = []
         state: dict[str, int] = {}  # 1: being visited, 2: done
 

@@ -46,6 +46,8 @@ def cell(**changes) -> Cell:
         (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.Abs(z)}), "equation 's'", "abs is not differentiable at 0"),
         (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.sign(z) * z}), "equation 's'", "sign is not differentiable at 0"),
         (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.Max(z, s_prev)}), "equation 's'", "max is not differentiable"),
+        (dict(params={"U": ("n_in", "n_in")}, equations={"s": tanh(s_prev)}, readout={}, loss=None), "params",
+         "no parameter has n_hidden (or k*n_hidden) in its shape"),
         (dict(equations={"z": U @ x + W @ s_prev, "g": tanh(z), "s": tanh(z)}), "equation 'g'",
          "'g' is computed but no state update or readout uses it"),
     ],
