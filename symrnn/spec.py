@@ -331,34 +331,32 @@ class _Reader:
         return Loss(self.builder.expr(expr, names), reduction=reduction, target_of=target_of)
 
     def order(self, exprs: dict[str, _Expr], built: dict[str, sympy.Expr]) -> list[str]:
-        """Equations in an order where each comes after what it uses (file order where possible)."""
-        uses = {k: [s.name for s in _symbols_in_order(v) if s.name in built] for k, v in built.items()}
+        """Equations in an order where each comes after what it uses: repeatedly the first
+        one in the file whose inputs are all computed (the file's order, where it is valid)."""
+        uses = {k: {s.name for s in v.free_symbols if s.name in built} for k, v in built.items()}
         order: list[str] = []
-        state: dict[str, int] = {}  # 1: being visited, 2: done
-
-        def visit(name: str, path: list[str]) -> None:
-            if state.get(name) == 2:
-                return
-            if state.get(name) == 1:
-                cycle = path[path.index(name):] + [name]
-                first = min(cycle[:-1], key=lambda k: exprs[k].line)
-                k = cycle.index(first)
-                cycle = cycle[k:-1] + cycle[:k] + [first]
-                raise self.error("equations", first, "circular definition: " + " -> ".join(cycle)
-                                 + " (each uses the next; a state's own value at t-1 is <state>_prev)")
-            state[name] = 1
-            for dep in uses[name]:
-                visit(dep, path + [name])
-            state[name] = 2
-            order.append(name)
-
-        for name in exprs:
-            visit(name, [])
+        left = list(exprs)  # file order
+        while left:
+            ready = next((k for k in left if uses[k] <= set(order)), None)
+            if ready is None:
+                raise self.cycle_error(exprs, {k: sorted(uses[k]) for k in left})
+            order.append(ready)
+            left.remove(ready)
         return order
 
-
-def _symbols_in_order(expr: sympy.Expr) -> list[sympy.Symbol]:
-    return sorted(expr.free_symbols, key=lambda s: s.name)
+    def cycle_error(self, exprs: dict[str, _Expr], uses: dict[str, list[str]]) -> SpecError:
+        """The error for equations that use each other in a circle (named from its first line)."""
+        path: list[str] = []
+        name = min(uses, key=lambda k: exprs[k].line)
+        while name not in path:  # every equation left uses another one left: walk until one repeats
+            path.append(name)
+            name = next(d for d in uses[name] if d in uses)
+        cycle = path[path.index(name):] + [name]
+        first = min(cycle[:-1], key=lambda k: exprs[k].line)
+        k = cycle.index(first)
+        cycle = cycle[k:-1] + cycle[:k] + [first]
+        return self.error("equations", first, "circular definition: " + " -> ".join(cycle)
+                          + " (each uses the next; a state's own value at t-1 is <state>_prev)")
 
 
 class _Builder:

@@ -299,3 +299,83 @@ def test_python_api_and_spec_file_give_identical_modules(api):
     from_spec = render_numpy(build(load_spec(spec_path(api().name))))
     assert from_api == from_spec
     assert from_spec == (ROOT / "generated" / f"{api().name}_numpy.py").read_text()
+
+
+# -- built-in cells written in Python, written again as spec files: the same module ------
+
+PYTHON_BUILTINS_AS_SPECS = {
+    # scalars ([]), fixed dimensions, a readout and a mean loss
+    "single_sigmoid": '''
+[cell]
+name = "single_sigmoid"
+source = "seed 002"
+description = "one sigmoid hidden unit: a = w x + v h^{t-1} + b, h = sigma(a), y = u h + d; L = mean over time of (target - y)^2 / 2"
+dims = { n_in = 1, n_hidden = 1, n_out = 1 }
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+w = []
+v = []
+b = []
+u = []
+d = []
+[equations]
+a = "w * x + v * h_prev + b"
+h = "sigmoid(a)"
+[readout]
+y = "u * h + d"
+[loss]
+expr = "(target - y)**2 / 2"
+reduction = "mean"
+''',
+    # row blocks ({ shape, blocks }), W[k] @ x and b[k]
+    "gru_torch": '''
+[cell]
+name = "gru_torch"
+source = "PyTorch nn.GRU"
+description = "gates r, z, n stacked in that order; reset applied after the recurrent product, h = (1 - z) n + z h"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+weight_ih_l0 = { shape = ["3*n_hidden", "n_in"], blocks = 3 }
+weight_hh_l0 = { shape = ["3*n_hidden", "n_hidden"], blocks = 3 }
+bias_ih_l0 = { shape = ["3*n_hidden"], blocks = 3 }
+bias_hh_l0 = { shape = ["3*n_hidden"], blocks = 3 }
+[equations]
+r = "sigmoid(weight_ih_l0[0] @ x + bias_ih_l0[0] + weight_hh_l0[0] @ h_prev + bias_hh_l0[0])"
+z = "sigmoid(weight_ih_l0[1] @ x + bias_ih_l0[1] + weight_hh_l0[1] @ h_prev + bias_hh_l0[1])"
+n = "tanh(weight_ih_l0[2] @ x + bias_ih_l0[2] + r * (weight_hh_l0[2] @ h_prev + bias_hh_l0[2]))"
+h = "(1 - z) * n + z * h_prev"
+''',
+    # a concatenation with an operand computed in the step, equations out of order
+    "gru": '''
+[cell]
+name = "gru"
+source = "seed 003"
+description = "GRU: (z; r) = sigma(W_rz [h_{t-1}; x_t] + b_rz), h~ = tanh(W_h [r h_{t-1}; x_t] + b_h), h = (1 - z) h + z h~"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+W_rz = { shape = ["2*n_hidden", "n_hidden + n_in"], blocks = 2 }
+b_rz = { shape = ["2*n_hidden"], blocks = 2 }
+W_h = ["n_hidden", "n_hidden + n_in"]
+b_h = ["n_hidden"]
+[equations]
+h = "(1 - z) * h_prev + z * h_tilde"
+z = "sigmoid(W_rz[0] @ (h_prev, x) + b_rz[0])"
+h_tilde = "tanh(W_h @ (r * h_prev, x) + b_h)"
+r = "sigmoid(W_rz[1] @ (h_prev, x) + b_rz[1])"
+''',
+}
+
+
+@pytest.mark.parametrize("name", sorted(PYTHON_BUILTINS_AS_SPECS))
+def test_python_built_ins_written_as_spec_files_give_the_same_module(name):
+    cell = parse_spec(PYTHON_BUILTINS_AS_SPECS[name], f"{name}.toml")
+    assert render_numpy(build(cell)) == (ROOT / "generated" / f"{name}_numpy.py").read_text()
