@@ -137,7 +137,13 @@ def _show(args) -> int:
     selected = _selected(args, default_all=False)
     if not selected:
         raise UserError("show: name a cell (symrnn list shows them) or give --spec FILE")
-    print("\n\n".join(cell.equations_text() for cell, _ in selected))
+    from .cells import SPEC_CELLS, spec_path
+
+    texts = []
+    for cell, command in selected:
+        where = f"\n  spec file: {spec_path(cell.name)} (copy it to start a variant)" if not command and cell.name in SPEC_CELLS else ""
+        texts.append(cell.equations_text() + where)
+    print("\n\n".join(texts))
     return 0
 
 

@@ -227,6 +227,7 @@ def test_generate_check_latex_show_accept_a_spec_beside_built_in_names(tmp_path,
     assert main(["show", "mgu", "--spec", str(path)]) == 0
     out = capsys.readouterr().out
     assert "cell mgu  (Zhou et al. 2016)" in out and "step     a = b + U @ h_prev + W @ x" in out
+    assert f"spec file: {spec_path('mgu')} (copy it to start a variant)" in out
     assert main(["latex", "--spec", str(path), "--format", "md", "-o", "-"]) == 0
     assert f"<!-- Regenerate with: symrnn latex --spec {path} --format md -o docs/derivations -->" in capsys.readouterr().out
     assert main(["show", "--spec", str(path), "--spec", str(path)]) == 2
