@@ -189,6 +189,9 @@ class _Reader:
             if "target" in exprs:
                 raise self.error(table, "target", "'target' is reserved for the target in the loss; choose another name")
         prevs = {f"{s}_prev" for s in states}
+        for name in consts:
+            if name in {*inputs, *states, *prevs, *params, *eq_exprs, *ro_exprs}:
+                raise self.error("constants", name, f"'{name}' is already the name of an input, state, parameter or equation")
         eq_names = set(inputs) | prevs | set(params) | set(consts) | set(eq_exprs)
         ro_names = eq_names | set(ro_exprs)
         self.builder = _Builder(self, params, consts)

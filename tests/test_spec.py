@@ -162,6 +162,8 @@ def test_warnings_are_one_line_and_do_not_stop_generation(case, tmp_path, out, c
         (('h = "tanh(a)"', 'h = "tanh(a) * U"'), 'h = "tanh', "matrix 'U' can only multiply a vector"),
         (('h = "tanh(a)"', 'h_prev = "tanh(a)"'), "h_prev = ", "'h_prev' is the value of state 'h' at t-1"),
         (('name = "toy"', 'name = "toy cell"'), "name = ", "not a valid cell name"),
+        (("[equations]", "[constants]\nb = 1.0\n[equations]"), "b = 1.0", "'b' is already the name of"),
+        (("[equations]", "[constants]\nk = \"two\"\n[equations]"), "k = ", "expected a number"),
     ],
 )
 def test_more_bad_input_names_the_line(change, marker, message, tmp_path):
