@@ -96,7 +96,7 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
-        h_prev_proj *= 0.5  # eq:gru:z, eq:gru:r: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        h_prev_proj *= 0.5  # eq:gru:z, eq:gru:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
         h_prev_proj *= 0.5
         h_prev_proj += 0.5

@@ -98,7 +98,7 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
-        h_prev_proj[:, :2*n_hidden] *= 0.5  # eq:gru_torch:r, eq:gru_torch:z: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        h_prev_proj[:, :2*n_hidden] *= 0.5  # eq:gru_torch:r, eq:gru_torch:z  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj[:, :2*n_hidden], out=h_prev_proj[:, :2*n_hidden])
         h_prev_proj[:, :2*n_hidden] *= 0.5
         h_prev_proj[:, :2*n_hidden] += 0.5

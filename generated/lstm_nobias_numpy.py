@@ -110,7 +110,7 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
-        h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
         h_prev_proj *= h_prev_proj_scale
         h_prev_proj += h_prev_proj_shift

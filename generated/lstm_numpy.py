@@ -114,7 +114,7 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
-        h_prev_proj *= h_prev_proj_scale  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        h_prev_proj *= h_prev_proj_scale  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
         h_prev_proj *= h_prev_proj_scale
         h_prev_proj += h_prev_proj_shift

@@ -108,7 +108,7 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
-        h_prev_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
+        h_prev_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
         h_prev_proj *= h_prev_proj_scale
         h_prev_proj += h_prev_proj_shift

@@ -4,11 +4,12 @@ from .cell import DIMS, Block, Cell, Loss, MatVec, Param, ParamSymbol, params
 from .cells import builtin, builtin_names
 from .errors import CellError, InternalError, UserError
 from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
+from .spec import SpecError, SpecWarning, load_spec, parse_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DIMS", "Block", "Cell", "CellError", "InternalError", "Loss", "MatVec", "OPS", "Param",
-    "ParamSymbol", "UserError", "builtin", "builtin_names", "exp", "identity", "params", "relu",
-    "sigmoid", "softplus", "step", "tanh",
+    "ParamSymbol", "SpecError", "SpecWarning", "UserError", "builtin", "builtin_names", "exp", "identity",
+    "load_spec", "params", "parse_spec", "relu", "sigmoid", "softplus", "step", "tanh",
 ]

@@ -3,11 +3,15 @@
 Seeds 000-004 are the lecture-note documents in ``shared/seeds``; the
 ``*_torch`` cells follow PyTorch's ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (gate
 order, two biases, parameter names and shapes), so weights can be exchanged
-with a torch module's ``state_dict()`` (layer 0).
+with a torch module's ``state_dict()`` (layer 0).  The cells of
+:data:`SPEC_CELLS` are spec files shipped in ``symrnn/specs/`` (MGU, IndRNN,
+minGRU, peephole LSTM, LSTM with a forget-gate bias), each citing its paper in
+its header.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Callable
 
 import sympy
@@ -16,7 +20,24 @@ from .cell import Cell, Loss, Param, params
 from .errors import UserError, suggest
 from .ops import sigmoid, tanh
 
-__all__ = ["BUILTIN", "builtin", "builtin_names"]
+__all__ = ["BUILTIN", "SPEC_CELLS", "builtin", "builtin_names", "spec_path"]
+
+#: built-in cells written as spec files (``symrnn/specs/<name>.toml``)
+SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias")
+
+
+def spec_path(name: str):
+    """The shipped spec file of a built-in cell (a path-like resource of the package)."""
+    return importlib.resources.files("symrnn.specs") / f"{name}.toml"
+
+
+def _shipped(name: str) -> Callable[[], Cell]:
+    def factory() -> Cell:
+        from .spec import parse_spec
+
+        return parse_spec(spec_path(name).read_text(encoding="utf-8"), f"symrnn/specs/{name}.toml")
+
+    return factory
 
 
 def _syms(names: str):
@@ -255,6 +276,7 @@ BUILTIN: dict[str, Callable[[], Cell]] = {
     "rnn_tanh_torch": rnn_tanh_torch,
     "lstm_torch": lstm_torch,
     "gru_torch": gru_torch,
+    **{name: _shipped(name) for name in SPEC_CELLS},
 }
 
 

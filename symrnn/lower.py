@@ -28,6 +28,35 @@ _PREFIXES = ("d_", "J_", "o_", "W_stack_")
 _SUFFIXES = ("_seq", "_proj", "_next")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
+#: functions that have no derivative somewhere (SymPy's class name or a spec file's
+#: name -> what to write instead); a gradient through them would be wrong or undefined
+NONDIFFERENTIABLE: dict[str, str] = {
+    "Abs": "abs is not differentiable at 0; for a smooth absolute value write (a**2 + 1e-6)**0.5",
+    "abs": "abs is not differentiable at 0; for a smooth absolute value write (a**2 + 1e-6)**0.5",
+    "sign": "sign is not differentiable at 0 (and its derivative is 0 elsewhere, so no gradient flows); "
+            "for a smooth sign write tanh(k * a) with a large k",
+    "Heaviside": "a step is not differentiable at 0 and passes no gradient; for a smooth step write sigmoid(k * a)",
+    "Max": "max is not differentiable where its arguments are equal; write relu(a - b) + b, or softplus for a smooth version",
+    "max": "max is not differentiable where its arguments are equal; write relu(a - b) + b, or softplus for a smooth version",
+    "Min": "min is not differentiable where its arguments are equal; write a - relu(a - b)",
+    "min": "min is not differentiable where its arguments are equal; write a - relu(a - b)",
+    "floor": "floor is not differentiable at integers and passes no gradient elsewhere",
+    "ceiling": "ceil is not differentiable at integers and passes no gradient elsewhere",
+    "ceil": "ceil is not differentiable at integers and passes no gradient elsewhere",
+    "round": "round is not differentiable and passes no gradient",
+}
+
+
+class CellWarning(str):
+    """A warning about a cell: its text, and ``where`` (the field it is about)."""
+
+    where: str
+
+    def __new__(cls, text: str, where: str):
+        obj = super().__new__(cls, text)
+        obj.where = where
+        return obj
+
 
 def lower(cell: Cell) -> StepGraph:
     """Lower a cell to its step graph (the first stage of the pipeline)."""
@@ -128,6 +157,7 @@ class _Lowering:
             self.params[name] = decl
             self.scope[name] = ("param", None)
 
+        self.check_sizes_readable(states)
         state_names = {s.name for s in states}
         for name, expr in cell.equations.items():
             where = f"equation '{name}'"
@@ -149,10 +179,12 @@ class _Lowering:
             self.equation(name, expr, "readout")
             readouts.append(name)
 
+        self.check_used(states, readouts)
         loss = self.lower_loss(cell, readouts) if cell.loss is not None else None
         warnings = tuple(
-            f"cell '{cell.name}': parameter '{p}' is declared and never used" for p in self.params if p not in self.used_params
-        )
+            CellWarning(f"cell '{cell.name}': parameter '{p}' is declared and never used", f"params['{p}']")
+            for p in self.params if p not in self.used_params
+        ) + self.not_recurrent(states)
         graph = StepGraph(
             cell=cell.name,
             source=cell.source,
@@ -170,6 +202,43 @@ class _Lowering:
         )
         graph.verify()
         return graph
+
+    def check_sizes_readable(self, states: list[StateDecl]) -> None:
+        """The generated module reads n_hidden off a parameter's shape: one must have it."""
+        n_hidden = DIMS["n_hidden"]
+        if n_hidden in self.fixed or not any(n_hidden in s.size.free_symbols for s in states):
+            return
+        for decl in self.params.values():
+            for size in decl.shape:
+                coeff = sympy.simplify(size / n_hidden)
+                if coeff.is_Integer and coeff > 0:
+                    return
+        raise self.error("params", "no parameter has n_hidden (or k*n_hidden) in its shape, so the generated module "
+                         "cannot tell n_hidden from the parameters; declare one (e.g. a bias b of size n_hidden) "
+                         "or fix the size in dims")
+
+    def check_used(self, states: list[StateDecl], readouts: list[str]) -> None:
+        """Every intermediate must feed a state update or a readout."""
+        needed = {s.name for s in states} | set(readouts)
+        for node in reversed(self.nodes):
+            if node.name in needed:
+                needed |= set(node.deps)
+        for node in self.nodes:
+            if node.role == "intermediate" and node.name not in needed:
+                raise self.error(f"equation '{node.name}'", f"'{node.name}' is computed but no state update or readout "
+                                 "uses it; use it or remove it")
+
+    def not_recurrent(self, states: list[StateDecl]) -> tuple[CellWarning, ...]:
+        """A warning for each state whose update reads no state at t-1 (through any path)."""
+        reads: dict[str, set[str]] = {leaf.name: ({leaf.name} if leaf.kind == "prev_state" else set()) for leaf in self.leaves}
+        for node in self.nodes:
+            reads[node.name] = set().union(*(reads.get(d, set()) for d in node.deps))
+        prevs = ", ".join(s.prev for s in states)
+        return tuple(
+            CellWarning(f"cell '{self.cell.name}', equation '{s.name}': the update of state '{s.name}' reads no state "
+                        f"at t-1 ({prevs}), so it is not recurrent", f"equation '{s.name}'")
+            for s in states if not reads[s.name]
+        )
 
     def lower_loss(self, cell: Cell, readouts: list[str]) -> LossIR:
         loss = cell.loss
@@ -189,6 +258,8 @@ class _Lowering:
                 raise self.error(where, "a matrix product is not allowed here")
             if isinstance(sub, sympy.Symbol):
                 self.lookup(sub.name, where)
+            elif type(sub).__name__ in NONDIFFERENTIABLE:
+                raise self.error(where, f"{NONDIFFERENTIABLE[type(sub).__name__]} (a gradient is needed here)")
             elif isinstance(sub, sympy.Function) and not isinstance(sub, Op):
                 raise self.error(where, f"function '{type(sub).__name__}' is not allowed (allowed: {', '.join(OPS)})")
         return expr
@@ -198,7 +269,34 @@ class _Lowering:
             return self.scope[name]
         if name in self.cell.states:
             raise self.error(where, f"state '{name}' is used before its update equation; write {name}_prev for its value at t-1")
+        if name in self.cell.equations:
+            cycle = self.cycle(name)
+            current = where.partition("'")[2].rstrip("'")
+            if current in cycle[:-1]:  # start the chain at the equation being read
+                k = cycle.index(current)
+                cycle = cycle[k:-1] + cycle[:k] + [current]
+            if cycle:
+                raise self.error(where, "circular definition: " + " -> ".join(cycle) + " (each equation uses the next)")
+            raise self.error(where, f"'{name}' is used before its equation; give equation '{name}' first")
         raise self.error(where, f"unknown symbol '{name}'{suggest(name, self.scope)}")
+
+    def cycle(self, start: str) -> list[str]:
+        """A chain start -> ... -> start of equations that use each other, or []."""
+        eqs = self.cell.equations
+        uses = {k: sorted(s.name for s in sympy.sympify(v).free_symbols if s.name in eqs) for k, v in eqs.items()}
+        path: list[str] = []
+
+        def visit(name: str, seen: set) -> bool:
+            path.append(name)
+            for dep in uses.get(name, []):
+                if dep == start or (dep not in seen and visit(dep, seen | {dep})):
+                    if dep == start:
+                        path.append(start)
+                    return True
+            path.pop()
+            return False
+
+        return path if visit(start, {start}) else []
 
     # -- equations ----------------------------------------------------------------
     def equation(self, name: str, expr, role: str) -> None:
@@ -246,8 +344,10 @@ class _Lowering:
             return sympy.Pow(self.rational(expr.args[0], eq, where), expr.args[1])
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             return expr.func(*[self.rational(a, eq, where) for a in expr.args])
+        fname = type(expr).__name__
+        if fname in NONDIFFERENTIABLE:
+            raise self.error(where, f"{NONDIFFERENTIABLE[fname]} (a gradient is needed here)")
         if isinstance(expr, sympy.Function):
-            fname = type(expr).__name__
             raise self.error(where, f"function '{fname}' is not allowed (allowed: {', '.join(OPS)}){suggest(fname, OPS)}")
         raise self.error(where, f"cannot translate {sympy.sstr(expr)!r} ({type(expr).__name__})")
 

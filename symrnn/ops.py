@@ -129,7 +129,7 @@ class step(Op):
     """Heaviside step at y > 0 (step(0) = 0); the derivative of relu."""
 
     latex = r"\mathbb{1}"
-    numpy = "(({x}) > 0)"
+    numpy = "np.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
 

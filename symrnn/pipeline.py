@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jinja2
@@ -83,7 +83,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     from .cells import BUILTIN
 
     command = command or (
-        f"symrnn generate {g.cell} --out generated" if g.cell in BUILTIN else f"symrnn generate <spec of {g.cell}>"
+        f"symrnn generate {g.cell} --out generated" if g.cell in BUILTIN else f"symrnn generate --spec <file of {g.cell}>"
     )
     loss = g.loss
     return _ENV.get_template("numpy_module.py.j2").render(
@@ -199,7 +199,7 @@ def _command(cell: str, backend: str) -> str:
     from .cells import BUILTIN
 
     flag = "" if backend == "numpy" else f" --backend {backend}"
-    return f"symrnn generate {cell}{flag} --out generated" if cell in BUILTIN else f"symrnn generate{flag} <spec of {cell}>"
+    return f"symrnn generate {cell}{flag} --out generated" if cell in BUILTIN else f"symrnn generate{flag} --spec <file of {cell}>"
 
 
 def _tuple(items: list[str]) -> str:
@@ -292,12 +292,14 @@ def generated_init(names: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def generate(cells: Iterable[Cell | str], out_dir: Path | str, backends: Iterable[str] = ("numpy",)) -> list[Path]:
+def generate(cells: Iterable[Cell | str], out_dir: Path | str, backends: Iterable[str] = ("numpy",),
+             commands: Mapping[str, str] | None = None) -> list[Path]:
     """Render every module (of every backend in ``backends``) in memory, then
     write them all (atomically, one by one).
 
     Nothing is written if any cell fails to render; an unwritable folder raises
-    a UserError naming it.
+    a UserError naming it.  ``commands`` gives, by cell name, the command that
+    regenerates a module (written in its header; a spec file's cell needs it).
     """
     out_dir = Path(out_dir)
     backends = list(backends)
@@ -305,11 +307,15 @@ def generate(cells: Iterable[Cell | str], out_dir: Path | str, backends: Iterabl
     if unknown:
         raise UserError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
     renderers = {"numpy": render_numpy, "cupy": render_cupy}
+    commands = commands or {}
     rendered: dict[str, str] = {}
     for cell in cells:
         kp = build(cell)
         for backend in backends:
-            rendered[module_name(kp.graph.cell, backend) + ".py"] = renderers[backend](kp)
+            command = commands.get(kp.graph.cell)
+            if command and backend != "numpy":
+                command += f" --backend {backend}"
+            rendered[module_name(kp.graph.cell, backend) + ".py"] = renderers[backend](kp, command)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output folder '{out_dir}' is a file, not a folder")
     try:
@@ -331,24 +337,26 @@ def generate(cells: Iterable[Cell | str], out_dir: Path | str, backends: Iterabl
         raise UserError(f"cannot write to output folder '{out_dir}': {exc.strerror or exc}") from None
 
 
-def render_latex(kernel_plan: KernelPlan, notation=None) -> str:
+def render_latex(kernel_plan: KernelPlan, notation=None, command: str | None = None) -> str:
     """KernelPlan -> a standalone LaTeX document of the cell's derivation."""
-    return _render_document(kernel_plan, notation, "tex")
+    return _render_document(kernel_plan, notation, "tex", command)
 
 
-def render_markdown(kernel_plan: KernelPlan, notation=None) -> str:
+def render_markdown(kernel_plan: KernelPlan, notation=None, command: str | None = None) -> str:
     """KernelPlan -> the derivation as Markdown with $$ math blocks (renders on code-hosting sites)."""
-    return _render_document(kernel_plan, notation, "md")
+    return _render_document(kernel_plan, notation, "md", command)
 
 
-def _render_document(kernel_plan: KernelPlan, notation, fmt: str) -> str:
+def _render_document(kernel_plan: KernelPlan, notation, fmt: str, command: str | None = None) -> str:
     from .cells import BUILTIN
     from .latex import Notation, document_data
 
     data = document_data(kernel_plan, notation or Notation())
     g = kernel_plan.graph
     out = " -o docs/derivations" if fmt == "md" else ""
-    command = f"symrnn latex {g.cell} --format {fmt}{out}" if g.cell in BUILTIN else f"symrnn latex <spec of {g.cell}>"
+    command = command or (
+        f"symrnn latex {g.cell} --format {fmt}{out}" if g.cell in BUILTIN else f"symrnn latex --spec <file of {g.cell}>"
+    )
     return _ENV.get_template(f"derivation.{fmt}.j2").render(command=command, **data)
 
 

@@ -61,7 +61,18 @@ def two_stage() -> Cell:
     )
 
 
-CELLS = [min_gru, ind_rnn, gated_readout, two_stage]
+def constant_gate() -> Cell:
+    """A gate computed from parameters only (constant over time) and relu of a
+    difference (its derivative, a step, appears negated in the RTRL recursion)."""
+    W, U, b, c0 = params("W U b c0")
+    return Cell(
+        name="constant_gate", inputs={"x": "n_in"}, states={"h": "n_hidden"},
+        params={"W": ("n_hidden", "n_in"), "U": ("n_hidden", "n_hidden"), "b": ("n_hidden",), "c0": ("n_hidden",)},
+        equations={"g": sigmoid(b), "a": relu(W @ x - U @ h_prev) + c0, "h": g * h_prev + (1 - g) * tanh(a)},
+    )
+
+
+CELLS = [min_gru, ind_rnn, gated_readout, two_stage, constant_gate]
 
 
 @pytest.fixture(params=CELLS, ids=lambda f: f.__name__)

@@ -30,7 +30,8 @@ def test_generated_init_lists_every_module():
 
 @pytest.mark.parametrize("hashseed", ["0", "12345"])
 def test_regeneration_is_byte_identical_under_any_hashseed(tmp_path, hashseed):
-    env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": str(ROOT)}  # this checkout's symrnn
+    # PYTHONPATH: this checkout's symrnn, even where another checkout is the installed one
+    env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "symrnn.cli", "generate", "--backend", "all", "--out", str(tmp_path)], check=True, env=env,
                    capture_output=True, cwd=tmp_path)
     for path in sorted((ROOT / "generated").glob("*.py")):

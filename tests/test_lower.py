@@ -8,7 +8,7 @@ import sympy
 from symrnn import Cell, CellError, Loss, Param, params, sigmoid, tanh
 from symrnn.lower import lower
 
-x, s_prev, s, z, y, target = sympy.symbols("x s_prev s z y target")
+x, s_prev, s, z, y, target, g = sympy.symbols("x s_prev s z y target g")
 U, W, V, b = params("U W V b")
 PARAMS = {"U": ("n_hidden", "n_in"), "W": ("n_hidden", "n_hidden"), "V": ("n_out", "n_hidden")}
 
@@ -39,6 +39,17 @@ def cell(**changes) -> Cell:
         (dict(params={**PARAMS, "W": Param(("2*n_hidden", "n_hidden"), blocks=2)}), "equation 'z'",
          "'W' has 2 row blocks; write W[k] @ ..."),
         (dict(loss=Loss((y - target) ** 2, reduction="median")), "loss", "reduction must be 'sum' or 'mean'"),
+        (dict(equations={"z": U @ x + W @ s_prev + g, "g": 2 * z, "s": tanh(z)}), "equation 'z'",
+         "circular definition: z -> g -> z"),
+        (dict(equations={"z": U @ x + W @ s_prev + g, "g": tanh(x), "s": tanh(z)}), "equation 'z'",
+         "'g' is used before its equation; give equation 'g' first"),
+        (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.Abs(z)}), "equation 's'", "abs is not differentiable at 0"),
+        (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.sign(z) * z}), "equation 's'", "sign is not differentiable at 0"),
+        (dict(equations={"z": U @ x + W @ s_prev, "s": sympy.Max(z, s_prev)}), "equation 's'", "max is not differentiable"),
+        (dict(params={"U": ("n_in", "n_in")}, equations={"s": tanh(s_prev)}, readout={}, loss=None), "params",
+         "no parameter has n_hidden (or k*n_hidden) in its shape"),
+        (dict(equations={"z": U @ x + W @ s_prev, "g": tanh(z), "s": tanh(z)}), "equation 'g'",
+         "'g' is computed but no state update or readout uses it"),
     ],
 )
 def test_errors_name_the_place(changes, where, message):
@@ -70,3 +81,10 @@ def test_every_nonlinearity_is_its_own_node():
     graph = lower(cell(equations={"z": U @ x + W @ s_prev, "s": sigmoid(z) * tanh(z)}))
     names = [n.name for n in graph.nodes]
     assert "sigmoid_z" in names and "tanh_z" in names
+
+
+def test_a_state_that_reads_no_state_at_t_minus_1_is_a_warning():
+    graph = lower(cell(params={"U": ("n_hidden", "n_in"), "V": ("n_out", "n_hidden")}, equations={"z": U @ x, "s": tanh(z)}))
+    assert graph.warnings == ("cell 'toy', equation 's': the update of state 's' reads no state at t-1 (s_prev), "
+                              "so it is not recurrent",)
+    assert graph.warnings[0].where == "equation 's'"

@@ -12,6 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from symrnn.cells import SPEC_CELLS
 from symrnn.pipeline import build, render_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +101,15 @@ def test_wheel_installs_and_generates_outside_checkout(tmp_path):
     assert "numpy_module.py.j2" in lines[1:]
     _run([py, "-c", "import symrnn.generated.elman_numpy as m; assert callable(m.forward)"],
          cwd=work, env=env)
+
+    # 7. the spec files of the built-in cells are shipped, and a spec cell generates the same
+    specs = _run([py, "-c", "import importlib.resources as r; print(*sorted(p.name for p in "
+                  "r.files('symrnn.specs').iterdir() if p.name.endswith('.toml')))"], cwd=work, env=env).stdout.split()
+    assert specs == sorted(f"{name}.toml" for name in SPEC_CELLS)
+    _run([symrnn, "generate", "mgu", "--out", out], cwd=work, env=env)
+    assert (out / "mgu_numpy.py").read_text() == render_numpy(build("mgu"))
+
+    # 8. the custom-cell example runs from the clean install (small size)
+    example = _run([py, ROOT / "examples" / "custom_cell.py", "--steps", "3", "--hidden", "4", "--T", "8",
+                    "--out", tmp_path / "example"], cwd=work, env={**env, "MPLBACKEND": "Agg"}).stdout
+    assert " 0 failed" in example and (tmp_path / "example" / "custom_cell.png").is_file()

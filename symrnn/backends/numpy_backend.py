@@ -224,7 +224,7 @@ class _LoopFusion:
             else:  # one tanh for both kinds: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
                 scale = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 1.0}, "scale")
                 shift = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 0.0}, "shift")
-            out.append(f"{view} *= {scale}  # {names}: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5")
+            out.append(f"{view} *= {scale}  # {names}  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)")
             out.append(f"np.tanh({view}, out={view})")
             out.append(f"{view} *= {scale}")
             out.append(f"{view} += {shift}")
@@ -413,6 +413,12 @@ class _Emitter:
 
     def forward(self) -> None:
         m, g, plan = self.m, self.g, self.plan
+        # values that do not change over time (computed from parameters only, e.g.
+        # sigmoid(b)): broadcast to (T, B, size) like every other value of a region
+        constant = {leaf.name for leaf in g.leaves if leaf.kind == "param"}
+        for n in g.nodes:
+            if isinstance(n, Pointwise) and all(d in constant for d in n.deps):
+                constant.add(n.name)
         fused = _LoopFusion(self)
         for ctx, region, out in (("all", plan.pre, m.forward_pre), ("loop", plan.loop, m.forward_loop), ("all", plan.post, m.forward_post)):
             for stage in region.stages:
@@ -424,7 +430,9 @@ class _Emitter:
                 if region is plan.pre:
                     out.extend(fused.pre_lines if stage is region.stages[-1] else [])
                 for node in stage.pointwise:
-                    if ctx == "all":
+                    if ctx == "all" and node.name in constant:
+                        out.append(f"{node.name}_seq = np.broadcast_to({self.code(node.expr, ctx)}, (T, B, {dim(node.size)}))  # {self.label(node)}")
+                    elif ctx == "all":
                         out.append(f"{node.name}_seq = {self.code(node.expr, ctx)}  # {self.label(node)}")
                     elif node.name not in fused.computed:
                         self.pointwise_forward(node, fused.expr(node), fused, out)

@@ -1,0 +1,504 @@
+"""Cells from an equations file (TOML): read by a person, never executed.
+
+A spec file names the cell, its input, states, parameters with their shapes
+(in ``n_in``, ``n_hidden``, ``n_out``), optional named constants, the equations
+of one time step (intermediates and one update per state, in any order), an
+optional readout and loss.  ``docs/spec-format.md`` describes the format.
+
+Every expression is parsed with Python's :mod:`ast` (``mode="eval"``) and the
+tree is walked against an allow-list: declared names, numbers, ``+ - * / **``,
+``W @ v`` and ``W @ (a, b)`` (a parameter matrix times a vector or a
+concatenation), ``W[k]`` (a row block) and calls of symrnn's nonlinearities.
+The SymPy expression is built from the tree node by node, so nothing in the
+file is ever evaluated as Python.
+
+The result is a plain :class:`~symrnn.cell.Cell`, checked by the same lowering
+as a cell written in Python; its errors come back as :class:`SpecError` naming
+``file:line``.
+
+>>> cell = parse_spec('''
+... [cell]
+... name = "tiny"
+... [inputs]
+... x = "n_in"
+... [states]
+... h = "n_hidden"
+... [params]
+... W = ["n_hidden", "n_hidden + n_in"]
+... [equations]
+... h = "tanh(W @ (h_prev, x))"
+... ''', "tiny.toml")
+>>> cell.equations["h"]
+tanh(W @ [h_prev; x])
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy
+
+from .cell import Cell, Loss, Param, ParamSymbol
+from .errors import CellError, UserError, suggest
+from .lower import NONDIFFERENTIABLE, lower
+from .ops import OPS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["SpecError", "SpecWarning", "load_spec", "parse_spec"]
+
+TABLES = ("cell", "inputs", "states", "params", "constants", "equations", "readout", "loss")
+_CELL_KEYS = ("name", "description", "source", "dims")
+_LOSS_KEYS = ("expr", "reduction", "target_of")
+
+
+class SpecError(UserError):
+    """A spec file is wrong; the message starts with ``file:line:``."""
+
+
+class SpecWarning(UserWarning):
+    """A spec file is suspicious (an unused parameter, a state that is not recurrent)."""
+
+
+def load_spec(path: str | Path, constants: Mapping[str, float] | None = None) -> Cell:
+    """Read, parse and check a spec file; ``constants`` overrides its ``[constants]``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_spec(text, str(path), constants)
+
+
+def parse_spec(text: str, filename: str = "<spec>", constants: Mapping[str, float] | None = None) -> Cell:
+    """Spec text -> a checked Cell.  Warnings are issued as :class:`SpecWarning`."""
+    return _Reader(text, filename).read(constants or {})
+
+
+# -- where things are in the file -------------------------------------------------
+_TABLE_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\"-]+)\s*\]\s*(#.*)?$")
+_KEY_LINE = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*=""")
+
+
+def _index(text: str) -> dict[tuple[str, str], int]:
+    """(table, key) -> line number (1-based); (table, '') is the table's header."""
+    where: dict[tuple[str, str], int] = {}
+    table = ""
+    in_multiline = False
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if in_multiline:
+            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
+                in_multiline = False
+            continue
+        m = _TABLE_LINE.match(line)
+        if m:
+            table = m.group(1).strip('"')
+            where.setdefault((table, ""), lineno)
+            continue
+        m = _KEY_LINE.match(line)
+        if m:
+            key = m.group(1) or m.group(2) or m.group(3)
+            where.setdefault((table, key), lineno)
+            rest = line[m.end():]
+            if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
+                in_multiline = True
+    return where
+
+
+@dataclass(frozen=True)
+class _Expr:
+    """One expression of the file: its table, key, text and line."""
+
+    table: str
+    key: str
+    text: str
+    line: int
+    col0: int | None = None  # where the text starts on its line (single-line strings)
+
+
+class _Reader:
+    def __init__(self, text: str, filename: str):
+        self.text, self.filename = text, filename
+        self.lines: dict[tuple[str, str], int] = {}
+        self.cell_name = "?"
+
+    # -- errors --------------------------------------------------------------
+    def line_of(self, table: str, key: str = "") -> int | None:
+        return self.lines.get((table, key)) or self.lines.get((table, ""))
+
+    def error(self, table: str, key: str, message: str, line: int | None = None, col: int | None = None,
+              field: bool = True) -> SpecError:
+        """``file:line[:col]: [table] key: message`` (the field is left out when the message names it)."""
+        line = line or self.line_of(table, key)
+        place = f"{self.filename}:{line}" + (f":{col}" if col else "") if line else self.filename
+        name = (f"[{table}] {key}: " if key else f"[{table}]: ") if field else ""
+        return SpecError(f"{place}: {name}{message}")
+
+    # -- the pass ------------------------------------------------------------------
+    def read(self, overrides: Mapping[str, float]) -> Cell:
+        try:
+            data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+            msg = re.sub(r"\s*\((at line \d+, column \d+|at end of document)\)", "", str(exc))
+            place = f"{self.filename}:{m.group(1)}:{m.group(2)}" if m else self.filename
+            if "Illegal character '\\n'" in msg:
+                msg += " (a string that is not closed on its line?)"
+            if "at end of document" in str(exc):
+                place, msg = f"{self.filename}:{len(self.text.splitlines()) or 1}", msg + " (at the end of the file)"
+            raise SpecError(f"{place}: not valid TOML: {msg}") from None
+        self.lines = _index(self.text)
+        for table, value in data.items():
+            if table not in TABLES:
+                raise self.error(table, "", f"unknown table{suggest(table, TABLES)}; a spec has the tables {', '.join(TABLES)}")
+            if not isinstance(value, dict):
+                raise self.error(table, "", f"'{table}' must be a table: write [{table}] on its own line")
+        for table in ("cell", "inputs", "states", "equations"):
+            if table not in data:
+                raise SpecError(f"{self.filename}: missing table [{table}] (a spec needs [cell], [inputs], [states], [equations])")
+
+        meta = self.cell_table(data["cell"])
+        self.cell_name = meta["name"]
+        inputs = self.sizes("inputs", data["inputs"])
+        states = self.sizes("states", data["states"])
+        params = {k: self.param(k, v) for k, v in data.get("params", {}).items()}
+        consts = self.constants(data.get("constants", {}), overrides)
+
+        eq_exprs = self.strings("equations", data["equations"])
+        ro_exprs = self.strings("readout", data.get("readout", {}))
+        for key in eq_exprs:
+            if key.endswith("_prev") and key[: -len("_prev")] in states:
+                raise self.error("equations", key, f"'{key}' is the value of state '{key[:-5]}' at t-1 and cannot be assigned; "
+                                 f"write the update as {key[:-5]} = ...")
+        missing = [s for s in states if s not in eq_exprs]
+        if missing:
+            raise self.error("states", missing[0], f"state '{missing[0]}' has no update equation; add {missing[0]} = \"...\" to [equations]")
+
+        for table, exprs in (("equations", eq_exprs), ("readout", ro_exprs)):
+            if "target" in exprs:
+                raise self.error(table, "target", "'target' is reserved for the target in the loss; choose another name")
+        prevs = {f"{s}_prev" for s in states}
+        for name in consts:
+            if name in {*inputs, *states, *prevs, *params, *eq_exprs, *ro_exprs}:
+                raise self.error("constants", name, f"'{name}' is already the name of an input, state, parameter or equation")
+        eq_names = set(inputs) | prevs | set(params) | set(consts) | set(eq_exprs)
+        ro_names = eq_names | set(ro_exprs)
+        self.builder = _Builder(self, params, consts)
+        equations = {e.key: self.builder.expr(e, eq_names) for e in eq_exprs.values()}
+        order = self.order(eq_exprs, equations)
+        readout = {e.key: self.builder.expr(e, ro_names) for e in ro_exprs.values()}
+        loss = self.loss(data["loss"], ro_names | {"target"}) if "loss" in data else None
+
+        cell = Cell(
+            name=meta["name"],
+            inputs=inputs,
+            states=states,
+            params=params,
+            equations={k: equations[k] for k in order},
+            readout=readout,
+            loss=loss,
+            dims=meta["dims"],
+            source=meta["source"],
+            description=meta["description"],
+        )
+        self.check(cell)
+        return cell
+
+    def check(self, cell: Cell) -> None:
+        """Lower the cell once: its errors and warnings, located in the file."""
+        try:
+            graph = lower(cell)
+        except CellError as exc:
+            table, key = self.field_of(exc.where, cell)
+            line = self.line_of(table, key)
+            raise SpecError(f"{self.filename}:{line}: {exc}" if line else f"{self.filename}: {exc}") from None
+        for w in graph.warnings:
+            table, key = self.field_of(getattr(w, "where", ""), cell)
+            line = self.line_of(table, key)
+            warnings.warn(SpecWarning(f"{self.filename}:{line}: {w}" if line else f"{self.filename}: {w}"), stacklevel=4)
+
+    def field_of(self, where: str, cell: Cell) -> tuple[str, str]:
+        """lower's ``where`` (``equation 'z'``, ``params['W']``, ``loss``) -> (table, key)."""
+        m = re.match(r"^(equation|readout) '(\w+)'", where)
+        if m:
+            key = m.group(2)
+            return ("readout" if key in cell.readout and key not in cell.equations else "equations"), key
+        m = re.match(r"^(\w+)\['(\w+)'\]", where)
+        if m:
+            return ("cell", "dims") if m.group(1) == "dims" else (m.group(1), m.group(2))
+        if where == "loss":
+            return "loss", "expr"
+        return where, ""
+
+    # -- tables -------------------------------------------------------------------
+    def cell_table(self, table: dict) -> dict:
+        for key in table:
+            if key not in _CELL_KEYS:
+                raise self.error("cell", key, f"unknown key{suggest(key, _CELL_KEYS)}; [cell] has {', '.join(_CELL_KEYS)}")
+        if "name" not in table:
+            raise self.error("cell", "", 'missing name = "..." (the cell\'s name, used for the module <name>_numpy.py)')
+        out = {"dims": {}}
+        for key in ("name", "description", "source"):
+            value = table.get(key, "")
+            if not isinstance(value, str):
+                raise self.error("cell", key, f"expected a string, got {value!r}")
+            out[key] = value
+        if not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", out["name"]):
+            raise self.error("cell", "name", f"'{out['name']}' is not a valid cell name (letters, digits and _, starting with a letter)")
+        dims = table.get("dims", {})
+        if not isinstance(dims, dict):
+            raise self.error("cell", "dims", "expected a table such as dims = { n_in = 1 }")
+        for k, v in dims.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise self.error("cell", "dims", f"{k} = {v!r}: a fixed dimension is a positive integer")
+        out["dims"] = dims
+        return out
+
+    def sizes(self, table: str, entries: dict) -> dict:
+        for key, value in entries.items():
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise self.error(table, key, f'expected a size such as "n_hidden" or 2, got {value!r}')
+        return dict(entries)
+
+    def param(self, key: str, value) -> Param:
+        expect = 'expected a shape: ["n_hidden", "n_in"] (a matrix), ["n_hidden"] (a vector), [] (a scalar), ' \
+                 'or { shape = [...], blocks = k }'
+        blocks = 1
+        if isinstance(value, dict):
+            extra = sorted(set(value) - {"shape", "blocks"})
+            if extra or "shape" not in value:
+                raise self.error("params", key, expect)
+            blocks, value = value.get("blocks", 1), value["shape"]
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+                raise self.error("params", key, f"blocks = {blocks!r}: expected a positive integer")
+        if isinstance(value, str):
+            raise self.error("params", key, f'{expect}; a size in a string alone is ambiguous: write ["{value}"] for a vector')
+        if not isinstance(value, list) or len(value) > 2 or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in value):
+            raise self.error("params", key, expect)
+        return Param(tuple(value), blocks=blocks)
+
+    def constants(self, table: dict, overrides: Mapping[str, float]) -> dict[str, sympy.Expr]:
+        for name in overrides:
+            if name not in table:
+                raise SpecError(f"{self.filename}: no constant '{name}' to set{suggest(name, table)}; "
+                                f"[constants] has: {', '.join(table) or 'none'}")
+        out = {}
+        for name, value in {**table, **overrides}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.error("constants", name, f"expected a number, got {value!r}")
+            out[name] = sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
+        return out
+
+    def strings(self, table: str, entries: dict) -> dict[str, _Expr]:
+        out = {}
+        for key, value in entries.items():
+            if not isinstance(value, str):
+                raise self.error(table, key, f'expected an expression in quotes, e.g. {key} = "tanh(W @ x)", got {value!r}')
+            line = self.line_of(table, key) or 0
+            raw = self.text.splitlines()[line - 1] if line else ""
+            col0 = None  # the column where the text starts in the file (None: unknown, e.g. escapes)
+            m = re.search(r"=\s*(\"\"\"|\'\'\'|\"|\')", raw)
+            if m and len(m.group(1)) == 3 and not raw[m.end():].strip():
+                line, col0 = line + 1, 0  # a multi-line string that starts on the next line
+            elif m:
+                col0 = m.end()
+            if "\\" in value or (m and len(m.group(1)) == 1 and "\\" in raw):
+                col0 = None
+            out[key] = _Expr(table, key, value, line, col0)
+        return out
+
+    def loss(self, table: dict, names: set[str]) -> Loss:
+        for key in table:
+            if key not in _LOSS_KEYS:
+                raise self.error("loss", key, f"unknown key{suggest(key, _LOSS_KEYS)}; [loss] has {', '.join(_LOSS_KEYS)}")
+        if "expr" not in table:
+            raise self.error("loss", "", 'missing expr = "..." (the per-step loss, e.g. "(y - target)**2 / 2")')
+        (expr,) = self.strings("loss", {"expr": table["expr"]}).values()
+        reduction = table.get("reduction", "sum")
+        if reduction not in ("sum", "mean"):
+            raise self.error("loss", "reduction", f"expected \"sum\" or \"mean\" (over time), got {reduction!r}")
+        target_of = table.get("target_of", "y")
+        if not isinstance(target_of, str):
+            raise self.error("loss", "target_of", f"expected the name of a readout, got {target_of!r}")
+        return Loss(self.builder.expr(expr, names), reduction=reduction, target_of=target_of)
+
+    def order(self, exprs: dict[str, _Expr], built: dict[str, sympy.Expr]) -> list[str]:
+        """Equations in an order where each comes after what it uses: repeatedly the first
+        one in the file whose inputs are all computed (the file's order, where it is valid)."""
+        uses = {k: {s.name for s in v.free_symbols if s.name in built} for k, v in built.items()}
+        order: list[str] = []
+        left = list(exprs)  # file order
+        while left:
+            ready = next((k for k in left if uses[k] <= set(order)), None)
+            if ready is None:
+                raise self.cycle_error(exprs, {k: sorted(uses[k]) for k in left})
+            order.append(ready)
+            left.remove(ready)
+        return order
+
+    def cycle_error(self, exprs: dict[str, _Expr], uses: dict[str, list[str]]) -> SpecError:
+        """The error for equations that use each other in a circle (named from its first line)."""
+        path: list[str] = []
+        name = min(uses, key=lambda k: exprs[k].line)
+        while name not in path:  # every equation left uses another one left: walk until one repeats
+            path.append(name)
+            name = next(d for d in uses[name] if d in uses)
+        cycle = path[path.index(name):] + [name]
+        first = min(cycle[:-1], key=lambda k: exprs[k].line)
+        k = cycle.index(first)
+        cycle = cycle[k:-1] + cycle[:k] + [first]
+        return self.error("equations", first, "circular definition: " + " -> ".join(cycle)
+                          + " (each uses the next; a state's own value at t-1 is <state>_prev)")
+
+
+class _Builder:
+    """ast of one expression -> SymPy, against the allow-list."""
+
+    def __init__(self, reader: _Reader, params: dict[str, Param], constants: dict[str, sympy.Expr]):
+        self.reader = reader
+        self.params = {k: ParamSymbol(k) for k in params}
+        self.decls = params
+        self.constants = constants
+
+    def expr(self, e: _Expr, names: set[str]) -> sympy.Expr:
+        self.e, self.names = e, names
+        # in parentheses, so that an expression may run over several lines
+        self.source = "(" + e.text + ")"
+        try:
+            tree = ast.parse(self.source, mode="eval")
+        except SyntaxError as exc:
+            hint = " (use ** for powers)" if "^" in e.text else ""
+            shown = " ".join(e.text.split())
+            raise self.fail(None, f"cannot parse '{shown}': {exc.msg}{hint}", exc.lineno,
+                            (exc.offset or 1) - (exc.lineno == 1)) from None
+        return self.build(tree.body)
+
+    def fail(self, node: ast.AST | None, message: str, lineno: int | None = None, col: int | None = None) -> SpecError:
+        e = self.e
+        if node is not None:
+            lineno, col = getattr(node, "lineno", None), getattr(node, "col_offset", None)
+            col = None if col is None else col + 1 - (lineno == 1)  # the added "("
+        line = e.line + (lineno - 1 if lineno else 0) if e.line else None
+        file_col = None
+        if col and e.col0 is not None:  # continuation lines of a multi-line string start at column 1
+            file_col = e.col0 + col if lineno == 1 else col
+        where = f"equation '{e.key}'" if e.table == "equations" else (f"readout '{e.key}'" if e.table == "readout" else "loss")
+        return self.reader.error(e.table, e.key, f"cell '{self.reader.cell_name}', {where}: {message}", line=line, col=file_col,
+                                 field=False)
+
+    def snippet(self, node: ast.AST) -> str:
+        return ast.get_source_segment(self.source, node) or type(node).__name__
+
+    def build(self, node: ast.AST):
+        method = getattr(self, f"_{type(node).__name__}", None)
+        if method is None:
+            raise self.fail(node, f"'{self.snippet(node)}' is not allowed in an equation (allowed: names, numbers, "
+                            "+ - * / **, W @ v, W @ (a, b), W[k], and the functions " + ", ".join(OPS) + ")")
+        return method(node)
+
+    def _Name(self, node: ast.Name):
+        name = node.id
+        if name in self.constants:
+            return self.constants[name]
+        if name in self.params:
+            return self.params[name]
+        if name in OPS or name in NONDIFFERENTIABLE:
+            raise self.fail(node, f"'{name}' is a function; write {name}(...)")
+        if name not in self.names:
+            hint = suggest(name, self.names)
+            if name == "target" and self.e.table != "loss":
+                raise self.fail(node, "'target' is only available in the loss")
+            raise self.fail(node, f"unknown symbol '{name}'{hint}")
+        return sympy.Symbol(name)
+
+    def _Constant(self, node: ast.Constant):
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(node, f"{value!r} is not a number")
+        return sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
+
+    def _UnaryOp(self, node: ast.UnaryOp):
+        if isinstance(node.op, ast.USub):
+            return -self.build(node.operand)
+        if isinstance(node.op, ast.UAdd):
+            return self.build(node.operand)
+        raise self.fail(node, f"'{self.snippet(node)}': only + and - may precede a value")
+
+    def _BinOp(self, node: ast.BinOp):
+        op = node.op
+        if isinstance(op, ast.MatMult):
+            return self.matmul(node)
+        left, right = self.build(node.left), self.build(node.right)
+        for side, value in (("left", left), ("right", right)):
+            if isinstance(value, ParamSymbol) and self._is_matrix(value.name):
+                raise self.fail(node, f"matrix '{value.name}' can only multiply a vector: write {value.name} @ v")
+        if isinstance(op, ast.Add):
+            return left + right
+        if isinstance(op, ast.Sub):
+            return left - right
+        if isinstance(op, ast.Mult):
+            return left * right
+        if isinstance(op, ast.Div):
+            return left / right
+        if isinstance(op, ast.Pow):
+            if not right.is_Number:
+                raise self.fail(node.right, f"in '{self.snippet(node)}': an exponent must be a number")
+            return left**right
+        hint = " (use ** for powers)" if isinstance(op, ast.BitXor) else ""
+        raise self.fail(node, f"operator in '{self.snippet(node)}' is not allowed (allowed: + - * / ** @){hint}")
+
+    def _is_matrix(self, name: str) -> bool:
+        p = self.decls.get(name)
+        return p is not None and len(p.shape) == 2
+
+    def matmul(self, node: ast.BinOp):
+        left = node.left
+        if isinstance(left, ast.Subscript):
+            weight = self._Subscript(left)
+        elif isinstance(left, ast.Name) and left.id in self.params:
+            weight = self.params[left.id]
+        else:
+            got = self.snippet(left)
+            hint = suggest(got, self.params) if isinstance(left, ast.Name) else ""
+            raise self.fail(left, f"the left of @ must be a parameter matrix declared in [params], got '{got}'{hint}")
+        right = node.right
+        if isinstance(right, ast.Tuple):
+            if not right.elts:
+                raise self.fail(right, "W @ (): the concatenation is empty")
+            return weight @ tuple(self.build(v) for v in right.elts)
+        return weight @ self.build(right)
+
+    def _Subscript(self, node: ast.Subscript):
+        if not (isinstance(node.value, ast.Name) and node.value.id in self.params):
+            raise self.fail(node, f"'{self.snippet(node)}': only a parameter with row blocks can be indexed, as W[k]")
+        index = node.slice
+        if not (isinstance(index, ast.Constant) and isinstance(index.value, int) and not isinstance(index.value, bool)):
+            raise self.fail(node, f"'{self.snippet(node)}': a row block is chosen by an integer, as W[0]")
+        return self.params[node.value.id][index.value]
+
+    def _Tuple(self, node: ast.Tuple):
+        raise self.fail(node, f"'{self.snippet(node)}': a tuple (a, b) is only allowed after @, as W @ (a, b) (concatenation)")
+
+    def _Call(self, node: ast.Call):
+        func = node.func
+        if not isinstance(func, ast.Name):
+            raise self.fail(node, f"'{self.snippet(func)}' cannot be called; the functions are " + ", ".join(OPS))
+        name = func.id
+        if name in NONDIFFERENTIABLE:
+            raise self.fail(node, f"{NONDIFFERENTIABLE[name]} (a gradient is needed here)")
+        if name not in OPS:
+            raise self.fail(node, f"function '{name}' is not allowed (allowed: {', '.join(OPS)}){suggest(name, OPS)}")
+        if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+            raise self.fail(node, f"{name}(...) takes exactly one argument")
+        return OPS[name](self.build(node.args[0]))
