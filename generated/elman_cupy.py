@@ -101,9 +101,7 @@ def forward(params, x, state0=None):
         "y": s_proj_seq,
     }
     cache = {"params": p, "x": x, "dims": dims}
-    cache["s_proj_seq"] = s_proj_seq
     cache["s_seq"] = s_seq
-    cache["x_proj_seq"] = x_proj_seq
     return outputs, cache
 
 
@@ -116,9 +114,7 @@ def backward(params, cache, grad_outputs):
     U = p["U"]
     W = p["W"]
     V = p["V"]
-    s_proj_seq = cache["s_proj_seq"]
     s_seq = cache["s_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     d_s_seq = _seed(grad_outputs, "s", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
     d_U = cp.zeros_like(U)

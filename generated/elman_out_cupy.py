@@ -110,9 +110,7 @@ def forward(params, x, state0=None):
         "y": y_seq,
     }
     cache = {"params": p, "x": x, "dims": dims}
-    cache["h_proj_seq"] = h_proj_seq
     cache["h_seq"] = h_seq
-    cache["x_proj_seq"] = x_proj_seq
     cache["y_seq"] = y_seq
     return outputs, cache
 
@@ -128,9 +126,7 @@ def backward(params, cache, grad_outputs):
     b_h = p["b_h"]
     W_y = p["W_y"]
     b_y = p["b_y"]
-    h_proj_seq = cache["h_proj_seq"]
     h_seq = cache["h_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)

@@ -116,7 +116,6 @@ def forward(params, x, state0=None):
     cache["h_seq"] = h_seq
     cache["h_tilde_seq"] = h_tilde_seq
     cache["r_seq"] = r_seq
-    cache["x_proj_seq"] = x_proj_seq
     cache["z_seq"] = z_seq
     return outputs, cache
 
@@ -137,7 +136,6 @@ def backward(params, cache, grad_outputs):
     h_seq = cache["h_seq"]
     h_tilde_seq = cache["h_tilde_seq"]
     r_seq = cache["r_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_W_rz = cp.zeros_like(W_rz)

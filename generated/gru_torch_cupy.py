@@ -108,7 +108,6 @@ def forward(params, x, state0=None):
     cache["n_seq"] = n_seq
     cache["r_seq"] = r_seq
     cache["weight_hh_l0_2_h_prev_seq"] = weight_hh_l0_2_h_prev_seq
-    cache["x_proj_seq"] = x_proj_seq
     cache["z_seq"] = z_seq
     return outputs, cache
 
@@ -127,7 +126,6 @@ def backward(params, cache, grad_outputs):
     n_seq = cache["n_seq"]
     r_seq = cache["r_seq"]
     weight_hh_l0_2_h_prev_seq = cache["weight_hh_l0_2_h_prev_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_weight_ih_l0 = cp.zeros_like(weight_ih_l0)

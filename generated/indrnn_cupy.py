@@ -94,7 +94,6 @@ def forward(params, x, state0=None):
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["h_seq"] = h_seq
-    cache["x_proj_seq"] = x_proj_seq
     return outputs, cache
 
 
@@ -108,7 +107,6 @@ def backward(params, cache, grad_outputs):
     u = p["u"]
     b = p["b"]
     h_seq = cache["h_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_W = cp.zeros_like(W)
     d_u = cp.zeros_like(u)

@@ -145,13 +145,10 @@ def forward(params, x, state0=None):
     cache["c_seq"] = c_seq
     cache["f_seq"] = f_seq
     cache["g_seq"] = g_seq
-    cache["h_proj_seq"] = h_proj_seq
     cache["h_seq"] = h_seq
     cache["i_seq"] = i_seq
     cache["o_seq"] = o_seq
     cache["tanh_c_seq"] = tanh_c_seq
-    cache["x_proj_seq"] = x_proj_seq
-    cache["y_seq"] = y_seq
     return outputs, cache
 
 
@@ -176,13 +173,10 @@ def backward(params, cache, grad_outputs):
     c_seq = cache["c_seq"]
     f_seq = cache["f_seq"]
     g_seq = cache["g_seq"]
-    h_proj_seq = cache["h_proj_seq"]
     h_seq = cache["h_seq"]
     i_seq = cache["i_seq"]
     o_seq = cache["o_seq"]
     tanh_c_seq = cache["tanh_c_seq"]
-    x_proj_seq = cache["x_proj_seq"]
-    y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)

@@ -133,7 +133,6 @@ def forward(params, x, state0=None):
     cache["i_seq"] = i_seq
     cache["o_seq"] = o_seq
     cache["tanh_c_seq"] = tanh_c_seq
-    cache["x_proj_seq"] = x_proj_seq
     return outputs, cache
 
 
@@ -160,7 +159,6 @@ def backward(params, cache, grad_outputs):
     i_seq = cache["i_seq"]
     o_seq = cache["o_seq"]
     tanh_c_seq = cache["tanh_c_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
     d_W_fx = cp.zeros_like(W_fx)

@@ -117,7 +117,6 @@ def forward(params, x, state0=None):
     cache["i_seq"] = i_seq
     cache["o_seq"] = o_seq
     cache["tanh_c_seq"] = tanh_c_seq
-    cache["x_proj_seq"] = x_proj_seq
     return outputs, cache
 
 
@@ -138,7 +137,6 @@ def backward(params, cache, grad_outputs):
     i_seq = cache["i_seq"]
     o_seq = cache["o_seq"]
     tanh_c_seq = cache["tanh_c_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype)
     d_weight_ih_l0 = cp.zeros_like(weight_ih_l0)

@@ -126,11 +126,8 @@ def forward(params, x, state0=None):
     cache["W_h_in0_seq"] = W_h_in0_seq
     cache["W_stack_x"] = W_stack_x
     cache["f_seq"] = f_seq
-    cache["h_proj_seq"] = h_proj_seq
     cache["h_seq"] = h_seq
     cache["h_tilde_seq"] = h_tilde_seq
-    cache["x_proj_seq"] = x_proj_seq
-    cache["y_seq"] = y_seq
     return outputs, cache
 
 
@@ -149,11 +146,8 @@ def backward(params, cache, grad_outputs):
     W_h_in0_seq = cache["W_h_in0_seq"]
     W_stack_x = cache["W_stack_x"]
     f_seq = cache["f_seq"]
-    h_proj_seq = cache["h_proj_seq"]
     h_seq = cache["h_seq"]
     h_tilde_seq = cache["h_tilde_seq"]
-    x_proj_seq = cache["x_proj_seq"]
-    y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)
     d_W_f = cp.zeros_like(W_f)

@@ -114,10 +114,8 @@ def forward(params, x, state0=None):
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["W_stack_x"] = W_stack_x
-    cache["h_proj_seq"] = h_proj_seq
     cache["h_seq"] = h_seq
     cache["h_tilde_seq"] = h_tilde_seq
-    cache["x_proj_seq"] = x_proj_seq
     cache["z_seq"] = z_seq
     return outputs, cache
 
@@ -134,10 +132,8 @@ def backward(params, cache, grad_outputs):
     b_h = p["b_h"]
     V = p["V"]
     W_stack_x = cache["W_stack_x"]
-    h_proj_seq = cache["h_proj_seq"]
     h_seq = cache["h_seq"]
     h_tilde_seq = cache["h_tilde_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype)

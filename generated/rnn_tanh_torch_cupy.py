@@ -98,7 +98,6 @@ def forward(params, x, state0=None):
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["h_seq"] = h_seq
-    cache["x_proj_seq"] = x_proj_seq
     return outputs, cache
 
 
@@ -113,7 +112,6 @@ def backward(params, cache, grad_outputs):
     bias_ih_l0 = p["bias_ih_l0"]
     bias_hh_l0 = p["bias_hh_l0"]
     h_seq = cache["h_seq"]
-    x_proj_seq = cache["x_proj_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_weight_ih_l0 = cp.zeros_like(weight_ih_l0)
     d_weight_hh_l0 = cp.zeros_like(weight_hh_l0)

@@ -108,7 +108,6 @@ def forward(params, x, state0=None):
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["h_seq"] = h_seq
-    cache["y_seq"] = y_seq
     return outputs, cache
 
 
@@ -124,7 +123,6 @@ def backward(params, cache, grad_outputs):
     u = p["u"]
     d = p["d"]
     h_seq = cache["h_seq"]
-    y_seq = cache["y_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, 1), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, 1), dtype)
     d_w = cp.zeros_like(w)

@@ -32,16 +32,6 @@ __all__ = ["build", "render_numpy", "render_cupy", "render_cuda", "load_module",
 #: backend name -> renderer (KernelPlan -> module source)
 BACKENDS = ("numpy", "cupy")
 
-def _template_loader() -> jinja2.BaseLoader:
-    """The templates of this source checkout if it is one, else the installed package's.
-
-    (An editable install maps ``symrnn.templates`` to one checkout's ``templates/``;
-    a second checkout or worktree run from its own folder must use its own.)"""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "numpy_module.py.j2").is_file():
-        return jinja2.FileSystemLoader(checkout / "templates")
-    return jinja2.PackageLoader("symrnn.templates", "")
-
 
 def _template_loader() -> jinja2.BaseLoader:
     """The templates of this source checkout if it is one, else the installed package's.

@@ -248,6 +248,8 @@ class _Emitter:
         self.setup()
         self.forward()
         self.backward()
+        read = set(re.findall(r"\b\w+\b", "\n".join(line.split("#")[0] for line in self.m.backward)))
+        self.m.cache_names = [name for name in self.m.cache_names if name in read]  # only what backward reads
         ops = set()
         for n in self.g.nodes:
             if isinstance(n, Pointwise):
