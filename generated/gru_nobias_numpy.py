@@ -82,8 +82,11 @@ def forward(params, x, state0=None):
     W_hh = p["W_hh"]
     W_stack_x = np.concatenate([W_zx, W_rx, W_hx], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_zh, W_rh], axis=0)  # stacked: one GEMM for 2 products
+    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
+    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
+    W_hh_T = np.ascontiguousarray(W_hh.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_zx_x, W_rx_x, W_hx_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 3*n_hidden)  # W_zx_x, W_rx_x, W_hx_x
     W_hx_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
@@ -95,7 +98,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_zh_h_prev, W_rh_h_prev
+        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_zh_h_prev, W_rh_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj *= 0.5  # eq:gru_nobias:z, eq:gru_nobias:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -105,7 +108,7 @@ def forward(params, x, state0=None):
         r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_hh_in0 = W_hh_in0_seq[t]
         np.multiply(h_prev, r, out=W_hh_in0)  # eq:gru_nobias:h_tilde
-        W_hh_W_hh_in0 = W_hh_in0 @ W_hh.T  # W_hh_W_hh_in0
+        W_hh_W_hh_in0 = W_hh_in0 @ W_hh_T  # W_hh_W_hh_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t], out=h_tilde)  # eq:gru_nobias:h_tilde
         h = h_seq[t + 1]

@@ -78,8 +78,11 @@ def forward(params, x, state0=None):
     b_rz_1 = b_rz[n_hidden:2*n_hidden]
     W_stack_x = np.concatenate([W_rz[:n_hidden, n_hidden:n_hidden + n_in], W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in], W_h[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_rz[:n_hidden, :n_hidden], W_rz[n_hidden:2*n_hidden, :n_hidden]], axis=0)  # stacked: one GEMM for 2 products
+    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
+    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
+    W_W_h_in0_proj_T = np.ascontiguousarray(W_h[:, :n_hidden].T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
     W_h_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     x_proj_seq[..., :n_hidden] += b_rz_0  # the biases of z, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += b_rz_1  # the biases of r, for every step at once
@@ -94,7 +97,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
+        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj *= 0.5  # eq:gru:z, eq:gru:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -104,7 +107,7 @@ def forward(params, x, state0=None):
         r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_h_in0 = W_h_in0_seq[t]
         np.multiply(h_prev, r, out=W_h_in0)  # eq:gru:h_tilde
-        W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T  # W_h_W_h_in0
+        W_h_W_h_in0 = W_h_in0 @ W_W_h_in0_proj_T  # W_h_W_h_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_h_W_h_in0 + W_h_x_seq[t], out=h_tilde)  # eq:gru:h_tilde
         h = h_seq[t + 1]

@@ -80,8 +80,10 @@ def forward(params, x, state0=None):
     bias_ih_l0_1 = bias_ih_l0[n_hidden:2*n_hidden]
     bias_hh_l0_2 = bias_hh_l0[2*n_hidden:3*n_hidden]
     bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
+    weight_ih_l0_T = np.ascontiguousarray(weight_ih_l0.T)
+    weight_hh_l0_T = np.ascontiguousarray(weight_hh_l0.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
+    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0_T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     x_proj_seq[..., :n_hidden] += bias_hh_l0_0 + bias_ih_l0_0  # the biases of r, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += bias_hh_l0_1 + bias_ih_l0_1  # the biases of z, for every step at once
@@ -96,7 +98,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
+        np.matmul(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj[:, :2*n_hidden] *= 0.5  # eq:gru_torch:r, eq:gru_torch:z  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj[:, :2*n_hidden], out=h_prev_proj[:, :2*n_hidden])

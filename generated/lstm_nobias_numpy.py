@@ -90,8 +90,10 @@ def forward(params, x, state0=None):
     W_oh = p["W_oh"]
     W_stack_x = np.concatenate([W_fx, W_ix, W_cx, W_ox], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_fh, W_ih, W_ch, W_oh], axis=0)  # stacked: one GEMM for 4 products
+    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
+    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
@@ -108,7 +110,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
+        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)

@@ -99,8 +99,10 @@ def forward(params, x, state0=None):
     b_o = p["b_o"]
     W_stack_x = np.concatenate([W_i[:, n_hidden:n_hidden + n_in], W_f[:, n_hidden:n_hidden + n_in], W_g[:, n_hidden:n_hidden + n_in], W_o[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_i[:, :n_hidden], W_f[:, :n_hidden], W_g[:, :n_hidden], W_o[:, :n_hidden]], axis=0)  # stacked: one GEMM for 4 products
+    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
+    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_i_x, W_f_x, W_g_x, W_o_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 4*n_hidden)  # W_i_x, W_f_x, W_g_x, W_o_x
     x_proj_seq[..., :n_hidden] += b_i  # the biases of i, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += b_f  # the biases of f, for every step at once
     x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_g  # the biases of g, for every step at once
@@ -119,7 +121,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_step
-        np.matmul(h_prev, W_stack_h_prev.T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
+        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj[:, 2*n_hidden:3*n_hidden], out=h_prev_proj[:, 2*n_hidden:3*n_hidden])  # eq:lstm_peephole:g
         pre_i = h_prev_proj[:, :n_hidden]

@@ -84,8 +84,10 @@ def forward(params, x, state0=None):
     bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
     bias_hh_l0_3 = bias_hh_l0[3*n_hidden:4*n_hidden]
     bias_ih_l0_3 = bias_ih_l0[3*n_hidden:4*n_hidden]
+    weight_ih_l0_T = np.ascontiguousarray(weight_ih_l0.T)
+    weight_hh_l0_T = np.ascontiguousarray(weight_hh_l0.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 4*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x, weight_ih_l0_3_x
+    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0_T).reshape(T, B, 4*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x, weight_ih_l0_3_x
     x_proj_seq[..., :n_hidden] += bias_hh_l0_0 + bias_ih_l0_0  # the biases of i, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += bias_hh_l0_1 + bias_ih_l0_1  # the biases of f, for every step at once
     x_proj_seq[..., 2*n_hidden:3*n_hidden] += bias_hh_l0_2 + bias_ih_l0_2  # the biases of g, for every step at once
@@ -106,7 +108,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, weight_hh_l0.T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
+        np.matmul(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)

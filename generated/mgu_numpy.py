@@ -84,8 +84,12 @@ def forward(params, x, state0=None):
     V = p["V"]
     b_y = p["b_y"]
     W_stack_x = np.concatenate([W_f[:, n_hidden:n_hidden + n_in], W_h[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 2 products
+    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
+    W_h_prev_proj_T = np.ascontiguousarray(W_f[:, :n_hidden].T)
+    W_W_h_in0_proj_T = np.ascontiguousarray(W_h[:, :n_hidden].T)
+    V_T = np.ascontiguousarray(V.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 2*n_hidden)  # W_f_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 2*n_hidden)  # W_f_x, W_h_x
     W_h_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     x_proj_seq[..., :n_hidden] += b_f  # the biases of f, for every step at once
     x_proj_seq[..., n_hidden:2*n_hidden] += b_h  # the biases of h_tilde, for every step at once
@@ -98,7 +102,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_f[:, :n_hidden].T, out=h_prev_proj)  # W_f_h_prev
+        np.matmul(h_prev, W_h_prev_proj_T, out=h_prev_proj)  # W_f_h_prev
         h_prev_proj[:, :n_hidden] += x_proj_seq[t, :, :n_hidden]
         h_prev_proj *= 0.5  # eq:mgu:f  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -107,13 +111,13 @@ def forward(params, x, state0=None):
         f = h_prev_proj[:, :n_hidden]
         W_h_in0 = W_h_in0_seq[t]
         np.multiply(f, h_prev, out=W_h_in0)  # eq:mgu:h_tilde
-        W_h_W_h_in0 = W_h_in0 @ W_h[:, :n_hidden].T  # W_h_W_h_in0
+        W_h_W_h_in0 = W_h_in0 @ W_W_h_in0_proj_T  # W_h_W_h_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_h_W_h_in0 + W_h_x_seq[t], out=h_tilde)  # eq:mgu:h_tilde
         h = h_seq[t + 1]
         np.add(f*h_tilde, h_prev*(1 - f), out=h)  # eq:mgu:h
     # readout, every step at once
-    V_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # V_h
+    V_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ V_T).reshape(T, B, n_out)  # V_h
     y_seq = V_h_seq + b_y  # eq:mgu:y
     outputs = {
         "h": h_seq[1:],

@@ -200,7 +200,7 @@ class _LoopFusion:
         slots, buf = info["slots"], grp.name
         out.append(f"{buf} = {info['dest']}")
         labels = ", ".join(s["member"].name for s in slots)
-        out.append(f"np.matmul({e.ref(grp.operand, 'loop')}, {e.weights[grp.name]}.T, out={buf})  # {labels}")
+        out.append(f"np.matmul({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={buf})  # {labels}")
         pre = {s["pre"].name for s in slots if s["pre"] is not None}
         whole = f"{buf}[:, {{}}]"
         for run in _runs([s for s in slots if s["pre"] is not None]):
@@ -289,6 +289,7 @@ class _Emitter:
         self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
         self.coef_refs: dict[str, str] = {}  # coefficient buffer -> its value at step t
         self.fresh_names: set[str] = set()
+        self.transposes: dict[str, str] = {}  # weight code -> its contiguous transpose
 
     # -- names in each context ----------------------------------------------------
     def ref(self, name: str, ctx: str) -> str:
@@ -382,6 +383,17 @@ class _Emitter:
             return mv.param
         return f"{mv.param}[{rows or ':'}{', ' + cols if cols else ''}]"
 
+    def transposed(self, group: GemmGroup) -> str:
+        """W^T of a forward product as a contiguous array, made once per call: OpenBLAS
+        multiplies by it faster than by the transposed view (up to 1.4x for one step's
+        float32 product at B=32, H=256; benchmarks/RESULTS.md)."""
+        w = self.weights[group.name]
+        if w not in self.transposes:
+            stem = (w if w.isidentifier() else f"W_{group.name}") + "_T"
+            self.transposes[w] = self.fresh(stem)
+            self.m.stacks.append(f"{self.transposes[w]} = np.ascontiguousarray({w}.T)")
+        return self.transposes[w]
+
     def stack(self, group: GemmGroup) -> str:
         if group.whole_param:
             return group.whole_param
@@ -399,9 +411,9 @@ class _Emitter:
         suffix = "" if ctx == "loop" else "_seq"
         labels = ", ".join(mv.name for mv in group.members)
         if ctx == "loop":
-            product = f"{operand} @ {w}.T"
+            product = f"{operand} @ {self.transposed(group)}"
         else:
-            product = steps_matmul(operand, dim(self.g.size(group.operand)), f"{w}.T", dim(group.rows))
+            product = steps_matmul(operand, dim(self.g.size(group.operand)), self.transposed(group), dim(group.rows))
         if len(group.members) == 1:
             out.append(f"{group.members[0].name}{suffix} = {product}  # {labels}")
         else:
