@@ -157,9 +157,9 @@ def gemm_impl(cell, size, dtype_name):
     rng = np.random.default_rng(2)
     r = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     w_ih, w_hh = r(G * H, I), r(G * H, H)
-    # forward multiplies by contiguous transposes (OpenBLAS is faster with them than
-    # with transposed views; the generated modules make them once per call too)
-    w_ih_t, w_hh_t = np.ascontiguousarray(w_ih.T), np.ascontiguousarray(w_hh.T)
+    # the per-step products multiply by a contiguous W_hh^T (OpenBLAS is faster with it
+    # than with the transposed view; the generated modules make it once per call too)
+    w_hh_t = np.ascontiguousarray(w_hh.T)
     x2 = r(T * B, I)                 # x, all steps
     h_seq = r(T, B, H)               # h_prev of every step
     d_proj = r(T, B, G * H)          # gate pre-activation adjoints of every step
@@ -174,7 +174,7 @@ def gemm_impl(cell, size, dtype_name):
 
     def step():
         t0 = time.perf_counter()
-        np.matmul(x2, w_ih_t, out=out_xproj)                 # (T*B, I) x (I, G*H)
+        np.matmul(x2, w_ih.T, out=out_xproj)                 # (T*B, I) x (I, G*H)
         for t in range(T):
             np.matmul(h_seq[t], w_hh_t, out=out_hproj)       # (B, H) x (H, G*H)
         t1 = time.perf_counter()
@@ -838,8 +838,8 @@ Cells `rnn_tanh_torch`, `lstm_torch`, `gru_torch` (the generated modules follow 
   Forward: one input projection (T*B, I) x (I, G*H) and T recurrent products (B, H) x (H, G*H).
   Backward: T recurrent products (B, G*H) x (G*H, H), one input-gradient product
   (T*B, G*H) x (G*H, I) and two weight-gradient products (G*H, T*B) x (T*B, I) and
-  (G*H, T*B) x (T*B, H); the forward products multiply by contiguous copies of W^T (made outside
-  the timing), the layout the generated modules use. Elementwise gate arithmetic, bias sums and allocations are not in it, so
+  (G*H, T*B) x (T*B, H); the per-step forward products multiply by a contiguous copy of W_hh^T
+  (made outside the timing), the layout the generated modules use. Elementwise gate arithmetic, bias sums and allocations are not in it, so
   it is a lower bound for the NumPy module (torch uses MKL/oneDNN instead of OpenBLAS and can go
   below it).
 - **Protocol:** per configuration, one warm-up round (first calls; it also fixes how many calls one

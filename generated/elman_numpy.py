@@ -73,11 +73,9 @@ def forward(params, x, state0=None):
     U = p["U"]
     W = p["W"]
     V = p["V"]
-    U_T = np.ascontiguousarray(U.T)
     W_T = np.ascontiguousarray(W.T)
-    V_T = np.ascontiguousarray(V.T)
     # input side, every step at once
-    U_x_seq = (x.reshape(-1, n_in) @ U_T).reshape(T, B, n_hidden)  # U_x
+    U_x_seq = (x.reshape(-1, n_in) @ U.T).reshape(T, B, n_hidden)  # U_x
     s_seq = np.empty((T + 1, B, n_hidden), dtype)
     s_seq[0] = state0["s"]
     s_prev_proj_step = np.empty((B, n_hidden), dtype)
@@ -91,7 +89,7 @@ def forward(params, x, state0=None):
         s = s_seq[t + 1]
         np.tanh(z, out=s)  # eq:elman:s
     # readout, every step at once
-    y_seq = (s_seq[1:].reshape(-1, n_hidden) @ V_T).reshape(T, B, n_out)  # y
+    y_seq = (s_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # y
     outputs = {
         "s": s_seq[1:],
         "y": y_seq,

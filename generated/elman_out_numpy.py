@@ -78,11 +78,9 @@ def forward(params, x, state0=None):
     b_h = p["b_h"]
     W_y = p["W_y"]
     b_y = p["b_y"]
-    W_x_T = np.ascontiguousarray(W_x.T)
     W_h_T = np.ascontiguousarray(W_h.T)
-    W_y_T = np.ascontiguousarray(W_y.T)
     # input side, every step at once
-    W_x_x_seq = (x.reshape(-1, n_in) @ W_x_T).reshape(T, B, n_hidden)  # W_x_x
+    W_x_x_seq = (x.reshape(-1, n_in) @ W_x.T).reshape(T, B, n_hidden)  # W_x_x
     W_x_x_seq += b_h  # the biases of h, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
@@ -93,7 +91,7 @@ def forward(params, x, state0=None):
         h_prev_proj += W_x_x_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj, out=h_prev_proj)  # eq:elman_out:h
     # readout, every step at once
-    W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y_T).reshape(T, B, n_out)  # W_y_h
+    W_y_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ W_y.T).reshape(T, B, n_out)  # W_y_h
     y_seq = np.tanh(W_y_h_seq + b_y)  # eq:elman_out:y
     outputs = {
         "h": h_seq[1:],

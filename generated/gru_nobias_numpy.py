@@ -82,11 +82,10 @@ def forward(params, x, state0=None):
     W_hh = p["W_hh"]
     W_stack_x = np.concatenate([W_zx, W_rx, W_hx], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_zh, W_rh], axis=0)  # stacked: one GEMM for 2 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
     W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     W_hh_T = np.ascontiguousarray(W_hh.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 3*n_hidden)  # W_zx_x, W_rx_x, W_hx_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_zx_x, W_rx_x, W_hx_x
     W_hx_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]

@@ -78,15 +78,12 @@ def forward(params, x, state0=None):
     b_rz_1 = b_rz[n_hidden:2*n_hidden]
     W_stack_x = np.concatenate([W_rz[:n_hidden, n_hidden:n_hidden + n_in], W_rz[n_hidden:2*n_hidden, n_hidden:n_hidden + n_in], W_h[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 3 products
     W_stack_h_prev = np.concatenate([W_rz[:n_hidden, :n_hidden], W_rz[n_hidden:2*n_hidden, :n_hidden]], axis=0)  # stacked: one GEMM for 2 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
     W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     W_W_h_in0_proj_T = np.ascontiguousarray(W_h[:, :n_hidden].T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 3*n_hidden)  # W_rz_0_x, W_rz_1_x, W_h_x
     W_h_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
-    x_proj_seq[..., :n_hidden] += b_rz_0  # the biases of z, for every step at once
-    x_proj_seq[..., n_hidden:2*n_hidden] += b_rz_1  # the biases of r, for every step at once
-    x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_h  # the biases of h_tilde, for every step at once
+    x_proj_seq += np.concatenate([b_rz_0, b_rz_1, b_h])  # the biases of z, r, h_tilde, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)  # z, r

@@ -80,14 +80,11 @@ def forward(params, x, state0=None):
     bias_ih_l0_1 = bias_ih_l0[n_hidden:2*n_hidden]
     bias_hh_l0_2 = bias_hh_l0[2*n_hidden:3*n_hidden]
     bias_ih_l0_2 = bias_ih_l0[2*n_hidden:3*n_hidden]
-    weight_ih_l0_T = np.ascontiguousarray(weight_ih_l0.T)
     weight_hh_l0_T = np.ascontiguousarray(weight_hh_l0.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0_T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
+    x_proj_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, 3*n_hidden)  # weight_ih_l0_0_x, weight_ih_l0_1_x, weight_ih_l0_2_x
     weight_ih_l0_2_x_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
-    x_proj_seq[..., :n_hidden] += bias_hh_l0_0 + bias_ih_l0_0  # the biases of r, for every step at once
-    x_proj_seq[..., n_hidden:2*n_hidden] += bias_hh_l0_1 + bias_ih_l0_1  # the biases of z, for every step at once
-    x_proj_seq[..., 2*n_hidden:3*n_hidden] += bias_ih_l0_2  # the biases of n, for every step at once
+    x_proj_seq += np.concatenate([bias_hh_l0_0 + bias_ih_l0_0, bias_hh_l0_1 + bias_ih_l0_1, bias_ih_l0_2])  # the biases of r, z, n, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     h_prev_proj_seq = np.empty((T, B, 3*n_hidden), dtype)  # r, z, weight_hh_l0_2_h_prev

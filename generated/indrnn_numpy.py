@@ -68,9 +68,8 @@ def forward(params, x, state0=None):
     W = p["W"]
     u = p["u"]
     b = p["b"]
-    W_T = np.ascontiguousarray(W.T)
     # input side, every step at once
-    W_x_seq = (x.reshape(-1, n_in) @ W_T).reshape(T, B, n_hidden)  # W_x
+    W_x_seq = (x.reshape(-1, n_in) @ W.T).reshape(T, B, n_hidden)  # W_x
     W_x_seq += b  # the biases of h, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]

@@ -90,10 +90,9 @@ def forward(params, x, state0=None):
     W_oh = p["W_oh"]
     W_stack_x = np.concatenate([W_fx, W_ix, W_cx, W_ox], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_fh, W_ih, W_ch, W_oh], axis=0)  # stacked: one GEMM for 4 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
     W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_fx_x, W_ix_x, W_cx_x, W_ox_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)

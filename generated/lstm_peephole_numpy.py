@@ -99,14 +99,10 @@ def forward(params, x, state0=None):
     b_o = p["b_o"]
     W_stack_x = np.concatenate([W_i[:, n_hidden:n_hidden + n_in], W_f[:, n_hidden:n_hidden + n_in], W_g[:, n_hidden:n_hidden + n_in], W_o[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 4 products
     W_stack_h_prev = np.concatenate([W_i[:, :n_hidden], W_f[:, :n_hidden], W_g[:, :n_hidden], W_o[:, :n_hidden]], axis=0)  # stacked: one GEMM for 4 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
     W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 4*n_hidden)  # W_i_x, W_f_x, W_g_x, W_o_x
-    x_proj_seq[..., :n_hidden] += b_i  # the biases of i, for every step at once
-    x_proj_seq[..., n_hidden:2*n_hidden] += b_f  # the biases of f, for every step at once
-    x_proj_seq[..., 2*n_hidden:3*n_hidden] += b_g  # the biases of g, for every step at once
-    x_proj_seq[..., 3*n_hidden:4*n_hidden] += b_o  # the biases of o, for every step at once
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 4*n_hidden)  # W_i_x, W_f_x, W_g_x, W_o_x
+    x_proj_seq += np.concatenate([b_i, b_f, b_g, b_o])  # the biases of i, f, g, o, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)

@@ -84,15 +84,12 @@ def forward(params, x, state0=None):
     V = p["V"]
     b_y = p["b_y"]
     W_stack_x = np.concatenate([W_f[:, n_hidden:n_hidden + n_in], W_h[:, n_hidden:n_hidden + n_in]], axis=0)  # stacked: one GEMM for 2 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
     W_h_prev_proj_T = np.ascontiguousarray(W_f[:, :n_hidden].T)
     W_W_h_in0_proj_T = np.ascontiguousarray(W_h[:, :n_hidden].T)
-    V_T = np.ascontiguousarray(V.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 2*n_hidden)  # W_f_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 2*n_hidden)  # W_f_x, W_h_x
     W_h_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
-    x_proj_seq[..., :n_hidden] += b_f  # the biases of f, for every step at once
-    x_proj_seq[..., n_hidden:2*n_hidden] += b_h  # the biases of h_tilde, for every step at once
+    x_proj_seq += np.concatenate([b_f, b_h])  # the biases of f, h_tilde, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)  # f
@@ -117,7 +114,7 @@ def forward(params, x, state0=None):
         h = h_seq[t + 1]
         np.add(f*h_tilde, h_prev*(1 - f), out=h)  # eq:mgu:h
     # readout, every step at once
-    V_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ V_T).reshape(T, B, n_out)  # V_h
+    V_h_seq = (h_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # V_h
     y_seq = V_h_seq + b_y  # eq:mgu:y
     outputs = {
         "h": h_seq[1:],

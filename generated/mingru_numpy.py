@@ -81,10 +81,8 @@ def forward(params, x, state0=None):
     b_h = p["b_h"]
     V = p["V"]
     W_stack_x = np.concatenate([W_z, W_h], axis=0)  # stacked: one GEMM for 2 products
-    W_stack_x_T = np.ascontiguousarray(W_stack_x.T)
-    V_T = np.ascontiguousarray(V.T)
     # input side, every step at once
-    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x_T).reshape(T, B, 2*n_hidden)  # W_z_x, W_h_x
+    x_proj_seq = (x.reshape(-1, n_in) @ W_stack_x.T).reshape(T, B, 2*n_hidden)  # W_z_x, W_h_x
     W_z_x_seq = x_proj_seq[..., :n_hidden]
     W_h_x_seq = x_proj_seq[..., n_hidden:2*n_hidden]
     z_seq = (0.5 * np.tanh(0.5 * (W_z_x_seq + b_z)) + 0.5)  # eq:mingru:z
@@ -96,7 +94,7 @@ def forward(params, x, state0=None):
         h = h_seq[t + 1]
         np.add(h_prev*(1 - z_seq[t]), h_tilde_seq[t]*z_seq[t], out=h)  # eq:mingru:h
     # readout, every step at once
-    y_seq = (h_seq[1:].reshape(-1, n_hidden) @ V_T).reshape(T, B, n_out)  # y
+    y_seq = (h_seq[1:].reshape(-1, n_hidden) @ V.T).reshape(T, B, n_out)  # y
     outputs = {
         "h": h_seq[1:],
         "y": y_seq,

@@ -73,10 +73,9 @@ def forward(params, x, state0=None):
     bias_hh_l0 = p["bias_hh_l0"]
     bias_hh_l0_0 = bias_hh_l0[:n_hidden]
     bias_ih_l0_0 = bias_ih_l0[:n_hidden]
-    weight_ih_l0_T = np.ascontiguousarray(weight_ih_l0.T)
     weight_hh_l0_T = np.ascontiguousarray(weight_hh_l0.T)
     # input side, every step at once
-    weight_ih_l0_0_x_seq = (x.reshape(-1, n_in) @ weight_ih_l0_T).reshape(T, B, n_hidden)  # weight_ih_l0_0_x
+    weight_ih_l0_0_x_seq = (x.reshape(-1, n_in) @ weight_ih_l0.T).reshape(T, B, n_hidden)  # weight_ih_l0_0_x
     weight_ih_l0_0_x_seq += bias_hh_l0_0 + bias_ih_l0_0  # the biases of h, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]

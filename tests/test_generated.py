@@ -64,7 +64,7 @@ def test_kernel_plan_one_gemm_per_step(cell_name):
     source = rendered(cell_name)
     forward, backward = _function(source, "forward"), _function(source, "backward")
     before_loop = forward.split("for t in range(T):")[0]
-    assert re.search(r"\(x\.reshape\(-1, n_in\) @ \w+_T\)\.reshape\(T, B, ", before_loop), "input projection is not one hoisted GEMM"
+    assert re.search(r"\(x\.reshape\(-1, n_in\) @ \w+\.T\)\.reshape\(T, B, ", before_loop), "input projection is not one hoisted GEMM"
     assert _gemms(_loop(forward, "for t in range(T):")) == 1
     header = _backward_loop_header(backward)
     assert _gemms(_loop(backward, header)) == 1

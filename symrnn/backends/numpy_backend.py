@@ -122,6 +122,7 @@ class _LoopFusion:
             return len(consumers) == 1 and consumers[0].name == node.name and name not in needed
 
         # 1. biases into the input-side products
+        folds: dict[str, dict[str, tuple]] = {}  # input-side group -> member -> (offset, consumer, bias code)
         for node in loop_pointwise:
             for add in sympy.preorder_traversal(self.exprs[node.name]):
                 if not add.is_Add:
@@ -131,10 +132,23 @@ class _LoopFusion:
                 if len(products) == 1 and biases:
                     product = products[0].name
                     grp, off = pre_members[product]
-                    view = f"{grp.name}_seq[..., {_slice(off, g.node(product).size)}]" if len(grp.members) > 1 else f"{product}_seq"
-                    self.pre_lines.append(f"{view} += {numpy_code(sympy.Add(*biases), e.names('all'))}  # the biases of {node.name}, for every step at once")
+                    folds.setdefault(grp.name, {})[product] = (off, node.name, numpy_code(sympy.Add(*biases), e.names("all")))
                     self.exprs[node.name] = self.exprs[node.name].xreplace({add: add.func(*[a for a in add.args if a not in biases])})
                     break
+        for grp in (grp for st in plan.pre.stages for grp in st.groups if grp.name in folds):
+            fold = folds[grp.name]
+            if len(grp.members) == 1:
+                ((off, node, code),) = fold.values()
+                self.pre_lines.append(f"{grp.members[0].name}_seq += {code}  # the biases of {node}, for every step at once")
+            elif len(fold) == len(grp.members):  # one pass over the whole buffer
+                parts = ", ".join(fold[mv.name][2] for mv in grp.members)
+                nodes = ", ".join(fold[mv.name][1] for mv in grp.members)
+                self.pre_lines.append(f"{grp.name}_seq += np.concatenate([{parts}])  # the biases of {nodes}, for every step at once")
+            else:
+                for mv in grp.members:
+                    if mv.name in fold:
+                        off, node, code = fold[mv.name]
+                        self.pre_lines.append(f"{grp.name}_seq[..., {_slice(off, g.node(mv.name).size)}] += {code}  # the biases of {node}, for every step at once")
         # 2. and 3., per recurrent GEMM
         for stage in plan.loop.stages:
             for grp in stage.groups:
@@ -384,9 +398,10 @@ class _Emitter:
         return f"{mv.param}[{rows or ':'}{', ' + cols if cols else ''}]"
 
     def transposed(self, group: GemmGroup) -> str:
-        """W^T of a forward product as a contiguous array, made once per call: OpenBLAS
-        multiplies by it faster than by the transposed view (up to 1.4x for one step's
-        float32 product at B=32, H=256; benchmarks/RESULTS.md)."""
+        """W^T of a per-step product as a contiguous array, made once per call: OpenBLAS
+        multiplies one step's (B, H) by it faster than by the transposed view (up to
+        1.4x in float32 at B=32, H=256).  The copy costs ~7 ms for a 512 x 2048 float32
+        weight, so products done once (all steps in one GEMM) keep the view."""
         w = self.weights[group.name]
         if w not in self.transposes:
             stem = (w if w.isidentifier() else f"W_{group.name}") + "_T"
@@ -413,7 +428,7 @@ class _Emitter:
         if ctx == "loop":
             product = f"{operand} @ {self.transposed(group)}"
         else:
-            product = steps_matmul(operand, dim(self.g.size(group.operand)), self.transposed(group), dim(group.rows))
+            product = steps_matmul(operand, dim(self.g.size(group.operand)), f"{w}.T", dim(group.rows))  # once: a view
         if len(group.members) == 1:
             out.append(f"{group.members[0].name}{suffix} = {product}  # {labels}")
         else:
