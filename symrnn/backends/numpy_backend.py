@@ -199,7 +199,7 @@ class _LoopFusion:
         else:
             dest = f"{grp.name}_step"
             self.alloc_lines.append(f"{dest} = np.empty((B, {dim(grp.rows)}), dtype)")
-        self.groups[grp.name] = {"slots": slots, "dest": dest, "stored": stored, "single_state": single_state}
+        self.groups[grp.name] = {"slots": slots, "dest": dest, "single_state": single_state}
         for s in slots:
             if s["act"]:
                 self.computed.add(s["content"])
@@ -285,8 +285,7 @@ class _Emitter:
         self.weights: dict[str, str] = {}  # group name -> weight code
         self.alias: dict[str, str] = {}  # adjoint name -> the name holding the same value
         self.acc: dict[str, list[str]] = {}  # value -> names of the arrays its adjoint sums
-        self.group_buffers: dict[str, str] = {}  # loop adjoint buffer -> the group that owns it
-        self.buffer_signature: dict[str, tuple] = {}  # loop adjoint buffer -> the adjoints its slots hold
+        self.group_buffers: dict[str, tuple[str, tuple]] = {}  # loop adjoint buffer -> (owner group, adjoints of its slots)
         self.destination: dict[str, str] = {}  # loop adjoint -> its slot in an adjoint buffer
         self.in_place: set[str] = set()  # loop adjoints computed directly into their slot
         self.region_name = ""
@@ -298,7 +297,7 @@ class _Emitter:
         self.member_source: dict[str, tuple] = {}  # input-side product -> (loop group, offset) holding its adjoint
         self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
-        self.slots: dict[str, str] = {}  # loop adjoint name -> the buffer slice that stores it over all steps
+        self.slots: dict[str, tuple[str, str | None]] = {}  # loop adjoint -> (buffer over all steps, its columns there)
         self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
         self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
         self.coef_refs: dict[str, str] = {}  # coefficient buffer -> its value at step t
@@ -610,14 +609,14 @@ class _Emitter:
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
             if name not in self.slots:
                 raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
-            buf, _, cols = self.slots[name].partition("[...")
+            buf, cols = self.slots[name]
             if p.kind == "scalar":
-                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({self.slots[name]})")
+                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({buf}{f'[..., {cols}]' if cols else ''})")
                 continue
             if buf not in totals:
                 totals[buf] = self.fresh(f"{buf.removesuffix('_seq')}_sum")
                 self.m.backward_after.append(f"{totals[buf]} = np.sum({buf}, axis=(0, 1))  # over the steps and the batch")
-            self.m.backward_after.append(f"d_{p.name}{rows} += {totals[buf]}{'[' + cols.lstrip(', ') if cols else ''}")
+            self.m.backward_after.append(f"d_{p.name}{rows} += {totals[buf]}{f'[{cols}]' if cols else ''}")
 
     def fresh(self, stem: str) -> str:
         """``stem``, or ``stem_1``, ...: a name no value of the cell, its adjoint, buffer or
@@ -647,7 +646,7 @@ class _Emitter:
     def loop_bindings(self, lines: list[str]) -> list[str]:
         """Forward values the loop body reads, in graph order."""
         code = "\n".join(line.split("#")[0] for line in lines)  # comments cite labels, not values
-        used = set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*\b", code))
+        used = set(_words(code))
         names = []
         for s in self.g.states:
             if s.prev in used:
@@ -786,17 +785,17 @@ class _Emitter:
             expr = next(reduced)
             place(expr)
             name = _assigned(template)
-            lhs = template.split(" = {}", 1)[0] if " = {}" in template else None
-            if ctx == "loop" and lhs and lhs.endswith("]") and expr.is_Mul and len(expr.args) == 2:
-                a, b = (self.code(arg, ctx) for arg in expr.args)  # one product, into the buffer
-                out.append(f"np.multiply({a}, {b}, out={lhs}){template.split('{}', 1)[1]}")
-                continue
-            if ctx == "loop" and name in self.destination and expr.is_Mul and len(expr.args) == 2:
-                # one product, straight into the adjoint buffer's slot: no temporary, no copy
+            lhs = template.split(" = {}", 1)[0] if " = {}" in template else ""
+            target = lhs if lhs.endswith("]") else None  # a buffer slot (d_W_x_seq[t])
+            if name in self.destination:  # an adjoint whose slot in a GEMM's adjoint buffer is known
+                target = name
+            if ctx == "loop" and target and expr.is_Mul and len(expr.args) == 2:
+                # one product, straight into the buffer's slot: no temporary, no copy
                 a, b = (self.code(arg, ctx) for arg in expr.args)
-                self.in_place.add(name)
-                out.append(f"{name} = {self.destination[name]}")
-                out.append(f"np.multiply({a}, {b}, out={name}){template.split('{}', 1)[1]}")
+                if target == name:
+                    self.in_place.add(name)
+                    out.append(f"{name} = {self.destination[name]}")
+                out.append(f"np.multiply({a}, {b}, out={target}){template.split('{}', 1)[1]}")
                 continue
             out.append(template.format(self.code(expr, ctx)))
 
@@ -830,7 +829,7 @@ class _Emitter:
             self.deferred_sums.append((leaf, expr.name))  # summed over every step after the loop
             return
         if leaf is not None and leaf.kind == "param" and ctx == "loop" and expr in self.routed and self.only_here(dep):
-            self.slots.setdefault(self.routed[expr], self.routed[expr])
+            self.slots.setdefault(self.routed[expr], (self.routed[expr], None))
             self.deferred_sums.append((leaf, self.routed[expr]))  # the same values as that buffer's
             return
         if leaf is not None and leaf.kind == "param":
@@ -862,21 +861,20 @@ class _Emitter:
         that is one product is written into its slot in place (``self.in_place``)."""
         if group.name in self.loop_buffer:
             buf = self.loop_buffer[group.name]
-            return buf, self.group_buffers[buf] == group.name
+            return buf, self.group_buffers[buf][0] == group.name
         adj = [self.alias.get(f"d_{mv.name}", f"d_{mv.name}") if mv.name in nonzero else None for mv in group.members]
         signature = tuple(adj)
-        for buf, owner in self.group_buffers.items():
-            if self.buffer_signature[buf] == signature:
+        for buf, (_, held) in self.group_buffers.items():
+            if held == signature:
                 self.loop_buffer[group.name] = buf
                 return buf, False
         buf = f"d_{group.name}_seq"
         self.loop_buffer[group.name] = buf
-        self.group_buffers[buf] = group.name
-        self.buffer_signature[buf] = signature
+        self.group_buffers[buf] = (group.name, signature)
         self.m.backward_seed.append(f"{buf} = np.empty((T, B, {dim(group.rows)}), dtype)")
         for a, mv, off in zip(adj, group.members, group.offsets):
             if a:
-                self.slots.setdefault(a, f"{buf}[..., {_slice(off, mv.size)}]" if len(group.members) > 1 else buf)
+                self.slots.setdefault(a, (buf, _slice(off, mv.size) if len(group.members) > 1 else None))
                 self.destination.setdefault(a, self.slot(group, mv, off, buf))
         return buf, True
 
