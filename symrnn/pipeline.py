@@ -142,13 +142,13 @@ def render_cuda(kernel_plan: KernelPlan, command: str | None = None) -> str:
 def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     """KernelPlan -> source of the CuPy module (its CUDA source inside)."""
     from .backends.cupy_backend import BLOCK, design_note, emit_cupy
-    from .backends.numpy_backend import emit as emit_numpy
+    from .backends.numpy_backend import emit_loss
 
     g = kernel_plan.graph
     m = emit_cupy(kernel_plan)
     command = command or _command(g.cell, "cupy")
     loss = g.loss
-    numpy_parts = emit_numpy(kernel_plan) if loss is not None else None
+    numpy_parts = emit_loss(kernel_plan) if loss is not None else None
     return _ENV.get_template("cupy_module.py.j2").render(
         cell=g.cell,
         source=g.source or "user-defined",

@@ -278,6 +278,14 @@ def emit(plan: KernelPlan) -> NumpyModule:
     return _Emitter(plan).run()
 
 
+def emit_loss(plan: KernelPlan) -> NumpyModule:
+    """Only the loss statements (``loss_value``, ``loss_grad``, ``loss_scale``): what the
+    CuPy module shares with the NumPy one, without emitting the whole NumPy module."""
+    emitter = _Emitter(plan)
+    emitter.loss()
+    return emitter.m
+
+
 class _Emitter:
     def __init__(self, plan: KernelPlan):
         self.plan, self.g, self.d = plan, plan.graph, plan.derivation
