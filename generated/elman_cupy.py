@@ -401,7 +401,8 @@ extern "C" __global__ void elman_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void elman_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -410,8 +411,10 @@ extern "C" void elman_forward_loop0_f32(
     float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
+        }
     }
 }
 
@@ -422,8 +425,10 @@ extern "C" void elman_forward_loop0_f64(
     double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq);
+        }
     }
 }
 
@@ -436,8 +441,10 @@ extern "C" void elman_backward_loop0_f32(
     const float* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
+        }
     }
 }
 
@@ -450,8 +457,10 @@ extern "C" void elman_backward_loop0_f64(
     const double* __restrict__ s_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq);
+        }
     }
 }
 #endif

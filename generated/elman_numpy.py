@@ -82,7 +82,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         s_prev = s_seq[t]
         s_prev_proj = s_prev_proj_step
-        np.matmul(s_prev, W_T, out=s_prev_proj)  # W_s_prev
+        np.dot(s_prev, W_T, out=s_prev_proj)  # W_s_prev
         s_prev_proj += U_x_seq[t]  # + the input side (and biases) of every slot
         W_s_prev_sum = s_prev_proj[:, :n_hidden]
         z = W_s_prev_sum  # eq:elman:z
@@ -111,9 +111,9 @@ def backward(params, cache, grad_outputs):
     d_s_seq = _seed(grad_outputs, "s", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_U = np.zeros_like(U)
-    d_W = np.zeros_like(W)
-    d_V = np.zeros_like(V)
+    d_U = np.empty_like(U)
+    d_W = np.empty_like(W)
+    d_V = np.empty_like(V)
     d_s_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_s_next = np.zeros((B, n_hidden), dtype)
     # readout, every step at once
@@ -127,14 +127,14 @@ def backward(params, cache, grad_outputs):
         for t in reversed(range(t0, t1)):
             d_W_s_prev = d_s_next*ds_next_dW_s_prev[t - t0] + d_s_seq[t]*ds_next_dW_s_prev[t - t0]  # eq:elman:adj:W_s_prev
             d_s_prev_proj_seq[t] = d_W_s_prev
-            d_s_prev_from_s_prev_proj = d_s_prev_proj_seq[t] @ W
+            d_s_prev_from_s_prev_proj = np.dot(d_s_prev_proj_seq[t], W)
             d_s_next = d_s_prev_from_s_prev_proj
     # input side, every step at once
     np.matmul(d_s_prev_proj_seq.reshape(-1, n_hidden), U, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_V += d_s_proj_seq.reshape(-1, n_out).T @ s_seq[1:].reshape(-1, n_hidden)
-    d_W += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ s_seq[:-1].reshape(-1, n_hidden)
-    d_U += d_s_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_s_proj_seq.reshape(-1, n_out).T, s_seq[1:].reshape(-1, n_hidden), out=d_V)
+    np.matmul(d_s_prev_proj_seq.reshape(-1, n_hidden).T, s_seq[:-1].reshape(-1, n_hidden), out=d_W)
+    np.matmul(d_s_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_U)
     return {
         "U": d_U,
         "W": d_W,

@@ -509,7 +509,8 @@ extern "C" __global__ void elman_out_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void elman_out_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -519,8 +520,10 @@ extern "C" void elman_out_forward_loop0_f32(
     float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
+        }
     }
 }
 
@@ -532,8 +535,10 @@ extern "C" void elman_out_forward_loop0_f64(
     double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_h_ptr, h_seq);
+        }
     }
 }
 
@@ -544,8 +549,10 @@ extern "C" void elman_out_forward_post0_f32(
     float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_forward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        }
     }
 }
 
@@ -556,8 +563,10 @@ extern "C" void elman_out_forward_post0_f64(
     double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_forward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        }
     }
 }
 
@@ -568,8 +577,10 @@ extern "C" void elman_out_backward_post0_f32(
     const float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_backward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        }
     }
 }
 
@@ -580,8 +591,10 @@ extern "C" void elman_out_backward_post0_f64(
     const double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_backward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq, y_seq);
+        }
     }
 }
 
@@ -594,8 +607,10 @@ extern "C" void elman_out_backward_loop0_f32(
     const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
+        }
     }
 }
 
@@ -608,8 +623,10 @@ extern "C" void elman_out_backward_loop0_f64(
     const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        elman_out_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            elman_out_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, h_seq);
+        }
     }
 }
 #endif

@@ -87,7 +87,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_seq[t + 1]
-        np.matmul(h_prev, W_h_T, out=h_prev_proj)  # W_h_h_prev
+        np.dot(h_prev, W_h_T, out=h_prev_proj)  # W_h_h_prev
         h_prev_proj += W_x_x_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj, out=h_prev_proj)  # eq:elman_out:h
     # readout, every step at once
@@ -118,10 +118,10 @@ def backward(params, cache, grad_outputs):
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_y_seq = _seed(grad_outputs, "y", (T, B, n_out), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_W_x = np.zeros_like(W_x)
-    d_W_h = np.zeros_like(W_h)
+    d_W_x = np.empty_like(W_x)
+    d_W_h = np.empty_like(W_h)
     d_b_h = np.zeros_like(b_h)
-    d_W_y = np.zeros_like(W_y)
+    d_W_y = np.empty_like(W_y)
     d_b_y = np.zeros_like(b_y)
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
@@ -138,16 +138,16 @@ def backward(params, cache, grad_outputs):
         for t in reversed(range(t0, t1)):
             d_W_h_h_prev = d_h_next*dh_next_dW_h_h_prev[t - t0] + d_h_seq[t]*dh_next_dW_h_h_prev[t - t0]  # eq:elman_out:adj:W_h_h_prev
             d_h_prev_proj_seq[t] = d_W_h_h_prev
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_h
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_h)
             d_h_next = d_h_prev_from_h_prev_proj
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_b_h += d_h_prev_proj_sum
     # input side, every step at once
     np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), W_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_W_y += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
-    d_W_h += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_W_x += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden), out=d_W_y)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden), out=d_W_h)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_W_x)
     return {
         "W_x": d_W_x,
         "W_h": d_W_h,

@@ -590,7 +590,8 @@ extern "C" __global__ void gru_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void gru_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -603,8 +604,10 @@ extern "C" void gru_forward_loop0_f32(
     float* __restrict__ W_h_in0_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_rz, z_seq, r_seq, h_seq, W_h_in0_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_rz, z_seq, r_seq, h_seq, W_h_in0_seq);
+        }
     }
 }
 
@@ -619,8 +622,10 @@ extern "C" void gru_forward_loop0_f64(
     double* __restrict__ W_h_in0_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_rz, z_seq, r_seq, h_seq, W_h_in0_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_rz, z_seq, r_seq, h_seq, W_h_in0_seq);
+        }
     }
 }
 
@@ -634,8 +639,10 @@ extern "C" void gru_forward_loop1_f32(
     const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, h_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_forward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, h_seq, z_seq);
+        }
     }
 }
 
@@ -649,8 +656,10 @@ extern "C" void gru_forward_loop1_f64(
     const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, h_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_forward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, h_seq, z_seq);
+        }
     }
 }
 
@@ -669,8 +678,10 @@ extern "C" void gru_backward_loop1_f32(
     const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+        }
     }
 }
 
@@ -689,8 +700,10 @@ extern "C" void gru_backward_loop1_f64(
     const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+        }
     }
 }
 
@@ -706,8 +719,10 @@ extern "C" void gru_backward_loop0_f32(
     const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
+        }
     }
 }
 
@@ -723,8 +738,10 @@ extern "C" void gru_backward_loop0_f64(
     const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        gru_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            gru_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq);
+        }
     }
 }
 #endif

@@ -97,7 +97,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_zh_h_prev, W_rh_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_zh_h_prev, W_rh_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj *= 0.5  # eq:gru_nobias:z, eq:gru_nobias:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -107,7 +107,7 @@ def forward(params, x, state0=None):
         r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_hh_in0 = W_hh_in0_seq[t]
         np.multiply(h_prev, r, out=W_hh_in0)  # eq:gru_nobias:h_tilde
-        W_hh_W_hh_in0 = W_hh_in0 @ W_hh_T  # W_hh_W_hh_in0
+        W_hh_W_hh_in0 = np.dot(W_hh_in0, W_hh_T)  # W_hh_W_hh_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_hh_W_hh_in0 + W_hx_x_seq[t], out=h_tilde)  # eq:gru_nobias:h_tilde
         h = h_seq[t + 1]
@@ -146,12 +146,12 @@ def backward(params, cache, grad_outputs):
     z_seq = cache["z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_W_zx = np.zeros_like(W_zx)
+    d_W_zx = np.empty_like(W_zx)
     d_W_zh = np.zeros_like(W_zh)
-    d_W_rx = np.zeros_like(W_rx)
+    d_W_rx = np.empty_like(W_rx)
     d_W_rh = np.zeros_like(W_rh)
-    d_W_hx = np.zeros_like(W_hx)
-    d_W_hh = np.zeros_like(W_hh)
+    d_W_hx = np.empty_like(W_hx)
+    d_W_hh = np.empty_like(W_hh)
     d_W_hh_in0_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
@@ -170,25 +170,25 @@ def backward(params, cache, grad_outputs):
             np.multiply(d_h, dh_dW_hh_W_hh_in0[t - t0], out=d_W_hh_W_hh_in0)  # eq:gru_nobias:adj:W_hh_W_hh_in0
             d_z_from1 = d_h*dh_dz_from1[t - t0]
             d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
-            d_W_hh_in0_from_W_hh_in0_proj = d_W_hh_in0_proj_seq[t] @ W_hh
+            d_W_hh_in0_from_W_hh_in0_proj = np.dot(d_W_hh_in0_proj_seq[t], W_hh)
             d_W_rh_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
             np.multiply(dW_hh_in0_from_W_hh_in0_proj_dW_rh_h_prev[t - t0], d_W_hh_in0_from_W_hh_in0_proj, out=d_W_rh_h_prev)  # eq:gru_nobias:adj:W_rh_h_prev
             d_W_zh_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_z_from1, dz_from1_dW_zh_h_prev[t - t0], out=d_W_zh_h_prev)  # eq:gru_nobias:adj:W_zh_h_prev
             d_h_prev_0 = d_W_hh_in0_from_W_hh_in0_proj*r
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # input side, every step at once
     np.matmul(d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden), W_stack_x[:2*n_hidden], out=d_x_seq.reshape(-1, n_in))
     d_x_seq += (d_W_hh_in0_proj_seq.reshape(-1, n_hidden) @ W_stack_x[2*n_hidden:3*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
-    d_W_hh += d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T @ W_hh_in0_seq.reshape(-1, n_hidden)
+    np.matmul(d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T, W_hh_in0_seq.reshape(-1, n_hidden), out=d_W_hh)
     dW_stack = d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_zh += dW_stack[:n_hidden]
     d_W_rh += dW_stack[n_hidden:2*n_hidden]
-    d_W_zx += d_h_prev_proj_seq[..., :n_hidden].reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
-    d_W_rx += d_h_prev_proj_seq[..., n_hidden:2*n_hidden].reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
-    d_W_hx += d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_h_prev_proj_seq[..., :n_hidden].reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_W_zx)
+    np.matmul(d_h_prev_proj_seq[..., n_hidden:2*n_hidden].reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_W_rx)
+    np.matmul(d_W_hh_in0_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_W_hx)
     return {
         "W_zx": d_W_zx,
         "W_zh": d_W_zh,

@@ -94,7 +94,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj *= 0.5  # eq:gru:z, eq:gru:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -104,7 +104,7 @@ def forward(params, x, state0=None):
         r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_h_in0 = W_h_in0_seq[t]
         np.multiply(h_prev, r, out=W_h_in0)  # eq:gru:h_tilde
-        W_h_W_h_in0 = W_h_in0 @ W_W_h_in0_proj_T  # W_h_W_h_in0
+        W_h_W_h_in0 = np.dot(W_h_in0, W_W_h_in0_proj_T)  # W_h_W_h_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_h_W_h_in0 + W_h_x_seq[t], out=h_tilde)  # eq:gru:h_tilde
         h = h_seq[t + 1]
@@ -163,13 +163,13 @@ def backward(params, cache, grad_outputs):
             np.multiply(d_h, dh_dW_h_W_h_in0[t - t0], out=d_W_h_W_h_in0)  # eq:gru:adj:W_h_W_h_in0
             d_z_from1 = d_h*dh_dz_from1[t - t0]
             d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
-            d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
+            d_W_h_in0_from_W_h_in0_proj = np.dot(d_W_h_in0_proj_seq[t], W_h[:, :n_hidden])
             d_W_rz_1_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
             np.multiply(dW_h_in0_from_W_h_in0_proj_dW_rz_1_h_prev[t - t0], d_W_h_in0_from_W_h_in0_proj, out=d_W_rz_1_h_prev)  # eq:gru:adj:W_rz_1_h_prev
             d_W_rz_0_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_z_from1, dz_from1_dW_rz_0_h_prev[t - t0], out=d_W_rz_0_h_prev)  # eq:gru:adj:W_rz_0_h_prev
             d_h_prev_0 = d_W_h_in0_from_W_h_in0_proj*r
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     d_W_h_in0_proj_sum = np.sum(d_W_h_in0_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_b_h += d_W_h_in0_proj_sum

@@ -95,7 +95,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
+        np.dot(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
         h_prev_proj[:, :2*n_hidden] *= 0.5  # eq:gru_torch:r, eq:gru_torch:z  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj[:, :2*n_hidden], out=h_prev_proj[:, :2*n_hidden])
@@ -139,7 +139,7 @@ def backward(params, cache, grad_outputs):
     d_weight_ih_l0_2_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.empty((T, B, n_in), dtype)
     d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
-    d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
+    d_weight_hh_l0 = np.empty_like(weight_hh_l0)
     d_bias_ih_l0 = np.zeros_like(bias_ih_l0)
     d_bias_hh_l0 = np.zeros_like(bias_hh_l0)
     d_h_prev_proj_seq = np.empty((T, B, 3*n_hidden), dtype)
@@ -162,7 +162,7 @@ def backward(params, cache, grad_outputs):
             np.multiply(d_h, dh_dweight_hh_l0_0_h_prev[t - t0], out=d_weight_hh_l0_0_h_prev)  # eq:gru_torch:adj:weight_hh_l0_0_h_prev
             np.multiply(d_coef[t - t0], d_h, out=d_weight_ih_l0_2_x_seq[t])
             d_h_prev_0 = d_h*z
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], weight_hh_l0)
             d_h_next = d_h_prev_0 + d_h_prev_from_h_prev_proj
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
@@ -177,7 +177,7 @@ def backward(params, cache, grad_outputs):
     np.matmul(d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden), weight_ih_l0[:2*n_hidden], out=d_x_seq.reshape(-1, n_in))
     d_x_seq += (d_weight_ih_l0_2_x.reshape(-1, n_hidden) @ weight_ih_l0[2*n_hidden:3*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
-    d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, 3*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden), out=d_weight_hh_l0)
     d_weight_ih_l0[:2*n_hidden] += d_h_prev_proj_seq[..., :2*n_hidden].reshape(-1, 2*n_hidden).T @ x.reshape(-1, n_in)
     d_weight_ih_l0[2*n_hidden:3*n_hidden] += d_weight_ih_l0_2_x.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
     return {

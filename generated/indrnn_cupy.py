@@ -381,7 +381,8 @@ extern "C" __global__ void indrnn_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void indrnn_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -391,8 +392,10 @@ extern "C" void indrnn_forward_loop0_f32(
     const float* u_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        indrnn_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            indrnn_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr);
+        }
     }
 }
 
@@ -404,8 +407,10 @@ extern "C" void indrnn_forward_loop0_f64(
     const double* u_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        indrnn_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            indrnn_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr);
+        }
     }
 }
 
@@ -419,8 +424,10 @@ extern "C" void indrnn_backward_loop0_f32(
     float* d_h0_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        indrnn_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            indrnn_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr);
+        }
     }
 }
 
@@ -434,8 +441,10 @@ extern "C" void indrnn_backward_loop0_f64(
     double* d_h0_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        indrnn_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            indrnn_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr);
+        }
     }
 }
 #endif

@@ -97,7 +97,7 @@ def backward(params, cache, grad_outputs):
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_W_x_seq = np.zeros((T, B, n_hidden), dtype)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_W = np.zeros_like(W)
+    d_W = np.empty_like(W)
     d_u = np.zeros_like(u)
     d_b = np.zeros_like(b)
     d_h_next = np.zeros((B, n_hidden), dtype)
@@ -120,7 +120,7 @@ def backward(params, cache, grad_outputs):
     d_x_proj_seq = d_W_x
     np.matmul(d_x_proj_seq.reshape(-1, n_hidden), W, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_W += d_x_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_x_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_W)
     return {
         "W": d_W,
         "u": d_u,

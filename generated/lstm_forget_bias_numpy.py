@@ -120,7 +120,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_step
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj[:, :n_hidden] *= 0.5  # eq:lstm_forget_bias:i  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj[:, :n_hidden], out=h_prev_proj[:, :n_hidden])
@@ -202,7 +202,7 @@ def backward(params, cache, grad_outputs):
     d_b_f = np.zeros_like(b_f)
     d_b_g = np.zeros_like(b_g)
     d_b_o = np.zeros_like(b_o)
-    d_V = np.zeros_like(V)
+    d_V = np.empty_like(V)
     d_b_y = np.zeros_like(b_y)
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
@@ -234,7 +234,7 @@ def backward(params, cache, grad_outputs):
             d_W_i_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_c, dc_dW_i_h_prev[t - t0], out=d_W_i_h_prev)  # eq:lstm_forget_bias:adj:W_i_h_prev
             d_c_prev_0 = d_c*f
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
@@ -245,7 +245,7 @@ def backward(params, cache, grad_outputs):
     # input side, every step at once
     np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_V += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
+    np.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden), out=d_V)
     dW_stack = d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W_i[:, :n_hidden] += dW_stack[:n_hidden]
     d_W_f[:, :n_hidden] += dW_stack[n_hidden:2*n_hidden]

@@ -109,7 +109,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -199,7 +199,7 @@ def backward(params, cache, grad_outputs):
             d_W_fh_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_c, dc_dW_fh_h_prev[t - t0], out=d_W_fh_h_prev)  # eq:lstm_nobias:adj:W_fh_h_prev
             d_c_prev_0 = d_c*f
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     # input side, every step at once

@@ -110,7 +110,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj *= h_prev_proj_scale  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -200,7 +200,7 @@ def backward(params, cache, grad_outputs):
             d_W_f_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_c, dc_dW_f_h_prev[t - t0], out=d_W_f_h_prev)  # eq:lstm:adj:W_f_h_prev
             d_c_prev_0 = d_c*f
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch

@@ -117,7 +117,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_step
-        np.matmul(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
+        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj[:, 2*n_hidden:3*n_hidden], out=h_prev_proj[:, 2*n_hidden:3*n_hidden])  # eq:lstm_peephole:g
         pre_i = h_prev_proj[:, :n_hidden]
@@ -223,7 +223,7 @@ def backward(params, cache, grad_outputs):
             d_p_i += np.sum(d_c*d_coef[t - t0], axis=0)
             d_p_f += np.sum(d_c*d_coef_1[t - t0], axis=0)
             d_p_o += np.sum(d_coef_2[t - t0]*d_h, axis=0)
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_stack_h_prev
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch

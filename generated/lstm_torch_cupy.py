@@ -502,7 +502,8 @@ extern "C" __global__ void lstm_torch_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void lstm_torch_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -519,8 +520,10 @@ extern "C" void lstm_torch_forward_loop0_f32(
     float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_torch_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, i_seq, f_seq, g_seq, o_seq, c_seq, tanh_c_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            lstm_torch_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, i_seq, f_seq, g_seq, o_seq, c_seq, tanh_c_seq, h_seq);
+        }
     }
 }
 
@@ -539,8 +542,10 @@ extern "C" void lstm_torch_forward_loop0_f64(
     double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_torch_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, i_seq, f_seq, g_seq, o_seq, c_seq, tanh_c_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            lstm_torch_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, bias_hh_l0, bias_ih_l0, h_prev_proj, x_proj_seq, i_seq, f_seq, g_seq, o_seq, c_seq, tanh_c_seq, h_seq);
+        }
     }
 }
 
@@ -560,8 +565,10 @@ extern "C" void lstm_torch_backward_loop0_f32(
     const float* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_torch_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            lstm_torch_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
+        }
     }
 }
 
@@ -581,8 +588,10 @@ extern "C" void lstm_torch_backward_loop0_f64(
     const double* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        lstm_torch_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            lstm_torch_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq);
+        }
     }
 }
 #endif

@@ -104,7 +104,7 @@ def forward(params, x, state0=None):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
+        np.dot(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
         h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
         h_prev_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -154,8 +154,8 @@ def backward(params, cache, grad_outputs):
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_c_seq = _seed(grad_outputs, "c", (T, B, n_hidden), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
-    d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
+    d_weight_ih_l0 = np.empty_like(weight_ih_l0)
+    d_weight_hh_l0 = np.empty_like(weight_hh_l0)
     d_bias_ih_l0 = np.zeros_like(bias_ih_l0)
     d_bias_hh_l0 = np.zeros_like(bias_hh_l0)
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
@@ -182,7 +182,7 @@ def backward(params, cache, grad_outputs):
             d_weight_hh_l0_0_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_c, dc_dweight_hh_l0_0_h_prev[t - t0], out=d_weight_hh_l0_0_h_prev)  # eq:lstm_torch:adj:weight_hh_l0_0_h_prev
             d_c_prev_0 = d_c*f
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], weight_hh_l0)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
@@ -197,8 +197,8 @@ def backward(params, cache, grad_outputs):
     # input side, every step at once
     np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), weight_ih_l0, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden), out=d_weight_hh_l0)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, x.reshape(-1, n_in), out=d_weight_ih_l0)
     return {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,

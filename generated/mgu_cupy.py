@@ -701,7 +701,8 @@ extern "C" __global__ void mgu_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void mgu_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -713,8 +714,10 @@ extern "C" void mgu_forward_loop0_f32(
     float* __restrict__ W_h_in0_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, h_seq, W_h_in0_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, h_seq, W_h_in0_seq);
+        }
     }
 }
 
@@ -728,8 +731,10 @@ extern "C" void mgu_forward_loop0_f64(
     double* __restrict__ W_h_in0_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, h_seq, W_h_in0_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_f_ptr, f_seq, h_seq, W_h_in0_seq);
+        }
     }
 }
 
@@ -743,8 +748,10 @@ extern "C" void mgu_forward_loop1_f32(
     float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, f_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, f_seq, h_seq);
+        }
     }
 }
 
@@ -758,8 +765,10 @@ extern "C" void mgu_forward_loop1_f64(
     double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, f_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, W_h_in0_proj, x_proj_seq, b_h_ptr, h_tilde_seq, f_seq, h_seq);
+        }
     }
 }
 
@@ -770,8 +779,10 @@ extern "C" void mgu_forward_post0_f32(
     float* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        }
     }
 }
 
@@ -782,8 +793,10 @@ extern "C" void mgu_forward_post0_f64(
     double* __restrict__ y_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_forward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq);
+        }
     }
 }
 
@@ -793,8 +806,10 @@ extern "C" void mgu_backward_post0_f32(
     float* __restrict__ d_h_proj_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq);
+        }
     }
 }
 
@@ -804,8 +819,10 @@ extern "C" void mgu_backward_post0_f64(
     double* __restrict__ d_h_proj_seq)
 {
     const long long units_ = n_out;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq);
+        }
     }
 }
 
@@ -825,8 +842,10 @@ extern "C" void mgu_backward_loop1_f32(
     const float* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+        }
     }
 }
 
@@ -846,8 +865,10 @@ extern "C" void mgu_backward_loop1_f64(
     const double* __restrict__ h_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+        }
     }
 }
 
@@ -862,8 +883,10 @@ extern "C" void mgu_backward_loop0_f32(
     const float* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_f_from1_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, h_seq, f_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_f_from1_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, h_seq, f_seq);
+        }
     }
 }
 
@@ -878,8 +901,10 @@ extern "C" void mgu_backward_loop0_f64(
     const double* __restrict__ f_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mgu_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_f_from1_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, h_seq, f_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mgu_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_ptr, d_f_from1_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, h_seq, f_seq);
+        }
     }
 }
 #endif

@@ -99,7 +99,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_seq[t]
-        np.matmul(h_prev, W_h_prev_proj_T, out=h_prev_proj)  # W_f_h_prev
+        np.dot(h_prev, W_h_prev_proj_T, out=h_prev_proj)  # W_f_h_prev
         h_prev_proj[:, :n_hidden] += x_proj_seq[t, :, :n_hidden]
         h_prev_proj *= 0.5  # eq:mgu:f  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
         np.tanh(h_prev_proj, out=h_prev_proj)
@@ -108,7 +108,7 @@ def forward(params, x, state0=None):
         f = h_prev_proj[:, :n_hidden]
         W_h_in0 = W_h_in0_seq[t]
         np.multiply(f, h_prev, out=W_h_in0)  # eq:mgu:h_tilde
-        W_h_W_h_in0 = W_h_in0 @ W_W_h_in0_proj_T  # W_h_W_h_in0
+        W_h_W_h_in0 = np.dot(W_h_in0, W_W_h_in0_proj_T)  # W_h_W_h_in0
         h_tilde = h_tilde_seq[t]
         np.tanh(W_h_W_h_in0 + W_h_x_seq[t], out=h_tilde)  # eq:mgu:h_tilde
         h = h_seq[t + 1]
@@ -152,7 +152,7 @@ def backward(params, cache, grad_outputs):
     d_b_f = np.zeros_like(b_f)
     d_W_h = np.zeros_like(W_h)
     d_b_h = np.zeros_like(b_h)
-    d_V = np.zeros_like(V)
+    d_V = np.empty_like(V)
     d_b_y = np.zeros_like(b_y)
     d_W_h_in0_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
@@ -178,11 +178,11 @@ def backward(params, cache, grad_outputs):
             np.multiply(d_h, dh_dW_h_W_h_in0[t - t0], out=d_W_h_W_h_in0)  # eq:mgu:adj:W_h_W_h_in0
             d_f_from1 = d_h*dh_df_from1[t - t0]
             d_h_prev_1 = d_h*dh_dh_prev_1[t - t0]
-            d_W_h_in0_from_W_h_in0_proj = d_W_h_in0_proj_seq[t] @ W_h[:, :n_hidden]
+            d_W_h_in0_from_W_h_in0_proj = np.dot(d_W_h_in0_proj_seq[t], W_h[:, :n_hidden])
             d_W_f_h_prev = dW_h_in0_from_W_h_in0_proj_dW_f_h_prev[t - t0]*d_W_h_in0_from_W_h_in0_proj + d_f_from1*df_from1_dW_f_h_prev[t - t0]  # eq:mgu:adj:W_f_h_prev
             d_h_prev_0 = d_W_h_in0_from_W_h_in0_proj*f
             d_h_prev_proj_seq[t] = d_W_f_h_prev
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ W_f[:, :n_hidden]
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_f[:, :n_hidden])
             d_h_next = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     d_W_h_in0_proj_sum = np.sum(d_W_h_in0_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_b_h += d_W_h_in0_proj_sum
@@ -192,7 +192,7 @@ def backward(params, cache, grad_outputs):
     np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), W_stack_x[:n_hidden], out=d_x_seq.reshape(-1, n_in))
     d_x_seq += (d_W_h_in0_proj_seq.reshape(-1, n_hidden) @ W_stack_x[n_hidden:2*n_hidden]).reshape(T, B, n_in)
     # weight gradients: one GEMM over every step per stacked product
-    d_V += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
+    np.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden), out=d_V)
     dW_stack = d_W_h_in0_proj_seq.reshape(-1, n_hidden).T @ W_h_in0_seq.reshape(-1, n_hidden)
     d_W_h[:, :n_hidden] += dW_stack[:n_hidden]
     dW_stack = d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)

@@ -547,7 +547,8 @@ extern "C" __global__ void mingru_backward_pre0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void mingru_forward_pre0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -558,8 +559,10 @@ extern "C" void mingru_forward_pre0_f32(
     float* __restrict__ h_tilde_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_forward_pre0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_z_ptr, z_seq, b_h_ptr, h_tilde_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_forward_pre0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_z_ptr, z_seq, b_h_ptr, h_tilde_seq);
+        }
     }
 }
 
@@ -572,8 +575,10 @@ extern "C" void mingru_forward_pre0_f64(
     double* __restrict__ h_tilde_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_forward_pre0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_z_ptr, z_seq, b_h_ptr, h_tilde_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_forward_pre0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_z_ptr, z_seq, b_h_ptr, h_tilde_seq);
+        }
     }
 }
 
@@ -584,8 +589,10 @@ extern "C" void mingru_forward_loop0_f32(
     const float* z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_seq, h_tilde_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_seq, h_tilde_seq, z_seq);
+        }
     }
 }
 
@@ -596,8 +603,10 @@ extern "C" void mingru_forward_loop0_f64(
     const double* z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_seq, h_tilde_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_seq, h_tilde_seq, z_seq);
+        }
     }
 }
 
@@ -613,8 +622,10 @@ extern "C" void mingru_backward_loop0_f32(
     float* d_h0_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_z_loop0_seq, d_h_tilde_loop0_seq, h_seq, h_tilde_seq, z_seq, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_z_loop0_seq, d_h_tilde_loop0_seq, h_seq, h_tilde_seq, z_seq, d_h0_ptr);
+        }
     }
 }
 
@@ -630,8 +641,10 @@ extern "C" void mingru_backward_loop0_f64(
     double* d_h0_ptr)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_z_loop0_seq, d_h_tilde_loop0_seq, h_seq, h_tilde_seq, z_seq, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_z_loop0_seq, d_h_tilde_loop0_seq, h_seq, h_tilde_seq, z_seq, d_h0_ptr);
+        }
     }
 }
 
@@ -643,8 +656,10 @@ extern "C" void mingru_backward_pre0_f32(
     const float* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_backward_pre0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_tilde_loop0_seq, d_x_proj_seq, d_z_loop0_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_backward_pre0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_tilde_loop0_seq, d_x_proj_seq, d_z_loop0_seq, z_seq);
+        }
     }
 }
 
@@ -656,8 +671,10 @@ extern "C" void mingru_backward_pre0_f64(
     const double* __restrict__ z_seq)
 {
     const long long units_ = n_hidden;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        mingru_backward_pre0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_tilde_loop0_seq, d_x_proj_seq, d_z_loop0_seq, z_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            mingru_backward_pre0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_tilde_loop0_seq, d_x_proj_seq, d_z_loop0_seq, z_seq);
+        }
     }
 }
 #endif

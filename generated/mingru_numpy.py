@@ -130,7 +130,7 @@ def backward(params, cache, grad_outputs):
     d_b_z = np.zeros_like(b_z)
     d_W_h = np.zeros_like(W_h)
     d_b_h = np.zeros_like(b_h)
-    d_V = np.zeros_like(V)
+    d_V = np.empty_like(V)
     d_h_next = np.zeros((B, n_hidden), dtype)
     # readout, every step at once
     d_y = d_y_seq  # eq:mingru:adj:y
@@ -157,7 +157,7 @@ def backward(params, cache, grad_outputs):
     d_x_proj_seq = np.concatenate([d_W_z_x, d_W_h_x], axis=-1)
     np.matmul(d_x_proj_seq.reshape(-1, 2*n_hidden), W_stack_x, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_V += d_h_proj_seq.reshape(-1, n_out).T @ h_seq[1:].reshape(-1, n_hidden)
+    np.matmul(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden), out=d_V)
     dW_stack = d_x_proj_seq.reshape(-1, 2*n_hidden).T @ x.reshape(-1, n_in)
     d_W_z += dW_stack[:n_hidden]
     d_W_h += dW_stack[n_hidden:2*n_hidden]

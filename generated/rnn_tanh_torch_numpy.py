@@ -82,7 +82,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_seq[t + 1]
-        np.matmul(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev
+        np.dot(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev
         h_prev_proj += weight_ih_l0_0_x_seq[t]  # + the input side (and biases) of every slot
         np.tanh(h_prev_proj, out=h_prev_proj)  # eq:rnn_tanh_torch:h
     outputs = {
@@ -105,8 +105,8 @@ def backward(params, cache, grad_outputs):
     h_seq = cache["h_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
-    d_weight_ih_l0 = np.zeros_like(weight_ih_l0)
-    d_weight_hh_l0 = np.zeros_like(weight_hh_l0)
+    d_weight_ih_l0 = np.empty_like(weight_ih_l0)
+    d_weight_hh_l0 = np.empty_like(weight_hh_l0)
     d_bias_ih_l0 = np.zeros_like(bias_ih_l0)
     d_bias_hh_l0 = np.zeros_like(bias_hh_l0)
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
@@ -118,7 +118,7 @@ def backward(params, cache, grad_outputs):
         for t in reversed(range(t0, t1)):
             d_weight_hh_l0_0_h_prev = d_h_next*dh_next_dweight_hh_l0_0_h_prev[t - t0] + d_h_seq[t]*dh_next_dweight_hh_l0_0_h_prev[t - t0]  # eq:rnn_tanh_torch:adj:weight_hh_l0_0_h_prev
             d_h_prev_proj_seq[t] = d_weight_hh_l0_0_h_prev
-            d_h_prev_from_h_prev_proj = d_h_prev_proj_seq[t] @ weight_hh_l0
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], weight_hh_l0)
             d_h_next = d_h_prev_from_h_prev_proj
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
     d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum
@@ -126,8 +126,8 @@ def backward(params, cache, grad_outputs):
     # input side, every step at once
     np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), weight_ih_l0, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    d_weight_hh_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
-    d_weight_ih_l0 += d_h_prev_proj_seq.reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden), out=d_weight_hh_l0)
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_weight_ih_l0)
     return {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,

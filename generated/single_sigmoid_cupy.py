@@ -554,7 +554,8 @@ extern "C" __global__ void single_sigmoid_backward_loop0_f64(
     }
 }
 #else
-// host drivers (symrnn's tests): the same element functions, every (row, unit) in turn
+// host drivers (symrnn's tests and benchmarks/fused_cpu.py): the same element functions, every
+// (row, unit) in turn
 
 extern "C" void single_sigmoid_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
@@ -565,8 +566,10 @@ extern "C" void single_sigmoid_forward_loop0_f32(
     const float* x_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
+        }
     }
 }
 
@@ -579,8 +582,10 @@ extern "C" void single_sigmoid_forward_loop0_f64(
     const double* x_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr);
+        }
     }
 }
 
@@ -592,8 +597,10 @@ extern "C" void single_sigmoid_forward_post0_f32(
     float* __restrict__ y_seq)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_forward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        }
     }
 }
 
@@ -605,8 +612,10 @@ extern "C" void single_sigmoid_forward_post0_f64(
     double* __restrict__ y_seq)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_forward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_forward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq);
+        }
     }
 }
 
@@ -620,8 +629,10 @@ extern "C" void single_sigmoid_backward_post0_f32(
     const float* __restrict__ u_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_post0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_backward_post0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        }
     }
 }
 
@@ -635,8 +646,10 @@ extern "C" void single_sigmoid_backward_post0_f64(
     const double* __restrict__ u_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_post0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_backward_post0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr);
+        }
     }
 }
 
@@ -655,8 +668,10 @@ extern "C" void single_sigmoid_backward_loop0_f32(
     float* d_h0_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
+        }
     }
 }
 
@@ -675,8 +690,10 @@ extern "C" void single_sigmoid_backward_loop0_f64(
     double* d_h0_ptr)
 {
     const long long units_ = 1;
-    for (long long i_ = 0; i_ < rows_ * units_; ++i_) {
-        single_sigmoid_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
+    for (long long row_ = 0; row_ < rows_; ++row_) {
+        for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
+            single_sigmoid_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr);
+        }
     }
 }
 #endif

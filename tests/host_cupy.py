@@ -25,17 +25,19 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def compile_host(code: str, build_dir: Path, optimize: tuple[str, ...] = ("-O1",)) -> ctypes.CDLL:
+def compile_host(code: str, build_dir: Path, optimize: tuple[str, ...] = ("-O1",),
+                 libs: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The CUDA source compiled as C++17 for the host, as a shared library (cached by
-    content and flags; the tests compile with -O1, benchmarks/fused_cpu.py with -O3)."""
-    key = hashlib.sha256((code + " ".join(optimize)).encode()).hexdigest()[:16]
+    content and flags; the tests compile with -O1, benchmarks/fused_cpu.py with -O3 and
+    vectorized math).  ``libs`` are linked after the source (e.g. ``-lmvec``)."""
+    key = hashlib.sha256((code + " ".join(optimize + libs)).encode()).hexdigest()[:16]
     if key not in _LIBS:
         if CXX is None:
             raise RuntimeError("no C++ compiler (g++) found; install g++ (Debian: apt-get install g++)")
         src, lib = build_dir / f"k{key}.cpp", build_dir / f"k{key}.so"
         src.write_text(code)
         proc = subprocess.run([CXX, "-std=c++17", *optimize, "-Wall", "-Werror", "-Wno-unused-variable",
-                               "-Wno-unused-but-set-variable", "-shared", "-fPIC", "-o", str(lib), str(src)],
+                               "-Wno-unused-but-set-variable", "-shared", "-fPIC", "-o", str(lib), str(src), *libs],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"host compile of the CUDA source failed:\n{proc.stderr[-4000:]}")
@@ -44,11 +46,16 @@ def compile_host(code: str, build_dir: Path, optimize: tuple[str, ...] = ("-O1",
 
 
 class _HostFunction:
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, name: str, checked: bool = True):
+        self.fn, self.name, self.checked = fn, name, checked
         self.calls = 0
 
     def __call__(self, grid, block, args):
+        if not self.checked:  # benchmarks: no argument checks, pointers passed as plain ints
+            if self.fn.argtypes is None:
+                self.fn.argtypes = [ctypes.c_longlong] * 6 + [ctypes.c_void_p] * (len(args) - 6)
+            self.fn(*[int(a) for a in args[:6]], *[a.ctypes.data for a in args[6:]])
+            return
         rows = int(args[0])
         c_args = [ctypes.c_longlong(int(a)) for a in args[:6]]  # rows, steps, step, n_in, n_hidden, n_out
         for a in args[6:]:
@@ -66,20 +73,23 @@ class _HostFunction:
 
 
 class _HostModule:
-    def __init__(self, build_dir: Path, code: str, options=(), optimize=("-O1",), **kwargs):
-        self.lib = compile_host(code, build_dir, optimize)
+    def __init__(self, build_dir: Path, code: str, options=(), optimize=("-O1",), libs=(), checked=True, **kwargs):
+        self.lib = compile_host(code, build_dir, optimize, libs)
+        self.checked = checked
 
     def get_function(self, name: str) -> _HostFunction:
-        return _HostFunction(getattr(self.lib, name), name)
+        return _HostFunction(getattr(self.lib, name), name, self.checked)
 
 
-def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",)) -> types.ModuleType:
-    """A ``cupy`` module object backed by NumPy and the host-compiled kernels."""
+def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple[str, ...] = (),
+              checked: bool = True) -> types.ModuleType:
+    """A ``cupy`` module object backed by NumPy and the host-compiled kernels (``checked``:
+    every launch's arguments are checked as a GPU would need them; the tests keep it on)."""
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
                  "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray"):
         setattr(m, name, getattr(np, name))
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, **kw)
+    m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, libs=libs, checked=checked, **kw)
     m.asnumpy = np.asarray
     return m

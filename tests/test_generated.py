@@ -73,7 +73,7 @@ def test_kernel_plan_one_gemm_per_step(cell_name):
 
 
 def _gemms(code: str) -> int:
-    return code.count(" @ ") + code.count("np.matmul(")
+    return code.count(" @ ") + code.count("np.matmul(") + code.count("np.dot(")
 
 
 def _backward_loop_header(backward: str) -> str:
