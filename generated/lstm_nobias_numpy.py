@@ -97,28 +97,29 @@ def forward(params, x, state0=None):
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
     c_seq[0] = state0["c"]
-    h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)  # f, i, c_tilde, o
+    h_prev_proj = np.empty((B, 4*n_hidden), dtype)  # one step's recurrent product
+    # after each step, x_proj_seq[t] holds f, i, c_tilde, o
     h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype), np.full(n_hidden, 0.5, dtype)])
     h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype), np.full(n_hidden, 0.5, dtype)])
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
-    f_seq = h_prev_proj_seq[..., :n_hidden]
-    i_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
-    c_tilde_seq = h_prev_proj_seq[..., 2*n_hidden:3*n_hidden]
-    o_seq = h_prev_proj_seq[..., 3*n_hidden:4*n_hidden]
+    f_seq = x_proj_seq[..., :n_hidden]
+    i_seq = x_proj_seq[..., n_hidden:2*n_hidden]
+    c_tilde_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
+    o_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
-        h_prev_proj = h_prev_proj_seq[t]
         np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
-        h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
-        h_prev_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
-        np.tanh(h_prev_proj, out=h_prev_proj)
-        h_prev_proj *= h_prev_proj_scale
-        h_prev_proj += h_prev_proj_shift
-        f = h_prev_proj[:, :n_hidden]
-        i = h_prev_proj[:, n_hidden:2*n_hidden]
-        c_tilde = h_prev_proj[:, 2*n_hidden:3*n_hidden]
-        o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
+        x_proj = x_proj_seq[t]
+        x_proj += h_prev_proj  # + the recurrent side of every slot
+        x_proj *= h_prev_proj_scale  # eq:lstm_nobias:f, eq:lstm_nobias:i, eq:lstm_nobias:c_tilde, eq:lstm_nobias:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
+        np.tanh(x_proj, out=x_proj)
+        x_proj *= h_prev_proj_scale
+        x_proj += h_prev_proj_shift
+        f = x_proj[:, :n_hidden]
+        i = x_proj[:, n_hidden:2*n_hidden]
+        c_tilde = x_proj[:, 2*n_hidden:3*n_hidden]
+        o = x_proj[:, 3*n_hidden:4*n_hidden]
         c = c_seq[t + 1]
         np.add(c_prev*f, c_tilde*i, out=c)  # eq:lstm_nobias:c
         tanh_c = tanh_c_seq[t]

@@ -92,28 +92,29 @@ def forward(params, x, state0=None):
     h_seq[0] = state0["h"]
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
     c_seq[0] = state0["c"]
-    h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)  # i, f, g, o
+    h_prev_proj = np.empty((B, 4*n_hidden), dtype)  # one step's recurrent product
+    # after each step, x_proj_seq[t] holds i, f, g, o
     h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype), np.full(n_hidden, 0.5, dtype)])
     h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype), np.full(n_hidden, 0.5, dtype)])
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
-    i_seq = h_prev_proj_seq[..., :n_hidden]
-    f_seq = h_prev_proj_seq[..., n_hidden:2*n_hidden]
-    g_seq = h_prev_proj_seq[..., 2*n_hidden:3*n_hidden]
-    o_seq = h_prev_proj_seq[..., 3*n_hidden:4*n_hidden]
+    i_seq = x_proj_seq[..., :n_hidden]
+    f_seq = x_proj_seq[..., n_hidden:2*n_hidden]
+    g_seq = x_proj_seq[..., 2*n_hidden:3*n_hidden]
+    o_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
     for t in range(T):
         h_prev = h_seq[t]
         c_prev = c_seq[t]
-        h_prev_proj = h_prev_proj_seq[t]
         np.dot(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
-        h_prev_proj += x_proj_seq[t]  # + the input side (and biases) of every slot
-        h_prev_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
-        np.tanh(h_prev_proj, out=h_prev_proj)
-        h_prev_proj *= h_prev_proj_scale
-        h_prev_proj += h_prev_proj_shift
-        i = h_prev_proj[:, :n_hidden]
-        f = h_prev_proj[:, n_hidden:2*n_hidden]
-        g = h_prev_proj[:, 2*n_hidden:3*n_hidden]
-        o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
+        x_proj = x_proj_seq[t]
+        x_proj += h_prev_proj  # + the recurrent side of every slot
+        x_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
+        np.tanh(x_proj, out=x_proj)
+        x_proj *= h_prev_proj_scale
+        x_proj += h_prev_proj_shift
+        i = x_proj[:, :n_hidden]
+        f = x_proj[:, n_hidden:2*n_hidden]
+        g = x_proj[:, 2*n_hidden:3*n_hidden]
+        o = x_proj[:, 3*n_hidden:4*n_hidden]
         c = c_seq[t + 1]
         np.add(c_prev*f, g*i, out=c)  # eq:lstm_torch:c
         tanh_c = tanh_c_seq[t]

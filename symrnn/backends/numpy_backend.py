@@ -99,6 +99,10 @@ class _LoopFusion:
        (sigmoid(a) = tanh(a/2)/2 + 1/2, exact), and the GEMM output lives in the
        stored buffer of those values (i_seq, f_seq, ... are views of it), so
        nothing is copied.
+    4. When every slot of the recurrent GEMM pairs with the same slot of one
+       input-side buffer (the LSTM's four gates), that buffer is the stored one:
+       the GEMM writes one step's product to a (B, rows) scratch that is added
+       into the input side, and no second (T, B, rows) buffer exists.
     Nothing here changes what a value means: a product is folded into only when
     no other node and no backward formula reads it."""
 
@@ -188,8 +192,24 @@ class _LoopFusion:
             return
         single_state = len(slots) == 1 and slots[0]["act"] and slots[0]["content"] in g.state_names
         stored = [s["content"] in plan.stored for s in slots]
+        pre = {s["pre"].name: s["pre"] for s in slots if s["pre"] is not None}
+        # 4. every slot pairs with the same slot of one input-side buffer: that buffer,
+        #    computed for every step anyway, becomes the stored one (the step's GEMM goes to
+        #    a (B, rows) scratch and is added into it): one (T, B, rows) buffer fewer
+        in_input = (not single_state and all(stored) and all(s["pre"] is not None for s in slots) and len(pre) == 1
+                    and sympy.expand(next(iter(pre.values())).rows - grp.rows) == 0)
+        scratch = None
         if single_state:
             dest = f"{slots[0]['content']}_seq[t + 1]"
+        elif in_input:
+            group = next(iter(pre.values()))
+            source = group.name if len(group.members) > 1 else group.members[0].name  # its buffer's name
+            dest, scratch = f"{source}_seq[t]", grp.name
+            self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(grp.rows)}), dtype)  # one step's recurrent product")
+            self.alloc_lines.append(f"# after each step, {source}_seq[t] holds {', '.join(s['content'] for s in slots)}")
+            for s in slots:
+                self.views.add(s["content"])
+                self.view_lines.append(f"{s['content']}_seq = {source}_seq[..., {_slice(s['offset'], s['member'].size)}]")
         elif all(stored):
             dest = f"{grp.name}_seq[t]"
             self.alloc_lines.append(f"{grp.name}_seq = np.empty((T, B, {dim(grp.rows)}), dtype)  # {', '.join(s['content'] for s in slots)}")
@@ -199,7 +219,7 @@ class _LoopFusion:
         else:
             dest = f"{grp.name}_step"
             self.alloc_lines.append(f"{dest} = np.empty((B, {dim(grp.rows)}), dtype)")
-        self.groups[grp.name] = {"slots": slots, "dest": dest, "single_state": single_state}
+        self.groups[grp.name] = {"slots": slots, "dest": dest, "single_state": single_state, "scratch": scratch}
         for s in slots:
             if s["act"]:
                 self.computed.add(s["content"])
@@ -212,12 +232,19 @@ class _LoopFusion:
         e = self.e
         info = self.groups[grp.name]
         slots, buf = info["slots"], grp.name
-        out.append(f"{buf} = {info['dest']}")
         labels = ", ".join(s["member"].name for s in slots)
-        out.append(f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={buf})  # {labels}")
         pre = {s["pre"].name for s in slots if s["pre"] is not None}
         whole = f"{buf}[:, {{}}]"
-        for run in _runs([s for s in slots if s["pre"] is not None]):
+        if info["scratch"]:  # the step's slots live in the input-side buffer
+            buf = info["dest"].removesuffix("_seq[t]")
+            whole = f"{buf}[:, {{}}]"
+            out.append(f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={info['scratch']})  # {labels}")
+            out.append(f"{buf} = {info['dest']}")
+            out.append(f"{buf} += {info['scratch']}  # + the recurrent side of every slot")
+        else:
+            out.append(f"{buf} = {info['dest']}")
+            out.append(f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={buf})  # {labels}")
+        for run in _runs([s for s in slots if s["pre"] is not None] if not info["scratch"] else []):
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
             src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
             if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
