@@ -158,11 +158,12 @@ def backward(params, cache, grad_outputs):
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        common = 1 - z_seq[t0:t1]
         dh_dW_hh_W_hh_in0 = z_seq[t0:t1]*(1 - h_tilde_seq[t0:t1]**2)
         dh_dz_from1 = -h_seq[t0:t1] + h_tilde_seq[t0:t1]
-        dh_dh_prev_1 = 1 - z_seq[t0:t1]
+        dh_dh_prev_1 = common
         dW_hh_in0_from_W_hh_in0_proj_dW_rh_h_prev = h_seq[t0:t1]*r_seq[t0:t1]*(1 - r_seq[t0:t1])
-        dz_from1_dW_zh_h_prev = z_seq[t0:t1]*(1 - z_seq[t0:t1])
+        dz_from1_dW_zh_h_prev = common*z_seq[t0:t1]
         for t in reversed(range(t0, t1)):
             r = r_seq[t]
             d_h = d_h_next + d_h_seq[t]  # eq:gru_nobias:adj:h

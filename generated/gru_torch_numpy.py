@@ -147,10 +147,13 @@ def backward(params, cache, grad_outputs):
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
-        dh_dweight_hh_l0_2_h_prev = r_seq[t0:t1]*(1 - n_seq[t0:t1]**2)*(1 - z_seq[t0:t1])
-        dh_dweight_hh_l0_1_h_prev = z_seq[t0:t1]*(1 - z_seq[t0:t1])*(h_seq[t0:t1] - n_seq[t0:t1])
-        dh_dweight_hh_l0_0_h_prev = r_seq[t0:t1]*(1 - n_seq[t0:t1]**2)*(1 - r_seq[t0:t1])*(1 - z_seq[t0:t1])*(bias_hh_l0_2 + weight_hh_l0_2_h_prev_seq[t0:t1])
-        d_coef = (1 - n_seq[t0:t1]**2)*(1 - z_seq[t0:t1])
+        common = 1 - z_seq[t0:t1]
+        common_1 = common*(1 - n_seq[t0:t1]**2)
+        common_2 = common_1*r_seq[t0:t1]
+        dh_dweight_hh_l0_2_h_prev = common_2
+        dh_dweight_hh_l0_1_h_prev = common*z_seq[t0:t1]*(h_seq[t0:t1] - n_seq[t0:t1])
+        dh_dweight_hh_l0_0_h_prev = common_2*(1 - r_seq[t0:t1])*(bias_hh_l0_2 + weight_hh_l0_2_h_prev_seq[t0:t1])
+        d_coef = common_1
         for t in reversed(range(t0, t1)):
             z = z_seq[t]
             d_h = d_h_next + d_h_seq[t]  # eq:gru_torch:adj:h

@@ -104,9 +104,10 @@ def backward(params, cache, grad_outputs):
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
-        d_coef = np.heaviside(h_seq[t0 + 1:t1 + 1], 0)
-        dh_dh_prev_0 = u*np.heaviside(h_seq[t0 + 1:t1 + 1], 0)
-        d_coef_1 = h_seq[t0:t1]*np.heaviside(h_seq[t0 + 1:t1 + 1], 0)
+        common = np.heaviside(h_seq[t0 + 1:t1 + 1], 0)
+        d_coef = common
+        dh_dh_prev_0 = common*u
+        d_coef_1 = common*h_seq[t0:t1]
         for t in reversed(range(t0, t1)):
             d_h = d_h_next + d_h_seq[t]  # eq:indrnn:adj:h
             np.multiply(d_coef[t - t0], d_h, out=d_W_x_seq[t])

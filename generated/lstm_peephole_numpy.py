@@ -199,15 +199,20 @@ def backward(params, cache, grad_outputs):
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
-        dh_dW_o_h_prev = o_seq[t0:t1]*tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1])
-        dh_dc = o_seq[t0:t1]*(p_o*tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1]) - tanh_c_seq[t0:t1]**2 + 1)
+        common = tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1])
+        common_1 = common*o_seq[t0:t1]
+        common_2 = f_seq[t0:t1]*(1 - f_seq[t0:t1])
+        common_3 = c_seq[t0:t1]*common_2
+        common_4 = g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
+        dh_dW_o_h_prev = common_1
+        dh_dc = o_seq[t0:t1]*(common*p_o - tanh_c_seq[t0:t1]**2 + 1)
         dc_dW_g_h_prev = i_seq[t0:t1]*(1 - g_seq[t0:t1]**2)
-        dc_dW_f_h_prev = c_seq[t0:t1]*f_seq[t0:t1]*(1 - f_seq[t0:t1])
-        dc_dW_i_h_prev = g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
-        dc_dc_prev_0 = c_seq[t0:t1]*f_seq[t0:t1]*p_f*(1 - f_seq[t0:t1]) + f_seq[t0:t1] + g_seq[t0:t1]*i_seq[t0:t1]*p_i*(1 - i_seq[t0:t1])
-        d_coef = c_seq[t0:t1]*g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
-        d_coef_1 = c_seq[t0:t1]**2*f_seq[t0:t1]*(1 - f_seq[t0:t1])
-        d_coef_2 = c_seq[t0 + 1:t1 + 1]*o_seq[t0:t1]*tanh_c_seq[t0:t1]*(1 - o_seq[t0:t1])
+        dc_dW_f_h_prev = common_3
+        dc_dW_i_h_prev = common_4
+        dc_dc_prev_0 = common_3*p_f + common_4*p_i + f_seq[t0:t1]
+        d_coef = c_seq[t0:t1]*common_4
+        d_coef_1 = c_seq[t0:t1]**2*common_2
+        d_coef_2 = c_seq[t0 + 1:t1 + 1]*common_1
         for t in reversed(range(t0, t1)):
             d_h = d_h_next + d_h_seq[t]  # eq:lstm_peephole:adj:h
             d_W_o_h_prev = d_h_prev_proj_seq[t, :, 3*n_hidden:4*n_hidden]

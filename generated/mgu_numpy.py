@@ -166,11 +166,13 @@ def backward(params, cache, grad_outputs):
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
+        common = 1 - f_seq[t0:t1]
+        common_1 = common*f_seq[t0:t1]
         dh_dW_h_W_h_in0 = f_seq[t0:t1]*(1 - h_tilde_seq[t0:t1]**2)
         dh_df_from1 = -h_seq[t0:t1] + h_tilde_seq[t0:t1]
-        dh_dh_prev_1 = 1 - f_seq[t0:t1]
-        dW_h_in0_from_W_h_in0_proj_dW_f_h_prev = f_seq[t0:t1]*h_seq[t0:t1]*(1 - f_seq[t0:t1])
-        df_from1_dW_f_h_prev = f_seq[t0:t1]*(1 - f_seq[t0:t1])
+        dh_dh_prev_1 = common
+        dW_h_in0_from_W_h_in0_proj_dW_f_h_prev = common_1*h_seq[t0:t1]
+        df_from1_dW_f_h_prev = common_1
         for t in reversed(range(t0, t1)):
             f = f_seq[t]
             d_h = d_h_next + d_h_seq[t]  # eq:mgu:adj:h

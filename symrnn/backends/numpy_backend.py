@@ -336,6 +336,7 @@ class _Emitter:
         self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
         self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
         self.coef_refs: dict[str, str] = {}  # coefficient buffer -> its value at step t
+        self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
         self.fresh_names: set[str] = set()
         self.transposes: dict[str, str] = {}  # weight code -> its contiguous transpose
 
@@ -639,6 +640,7 @@ class _Emitter:
             elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
                 self.acc.setdefault(name, []).append(f"d_{name}_seq")
         self.region_backward(plan.pre, "all", m.backward_pre)
+        self.share_coefficients()
         # initial states and the input
         m.grads = [(p.name, f"d_{p.name}") for p in g.params] + [("x", "d_x_seq")]
         m.grads += [(f"{s.name}0", f"d_{s.name}_next") for s in g.states]
@@ -798,11 +800,22 @@ class _Emitter:
             varies = any(not self.g.is_leaf(s.name) or self.g.leaf(s.name).kind != "param" for s in k.free_symbols)
             if varies:
                 self.coef_refs[name] = f"{name}[t - t0]"
-                self.m.backward_coefs.append(f"{name} = {self.code(k, 'block')}")
+                self.block_coefs.append((name, k))  # printed by share_coefficients
             else:  # parameters only: once
                 self.coef_refs[name] = name
                 self.m.backward_seed.append(f"{name} = {self.code(k, 'all')}")
         return sympy.Symbol(self.coefs[k])
+
+    def share_coefficients(self) -> None:
+        """Print the per-block coefficients, their common subexpressions computed once
+        (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
+        names = [name for name, _ in self.block_coefs]
+        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=sympy.numbered_symbols("coef_tmp"), order="none")
+        rename = {sym: sympy.Symbol(self.fresh("common")) for sym, _ in replacements}
+        for sym, expr in replacements:
+            self.m.backward_coefs.append(f"{rename[sym].name} = {self.code(expr.xreplace(rename), 'block', {s.name: s.name for s in rename.values()})}")
+        for name, expr in zip(names, reduced):
+            self.m.backward_coefs.append(f"{name} = {self.code(expr.xreplace(rename), 'block', {s.name: s.name for s in rename.values()})}")
 
     def print_with_cse(self, stmts: list, ctx: str, out: list[str]) -> None:
         """Print a stage's statements, common subexpressions shared (sympy.cse).
