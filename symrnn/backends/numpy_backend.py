@@ -809,13 +809,11 @@ class _Emitter:
     def share_coefficients(self) -> None:
         """Print the per-block coefficients, their common subexpressions computed once
         (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
-        names = [name for name, _ in self.block_coefs]
         replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=sympy.numbered_symbols("coef_tmp"), order="none")
         rename = {sym: sympy.Symbol(self.fresh("common")) for sym, _ in replacements}
-        for sym, expr in replacements:
-            self.m.backward_coefs.append(f"{rename[sym].name} = {self.code(expr.xreplace(rename), 'block', {s.name: s.name for s in rename.values()})}")
-        for name, expr in zip(names, reduced):
-            self.m.backward_coefs.append(f"{name} = {self.code(expr.xreplace(rename), 'block', {s.name: s.name for s in rename.values()})}")
+        own = {s.name: s.name for s in rename.values()}  # printed as themselves, not as stored values
+        lines = [(rename[sym].name, expr) for sym, expr in replacements] + [(name, k) for (name, _), k in zip(self.block_coefs, reduced)]
+        self.m.backward_coefs.extend(f"{name} = {self.code(expr.xreplace(rename), 'block', own)}" for name, expr in lines)
 
     def print_with_cse(self, stmts: list, ctx: str, out: list[str]) -> None:
         """Print a stage's statements, common subexpressions shared (sympy.cse).
