@@ -646,9 +646,6 @@ def timing_table(rows, has_jax):
 
 def targets_table(rows, mem_rows, generate_s):
     """The targets of the performance issue, each judged on this run's numbers."""
-    def names(keys):
-        return ", ".join("/".join(k) for k in keys) or "none"
-
     big = [(k, r) for k, r in rows if k[1] != "small"]
     small = [(k, r) for k, r in rows if k[1] == "small"]
     lines = ["| target | met in | not met in |", "|---|---|---|"]
