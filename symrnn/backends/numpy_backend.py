@@ -231,27 +231,20 @@ class _LoopFusion:
         """The fused step of one recurrent GEMM: product, input side, activations."""
         e = self.e
         info = self.groups[grp.name]
-        slots, buf = info["slots"], grp.name
+        slots = info["slots"]
         labels = ", ".join(s["member"].name for s in slots)
-        pre = {s["pre"].name for s in slots if s["pre"] is not None}
-        whole = f"{buf}[:, {{}}]"
+        product = f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={{}})  # {labels}"
         if info["scratch"]:  # the step's slots live in the input-side buffer
             buf = info["dest"].removesuffix("_seq[t]")
-            whole = f"{buf}[:, {{}}]"
-            out.append(f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={info['scratch']})  # {labels}")
+            out.append(product.format(info["scratch"]))
             out.append(f"{buf} = {info['dest']}")
             out.append(f"{buf} += {info['scratch']}  # + the recurrent side of every slot")
         else:
+            buf = grp.name
             out.append(f"{buf} = {info['dest']}")
-            out.append(f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={buf})  # {labels}")
-        for run in _runs([s for s in slots if s["pre"] is not None] if not info["scratch"] else []):
-            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
-            src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
-            if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
-                out.append(f"{buf} += {src}_seq[t]  # + the input side (and biases) of every slot")
-            else:
-                sl = _slice(lo, hi - lo)
-                out.append(f"{whole.format(sl)} += {src}_seq[t, :, {sl}]")
+            out.append(product.format(buf))
+            self.add_input_side(grp, slots, buf, out)
+        whole = f"{buf}[:, {{}}]"
         for run in _runs([s for s in slots if s["act"]], same=lambda a, b: True):
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
             view = buf if len(run) == len(slots) else whole.format(_slice(lo, hi - lo))
@@ -280,6 +273,19 @@ class _LoopFusion:
                 self.slot_names[s["content"]] = s["content"]
             if s["content"] in e.plan.stored and s["content"] not in self.views:
                 out.append(f"{s['content']}_seq[t] = {s['content']}")
+
+    @staticmethod
+    def add_input_side(grp: GemmGroup, slots: list, buf: str, out: list[str]) -> None:
+        """``buf`` (the step's GEMM output) += the input side of its slots, run by run."""
+        pre = {s["pre"].name for s in slots if s["pre"] is not None}
+        for run in _runs([s for s in slots if s["pre"] is not None]):
+            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
+            src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
+            if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
+                out.append(f"{buf} += {src}_seq[t]  # + the input side (and biases) of every slot")
+            else:
+                sl = _slice(lo, hi - lo)
+                out.append(f"{buf}[:, {sl}] += {src}_seq[t, :, {sl}]")
 
     def vector(self, grp: GemmGroup, run: list, values: dict, what: str) -> str:
         name = self.e.fresh(f"{grp.name}_{what}")
