@@ -96,7 +96,10 @@ class ParamSymbol(sympy.Symbol):
 
 def _operands(other) -> sympy.Tuple:
     items = other if isinstance(other, (tuple, list)) else (other,)
-    return sympy.Tuple(*[sympy.sympify(v) for v in items])
+    for v in items:
+        if isinstance(v, str):  # never parsed: text would be evaluated by sympify
+            raise TypeError(f"W @ {v!r}: the operand must be a SymPy expression, not a string")
+    return sympy.Tuple(*[sympy.sympify(v, strict=True) for v in items])
 
 
 def params(names: str) -> tuple[ParamSymbol, ...]:

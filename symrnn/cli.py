@@ -26,6 +26,7 @@ import warnings
 
 from .cells import BUILTIN, builtin
 from .errors import UserError
+from .escape import one_line
 
 EXIT_FAIL, EXIT_USAGE = 1, 2
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return _COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"symrnn: error: {exc}", file=sys.stderr)
+        print(f"symrnn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("symrnn: interrupted", file=sys.stderr)
@@ -99,7 +100,7 @@ def _selected(args, default_all: bool = True) -> list[tuple]:
             cell = load_spec(path, constants)
         for w in caught:
             if issubclass(w.category, SpecWarning):
-                print(f"symrnn: warning: {w.message}", file=sys.stderr)
+                print(f"symrnn: warning: {one_line(str(w.message))}", file=sys.stderr)
             else:  # pragma: no cover - not ours: pass it on
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         sets = "".join(f" --set {k}={v}" for k, v in constants.items())
@@ -153,6 +154,8 @@ def _show(args) -> int:
 def _generate(args) -> int:
     from .pipeline import generate
 
+    if not args.out.strip():
+        raise UserError("--out: the output folder's name is empty")
     selected = _selected(args)
     start = time.perf_counter()
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
@@ -184,6 +187,8 @@ def _latex(args) -> int:
     from .latex import Notation
     from .pipeline import build, compile_pdf, render_latex, render_markdown, write_atomic
 
+    if args.output is not None and not args.output.strip():
+        raise UserError("-o: the output file's name is empty")
     selected = _selected(args)
     rename = []
     for item in args.rename:

@@ -85,7 +85,7 @@ class _DimPrinter(C99CodePrinter):
 
 def dim_code(expr) -> str:
     """A size as C code, e.g. ``4*n_hidden``."""
-    return _DimPrinter().doprint(sympy.sympify(expr))
+    return _DimPrinter().doprint(sympy.sympify(expr, strict=True))
 
 
 def op_helpers(ops: list[type[Op]]) -> list[tuple[str, str, str]]:

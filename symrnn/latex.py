@@ -235,7 +235,7 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
                 initial=P.doprint(sens.lhs).replace("^{t}", "^{-1}", 1) + " = 0",
             ))
     return dict(
-        cell=cell, source=g.source or "user-defined", description=g.description, symbols=symbols,
+        cell=cell, symbols=symbols,
         forward=forward, loss=loss, partials=partials, adjoints=[a for a in adjoints if a],
         gradients=gradients, sensitivities=sensitivities, cost=_cost(plan),
     )

@@ -9,6 +9,7 @@ problem in the user's cell), never assertions.
 
 from __future__ import annotations
 
+import ast
 import keyword
 import re
 
@@ -16,6 +17,7 @@ import sympy
 
 from .cell import DIMS, Block, Cell, MatVec
 from .errors import CellError, suggest
+from .escape import check_text, shown
 from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
 from .ops import OPS, Op
 
@@ -26,7 +28,65 @@ RESERVED = frozenset(
 )
 _PREFIXES = ("d_", "J_", "o_", "W_stack_")
 _SUFFIXES = ("_seq", "_proj", "_next")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: no trailing newline
+#: the longest name accepted (a file name is built from the cell's)
+MAX_NAME = 64
+#: the largest integer a size may hold (sizes beyond it are a mistake, or an attack on memory)
+MAX_SIZE = 2**24
+
+_SIZE_HELP = ("a size is n_in, n_hidden or n_out, a positive integer, or a sum of integer multiples of them, "
+              "e.g. \"n_hidden + n_in\" or \"4*n_hidden\"")
+
+
+def parse_size(text: str) -> sympy.Expr:
+    """A size written in a string, read with :mod:`ast` against an allow-list (never
+    evaluated): the dimensions, positive integer literals, ``+``, integer ``*``, parentheses.
+    Raises ValueError saying what is wrong.
+
+    >>> parse_size("4*n_hidden + n_in")
+    4*n_hidden + n_in
+    """
+    if len(text) > 200:
+        raise ValueError(f"size {shown(text, 40)} is too long; {_SIZE_HELP}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        raise ValueError(f"cannot read size {shown(text)}; {_SIZE_HELP}") from None
+
+    def build(node: ast.AST) -> sympy.Expr:
+        if isinstance(node, ast.Name) and node.id in DIMS:
+            return DIMS[node.id]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if not 0 < node.value <= MAX_SIZE:
+                raise ValueError(f"size {shown(text)}: {node.value} is not a positive integer up to {MAX_SIZE}")
+            return sympy.Integer(node.value)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = build(node.left), build(node.right)
+            if isinstance(node.op, ast.Mult) and not (left.is_Integer or right.is_Integer):
+                raise ValueError(f"size {shown(text)} multiplies two dimensions; {_SIZE_HELP}")
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        if isinstance(node, ast.Name):
+            raise ValueError(f"size {shown(text)} uses unknown dimension '{node.id}'{suggest(node.id, DIMS)} "
+                             "(sizes are written in n_in, n_hidden, n_out)")
+        raise ValueError(f"size {shown(text)} is not allowed; {_SIZE_HELP}")
+
+    return check_size(build(tree.body), text)
+
+
+def check_size(expr: sympy.Expr, shown_as) -> sympy.Expr:
+    """``expr`` if it is a positive integer combination of the dimensions (so it is a
+    positive size for every choice of them), else ValueError."""
+    terms = sympy.Add.make_args(sympy.expand(expr))
+    ok = True
+    for term in terms:
+        coeff, rest = term.as_coeff_Mul()
+        if not (coeff.is_Integer and coeff > 0 and (rest == 1 or rest in DIMS.values())):
+            ok = False
+    if not ok or sympy.expand(expr) == 0:
+        raise ValueError(f"size {shown(str(shown_as))} is not allowed; {_SIZE_HELP}")
+    if any(t.as_coeff_Mul()[0] > MAX_SIZE for t in terms):
+        raise ValueError(f"size {shown(str(shown_as))} holds an integer over {MAX_SIZE}")
+    return sympy.expand(expr)
 
 #: functions that have no derivative somewhere (SymPy's class name or a spec file's
 #: name -> what to write instead); a gradient through them would be wrong or undefined
@@ -66,7 +126,7 @@ def lower(cell: Cell) -> StepGraph:
 class _Lowering:
     def __init__(self, cell: Cell):
         self.cell = cell
-        self.fixed = {DIMS[k]: sympy.Integer(v) for k, v in cell.dims.items()}
+        self.fixed: dict[sympy.Symbol, sympy.Integer] = {}
         self.scope: dict[str, tuple[str, sympy.Expr | None]] = {}  # name -> (what, size)
         self.leaves: list[Leaf] = []
         self.nodes: list = []
@@ -79,21 +139,41 @@ class _Lowering:
         return CellError(self.cell.name, where, message)
 
     def size(self, value, where: str) -> sympy.Expr:
+        """A declared size: a string (read by :func:`parse_size`, never evaluated), a
+        positive int, or a SymPy expression of the same form."""
         try:
-            expr = sympy.sympify(value, locals=dict(DIMS)) if isinstance(value, str) else sympy.sympify(value)
-        except (sympy.SympifyError, SyntaxError, TypeError) as exc:
-            raise self.error(where, f"cannot read size {value!r}: {exc}") from None
-        bad = sorted(s.name for s in expr.free_symbols if s not in DIMS.values())
-        if bad:
-            raise self.error(where, f"size {value!r} uses unknown dimension '{bad[0]}' (sizes are written in n_in, n_hidden, n_out)")
-        return sympy.simplify(expr.subs(self.fixed))
+            if isinstance(value, str):
+                expr = parse_size(value)
+            elif isinstance(value, bool) or not isinstance(value, (int, sympy.Expr)):
+                raise ValueError(f"a size must be a string such as \"n_hidden\", an int or a SymPy expression, "
+                                 f"got {type(value).__name__}")
+            else:
+                expr = check_size(sympy.Integer(value) if isinstance(value, int) else value, value)
+        except ValueError as exc:
+            raise self.error(where, str(exc)) from None
+        return sympy.expand(expr.subs(self.fixed))
+
+    def sympy_expr(self, value, where: str) -> sympy.Expr:
+        """An equation of the Python API as a SymPy expression; a string is refused, never
+        parsed (equations written as text go in a spec file, read by symrnn.spec)."""
+        if isinstance(value, str):
+            raise self.error(where, f"is a string ({shown(value, 40)}); build it from SymPy symbols and symrnn's "
+                             "functions, or write the cell in an equations file (symrnn.load_spec)")
+        try:
+            return sympy.sympify(value, strict=True)
+        except (sympy.SympifyError, TypeError) as exc:
+            raise self.error(where, f"not a SymPy expression: {type(value).__name__}") from None
 
     def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
         return sympy.simplify(a - b) == 0
 
     def claim(self, name: str, where: str, allow: frozenset = frozenset()) -> None:
-        if not _NAME.match(name) or keyword.iskeyword(name):
-            raise self.error(where, f"'{name}' is not a valid name (letters, digits and _, starting with a letter)")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise self.error(where, f"{shown(name)} is not a valid name (letters, digits and _, starting with a letter)")
+        if len(name) > MAX_NAME:
+            raise self.error(where, f"'{name[:20]}...' is {len(name)} characters long; a name has at most {MAX_NAME}")
+        if keyword.iskeyword(name):
+            raise self.error(where, f"'{name}' is a Python keyword; choose another name (e.g. {name}_)")
         if (name in RESERVED - allow) or name.startswith(_PREFIXES) or name.endswith(_SUFFIXES):
             raise self.error(where, f"'{name}' is reserved by the generated code; choose another name")
         if name in self.taken:
@@ -122,9 +202,13 @@ class _Lowering:
     # -- the pass ---------------------------------------------------------------
     def run(self) -> StepGraph:
         cell = self.cell
-        for k in cell.dims:
+        self.check_text()
+        for k, v in cell.dims.items():
             if k not in DIMS:
                 raise self.error(f"dims['{k}']", f"unknown dimension (use {', '.join(DIMS)})")
+            if type(v) is not int or not 0 < v <= MAX_SIZE:
+                raise self.error(f"dims['{k}']", f"{v!r}: a fixed dimension is a positive integer up to {MAX_SIZE}")
+            self.fixed[DIMS[k]] = sympy.Integer(v)
         if len(cell.inputs) != 1:
             raise self.error("inputs", f"a cell has exactly one input vector, got {len(cell.inputs)}")
         (in_name, in_size), = cell.inputs.items()
@@ -203,6 +287,18 @@ class _Lowering:
         graph.verify()
         return graph
 
+    def check_text(self) -> None:
+        """The cell's name (it names files and modules) and its free text."""
+        cell = self.cell
+        if not isinstance(cell.name, str) or not _NAME.fullmatch(cell.name) or len(cell.name) > MAX_NAME:
+            raise CellError(shown(cell.name, 40)[1:-1], "name", "not a valid cell name: letters, digits and _, starting "
+                            f"with a letter, at most {MAX_NAME} characters (it names the generated files)")
+        for what in ("source", "description"):
+            try:
+                check_text(getattr(cell, what), what)
+            except ValueError as exc:
+                raise self.error(what, str(exc)) from None
+
     def check_sizes_readable(self, states: list[StateDecl]) -> None:
         """The generated module reads n_hidden off a parameter's shape: one must have it."""
         n_hidden = DIMS["n_hidden"]
@@ -248,7 +344,7 @@ class _Lowering:
             raise self.error("loss", f"target_of names readout '{loss.target_of}', which the cell does not have")
         self.scope["target"] = ("target", self.scope[loss.target_of][1])
         self.leaves.append(Leaf("target", "target", self.scope[loss.target_of][1]))
-        expr = self.resolve_plain(sympy.sympify(loss.expr), "loss")
+        expr = self.resolve_plain(self.sympy_expr(loss.expr, "loss"), "loss")
         return LossIR(expr, loss.reduction, "target", loss.target_of)
 
     def resolve_plain(self, expr: sympy.Expr, where: str) -> sympy.Expr:
@@ -283,7 +379,8 @@ class _Lowering:
     def cycle(self, start: str) -> list[str]:
         """A chain start -> ... -> start of equations that use each other, or []."""
         eqs = self.cell.equations
-        uses = {k: sorted(s.name for s in sympy.sympify(v).free_symbols if s.name in eqs) for k, v in eqs.items()}
+        uses = {k: sorted(s.name for s in self.sympy_expr(v, f"equation '{k}'").free_symbols if s.name in eqs)
+                for k, v in eqs.items()}
         path: list[str] = []
 
         def visit(name: str, seen: set) -> bool:
@@ -301,10 +398,7 @@ class _Lowering:
     # -- equations ----------------------------------------------------------------
     def equation(self, name: str, expr, role: str) -> None:
         where = f"equation '{name}'"
-        try:
-            expr = sympy.sympify(expr)
-        except (sympy.SympifyError, TypeError) as exc:
-            raise self.error(where, f"not a SymPy expression: {exc}") from None
+        expr = self.sympy_expr(expr, where)
         if isinstance(expr, MatVec) and len(expr.args[1]) == 1:
             self.matvec(expr, where, name=name, role=role)
             return

@@ -24,6 +24,7 @@ from .cell import Cell
 from .cells import builtin
 from .derive import derive
 from .errors import UserError
+from .escape import c_comment, html_comment, md_text, py_comment, py_docstring, py_raw_block, tex_comment, tex_text
 from .lower import lower
 from .plan import KernelPlan, plan
 
@@ -78,10 +79,10 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     loss = g.loss
     return _ENV.get_template("numpy_module.py.j2").render(
         cell=g.cell,
-        source=g.source or "user-defined",
-        command=command,
-        title=f"NumPy kernels for the '{g.cell}' cell: forward, BPTT backward and RTRL gradients.",
-        equations=_equation_lines(g),
+        source=py_comment(g.source or "user-defined"),
+        command=py_comment(command),
+        title=py_docstring(f"NumPy kernels for the '{g.cell}' cell: forward, BPTT backward and RTRL gradients."),
+        equations=[py_docstring(line) for line in _equation_lines(g)],
         outputs_doc=", ".join(f'"{o}"' for o in g.outputs),
         initial_doc=", ".join(f'"{s.name}0"' for s in g.states),
         has_loss=loss is not None,
@@ -132,8 +133,8 @@ def render_cuda(kernel_plan: KernelPlan, command: str | None = None) -> str:
     m = emit_cupy(kernel_plan)
     return _ENV.get_template("cuda_kernels.cu.j2").render(
         cell=g.cell,
-        source=g.source or "user-defined",
-        command=command or _command(g.cell, "cupy"),
+        source=c_comment(g.source or "user-defined"),
+        command=c_comment(command or _command(g.cell, "cupy")),
         ops=op_helpers(m.ops),
         kernels=template_kernels(m.kernels),
     )
@@ -151,10 +152,10 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     numpy_parts = emit_loss(kernel_plan) if loss is not None else None
     return _ENV.get_template("cupy_module.py.j2").render(
         cell=g.cell,
-        source=g.source or "user-defined",
-        command=command,
-        title=f"CuPy kernels for the '{g.cell}' cell: forward and BPTT backward as fused CUDA kernels.",
-        equations=_equation_lines(g),
+        source=py_comment(g.source or "user-defined"),
+        command=py_comment(command),
+        title=py_docstring(f"CuPy kernels for the '{g.cell}' cell: forward and BPTT backward as fused CUDA kernels."),
+        equations=[py_docstring(line) for line in _equation_lines(g)],
         outputs_doc=", ".join(f'"{o}"' for o in g.outputs),
         initial_doc=", ".join(f'"{s.name}0"' for s in g.states),
         has_loss=loss is not None,
@@ -181,7 +182,7 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_scale=numpy_parts.loss_scale if numpy_parts else "",
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
         target_of=loss.target_of if loss else "",
-        cuda_source=render_cuda(kernel_plan, command),
+        cuda_source=py_raw_block("\n" + render_cuda(kernel_plan, command)),
     )
 
 
@@ -347,14 +348,22 @@ def _render_document(kernel_plan: KernelPlan, notation, fmt: str, command: str |
     command = command or (
         f"symrnn latex {g.cell} --format {fmt}{out}" if g.cell in BUILTIN else f"symrnn latex --spec <file of {g.cell}>"
     )
-    return _ENV.get_template(f"derivation.{fmt}.j2").render(command=command, **data)
+    source = g.source or "user-defined"
+    if fmt == "tex":
+        text = dict(command=tex_comment(command), source_comment=tex_comment(source), source_text=tex_text(source),
+                    cell_text=tex_text(g.cell))
+    else:
+        text = dict(command=html_comment(command), source_comment=html_comment(source), source_text=md_text(source))
+    return _ENV.get_template(f"derivation.{fmt}.j2").render(**data, **text)
 
 
-def compile_pdf(tex: str, out: Path) -> Path:
+def compile_pdf(tex: str, out: Path, timeout: float = 120.0) -> Path:
     """Compile ``tex`` with pdflatex in a scratch folder; move the PDF to ``out`` atomically.
 
-    A failure raises a UserError with the first error lines of pdflatex's log;
-    ``out`` is then left as it was."""
+    pdflatex runs confined: no shell escape, reading and writing only inside the
+    scratch folder (kpathsea's paranoid ``openin_any``/``openout_any``), no terminal
+    input, and a time limit.  A failure raises a UserError with the first error lines
+    of pdflatex's log; ``out`` is then left as it was."""
     import shutil
     import subprocess
 
@@ -362,12 +371,17 @@ def compile_pdf(tex: str, out: Path) -> Path:
     if exe is None:
         raise UserError("pdflatex is not installed (Debian: apt-get install texlive-latex-base texlive-latex-recommended)")
     out = Path(out)
+    env = {**os.environ, "openin_any": "p", "openout_any": "p", "shell_escape": "f"}
     with tempfile.TemporaryDirectory(prefix="symrnn-latex-") as tmp:
         src = Path(tmp) / "derivation.tex"
         src.write_text(tex, encoding="utf-8")
         for _ in range(2):  # twice, for the equation references
-            proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", src.name],
-                                  cwd=tmp, capture_output=True, text=True, errors="replace")
+            try:
+                proc = subprocess.run([exe, "-no-shell-escape", "-interaction=nonstopmode", "-halt-on-error", src.name],
+                                      cwd=tmp, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      errors="replace", timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise UserError(f"pdflatex did not finish within {timeout:.0f} s; nothing was written") from None
             if proc.returncode != 0:
                 log = (Path(tmp) / "derivation.log")
                 text = log.read_text(errors="replace") if log.exists() else proc.stdout

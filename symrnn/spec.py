@@ -35,6 +35,7 @@ tanh(W @ [h_prev; x])
 from __future__ import annotations
 
 import ast
+import math
 import re
 import sys
 import warnings
@@ -46,6 +47,7 @@ import sympy
 
 from .cell import Cell, Loss, Param, ParamSymbol
 from .errors import CellError, UserError, suggest
+from .escape import one_line, shown
 from .lower import NONDIFFERENTIABLE, lower
 from .ops import OPS
 
@@ -87,6 +89,7 @@ def parse_spec(text: str, filename: str = "<spec>", constants: Mapping[str, floa
 
 
 # -- where things are in the file -------------------------------------------------
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _TABLE_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\"-]+)\s*\]\s*(#.*)?$")
 _KEY_LINE = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*=""")
 
@@ -96,7 +99,7 @@ def _index(text: str) -> dict[tuple[str, str], int]:
     where: dict[tuple[str, str], int] = {}
     table = ""
     in_multiline = False
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # TOML's lines (not str.splitlines')
         if in_multiline:
             if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
                 in_multiline = False
@@ -129,7 +132,7 @@ class _Expr:
 
 class _Reader:
     def __init__(self, text: str, filename: str):
-        self.text, self.filename = text, filename
+        self.text, self.filename = text, one_line(filename)
         self.lines: dict[tuple[str, str], int] = {}
         self.cell_name = "?"
 
@@ -142,6 +145,7 @@ class _Reader:
         """``file:line[:col]: [table] key: message`` (the field is left out when the message names it)."""
         line = line or self.line_of(table, key)
         place = f"{self.filename}:{line}" + (f":{col}" if col else "") if line else self.filename
+        table, key = one_line(table), one_line(key)
         name = (f"[{table}] {key}: " if key else f"[{table}]: ") if field else ""
         return SpecError(f"{place}: {name}{message}")
 
@@ -170,6 +174,11 @@ class _Reader:
 
         meta = self.cell_table(data["cell"])
         self.cell_name = meta["name"]
+        for table in ("inputs", "states", "params", "constants", "equations", "readout"):
+            for key in data.get(table, {}):
+                if not _NAME.fullmatch(key):
+                    raise self.error(table, key, f"{shown(key)} is not a valid name (letters, digits and _, "
+                                     "starting with a letter)", field=False)
         inputs = self.sizes("inputs", data["inputs"])
         states = self.sizes("states", data["states"])
         params = {k: self.param(k, v) for k, v in data.get("params", {}).items()}
@@ -239,6 +248,8 @@ class _Reader:
             return ("cell", "dims") if m.group(1) == "dims" else (m.group(1), m.group(2))
         if where == "loss":
             return "loss", "expr"
+        if where in ("name", "source", "description"):
+            return "cell", where
         return where, ""
 
     # -- tables -------------------------------------------------------------------
@@ -254,8 +265,9 @@ class _Reader:
             if not isinstance(value, str):
                 raise self.error("cell", key, f"expected a string, got {value!r}")
             out[key] = value
-        if not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", out["name"]):
-            raise self.error("cell", "name", f"'{out['name']}' is not a valid cell name (letters, digits and _, starting with a letter)")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", out["name"]):
+            raise self.error("cell", "name", f"{shown(out['name'])} is not a valid cell name (letters, digits and _, "
+                             "starting with a letter)")
         dims = table.get("dims", {})
         if not isinstance(dims, dict):
             raise self.error("cell", "dims", "expected a table such as dims = { n_in = 1 }")
@@ -295,8 +307,18 @@ class _Reader:
                                 f"[constants] has: {', '.join(table) or 'none'}")
         out = {}
         for name, value in {**table, **overrides}.items():
+            if not _NAME.fullmatch(name):
+                raise self.error("constants", name, f"{shown(name)} is not a valid name (letters, digits and _, "
+                                 "starting with a letter)")
+            setting = f"--set {name}={value}" if name in overrides else None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise self.error("constants", name, f"expected a number, got {value!r}")
+                raise self.error("constants", name, f"expected a number, got {shown(repr(value))}")
+            if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > 1e300:
+                what = f"{setting}: " if setting else ""
+                message = f"{what}constant '{name}' = {value!r} is not allowed; a constant is a finite number (at most 1e300 in size)"
+                if setting:
+                    raise SpecError(f"{self.filename}: {message}")
+                raise self.error("constants", name, message)
             out[name] = sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
         return out
 
@@ -306,7 +328,7 @@ class _Reader:
             if not isinstance(value, str):
                 raise self.error(table, key, f'expected an expression in quotes, e.g. {key} = "tanh(W @ x)", got {value!r}')
             line = self.line_of(table, key) or 0
-            raw = self.text.splitlines()[line - 1] if line else ""
+            raw = self.text.split("\n")[line - 1] if line else ""
             col0 = None  # the column where the text starts in the file (None: unknown, e.g. escapes)
             m = re.search(r"=\s*(\"\"\"|\'\'\'|\"|\')", raw)
             if m and len(m.group(1)) == 3 and not raw[m.end():].strip():

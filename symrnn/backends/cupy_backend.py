@@ -89,7 +89,7 @@ class _Builder:
     def index(self, loc: "Loc") -> str:
         if loc.kind == "scalar":
             return "0"
-        off = "" if sympy.sympify(loc.off) == 0 else f"{dim_code(loc.off)} + "
+        off = "" if sympy.sympify(loc.off, strict=True) == 0 else f"{dim_code(loc.off)} + "
         if loc.kind == "vec":
             return f"{off}unit_"
         ld = dim_code(loc.ld)
@@ -185,7 +185,7 @@ class _Emitter:
         from ..cell import DIMS
 
         subs = {DIMS[name]: value for name, value in self.g.dims if value is not None}
-        return sympy.sympify(expr).subs(subs)
+        return sympy.sympify(expr, strict=True).subs(subs)
 
     def forward_kept(self) -> set[str]:
         """Loop values kept over all steps: plan.stored, and values a later stage reads."""

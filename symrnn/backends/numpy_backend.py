@@ -24,7 +24,7 @@ __all__ = ["emit"]
 
 def dim(expr: sympy.Expr) -> str:
     """A size as Python code in n_in, n_hidden, n_out."""
-    return numpy_code(sympy.sympify(expr))
+    return numpy_code(sympy.sympify(expr, strict=True))
 
 
 def steps_matmul(a: str, a_cols: str, b: str, rows: str) -> str:
