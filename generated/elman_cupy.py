@@ -43,6 +43,8 @@ FIXED_DIMS = {}
 STATES = {"s": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("s", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "elman_forward_loop0",

@@ -44,6 +44,8 @@ FIXED_DIMS = {}
 STATES = {"s": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("s", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 
 
 def param_shapes(n_in, n_hidden, n_out=None):

@@ -45,6 +45,8 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 
 
 def param_shapes(n_in, n_hidden, n_out=None):

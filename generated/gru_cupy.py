@@ -388,7 +388,7 @@ __host__ __device__ inline void gru_backward_loop1_element(
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     scalar_t* __restrict__ d_W_h_in0_proj_seq,
     scalar_t* __restrict__ d_h_prev_1,
-    scalar_t* __restrict__ d_z_from1,
+    scalar_t* __restrict__ d_z_from1_ptr,
     scalar_t* __restrict__ d_x_proj_seq,
     const scalar_t* __restrict__ z_seq,
     const scalar_t* __restrict__ h_tilde_seq,
@@ -407,7 +407,7 @@ __host__ __device__ inline void gru_backward_loop1_element(
     const scalar_t d_W_h_W_h_in0 = tmp0;
     d_W_h_in0_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_h_W_h_in0;
     d_h_prev_1[row_ * n_hidden + unit_] = d_h*(scalar_t(1) - z);
-    d_z_from1[row_ * n_hidden + unit_] = d_h*(-h_prev + h_tilde);
+    d_z_from1_ptr[row_ * n_hidden + unit_] = d_h*(-h_prev + h_tilde);
     d_x_proj_seq[(step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_] = tmp0;
 }
 
@@ -520,7 +520,7 @@ extern "C" __global__ void gru_backward_loop1_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_W_h_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
-    float* __restrict__ d_z_from1,
+    float* __restrict__ d_z_from1_ptr,
     float* __restrict__ d_x_proj_seq,
     const float* __restrict__ z_seq,
     const float* __restrict__ h_tilde_seq,
@@ -529,7 +529,7 @@ extern "C" __global__ void gru_backward_loop1_f32(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+        gru_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1_ptr, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
@@ -541,7 +541,7 @@ extern "C" __global__ void gru_backward_loop1_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_W_h_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
-    double* __restrict__ d_z_from1,
+    double* __restrict__ d_z_from1_ptr,
     double* __restrict__ d_x_proj_seq,
     const double* __restrict__ z_seq,
     const double* __restrict__ h_tilde_seq,
@@ -550,7 +550,7 @@ extern "C" __global__ void gru_backward_loop1_f64(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        gru_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+        gru_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1_ptr, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
     }
 }
 
@@ -671,7 +671,7 @@ extern "C" void gru_backward_loop1_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_W_h_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
-    float* __restrict__ d_z_from1,
+    float* __restrict__ d_z_from1_ptr,
     float* __restrict__ d_x_proj_seq,
     const float* __restrict__ z_seq,
     const float* __restrict__ h_tilde_seq,
@@ -680,7 +680,7 @@ extern "C" void gru_backward_loop1_f32(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            gru_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+            gru_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1_ptr, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
         }
     }
 }
@@ -693,7 +693,7 @@ extern "C" void gru_backward_loop1_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_W_h_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
-    double* __restrict__ d_z_from1,
+    double* __restrict__ d_z_from1_ptr,
     double* __restrict__ d_x_proj_seq,
     const double* __restrict__ z_seq,
     const double* __restrict__ h_tilde_seq,
@@ -702,7 +702,7 @@ extern "C" void gru_backward_loop1_f64(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            gru_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
+            gru_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_z_from1_ptr, d_x_proj_seq, z_seq, h_tilde_seq, h_seq);
         }
     }
 }

@@ -54,6 +54,8 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden", "c": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "c", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "lstm_forget_bias_forward_loop0",

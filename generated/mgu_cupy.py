@@ -47,6 +47,8 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "mgu_forward_loop0",
@@ -457,7 +459,7 @@ __host__ __device__ inline void mgu_backward_loop1_element(
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     scalar_t* __restrict__ d_W_h_in0_proj_seq,
     scalar_t* __restrict__ d_h_prev_1,
-    scalar_t* __restrict__ d_f_from1,
+    scalar_t* __restrict__ d_f_from1_ptr,
     scalar_t* __restrict__ d_x_proj_seq,
     const scalar_t* __restrict__ f_seq,
     const scalar_t* __restrict__ h_tilde_seq,
@@ -477,7 +479,7 @@ __host__ __device__ inline void mgu_backward_loop1_element(
     const scalar_t d_W_h_W_h_in0 = tmp0;
     d_W_h_in0_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_h_W_h_in0;
     d_h_prev_1[row_ * n_hidden + unit_] = d_h*(scalar_t(1) - f);
-    d_f_from1[row_ * n_hidden + unit_] = d_h*(-h_prev + h_tilde);
+    d_f_from1_ptr[row_ * n_hidden + unit_] = d_h*(-h_prev + h_tilde);
     d_x_proj_seq[(step_ * rows_ + row_) * (2*n_hidden) + n_hidden + unit_] = tmp0;
 }
 
@@ -632,7 +634,7 @@ extern "C" __global__ void mgu_backward_loop1_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_W_h_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
-    float* __restrict__ d_f_from1,
+    float* __restrict__ d_f_from1_ptr,
     float* __restrict__ d_x_proj_seq,
     const float* __restrict__ f_seq,
     const float* __restrict__ h_tilde_seq,
@@ -641,7 +643,7 @@ extern "C" __global__ void mgu_backward_loop1_f32(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        mgu_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+        mgu_backward_loop1_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1_ptr, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
     }
 }
 
@@ -654,7 +656,7 @@ extern "C" __global__ void mgu_backward_loop1_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_W_h_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
-    double* __restrict__ d_f_from1,
+    double* __restrict__ d_f_from1_ptr,
     double* __restrict__ d_x_proj_seq,
     const double* __restrict__ f_seq,
     const double* __restrict__ h_tilde_seq,
@@ -663,7 +665,7 @@ extern "C" __global__ void mgu_backward_loop1_f64(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        mgu_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+        mgu_backward_loop1_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1_ptr, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
     }
 }
 
@@ -835,7 +837,7 @@ extern "C" void mgu_backward_loop1_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_W_h_in0_proj_seq,
     float* __restrict__ d_h_prev_1,
-    float* __restrict__ d_f_from1,
+    float* __restrict__ d_f_from1_ptr,
     float* __restrict__ d_x_proj_seq,
     const float* __restrict__ f_seq,
     const float* __restrict__ h_tilde_seq,
@@ -844,7 +846,7 @@ extern "C" void mgu_backward_loop1_f32(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            mgu_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+            mgu_backward_loop1_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1_ptr, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
         }
     }
 }
@@ -858,7 +860,7 @@ extern "C" void mgu_backward_loop1_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_W_h_in0_proj_seq,
     double* __restrict__ d_h_prev_1,
-    double* __restrict__ d_f_from1,
+    double* __restrict__ d_f_from1_ptr,
     double* __restrict__ d_x_proj_seq,
     const double* __restrict__ f_seq,
     const double* __restrict__ h_tilde_seq,
@@ -867,7 +869,7 @@ extern "C" void mgu_backward_loop1_f64(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            mgu_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
+            mgu_backward_loop1_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_h_in0_proj_seq, d_h_prev_1, d_f_from1_ptr, d_x_proj_seq, f_seq, h_tilde_seq, h_seq);
         }
     }
 }

@@ -46,6 +46,8 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "mingru_forward_pre0",

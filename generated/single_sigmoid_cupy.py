@@ -45,6 +45,8 @@ FIXED_DIMS = {"n_in": 1, "n_hidden": 1, "n_out": 1}
 STATES = {"h": "1"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "single_sigmoid_forward_loop0",

@@ -46,6 +46,8 @@ FIXED_DIMS = {"n_in": 1, "n_hidden": 1, "n_out": 1}
 STATES = {"h": "1"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "y", )
+#: the output the loss compares with the target
+LOSS_TARGET = "y"
 
 
 def param_shapes(n_in, n_hidden, n_out=None):

@@ -69,8 +69,7 @@ def random_problem(module, *, T=6, B=3, n_in=3, n_hidden=4, n_out=2, seed=0, dty
     grad_outputs = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in outputs.items()}
     target = None
     if hasattr(module, "loss_and_grads"):
-        y = outputs["y"] if "y" in outputs else None
-        target = rng.standard_normal(y.shape).astype(dtype) if y is not None else None
+        target = rng.standard_normal(outputs[module.LOSS_TARGET].shape).astype(dtype)
     return Problem(params, x, state0, grad_outputs, target)
 
 

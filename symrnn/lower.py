@@ -21,13 +21,6 @@ from .escape import check_text, shown
 from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
 from .ops import OPS, Op
 
-#: names the generated modules use for their own variables
-RESERVED = frozenset(
-    "np cp t t0 t1 T B K G p dtype params x state0 outputs cache grads grad_outputs target loss "
-    "n_in n_hidden n_out cot cotangent dW_stack rng bound self".split()
-)
-_PREFIXES = ("d_", "J_", "o_", "W_stack_")
-_SUFFIXES = ("_seq", "_proj", "_next")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: no trailing newline
 #: the longest name accepted (a file name is built from the cell's)
 MAX_NAME = 64
@@ -132,6 +125,8 @@ class _Lowering:
         self.nodes: list = []
         self.used_params: set[str] = set()
         self.taken: set[str] = set()
+        names = [*cell.inputs, *cell.states, *cell.params, *cell.equations, *cell.readout]
+        self.user_names: set[str] = {n for n in names if isinstance(n, str)} | {f"{s}_prev" for s in cell.states}
         self.sizes: dict[str, sympy.Expr | None] = {}  # every leaf and node
 
     # -- helpers -------------------------------------------------------------
@@ -167,23 +162,28 @@ class _Lowering:
     def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
         return sympy.simplify(a - b) == 0
 
-    def claim(self, name: str, where: str, allow: frozenset = frozenset()) -> None:
+    def claim(self, name: str, where: str) -> None:
+        """A user's name: any identifier but a Python keyword or a dimension's name (the
+        generated code names everything else around it, symrnn.naming)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise self.error(where, f"{shown(name)} is not a valid name (letters, digits and _, starting with a letter)")
         if len(name) > MAX_NAME:
             raise self.error(where, f"'{name[:20]}...' is {len(name)} characters long; a name has at most {MAX_NAME}")
         if keyword.iskeyword(name):
             raise self.error(where, f"'{name}' is a Python keyword; choose another name (e.g. {name}_)")
-        if (name in RESERVED - allow) or name.startswith(_PREFIXES) or name.endswith(_SUFFIXES):
-            raise self.error(where, f"'{name}' is reserved by the generated code; choose another name")
+        if name in DIMS:
+            raise self.error(where, f"'{name}' is the name of a dimension (sizes are written in n_in, n_hidden, n_out); "
+                             "choose another name")
         if name in self.taken:
             raise self.error(where, f"'{name}' is defined twice")
         self.taken.add(name)
 
     def fresh(self, base: str) -> str:
+        """A name for a node or leaf the lowering makes (tanh_c, W_h_in0, b_rz_0): never a
+        user's name, including those of equations not read yet."""
         base = re.sub(r"\W+", "_", base).strip("_")[:40] or "tmp"
         name, k = base, 2
-        while name in self.taken or name in RESERVED:
+        while name in self.taken or name in self.user_names:
             name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
         return name
@@ -212,7 +212,7 @@ class _Lowering:
         if len(cell.inputs) != 1:
             raise self.error("inputs", f"a cell has exactly one input vector, got {len(cell.inputs)}")
         (in_name, in_size), = cell.inputs.items()
-        self.claim(in_name, "inputs", allow=frozenset({"x"}))
+        self.claim(in_name, "inputs")
         input_leaf = Leaf(in_name, "input", self.size(in_size, f"inputs['{in_name}']"))
         self.add_leaf(input_leaf)
 
@@ -240,6 +240,7 @@ class _Lowering:
                 raise self.error(where, "a scalar has no row blocks")
             self.params[name] = decl
             self.scope[name] = ("param", None)
+        self.check_gradient_keys(in_name, states)
 
         self.check_sizes_readable(states)
         state_names = {s.name for s in states}
@@ -286,6 +287,16 @@ class _Lowering:
         )
         graph.verify()
         return graph
+
+    def check_gradient_keys(self, in_name: str, states: list[StateDecl]) -> None:
+        """``backward`` returns one gradient per parameter, ``"x"`` for the input and
+        ``"<state>0"`` per initial state: a parameter cannot have one of the others' keys."""
+        keys = {"x": "the input" + (f" '{in_name}'" if in_name != "x" else "")}
+        keys.update({f"{s.name}0": f"the initial value of state '{s.name}'" for s in states})
+        for name in self.params:
+            if name in keys:
+                raise self.error(f"params['{name}']", f"the gradient of parameter '{name}' would have the key of the "
+                                 f"gradient of {keys[name]} (grads['{name}']); rename the parameter")
 
     def check_text(self) -> None:
         """The cell's name (it names files and modules) and its free text."""
@@ -342,6 +353,8 @@ class _Lowering:
             raise self.error("loss", f"reduction must be 'sum' or 'mean', got {loss.reduction!r}")
         if loss.target_of not in readouts:
             raise self.error("loss", f"target_of names readout '{loss.target_of}', which the cell does not have")
+        if "target" in self.taken:
+            raise self.error("loss", "'target' is the target in the loss; rename the value called 'target'")
         self.scope["target"] = ("target", self.scope[loss.target_of][1])
         self.leaves.append(Leaf("target", "target", self.scope[loss.target_of][1]))
         expr = self.resolve_plain(self.sympy_expr(loss.expr, "loss"), "loss")
@@ -458,12 +471,12 @@ class _Lowering:
         if block is not None and not 0 <= block < decl.blocks:
             raise self.error(where, f"{name}[{block}]: '{name}' has row blocks 0..{decl.blocks - 1}")
         self.used_params.add(name)
-        leaf_name = name if block is None else f"{name}_{block}"
-        if not any(leaf.name == leaf_name for leaf in self.leaves):
-            if block is not None:
-                self.claim(leaf_name, where)
-            size = None if decl.kind == "scalar" else decl.block_rows
-            self.add_leaf(Leaf(leaf_name, "param", size, param=name, block=block))
+        for leaf in self.leaves:
+            if leaf.kind == "param" and leaf.param == name and leaf.block == block:
+                return leaf.name
+        leaf_name = name if block is None else self.fresh(f"{name}_{block}")
+        size = None if decl.kind == "scalar" else decl.block_rows
+        self.add_leaf(Leaf(leaf_name, "param", size, param=name, block=block))
         return leaf_name
 
     def matvec(self, expr: MatVec, where: str, name: str | None = None, role: str = "auxiliary",

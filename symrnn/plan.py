@@ -30,17 +30,18 @@ __all__ = ["GemmGroup", "KernelPlan", "Region", "Stage", "plan"]
 
 @dataclass(frozen=True)
 class GemmGroup:
-    """Matrix-vector nodes of one stage that multiply the same operand."""
+    """Matrix-vector nodes of one stage that multiply the same operand.
 
+    ``name`` identifies the group in the plan: ``<operand>_proj``, numbered when one
+    operand is multiplied in several stages or regions (a state in the step and in the
+    readout)."""
+
+    name: str
     operand: str
     members: tuple[MatVecNode, ...]
     offsets: tuple[sympy.Expr, ...]  # row offset of each member in the stacked product
     rows: sympy.Expr
     whole_param: str | None  # the declared parameter this stack is, if any
-
-    @property
-    def name(self) -> str:
-        return f"{self.operand}_proj"
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,14 @@ def plan(derivation: Derivation) -> KernelPlan:
             for d in n.deps:
                 if g.is_leaf(d) and g.leaf(d).kind == "prev_state":
                     raise CellError(g.cell, f"readout '{n.name}'", f"reads '{d}'; a readout can read the new states only")
+    names: set[str] = set()  # group names taken so far
     return KernelPlan(
-        g, derivation, *(_region(g, name, [n for n in g.nodes if region[n.name] == name]) for name in ("pre", "loop", "post"))
+        g, derivation, *(_region(g, name, [n for n in g.nodes if region[n.name] == name], names)
+                         for name in ("pre", "loop", "post"))
     )
 
 
-def _region(g: StepGraph, name: str, nodes: list) -> Region:
+def _region(g: StepGraph, name: str, nodes: list, names: set[str]) -> Region:
     inside = {n.name for n in nodes}
     level: dict[str, int] = {}
     for n in nodes:
@@ -131,11 +134,11 @@ def _region(g: StepGraph, name: str, nodes: list) -> Region:
     for k in range(max(level.values(), default=-1) + 1):
         matvecs = [n for n in nodes if isinstance(n, MatVecNode) and level[n.name] == k]
         pointwise = tuple(n for n in nodes if isinstance(n, Pointwise) and level[n.name] == k)
-        stages.append(Stage(_groups(g, matvecs), pointwise))
+        stages.append(Stage(_groups(g, matvecs, names), pointwise))
     return Region(name, tuple(stages))
 
 
-def _groups(g: StepGraph, matvecs: list[MatVecNode]) -> tuple[GemmGroup, ...]:
+def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[GemmGroup, ...]:
     order = {p.name: i for i, p in enumerate(g.params)}
     by_operand: dict[str, list[MatVecNode]] = {}
     for m in matvecs:
@@ -147,7 +150,11 @@ def _groups(g: StepGraph, matvecs: list[MatVecNode]) -> tuple[GemmGroup, ...]:
         for m in members:
             offsets.append(start)
             start = start + m.size
-        groups.append(GemmGroup(operand, tuple(members), tuple(offsets), start, _whole(g, members)))
+        name, k = f"{operand}_proj", 2
+        while name in names:
+            name, k = f"{operand}_proj_{k}", k + 1
+        names.add(name)
+        groups.append(GemmGroup(name, operand, tuple(members), tuple(offsets), start, _whole(g, members)))
     return tuple(groups)
 
 

@@ -179,6 +179,9 @@ class _Reader:
                 if not _NAME.fullmatch(key):
                     raise self.error(table, key, f"{shown(key)} is not a valid name (letters, digits and _, "
                                      "starting with a letter)", field=False)
+                if key in OPS or key in NONDIFFERENTIABLE:
+                    raise self.error(table, key, f"'{key}' is the name of a function, so an equation could not "
+                                     f"use it as a value; choose another name (e.g. {key}_)")
         inputs = self.sizes("inputs", data["inputs"])
         states = self.sizes("states", data["states"])
         params = {k: self.param(k, v) for k, v in data.get("params", {}).items()}

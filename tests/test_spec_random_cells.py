@@ -2,12 +2,20 @@
 writes each as a spec file, generates its module, and checks finite differences and
 BPTT = RTRL.  The derivation must be right for any cell, not only the built-in ones.
 
-Grammar: 1-2 states, 1-3 intermediates (gates) g0.., random elementwise expressions
-over states at t-1, earlier gates, the input (through a matrix), biases and numbers,
-with the nonlinearities sigmoid, tanh, softplus, relu, exp (of a tanh, to stay
-bounded), identity, +, -, *, / (by a positive quantity) and ** 2; matrix-vector
-products W @ x, U @ s_prev, W @ (s_prev, x) and U @ (gate * s_prev).  State updates
-are kept bounded (a tanh, or a sigmoid-gated leak) so the recurrence cannot blow up.
+Grammar: 1-3 states, 1-3 intermediates (gates), random elementwise expressions over
+states at t-1, earlier gates, states already updated in the step, the input (through a
+matrix), biases, scalar and vector parameters and numbers, with the nonlinearities
+sigmoid, tanh, softplus, relu, exp (of a tanh, to stay bounded), identity, +, -, *, /
+(by a positive quantity) and ** 2; matrix-vector products W @ x, U @ s_prev,
+W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), and a matrix the
+cell already uses on another vector; a readout (sometimes) multiplies one or two
+states or gates by their own matrices, maybe under a tanh.  Every name (states,
+gates, parameters, the readout) comes from a pool of names that look like the
+generated code's own, the template's, Python's, C++'s and CUDA's, or a paper's
+(``W_T``, ``common``, ``h_seq``, ``T``, ``np``, ``int``, ``threadIdx``, ``d_1``),
+and half the draws make n_in = n_hidden = n_out, so a confused name or buffer gives
+wrong numbers instead of a shape error.  State updates are kept bounded (a tanh, or
+a sigmoid-gated leak) so the recurrence cannot blow up.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
+from test_hostile_names import POOL
 
 from symrnn.errors import UserError
 from symrnn.gradcheck import finite_differences, random_problem, rtrl_vs_bptt
@@ -25,38 +35,72 @@ from symrnn.spec import SpecWarning, parse_spec
 
 UNARY = ("sigmoid({})", "tanh({})", "softplus({})", "relu({})", "exp(tanh({}))", "identity({})", "({})**2")
 
+#: names for everything a cell declares: the generated code's own patterns, template
+#: variables, Python, C++ and CUDA names, and names papers use (tests/test_hostile_names.py)
+NAMES = [n for n in POOL if n not in ("x", "target")]
+
+
+class _Names:
+    """The cell's names, drawn from the pool without repeats (so a drawn cell tests the
+    namer too: W_T beside W, a state named T, a gate named d_x, ...)."""
+
+    def __init__(self, draw):
+        self.draw, self.used = draw, set()
+
+    def new(self) -> str:
+        name = self.draw(st.sampled_from([n for n in NAMES if n not in self.used and f"{n}_prev" not in self.used]))
+        self.used |= {name, f"{name}_prev"}
+        return name
+
 
 class _Params:
     """Parameters declared as the expression drawing uses them."""
 
-    def __init__(self):
+    def __init__(self, names: _Names):
+        self.names = names
         self.shapes: dict[str, list[str]] = {}
+        self.by_shape: dict[tuple, list[str]] = {}
 
     def new(self, prefix: str, shape: list[str]) -> str:
-        name = f"{prefix}{len(self.shapes)}"
+        name = self.names.new()
         self.shapes[name] = shape
+        self.by_shape.setdefault(tuple(shape), []).append(name)
         return name
 
 
 @st.composite
-def expression(draw, params: _Params, vectors: list[str], states: list[str], depth: int) -> str:
-    """An elementwise expression of n_hidden-vectors (never a bare number)."""
-    kind = draw(st.sampled_from(["leaf", "leaf", "matvec", "unary", "binary", "binary"] if depth > 0 else ["leaf", "matvec"]))
+def expression(draw, params: _Params, vectors: list[str], states: list[str], depth: int, new: list[str] = ()) -> str:
+    """An elementwise expression of n_hidden-vectors (never a bare number).
+
+    ``vectors``: what it may read elementwise; ``new``: states already updated in this step
+    (a product of their new value by a matrix is a GEMM on a value of the step)."""
+    kind = draw(st.sampled_from(["leaf", "leaf", "matvec", "unary", "binary", "binary", "scaled_param"] if depth > 0
+                                else ["leaf", "matvec"]))
     if kind == "leaf":
         choice = draw(st.sampled_from(vectors + ["bias"]))
         return params.new("b", ["n_hidden"]) if choice == "bias" else choice
     if kind == "matvec":
         s = draw(st.sampled_from(states))
-        form = draw(st.sampled_from(["x", "state", "concat", "gated"] if len(vectors) > len(states) + 0 else ["x", "state", "concat"]))
+        forms = ["x", "state", "concat", "shared"] + (["gated"] if len(vectors) > len(states) else []) + (["new"] if new else [])
+        form = draw(st.sampled_from(forms))
         if form == "x":
             return f"{params.new('W', ['n_hidden', 'n_in'])} @ x"
         if form == "state":
             return f"{params.new('U', ['n_hidden', 'n_hidden'])} @ {s}_prev"
+        if form == "shared":  # a matrix the cell already uses, on another vector
+            used = params.by_shape.get(("n_hidden", "n_hidden"))
+            weight = draw(st.sampled_from(used)) if used else params.new("U", ["n_hidden", "n_hidden"])
+            return f"{weight} @ {draw(st.sampled_from(vectors))}"
+        if form == "new":
+            return f"{params.new('P', ['n_hidden', 'n_hidden'])} @ {draw(st.sampled_from(list(new)))}"
         if form == "concat":
             return f"{params.new('W', ['n_hidden', 'n_hidden + n_in'])} @ ({s}_prev, x)"
-        gate = draw(st.sampled_from([v for v in vectors if v.startswith("g")] or [f"{s}_prev"]))
+        gate = draw(st.sampled_from([v for v in vectors if not v.endswith("_prev")] or [f"{s}_prev"]))
         return f"{params.new('U', ['n_hidden', 'n_hidden'])} @ ({gate} * {s}_prev)"
-    sub = expression(params, vectors, states, depth - 1)
+    sub = expression(params, vectors, states, depth - 1, new)
+    if kind == "scaled_param":  # a scalar or a vector parameter, elementwise
+        shape = draw(st.sampled_from([[], ["n_hidden"]]))
+        return f"{params.new('a', shape)} * ({draw(sub)})"
     if kind == "unary":
         return draw(st.sampled_from(UNARY)).format(draw(sub))
     a, b = draw(sub), draw(sub)
@@ -71,23 +115,26 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
 
 @st.composite
 def spec_text(draw) -> str:
-    params = _Params()
-    states = draw(st.sampled_from([["h"], ["h", "c"]]))
+    names = _Names(draw)
+    params = _Params(names)
+    states = [names.new() for _ in range(draw(st.integers(1, 3)))]
     n_gates = draw(st.integers(1, 3))
+    gates = [names.new() for _ in range(n_gates)]
     vectors = [f"{s}_prev" for s in states]
     lines = []
-    for k in range(n_gates):
-        lines.append(f'g{k} = "{draw(expression(params, vectors, states, depth=2))}"')
-        vectors = vectors + [f"g{k}"]
-    updates = []
+    for g in gates:
+        lines.append(f'{g} = "{draw(expression(params, vectors, states, depth=2))}"')
+        vectors = vectors + [g]
+    updates, done = [], []
     for s in states:
-        e = draw(expression(params, vectors, states, depth=2))
+        e = draw(expression(params, vectors + done, states, depth=2, new=done))
         # the update reads its own past, so every state is recurrent, and stays bounded
-        gate = None if draw(st.booleans()) else draw(st.sampled_from([v for v in vectors if v.startswith("g")]))
+        gate = None if draw(st.booleans()) else draw(st.sampled_from(gates))
         updates.append((s, e, gate))
+        done.append(s)
     # every gate must be used (an unused intermediate is an error): add the unused ones to the first update
     text_so_far = " ".join(lines) + " ".join(f"{e} {g}" for _, e, g in updates)
-    unused = [f"g{k}" for k in range(n_gates) if not re.search(rf"\bg{k}\b", text_so_far.split(f'g{k} = "', 1)[1])]
+    unused = [g for g in gates if not re.search(rf"\b{g}\b", text_so_far.split(f'{g} = "', 1)[1])]
     for s, e, gate in updates:
         if unused:
             e, unused = " + ".join([e, *unused]), []
@@ -96,12 +143,17 @@ def spec_text(draw) -> str:
         else:
             update = f"sigmoid({gate}) * {s}_prev + (1 - sigmoid({gate})) * tanh({e} + {params.new('b', ['n_hidden'])})"
         lines.append(f'{s} = "{update}"')
-    readout = draw(st.booleans())
-    if readout:
-        lines_ro = ['[readout]', f'y = "{params.new("V", ["n_out", "n_hidden"])} @ h"', "[loss]",
-                    'expr = "(y - target)**2 / 2"', f'reduction = "{draw(st.sampled_from(["sum", "mean"]))}"']
-    else:
-        lines_ro = []
+    lines_ro = []
+    if draw(st.booleans()):
+        y = names.new()
+        # a readout multiplies states (and gates) by matrices, some of which the step also multiplies
+        read = draw(st.lists(st.sampled_from(states + gates), min_size=1, max_size=2, unique=True))
+        terms = [f"{params.new('V', ['n_out', 'n_hidden'])} @ {v}" for v in read]
+        readout = " + ".join(terms)
+        if draw(st.booleans()):
+            readout = f"tanh({readout} + {params.new('c', ['n_out'])})"
+        lines_ro = ["[readout]", f'{y} = "{readout}"', "[loss]", f'expr = "({y} - target)**2 / 2"', f'target_of = "{y}"',
+                    f'reduction = "{draw(st.sampled_from(["sum", "mean"]))}"']
     decls = [f"{k} = {v!r}".replace("'", '"') for k, v in params.shapes.items()]
     return "\n".join([
         '[cell]', 'name = "random_cell"', '[inputs]', 'x = "n_in"', '[states]',
@@ -110,10 +162,11 @@ def spec_text(draw) -> str:
 
 
 # no shrinking: a failure reports the drawn cell as it is, in seconds rather than minutes
-@settings(max_examples=100, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+@settings(max_examples=150, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(spec_text())
-def test_random_cells_pass_finite_differences_and_rtrl_equals_bptt(text):
+@given(spec_text(), st.sampled_from([(2, 3, 2), (3, 3, 3)]))
+def test_random_cells_pass_finite_differences_and_rtrl_equals_bptt(text, sizes):
+    n_in, n_hidden, n_out = sizes  # all three equal: a wrong matrix or buffer gives wrong numbers, not a shape error
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpecWarning)  # a gate the states do not read is fine here
         try:
@@ -124,11 +177,24 @@ def test_random_cells_pass_finite_differences_and_rtrl_equals_bptt(text):
             assume("has no vector in it" not in str(exc) and "no state update or readout uses it" not in str(exc))
             raise AssertionError(f"{exc}\n{text}") from None
     module = load_module(render_numpy(build(cell)), cell.name)
-    problem = random_problem(module, seed=3, T=4, B=2, n_in=2, n_hidden=3, n_out=2)
-    bad = [(r.name, r.error) for r in finite_differences(module, problem) if not r.error < 1e-6]
+    problem = random_problem(module, seed=3, T=4, B=2, n_in=n_in, n_hidden=n_hidden, n_out=n_out)
+    seeds = {k: v.copy() for k, v in problem.grad_outputs.items()}
+    bad = fd_failures(module, problem)
     assert not bad, f"{bad}\n{text}"
     bad = [(r.name, r.error) for r in rtrl_vs_bptt(module, problem) if not r.error < 1e-10]
     assert not bad, f"{bad}\n{text}"
+    assert all(np.array_equal(seeds[k], problem.grad_outputs[k]) for k in seeds), f"backward wrote into grad_outputs\n{text}"
     if hasattr(module, "loss_and_grads"):
-        bad = [(r.name, r.error) for r in finite_differences(module, problem, loss=True) if not r.error < 1e-6]
+        bad = fd_failures(module, problem, loss=True)
         assert not bad, f"{bad}\n{text}"
+
+
+def fd_failures(module, problem, loss: bool = False) -> list[tuple[str, float, float]]:
+    """Quantities whose gradient misses central differences (1e-6 relative) at both steps,
+    1e-6 and 1e-5: a wrong gradient misses at every step; a gradient that is tiny next to
+    the loss misses at 1e-6 only by rounding (the error grows as the step shrinks)."""
+    first = {r.name: r.error for r in finite_differences(module, problem, loss=loss)}
+    if all(e < 1e-6 for e in first.values()):
+        return []
+    second = {r.name: r.error for r in finite_differences(module, problem, eps=1e-5, loss=loss)}
+    return [(k, first[k], second[k]) for k in first if not (first[k] < 1e-6 or second[k] < 1e-6)]

@@ -4,7 +4,9 @@ Python computes every statement here; ``templates/numpy_module.py.j2`` lays
 them out.  Naming, from the math: a value at one step is its own name (``f``),
 its array over all steps ``f_seq`` (states: ``h_seq`` holds h^{-1} .. h^{T-1},
 the initial state first); the adjoint of ``f`` is ``d_f``; the gradient of
-parameter ``W`` is ``d_W``; the RTRL tangent of ``f`` is ``J_f``.
+parameter ``W`` is ``d_W``; the RTRL tangent of ``f`` is ``J_f``.  Every name
+comes from the module's :class:`~symrnn.naming.Namer` (``self.n``), which keeps
+these spellings unless another name has them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sympy
 
 from ..errors import InternalError
 from ..ir import MatVecNode, Pointwise
+from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan, Region, Stage
 from ..printing import numpy_code
 
@@ -34,20 +37,12 @@ def steps_matmul(a: str, a_cols: str, b: str, rows: str) -> str:
     return f"({a}.reshape(-1, {a_cols}) @ {b}).reshape(T, B, {rows})"
 
 
-def _assigned(template: str) -> str | None:
-    """The adjoint a statement template ``d_name = {}`` assigns, if it is one."""
-    match = re.match(r"^(d_\w+) = \{\}", template)
-    return match.group(1) if match else None
-
-
 def _words(code: str) -> list[str]:
     return re.findall(r"\b[A-Za-z_]\w*\b", code.split("#")[0])
 
 
-def _one_term(expr: sympy.Expr) -> bool:
-    """One adjoint times a coefficient: substituting it into several users adds no work."""
-    adjoints = [s for s in expr.free_symbols if s.name.startswith("d_")]
-    return len(adjoints) == 1 and not expr.is_Add
+#: the kinds of name (symrnn.naming) that hold adjoints
+_ADJOINT_KINDS = frozenset({"adj", "adj_part", "adj_from", "adj_via", "adj_next", "adj_seq", "gadj_seq"})
 
 
 def _slice(start: sympy.Expr, size: sympy.Expr) -> str:
@@ -71,6 +66,7 @@ class NumpyModule:
     cache_names: list[str] = field(default_factory=list)
     outputs: list[tuple[str, str]] = field(default_factory=list)
     backward_seed: list[str] = field(default_factory=list)
+    backward_carry: list[str] = field(default_factory=list)  # each state's adjoint from step t + 1, zero at T - 1
     backward_post: list[str] = field(default_factory=list)
     backward_coefs: list[str] = field(default_factory=list)  # per block of steps, before the loop over it
     backward_loop: list[str] = field(default_factory=list)
@@ -109,6 +105,7 @@ class _LoopFusion:
     def __init__(self, emitter: "_Emitter"):
         self.e = emitter
         e, g, plan = emitter, emitter.g, emitter.plan
+        self.n = emitter.n
         self.exprs: dict[str, sympy.Expr] = {n.name: n.expr for n in g.nodes if isinstance(n, Pointwise)}
         self.pre_lines: list[str] = []
         self.alloc_lines: list[str] = []
@@ -141,22 +138,31 @@ class _LoopFusion:
                     break
         for grp in (grp for st in plan.pre.stages for grp in st.groups if grp.name in folds):
             fold = folds[grp.name]
+            buf = self.pre_buffer(grp)
             if len(grp.members) == 1:
                 ((off, node, code),) = fold.values()
-                self.pre_lines.append(f"{grp.members[0].name}_seq += {code}  # the biases of {node}, for every step at once")
+                self.pre_lines.append(f"{buf} += {code}  # the biases of {node}, for every step at once")
             elif len(fold) == len(grp.members):  # one pass over the whole buffer
                 parts = ", ".join(fold[mv.name][2] for mv in grp.members)
                 nodes = ", ".join(fold[mv.name][1] for mv in grp.members)
-                self.pre_lines.append(f"{grp.name}_seq += np.concatenate([{parts}])  # the biases of {nodes}, for every step at once")
+                self.pre_lines.append(f"{buf} += np.concatenate([{parts}])  # the biases of {nodes}, for every step at once")
             else:
                 for mv in grp.members:
                     if mv.name in fold:
                         off, node, code = fold[mv.name]
-                        self.pre_lines.append(f"{grp.name}_seq[..., {_slice(off, g.node(mv.name).size)}] += {code}  # the biases of {node}, for every step at once")
+                        self.pre_lines.append(f"{buf}[..., {_slice(off, g.node(mv.name).size)}] += {code}  # the biases of {node}, for every step at once")
         # 2. and 3., per recurrent GEMM
         for stage in plan.loop.stages:
             for grp in stage.groups:
                 self.plan_group(grp, pre_members, sole_use)
+
+    def pre_buffer(self, grp: GemmGroup) -> str:
+        """The array over every step that an input-side GEMM writes."""
+        return self.n("gseq", grp.name) if len(grp.members) > 1 else self.n("seq", grp.members[0].name)
+
+    def pre_step(self, grp: GemmGroup) -> str:
+        """The name of one step of it."""
+        return self.n("group", grp.name) if len(grp.members) > 1 else self.n.value(grp.members[0].name)
 
     def parameter_only(self, expr: sympy.Expr) -> bool:
         g = self.e.g
@@ -179,7 +185,7 @@ class _LoopFusion:
                             rest = [a for a in add.args if a not in (partners[0], sympy.Symbol(mv.name))]
                             whole = expr.args and expr.args[0] == add and len(expr.args) == 1
                             stem = f"pre_{node.name}" if whole else f"{mv.name}_sum"
-                            slot = sympy.Symbol(e.fresh(stem))
+                            slot = sympy.Symbol(self.n.fresh(stem))
                             self.exprs[node.name] = expr.xreplace({add: sympy.Add(slot, *rest)})
                             info.update(pre=pre_members[partners[0].name][0], node=node, content=slot.name)
                         break
@@ -199,27 +205,29 @@ class _LoopFusion:
         in_input = (not single_state and all(stored) and all(s["pre"] is not None for s in slots) and len(pre) == 1
                     and sympy.expand(next(iter(pre.values())).rows - grp.rows) == 0)
         scratch = None
+        n = self.n
+        buf = n("group", grp.name)  # the name of this step's GEMM output
         if single_state:
-            dest = f"{slots[0]['content']}_seq[t + 1]"
+            dest = f"{n('seq', slots[0]['content'])}[t + 1]"
         elif in_input:
             group = next(iter(pre.values()))
-            source = group.name if len(group.members) > 1 else group.members[0].name  # its buffer's name
-            dest, scratch = f"{source}_seq[t]", grp.name
+            source = self.pre_buffer(group)
+            dest, scratch, buf = f"{source}[t]", n("group", grp.name), self.pre_step(group)
             self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(grp.rows)}), dtype)  # one step's recurrent product")
-            self.alloc_lines.append(f"# after each step, {source}_seq[t] holds {', '.join(s['content'] for s in slots)}")
+            self.alloc_lines.append(f"# after each step, {source}[t] holds {', '.join(s['content'] for s in slots)}")
             for s in slots:
                 self.views.add(s["content"])
-                self.view_lines.append(f"{s['content']}_seq = {source}_seq[..., {_slice(s['offset'], s['member'].size)}]")
+                self.view_lines.append(f"{n('seq', s['content'])} = {source}[..., {_slice(s['offset'], s['member'].size)}]")
         elif all(stored):
-            dest = f"{grp.name}_seq[t]"
-            self.alloc_lines.append(f"{grp.name}_seq = np.empty((T, B, {dim(grp.rows)}), dtype)  # {', '.join(s['content'] for s in slots)}")
+            dest = f"{n('gseq', grp.name)}[t]"
+            self.alloc_lines.append(f"{n('gseq', grp.name)} = np.empty((T, B, {dim(grp.rows)}), dtype)  # {', '.join(s['content'] for s in slots)}")
             for s in slots:
                 self.views.add(s["content"])
-                self.view_lines.append(f"{s['content']}_seq = {grp.name}_seq[..., {_slice(s['offset'], s['member'].size)}]")
+                self.view_lines.append(f"{n('seq', s['content'])} = {n('gseq', grp.name)}[..., {_slice(s['offset'], s['member'].size)}]")
         else:
-            dest = f"{grp.name}_step"
+            dest = n("gstep", grp.name)
             self.alloc_lines.append(f"{dest} = np.empty((B, {dim(grp.rows)}), dtype)")
-        self.groups[grp.name] = {"slots": slots, "dest": dest, "single_state": single_state, "scratch": scratch}
+        self.groups[grp.name] = {"slots": slots, "dest": dest, "buf": buf, "single_state": single_state, "scratch": scratch}
         for s in slots:
             if s["act"]:
                 self.computed.add(s["content"])
@@ -234,13 +242,12 @@ class _LoopFusion:
         slots = info["slots"]
         labels = ", ".join(s["member"].name for s in slots)
         product = f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={{}})  # {labels}"
+        buf = info["buf"]
         if info["scratch"]:  # the step's slots live in the input-side buffer
-            buf = info["dest"].removesuffix("_seq[t]")
             out.append(product.format(info["scratch"]))
             out.append(f"{buf} = {info['dest']}")
             out.append(f"{buf} += {info['scratch']}  # + the recurrent side of every slot")
         else:
-            buf = grp.name
             out.append(f"{buf} = {info['dest']}")
             out.append(product.format(buf))
             self.add_input_side(grp, slots, buf, out)
@@ -263,32 +270,38 @@ class _LoopFusion:
             out.append(f"{view} *= {scale}")
             out.append(f"{view} += {shift}")
         read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
+        n = self.n
         for s in slots:
             if s["content"] not in read and (s["content"] in self.views or info["single_state"]):
                 continue  # nothing else in the step reads it; its buffer holds it
+            name = self.ident(s["content"])
             if info["single_state"]:
-                out.append(f"{s['content']} = {buf}")
+                out.append(f"{name} = {buf}")
             else:
-                out.append(f"{s['content']} = {buf}[:, {_slice(s['offset'], s['member'].size)}]")
-                self.slot_names[s["content"]] = s["content"]
+                out.append(f"{name} = {buf}[:, {_slice(s['offset'], s['member'].size)}]")
+                self.slot_names[s["content"]] = name
             if s["content"] in e.plan.stored and s["content"] not in self.views:
-                out.append(f"{s['content']}_seq[t] = {s['content']}")
+                out.append(f"{n('seq', s['content'])}[t] = {name}")
 
-    @staticmethod
-    def add_input_side(grp: GemmGroup, slots: list, buf: str, out: list[str]) -> None:
+    def ident(self, content: str) -> str:
+        """The name of what a slot holds: a value of the graph, or a slot's own (fresh) name."""
+        return self.n.value(content) if self.e.g.is_leaf(content) or content in self.exprs or \
+            any(node.name == content for node in self.e.g.nodes) else content
+
+    def add_input_side(self, grp: GemmGroup, slots: list, buf: str, out: list[str]) -> None:
         """``buf`` (the step's GEMM output) += the input side of its slots, run by run."""
         pre = {s["pre"].name for s in slots if s["pre"] is not None}
         for run in _runs([s for s in slots if s["pre"] is not None]):
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
-            src = run[0]["pre"].name if len(run[0]["pre"].members) > 1 else run[0]["pre"].members[0].name
+            src = self.pre_buffer(run[0]["pre"])
             if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
-                out.append(f"{buf} += {src}_seq[t]  # + the input side (and biases) of every slot")
+                out.append(f"{buf} += {src}[t]  # + the input side (and biases) of every slot")
             else:
                 sl = _slice(lo, hi - lo)
-                out.append(f"{buf}[:, {sl}] += {src}_seq[t, :, {sl}]")
+                out.append(f"{buf}[:, {sl}] += {src}[t, :, {sl}]")
 
     def vector(self, grp: GemmGroup, run: list, values: dict, what: str) -> str:
-        name = self.e.fresh(f"{grp.name}_{what}")
+        name = self.n.fresh(f"{grp.name}_{what}")
         parts = ", ".join(f"np.full({dim(s['member'].size)}, {values[s['act']]}, dtype)" for s in run)
         self.alloc_lines.append(f"{name} = np.concatenate([{parts}])")
         return name
@@ -304,6 +317,15 @@ def _runs(slots: list, same=None) -> list[list]:
         else:
             runs.append([s])
     return runs
+
+
+def module_namer(plan: KernelPlan) -> Namer:
+    """The namer of a NumPy (or CuPy) module: every value of the step graph keeps its
+    name where Python, the template and the other names allow; the input reads ``x``."""
+    g = plan.graph
+    values = [p.name for p in g.params] + [leaf.name for leaf in g.leaves if leaf.kind not in ("input", "target")]
+    values += [n.name for n in g.nodes]
+    return Namer(PYTHON_FIXED, dict.fromkeys(values), spellings={g.input.name: "x"})
 
 
 def emit(plan: KernelPlan) -> NumpyModule:
@@ -322,15 +344,18 @@ def emit_loss(plan: KernelPlan) -> NumpyModule:
 class _Emitter:
     def __init__(self, plan: KernelPlan):
         self.plan, self.g, self.d = plan, plan.graph, plan.derivation
+        self.n = module_namer(plan)
         self.m = NumpyModule()
         self.weights: dict[str, str] = {}  # group name -> weight code
+        self.stacked: set[str] = set()  # stacked weights (the cache keeps them for backward)
+        self.grad_of: dict[str, str] = {}  # a parameter's gradient name -> the parameter
         self.alias: dict[str, str] = {}  # adjoint name -> the name holding the same value
         self.acc: dict[str, list[str]] = {}  # value -> names of the arrays its adjoint sums
         self.group_buffers: dict[str, tuple[str, tuple]] = {}  # loop adjoint buffer -> (owner group, adjoints of its slots)
         self.destination: dict[str, str] = {}  # loop adjoint -> its slot in an adjoint buffer
         self.in_place: set[str] = set()  # loop adjoints computed directly into their slot
         self.region_name = ""
-        self.temporaries = sympy.numbered_symbols("d_tmp")  # names of shared subexpressions
+        self.temporaries = self.n.numbered("d_tmp")  # names of shared subexpressions
         self.stage: Stage | None = None
         self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
         self.shared_groups: dict[str, str] = {}
@@ -343,27 +368,28 @@ class _Emitter:
         self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
         self.coef_refs: dict[str, str] = {}  # coefficient buffer -> its value at step t
         self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
-        self.fresh_names: set[str] = set()
         self.transposes: dict[str, str] = {}  # weight code -> its contiguous transpose
 
     # -- names in each context ----------------------------------------------------
     def ref(self, name: str, ctx: str) -> str:
         """Code for value ``name`` in context ``ctx`` ('loop': one step t; 'all': every step;
         'block': the steps t0 .. t1 - 1)."""
-        g = self.g
+        g, n = self.g, self.n
         if g.is_leaf(name):
             leaf = g.leaf(name)
             if leaf.kind == "input":
                 return {"loop": "x[t]", "block": "x[t0:t1]"}.get(ctx, "x")
             if leaf.kind == "prev_state":
-                return {"loop": name, "block": f"{leaf.state}_seq[t0:t1]"}.get(ctx, f"{leaf.state}_seq[:-1]")
-            return name  # parameters (and their row blocks) are bound once
+                seq = n("seq", leaf.state)
+                return {"loop": n.value(name), "block": f"{seq}[t0:t1]"}.get(ctx, f"{seq}[:-1]")
+            return n.value(name)  # parameters (and their row blocks) are bound once
         region = self.plan.region_of[name]
+        seq = n("seq", name)
         if name in g.state_names:
-            return {"loop": name, "block": f"{name}_seq[t0 + 1:t1 + 1]"}.get(ctx, f"{name}_seq[1:]")
+            return {"loop": n.value(name), "block": f"{seq}[t0 + 1:t1 + 1]"}.get(ctx, f"{seq}[1:]")
         if ctx == "loop" and region == "loop":
-            return name
-        return {"loop": f"{name}_seq[t]", "block": f"{name}_seq[t0:t1]"}.get(ctx, f"{name}_seq")
+            return n.value(name)
+        return {"loop": f"{seq}[t]", "block": f"{seq}[t0:t1]"}.get(ctx, seq)
 
     def names(self, ctx: str) -> dict[str, str]:
         table = {leaf.name: self.ref(leaf.name, ctx) for leaf in self.g.leaves if leaf.kind != "target"}
@@ -399,24 +425,28 @@ class _Emitter:
         later = [*m.backward_post, *m.backward_coefs, *m.backward_loop, *m.backward_after, *m.backward_pre, *m.backward_weights]
         code = "\n".join(line.split("#")[0] for line in later)
         for i, line in enumerate(m.backward_weights):
-            match = re.match(r"^(d_\w+) \+= (.+\.T) @ (.+)$", line)
-            if not match or len(re.findall(rf"(\b{match.group(1)}\b(\[[^\]]*\])? \+?=)|(out={match.group(1)}\b)", code)) != 1:
+            match = re.match(r"^(\w+) \+= (.+\.T) @ (.+)$", line)
+            if not match or match.group(1) not in self.grad_of:
                 continue
             grad = match.group(1)
+            if len(re.findall(rf"(\b{grad}\b(\[[^\]]*\])? \+?=)|(out={grad}\b)", code)) != 1:
+                continue
+            param = self.n.value(self.grad_of[grad])
             m.backward_weights[i] = f"np.matmul({match.group(2)}, {match.group(3)}, out={grad})"
-            m.backward_seed[m.backward_seed.index(f"{grad} = np.zeros_like({grad[2:]})")] = f"{grad} = np.empty_like({grad[2:]})"
+            m.backward_seed[m.backward_seed.index(f"{grad} = np.zeros_like({param})")] = f"{grad} = np.empty_like({param})"
         for i, line in enumerate(m.backward_seed):
-            match = re.match(r"^(d_\w+_seq) = _seed\((.*)\)$", line)
+            match = re.match(r"^(\w+) = _seed\((.*)\)$", line)
             if match and not re.search(rf"\b{match.group(1)}(\[[^\]]*\])? \+?=", code):
                 m.backward_seed[i] = f"{match.group(1)} = _seed({match.group(2)}, writable=False)"
+        d_x = re.escape(self.n("adj_seq", self.g.input.name))
         for body in (m.backward_post, m.backward_coefs, m.backward_loop, m.backward_after, m.backward_pre):
             for i, line in enumerate(body):
-                if "d_x_seq" not in line.split("#")[0]:
+                if not re.search(rf"\b{d_x}\b", line.split("#")[0]):
                     continue
-                match = re.match(r"^d_x_seq \+= \((.*) @ (.*)\)\.reshape\(T, B, n_in\)$", line.split("  #")[0])
+                match = re.match(rf"^{d_x} \+= \((.*) @ (.*)\)\.reshape\(T, B, n_in\)$", line.split("  #")[0])
                 if match:
-                    body[i] = f"np.matmul({match.group(1)}, {match.group(2)}, out=d_x_seq.reshape(-1, n_in))"
-                    m.backward_seed[m.backward_seed.index("d_x_seq = np.zeros_like(x)")] = "d_x_seq = np.empty((T, B, n_in), dtype)"
+                    body[i] = f"np.matmul({match.group(1)}, {match.group(2)}, out={self.d_x}.reshape(-1, n_in))"
+                    m.backward_seed[m.backward_seed.index(f"{self.d_x} = np.zeros_like(x)")] = f"{self.d_x} = np.empty((T, B, n_in), dtype)"
                 return
 
     def used_setup(self, *bodies: list[str]) -> list[str]:
@@ -425,26 +455,40 @@ class _Emitter:
         return [line for line in self.m.setup
                 if "= p[" in line or re.search(rf"\b{line.split(' = ')[0]}\b", code)]
 
+    @property
+    def d_x(self) -> str:
+        """The adjoint of the input over every step (the gradient "x")."""
+        return self.n("adj_seq", self.g.input.name)
+
+    def grad(self, param: str) -> str:
+        """The name of a parameter's gradient."""
+        name = self.n("adj", param)
+        self.grad_of[name] = param
+        return name
+
     def setup(self) -> None:
-        m, g = self.m, self.g
+        m, g, n = self.m, self.g, self.n
         for p in g.params:
-            m.setup.append(f'{p.name} = p["{p.name}"]')
+            m.setup.append(f'{n.value(p.name)} = p["{p.name}"]')
         for leaf in g.leaves:
             if leaf.kind == "param" and leaf.block is not None:
-                m.setup.append(f"{leaf.name} = {leaf.param}[{_slice(leaf.block * leaf.size, leaf.size)}]")
+                m.setup.append(f"{n.value(leaf.name)} = {n.value(leaf.param)}[{_slice(leaf.block * leaf.size, leaf.size)}]")
         for region in self.plan.regions:
             for stage in region.stages:
                 for group in stage.groups:
                     self.weights[group.name] = self.stack(group)
 
-    def member_weight(self, mv: MatVecNode) -> str:
+    def member_weight(self, mv: MatVecNode, base: str | None = None) -> str:
+        """The rows and columns of its parameter one product uses (of ``base``: the
+        parameter's gradient, say)."""
         p = self.g.param(mv.param)
+        base = base or self.n.value(mv.param)
         rows = "" if mv.block is None else _slice(mv.block * mv.size, mv.size)
         full_cols = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[1]) == 0
         cols = "" if full_cols else _slice(mv.cols[0], mv.cols[1] - mv.cols[0])
         if not rows and not cols:
-            return mv.param
-        return f"{mv.param}[{rows or ':'}{', ' + cols if cols else ''}]"
+            return base
+        return f"{base}[{rows or ':'}{', ' + cols if cols else ''}]"
 
     def transposed(self, group: GemmGroup) -> str:
         """W^T of a per-step product as a contiguous array, made once per call (per-step
@@ -456,16 +500,17 @@ class _Emitter:
         w = self.weights[group.name]
         if w not in self.transposes:
             stem = (w if w.isidentifier() else f"W_{group.name}") + "_T"
-            self.transposes[w] = self.fresh(stem)
+            self.transposes[w] = self.n.fresh(stem)
             self.m.stacks.append(f"{self.transposes[w]} = np.ascontiguousarray({w}.T)")
         return self.transposes[w]
 
     def stack(self, group: GemmGroup) -> str:
         if group.whole_param:
-            return group.whole_param
+            return self.n.value(group.whole_param)
         if len(group.members) == 1:
             return self.member_weight(group.members[0])
-        name = f"W_stack_{group.operand}"
+        name = self.n.get(("stack", group.name), f"W_stack_{self.n.spelling(group.operand)}")
+        self.stacked.add(name)
         parts = ", ".join(self.member_weight(mv) for mv in group.members)
         self.m.stacks.append(f"{name} = np.concatenate([{parts}], axis=0)  # stacked: one GEMM for {len(group.members)} products")
         return name
@@ -474,20 +519,22 @@ class _Emitter:
     def gemm_forward(self, group: GemmGroup, ctx: str, out: list[str]) -> None:
         operand = self.ref(group.operand, ctx)
         w = self.weights[group.name]
-        suffix = "" if ctx == "loop" else "_seq"
         labels = ", ".join(mv.name for mv in group.members)
         if ctx == "loop":
             product = f"np.dot({operand}, {self.transposed(group)})"
         else:
             product = steps_matmul(operand, dim(self.g.size(group.operand)), f"{w}.T", dim(group.rows))  # once: a view
+        n = self.n
+        value = (lambda name: n.value(name)) if ctx == "loop" else (lambda name: n("seq", name))
         if len(group.members) == 1:
-            out.append(f"{group.members[0].name}{suffix} = {product}  # {labels}")
+            out.append(f"{value(group.members[0].name)} = {product}  # {labels}")
         else:
-            out.append(f"{group.name}{suffix} = {product}  # {labels}")
+            whole = n("group", group.name) if ctx == "loop" else n("gseq", group.name)
+            out.append(f"{whole} = {product}  # {labels}")
             for mv, off in zip(group.members, group.offsets):
-                out.append(f"{mv.name}{suffix} = {group.name}{suffix}[..., {_slice(off, mv.size)}]")
+                out.append(f"{value(mv.name)} = {whole}[..., {_slice(off, mv.size)}]")
         if ctx == "loop":
-            out.extend(f"{mv.name}_seq[t] = {mv.name}" for mv in group.members if mv.name in self.plan.stored)
+            out.extend(f"{n('seq', mv.name)}[t] = {n.value(mv.name)}" for mv in group.members if mv.name in self.plan.stored)
 
     def forward(self) -> None:
         m, g, plan = self.m, self.g, self.plan
@@ -509,60 +556,62 @@ class _Emitter:
                     out.extend(fused.pre_lines if stage is region.stages[-1] else [])
                 for node in stage.pointwise:
                     if ctx == "all" and node.name in constant:
-                        out.append(f"{node.name}_seq = np.broadcast_to({self.code(node.expr, ctx)}, (T, B, {dim(node.size)}))  # {self.label(node)}")
+                        out.append(f"{self.n('seq', node.name)} = np.broadcast_to({self.code(node.expr, ctx)}, (T, B, {dim(node.size)}))  # {self.label(node)}")
                     elif ctx == "all":
-                        out.append(f"{node.name}_seq = {self.code(node.expr, ctx)}  # {self.label(node)}")
+                        out.append(f"{self.n('seq', node.name)} = {self.code(node.expr, ctx)}  # {self.label(node)}")
                     elif node.name not in fused.computed:
                         self.pointwise_forward(node, fused.expr(node), fused, out)
+        n = self.n
         for s in g.states:
-            m.forward_alloc.append(f"{s.name}_seq = np.empty((T + 1, B, {dim(s.size)}), dtype)")
-            m.forward_alloc.append(f'{s.name}_seq[0] = state0["{s.name}"]')
+            m.forward_alloc.append(f"{n('seq', s.name)} = np.empty((T + 1, B, {dim(s.size)}), dtype)")
+            m.forward_alloc.append(f'{n("seq", s.name)}[0] = state0["{s.name}"]')
         m.forward_alloc.extend(fused.alloc_lines)
         for name in plan.stored:
             if name not in fused.views:
-                m.forward_alloc.append(f"{name}_seq = np.empty((T, B, {dim(g.node(name).size)}), dtype)")
+                m.forward_alloc.append(f"{n('seq', name)} = np.empty((T, B, {dim(g.node(name).size)}), dtype)")
         m.forward_alloc.extend(fused.view_lines)
         if plan.loop.stages:
-            m.forward_loop[:0] = [f"{s.prev} = {s.name}_seq[t]" for s in g.states]
-        m.outputs = [(s.name, f"{s.name}_seq[1:]") for s in g.states] + [(r, f"{r}_seq") for r in g.readouts]
+            m.forward_loop[:0] = [f"{n.value(s.prev)} = {n('seq', s.name)}[t]" for s in g.states]
+        m.outputs = [(s.name, f"{n('seq', s.name)}[1:]") for s in g.states] + [(r, n("seq", r)) for r in g.readouts]
         # what backward reads
-        keep = {s.name + "_seq" for s in g.states} | {n + "_seq" for n in plan.stored}
+        keep = {n("seq", s.name) for s in g.states} | {n("seq", name) for name in plan.stored}
         for name in self.d.stored_values:
             if not g.is_leaf(name) and plan.region_of[name] != "loop":
-                keep.add(name + "_seq")
-        keep |= {w for w in self.weights.values() if w.startswith("W_stack_")}
+                keep.add(n("seq", name))
+        keep |= self.stacked
         m.cache_names = sorted(keep)
         # views of input-side products that folding left unread
         code = "\n".join([*m.forward_loop, *m.forward_post, *fused.pre_lines, *(c for _, c in m.outputs), *m.cache_names])
         views = {i: match.group(1) for i, line in enumerate(m.forward_pre)
-                 if (match := re.match(r"^(\w+_seq) = \w+_seq\[\.\.\., [^\]]*\]$", line))}
+                 if (match := re.match(r"^(\w+) = \w+\[\.\.\., [^\]]*\]$", line))}
         code += "\n".join(line for i, line in enumerate(m.forward_pre) if i not in views)
         m.forward_pre = [line for i, line in enumerate(m.forward_pre) if i not in views or re.search(rf"\b{views[i]}\b", code)]
 
     def pointwise_forward(self, node: Pointwise, expr: sympy.Expr, fused: "_LoopFusion", out: list[str]) -> None:
         """One step of a pointwise node, written straight into its stored buffer where it has one."""
-        g, plan = self.g, self.plan
+        g, plan, n = self.g, self.plan, self.n
         names = {**self.names("loop"), **fused.slot_names}
         code = numpy_code(expr, names)
         label = f"  # {self.label(node)}"
+        name = n.value(node.name)
         if node.name in g.state_names:
-            dest = f"{node.name}_seq[t + 1]"
+            dest = f"{n('seq', node.name)}[t + 1]"
         elif node.name in plan.stored:
-            dest = f"{node.name}_seq[t]"
+            dest = f"{n('seq', node.name)}[t]"
         else:
-            out.append(f"{node.name} = {code}{label}")
+            out.append(f"{name} = {code}{label}")
             return
         ufunc = {sympy.Add: "np.add", sympy.Mul: "np.multiply"}.get(type(expr))
         if ufunc and len(expr.args) >= 2:
             first, rest = expr.args[0], expr.func(*expr.args[1:])
-            out.append(f"{node.name} = {dest}")
-            out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={node.name}){label}")
+            out.append(f"{name} = {dest}")
+            out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={name}){label}")
         elif type(expr).__name__ == "tanh":
-            out.append(f"{node.name} = {dest}")
-            out.append(f"np.tanh({numpy_code(expr.args[0], names)}, out={node.name}){label}")
+            out.append(f"{name} = {dest}")
+            out.append(f"np.tanh({numpy_code(expr.args[0], names)}, out={name}){label}")
         else:
-            out.append(f"{node.name} = {code}{label}")
-            out.append(f"{dest} = {node.name}")
+            out.append(f"{name} = {code}{label}")
+            out.append(f"{dest} = {name}")
 
     def label(self, node) -> str:
         """The label of the equation a node implements (as in ``symrnn latex``)."""
@@ -612,44 +661,45 @@ class _Emitter:
         )
 
     def backward(self) -> None:
-        m, g, plan = self.m, self.g, self.plan
+        m, g, plan, n = self.m, self.g, self.plan, self.n
         self.shared_groups = self.shared_adjoints()
         for s in g.states:
-            m.backward_seed.append(f'd_{s.name}_seq = _seed(grad_outputs, "{s.name}", (T, B, {dim(s.size)}), dtype)')
+            m.backward_seed.append(f'{n("adj_seq", s.name)} = _seed(grad_outputs, "{s.name}", (T, B, {dim(s.size)}), dtype)')
         for r in g.readouts:
-            m.backward_seed.append(f'd_{r}_seq = _seed(grad_outputs, "{r}", (T, B, {dim(g.node(r).size)}), dtype)')
-            self.acc[r] = [f"d_{r}_seq"]
+            m.backward_seed.append(f'{n("adj_seq", r)} = _seed(grad_outputs, "{r}", (T, B, {dim(g.node(r).size)}), dtype)')
+            self.acc[r] = [n("adj_seq", r)]
         # adjoint buffers for values that receive contributions from a later region
         order = {"pre": 0, "loop": 1, "post": 2}
-        for n in g.nodes:
-            if n.name in g.state_names or n.name in g.readouts:
+        for node in g.nodes:
+            if node.name in g.state_names or node.name in g.readouts:
                 continue
-            mine = order[plan.region_of[n.name]]
-            later = any(order[plan.region_of[c.name]] > mine for c in g.consumers(n.name))
-            if later and n.name not in self.shared_members:
-                m.backward_seed.append(f"d_{n.name}_seq = np.zeros((T, B, {dim(n.size)}), dtype)")
-        m.backward_seed.append("d_x_seq = np.zeros_like(x)")
+            mine = order[plan.region_of[node.name]]
+            later = any(order[plan.region_of[c.name]] > mine for c in g.consumers(node.name))
+            if later and node.name not in self.shared_members:
+                m.backward_seed.append(f"{n('adj_seq', node.name)} = np.zeros((T, B, {dim(node.size)}), dtype)")
+        m.backward_seed.append(f"{self.d_x} = np.zeros_like(x)")
         for p in g.params:
-            m.backward_seed.append(f"d_{p.name} = np.zeros_like({p.name})")
+            m.backward_seed.append(f"{self.grad(p.name)} = np.zeros_like({n.value(p.name)})")
 
+        m.backward_carry = [f"{n('adj_next', s.name)} = np.zeros((B, {dim(s.size)}), dtype)" for s in g.states]
         self.region_backward(plan.post, "all", m.backward_post)
         for s in g.states:
-            self.acc.setdefault(s.name, []).extend([f"d_{s.name}_seq[t]", f"d_{s.name}_next"])
+            self.acc.setdefault(s.name, []).extend([f"{n('adj_seq', s.name)}[t]", n("adj_next", s.name)])
         for name in plan.loop.nodes:
             if name not in g.state_names and any(plan.region_of[c.name] == "post" for c in g.consumers(name)):
-                self.acc.setdefault(name, []).append(f"d_{name}_seq[t]")
+                self.acc.setdefault(name, []).append(f"{n('adj_seq', name)}[t]")
         self.region_backward(plan.loop, "loop", m.backward_loop)
         self.parameter_sums()
         for name in plan.pre.nodes:
             if name in self.shared_members:
-                self.acc[name] = [f"d_{self.shared_members[name]}"]  # never printed: see gemm_backward
+                self.acc[name] = [n("adj", self.shared_members[name])]  # never printed: see gemm_backward
             elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
-                self.acc.setdefault(name, []).append(f"d_{name}_seq")
+                self.acc.setdefault(name, []).append(n("adj_seq", name))
         self.region_backward(plan.pre, "all", m.backward_pre)
         self.share_coefficients()
         # initial states and the input
-        m.grads = [(p.name, f"d_{p.name}") for p in g.params] + [("x", "d_x_seq")]
-        m.grads += [(f"{s.name}0", f"d_{s.name}_next") for s in g.states]
+        m.grads = [(p.name, self.grad(p.name)) for p in g.params] + [("x", self.d_x)]
+        m.grads += [(f"{s.name}0", n("adj_next", s.name)) for s in g.states]
 
     def parameter_sums(self) -> None:
         """Gradients of elementwise parameters whose adjoint a buffer stores: one sum per
@@ -663,25 +713,14 @@ class _Emitter:
             if name not in self.slots:
                 raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
             buf, cols = self.slots[name]
+            grad = self.grad(p.name)
             if p.kind == "scalar":
-                self.m.backward_after.append(f"d_{p.name}{rows} += np.sum({buf}{f'[..., {cols}]' if cols else ''})")
+                self.m.backward_after.append(f"{grad}{rows} += np.sum({buf}{f'[..., {cols}]' if cols else ''})")
                 continue
             if buf not in totals:
-                totals[buf] = self.fresh(f"{buf.removesuffix('_seq')}_sum")
+                totals[buf] = self.n.fresh(f"{buf.removesuffix('_seq')}_sum")
                 self.m.backward_after.append(f"{totals[buf]} = np.sum({buf}, axis=(0, 1))  # over the steps and the batch")
-            self.m.backward_after.append(f"d_{p.name}{rows} += {totals[buf]}{f'[{cols}]' if cols else ''}")
-
-    def fresh(self, stem: str) -> str:
-        """``stem``, or ``stem_1``, ...: a name no value of the cell, its adjoint, buffer or
-        coefficient has."""
-        names = {leaf.name for leaf in self.g.leaves} | {n.name for n in self.g.nodes}
-        taken = {f"{pre}{n}{post}" for n in names for pre in ("", "d_") for post in ("", "_seq")}
-        taken |= set(self.coefs.values()) | set(self.fresh_names)
-        name, k = stem, 1
-        while name in taken:
-            name, k = f"{stem}_{k}", k + 1
-        self.fresh_names.add(name)
-        return name
+            self.m.backward_after.append(f"{grad}{rows} += {totals[buf]}{f'[{cols}]' if cols else ''}")
 
     def region_backward(self, region: Region, ctx: str, out: list[str]) -> None:
         g = self.g
@@ -689,11 +728,13 @@ class _Emitter:
         for k in reversed(range(len(region.stages))):
             self.stage_backward(region, region.stages[k], k, ctx, out)
         if ctx == "loop":
-            bind = [f"{name} = {self.bind_code(name)}" for name in self.loop_bindings(out)]
+            n = self.n
+            bind = [f"{n.value(name)} = {self.bind_code(name)}" for name in self.loop_bindings(out)]
             prev = []
             for s in g.states:
                 terms = self.acc.get(s.prev, [])
-                prev.append(f"d_{s.name}_next = {' + '.join(terms) if terms else 'np.zeros_like(d_' + s.name + '_next)'}")
+                carry = n("adj_next", s.name)
+                prev.append(f"{carry} = {' + '.join(terms) if terms else f'np.zeros_like({carry})'}")
             out[:] = bind + out + prev
 
     def loop_bindings(self, lines: list[str]) -> list[str]:
@@ -702,21 +743,21 @@ class _Emitter:
         used = set(_words(code))
         names = []
         for s in self.g.states:
-            if s.prev in used:
+            if self.n.value(s.prev) in used:
                 names.append(s.prev)
-        for n in self.g.nodes:
-            if n.name in used and self.plan.region_of[n.name] == "loop":
-                names.append(n.name)
+        for node in self.g.nodes:
+            if self.n.value(node.name) in used and self.plan.region_of[node.name] == "loop":
+                names.append(node.name)
         return names
 
     def bind_code(self, name: str) -> str:
-        g = self.g
+        g, n = self.g, self.n
         if g.is_leaf(name):
-            return f"{g.leaf(name).state}_seq[t]"
+            return f"{n('seq', g.leaf(name).state)}[t]"
         if name in g.state_names:
-            return f"{name}_seq[t + 1]"
+            return f"{n('seq', name)}[t + 1]"
         if name in self.plan.stored:
-            return f"{name}_seq[t]"
+            return f"{n('seq', name)}[t]"
         raise InternalError(f"backward of cell '{g.cell}' reads '{name}', which forward does not store")
 
     def stage_backward(self, region: Region, stage: Stage, k: int, ctx: str, out: list[str]) -> None:
@@ -734,17 +775,17 @@ class _Emitter:
             terms = [sympy.Symbol(src) for src in self.acc.get(node.name, [])]
             for c, coeff in d.adjoint_terms(node.name):
                 if c in final_pw and c in nonzero:
-                    terms.append(coeff * sympy.Symbol(f"d_{c}"))
+                    terms.append(coeff * self.adjoint(c))
             expr = sympy.Add(*terms)
             if expr == 0:
                 continue
             nonzero.add(node.name)
-            stmts.append(self.assign(f"d_{node.name}", expr, ctx, seen, label=f"eq:{g.cell}:adj:{node.name}"))
+            stmts.append(self.assign(self.n("adj", node.name), expr, ctx, seen, label=f"eq:{g.cell}:adj:{node.name}"))
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
                          key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
         for dep in targets:
-            expr = sympy.Add(*[d.partial(c.name, dep) * sympy.Symbol(f"d_{c.name}") for c in stage.pointwise if c.name in nonzero])
+            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
                 self.route(dep, expr, k, ctx, stmts, seen)
         if ctx == "loop":
@@ -754,6 +795,23 @@ class _Emitter:
         self.print_with_cse(stmts, ctx, out)
         for group in stage.groups:
             self.gemm_backward(region, group, ctx, out, nonzero)
+
+    def adjoint(self, name: str) -> sympy.Symbol:
+        """The symbol of a value's adjoint at one step."""
+        return sympy.Symbol(self.n("adj", name))
+
+    def is_adjoint(self, symbol: sympy.Symbol) -> bool:
+        """An adjoint's symbol: its name, or one step of an adjoint buffer (``d_h_seq[t]``)."""
+        return self.n.kind(symbol.name.split("[", 1)[0]) in _ADJOINT_KINDS
+
+    def assigned(self, template: str) -> str | None:
+        """The adjoint a statement template ``<adjoint> = {}`` assigns, if it is one."""
+        lhs, sep, _ = template.partition(" = {}")
+        return lhs if sep and self.n.kind(lhs) in _ADJOINT_KINDS else None
+
+    def one_term(self, expr: sympy.Expr) -> bool:
+        """One adjoint times a coefficient: substituting it into several users adds no work."""
+        return len([s for s in expr.free_symbols if self.is_adjoint(s)]) == 1 and not expr.is_Add
 
     def linearize(self, stmts: list, stage: Stage) -> list:
         """Leave in the loop only what depends on the incoming adjoints.
@@ -766,7 +824,7 @@ class _Emitter:
         sum_j d_j * k_j; a coefficient k_j that is more than a number or one
         stored value becomes a buffer computed for a block of steps at once,
         before the loop runs over that block (``backward_coefs``)."""
-        keep = {f"d_{mv.name}" for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
+        keep = {self.n("adj", mv.name) for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
         keep |= {name for names in self.acc.values() for name in names}
         keep |= set(self.alias) | set(self.alias.values())
         uses: dict[str, int] = {}
@@ -779,8 +837,8 @@ class _Emitter:
         for template, expr in stmts:
             if expr is not None:
                 expr = expr.xreplace(inlined)
-            name = _assigned(template)
-            if name and expr is not None and name not in keep and (uses.get(name, 0) <= 1 or _one_term(expr)):
+            name = self.assigned(template)
+            if name and expr is not None and name not in keep and (uses.get(name, 0) <= 1 or self.one_term(expr)):
                 inlined[sympy.Symbol(name)] = expr
                 continue
             kept.append((template, expr))
@@ -788,11 +846,11 @@ class _Emitter:
 
     def split_coefficients(self, template: str, expr: sympy.Expr) -> sympy.Expr:
         """``expr`` = sum_j d_j * k_j with each non-trivial k_j replaced by its buffer."""
-        adjoints = sorted((s for s in expr.free_symbols if s.name.startswith("d_")), key=lambda s: s.name)
+        adjoints = sorted((s for s in expr.free_symbols if self.is_adjoint(s)), key=lambda s: s.name)
         terms = [(a, sympy.factor_terms(sympy.diff(expr, a))) for a in adjoints]
         if any(k.has(*adjoints) for _, k in terms) or sympy.expand(expr - sum(a * k for a, k in terms)) != 0:
             raise InternalError(f"adjoint statement '{template}' of cell '{self.g.cell}' is not linear in the adjoints: {expr}")
-        target = _assigned(template) or "d_"
+        target = self.assigned(template) or "d_"
         return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
 
     def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
@@ -801,7 +859,7 @@ class _Emitter:
             return k
         if k not in self.coefs:
             src, tgt = source[2:], target[2:]
-            name = self.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
+            name = self.n.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
             self.coefs[k] = name
             varies = any(not self.g.is_leaf(s.name) or self.g.leaf(s.name).kind != "param" for s in k.free_symbols)
             if varies:
@@ -815,8 +873,8 @@ class _Emitter:
     def share_coefficients(self) -> None:
         """Print the per-block coefficients, their common subexpressions computed once
         (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
-        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=sympy.numbered_symbols("coef_tmp"), order="none")
-        rename = {sym: sympy.Symbol(self.fresh("common")) for sym, _ in replacements}
+        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=self.n.numbered("coef_tmp"), order="none")
+        rename = {sym: sympy.Symbol(self.n.fresh("common")) for sym, _ in replacements}
         own = {s.name: s.name for s in rename.values()}  # printed as themselves, not as stored values
         lines = [(rename[sym].name, expr) for sym, expr in replacements] + [(name, k) for (name, _), k in zip(self.block_coefs, reduced)]
         self.m.backward_coefs.extend(f"{name} = {self.code(expr.xreplace(rename), 'block', own)}" for name, expr in lines)
@@ -846,7 +904,7 @@ class _Emitter:
                 continue
             expr = next(reduced)
             place(expr)
-            name = _assigned(template)
+            name = self.assigned(template)
             lhs = template.split(" = {}", 1)[0] if " = {}" in template else ""
             target = lhs if lhs.endswith("]") else None  # a buffer slot (d_W_x_seq[t])
             if name in self.destination:  # an adjoint whose slot in a GEMM's adjoint buffer is known
@@ -886,7 +944,8 @@ class _Emitter:
         leaf = g.leaf(dep) if g.is_leaf(dep) else None
         if dep in self.shared_members:
             return  # the recurrent product's adjoint buffer holds this value already
-        stored = {f"d_{mv.name}" for mv in self.stage.matvecs}  # written to a buffer over all steps
+        n = self.n
+        stored = {n("adj", mv.name) for mv in self.stage.matvecs}  # written to a buffer over all steps
         if leaf is not None and leaf.kind == "param" and ctx == "loop" and expr.is_Symbol and self.alias.get(expr.name, expr.name) in stored:
             self.deferred_sums.append((leaf, expr.name))  # summed over every step after the loop
             return
@@ -898,24 +957,24 @@ class _Emitter:
             p = g.param(leaf.param)
             rows = "" if leaf.block is None else f"[{_slice(leaf.block * leaf.size, leaf.size)}]"
             axes = "" if p.kind == "scalar" else (", axis=0" if ctx == "loop" else ", axis=(0, 1)")
-            out.append((f"d_{p.name}{rows} += np.sum({{}}{axes})", expr))
+            out.append((f"{self.grad(p.name)}{rows} += np.sum({{}}{axes})", expr))
         elif leaf is not None and leaf.kind == "input":
-            out.append((f"d_x_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
+            out.append((f"{self.d_x}{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
         elif leaf is not None and leaf.kind == "prev_state":
-            name = f"d_{dep}_{k}"
+            name = n("adj_part", dep, k)
             out.append(self.assign(name, expr, ctx, seen))
             self.acc.setdefault(dep, []).append(name)
         else:
             if self.plan.region_of[dep] == self.region_name:
-                name = f"d_{dep}_from{k}"
+                name = n("adj_from", dep, k)
                 out.append(self.assign(name, expr, ctx, seen))
                 self.acc.setdefault(dep, []).append(name)
             else:
                 if ctx == "loop" and self.only_here(dep):  # this step's whole contribution
-                    out.append((f"d_{dep}_seq[t] = {{}}", expr))
-                    self.routed.setdefault(expr, f"d_{dep}_seq")
+                    out.append((f"{n('adj_seq', dep)}[t] = {{}}", expr))
+                    self.routed.setdefault(expr, n("adj_seq", dep))
                 else:
-                    out.append((f"d_{dep}_seq{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
+                    out.append((f"{n('adj_seq', dep)}{'[t]' if ctx == 'loop' else ''} += {{}}", expr))
 
     def loop_adjoint_buffer(self, group: GemmGroup, nonzero: set[str]) -> tuple[str, bool]:
         """The buffer holding a loop GEMM's output adjoint for every step (for the weight
@@ -924,13 +983,14 @@ class _Emitter:
         if group.name in self.loop_buffer:
             buf = self.loop_buffer[group.name]
             return buf, self.group_buffers[buf][0] == group.name
-        adj = [self.alias.get(f"d_{mv.name}", f"d_{mv.name}") if mv.name in nonzero else None for mv in group.members]
+        adj = [self.alias.get(self.n("adj", mv.name), self.n("adj", mv.name)) if mv.name in nonzero else None
+               for mv in group.members]
         signature = tuple(adj)
         for buf, (_, held) in self.group_buffers.items():
             if held == signature:
                 self.loop_buffer[group.name] = buf
                 return buf, False
-        buf = f"d_{group.name}_seq"
+        buf = self.n("gadj_seq", group.name)
         self.loop_buffer[group.name] = buf
         self.group_buffers[buf] = (group.name, signature)
         self.m.backward_seed.append(f"{buf} = np.empty((T, B, {dim(group.rows)}), dtype)")
@@ -950,19 +1010,20 @@ class _Emitter:
         return all(c.name in here for c in self.g.consumers(name))
 
     def gemm_backward(self, region: Region, group: GemmGroup, ctx: str, out: list[str], nonzero: set[str]) -> None:
-        g = self.g
+        g, n = self.g, self.n
         w = self.weights[group.name]
-        adj = [f"d_{mv.name}" if mv.name in nonzero else None for mv in group.members]
+        adj = [n("adj", mv.name) if mv.name in nonzero else None for mv in group.members]
         adj = [self.alias.get(a, a) if a else None for a in adj]
         if all(a is None for a in adj):
             return
-        buf = f"d_{group.name}_seq"
+        buf = n("gadj_seq", group.name)
         if ctx == "loop":
             buf, new = self.loop_adjoint_buffer(group, nonzero)
             if new:
                 for a, mv, off in zip(adj, group.members, group.offsets):
-                    if a not in self.in_place:
-                        out.append(f"{self.slot(group, mv, off, buf)} = {a or 0.0}")
+                    slot = self.slot(group, mv, off, buf)
+                    if a not in self.in_place or self.destination[a] != slot:  # (two slots may hold one adjoint)
+                        out.append(f"{slot} = {a or 0.0}")
             step = f"{buf}[t]"
         elif group.name in self.shared_groups:
             buf = self.loop_buffer[self.shared_groups[group.name]]
@@ -982,19 +1043,16 @@ class _Emitter:
         back = steps_matmul(buf, dim(group.rows), w, dim(g.size(operand)))  # W^T delta, every step
         in_loop = ctx == "loop" and (g.is_leaf(operand) and g.leaf(operand).kind == "prev_state" or self.plan.region_of.get(operand) == "loop")
         if ctx == "loop" and not in_loop:
-            target = "d_x_seq" if operand == g.input.name else f"d_{operand}_seq"
-            self.m.backward_after.append(f"{target} += {back}  # W^T delta for every step at once")
+            self.m.backward_after.append(f"{n('adj_seq', operand)} += {back}  # W^T delta for every step at once")
         elif ctx == "loop":
-            name = f"d_{operand}_from_{group.name}"
+            name = n("adj_via", operand, group.name)
             out.append(f"{name} = np.dot({step}, {w})")
             self.acc.setdefault(operand, []).append(name)
         else:
-            if operand == g.input.name:
-                out.append(f"d_x_seq += {back}")
-            elif operand in g.state_names or self.plan.region_of[operand] != self.region_name:
-                out.append(f"d_{operand}_seq += {back}")
+            if operand == g.input.name or operand in g.state_names or self.plan.region_of[operand] != self.region_name:
+                out.append(f"{n('adj_seq', operand)} += {back}")
             else:
-                name = f"d_{operand}_from_{group.name}"
+                name = n("adj_via", operand, group.name)
                 out.append(f"{name} = {back}")
                 self.acc.setdefault(operand, []).append(name)
         # gradient of the weights: one GEMM over every step, after the loop
@@ -1003,11 +1061,11 @@ class _Emitter:
         dW = f"{buf}.reshape(-1, {rows}).T @ {src}.reshape(-1, {cols})"
         lines = self.m.backward_weights
         if group.whole_param:
-            lines.append(f"d_{group.whole_param} += {dW}")
+            lines.append(f"{self.grad(group.whole_param)} += {dW}")
         else:
             lines.append(f"dW_stack = {dW}")
             for mv, off in zip(group.members, group.offsets):
-                target = self.member_weight(mv).replace(mv.param, f"d_{mv.param}", 1)
+                target = self.member_weight(mv, base=self.grad(mv.param))
                 lines.append(f"{target} += dW_stack[{_slice(off, mv.size)}]")
 
     def partial_gemms(self, group: GemmGroup, adj: list[str | None]) -> None:
@@ -1032,10 +1090,10 @@ class _Emitter:
         for source, src_off, row, size in runs:
             view = source if src_off is None else f"{source}[..., {_slice(src_off, size)}]"
             rows = _slice(row, size)
-            self.m.backward_pre.append(f"d_x_seq += {steps_matmul(view, dim(size), f'{w}[{rows}]', cols)}")
+            self.m.backward_pre.append(f"{self.d_x} += {steps_matmul(view, dim(size), f'{w}[{rows}]', cols)}")
             dW = f"{view}.reshape(-1, {dim(size)}).T @ x.reshape(-1, {cols})"
             if group.whole_param:
-                self.m.backward_weights.append(f"d_{group.whole_param}[{rows}] += {dW}")
+                self.m.backward_weights.append(f"{self.grad(group.whole_param)}[{rows}] += {dW}")
                 continue
             for mv, off in zip(group.members, group.offsets):  # stacked from several parameters: member by member
                 inside = sympy.expand(off - row)
@@ -1043,7 +1101,7 @@ class _Emitter:
                     continue
                 part = source if src_off is None else f"{source}[..., {_slice(src_off + inside, mv.size)}]"
                 dW = f"{part}.reshape(-1, {dim(mv.size)}).T @ x.reshape(-1, {cols})"
-                self.m.backward_weights.append(f"{self.member_weight(mv).replace(mv.param, f'd_{mv.param}', 1)} += {dW}")
+                self.m.backward_weights.append(f"{self.member_weight(mv, base=self.grad(mv.param))} += {dW}")
 
     # -- forward mode (RTRL) ------------------------------------------------------
     def rtrl(self) -> None:
@@ -1052,70 +1110,80 @@ class _Emitter:
         Directions are stacked on a leading axis of length K: the parameters in
         declaration order, then each initial state, then x (T * n_in entries).
         ``J_q`` has shape (K, B, size of q)."""
-        m, g, d = self.m, self.g, self.d
+        m, g, d, n = self.m, self.g, self.d, self.n
+        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
+        o_x = o(g.input.name)
         prev = "0"
         for p in g.params:
-            m.rtrl_setup.append(f"o_{p.name} = {prev}")
-            prev = f"o_{p.name} + {p.name}.size"
+            m.rtrl_setup.append(f"{o(p.name)} = {prev}")
+            prev = f"{o(p.name)} + {n.value(p.name)}.size"
         for s in g.states:
-            m.rtrl_setup.append(f"o_{s.name}0 = {prev}")
-            prev = f"o_{s.name}0 + {dim(s.size)}"
-        m.rtrl_setup.append(f"o_x = {prev}")
-        m.rtrl_setup.append("K = o_x + T * n_in")
+            m.rtrl_setup.append(f"{n('offset0', s.name)} = {prev}")
+            prev = f"{n('offset0', s.name)} + {dim(s.size)}"
+        m.rtrl_setup.append(f"{o_x} = {prev}")
+        m.rtrl_setup.append(f"K = {o_x} + T * n_in")
         for s in g.states:
-            m.rtrl_setup.append(f'{s.name} = state0["{s.name}"]')
-            m.rtrl_setup.append(f"J_{s.name} = np.zeros((K, B, {dim(s.size)}), dtype)")
-            m.rtrl_setup.append(f"_add_diagonal(J_{s.name}, o_{s.name}0, 1.0)  # d{s.name}^(-1)/d{s.name}0 = I")
+            m.rtrl_setup.append(f'{n.value(s.name)} = state0["{s.name}"]')
+            m.rtrl_setup.append(f"{J(s.name)} = np.zeros((K, B, {dim(s.size)}), dtype)")
+            m.rtrl_setup.append(f"_add_diagonal({J(s.name)}, {n('offset0', s.name)}, 1.0)  # d{s.name}^(-1)/d{s.name}0 = I")
         loop = m.rtrl_loop
         for s in g.states:
-            loop.append(f"{s.prev}, J_{s.prev} = {s.name}, J_{s.name}")
-        names = {n.name: n.name for n in g.nodes}
+            loop.append(f"{n.value(s.prev)}, {J(s.prev)} = {n.value(s.name)}, {J(s.name)}")
+        names = {node.name: n.value(node.name) for node in g.nodes}
         names[g.input.name] = "x[t]"
-        x_slab = "o_x + t * n_in"
+        x_slab = f"{o_x} + t * n_in"
+        constant = {leaf.name for leaf in g.leaves if leaf.kind == "param"}  # values of the parameters alone
         for node in g.nodes:
             loop.append(f"# {node.name}  {self.label(node)}")
+            name = n.value(node.name)
             if isinstance(node, Pointwise):
-                loop.append(f"{node.name} = {self.code(node.expr, 'loop', names)}")
+                code = self.code(node.expr, "loop", names)
+                if all(dep in constant for dep in node.deps):  # the same for every row: a (B, size) view
+                    constant.add(node.name)
+                    code = f"np.broadcast_to({code}, (B, {dim(node.size)}))"
+                loop.append(f"{name} = {code}")
                 tangent, direct = [], []
                 for dep, coeff in d.tangent_terms(node.name):
                     leaf = g.leaf(dep) if g.is_leaf(dep) else None
                     c = self.code(coeff, "loop", names)
                     if leaf is None or leaf.kind == "prev_state":
-                        tangent.append(f"J_{dep}" if coeff == 1 else f"({c}) * J_{dep}")
+                        tangent.append(J(dep) if coeff == 1 else f"({c}) * {J(dep)}")
                     elif leaf.kind == "input":
-                        direct.append(f"_add_diagonal(J_{node.name}, {x_slab}, {c})")
+                        direct.append(f"_add_diagonal({J(node.name)}, {x_slab}, {c})")
                     elif g.param(leaf.param).kind == "scalar":
-                        direct.append(f"J_{node.name}[o_{leaf.param}] += {c}")
+                        direct.append(f"{J(node.name)}[{o(leaf.param)}] += {c}")
                     else:
                         row0 = dim(leaf.block * leaf.size) if leaf.block else "0"
-                        off = f"o_{leaf.param}" + ("" if row0 == "0" else f" + {row0}")
-                        direct.append(f"_add_diagonal(J_{node.name}, {off}, {c})")
+                        off = o(leaf.param) + ("" if row0 == "0" else f" + {row0}")
+                        direct.append(f"_add_diagonal({J(node.name)}, {off}, {c})")
                 if not tangent:
                     rhs = f"np.zeros((K, B, {dim(node.size)}), dtype)"
-                elif len(tangent) == 1 and tangent[0].startswith("J_") and direct:
+                elif len(tangent) == 1 and n.kind(tangent[0]) == "tangent" and direct:  # J_q itself: a copy to add into
                     rhs = f"{tangent[0]}.copy()"
                 else:
                     rhs = " + ".join(tangent)
-                loop.append(f"J_{node.name} = {rhs}")
+                loop.append(f"{J(node.name)} = {rhs}")
                 loop.extend(direct)
             else:
                 w = self.member_weight(node)
-                operand = names.get(node.operand, node.operand)
-                loop.append(f"{node.name} = {operand} @ {w}.T")
+                operand = names.get(node.operand) or n.value(node.operand)
+                loop.append(f"{name} = {operand} @ {w}.T")
                 if node.operand == g.input.name:
-                    loop.append(f"J_{node.name} = np.zeros((K, B, {dim(node.size)}), dtype)")
-                    loop.append(f"J_{node.name}[{x_slab}:{x_slab} + n_in] += {w}.T[:, None, :]")
+                    loop.append(f"{J(node.name)} = np.zeros((K, B, {dim(node.size)}), dtype)")
+                    loop.append(f"{J(node.name)}[{x_slab}:{x_slab} + n_in] += {w}.T[:, None, :]")
                 else:
-                    loop.append(f"J_{node.name} = J_{node.operand} @ {w}.T")
+                    loop.append(f"{J(node.name)} = {J(node.operand)} @ {w}.T")
                 row0 = dim(node.block * node.size) if node.block else "0"
-                loop.append(f"_add_matrix(J_{node.name}, o_{node.param}, {node.param}.shape, {row0}, {dim(node.cols[0])}, {operand})")
-        loop.append("cot = cotangent(t, {" + ", ".join(f'"{o}": {o}' for o in g.outputs) + "})")
-        for o in g.outputs:
-            loop.append(f'if "{o}" in cot:')
-            loop.append(f'    G += np.einsum("kbn,bn->kb", J_{o}, cot["{o}"])')
-        m.rtrl_grads = [(p.name, f"G[o_{p.name}:o_{p.name} + {p.name}.size].sum(axis=1).reshape({p.name}.shape)") for p in g.params]
-        m.rtrl_grads.append(("x", "G[o_x:].reshape(T, n_in, B).transpose(0, 2, 1)"))
-        m.rtrl_grads += [(f"{s.name}0", f"G[o_{s.name}0:o_{s.name}0 + {dim(s.size)}].T") for s in g.states]
+                loop.append(f"_add_matrix({J(node.name)}, {o(node.param)}, {n.value(node.param)}.shape, {row0}, "
+                            f"{dim(node.cols[0])}, {operand})")
+        loop.append("cot = cotangent(t, {" + ", ".join(f'"{out}": {n.value(out)}' for out in g.outputs) + "})")
+        for out in g.outputs:
+            loop.append(f'if "{out}" in cot:')
+            loop.append(f'    G += np.einsum("kbn,bn->kb", {J(out)}, cot["{out}"])')
+        m.rtrl_grads = [(p.name, f"G[{o(p.name)}:{o(p.name)} + {n.value(p.name)}.size].sum(axis=1).reshape({n.value(p.name)}.shape)")
+                        for p in g.params]
+        m.rtrl_grads.append(("x", f"G[{o_x}:].reshape(T, n_in, B).transpose(0, 2, 1)"))
+        m.rtrl_grads += [(f"{s.name}0", f"G[{n('offset0', s.name)}:{n('offset0', s.name)} + {dim(s.size)}].T") for s in g.states]
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:
