@@ -4,6 +4,7 @@ instance that is not finite."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 import sympy
 
 from symrnn import Cell, CellError, Init, Param, State, exp, params, parse_init, sigmoid, softplus
+from symrnn.cells import builtin
 from symrnn.cli import main
+from symrnn.gradcheck import check_module, nonfinite, random_problem, report
 from symrnn.lower import lower
-from symrnn.pipeline import build, load_module, module_name, render_numpy
+from symrnn.pipeline import build, load_module, module_name, render_cupy, render_numpy
 from symrnn.spec import SpecError, load_spec, parse_spec
 
 # -- cells --------------------------------------------------------------------------
@@ -133,6 +136,42 @@ def line_of(text: str, fragment: str) -> int:
 
 
 # -- 1. the input's size -----------------------------------------------------------
+def test_an_input_of_the_state_size_is_checked():
+    module = module_of(SRU)
+    assert module.INPUT_SIZE == "n_hidden" and module.input_size(3, 4, 2) == 4
+    problem = random_problem(module)
+    assert problem.x.shape == (6, 3, 4)
+    results = check_module(module)
+    assert results and all(r.ok for r in results), report("sru", results)
+
+
+def test_rg_lru_from_python_is_checked():
+    module = module_of(rg_lru())
+    assert module.INPUT_SIZE == "n_hidden" and module.PARAM_INITS == {"Lam": "uniform(4.3, 9.0)"}
+    results = check_module(module, seed=2)
+    assert all(r.ok for r in results), report("rg_lru", results)
+
+
+def test_check_command_on_an_input_of_the_state_size(tmp_path, capsys):
+    code, out, err = run(capsys, "check", "--spec", spec_file(tmp_path, SRU))
+    assert code == 0 and "all checks passed" in out and not err
+
+
+def test_every_builtin_module_says_its_input_size(module):
+    fixed = module.FIXED_DIMS
+    n_in, n_hidden, n_out = fixed.get("n_in", 3), fixed.get("n_hidden", 4), fixed.get("n_out", 2)
+    assert module.INPUT_SIZE == ("n_in" if "n_in" not in fixed else str(fixed["n_in"]))
+    assert module.input_size(n_in, n_hidden, n_out) == n_in
+    outputs, _ = module.forward(module.init_params(n_in, n_hidden, n_out), np.ones((2, 1, n_in)))
+    assert set(outputs) == set(module.OUTPUTS)
+
+
+def test_an_input_of_a_fixed_size_is_checked():
+    text = SRU.replace('x = "n_hidden"', "x = 3").replace('W = ["n_hidden", "n_hidden"]', 'W = ["n_hidden", 3]')
+    text = text.replace('(1 - r) * x"', '(1 - r) * c"').replace("W_f @ x", "W_f @ h_prev").replace("W_r @ x", "W_r @ h_prev")
+    module = module_of(text)
+    assert module.INPUT_SIZE == "3" and module.input_size(7, 4) == 3
+    assert all(r.ok for r in check_module(module))
 
 
 _USES_N_IN = SRU.replace('b_r = ["n_hidden"]', 'b_r = ["n_hidden"]\nP = ["n_in", "n_hidden"]\nQ = ["n_hidden", "n_in"]').replace(
@@ -257,3 +296,102 @@ def test_the_python_api_declares_inits():
 def test_show_prints_the_declared_inits(tmp_path, capsys):
     code, out, _ = run(capsys, "show", "--spec", spec_file(tmp_path, RMS))
     assert code == 0 and "init: v ~ uniform(0.5, 1.5)" in out
+
+
+# -- 2. declared initializers: the generated modules ---------------------------------
+def test_builtin_init_params_are_pytorch_s_draws_in_declaration_order(module):
+    """The same generator calls as before inits could be declared: one uniform(-b, b)
+    per parameter, b = 1/sqrt(n_hidden), in declaration order."""
+    fixed = module.FIXED_DIMS
+    sizes = fixed.get("n_in", 3), fixed.get("n_hidden", 5), fixed.get("n_out", 2)
+    assert module.PARAM_INITS == {} and module.STATE_INITS == {}
+    rng = np.random.default_rng(7)
+    bound = 1.0 / np.sqrt(sizes[1])
+    expected = {k: rng.uniform(-bound, bound, s).astype(np.float32) for k, s in module.param_shapes(*sizes).items()}
+    got = module.init_params(*sizes, seed=7, dtype=np.float32)
+    assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
+    zeros = module.init_state0(2, *sizes)
+    assert set(zeros) == set(module.STATES) and all(not v.any() for v in zeros.values())
+
+
+def test_declared_inits_are_drawn_by_init_params():
+    text = (LRU.replace('B_x = ["n_hidden", "n_in"]', 'B_x = { shape = ["n_hidden", "n_in"], init = "normal(0, 0.01)" }')
+            .replace('V = ["n_out", "n_hidden"]', 'V = { shape = ["n_out", "n_hidden"], init = "constant(0.25)" }'))
+    module = module_of(text)
+    assert module.PARAM_INITS == {"nu": "uniform(0.001, 0.1)", "B_x": "normal(0, 0.01)", "V": "constant(0.25)"}
+    p = module.init_params(3, 50, 2, seed=1)
+    assert p["nu"].min() >= 0.001 and p["nu"].max() < 0.1
+    assert abs(p["B_x"].std() - 0.01) < 0.002 and np.all(p["V"] == 0.25)
+    rng = np.random.default_rng(1)  # in declaration order; constant draws nothing
+    assert np.array_equal(p["nu"], rng.uniform(0.001, 0.1, (50,))) and np.array_equal(p["B_x"], rng.normal(0, 0.01, (50, 3)))
+    assert "bound" not in render_numpy(build(parse_spec(text, "lru.toml")))  # every parameter is declared
+    s0 = module_of(RMS).init_state0(4, 3, 5, seed=2, dtype=np.float32)
+    assert s0["v"].shape == (4, 5) and s0["v"].dtype == np.float32 and 0.5 <= s0["v"].min() and s0["v"].max() < 1.5
+    assert not s0["h"].any()
+
+
+def test_the_cupy_module_draws_what_the_numpy_module_draws(tmp_path, monkeypatch):
+    from host_cupy import host_cupy
+
+    monkeypatch.setitem(__import__("sys").modules, "cupy", host_cupy(tmp_path))
+    for cell in (parse_spec(LRU, "lru.toml"), parse_spec(RMS, "rms.toml"), rg_lru(), builtin("lstm_torch")):
+        plan = build(cell)
+        ref, cu = load_module(render_numpy(plan), cell.name), load_module(render_cupy(plan), cell.name + "_cupy")
+        assert (cu.INPUT_SIZE, cu.PARAM_INITS, cu.STATE_INITS) == (ref.INPUT_SIZE, ref.PARAM_INITS, ref.STATE_INITS)
+        for dtype in (np.float32, np.float64):
+            a, b = ref.init_params(3, 4, 2, seed=5, dtype=dtype), cu.init_params(3, 4, 2, seed=5, dtype=dtype)
+            assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) and b[k].dtype == dtype for k in a), cell.name
+            a, b = ref.init_state0(2, 3, 4, 2, seed=5, dtype=dtype), cu.init_state0(2, 3, 4, 2, seed=5, dtype=dtype)
+            assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a), cell.name
+
+
+# -- 3. the random instance lies inside the declared ranges ---------------------------
+def test_random_problem_draws_inside_the_declared_ranges_and_doubles_the_rest():
+    module = module_of(LRU)
+    problem = random_problem(module, seed=4)
+    default = module.init_params(3, 4, 2, seed=4)
+    assert np.array_equal(problem.params["nu"], default["nu"]) and 0.001 <= problem.params["nu"].min()
+    assert problem.params["nu"].max() < 0.1
+    for k in ("B_x", "V"):  # undeclared: as strongly as the built-in cells are checked
+        assert np.array_equal(problem.params[k], 2.0 * default[k])
+    problem = random_problem(module_of(RMS), seed=4, B=5)
+    assert 0.5 <= problem.state0["v"].min() and problem.state0["v"].max() < 1.5 and problem.state0["v"].shape == (5, 4)
+    assert problem.state0["h"].min() < 0  # undeclared: 0.5 N(0, 1), as before
+
+
+# -- 4, 5. a domain the check must respect; one diagnosis when it is not finite ---------
+@pytest.mark.parametrize("bare, declared, output", [(LRU_BARE, LRU, "h"), (RMS_BARE, RMS, "h")], ids=["lru", "rms_normaliser"])
+def test_check_fails_without_the_declared_range_and_passes_with_it(bare, declared, output, tmp_path, capsys):
+    results = check_module(module_of(bare))
+    assert len(results) == 1 and not results[0].ok
+    name = parse_spec(bare, "x.toml").name
+    assert results[0].detail == (f"cell '{name}': the random instance gives non-finite outputs (first at step t = 0, "
+                                 f"output '{output}'); declare an init range for its parameters (or initial states), "
+                                 "e.g. init = \"uniform(0.9, 0.999)\", see docs/spec-format.md")
+    code, out, err = run(capsys, "check", "--spec", spec_file(tmp_path, bare))
+    assert code == 1 and out.count("FAIL") == 1 and "non-finite outputs" in out and "RuntimeWarning" not in err
+    results = check_module(module_of(declared))
+    assert all(r.ok for r in results) and len(results) > 5
+    code, out, _ = run(capsys, "check", "--spec", spec_file(tmp_path, declared))
+    assert code == 0 and "all checks passed" in out
+
+
+def test_a_declared_range_that_is_not_enough_is_named():
+    module = module_of(LRU.replace('init = "uniform(0.001, 0.1)"', 'init = "uniform(-0.5, 0.1)"'))
+    (result,) = check_module(module)
+    assert "non-finite outputs" in result.detail and "its declared inits do not keep it finite; narrow them" in result.detail
+
+
+def test_a_non_finite_loss_is_diagnosed_once():
+    text = LRU + '\n[loss]\nexpr = "exp(1000 * (y - target)**2)"\n'
+    module = module_of(text)
+    problem = random_problem(module)
+    assert nonfinite(module, problem).startswith("cell 'lru': the random instance gives a non-finite loss (inf); ")
+    (result,) = check_module(module)
+    assert not result.ok and math.isinf(result.error)
+    text = report("lru", [result])
+    assert text.splitlines() == ["cell lru", "  FAIL: " + result.detail, "  0 passed, 1 failed"]
+
+
+def test_a_finite_instance_has_no_diagnosis(module):
+    assert nonfinite(module, random_problem(module, seed=1)) is None
