@@ -395,3 +395,19 @@ def test_a_non_finite_loss_is_diagnosed_once():
 
 def test_a_finite_instance_has_no_diagnosis(module):
     assert nonfinite(module, random_problem(module, seed=1)) is None
+
+
+def test_the_cupy_module_runs_an_input_of_the_state_size(tmp_path, monkeypatch):
+    """SRU's CuPy module (its CUDA source compiled for the host) on x of n_hidden columns."""
+    from host_cupy import host_cupy
+    from symrnn.gradcheck import rel_error
+
+    monkeypatch.setitem(__import__("sys").modules, "cupy", host_cupy(tmp_path))
+    plan = build(parse_spec(SRU, "sru.toml"))
+    ref, cu = load_module(render_numpy(plan), "sru"), load_module(render_cupy(plan), "sru_cupy")
+    problem = random_problem(ref, seed=1)
+    out_ref, cache_ref = ref.forward(problem.params, problem.x, problem.state0)
+    out, cache = cu.forward(problem.params, problem.x, problem.state0)
+    grads_ref, grads = ref.backward(problem.params, cache_ref, problem.grad_outputs), cu.backward(problem.params, cache, problem.grad_outputs)
+    errors = {k: rel_error(out[k], out_ref[k]) for k in out_ref} | {"d_" + k: rel_error(grads[k], grads_ref[k]) for k in grads_ref}
+    assert max(errors.values()) <= 1e-10, errors
