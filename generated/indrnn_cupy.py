@@ -13,6 +13,7 @@ Contract (arrays are CuPy, float32 or float64; x has shape (T, B, n_in)); the
 same as generated/indrnn_numpy.py, whose values it reproduces:
 
     init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> params
+    init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> state0
     forward(params, x, state0=None) -> (outputs, cache)
         outputs: "h", each of shape (T, B, size)
     backward(params, cache, grad_outputs) -> grads
@@ -39,6 +40,12 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", )
+#: the size of the input (x has shape (T, B, INPUT_SIZE)), in the dimensions n_in, n_hidden, n_out
+INPUT_SIZE = "n_in"
+#: initializers the cell declares (parameter name -> init; the others: uniform(-1/sqrt(n_hidden), 1/sqrt(n_hidden)))
+PARAM_INITS = {}
+#: initializers of the initial states the cell declares (state name -> init; the others start at 0)
+STATE_INITS = {}
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "indrnn_forward_loop0",
@@ -63,14 +70,36 @@ def param_shapes(n_in, n_hidden, n_out=None):
     }
 
 
+def input_size(n_in, n_hidden, n_out=None):
+    """The number of columns of x (INPUT_SIZE) for the given sizes."""
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return n_in
+
+
 def init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
-    """The NumPy module's parameters (same seed, same values), as CuPy arrays."""
+    """The NumPy module's parameters (same seed, same values), as CuPy arrays.
+
+    Parameters drawn uniformly from [-1/sqrt(n_hidden), 1/sqrt(n_hidden)] (as PyTorch does)."""
     _cupy()
     rng = np.random.default_rng(seed)
-    bound = 1.0 / np.sqrt(_dims(n_in, n_hidden, n_out)[1])
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    bound = 1.0 / np.sqrt(n_hidden)
+    shapes = param_shapes(n_in, n_hidden, n_out)
     return {
-        name: cp.asarray(rng.uniform(-bound, bound, shape).astype(dtype))
-        for name, shape in param_shapes(n_in, n_hidden, n_out).items()
+        "W": cp.asarray(rng.uniform(-bound, bound, shapes["W"]).astype(dtype)),
+        "u": cp.asarray(rng.uniform(-bound, bound, shapes["u"]).astype(dtype)),
+        "b": cp.asarray(rng.uniform(-bound, bound, shapes["b"]).astype(dtype)),
+    }
+
+
+def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
+    """The NumPy module's initial states (same seed, same values), as CuPy arrays.
+
+    Initial states for forward, (batch, size) each, all zero (where forward starts a state that state0 leaves out): the cell declares no initializer."""
+    _cupy()
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return {
+        "h": cp.asarray(np.zeros((batch, n_hidden), dtype)),
     }
 
 

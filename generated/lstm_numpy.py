@@ -17,6 +17,7 @@ or docs/derivations/lstm.md in the symrnn repository):
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):
 
     init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> params
+    init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> state0
     forward(params, x, state0=None) -> (outputs, cache)
         outputs: "h", "c", each of shape (T, B, size)
     backward(params, cache, grad_outputs) -> grads
@@ -49,6 +50,12 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden", "c": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "c", )
+#: the size of the input (x has shape (T, B, INPUT_SIZE)), in the dimensions n_in, n_hidden, n_out
+INPUT_SIZE = "n_in"
+#: initializers the cell declares (parameter name -> init; the others: uniform(-1/sqrt(n_hidden), 1/sqrt(n_hidden)))
+PARAM_INITS = {}
+#: initializers of the initial states the cell declares (state name -> init; the others start at 0)
+STATE_INITS = {}
 
 
 def param_shapes(n_in, n_hidden, n_out=None):
@@ -66,13 +73,36 @@ def param_shapes(n_in, n_hidden, n_out=None):
     }
 
 
+def input_size(n_in, n_hidden, n_out=None):
+    """The number of columns of x (INPUT_SIZE) for the given sizes."""
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return n_in
+
+
 def init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     """Parameters drawn uniformly from [-1/sqrt(n_hidden), 1/sqrt(n_hidden)] (as PyTorch does)."""
     rng = np.random.default_rng(seed)
-    bound = 1.0 / np.sqrt(_dims(n_in, n_hidden, n_out)[1])
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    bound = 1.0 / np.sqrt(n_hidden)
+    shapes = param_shapes(n_in, n_hidden, n_out)
     return {
-        name: rng.uniform(-bound, bound, shape).astype(dtype)
-        for name, shape in param_shapes(n_in, n_hidden, n_out).items()
+        "W_f": rng.uniform(-bound, bound, shapes["W_f"]).astype(dtype),
+        "W_i": rng.uniform(-bound, bound, shapes["W_i"]).astype(dtype),
+        "W_o": rng.uniform(-bound, bound, shapes["W_o"]).astype(dtype),
+        "W_g": rng.uniform(-bound, bound, shapes["W_g"]).astype(dtype),
+        "b_f": rng.uniform(-bound, bound, shapes["b_f"]).astype(dtype),
+        "b_i": rng.uniform(-bound, bound, shapes["b_i"]).astype(dtype),
+        "b_o": rng.uniform(-bound, bound, shapes["b_o"]).astype(dtype),
+        "b_g": rng.uniform(-bound, bound, shapes["b_g"]).astype(dtype),
+    }
+
+
+def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
+    """Initial states for forward, (batch, size) each, all zero (where forward starts a state that state0 leaves out): the cell declares no initializer."""
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return {
+        "h": np.zeros((batch, n_hidden), dtype),
+        "c": np.zeros((batch, n_hidden), dtype),
     }
 
 

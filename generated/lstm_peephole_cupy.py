@@ -18,6 +18,7 @@ Contract (arrays are CuPy, float32 or float64; x has shape (T, B, n_in)); the
 same as generated/lstm_peephole_numpy.py, whose values it reproduces:
 
     init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> params
+    init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> state0
     forward(params, x, state0=None) -> (outputs, cache)
         outputs: "h", "c", each of shape (T, B, size)
     backward(params, cache, grad_outputs) -> grads
@@ -52,6 +53,12 @@ FIXED_DIMS = {}
 STATES = {"h": "n_hidden", "c": "n_hidden"}
 #: outputs of forward(), in order
 OUTPUTS = ("h", "c", )
+#: the size of the input (x has shape (T, B, INPUT_SIZE)), in the dimensions n_in, n_hidden, n_out
+INPUT_SIZE = "n_in"
+#: initializers the cell declares (parameter name -> init; the others: uniform(-1/sqrt(n_hidden), 1/sqrt(n_hidden)))
+PARAM_INITS = {}
+#: initializers of the initial states the cell declares (state name -> init; the others start at 0)
+STATE_INITS = {}
 #: the fused kernels in CUDA_SOURCE (each as <name>_f32 and <name>_f64)
 KERNELS = (
     "lstm_peephole_forward_loop0",
@@ -84,14 +91,45 @@ def param_shapes(n_in, n_hidden, n_out=None):
     }
 
 
+def input_size(n_in, n_hidden, n_out=None):
+    """The number of columns of x (INPUT_SIZE) for the given sizes."""
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return n_in
+
+
 def init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
-    """The NumPy module's parameters (same seed, same values), as CuPy arrays."""
+    """The NumPy module's parameters (same seed, same values), as CuPy arrays.
+
+    Parameters drawn uniformly from [-1/sqrt(n_hidden), 1/sqrt(n_hidden)] (as PyTorch does)."""
     _cupy()
     rng = np.random.default_rng(seed)
-    bound = 1.0 / np.sqrt(_dims(n_in, n_hidden, n_out)[1])
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    bound = 1.0 / np.sqrt(n_hidden)
+    shapes = param_shapes(n_in, n_hidden, n_out)
     return {
-        name: cp.asarray(rng.uniform(-bound, bound, shape).astype(dtype))
-        for name, shape in param_shapes(n_in, n_hidden, n_out).items()
+        "W_i": cp.asarray(rng.uniform(-bound, bound, shapes["W_i"]).astype(dtype)),
+        "W_f": cp.asarray(rng.uniform(-bound, bound, shapes["W_f"]).astype(dtype)),
+        "W_g": cp.asarray(rng.uniform(-bound, bound, shapes["W_g"]).astype(dtype)),
+        "W_o": cp.asarray(rng.uniform(-bound, bound, shapes["W_o"]).astype(dtype)),
+        "p_i": cp.asarray(rng.uniform(-bound, bound, shapes["p_i"]).astype(dtype)),
+        "p_f": cp.asarray(rng.uniform(-bound, bound, shapes["p_f"]).astype(dtype)),
+        "p_o": cp.asarray(rng.uniform(-bound, bound, shapes["p_o"]).astype(dtype)),
+        "b_i": cp.asarray(rng.uniform(-bound, bound, shapes["b_i"]).astype(dtype)),
+        "b_f": cp.asarray(rng.uniform(-bound, bound, shapes["b_f"]).astype(dtype)),
+        "b_g": cp.asarray(rng.uniform(-bound, bound, shapes["b_g"]).astype(dtype)),
+        "b_o": cp.asarray(rng.uniform(-bound, bound, shapes["b_o"]).astype(dtype)),
+    }
+
+
+def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
+    """The NumPy module's initial states (same seed, same values), as CuPy arrays.
+
+    Initial states for forward, (batch, size) each, all zero (where forward starts a state that state0 leaves out): the cell declares no initializer."""
+    _cupy()
+    n_in, n_hidden, n_out = _dims(n_in, n_hidden, n_out)
+    return {
+        "h": cp.asarray(np.zeros((batch, n_hidden), dtype)),
+        "c": cp.asarray(np.zeros((batch, n_hidden), dtype)),
     }
 
 

@@ -33,11 +33,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import sympy
 
-__all__ = ["Block", "Cell", "Loss", "MatVec", "Param", "ParamSymbol", "params", "DIMS"]
+if TYPE_CHECKING:  # symrnn.init imports DIMS from here
+    from .init import Init
+
+__all__ = ["Block", "Cell", "Loss", "MatVec", "Param", "ParamSymbol", "State", "params", "DIMS"]
 
 #: the dimension symbols sizes are written in
 DIMS: dict[str, sympy.Symbol] = {
@@ -109,15 +112,32 @@ def params(names: str) -> tuple[ParamSymbol, ...]:
 
 @dataclass(frozen=True)
 class Param:
-    """A parameter declaration: shape in dimension symbols, optional row blocks.
+    """A parameter declaration: shape in dimension symbols, optional row blocks and initializer.
 
     ``Param(("4*n_hidden", "n_in"), blocks=4)`` is PyTorch's ``weight_ih_l0``
     of an LSTM: four row blocks of n_hidden rows, used as ``W[0] @ x`` ...
-    ``W[3] @ x``.  A shape of ``()`` is a scalar parameter.
+    ``W[3] @ x``.  A shape of ``()`` is a scalar parameter.  ``init`` (text such as
+    ``"uniform(0.9, 0.999)"``, or a :class:`symrnn.init.Init`) is how ``init_params``
+    draws it and where ``symrnn check`` draws it; the default is PyTorch's
+    uniform(-1/sqrt(n_hidden), 1/sqrt(n_hidden)).
     """
 
     shape: tuple[SizeLike, ...]
     blocks: int = 1
+    init: Union[str, "Init", None] = None
+
+
+@dataclass(frozen=True)
+class State:
+    """A state declaration with an initializer for its initial value.
+
+    ``State("n_hidden", init="uniform(0.5, 1.5)")``: ``symrnn check`` draws the
+    initial state there (a normaliser that must stay away from 0), and the generated
+    module's ``init_state0`` draws it so; a state given by its size alone starts at 0.
+    """
+
+    size: SizeLike
+    init: Union[str, "Init", None] = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,7 @@ class Cell:
 
     name: str
     inputs: Mapping[str, SizeLike]
-    states: Mapping[str, SizeLike]
+    states: Mapping[str, Union[SizeLike, State]]
     params: Mapping[str, Union[Param, tuple]]
     equations: Mapping[str, sympy.Expr]
     readout: Mapping[str, sympy.Expr] = field(default_factory=dict)
@@ -174,13 +194,16 @@ class Cell:
         lines = [f"cell {self.name}" + (f"  ({self.source})" if self.source else "")]
         if self.description:
             lines.append(f"  {self.description}")
-        sizes = ", ".join(f"{k} in R^{v}" for k, v in {**self.inputs, **self.states}.items())
+        sizes = ", ".join(f"{k} in R^{v.size if isinstance(v, State) else v}" for k, v in {**self.inputs, **self.states}.items())
         lines.append(f"  sizes: {sizes}")
         shapes = ", ".join(
             f"{k}: ({', '.join(str(s) for s in p.shape)})" + (f" in {p.blocks} row blocks" if p.blocks > 1 else "")
             for k, p in self.params.items()
         )
         lines.append(f"  params: {shapes}")
+        inits = [f"{k} ~ {_init_text(v.init)}" for k, v in {**self.params, **self.states}.items() if isinstance(v, (Param, State)) and v.init is not None]
+        if inits:
+            lines.append("  init: " + ", ".join(inits))
         if self.dims:
             lines.append("  fixed: " + ", ".join(f"{k} = {v}" for k, v in self.dims.items()))
         for kind, eqs in (("step", self.equations), ("readout", self.readout)):
@@ -189,6 +212,16 @@ class Cell:
         if self.loss is not None:
             lines.append(f"  loss     L^t = {_plain(self.loss.expr)};  L = {self.loss.reduction} over t of L^t")
         return "\n".join(lines)
+
+
+def _init_text(init) -> str:
+    from .escape import shown
+    from .init import as_init
+
+    try:
+        return as_init(init).text
+    except ValueError:
+        return shown(str(init), 40)
 
 
 def _plain(expr: sympy.Expr) -> str:

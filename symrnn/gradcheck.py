@@ -13,15 +13,23 @@ path is exercised.  Checks:
 * for cells with a loss, the same finite differences through ``loss_and_grads``.
 
 Errors are relative: ||a - b|| / max(||a||, ||b||).
+
+The random instance stays inside the cell's declared domain: a parameter or
+initial state with a declared init (``PARAM_INITS``, ``STATE_INITS`` of the
+module) is drawn as declared.  An instance that is not finite anyway (NaN or
+inf in the outputs, the loss or the gradients) is reported once, by
+:func:`nonfinite`, instead of as a failure of every check.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Problem", "Result", "random_problem", "finite_differences", "directional", "rtrl_vs_bptt", "check_module"]
+__all__ = ["Problem", "Result", "random_problem", "nonfinite", "finite_differences", "directional", "rtrl_vs_bptt",
+           "check_module"]
 
 #: default tolerances (float64)
 FD_TOL = 1e-6
@@ -44,6 +52,8 @@ class Result:
     shape: tuple
     error: float
     tol: float
+    #: a diagnosis that replaces the checks (the random instance is not finite)
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
@@ -57,20 +67,66 @@ def rel_error(a, b) -> float:
 
 
 def random_problem(module, *, T=6, B=3, n_in=3, n_hidden=4, n_out=2, seed=0, dtype=np.float64) -> Problem:
-    """A seeded random instance: parameters, input, non-zero initial states, cotangents."""
+    """A seeded random instance: parameters, input, non-zero initial states, cotangents.
+
+    A parameter without a declared init is ``init_params``' value times 2 (PyTorch's
+    range, doubled, drives the nonlinearities harder); one with a declared init keeps
+    ``init_params``' value, drawn inside its range.  x has ``module.input_size(...)``
+    columns.  An initial state is 0.5 N(0, 1), or drawn as declared (``init_state0``)."""
     fixed = module.FIXED_DIMS
     n_in, n_hidden, n_out = fixed.get("n_in", n_in), fixed.get("n_hidden", n_hidden), fixed.get("n_out", n_out)
     rng = np.random.default_rng(seed)
-    params = {k: (v * 2.0).astype(dtype) for k, v in module.init_params(n_in, n_hidden, n_out, seed=seed).items()}
-    x = rng.standard_normal((T, B, n_in)).astype(dtype)
-    outputs, _ = module.forward(params, x)
-    state0 = {s: (0.5 * rng.standard_normal(outputs[s].shape[1:])).astype(dtype) for s in module.STATES}
-    outputs, _ = module.forward(params, x, state0)
+    declared = getattr(module, "PARAM_INITS", {})
+    params = {k: (v if k in declared else v * 2.0).astype(dtype)
+              for k, v in module.init_params(n_in, n_hidden, n_out, seed=seed).items()}
+    width = module.input_size(n_in, n_hidden, n_out) if hasattr(module, "input_size") else n_in
+    x = rng.standard_normal((T, B, width)).astype(dtype)
+    with np.errstate(all="ignore"):  # a non-finite instance is reported by nonfinite()
+        outputs, _ = module.forward(params, x)
+    declared = getattr(module, "STATE_INITS", {})
+    drawn = module.init_state0(B, n_in, n_hidden, n_out, seed=seed + 1, dtype=dtype) if declared else {}
+    state0 = {s: drawn[s] if s in declared else (0.5 * rng.standard_normal(outputs[s].shape[1:])).astype(dtype)
+              for s in module.STATES}
+    with np.errstate(all="ignore"):
+        outputs, _ = module.forward(params, x, state0)
     grad_outputs = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in outputs.items()}
     target = None
     if hasattr(module, "loss_and_grads"):
         target = rng.standard_normal(outputs[module.LOSS_TARGET].shape).astype(dtype)
     return Problem(params, x, state0, grad_outputs, target)
+
+
+def nonfinite(module, problem: Problem) -> str | None:
+    """Why ``problem`` cannot be checked: one sentence if its outputs, its loss or its
+    gradients hold NaN or inf, else None."""
+    cell = getattr(module, "CELL", "?")
+    declared = bool(getattr(module, "PARAM_INITS", {}) or getattr(module, "STATE_INITS", {}))
+    hint = ("its declared inits do not keep it finite; narrow them" if declared else
+            "declare an init range for its parameters (or initial states), e.g. init = \"uniform(0.9, 0.999)\"")
+    hint += ", see docs/spec-format.md"
+    with np.errstate(all="ignore"):
+        outputs, cache = module.forward(problem.params, problem.x, problem.state0)
+        first = None
+        for name, value in outputs.items():
+            bad = ~np.isfinite(np.asarray(value)).reshape(value.shape[0], -1).all(axis=1)
+            if bad.any() and (first is None or int(np.argmax(bad)) < first[0]):
+                first = (int(np.argmax(bad)), name)
+        if first is not None:
+            return (f"cell '{cell}': the random instance gives non-finite outputs (first at step t = {first[0]}, "
+                    f"output '{first[1]}'); {hint}")
+        grads = module.backward(problem.params, cache, problem.grad_outputs)
+        loss, loss_grads = None, {}
+        if problem.target is not None and hasattr(module, "loss_and_grads"):
+            loss, loss_grads = module.loss_and_grads(problem.params, problem.x, problem.target, problem.state0)
+    bad = [k for k, v in grads.items() if not np.all(np.isfinite(v))]
+    if bad:
+        return f"cell '{cell}': the random instance gives non-finite gradients (first: '{bad[0]}'); {hint}"
+    if loss is not None and not np.isfinite(loss):
+        return f"cell '{cell}': the random instance gives a non-finite loss ({float(loss)}); {hint}"
+    bad = [k for k, v in loss_grads.items() if not np.all(np.isfinite(v))]
+    if bad:
+        return f"cell '{cell}': the random instance gives non-finite gradients of the loss (first: '{bad[0]}'); {hint}"
+    return None
 
 
 def _inputs(problem: Problem) -> dict[str, np.ndarray]:
@@ -152,8 +208,12 @@ def rtrl_vs_bptt(module, problem: Problem, *, tol=RTRL_TOL) -> list[Result]:
 
 
 def check_module(module, *, seed=0, T=6, B=3) -> list[Result]:
-    """Every check on one random float64 instance."""
+    """Every check on one random float64 instance; one failed Result with a diagnosis
+    (``detail``) instead when the instance is not finite (see :func:`nonfinite`)."""
     problem = random_problem(module, seed=seed, T=T, B=B)
+    why = nonfinite(module, problem)
+    if why is not None:
+        return [Result("instance", "finite", (), math.inf, 0.0, detail=why)]
     results = finite_differences(module, problem)
     results.append(directional(module, problem))
     results += rtrl_vs_bptt(module, problem)
@@ -164,8 +224,13 @@ def check_module(module, *, seed=0, T=6, B=3) -> list[Result]:
 
 def report(cell: str, results: list[Result]) -> str:
     """A table: one line per check and quantity."""
-    lines = [f"cell {cell}", f"  {'check':12s} {'quantity':16s} {'shape':14s} {'rel. error':>10s}  {'tol':>7s}  result"]
+    lines = [f"cell {cell}"]
+    if any(not r.detail for r in results):
+        lines.append(f"  {'check':12s} {'quantity':16s} {'shape':14s} {'rel. error':>10s}  {'tol':>7s}  result")
     for r in results:
+        if r.detail:
+            lines.append(f"  {'FAIL' if not r.ok else 'note'}: {r.detail}")
+            continue
         lines.append(
             f"  {r.check:12s} {r.name:16s} {str(r.shape):14s} {r.error:10.2e}  {r.tol:7.0e}  {'ok' if r.ok else 'FAIL'}"
         )

@@ -22,6 +22,7 @@ from typing import Literal, Union
 import sympy
 
 from .errors import InternalError
+from .init import Init
 from .ops import Op
 
 LeafKind = Literal["input", "prev_state", "param", "target"]
@@ -33,6 +34,7 @@ class ParamDecl:
     name: str
     shape: tuple[sympy.Expr, ...]
     blocks: int = 1
+    init: Init | None = None  # None: the default, uniform(-1/sqrt(n_hidden), 1/sqrt(n_hidden))
 
     @property
     def kind(self) -> str:
@@ -95,6 +97,7 @@ class StateDecl:
     name: str
     size: sympy.Expr
     prev: str  # name of the leaf holding its value at t-1
+    init: Init | None = None  # how check (and init_state0) draws its initial value; None: 0
 
 
 @dataclass(frozen=True)

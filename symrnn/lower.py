@@ -15,9 +15,10 @@ import re
 
 import sympy
 
-from .cell import DIMS, Block, Cell, MatVec
+from .cell import DIMS, Block, Cell, MatVec, State
 from .errors import CellError, suggest
 from .escape import check_text, shown
+from .init import Init, as_init, check_init
 from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
 from .ops import OPS, Op
 
@@ -148,6 +149,18 @@ class _Lowering:
             raise self.error(where, str(exc)) from None
         return sympy.expand(expr.subs(self.fixed))
 
+    def init(self, value, where: str) -> Init | None:
+        """A declared initializer (text, read by :func:`symrnn.init.parse_init`, never
+        evaluated, or an Init), checked for every size with the fixed dimensions."""
+        if value is None:
+            return None
+        try:
+            init = as_init(value)
+            check_init(init, self.fixed)
+        except ValueError as exc:
+            raise self.error(where, str(exc)) from None
+        return init
+
     def sympy_expr(self, value, where: str) -> sympy.Expr:
         """An equation of the Python API as a SymPy expression; a string is refused, never
         parsed (equations written as text go in a spec file, read by symrnn.spec)."""
@@ -223,7 +236,9 @@ class _Lowering:
             self.claim(name, "states")
             prev = f"{name}_prev"
             self.claim(prev, f"states['{name}']")
-            s = StateDecl(name, self.size(size, f"states['{name}']"), prev)
+            init = self.init(size.init, f"states['{name}']") if isinstance(size, State) else None
+            size = size.size if isinstance(size, State) else size
+            s = StateDecl(name, self.size(size, f"states['{name}']"), prev, init)
             states.append(s)
             self.add_leaf(Leaf(prev, "prev_state", s.size, state=name))
 
@@ -235,7 +250,7 @@ class _Lowering:
                 raise self.error(where, "a parameter is a scalar, a vector or a matrix")
             if p.blocks < 1:
                 raise self.error(where, "blocks must be a positive integer")
-            decl = ParamDecl(name, tuple(self.size(s, where) for s in p.shape), p.blocks)
+            decl = ParamDecl(name, tuple(self.size(s, where) for s in p.shape), p.blocks, self.init(p.init, where))
             if p.blocks > 1 and decl.kind == "scalar":
                 raise self.error(where, "a scalar has no row blocks")
             self.params[name] = decl
@@ -243,6 +258,7 @@ class _Lowering:
         self.check_gradient_keys(in_name, states)
 
         self.check_sizes_readable(states)
+        self.check_input_size(input_leaf, states)
         state_names = {s.name for s in states}
         for name, expr in cell.equations.items():
             where = f"equation '{name}'"
@@ -323,6 +339,28 @@ class _Lowering:
         raise self.error("params", "no parameter has n_hidden (or k*n_hidden) in its shape, so the generated module "
                          "cannot tell n_hidden from the parameters; declare one (e.g. a bias b of size n_hidden) "
                          "or fix the size in dims")
+
+    def check_input_size(self, input_leaf: Leaf, states: list[StateDecl]) -> None:
+        """The generated module reads n_in off x's width: an input whose size is not n_in
+        is fine (x = "n_hidden") only where n_in means nothing else."""
+        n_in, size = DIMS["n_in"], input_leaf.size
+        where = f"inputs['{input_leaf.name}']"
+        fixed = self.fixed.get(n_in)
+        if fixed is not None:
+            if not self.same(size, fixed):
+                raise self.error(where, f"the input has size {size}, but dims fixes n_in = {fixed}; a generated module "
+                                 "takes n_in from the input's width, so the input's size must be n_in")
+            return
+        if self.same(size, n_in):
+            return
+        if n_in in size.free_symbols:
+            raise self.error(where, f"the input has size {size}; a generated module takes n_in from the input's width, "
+                             "so write the input's size as n_in, or in n_hidden and n_out alone")
+        uses = [f"params['{p.name}']" for p in self.params.values() if any(n_in in d.free_symbols for d in p.shape)]
+        uses += [f"states['{s.name}']" for s in states if n_in in s.size.free_symbols]
+        if uses:
+            raise self.error(where, f"the input has size {size}, but n_in appears in {uses[0]}; a generated module "
+                             "takes n_in from the input's width, so write the input's size as n_in, or do not use n_in")
 
     def check_used(self, states: list[StateDecl], readouts: list[str]) -> None:
         """Every intermediate must feed a state update or a readout."""

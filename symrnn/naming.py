@@ -67,8 +67,9 @@ PATTERNS: dict[str, str] = {
 #: functions that hold generated statements (forward, backward, _rtrl); other
 #: functions (``_loss(y, target)``, ...) hold none (tests/test_naming.py keeps this complete)
 PYTHON_TEMPLATE = frozenset("""
-    np cp CELL CUDA_SOURCE FIXED_DIMS KERNELS OUTPUTS LOSS_TARGET PARAM_SHAPES STATES INPUT_SIZE _BLOCK _COEF_STEPS _FUNCTIONS
-    _MODULE CupyUnavailable param_shapes init_params forward backward loss_and_grads rtrl_loss_and_grads rtrl_grads
+    np cp CELL CUDA_SOURCE FIXED_DIMS KERNELS OUTPUTS LOSS_TARGET PARAM_SHAPES STATES INPUT_SIZE PARAM_INITS STATE_INITS
+    _BLOCK _COEF_STEPS _FUNCTIONS _MODULE CupyUnavailable param_shapes input_size init_params init_state0 forward
+    backward loss_and_grads rtrl_loss_and_grads rtrl_grads
     _rtrl _loss _loss_grad _check_target _add_diagonal _add_matrix _seed _dims _dim_of _as_input _prepare _cupy
     _launch params x state0 p n_in n_hidden n_out dims dtype T B t t0 t1 outputs cache grad_outputs K G cot
     cotangent dW_stack
@@ -190,3 +191,7 @@ class Namer:
 
     def taken(self, name: str) -> bool:
         return name in self._taken
+
+    def names(self) -> frozenset[str]:
+        """Every name this namer gave out (values included)."""
+        return frozenset(self._kinds)

@@ -12,6 +12,7 @@ Each stage takes the previous stage's value and returns a new one:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import types
 from collections.abc import Iterable, Mapping
@@ -23,7 +24,7 @@ from .backends.numpy_backend import dim, emit
 from .cell import Cell
 from .cells import builtin
 from .derive import derive
-from .errors import UserError
+from .errors import InternalError, UserError
 from .escape import c_comment, html_comment, md_text, py_comment, py_docstring, py_raw_block, tex_comment, tex_text
 from .lower import lower
 from .plan import KernelPlan, plan
@@ -120,6 +121,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_scale=m.loss_scale,
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
         target_of=loss.target_of if loss else "",
+        contract=_contract(g),
     )
 
 
@@ -182,6 +184,7 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
         target_of=loss.target_of if loss else "",
         cuda_source=py_raw_block("\n" + render_cuda(kernel_plan, command)),
+        contract=_contract(g),
     )
 
 
@@ -190,6 +193,51 @@ def _command(cell: str, backend: str) -> str:
 
     flag = "" if backend == "numpy" else f" --backend {backend}"
     return f"symrnn generate {cell}{flag} --out generated" if cell in BUILTIN else f"symrnn generate{flag} --spec <file of {cell}>"
+
+
+def _contract(g) -> dict:
+    """StepGraph -> what the module says about its input and how it draws parameters and
+    initial states (``INPUT_SIZE``, ``PARAM_INITS``, ``STATE_INITS``, ``init_params``,
+    ``init_state0``), as plain strings for the templates.
+
+    A parameter without a declared init is drawn as PyTorch draws it,
+    ``rng.uniform(-bound, bound, shape)`` with bound = 1/sqrt(n_hidden), in declaration
+    order: the generator is called in the same sequence as before inits could be declared."""
+    params = [(p.name, (p.init.code(f'shapes["{p.name}"]') if p.init else f'rng.uniform(-bound, bound, shapes["{p.name}"])')
+               + ".astype(dtype)") for p in g.params]
+    states = [(s.name, s.init.code(f"(batch, {dim(s.size)})") + ".astype(dtype)" if s.init
+               else f"np.zeros((batch, {dim(s.size)}), dtype)") for s in g.states]
+    declared = [(p.name, p.init.text) for p in g.params if p.init]
+    declared_states = [(s.name, s.init.text) for s in g.states if s.init]
+    for _, text in declared + declared_states:  # printed inside "...": numbers, dimensions, operators only
+        if not re.fullmatch(r"[\w .+\-*/(),]*", text):
+            raise InternalError(f"init text {text!r} holds a character it cannot hold")
+    listed = ", ".join(f"{name} ~ {text}" for name, text in declared)
+    if not declared:
+        init_doc = "Parameters drawn uniformly from [-1/sqrt(n_hidden), 1/sqrt(n_hidden)] (as PyTorch does)."
+    elif len(declared) == len(params):
+        init_doc = f"Parameters drawn as the cell declares them: {listed}."
+    else:
+        init_doc = (f"Parameters drawn as the cell declares them ({listed}); the others uniformly from "
+                    "[-1/sqrt(n_hidden), 1/sqrt(n_hidden)] (as PyTorch does).")
+    zero = "zero (where forward starts a state that state0 leaves out)"
+    if declared_states:
+        others = f"; the others {zero}" if len(declared_states) < len(states) else ""
+        state0_doc = ("Initial states for forward, (batch, size) each, drawn as the cell declares them: "
+                      + ", ".join(f"{name} ~ {text}" for name, text in declared_states) + others + ".")
+    else:
+        state0_doc = f"Initial states for forward, (batch, size) each, all {zero}: the cell declares no initializer."
+    return {
+        "input_size": dim(g.input.size),
+        "param_inits": params,
+        "state_inits": states,
+        "declared_params": declared,
+        "declared_states": declared_states,
+        "uses_bound": any(p.init is None for p in g.params),
+        "uses_rng": any(s.init is not None and s.init.kind != "constant" for s in g.states),
+        "init_doc": py_docstring(init_doc),
+        "state0_doc": py_docstring(state0_doc),
+    }
 
 
 def _tuple(items: list[str]) -> str:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import sympy
 
-from .cell import Cell, Loss, Param, ParamSymbol
+from .cell import Cell, Loss, Param, ParamSymbol, State
 from .errors import CellError, UserError, suggest
 from .escape import one_line, shown
 from .lower import NONDIFFERENTIABLE, lower
@@ -183,7 +183,7 @@ class _Reader:
                     raise self.error(table, key, f"'{key}' is the name of a function, so an equation could not "
                                      f"use it as a value; choose another name (e.g. {key}_)")
         inputs = self.sizes("inputs", data["inputs"])
-        states = self.sizes("states", data["states"])
+        states = self.states(data["states"])
         params = {k: self.param(k, v) for k, v in data.get("params", {}).items()}
         consts = self.constants(data.get("constants", {}), overrides)
 
@@ -286,22 +286,44 @@ class _Reader:
                 raise self.error(table, key, f'expected a size such as "n_hidden" or 2, got {value!r}')
         return dict(entries)
 
+    def states(self, entries: dict) -> dict:
+        """[states]: a size, or { size = ..., init = "..." } (read by lowering, never evaluated)."""
+        out = {}
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                extra = sorted(set(value) - {"size", "init"})
+                if extra or "size" not in value:
+                    raise self.error("states", key, 'expected a size such as "n_hidden", or { size = "n_hidden", '
+                                     'init = "uniform(0.5, 1.5)" }' + (f"; unknown key {shown(extra[0])}" if extra else ""))
+                self.sizes("states", {key: value["size"]})
+                out[key] = State(value["size"], init=self.init_text("states", key, value.get("init")))
+            else:
+                out[key] = self.sizes("states", {key: value})[key]
+        return out
+
+    def init_text(self, table: str, key: str, value) -> str | None:
+        if value is not None and not isinstance(value, str):
+            kind = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "a table"}.get(type(value), "a date")
+            raise self.error(table, key, f'init: expected an initializer in quotes, such as init = "uniform(0.9, 0.999)", '
+                             f'"normal(0, 0.1)" or "constant(1.0)", got {kind}')
+        return value
+
     def param(self, key: str, value) -> Param:
         expect = 'expected a shape: ["n_hidden", "n_in"] (a matrix), ["n_hidden"] (a vector), [] (a scalar), ' \
-                 'or { shape = [...], blocks = k }'
-        blocks = 1
+                 'or { shape = [...], blocks = k, init = "..." }'
+        blocks, init = 1, None
         if isinstance(value, dict):
-            extra = sorted(set(value) - {"shape", "blocks"})
+            extra = sorted(set(value) - {"shape", "blocks", "init"})
             if extra or "shape" not in value:
-                raise self.error("params", key, expect)
-            blocks, value = value.get("blocks", 1), value["shape"]
+                raise self.error("params", key, expect + (f"; unknown key {shown(extra[0])}" if extra else ""))
+            blocks, init, value = value.get("blocks", 1), self.init_text("params", key, value.get("init")), value["shape"]
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
                 raise self.error("params", key, f"blocks = {blocks!r}: expected a positive integer")
         if isinstance(value, str):
             raise self.error("params", key, f'{expect}; a size in a string alone is ambiguous: write ["{value}"] for a vector')
         if not isinstance(value, list) or len(value) > 2 or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in value):
             raise self.error("params", key, expect)
-        return Param(tuple(value), blocks=blocks)
+        return Param(tuple(value), blocks=blocks, init=init)
 
     def constants(self, table: dict, overrides: Mapping[str, float]) -> dict[str, sympy.Expr]:
         for name in overrides:

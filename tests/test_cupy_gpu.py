@@ -95,7 +95,7 @@ def test_gpu_reruns_are_bit_identical(cp, cell_name, dtype):
     module = fresh_cupy_module(cell_name)
     params = module.init_params(n_in, n_hidden, fixed.get("n_out", 32), seed=3, dtype=dtype)
     rng = np.random.default_rng(5)
-    x = cp.asarray(rng.standard_normal((20, 48, n_in)).astype(dtype))
+    x = cp.asarray(rng.standard_normal((20, 48, module.input_size(n_in, n_hidden, fixed.get("n_out", 32)))).astype(dtype))
     runs = []
     for _ in range(2):
         out, cache = module.forward(params, x)

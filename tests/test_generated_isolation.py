@@ -71,7 +71,7 @@ _SCRIPT = textwrap.dedent(
         params = m.init_params(n_in, n_hidden, n_out, seed=1)
         assert set(params) == set(m.PARAM_SHAPES), mod_name
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((T, B, n_in))
+        x = rng.standard_normal((T, B, m.input_size(n_in, n_hidden, n_out)))
         outputs, cache = m.forward(params, x)
         assert set(outputs) == set(m.OUTPUTS), (mod_name, sorted(outputs))
         for out_name, arr in outputs.items():

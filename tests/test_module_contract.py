@@ -11,6 +11,11 @@ def sizes(module):
     return fixed.get("n_in", 3), fixed.get("n_hidden", 4), fixed.get("n_out", 2)
 
 
+def columns(module):
+    """The number of columns of x (the module's INPUT_SIZE at these sizes)."""
+    return module.input_size(*sizes(module))
+
+
 def test_init_params_shapes_and_dtype(module):
     n_in, n_hidden, n_out = sizes(module)
     params = module.init_params(n_in, n_hidden, n_out, seed=1, dtype=np.float32)
@@ -26,7 +31,7 @@ def test_init_params_shapes_and_dtype(module):
 def test_forward_shapes(module):
     n_in, n_hidden, n_out = sizes(module)
     params = module.init_params(n_in, n_hidden, n_out)
-    outputs, _ = module.forward(params, np.ones((5, 2, n_in)))
+    outputs, _ = module.forward(params, np.ones((5, 2, columns(module))))
     assert tuple(outputs) == module.OUTPUTS
     for name, value in outputs.items():
         assert value.shape[:2] == (5, 2)
@@ -38,7 +43,7 @@ def test_missing_parameter_is_named(module):
     name = next(iter(params))
     del params[name]
     with pytest.raises(ValueError, match=f"missing parameter '{name}'"):
-        module.forward(params, np.ones((2, 1, n_in)))
+        module.forward(params, np.ones((2, 1, columns(module))))
 
 
 def test_bad_shape_names_parameter_and_expected_shape(module):
@@ -47,7 +52,7 @@ def test_bad_shape_names_parameter_and_expected_shape(module):
     name = list(params)[-1]
     params[name] = np.ones(params[name].shape + (2,))
     with pytest.raises(ValueError, match=f"parameter '{name}' has shape"):
-        module.forward(params, np.ones((2, 1, n_in)))
+        module.forward(params, np.ones((2, 1, columns(module))))
 
 
 def test_bad_input_and_state_shapes(module):
@@ -57,9 +62,9 @@ def test_bad_input_and_state_shapes(module):
         module.forward(params, np.ones((2, 1)))
     state = next(iter(module.STATES))
     with pytest.raises(ValueError, match=f"state0\\['{state}'\\] has shape"):
-        module.forward(params, np.ones((2, 1, n_in)), {state: np.ones((3, 7))})
+        module.forward(params, np.ones((2, 1, columns(module))), {state: np.ones((3, 7))})
     with pytest.raises(ValueError, match="dtype"):
-        module.forward(params, np.ones((2, 1, n_in), dtype=np.int64))
+        module.forward(params, np.ones((2, 1, columns(module)), dtype=np.int64))
 
 
 def test_backward_leaves_its_inputs_alone(module):
@@ -68,7 +73,7 @@ def test_backward_leaves_its_inputs_alone(module):
     n_in, n_hidden, n_out = sizes(module)
     rng = np.random.default_rng(3)
     params = module.init_params(n_in, n_hidden, n_out, seed=2)
-    x = rng.standard_normal((6, 3, n_in))
+    x = rng.standard_normal((6, 3, columns(module)))
     outputs, cache = module.forward(params, x)
     grad_outputs = {name: rng.standard_normal(value.shape) for name, value in outputs.items()}
     before = {k: v.copy() for k, v in grad_outputs.items()}

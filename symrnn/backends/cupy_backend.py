@@ -147,6 +147,8 @@ class CupyModule:
     outputs: list[tuple[str, str]] = field(default_factory=list)
     backward: list[str] = field(default_factory=list)
     grads: list[tuple[str, str]] = field(default_factory=list)
+    generated_names: frozenset[str] = frozenset()  # every Python name the namer gave out
+    generated_c_names: frozenset[str] = frozenset()  # ... and every C++ name
 
 
 def emit_cupy(plan: KernelPlan) -> CupyModule:
@@ -265,6 +267,7 @@ class _Emitter:
             for _, p in terms:
                 ops |= {type(a) for a in sympy.preorder_traversal(p) if isinstance(a, Op)}
         self.m.ops = sorted(ops, key=lambda op: op.__name__)
+        self.m.generated_names, self.m.generated_c_names = self.py.names(), self.c.names()
         return self.m
 
     def setup(self) -> None:

@@ -80,6 +80,7 @@ class NumpyModule:
     loss_value: str = ""
     loss_grad: str = ""
     loss_scale: str = ""
+    generated_names: frozenset[str] = frozenset()  # every name the namer gave out
 
 
 class _LoopFusion:
@@ -414,6 +415,7 @@ class _Emitter:
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)
         m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [code for _, code in m.rtrl_grads])
+        m.generated_names = self.n.names()
         return m
 
     def lean_buffers(self) -> None:
