@@ -166,21 +166,41 @@ def _analytic(module, problem: Problem, loss: bool) -> dict:
     return module.backward(problem.params, cache, problem.grad_outputs)
 
 
+#: the rounding error of one evaluation of the objective L, in units of eps_machine * |L|
+#: (a central difference then carries about FD_ROUNDING * eps_machine * |L| / step of it)
+FD_ROUNDING = 8.0
+
+
+def fd_error(analytic, numeric, values: list[float], eps: float, tol: float) -> float:
+    """||a - n|| / max(||a||, ||n||, floor / tol): relative, except below the floor, the
+    rounding a central difference of step ``eps`` cannot resolve (sqrt(size) entries of
+    FD_ROUNDING * eps_machine * max|L| / eps each).  A gradient far smaller than the
+    objective (a parameter with a weak path to L) is then judged by what differences
+    can see; BPTT = RTRL checks it to 1e-10 independently of this."""
+    a, n = np.asarray(analytic, np.float64), np.asarray(numeric, np.float64)
+    floor = math.sqrt(max(a.size, 1)) * FD_ROUNDING * np.finfo(np.float64).eps * max(map(abs, values)) / eps
+    scale = max(np.linalg.norm(a), np.linalg.norm(n), floor / tol)
+    return 0.0 if scale == 0 else float(np.linalg.norm(a - n) / scale)
+
+
 def finite_differences(module, problem: Problem, *, eps=1e-6, tol=FD_TOL, loss=False) -> list[Result]:
-    """Central differences, entry by entry, against backward (or loss_and_grads)."""
+    """Central differences, entry by entry, against backward (or loss_and_grads); the
+    error is :func:`fd_error` (relative, above the differences' rounding floor)."""
     f = _objective(module, loss)
     grads = _analytic(module, problem, loss)
     results = []
     for key, value in _inputs(problem).items():
         num = np.zeros(np.shape(value))
         base = np.array(value, dtype=np.float64)
+        values = [f(problem)]
         for idx in np.ndindex(base.shape):
             plus, minus = base.copy(), base.copy()
             plus[idx] += eps
             minus[idx] -= eps
-            num[idx] = (f(_with(problem, key, plus)) - f(_with(problem, key, minus))) / (2 * eps)
+            values += [f(_with(problem, key, plus)), f(_with(problem, key, minus))]
+            num[idx] = (values[-2] - values[-1]) / (2 * eps)
         check = "loss FD" if loss else "FD"
-        results.append(Result(check, key, base.shape, rel_error(grads[key], num), tol))
+        results.append(Result(check, key, base.shape, fd_error(grads[key], num, values, eps, tol), tol))
     return results
 
 
@@ -195,9 +215,10 @@ def directional(module, problem: Problem, *, eps=1e-6, tol=FD_TOL, seed=1) -> Re
     for k, a in arrays.items():
         plus = _with(plus, k, a + eps * v[k])
         minus = _with(minus, k, a - eps * v[k])
-    num = (f(plus) - f(minus)) / (2 * eps)
+    values = [f(plus), f(minus)]
+    num = (values[0] - values[1]) / (2 * eps)
     ana = sum(float(np.sum(grads[k] * v[k])) for k in arrays)
-    return Result("directional", "all", (), rel_error(ana, num), tol)
+    return Result("directional", "all", (), fd_error(ana, num, values, eps, tol), tol)
 
 
 def rtrl_vs_bptt(module, problem: Problem, *, tol=RTRL_TOL) -> list[Result]:

@@ -66,3 +66,24 @@ def test_missing_outputs_are_zero(module):
     full = module.backward(None, cache, zeros)
     for k in full:
         np.testing.assert_array_equal(partial[k], full[k])
+
+
+@pytest.mark.parametrize("cell_name", ["lstm_torch", "single_sigmoid"])
+@pytest.mark.parametrize("change", [0.01, "flip"])
+def test_finite_differences_catch_a_wrong_gradient(module, change):
+    """The check can fail: every gradient, in turn, off by 1 % or with its sign flipped
+    (the rounding floor of symrnn.gradcheck.fd_error is far below either)."""
+    problem = random_problem(module, seed=0, T=6, B=3)
+    backward = module.backward
+    for key in [*module.PARAM_SHAPES, "x"]:
+        def wrong(params, cache, grad_outputs, key=key):
+            grads = backward(params, cache, grad_outputs)
+            off = -grads[key] if change == "flip" else grads[key] + change * np.abs(grads[key]).max()
+            return {**grads, key: off}
+
+        module.backward = wrong
+        try:
+            errors = {r.name: r.error for r in finite_differences(module, problem)}
+        finally:
+            module.backward = backward
+        assert errors[key] > 1e-4 and all(e < 1e-6 for k, e in errors.items() if k != key), (key, errors)
