@@ -97,9 +97,14 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
+@np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
-    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x (changing yours in place
+    afterwards does not change what backward computes); the outputs are read-only views
+    of what backward reads (copy one to change it)."""
+    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
     W_zx = p["W_zx"]
     W_zh = p["W_zh"]
@@ -126,10 +131,10 @@ def forward(params, x, state0=None):
         h_prev_proj = h_prev_proj_seq[t]
         np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_zh_h_prev, W_rh_h_prev
         h_prev_proj[:, :2*n_hidden] += x_proj_seq[t, :, :2*n_hidden]
-        h_prev_proj *= 0.5  # eq:gru_nobias:z, eq:gru_nobias:r  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
-        np.tanh(h_prev_proj, out=h_prev_proj)
-        h_prev_proj *= 0.5
-        h_prev_proj += 0.5
+        np.negative(h_prev_proj, out=h_prev_proj)  # eq:gru_nobias:z, eq:gru_nobias:r  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(h_prev_proj, out=h_prev_proj)
+        h_prev_proj += 1
+        np.reciprocal(h_prev_proj, out=h_prev_proj)
         z = h_prev_proj[:, :n_hidden]
         r = h_prev_proj[:, n_hidden:2*n_hidden]
         W_hh_in0 = W_hh_in0_seq[t]
@@ -142,6 +147,7 @@ def forward(params, x, state0=None):
     outputs = {
         "h": h_seq[1:],
     }
+    _read_only(outputs)  # backward reads them
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
     cache["W_hh_in0_seq"] = W_hh_in0_seq
     cache["W_stack_h_prev"] = W_stack_h_prev
@@ -154,10 +160,13 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     W_zx = p["W_zx"]
     W_zh = p["W_zh"]
     W_rx = p["W_rx"]
@@ -235,13 +244,15 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    _check_grad_outputs(grad_outputs)
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = np.asarray(grad_outputs[name], dtype=x.dtype)
+            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
     return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
 
 
+@np.errstate(over="ignore")
 def _rtrl(params, x, state0, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
@@ -277,7 +288,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_zx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_zx.T[:, None, :]
         _add_matrix(J_W_zx_x, o_W_zx, W_zx.shape, 0, 0, x[t])
         # z  eq:gru_nobias:z
-        z = (0.5 * np.tanh(0.5 * (W_zh_h_prev + W_zx_x)) + 0.5)
+        z = (1 / (1 + np.exp(-(W_zh_h_prev + W_zx_x))))
         J_z = (z*(1 - z)) * J_W_zh_h_prev + (z*(1 - z)) * J_W_zx_x
         # W_rh_h_prev  eq:gru_nobias:r
         W_rh_h_prev = h_prev @ W_rh.T
@@ -289,7 +300,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_rx_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_rx.T[:, None, :]
         _add_matrix(J_W_rx_x, o_W_rx, W_rx.shape, 0, 0, x[t])
         # r  eq:gru_nobias:r
-        r = (0.5 * np.tanh(0.5 * (W_rh_h_prev + W_rx_x)) + 0.5)
+        r = (1 / (1 + np.exp(-(W_rh_h_prev + W_rx_x))))
         J_r = (r*(1 - r)) * J_W_rh_h_prev + (r*(1 - r)) * J_W_rx_x
         # W_hh_in0  eq:gru_nobias:h_tilde
         W_hh_in0 = h_prev*r
@@ -345,14 +356,51 @@ def _seed(grad_outputs, name, shape, dtype, writable=True):
     g = grad_outputs.get(name)
     if g is None:
         return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
-    g = np.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return g.astype(dtype, copy=writable)
 
 
+def _read_only(arrays):
+    for array in arrays.values():
+        array.flags.writeable = False
+
+
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = np.asarray(value)
+        if value.shape != p[name].shape or not np.array_equal(value.astype(p[name].dtype, copy=False), p[name]):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -378,9 +426,12 @@ def _as_input(x):
     return x
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype)."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype) (``private``:
+    the parameters and x as copies of their own)."""
     x = _as_input(x)
+    if private:
+        x = x.copy()
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -388,7 +439,7 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: np.asarray(params[name]).astype(dtype, copy=False) for name in PARAM_SHAPES}
+    p = {name: _real(params[name], f"parameter '{name}'").astype(dtype, copy=private) for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "W_zx", 0)
     n_out = n_hidden
@@ -411,5 +462,5 @@ def _prepare(params, x, state0):
         elif np.shape(state0[name]) != shape:
             raise ValueError(f"state0['{name}'] has shape {np.shape(state0[name])}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = np.asarray(state0[name]).astype(dtype, copy=False)
+            state0[name] = _real(state0[name], f"state0['{name}']").astype(dtype, copy=False)
     return p, x, state0, (n_in, n_hidden, n_out), dtype

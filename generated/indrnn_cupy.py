@@ -104,9 +104,13 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
 
 
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x, and the outputs are copies
+    of what backward reads: changing any of them in place does not change backward's
+    result (CuPy arrays cannot be made read-only)."""
     _cupy()
-    p, x, state0, dims, dtype = _prepare(params, x, state0)
+    p, x, state0, dims, dtype = _prepare(params, x, state0, private=True)
     n_in, n_hidden, n_out = dims
     T, B = x.shape[0], x.shape[1]
     W = p["W"]
@@ -119,7 +123,7 @@ def forward(params, x, state0=None):
     # the whole recurrence: one kernel that loops over time, one thread per (batch, unit)
     _launch("indrnn_forward_loop0", dtype, B, n_hidden, T, 0, dims, x_proj_seq, b, h_seq, u)
     outputs = {
-        "h": h_seq[1:],
+        "h": h_seq[1:].copy(),
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["h_seq"] = h_seq
@@ -127,11 +131,14 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     _cupy()
     p, x, dims = cache["params"], cache["x"], cache["dims"]
     n_in, n_hidden, n_out = dims
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     W = p["W"]
     u = p["u"]
     b = p["b"]
@@ -206,14 +213,46 @@ def _seed(grad_outputs, name, shape, dtype):
     g = grad_outputs.get(name)
     if g is None:
         return cp.zeros(shape, dtype)
-    g = cp.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return cp.array(g, dtype=dtype, order="C", copy=True)
 
 
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = cp.asarray(value)
+        if value.shape != p[name].shape or not bool(cp.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = cp.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -230,14 +269,15 @@ def _dim_of(p, name, axis, factor=1):
     return shape[axis] // factor
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype), all C-contiguous on the GPU."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype), all C-contiguous on the GPU
+    (``private``: the parameters and x as copies of their own)."""
     x = cp.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"x has shape {x.shape}; expected (T, B, n_in)")
     if x.dtype not in (np.float32, np.float64):
         raise ValueError(f"x has dtype {x.dtype}; expected float32 or float64")
-    x = cp.asarray(x, order="C")
+    x = cp.array(x, order="C", copy=private)
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -245,7 +285,8 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: cp.asarray(params[name], dtype=dtype, order="C") for name in PARAM_SHAPES}
+    p = {name: cp.array(_real(params[name], f"parameter '{name}'"), dtype=dtype, order="C", copy=private)
+         for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "W", 0)
     n_out = n_hidden
@@ -268,7 +309,7 @@ def _prepare(params, x, state0):
         elif tuple(state0[name].shape) != shape:
             raise ValueError(f"state0['{name}'] has shape {tuple(state0[name].shape)}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = cp.asarray(state0[name], dtype=dtype, order="C")
+            state0[name] = cp.asarray(_real(state0[name], f"state0['{name}']"), dtype=dtype, order="C")
     return p, x, state0, (n_in, n_hidden, n_out), dtype
 
 

@@ -106,9 +106,14 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
+@np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
-    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x (changing yours in place
+    afterwards does not change what backward computes); the outputs are read-only views
+    of what backward reads (copy one to change it)."""
+    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
     W_f = p["W_f"]
     W_i = p["W_i"]
@@ -130,8 +135,7 @@ def forward(params, x, state0=None):
     c_seq[0] = state0["c"]
     h_prev_proj = np.empty((B, 4*n_hidden), dtype)  # one step's recurrent product
     # after each step, x_proj_seq[t] holds f, i, o, g
-    h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype)])
-    h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype)])
+    g_tanh = np.empty((B, n_hidden), dtype)
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
     f_seq = x_proj_seq[..., :n_hidden]
     i_seq = x_proj_seq[..., n_hidden:2*n_hidden]
@@ -143,10 +147,12 @@ def forward(params, x, state0=None):
         np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_f_h_prev, W_i_h_prev, W_o_h_prev, W_g_h_prev
         x_proj = x_proj_seq[t]
         x_proj += h_prev_proj  # + the recurrent side of every slot
-        x_proj *= h_prev_proj_scale  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
-        np.tanh(x_proj, out=x_proj)
-        x_proj *= h_prev_proj_scale
-        x_proj += h_prev_proj_shift
+        np.tanh(x_proj[:, 3*n_hidden:4*n_hidden], out=g_tanh)  # eq:lstm:g
+        np.negative(x_proj, out=x_proj)  # eq:lstm:f, eq:lstm:i, eq:lstm:o, eq:lstm:g  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(x_proj, out=x_proj)
+        x_proj += 1
+        np.reciprocal(x_proj, out=x_proj)
+        x_proj[:, 3*n_hidden:4*n_hidden] = g_tanh
         f = x_proj[:, :n_hidden]
         i = x_proj[:, n_hidden:2*n_hidden]
         o = x_proj[:, 2*n_hidden:3*n_hidden]
@@ -161,6 +167,7 @@ def forward(params, x, state0=None):
         "h": h_seq[1:],
         "c": c_seq[1:],
     }
+    _read_only(outputs)  # backward reads them
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
     cache["W_stack_h_prev"] = W_stack_h_prev
     cache["W_stack_x"] = W_stack_x
@@ -175,10 +182,13 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     W_f = p["W_f"]
     W_i = p["W_i"]
     W_o = p["W_o"]
@@ -273,13 +283,15 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    _check_grad_outputs(grad_outputs)
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = np.asarray(grad_outputs[name], dtype=x.dtype)
+            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
     return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
 
 
+@np.errstate(over="ignore")
 def _rtrl(params, x, state0, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
@@ -324,7 +336,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_f_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_f[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_f_x, o_W_f, W_f.shape, 0, n_hidden, x[t])
         # f  eq:lstm:f
-        f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x + b_f)) + 0.5)
+        f = (1 / (1 + np.exp(-(W_f_h_prev + W_f_x + b_f))))
         J_f = (f*(1 - f)) * J_W_f_h_prev + (f*(1 - f)) * J_W_f_x
         _add_diagonal(J_f, o_b_f, f*(1 - f))
         # W_i_h_prev  eq:lstm:i
@@ -337,7 +349,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_i_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_i[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_i_x, o_W_i, W_i.shape, 0, n_hidden, x[t])
         # i  eq:lstm:i
-        i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x + b_i)) + 0.5)
+        i = (1 / (1 + np.exp(-(W_i_h_prev + W_i_x + b_i))))
         J_i = (i*(1 - i)) * J_W_i_h_prev + (i*(1 - i)) * J_W_i_x
         _add_diagonal(J_i, o_b_i, i*(1 - i))
         # W_o_h_prev  eq:lstm:o
@@ -350,7 +362,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_o_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_o[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_o_x, o_W_o, W_o.shape, 0, n_hidden, x[t])
         # o  eq:lstm:o
-        o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x + b_o)) + 0.5)
+        o = (1 / (1 + np.exp(-(W_o_h_prev + W_o_x + b_o))))
         J_o = (o*(1 - o)) * J_W_o_h_prev + (o*(1 - o)) * J_W_o_x
         _add_diagonal(J_o, o_b_o, o*(1 - o))
         # W_g_h_prev  eq:lstm:g
@@ -416,14 +428,51 @@ def _seed(grad_outputs, name, shape, dtype, writable=True):
     g = grad_outputs.get(name)
     if g is None:
         return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
-    g = np.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return g.astype(dtype, copy=writable)
 
 
+def _read_only(arrays):
+    for array in arrays.values():
+        array.flags.writeable = False
+
+
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = np.asarray(value)
+        if value.shape != p[name].shape or not np.array_equal(value.astype(p[name].dtype, copy=False), p[name]):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -449,9 +498,12 @@ def _as_input(x):
     return x
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype)."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype) (``private``:
+    the parameters and x as copies of their own)."""
     x = _as_input(x)
+    if private:
+        x = x.copy()
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -459,7 +511,7 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: np.asarray(params[name]).astype(dtype, copy=False) for name in PARAM_SHAPES}
+    p = {name: _real(params[name], f"parameter '{name}'").astype(dtype, copy=private) for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "W_f", 0)
     n_out = n_hidden
@@ -482,5 +534,5 @@ def _prepare(params, x, state0):
         elif np.shape(state0[name]) != shape:
             raise ValueError(f"state0['{name}'] has shape {np.shape(state0[name])}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = np.asarray(state0[name]).astype(dtype, copy=False)
+            state0[name] = _real(state0[name], f"state0['{name}']").astype(dtype, copy=False)
     return p, x, state0, (n_in, n_hidden, n_out), dtype

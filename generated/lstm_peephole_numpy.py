@@ -115,9 +115,14 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
+@np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
-    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x (changing yours in place
+    afterwards does not change what backward computes); the outputs are read-only views
+    of what backward reads (copy one to change it)."""
+    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
     W_i = p["W_i"]
     W_f = p["W_f"]
@@ -158,13 +163,13 @@ def forward(params, x, state0=None):
         g = h_prev_proj[:, 2*n_hidden:3*n_hidden]
         g_seq[t] = g
         pre_o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
-        i = (0.5 * np.tanh(0.5 * (c_prev*p_i + pre_i)) + 0.5)  # eq:lstm_peephole:i
+        i = (1 / (1 + np.exp(-(c_prev*p_i + pre_i))))  # eq:lstm_peephole:i
         i_seq[t] = i
-        f = (0.5 * np.tanh(0.5 * (c_prev*p_f + pre_f)) + 0.5)  # eq:lstm_peephole:f
+        f = (1 / (1 + np.exp(-(c_prev*p_f + pre_f))))  # eq:lstm_peephole:f
         f_seq[t] = f
         c = c_seq[t + 1]
         np.add(c_prev*f, g*i, out=c)  # eq:lstm_peephole:c
-        o = (0.5 * np.tanh(0.5 * (c*p_o + pre_o)) + 0.5)  # eq:lstm_peephole:o
+        o = (1 / (1 + np.exp(-(c*p_o + pre_o))))  # eq:lstm_peephole:o
         o_seq[t] = o
         tanh_c = tanh_c_seq[t]
         np.tanh(c, out=tanh_c)  # eq:lstm_peephole:h
@@ -174,6 +179,7 @@ def forward(params, x, state0=None):
         "h": h_seq[1:],
         "c": c_seq[1:],
     }
+    _read_only(outputs)  # backward reads them
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
     cache["W_stack_h_prev"] = W_stack_h_prev
     cache["W_stack_x"] = W_stack_x
@@ -188,10 +194,13 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     W_i = p["W_i"]
     W_f = p["W_f"]
     W_g = p["W_g"]
@@ -306,13 +315,15 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    _check_grad_outputs(grad_outputs)
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = np.asarray(grad_outputs[name], dtype=x.dtype)
+            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
     return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
 
 
+@np.errstate(over="ignore")
 def _rtrl(params, x, state0, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
@@ -363,7 +374,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_i_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_i[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_i_x, o_W_i, W_i.shape, 0, n_hidden, x[t])
         # i  eq:lstm_peephole:i
-        i = (0.5 * np.tanh(0.5 * (W_i_h_prev + W_i_x + b_i + c_prev*p_i)) + 0.5)
+        i = (1 / (1 + np.exp(-(W_i_h_prev + W_i_x + b_i + c_prev*p_i))))
         J_i = (i*(1 - i)) * J_W_i_h_prev + (i*(1 - i)) * J_W_i_x + (i*p_i*(1 - i)) * J_c_prev
         _add_diagonal(J_i, o_b_i, i*(1 - i))
         _add_diagonal(J_i, o_p_i, c_prev*i*(1 - i))
@@ -377,7 +388,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_f_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_f[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_f_x, o_W_f, W_f.shape, 0, n_hidden, x[t])
         # f  eq:lstm_peephole:f
-        f = (0.5 * np.tanh(0.5 * (W_f_h_prev + W_f_x + b_f + c_prev*p_f)) + 0.5)
+        f = (1 / (1 + np.exp(-(W_f_h_prev + W_f_x + b_f + c_prev*p_f))))
         J_f = (f*(1 - f)) * J_W_f_h_prev + (f*(1 - f)) * J_W_f_x + (f*p_f*(1 - f)) * J_c_prev
         _add_diagonal(J_f, o_b_f, f*(1 - f))
         _add_diagonal(J_f, o_p_f, c_prev*f*(1 - f))
@@ -407,7 +418,7 @@ def _rtrl(params, x, state0, cotangent):
         J_W_o_x[o_x + t * n_in:o_x + t * n_in + n_in] += W_o[:, n_hidden:n_hidden + n_in].T[:, None, :]
         _add_matrix(J_W_o_x, o_W_o, W_o.shape, 0, n_hidden, x[t])
         # o  eq:lstm_peephole:o
-        o = (0.5 * np.tanh(0.5 * (W_o_h_prev + W_o_x + b_o + c*p_o)) + 0.5)
+        o = (1 / (1 + np.exp(-(W_o_h_prev + W_o_x + b_o + c*p_o))))
         J_o = (o*(1 - o)) * J_W_o_h_prev + (o*(1 - o)) * J_W_o_x + (o*p_o*(1 - o)) * J_c
         _add_diagonal(J_o, o_b_o, o*(1 - o))
         _add_diagonal(J_o, o_p_o, c*o*(1 - o))
@@ -461,14 +472,51 @@ def _seed(grad_outputs, name, shape, dtype, writable=True):
     g = grad_outputs.get(name)
     if g is None:
         return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
-    g = np.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return g.astype(dtype, copy=writable)
 
 
+def _read_only(arrays):
+    for array in arrays.values():
+        array.flags.writeable = False
+
+
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = np.asarray(value)
+        if value.shape != p[name].shape or not np.array_equal(value.astype(p[name].dtype, copy=False), p[name]):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -494,9 +542,12 @@ def _as_input(x):
     return x
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype)."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype) (``private``:
+    the parameters and x as copies of their own)."""
     x = _as_input(x)
+    if private:
+        x = x.copy()
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -504,7 +555,7 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: np.asarray(params[name]).astype(dtype, copy=False) for name in PARAM_SHAPES}
+    p = {name: _real(params[name], f"parameter '{name}'").astype(dtype, copy=private) for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "W_i", 0)
     n_out = n_hidden
@@ -527,5 +578,5 @@ def _prepare(params, x, state0):
         elif np.shape(state0[name]) != shape:
             raise ValueError(f"state0['{name}'] has shape {np.shape(state0[name])}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = np.asarray(state0[name]).astype(dtype, copy=False)
+            state0[name] = _real(state0[name], f"state0['{name}']").astype(dtype, copy=False)
     return p, x, state0, (n_in, n_hidden, n_out), dtype

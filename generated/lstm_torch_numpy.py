@@ -94,9 +94,14 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
+@np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
-    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x (changing yours in place
+    afterwards does not change what backward computes); the outputs are read-only views
+    of what backward reads (copy one to change it)."""
+    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
     weight_ih_l0 = p["weight_ih_l0"]
     weight_hh_l0 = p["weight_hh_l0"]
@@ -120,8 +125,7 @@ def forward(params, x, state0=None):
     c_seq[0] = state0["c"]
     h_prev_proj = np.empty((B, 4*n_hidden), dtype)  # one step's recurrent product
     # after each step, x_proj_seq[t] holds i, f, g, o
-    h_prev_proj_scale = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 1.0, dtype), np.full(n_hidden, 0.5, dtype)])
-    h_prev_proj_shift = np.concatenate([np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.5, dtype), np.full(n_hidden, 0.0, dtype), np.full(n_hidden, 0.5, dtype)])
+    g_tanh = np.empty((B, n_hidden), dtype)
     tanh_c_seq = np.empty((T, B, n_hidden), dtype)
     i_seq = x_proj_seq[..., :n_hidden]
     f_seq = x_proj_seq[..., n_hidden:2*n_hidden]
@@ -133,10 +137,12 @@ def forward(params, x, state0=None):
         np.dot(h_prev, weight_hh_l0_T, out=h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
         x_proj = x_proj_seq[t]
         x_proj += h_prev_proj  # + the recurrent side of every slot
-        x_proj *= h_prev_proj_scale  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)
-        np.tanh(x_proj, out=x_proj)
-        x_proj *= h_prev_proj_scale
-        x_proj += h_prev_proj_shift
+        np.tanh(x_proj[:, 2*n_hidden:3*n_hidden], out=g_tanh)  # eq:lstm_torch:g
+        np.negative(x_proj, out=x_proj)  # eq:lstm_torch:i, eq:lstm_torch:f, eq:lstm_torch:g, eq:lstm_torch:o  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(x_proj, out=x_proj)
+        x_proj += 1
+        np.reciprocal(x_proj, out=x_proj)
+        x_proj[:, 2*n_hidden:3*n_hidden] = g_tanh
         i = x_proj[:, :n_hidden]
         f = x_proj[:, n_hidden:2*n_hidden]
         g = x_proj[:, 2*n_hidden:3*n_hidden]
@@ -151,6 +157,7 @@ def forward(params, x, state0=None):
         "h": h_seq[1:],
         "c": c_seq[1:],
     }
+    _read_only(outputs)  # backward reads them
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
     cache["c_seq"] = c_seq
     cache["f_seq"] = f_seq
@@ -163,10 +170,13 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     weight_ih_l0 = p["weight_ih_l0"]
     weight_hh_l0 = p["weight_hh_l0"]
     bias_ih_l0 = p["bias_ih_l0"]
@@ -243,13 +253,15 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    _check_grad_outputs(grad_outputs)
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = np.asarray(grad_outputs[name], dtype=x.dtype)
+            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
     return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
 
 
+@np.errstate(over="ignore")
 def _rtrl(params, x, state0, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
@@ -294,7 +306,7 @@ def _rtrl(params, x, state0, cotangent):
         J_weight_ih_l0_0_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[:n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_0_x, o_weight_ih_l0, weight_ih_l0.shape, 0, 0, x[t])
         # i  eq:lstm_torch:i
-        i = (0.5 * np.tanh(0.5 * (bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x)) + 0.5)
+        i = (1 / (1 + np.exp(-(bias_hh_l0_0 + bias_ih_l0_0 + weight_hh_l0_0_h_prev + weight_ih_l0_0_x))))
         J_i = (i*(1 - i)) * J_weight_hh_l0_0_h_prev + (i*(1 - i)) * J_weight_ih_l0_0_x
         _add_diagonal(J_i, o_bias_hh_l0, i*(1 - i))
         _add_diagonal(J_i, o_bias_ih_l0, i*(1 - i))
@@ -308,7 +320,7 @@ def _rtrl(params, x, state0, cotangent):
         J_weight_ih_l0_1_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[n_hidden:2*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_1_x, o_weight_ih_l0, weight_ih_l0.shape, n_hidden, 0, x[t])
         # f  eq:lstm_torch:f
-        f = (0.5 * np.tanh(0.5 * (bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x)) + 0.5)
+        f = (1 / (1 + np.exp(-(bias_hh_l0_1 + bias_ih_l0_1 + weight_hh_l0_1_h_prev + weight_ih_l0_1_x))))
         J_f = (f*(1 - f)) * J_weight_hh_l0_1_h_prev + (f*(1 - f)) * J_weight_ih_l0_1_x
         _add_diagonal(J_f, o_bias_hh_l0 + n_hidden, f*(1 - f))
         _add_diagonal(J_f, o_bias_ih_l0 + n_hidden, f*(1 - f))
@@ -336,7 +348,7 @@ def _rtrl(params, x, state0, cotangent):
         J_weight_ih_l0_3_x[o_x + t * n_in:o_x + t * n_in + n_in] += weight_ih_l0[3*n_hidden:4*n_hidden].T[:, None, :]
         _add_matrix(J_weight_ih_l0_3_x, o_weight_ih_l0, weight_ih_l0.shape, 3*n_hidden, 0, x[t])
         # o  eq:lstm_torch:o
-        o = (0.5 * np.tanh(0.5 * (bias_hh_l0_3 + bias_ih_l0_3 + weight_hh_l0_3_h_prev + weight_ih_l0_3_x)) + 0.5)
+        o = (1 / (1 + np.exp(-(bias_hh_l0_3 + bias_ih_l0_3 + weight_hh_l0_3_h_prev + weight_ih_l0_3_x))))
         J_o = (o*(1 - o)) * J_weight_hh_l0_3_h_prev + (o*(1 - o)) * J_weight_ih_l0_3_x
         _add_diagonal(J_o, o_bias_hh_l0 + 3*n_hidden, o*(1 - o))
         _add_diagonal(J_o, o_bias_ih_l0 + 3*n_hidden, o*(1 - o))
@@ -386,14 +398,51 @@ def _seed(grad_outputs, name, shape, dtype, writable=True):
     g = grad_outputs.get(name)
     if g is None:
         return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
-    g = np.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return g.astype(dtype, copy=writable)
 
 
+def _read_only(arrays):
+    for array in arrays.values():
+        array.flags.writeable = False
+
+
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = np.asarray(value)
+        if value.shape != p[name].shape or not np.array_equal(value.astype(p[name].dtype, copy=False), p[name]):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -419,9 +468,12 @@ def _as_input(x):
     return x
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype)."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype) (``private``:
+    the parameters and x as copies of their own)."""
     x = _as_input(x)
+    if private:
+        x = x.copy()
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -429,7 +481,7 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: np.asarray(params[name]).astype(dtype, copy=False) for name in PARAM_SHAPES}
+    p = {name: _real(params[name], f"parameter '{name}'").astype(dtype, copy=private) for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "weight_ih_l0", 0, 4)
     n_out = n_hidden
@@ -452,5 +504,5 @@ def _prepare(params, x, state0):
         elif np.shape(state0[name]) != shape:
             raise ValueError(f"state0['{name}'] has shape {np.shape(state0[name])}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = np.asarray(state0[name]).astype(dtype, copy=False)
+            state0[name] = _real(state0[name], f"state0['{name}']").astype(dtype, copy=False)
     return p, x, state0, (n_in, n_hidden, n_out), dtype

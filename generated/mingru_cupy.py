@@ -119,9 +119,13 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
 
 
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, n_in); return (outputs, cache for backward)."""
+    """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x, and the outputs are copies
+    of what backward reads: changing any of them in place does not change backward's
+    result (CuPy arrays cannot be made read-only)."""
     _cupy()
-    p, x, state0, dims, dtype = _prepare(params, x, state0)
+    p, x, state0, dims, dtype = _prepare(params, x, state0, private=True)
     n_in, n_hidden, n_out = dims
     T, B = x.shape[0], x.shape[1]
     W_z = p["W_z"]
@@ -142,8 +146,8 @@ def forward(params, x, state0=None):
     # readout, every step at once
     h_proj_seq = cp.matmul(h_seq[1:].reshape(-1, n_hidden), V.T).reshape(T, B, n_out)  # y
     outputs = {
-        "h": h_seq[1:],
-        "y": h_proj_seq,
+        "h": h_seq[1:].copy(),
+        "y": h_proj_seq.copy(),
     }
     cache = {"params": p, "x": x, "dims": dims}
     cache["W_stack_x"] = W_stack_x
@@ -154,11 +158,14 @@ def forward(params, x, state0=None):
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     _cupy()
     p, x, dims = cache["params"], cache["x"], cache["dims"]
     n_in, n_hidden, n_out = dims
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     W_z = p["W_z"]
     b_z = p["b_z"]
     W_h = p["W_h"]
@@ -226,7 +233,7 @@ def _loss_grad(y, target):
 
 
 def _check_target(target, y):
-    target = cp.asarray(target)
+    target = _real(target, "target")
     if target.shape != y.shape:
         raise ValueError(f"target has shape {target.shape}; expected {y.shape} (T, B, size of 'y')")
     return target.astype(y.dtype, copy=False)
@@ -276,14 +283,46 @@ def _seed(grad_outputs, name, shape, dtype):
     g = grad_outputs.get(name)
     if g is None:
         return cp.zeros(shape, dtype)
-    g = cp.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return cp.array(g, dtype=dtype, order="C", copy=True)
 
 
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = cp.asarray(value)
+        if value.shape != p[name].shape or not bool(cp.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = cp.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -300,14 +339,15 @@ def _dim_of(p, name, axis, factor=1):
     return shape[axis] // factor
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype), all C-contiguous on the GPU."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype), all C-contiguous on the GPU
+    (``private``: the parameters and x as copies of their own)."""
     x = cp.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"x has shape {x.shape}; expected (T, B, n_in)")
     if x.dtype not in (np.float32, np.float64):
         raise ValueError(f"x has dtype {x.dtype}; expected float32 or float64")
-    x = cp.asarray(x, order="C")
+    x = cp.array(x, order="C", copy=private)
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -315,7 +355,8 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: cp.asarray(params[name], dtype=dtype, order="C") for name in PARAM_SHAPES}
+    p = {name: cp.array(_real(params[name], f"parameter '{name}'"), dtype=dtype, order="C", copy=private)
+         for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = _dim_of(p, "W_z", 0)
     n_out = _dim_of(p, "V", 0)
@@ -338,7 +379,7 @@ def _prepare(params, x, state0):
         elif tuple(state0[name].shape) != shape:
             raise ValueError(f"state0['{name}'] has shape {tuple(state0[name].shape)}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = cp.asarray(state0[name], dtype=dtype, order="C")
+            state0[name] = cp.asarray(_real(state0[name], f"state0['{name}']"), dtype=dtype, order="C")
     return p, x, state0, (n_in, n_hidden, n_out), dtype
 
 
@@ -366,8 +407,8 @@ CUDA_SOURCE = r"""
 #endif
 
 // nonlinearities, spelled as symrnn.ops spells them for float and double
-__host__ __device__ inline float op_sigmoid(float x) { return (0.5f * tanhf(0.5f * (x)) + 0.5f); }
-__host__ __device__ inline double op_sigmoid(double x) { return (0.5 * tanh(0.5 * (x)) + 0.5); }
+__host__ __device__ inline float op_sigmoid(float x) { return (1.0f / (1.0f + expf(-(x)))); }
+__host__ __device__ inline double op_sigmoid(double x) { return (1.0 / (1.0 + exp(-(x)))); }
 
 // forward, pre stage 0: z, h_tilde
 template <typename scalar_t>

@@ -98,9 +98,14 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
+@np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
 def forward(params, x, state0=None):
-    """Run the cell over x (T, B, 1); return (outputs, cache for backward)."""
-    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
+    """Run the cell over x (T, B, 1); return (outputs, cache for backward).
+
+    The cache holds its own copies of the parameters and x (changing yours in place
+    afterwards does not change what backward computes); the outputs are read-only views
+    of what backward reads (copy one to change it)."""
+    p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
     w = p["w"]
     v = p["v"]
@@ -112,7 +117,7 @@ def forward(params, x, state0=None):
     for t in range(T):
         h_prev = h_seq[t]
         a = b + h_prev*v + w*x[t]  # eq:single_sigmoid:a
-        h = (0.5 * np.tanh(0.5 * (a)) + 0.5)  # eq:single_sigmoid:h
+        h = (1 / (1 + np.exp(-(a))))  # eq:single_sigmoid:h
         h_seq[t + 1] = h
     # readout, every step at once
     y_seq = d + h_seq[1:]*u  # eq:single_sigmoid:y
@@ -120,16 +125,20 @@ def forward(params, x, state0=None):
         "h": h_seq[1:],
         "y": y_seq,
     }
+    _read_only(outputs)  # backward reads them
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
     cache["h_seq"] = h_seq
     return outputs, cache
 
 
 def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs); ``params`` must be those of the forward call."""
+    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
+    the forward call's, or None (a ValueError names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
+    _check_same_params(params, p)
+    _check_grad_outputs(grad_outputs)
     w = p["w"]
     v = p["v"]
     b = p["b"]
@@ -181,6 +190,7 @@ def loss_and_grads(params, x, target, state0=None):
     outputs, cache = forward(params, x, state0)
     y, target = outputs["y"], _check_target(target, outputs["y"])
     T = y.shape[0]
+    _check_steps(T)
     loss = np.sum(_loss(y, target)) * (1.0 / T)
     grads = backward(params, cache, {"y": _loss_grad(y, target) * (1.0 / T)})
     return loss, grads
@@ -190,7 +200,8 @@ def rtrl_loss_and_grads(params, x, target, state0=None):
     """Like loss_and_grads, by the forward-mode sensitivity recursion (RTRL)."""
     x = _as_input(x)
     T = x.shape[0]
-    target = _check_target(target, np.empty(x.shape[:2] + target.shape[2:], x.dtype))
+    _check_steps(T)
+    target = _check_target(target, np.empty(x.shape[:2] + np.shape(target)[2:], x.dtype))
     total = []
 
     def cotangent(t, values):
@@ -210,8 +221,13 @@ def _loss_grad(y, target):
     return -target + y
 
 
+def _check_steps(T):
+    if T == 0:
+        raise ValueError("x has no time steps (T = 0): the mean of the loss over time is undefined")
+
+
 def _check_target(target, y):
-    target = np.asarray(target)
+    target = _real(target, "target")
     if target.shape != y.shape:
         raise ValueError(f"target has shape {target.shape}; expected {y.shape} (T, B, size of 'y')")
     return target.astype(y.dtype, copy=False)
@@ -223,13 +239,15 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    _check_grad_outputs(grad_outputs)
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = np.asarray(grad_outputs[name], dtype=x.dtype)
+            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
     return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
 
 
+@np.errstate(over="ignore")
 def _rtrl(params, x, state0, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
@@ -261,7 +279,7 @@ def _rtrl(params, x, state0, cotangent):
         J_a[o_w] += x[t]
         _add_diagonal(J_a, o_x + t * n_in, w)
         # h  eq:single_sigmoid:h
-        h = (0.5 * np.tanh(0.5 * (a)) + 0.5)
+        h = (1 / (1 + np.exp(-(a))))
         J_h = (h*(1 - h)) * J_a
         # y  eq:single_sigmoid:y
         y = d + h*u
@@ -305,14 +323,51 @@ def _seed(grad_outputs, name, shape, dtype, writable=True):
     g = grad_outputs.get(name)
     if g is None:
         return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
-    g = np.asarray(g)
+    g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")
     return g.astype(dtype, copy=writable)
 
 
+def _read_only(arrays):
+    for array in arrays.values():
+        array.flags.writeable = False
+
+
+def _check_grad_outputs(grad_outputs):
+    unknown = sorted(set(grad_outputs) - set(OUTPUTS))
+    if unknown:
+        raise ValueError(f"grad_outputs has no output '{unknown[0]}'; cell '{CELL}' has the outputs {', '.join(OUTPUTS)}")
+
+
+def _check_same_params(params, p):
+    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    if params is None:
+        return
+    missing = [name for name in PARAM_SHAPES if name not in params]
+    if missing:
+        raise ValueError(f"missing parameter '{missing[0]}' (expected shape {PARAM_SHAPES[missing[0]]})")
+    for name, value in params.items():
+        if name not in p:
+            raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
+        value = np.asarray(value)
+        if value.shape != p[name].shape or not np.array_equal(value.astype(p[name].dtype, copy=False), p[name]):
+            raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
+                             "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _real(value, what):
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{what} has dtype {value.dtype}; expected real numbers")
+    return value
+
+
 def _dims(n_in, n_hidden, n_out):
     dims = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_hidden if n_out is None else n_out}
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} = {value!r}: a size is a positive integer")
     for name, fixed in FIXED_DIMS.items():
         if n_out is None and name == "n_out":
             dims[name] = fixed
@@ -338,9 +393,12 @@ def _as_input(x):
     return x
 
 
-def _prepare(params, x, state0):
-    """Check shapes and dtypes; return (params, x, state0, dims, dtype)."""
+def _prepare(params, x, state0, private=False):
+    """Check shapes and dtypes; return (params, x, state0, dims, dtype) (``private``:
+    the parameters and x as copies of their own)."""
     x = _as_input(x)
+    if private:
+        x = x.copy()
     dtype = x.dtype
     missing = [name for name in PARAM_SHAPES if name not in params]
     if missing:
@@ -348,7 +406,7 @@ def _prepare(params, x, state0):
     unknown = sorted(set(params) - set(PARAM_SHAPES))
     if unknown:
         raise ValueError(f"unknown parameter '{unknown[0]}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
-    p = {name: np.asarray(params[name]).astype(dtype, copy=False) for name in PARAM_SHAPES}
+    p = {name: _real(params[name], f"parameter '{name}'").astype(dtype, copy=private) for name in PARAM_SHAPES}
     n_in = x.shape[2]
     n_hidden = 1
     n_out = 1
@@ -371,5 +429,5 @@ def _prepare(params, x, state0):
         elif np.shape(state0[name]) != shape:
             raise ValueError(f"state0['{name}'] has shape {np.shape(state0[name])}; expected {shape} (B, {STATES[name]})")
         else:
-            state0[name] = np.asarray(state0[name]).astype(dtype, copy=False)
+            state0[name] = _real(state0[name], f"state0['{name}']").astype(dtype, copy=False)
     return p, x, state0, (n_in, n_hidden, n_out), dtype

@@ -53,9 +53,11 @@ class Op(sympy.Function):
 
 class sigmoid(Op):
     latex = r"\sigma"
-    # one tanh instead of exp + division; exact: sigma(a) = (1 + tanh(a/2)) / 2
-    numpy = "(0.5 * np.tanh(0.5 * ({x})) + 0.5)"
-    cuda = ("(0.5f * tanhf(0.5f * ({x})) + 0.5f)", "(0.5 * tanh(0.5 * ({x})) + 0.5)")
+    # 1 / (1 + exp(-a)): accurate relative to its value for every a (as torch computes it),
+    # where (1 + tanh(a/2)) / 2 loses it for a < 0 (and is exactly 0 below a = -17 in float32);
+    # exp(-a) = inf gives 0, exactly the limit (the modules compute it under np.errstate(over="ignore"))
+    numpy = "(1 / (1 + np.exp(-({x}))))"
+    cuda = ("(1.0f / (1.0f + expf(-({x}))))", "(1.0 / (1.0 + exp(-({x}))))")
     formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
 
     @classmethod

@@ -120,6 +120,8 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_grad=m.loss_grad,
         loss_scale=m.loss_scale,
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
+        loss_mean=loss is not None and loss.reduction == "mean",
+        quiet_overflow=_uses_op(g, "sigmoid"),
         target_of=loss.target_of if loss else "",
         contract=_contract(g),
     )
@@ -182,6 +184,7 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         loss_grad=numpy_parts.loss_grad.replace("np.", "cp.") if numpy_parts else "",
         loss_scale=numpy_parts.loss_scale if numpy_parts else "",
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
+        loss_mean=loss is not None and loss.reduction == "mean",
         target_of=loss.target_of if loss else "",
         cuda_source=py_raw_block("\n" + render_cuda(kernel_plan, command)),
         contract=_contract(g),
@@ -238,6 +241,13 @@ def _contract(g) -> dict:
         "init_doc": py_docstring(init_doc),
         "state0_doc": py_docstring(state0_doc),
     }
+
+
+def _uses_op(g, name: str) -> bool:
+    """Whether a node of the step graph applies op ``name``."""
+    from .ir import Pointwise
+
+    return any(isinstance(n, Pointwise) and n.op is not None and n.op.__name__ == name for n in g.nodes)
 
 
 def _tuple(items: list[str]) -> str:

@@ -87,7 +87,7 @@ def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple
     every launch's arguments are checked as a GPU would need them; the tests keep it on)."""
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
-                 "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray"):
+                 "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray", "array_equal"):
         setattr(m, name, getattr(np, name))
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, libs=libs, checked=checked, **kw)

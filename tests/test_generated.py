@@ -82,8 +82,8 @@ def _backward_loop_header(backward: str) -> str:
 
 @pytest.mark.parametrize("cell_name", ["lstm_torch", "gru_torch", "lstm"])
 def test_step_loops_hold_only_adjoint_work(cell_name):
-    """Forward: the gates of one step share one tanh call (sigmoid through tanh), biases
-    are added before the loop.  Backward: every derivative factor of stored values
+    """Forward: the sigmoid gates of one step share one exp call, biases are added
+    before the loop.  Backward: every derivative factor of stored values
     (1 - g**2, o*(1 - o), ...) is computed for a block of steps before the step loop;
     the loop multiplies adjoints by them."""
     source = rendered(cell_name)
@@ -91,7 +91,8 @@ def test_step_loops_hold_only_adjoint_work(cell_name):
     step = "\n".join(line.split("#")[0] for line in _loop(forward, "for t in range(T):").splitlines())
     biases = set(re.findall(r"\b(?:bias_\w+|b_\w+)", step))
     assert biases == ({"bias_hh_l0_2"} if cell_name == "gru_torch" else set()), biases  # GRU: b_hn is inside r * (...)
-    assert step.count("np.tanh(") == 2, step  # the gates, tanh(c) (LSTM) / n (GRU)
+    assert step.count("np.exp(") == 1, step  # every sigmoid gate
+    assert step.count("np.tanh(") == (1 if cell_name == "gru_torch" else 2), step  # n (GRU); g and tanh(c) (LSTM)
     loop = _loop(backward, "for t in reversed(range(t0, t1)):")
     assert "1 - " not in loop and "**2" not in loop, loop
     coefficients = _loop(backward, "for t1 in range(T, 0, -_COEF_STEPS):").split("for t in reversed")[0]

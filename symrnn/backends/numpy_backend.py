@@ -92,10 +92,11 @@ class _LoopFusion:
        W_h h_prev), slot by slot in the same layout, the step adds the whole
        input-side buffer to the recurrent GEMM's output in one operation.
     3. A slot whose consumer is sigmoid(slot) or tanh(slot) is activated in
-       place: every such slot of the GEMM output shares one tanh call
-       (sigmoid(a) = tanh(a/2)/2 + 1/2, exact), and the GEMM output lives in the
-       stored buffer of those values (i_seq, f_seq, ... are views of it), so
-       nothing is copied.
+       place: the sigmoid slots of a run of adjacent slots share one exp call
+       (sigmoid(a) = 1 / (1 + exp(-a)), over the whole run; a tanh slot inside
+       the run takes its tanh first, into a scratch put back afterwards), and the
+       GEMM output lives in the stored buffer of those values (i_seq, f_seq, ...
+       are views of it), so nothing is copied.
     4. When every slot of the recurrent GEMM pairs with the same slot of one
        input-side buffer (the LSTM's four gates), that buffer is the stored one:
        the GEMM writes one step's product to a (B, rows) scratch that is added
@@ -256,20 +257,23 @@ class _LoopFusion:
         for run in _runs([s for s in slots if s["act"]], same=lambda a, b: True):
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
             view = buf if len(run) == len(slots) else whole.format(_slice(lo, hi - lo))
-            kinds = {s["act"] for s in run}
             names = ", ".join(e.label(s["node"]) for s in run)
-            if kinds == {"tanh"}:
+            tanh = [s for s in run if s["act"] == "tanh"]
+            if len(tanh) == len(run):
                 out.append(f"np.tanh({view}, out={view})  # {names}")
                 continue
-            if kinds == {"sigmoid"}:
-                scale, shift = "0.5", "0.5"
-            else:  # one tanh for both kinds: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5
-                scale = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 1.0}, "scale")
-                shift = self.vector(grp, run, {"sigmoid": 0.5, "tanh": 0.0}, "shift")
-            out.append(f"{view} *= {scale}  # {names}  (sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5)")
-            out.append(f"np.tanh({view}, out={view})")
-            out.append(f"{view} *= {scale}")
-            out.append(f"{view} += {shift}")
+            saved = []
+            for s in tanh:  # a tanh slot among sigmoid ones: its tanh first, put back after the sigmoids
+                part = whole.format(_slice(s["offset"], s["member"].size))
+                scratch = self.n.fresh(f"{s['content']}_tanh")
+                self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(s['member'].size)}), dtype)")
+                out.append(f"np.tanh({part}, out={scratch})  # {e.label(s['node'])}")
+                saved.append((part, scratch))
+            out.append(f"np.negative({view}, out={view})  # {names}  (sigmoid(a) = 1 / (1 + exp(-a)))")
+            out.append(f"np.exp({view}, out={view})")
+            out.append(f"{view} += 1")
+            out.append(f"np.reciprocal({view}, out={view})")
+            out.extend(f"{part} = {scratch}" for part, scratch in saved)
         read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
         n = self.n
         for s in slots:
