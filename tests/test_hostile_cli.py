@@ -5,16 +5,22 @@ is broken.  (Issue "Trust": one line, never a traceback.)
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import tomllib
+from pathlib import Path
 
 import pytest
 import sympy
 
+import symrnn
 import symrnn.lower
 from conftest import ROOT
 from symrnn import Cell, params, tanh
-from symrnn.cli import main
+from symrnn.cli import EXIT_BROKEN_PIPE, EXIT_TERMINATED, MAX_CHECK_ENTRIES, main
 from symrnn.errors import CellError
 from symrnn.lower import lower
 from symrnn.spec import MAX_EXPR_SIZE, SpecError, load_spec
@@ -152,3 +158,154 @@ def test_python_api_a_sympy_function_says_what_to_write(function, message):
     with pytest.raises(CellError) as info:
         lower(cell)
     assert message in str(info.value)
+
+
+# -- standard output: a closed pipe is silence, a full disk one line ----------------------
+def symrnn_process(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "symrnn", *argv], cwd=ROOT, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("argv", [["list"], ["show", "lstm", "gru"], ["--help"], ["--version"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte: every write meets a closed pipe
+    try:
+        proc = symrnn_process(*argv, stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert proc.returncode == EXIT_BROKEN_PIPE and proc.stderr == ""
+
+
+def test_head_of_the_list_in_a_shell_pipe():
+    """The command of the issue; whether the pipe is closed before the last write is a race
+    (the test above closes it first)."""
+    script = f"set -o pipefail; {sys.executable} -m symrnn list | head -1"
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, EXIT_BROKEN_PIPE) and proc.stderr == ""
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("elman ")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["list"], ["show", "lstm"], ["check", "single_sigmoid"], ["latex", "elman", "-o", "-"],
+                                  ["--version"]])
+def test_a_full_device_on_standard_output_is_one_line(argv):
+    with open("/dev/full", "w") as full:
+        proc = symrnn_process(*argv, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "symrnn: error: cannot write to standard output: No space left on device\n"
+
+
+# -- SIGTERM while writing: the temporary file is removed, the user's file kept -----------
+CHILD = """
+import os, sys, time
+from pathlib import Path
+
+real_replace = os.replace
+
+def slow_replace(src, dst):  # the temporary file is written: tell the test, then wait for SIGTERM
+    Path(sys.argv[1]).write_text(str(src))
+    time.sleep(120)
+    real_replace(src, dst)
+
+os.replace = slow_replace
+from symrnn.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("command, written", [("generate", "elman_numpy.py"), ("latex", "elman.tex")])
+def test_sigterm_while_writing_leaves_no_temporary_file(command, written, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / written).write_text("the user's file\n")
+    marker = tmp_path / "writing"
+    argv = [command, "elman", "--out" if command == "generate" else "-o", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=10)
+        assert Path(marker.read_text()).is_file()  # mid-write: the temporary file is there
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_TERMINATED and err == "symrnn: terminated\n"
+    assert sorted(p.name for p in out.iterdir()) == [written]
+    assert (out / written).read_text() == "the user's file\n"
+
+
+# -- check: an instance too big to allocate is refused before it is ---------------------
+HUGE_CELL = BASE.replace('name = "toy"', 'name = "toy"\ndims = { n_hidden = 100000 }')
+
+
+def test_check_refuses_an_instance_too_big_for_memory(tmp_path, capsys):
+    assert main(["check", "--spec", str(spec(tmp_path, HUGE_CELL))]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "cell 'toy' is too big to check: with n_hidden = 100000 fixed by the cell" in err
+    assert f"at most {MAX_CHECK_ENTRIES:,}" in err
+
+
+def test_check_runs_the_largest_instances_a_real_cell_has(tmp_path, capsys):
+    assert main(["check", "--spec", str(spec(tmp_path, BASE.replace('name = "toy"', 'name = "toy"\ndims = { n_hidden = 20 }')))]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+
+
+def test_check_out_of_memory_is_one_line(monkeypatch, capsys):
+    import symrnn.gradcheck
+
+    def exhausted(module, seed=0):
+        raise MemoryError()
+
+    monkeypatch.setattr(symrnn.gradcheck, "check_module", exhausted)
+    assert main(["check", "single_sigmoid"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "check: cell 'single_sigmoid': out of memory while checking" in err
+
+
+# -- --rename: a name of the cell, shown as no other ---------------------------------------
+@pytest.mark.parametrize("renames, message", [
+    (["nosuch=q"], "--rename nosuch=q: cell 'elman' has no name 'nosuch'; its names: x, s, s_prev, U, W, V, z, y"),
+    (["s=x"], "--rename s=x: cell 'elman' already has a name 'x' (the input), so the document would show both as x"),
+    (["z=s_prev"], "--rename z=s_prev: cell 'elman' already has a name 's_prev' (state 's' at t-1)"),
+    (["s=q", "U=q"], "--rename s=q and --rename U=q: two names of cell 'elman' would be shown as q"),
+    (["s=h", "W=h_prev"], "--rename s=h and --rename W=h_prev: two names of cell 'elman' would be shown as h_prev"),
+    (["s_prev=q"], "'s_prev' is state 's' at t-1, written with the state's name; rename the state: --rename s=q"),
+    (["s=q", "s=r"], "'s' is renamed twice (s=q and s=r)"),
+    (["s=h\u00e9"], "--rename 's=h\u00e9': expected NAME=SHOWN, each of ASCII letters, digits and _"),
+    (["\u0161=h"], "expected NAME=SHOWN"),
+    (["s=h!"], "expected NAME=SHOWN"),
+    (["s="], "expected NAME=SHOWN"),
+])
+def test_a_rename_that_cannot_work_is_one_line(renames, message, tmp_path, capsys):
+    argv = ["latex", "elman", "-o", str(tmp_path / "elman.tex")]
+    for item in renames:
+        argv += ["--rename", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rename_among_several_cells_must_name_one_of_them(tmp_path, capsys):
+    assert main(["latex", "elman", "lstm", "--rename", "hh=q", "-o", str(tmp_path)]) == 2
+    assert "none of the 2 cells exported has a name 'hh' (did you mean 'h'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("renames", [["s=h"], ["s=x", "x=s"], ["s=h", "z=a"]])
+def test_renames_that_keep_names_apart_are_written(renames, capsys):
+    argv = ["latex", "elman", "-o", "-"]
+    for item in renames:
+        argv += ["--rename", item]
+    assert main(argv) == 0
+    assert r"\begin{document}" in capsys.readouterr().out
+
+
+# -- the version ---------------------------------------------------------------------------
+def test_version_is_printed_and_matches_the_package():
+    proc = symrnn_process("--version", capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"symrnn {symrnn.__version__}\n" and proc.stderr == ""
+    assert symrnn.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
