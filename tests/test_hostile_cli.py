@@ -309,3 +309,23 @@ def test_version_is_printed_and_matches_the_package():
     proc = symrnn_process("--version", capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == f"symrnn {symrnn.__version__}\n" and proc.stderr == ""
     assert symrnn.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+# -- a newcomer's first look -----------------------------------------------------------------
+def test_help_of_the_package_is_short_and_every_name_stays_importable():
+    import pydoc
+
+    text = pydoc.render_doc(symrnn, renderer=pydoc.plaintext)
+    assert len(text.splitlines()) <= 400, "help(symrnn) documents a SymPy class again (thousands of lines)"
+    assert "The API, by task" in text and "load_spec" in text
+    for name in ("Block", "MatVec", "ParamSymbol", "CellError", "InternalError", "SpecError", "SpecWarning",
+                 *symrnn.OPS, *symrnn.__all__):
+        assert hasattr(symrnn, name), name
+
+
+def test_the_license_is_the_one_pyproject_names():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    text = (ROOT / "LICENSE").read_text()
+    assert project["license"] == {"text": "MIT"}
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the symrnn authors\n")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
