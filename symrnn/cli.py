@@ -57,8 +57,10 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
     def _print_message(self, message, file=None):  # --help and --version: written as all output is
-        if message:
+        if file is sys.stdout and message:
             _write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def _parser() -> argparse.ArgumentParser:

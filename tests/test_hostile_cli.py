@@ -42,6 +42,7 @@ def nested(open_: str, inner: str, close: str, n: int) -> str:
 HUGE = {
     "10,000-term sum": (" + ".join(["h_prev"] * 10_000), "too big or nested too deeply to read"),
     "5,000 unary minuses": ("- " * 5000 + "h_prev", "too big or nested too deeply to read"),
+    "100,000 minus signs": ("-" * 100_000 + "h_prev", "too big or nested too deeply to read"),  # MemoryError in ast
     "300 nested parentheses": (nested("(", "h_prev", ")", 300), "too many nested parentheses"),
     "60 nested products": (nested("b * (h_prev + ", "h_prev", ")", 60), "nested more than 50"),
     "80 unary minuses": ("- " * 80 + "h_prev", "nested more than 50"),
