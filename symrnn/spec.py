@@ -49,7 +49,7 @@ import sympy
 from .cell import Cell, Loss, Param, ParamSymbol
 from .errors import CellError, UserError, suggest
 from .escape import one_line, shown
-from .lower import NONDIFFERENTIABLE, instead, lower
+from .lower import MAX_DEPTH, NONDIFFERENTIABLE, instead, lower
 from .ops import OPS
 
 if sys.version_info >= (3, 11):
@@ -385,11 +385,11 @@ class _Reader:
                           + " (each uses the next; a state's own value at t-1 is <state>_prev)")
 
 
-#: the largest expression of a spec file: names, numbers and operations (a real cell's have tens)
+#: the largest expression of a spec file: names, numbers and operations (a real cell's have tens);
+#: its nesting (an operation, sign or call inside another) is held to lower.MAX_DEPTH here too
 MAX_EXPR_SIZE = 4000
-#: the deepest nesting of an expression (parentheses around an operation, signs, calls)
-MAX_DEPTH = 50
-_LIMITS = f"an expression has at most {MAX_EXPR_SIZE} names, numbers and operations and nests at most {MAX_DEPTH} deep"
+_LIMITS = (f"an expression has at most {MAX_EXPR_SIZE} names, numbers and operations and nests at most {MAX_DEPTH} "
+           "levels deep")
 _ALLOWED = "names, numbers, + - * / **, W @ v, W @ (a, b), W[k], and the functions " + ", ".join(OPS)
 _SUM, _PRODUCT = (ast.Add, ast.Sub), (ast.Mult, ast.Div)
 _APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -445,8 +445,8 @@ class _Builder:
         if method is None:
             raise self.fail(node, f"'{self.snippet(node)}' is not allowed in an equation (allowed: {_ALLOWED})")
         if self.depth >= MAX_DEPTH:
-            raise self.fail(node, f"the expression is nested more than {MAX_DEPTH} deep ({_LIMITS}); "
-                            "split it into several equations")
+            raise self.fail(node, f"the expression is nested more than {MAX_DEPTH} levels deep; split it into "
+                            "several equations")
         self.depth += 1
         value = method(node)
         self.depth -= 1
@@ -495,7 +495,8 @@ class _Builder:
             base = self.snippet(node.left)
             if not isinstance(node.left, (ast.Name, ast.Constant, ast.Call, ast.Subscript)):
                 base = f"({base})"
-            power = f"{base}**{self.snippet(node.right)}" if isinstance(node.right, ast.Constant) else "a**2 (a number as exponent)"
+            power = f"{base}**{self.snippet(node.right)}" if isinstance(node.right, ast.Constant) \
+                else "a**2 (a number as exponent)"
             raise self.fail(node, f"'{self.snippet(node)}': ^ is not a power (use ** for powers): write {power}")
         raise self.fail(node, f"operator in '{self.snippet(node)}' is not allowed (allowed: + - * / ** @)")
 

@@ -250,8 +250,9 @@ def test_check_refuses_an_instance_too_big_for_memory(tmp_path, capsys):
     assert f"at most {MAX_CHECK_ENTRIES:,}" in err
 
 
-def test_check_runs_the_largest_instances_a_real_cell_has(tmp_path, capsys):
-    assert main(["check", "--spec", str(spec(tmp_path, BASE.replace('name = "toy"', 'name = "toy"\ndims = { n_hidden = 20 }')))]) == 0
+def test_check_runs_a_cell_that_fixes_a_real_size(tmp_path, capsys):
+    text = BASE.replace('name = "toy"', 'name = "toy"\ndims = { n_hidden = 20 }')
+    assert main(["check", "--spec", str(spec(tmp_path, text))]) == 0
     assert "all checks passed" in capsys.readouterr().out
 
 
