@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,11 @@ from symrnn.errors import CellError
 from symrnn.lower import lower
 from symrnn.spec import MAX_EXPR_SIZE, SpecError, load_spec
 from test_spec import BASE, line_of, spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 EQUATION = 'a = "W @ x + U @ h_prev + b"'
 
