@@ -1,4 +1,32 @@
-"""symrnn: the equations of a recurrent cell -> verified gradient kernels."""
+"""symrnn: the equations of a recurrent cell -> verified gradient kernels.
+
+A cell is written once, per unit, as SymPy expressions (or in a TOML equations
+file); symrnn derives its BPTT and RTRL gradients, generates NumPy and CuPy
+modules, checks them against finite differences and writes the derivation as
+LaTeX or Markdown.  The command line is ``symrnn`` (``symrnn --help``).
+
+The API, by task:
+
+* write a cell: :class:`Cell`, with :class:`Param` shapes (and :class:`State` sizes; either
+  with an :class:`Init`, see :func:`parse_init`), a :class:`Loss`, and
+  ``params("W U")`` for parameter symbols (``W @ x`` a matrix product,
+  ``W @ (h_prev, x)`` a concatenation, ``W[k]`` a row block); the nonlinearities
+  ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``, ``step``
+  (``OPS`` maps their names to them); ``help(symrnn.cell)`` has an example;
+* read a cell from an equations file: :func:`load_spec`, :func:`parse_spec`
+  (``docs/spec-format.md``), which raise :class:`SpecError` and warn with
+  :class:`SpecWarning`;
+* the built-in cells: :func:`builtin_names`, :func:`builtin`;
+* generate and check: ``symrnn.pipeline`` (``build``, ``render_numpy``,
+  ``render_cupy``, ``render_latex``, ``render_markdown``, ``generate``,
+  ``load_module``) and ``symrnn.gradcheck`` (``check_module``, ``report``);
+* errors: :class:`UserError` for bad input (:class:`CellError`,
+  :class:`SpecError`), :class:`InternalError` for a bug in symrnn.
+
+>>> import symrnn
+>>> print(symrnn.builtin("single_sigmoid").summary())
+single_sigmoid [seed 002]: one sigmoid hidden unit: a = w x + v h^{t-1} + b, h = sigma(a), y = u h + d; L = mean over time of (target - y)^2 / 2
+"""
 
 from .cell import DIMS, Block, Cell, Loss, MatVec, Param, ParamSymbol, State, params
 from .cells import builtin, builtin_names
@@ -9,8 +37,11 @@ from .spec import SpecError, SpecWarning, load_spec, parse_spec
 
 __version__ = "0.1.0"
 
+# What help(symrnn) documents.  Everything imported above is importable from here
+# (from symrnn import tanh), but the nonlinearities and Block, MatVec, ParamSymbol are SymPy
+# classes, whose inherited methods would fill 36,000 lines, and each exception class but
+# UserError would add the 70 lines of ValueError's: the docstring above names them instead.
 __all__ = [
-    "DIMS", "Block", "Cell", "CellError", "Init", "InternalError", "Loss", "MatVec", "OPS", "Param",
-    "ParamSymbol", "SpecError", "SpecWarning", "State", "UserError", "builtin", "builtin_names", "exp", "identity",
-    "load_spec", "params", "parse_init", "parse_spec", "relu", "sigmoid", "softplus", "step", "tanh",
+    "DIMS", "Cell", "Init", "Loss", "OPS", "Param", "State", "UserError", "builtin", "builtin_names", "load_spec",
+    "params", "parse_init", "parse_spec",
 ]

@@ -161,8 +161,9 @@ class Cell:
     ``equations`` holds intermediates (gates, pre-activations) and one update
     per state, in order; ``readout`` the per-step outputs computed from the new
     states; ``dims`` pins dimensions to fixed values (``{"n_in": 1}``).
-    ``source`` says where the equations come from; ``labels`` optionally gives
-    each equation a short label for documents and generated code.
+    ``source`` says where the equations come from (a paper, a seed document;
+    it heads the generated modules and documents); ``description`` is one
+    line about the cell (``symrnn list``, ``symrnn show``).
     """
 
     name: str

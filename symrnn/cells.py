@@ -281,6 +281,7 @@ BUILTIN: dict[str, Callable[[], Cell]] = {
 
 
 def builtin_names() -> list[str]:
+    """The names of the built-in cells, in the order ``symrnn list`` prints them."""
     return list(BUILTIN)
 
 

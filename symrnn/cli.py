@@ -6,38 +6,66 @@
                                          write <cell>_numpy.py (and/or <cell>_cupy.py) modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
     symrnn latex CELL ... [--format tex|md|pdf] [-o FILE|DIR]   the derivation as a document
+    symrnn --version                     symrnn 0.1.0
 
 Every command that takes cells also takes ``--spec FILE`` (repeatable): a cell
 from an equations file (``docs/spec-format.md``), with ``--set NAME=VALUE`` to
 change one of its ``[constants]``.
 
 Bad input (an unknown cell, a wrong spec file, an unwritable folder, a bad
-option) prints one line ``symrnn: error: ...`` and exits with status 2; a failed
-check exits with 1.  Warnings (an unused parameter, a state that is not
-recurrent) print one line ``symrnn: warning: ...`` each and change nothing.
+option, standard output that cannot be written) prints one line
+``symrnn: error: ...`` and exits with status 2; a failed check exits with 1.
+Warnings (an unused parameter, a state that is not recurrent) print one line
+``symrnn: warning: ...`` each and change nothing.  Ctrl-C (130) and SIGTERM
+(143) stop with one line and remove the temporary file of a write in progress;
+a reader that goes away (``symrnn list | head -1``) ends the command quietly (141).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
+import re
+import signal
 import sys
 import time
 import warnings
 
+from . import __version__
 from .cells import BUILTIN, builtin
-from .errors import UserError
-from .escape import one_line
+from .errors import UserError, suggest
+from .escape import one_line, shown
 
 EXIT_FAIL, EXIT_USAGE = 1, 2
+#: killed by a signal: 128 + its number, as a shell reports it
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE, EXIT_TERMINATED = 130, 141, 143
+
+
+class OutputError(UserError):
+    """Standard output cannot be written (a full disk, a device that takes nothing)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT): the cleanup of a write
+    in progress runs, and no temporary file is left behind."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage too)
         raise UserError(f"{message} (see '{self.prog} --help')")
 
+    def _print_message(self, message, file=None):  # --help and --version: written as all output is
+        if file is sys.stdout and message:
+            _write(message)
+        else:
+            super()._print_message(message, file)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="symrnn", description="Recurrent-cell equations -> verified gradient kernels.")
+    parser.add_argument("--version", action="version", version=f"symrnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="list the built-in cells")
     show = sub.add_parser("show", help="print a cell's equations")
@@ -72,15 +100,97 @@ def _spec_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = _on_sigterm(_terminate)
     try:
-        args = _parser().parse_args(argv)
-        return _COMMANDS[args.command](args)
+        return _main(argv)
+    finally:
+        _on_sigterm(previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = _parse(argv)
+        code = _COMMANDS[args.command](args)
+        _flush()
+        return code
     except UserError as exc:
+        if isinstance(exc, OutputError):
+            _drop_stdout()
         print(f"symrnn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (symrnn list | head -1): stop quietly
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         print("symrnn: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("symrnn: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments.  After --help or --version argparse exits: what it printed is flushed
+    first, here, where a failure to write is handled."""
+    try:
+        return _parser().parse_args(argv)
+    except SystemExit:
+        _flush()
+        raise
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM; the one it replaces (None off the main thread, where
+    Python cannot install one)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+# -- standard output: a failed write is one line, a closed pipe is silence ----------------
+@contextlib.contextmanager
+def _stdout():
+    """Around a write to standard output: a failure (a full disk, /dev/full) becomes an
+    OutputError; a closed pipe stays a BrokenPipeError."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
+
+def _write(text: str) -> None:
+    with _stdout():
+        sys.stdout.write(text)
+
+
+def _say(*lines: str) -> None:
+    _write("".join(f"{line}\n" for line in lines))
+
+
+def _flush() -> None:
+    with _stdout():
+        sys.stdout.flush()
+
+
+def _drop_stdout() -> None:
+    """Point standard output at the null device, so that the flush at exit has nothing to fail
+    on (Python's recipe for SIGPIPE; no "Exception ignored" message)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _selected(args, default_all: bool = True) -> list[tuple]:
@@ -131,9 +241,8 @@ def _constants(items: list[str]) -> dict[str, float]:
 
 def _list(args) -> int:
     width = max(len(n) for n in BUILTIN)
-    for name in BUILTIN:
-        cell = builtin(name)
-        print(f"{name:{width}s}  [{cell.source}]  {cell.description}")
+    cells = [builtin(name) for name in BUILTIN]
+    _say(*(f"{cell.name:{width}s}  [{cell.source}]  {cell.description}" for cell in cells))
     return 0
 
 
@@ -147,7 +256,7 @@ def _show(args) -> int:
     for cell, command in selected:
         where = f"\n  spec file: {spec_path(cell.name)} (copy it to start a variant)" if not command and cell.name in SPEC_CELLS else ""
         texts.append(cell.equations_text() + where)
-    print("\n\n".join(texts))
+    _say("\n\n".join(texts))
     return 0
 
 
@@ -161,9 +270,8 @@ def _generate(args) -> int:
     backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
     commands = {cell.name: f"symrnn generate {command}" for cell, command in selected if command}
     written = generate([cell for cell, _ in selected], args.out, backends, commands=commands)
-    for path in written:
-        print(f"wrote {path}")
-    print(f"generated {len(written)} module(s) in {time.perf_counter() - start:.2f} s")
+    _say(*(f"wrote {path}" for path in written))
+    _say(f"generated {len(written)} module(s) in {time.perf_counter() - start:.2f} s")
     return 0
 
 
@@ -174,11 +282,48 @@ def _check(args) -> int:
     failed = 0
     for cell, _ in _selected(args):
         module = load_module(render_numpy(build(cell)), module_name(cell.name))
-        results = check_module(module, seed=args.seed)
-        print(report(cell.name, results))
+        _check_fits(cell.name, module)
+        try:
+            results = check_module(module, seed=args.seed)
+        except MemoryError:
+            raise UserError(f"check: cell '{cell.name}': out of memory while checking; {_SMALLER}") from None
+        _say(report(cell.name, results))
         failed += sum(not r.ok for r in results)
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
+    _say("all checks passed" if not failed else f"{failed} check(s) failed")
     return EXIT_FAIL if failed else 0
+
+
+#: the random instance ``check`` runs (gradcheck's defaults): its sizes where the cell does
+#: not fix them, T time steps, a batch of B
+_CHECK_DIMS, _CHECK_T, _CHECK_B = {"n_in": 3, "n_hidden": 4, "n_out": 2}, 6, 3
+#: the most entries (parameters, input, initial states) a check differentiates: finite
+#: differences run the cell twice per entry, RTRL carries a tangent for each (at the limit an
+#: Elman cell takes 15 s and 330 MB on 2 cores; a cell with free sizes has tens to hundreds)
+MAX_CHECK_ENTRIES = 20_000
+_SMALLER = ("check a copy of the cell with smaller sizes (its [cell] dims and shapes): the derived gradients "
+            "are the same for every size")
+
+
+def _check_fits(name: str, module) -> None:
+    """Refuse, before allocating anything, a check instance over MAX_CHECK_ENTRIES entries."""
+    from .lower import parse_size
+
+    dims = {**_CHECK_DIMS, **module.FIXED_DIMS}
+    shapes = module.param_shapes(dims["n_in"], dims["n_hidden"], dims["n_out"])
+    states = sum(int(parse_size(size).subs(_dim_symbols(dims))) for size in module.STATES.values())
+    entries = sum(math.prod(shape) for shape in shapes.values()) + _CHECK_T * _CHECK_B * dims["n_in"] + _CHECK_B * states
+    if entries > MAX_CHECK_ENTRIES:
+        fixed = module.FIXED_DIMS
+        sizes = ", ".join(f"{k} = {v}" for k, v in (fixed or dims).items()) + (" fixed by the cell" if fixed else "")
+        raise UserError(f"check: cell '{name}' is too big to check: with {sizes}, its parameters, input and initial "
+                        f"states have {entries:,} entries, and check handles at most {MAX_CHECK_ENTRIES:,} (finite "
+                        f"differences run the cell twice per entry); {_SMALLER}")
+
+
+def _dim_symbols(dims: dict[str, int]) -> dict:
+    from .cell import DIMS
+
+    return {DIMS[k]: v for k, v in dims.items()}
 
 
 def _latex(args) -> int:
@@ -190,13 +335,8 @@ def _latex(args) -> int:
     if args.output is not None and not args.output.strip():
         raise UserError("-o: the output file's name is empty")
     selected = _selected(args)
-    rename = []
-    for item in args.rename:
-        old, sep, new = item.partition("=")
-        if not sep or not old.isidentifier() or not new.isidentifier():
-            raise UserError(f"--rename '{item}': expected NAME=SHOWN, e.g. --rename s=h")
-        rename.append((old, new))
-    notation = Notation(time=args.time, rename=tuple(rename))
+    rename = _renames(args.rename, [cell for cell, _ in selected])
+    notation = Notation(time=args.time, rename=rename)
     render = render_markdown if args.format == "md" else render_latex
     out = " -o docs/derivations" if args.format == "md" else ""
     documents = {}  # all before writing
@@ -206,7 +346,7 @@ def _latex(args) -> int:
     if args.output == "-":
         if args.format == "pdf":
             raise UserError("--format pdf cannot be written to standard output; give -o FILE.pdf")
-        sys.stdout.write("".join(documents.values()))
+        _write("".join(documents.values()))
         return 0
     target = Path(args.output or ".")
     if target.is_dir():
@@ -225,8 +365,79 @@ def _latex(args) -> int:
                 write_atomic(paths[name], text)
         except OSError as exc:
             raise UserError(f"cannot write '{paths[name]}': {exc.strerror or exc}") from None
-        print(f"wrote {paths[name]}")
+        _say(f"wrote {paths[name]}")
     return 0
+
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def _renames(items: list[str], cells: list) -> tuple[tuple[str, str], ...]:
+    """The --rename NAME=SHOWN pairs: NAME a name of the cells exported, no two names shown alike."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not _NAME.fullmatch(old) or not _NAME.fullmatch(new):
+            raise UserError(f"--rename {shown(item)}: expected NAME=SHOWN, each of ASCII letters, digits and _, "
+                            "starting with a letter, e.g. --rename s=h")
+        if old in pairs:
+            raise UserError(f"--rename {old}=...: '{old}' is renamed twice ({old}={pairs[old]} and {item})")
+        pairs[old] = new
+    names = [_names(cell) for cell in cells]
+    for old, new in pairs.items():
+        if any(_state_of(old, cell) for cell in cells):
+            state = old[: -len("_prev")]
+            raise UserError(f"--rename {old}={new}: '{old}' is state '{state}' at t-1, written with the state's name; "
+                            f"rename the state: --rename {state}={new}")
+        if not any(old in kinds for kinds in names):
+            everything = {n for kinds in names for n in kinds}
+            where = f"cell '{cells[0].name}' has no" if len(cells) == 1 else f"none of the {len(cells)} cells exported has a"
+            listed = f"; its names: {', '.join(names[0])}" if len(cells) == 1 else ""
+            raise UserError(f"--rename {old}={new}: {where} name '{old}'{suggest(old, everything)}{listed}")
+    for cell, kinds in zip(cells, names):
+        _unambiguous(cell, kinds, pairs)
+    return tuple(pairs.items())
+
+
+def _names(cell) -> dict[str, str]:
+    """Every name of a cell a document shows -> what it is."""
+    kinds = {name: "the input" for name in cell.inputs}
+    for state in cell.states:
+        kinds[state], kinds[f"{state}_prev"] = "a state", f"state '{state}' at t-1"
+    kinds.update({name: "a parameter" for name in cell.params})
+    kinds.update({name: "an equation" for name in cell.equations if name not in kinds})
+    kinds.update({name: "a readout" for name in cell.readout})
+    return kinds
+
+
+def _state_of(name: str, cell) -> str | None:
+    """The state whose value at t-1 ``name`` is (``h`` for ``h_prev``), or None."""
+    state = name[: -len("_prev")] if name.endswith("_prev") else None
+    return state if state in cell.states else None
+
+
+def _unambiguous(cell, kinds: dict[str, str], pairs: dict[str, str]) -> None:
+    """No two names of ``cell`` shown alike (a state at t-1 is shown through its state)."""
+    def as_shown(name: str) -> str:
+        state = _state_of(name, cell)
+        return pairs.get(state, state) + "_prev" if state else pairs.get(name, name)
+
+    def flag(name: str) -> str:  # the --rename that changes how ``name`` is shown
+        key = _state_of(name, cell) or name
+        return f"--rename {key}={pairs[key]}"
+
+    seen: dict[str, str] = {}
+    for name in kinds:
+        shown_as = as_shown(name)
+        other = seen.setdefault(shown_as, name)
+        if other == name:
+            continue
+        if as_shown(other) != other and shown_as != name:
+            raise UserError(f"{flag(other)} and {flag(name)}: two names of cell '{cell.name}' would be shown as "
+                            f"{shown_as}; choose another name")
+        renamed, kept = (name, other) if shown_as != name else (other, name)
+        raise UserError(f"{flag(renamed)}: cell '{cell.name}' already has a name '{shown_as}' ({kinds[kept]}), so "
+                        f"the document would show both as {shown_as}; choose another name")
 
 
 _COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex}

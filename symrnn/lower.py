@@ -27,6 +27,8 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: no trail
 MAX_NAME = 64
 #: the largest integer a size may hold (sizes beyond it are a mistake, or an attack on memory)
 MAX_SIZE = 2**24
+#: the deepest nesting of an equation's SymPy expression (a real cell's is under 10)
+MAX_DEPTH = 50
 
 _SIZE_HELP = ("a size is n_in, n_hidden or n_out, a positive integer, or a sum of integer multiples of them, "
               "e.g. \"n_hidden + n_in\" or \"4*n_hidden\"")
@@ -101,6 +103,27 @@ NONDIFFERENTIABLE: dict[str, str] = {
 }
 
 
+#: functions symrnn does not have (a spec file's or SymPy's name) -> the spelling that works,
+#: with ``{a}`` for the argument
+INSTEAD: dict[str, str] = {
+    "sqrt": "write ({a})**0.5",
+    "rsqrt": "write ({a})**-0.5",
+    "square": "write ({a})**2",
+    "reciprocal": "write 1 / ({a})",
+    "log": "there is no log; log(1 + exp(z)) is written softplus(z)",
+    "log1p": "there is no log; log1p(exp(z)) is written softplus(z)",
+    "logistic": "write sigmoid({a})",
+    "expit": "write sigmoid({a})",
+    "sigm": "write sigmoid({a})",
+    "pow": "write a**k with a number k, e.g. ({a})**2",
+}
+
+
+def instead(name: str, argument: str) -> str:
+    """'; write ...' for a function symrnn does not have, or ''."""
+    return f"; {INSTEAD[name].format(a=argument)}" if name in INSTEAD else ""
+
+
 class CellWarning(str):
     """A warning about a cell: its text, and ``where`` (the field it is about)."""
 
@@ -114,7 +137,26 @@ class CellWarning(str):
 
 def lower(cell: Cell) -> StepGraph:
     """Lower a cell to its step graph (the first stage of the pipeline)."""
-    return _Lowering(cell).run()
+    lowering = _Lowering(cell)
+    try:
+        return lowering.run()
+    except RecursionError:  # SymPy recursed too deep into an expression under MAX_DEPTH: still the user's cell
+        raise lowering.error(lowering.where, "the expression is nested too deeply for SymPy to lower; split it "
+                             "into several equations") from None
+
+
+def depth(expr: sympy.Basic) -> int:
+    """How deeply ``expr`` nests (a symbol: 1), counted without recursion; the count stops
+    past MAX_DEPTH."""
+    deepest, stack, seen = 0, [(expr, 1)], {}
+    while stack and deepest <= MAX_DEPTH:
+        node, d = stack.pop()
+        if seen.get(id(node), 0) >= d:  # a shared subexpression, already walked from this deep
+            continue
+        seen[id(node)] = d
+        deepest = max(deepest, d)
+        stack.extend((arg, d + 1) for arg in node.args)
+    return deepest
 
 
 class _Lowering:
@@ -129,6 +171,7 @@ class _Lowering:
         names = [*cell.inputs, *cell.states, *cell.params, *cell.equations, *cell.readout]
         self.user_names: set[str] = {n for n in names if isinstance(n, str)} | {f"{s}_prev" for s in cell.states}
         self.sizes: dict[str, sympy.Expr | None] = {}  # every leaf and node
+        self.where = "equations"  # the field being lowered
 
     # -- helpers -------------------------------------------------------------
     def error(self, where: str, message: str) -> CellError:
@@ -168,9 +211,13 @@ class _Lowering:
             raise self.error(where, f"is a string ({shown(value, 40)}); build it from SymPy symbols and symrnn's "
                              "functions, or write the cell in an equations file (symrnn.load_spec)")
         try:
-            return sympy.sympify(value, strict=True)
+            expr = sympy.sympify(value, strict=True)
         except (sympy.SympifyError, TypeError) as exc:
             raise self.error(where, f"not a SymPy expression: {type(value).__name__}") from None
+        if depth(expr) > MAX_DEPTH:
+            raise self.error(where, f"the expression is nested more than {MAX_DEPTH} levels deep; split it into "
+                             "several equations")
+        return expr
 
     def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
         return sympy.simplify(a - b) == 0
@@ -252,7 +299,8 @@ class _Lowering:
                 raise self.error(where, "blocks must be a positive integer")
             decl = ParamDecl(name, tuple(self.size(s, where) for s in p.shape), p.blocks, self.init(p.init, where))
             if p.blocks > 1 and decl.kind == "scalar":
-                raise self.error(where, "a scalar has no row blocks")
+                raise self.error(where, "a scalar has no row blocks; row blocks are for a stacked vector or matrix, "
+                                 "e.g. shape [\"4*n_hidden\"] with blocks = 4")
             self.params[name] = decl
             self.scope[name] = ("param", None)
         self.check_gradient_keys(in_name, states)
@@ -395,6 +443,7 @@ class _Lowering:
             raise self.error("loss", "'target' is the target in the loss; rename the value called 'target'")
         self.scope["target"] = ("target", self.scope[loss.target_of][1])
         self.leaves.append(Leaf("target", "target", self.scope[loss.target_of][1]))
+        self.where = "loss"
         expr = self.resolve_plain(self.sympy_expr(loss.expr, "loss"), "loss")
         return LossIR(expr, loss.reduction, "target", loss.target_of)
 
@@ -408,7 +457,7 @@ class _Lowering:
             elif type(sub).__name__ in NONDIFFERENTIABLE:
                 raise self.error(where, f"{NONDIFFERENTIABLE[type(sub).__name__]} (a gradient is needed here)")
             elif isinstance(sub, sympy.Function) and not isinstance(sub, Op):
-                raise self.error(where, f"function '{type(sub).__name__}' is not allowed (allowed: {', '.join(OPS)})")
+                raise self.function_error(sub, where)
         return expr
 
     def lookup(self, name: str, where: str) -> tuple[str, sympy.Expr | None]:
@@ -448,7 +497,7 @@ class _Lowering:
 
     # -- equations ----------------------------------------------------------------
     def equation(self, name: str, expr, role: str) -> None:
-        where = f"equation '{name}'"
+        where = self.where = f"equation '{name}'"
         expr = self.sympy_expr(expr, where)
         if isinstance(expr, MatVec) and len(expr.args[1]) == 1:
             self.matvec(expr, where, name=name, role=role)
@@ -493,8 +542,18 @@ class _Lowering:
         if fname in NONDIFFERENTIABLE:
             raise self.error(where, f"{NONDIFFERENTIABLE[fname]} (a gradient is needed here)")
         if isinstance(expr, sympy.Function):
-            raise self.error(where, f"function '{fname}' is not allowed (allowed: {', '.join(OPS)}){suggest(fname, OPS)}")
+            raise self.function_error(expr, where)
         raise self.error(where, f"cannot translate {sympy.sstr(expr)!r} ({type(expr).__name__})")
+
+    def function_error(self, expr: sympy.Function, where: str) -> CellError:
+        """A function that is not one of symrnn's ops, with the spelling that works."""
+        fname = type(expr).__name__
+        arg = sympy.sstr(expr.args[0]) if expr.args else "a"
+        if fname in OPS:  # SymPy's function of the same name
+            return self.error(where, f"{fname}({arg}) is SymPy's {fname}, not symrnn's: write symrnn.{fname}({arg}) "
+                              f"(from symrnn import {fname})")
+        hint = instead(fname, arg) or suggest(fname, OPS)
+        return self.error(where, f"function '{fname}' is not allowed (allowed: {', '.join(OPS)}){hint}")
 
     def param_leaf(self, name: str, block: int | None, where: str) -> str:
         """The leaf of a parameter (or one row block of it) used elementwise."""
@@ -531,7 +590,10 @@ class _Lowering:
             self.lookup(weight.name, where)
             raise self.error(where, f"'{weight.name}' @ ...: '{weight.name}' is not a parameter")
         if decl.kind != "matrix":
-            raise self.error(where, f"'{weight.name}' @ ...: '{weight.name}' is a {decl.kind}, not a matrix")
+            how = "scales every unit" if decl.kind == "scalar" else "multiplies a vector elementwise (a diagonal matrix)"
+            raise self.error(where, f"'{weight.name}' @ ...: '{weight.name}' is a {decl.kind}, not a matrix; a {decl.kind} "
+                             f"{how}: write {weight.name} * v (or declare '{weight.name}' as a matrix, "
+                             "e.g. [\"n_hidden\", \"n_in\"])")
         if decl.blocks > 1 and block is None:
             raise self.error(where, f"'{weight.name}' has {decl.blocks} row blocks; write {weight.name}[k] @ ...")
         if block is not None and not 0 <= block < decl.blocks:
@@ -570,7 +632,11 @@ class _Lowering:
             if size is not None:
                 sizes[s.name] = size
         if not sizes:
-            raise self.error(where, f"{sympy.sstr(expr)} has no vector in it, so its size is unknown")
+            vector = next((leaf.name for leaf in self.leaves if leaf.kind == "prev_state"), "x")
+            scalar = min((s.name for s in expr.free_symbols), default=None)
+            fix = (f"a scalar parameter scales a vector (write {scalar} * {vector}), or declare '{scalar}' as a vector, "
+                   "e.g. [\"n_hidden\"]") if scalar else f"a number scales a vector, e.g. {sympy.sstr(expr)} * {vector}"
+            raise self.error(where, f"{sympy.sstr(expr)} has no vector in it, so its size is unknown; {fix}")
         first_name, first = next(iter(sizes.items()))
         for n, s in sizes.items():
             if not self.same(s, first):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 import re
 import sys
 import warnings
@@ -48,7 +49,7 @@ import sympy
 from .cell import Cell, Loss, Param, ParamSymbol, State
 from .errors import CellError, UserError, suggest
 from .escape import one_line, shown
-from .lower import NONDIFFERENTIABLE, lower
+from .lower import MAX_DEPTH, NONDIFFERENTIABLE, instead, lower
 from .ops import OPS
 
 if sys.version_info >= (3, 11):
@@ -409,6 +410,16 @@ class _Reader:
                           + " (each uses the next; a state's own value at t-1 is <state>_prev)")
 
 
+#: the largest expression of a spec file: names, numbers and operations (a real cell's have tens);
+#: its nesting (an operation, sign or call inside another) is held to lower.MAX_DEPTH here too
+MAX_EXPR_SIZE = 4000
+_LIMITS = (f"an expression has at most {MAX_EXPR_SIZE} names, numbers and operations and nests at most {MAX_DEPTH} "
+           "levels deep")
+_ALLOWED = "names, numbers, + - * / **, W @ v, W @ (a, b), W[k], and the functions " + ", ".join(OPS)
+_SUM, _PRODUCT = (ast.Add, ast.Sub), (ast.Mult, ast.Div)
+_APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
 class _Builder:
     """ast of one expression -> SymPy, against the allow-list."""
 
@@ -419,16 +430,23 @@ class _Builder:
         self.constants = constants
 
     def expr(self, e: _Expr, names: set[str]) -> sympy.Expr:
-        self.e, self.names = e, names
+        self.e, self.names, self.depth = e, names, 0
         # in parentheses, so that an expression may run over several lines
         self.source = "(" + e.text + ")"
         try:
             tree = ast.parse(self.source, mode="eval")
         except SyntaxError as exc:
             hint = " (use ** for powers)" if "^" in e.text else ""
-            shown = " ".join(e.text.split())
-            raise self.fail(None, f"cannot parse '{shown}': {exc.msg}{hint}", exc.lineno,
+            if "too many nested" in exc.msg:
+                hint = f" ({_LIMITS})"
+            raise self.fail(None, f"cannot parse {shown(' '.join(e.text.split()))}: {exc.msg}{hint}", exc.lineno,
                             (exc.offset or 1) - (exc.lineno == 1)) from None
+        except (RecursionError, MemoryError):  # Python's parser gives up on a huge or very deep expression
+            raise self.fail(None, f"the expression is too big or nested too deeply to read ({_LIMITS})") from None
+        size = sum(isinstance(node, ast.expr) for node in ast.walk(tree))  # ast.walk does not recurse
+        if size > MAX_EXPR_SIZE:
+            raise self.fail(None, f"the expression has {size} names, numbers and operations; at most {MAX_EXPR_SIZE} "
+                            "are allowed (split it into several equations)")
         return self.build(tree.body)
 
     def fail(self, node: ast.AST | None, message: str, lineno: int | None = None, col: int | None = None) -> SpecError:
@@ -450,9 +468,14 @@ class _Builder:
     def build(self, node: ast.AST):
         method = getattr(self, f"_{type(node).__name__}", None)
         if method is None:
-            raise self.fail(node, f"'{self.snippet(node)}' is not allowed in an equation (allowed: names, numbers, "
-                            "+ - * / **, W @ v, W @ (a, b), W[k], and the functions " + ", ".join(OPS) + ")")
-        return method(node)
+            raise self.fail(node, f"'{self.snippet(node)}' is not allowed in an equation (allowed: {_ALLOWED})")
+        if self.depth >= MAX_DEPTH:
+            raise self.fail(node, f"the expression is nested more than {MAX_DEPTH} levels deep; split it into "
+                            "several equations")
+        self.depth += 1
+        value = method(node)
+        self.depth -= 1
+        return value
 
     def _Name(self, node: ast.Name):
         name = node.id
@@ -486,24 +509,41 @@ class _Builder:
         op = node.op
         if isinstance(op, ast.MatMult):
             return self.matmul(node)
-        left, right = self.build(node.left), self.build(node.right)
-        for side, value in (("left", left), ("right", right)):
-            if isinstance(value, ParamSymbol) and self._is_matrix(value.name):
-                raise self.fail(node, f"matrix '{value.name}' can only multiply a vector: write {value.name} @ v")
-        if isinstance(op, ast.Add):
-            return left + right
-        if isinstance(op, ast.Sub):
-            return left - right
-        if isinstance(op, ast.Mult):
-            return left * right
-        if isinstance(op, ast.Div):
-            return left / right
+        if isinstance(op, (*_SUM, *_PRODUCT)):
+            return self.chain(node)
         if isinstance(op, ast.Pow):
+            left, right = self.operand(node.left, node), self.build(node.right)
             if not right.is_Number:
                 raise self.fail(node.right, f"in '{self.snippet(node)}': an exponent must be a number")
             return left**right
-        hint = " (use ** for powers)" if isinstance(op, ast.BitXor) else ""
-        raise self.fail(node, f"operator in '{self.snippet(node)}' is not allowed (allowed: + - * / ** @){hint}")
+        if isinstance(op, ast.BitXor):
+            base = self.snippet(node.left)
+            if not isinstance(node.left, (ast.Name, ast.Constant, ast.Call, ast.Subscript)):
+                base = f"({base})"
+            power = f"{base}**{self.snippet(node.right)}" if isinstance(node.right, ast.Constant) \
+                else "a**2 (a number as exponent)"
+            raise self.fail(node, f"'{self.snippet(node)}': ^ is not a power (use ** for powers): write {power}")
+        raise self.fail(node, f"operator in '{self.snippet(node)}' is not allowed (allowed: + - * / ** @)")
+
+    def chain(self, node: ast.BinOp):
+        """``a + b - c ...`` or ``a * b / c ...``: Python's tree of a long sum is as deep as the
+        sum is long (on its left side), so the chain is walked in a loop, not recursed into."""
+        family = _SUM if isinstance(node.op, _SUM) else _PRODUCT
+        links = []
+        while isinstance(node, ast.BinOp) and isinstance(node.op, family):
+            links.append(node)
+            node = node.left
+        value = self.operand(node, links[-1])
+        for link in reversed(links):  # left to right, one operator at a time, as Python evaluates it
+            value = _APPLY[type(link.op)](value, self.operand(link.right, link))
+        return value
+
+    def operand(self, node: ast.AST, op: ast.BinOp):
+        """One side of an elementwise operator ``op``: anything but a bare matrix."""
+        value = self.build(node)
+        if isinstance(value, ParamSymbol) and self._is_matrix(value.name):
+            raise self.fail(op, f"matrix '{value.name}' can only multiply a vector: write {value.name} @ v")
+        return value
 
     def _is_matrix(self, name: str) -> bool:
         p = self.decls.get(name)
@@ -511,6 +551,8 @@ class _Builder:
 
     def matmul(self, node: ast.BinOp):
         left = node.left
+        if isinstance(left, ast.Attribute):
+            raise self.attribute_error(left)
         if isinstance(left, ast.Subscript):
             weight = self._Subscript(left)
         elif isinstance(left, ast.Name) and left.id in self.params:
@@ -526,6 +568,19 @@ class _Builder:
             return weight @ tuple(self.build(v) for v in right.elts)
         return weight @ self.build(right)
 
+    def _Attribute(self, node: ast.Attribute):
+        raise self.attribute_error(node)
+
+    def attribute_error(self, node: ast.Attribute) -> SpecError:
+        """``W.T`` (a transpose) or any other attribute: refused, with what to write instead."""
+        value = node.value
+        if node.attr == "T" and isinstance(value, ast.Name) and self._is_matrix(value.id):
+            rows, cols = (f'"{s}"' if isinstance(s, str) else str(s) for s in self.decls[value.id].shape)
+            return self.fail(node, f"'{self.snippet(node)}': there is no transpose (W^T delta in the gradients is derived "
+                             f"for you); for a product with the transpose, declare it as a parameter of its own, "
+                             f"e.g. {value.id}_T = [{cols}, {rows}], and write {value.id}_T @ v")
+        return self.fail(node, f"'{self.snippet(node)}': attributes are not allowed in an equation (allowed: {_ALLOWED})")
+
     def _Subscript(self, node: ast.Subscript):
         if not (isinstance(node.value, ast.Name) and node.value.id in self.params):
             raise self.fail(node, f"'{self.snippet(node)}': only a parameter with row blocks can be indexed, as W[k]")
@@ -537,15 +592,31 @@ class _Builder:
     def _Tuple(self, node: ast.Tuple):
         raise self.fail(node, f"'{self.snippet(node)}': a tuple (a, b) is only allowed after @, as W @ (a, b) (concatenation)")
 
+    def softplus_hint(self, node: ast.Call) -> str:
+        """'; write softplus(z)' for log(1 + exp(z)) (in either order), else ''."""
+        if node.func.id != "log" or len(node.args) != 1:
+            return ""
+        arg = node.args[0]
+        if isinstance(arg, ast.BinOp) and isinstance(arg.op, ast.Add):
+            for one, call in ((arg.left, arg.right), (arg.right, arg.left)):
+                if (isinstance(one, ast.Constant) and one.value == 1 and isinstance(call, ast.Call)
+                        and isinstance(call.func, ast.Name) and call.func.id == "exp" and len(call.args) == 1):
+                    return f"; write softplus({self.snippet(call.args[0])})"
+        return ""
+
     def _Call(self, node: ast.Call):
         func = node.func
+        arg = self.snippet(node.args[0]) if len(node.args) == 1 else "a"
         if not isinstance(func, ast.Name):
-            raise self.fail(node, f"'{self.snippet(func)}' cannot be called; the functions are " + ", ".join(OPS))
+            name = func.attr if isinstance(func, ast.Attribute) else ""
+            hint = f"; write {name}({arg})" if name in OPS else instead(name, arg)
+            raise self.fail(node, f"'{self.snippet(func)}' cannot be called; the functions are {', '.join(OPS)}{hint}")
         name = func.id
         if name in NONDIFFERENTIABLE:
             raise self.fail(node, f"{NONDIFFERENTIABLE[name]} (a gradient is needed here)")
         if name not in OPS:
-            raise self.fail(node, f"function '{name}' is not allowed (allowed: {', '.join(OPS)}){suggest(name, OPS)}")
+            hint = self.softplus_hint(node) or instead(name, arg) or suggest(name, OPS)
+            raise self.fail(node, f"function '{name}' is not allowed (allowed: {', '.join(OPS)}){hint}")
         if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
             raise self.fail(node, f"{name}(...) takes exactly one argument")
         return OPS[name](self.build(node.args[0]))

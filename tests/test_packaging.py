@@ -10,6 +10,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 from symrnn.cells import SPEC_CELLS
@@ -48,6 +49,8 @@ def test_wheel_installs_and_generates_outside_checkout(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
           "--no-index", "-w", wheels, src], cwd=tmp_path)
     (wheel,) = wheels.glob("symrnn-*.whl")
+    with zipfile.ZipFile(wheel) as archive:  # setuptools ships LICENSE by default (License-File)
+        assert any(".dist-info/" in n and n.endswith("LICENSE") for n in archive.namelist()), "no LICENSE in the wheel"
 
     # 2. a fresh venv that sees numpy/sympy/jinja2 of the running interpreter
     venv = tmp_path / "venv"
