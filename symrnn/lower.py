@@ -528,9 +528,14 @@ class _Lowering:
             if kind == "target":
                 raise self.error(where, "'target' is only available in the loss")
             return sympy.Symbol(expr.name)
+        if expr in (sympy.zoo, sympy.nan) or expr.has(sympy.zoo):
+            raise self.error(where, "the expression divides by zero (or is undefined): it has the value "
+                             f"{sympy.sstr(expr)}")
         if expr.is_Number:
             if not expr.is_real:
                 raise self.error(where, f"complex constant {expr}")
+            if expr.is_infinite or abs(float(expr)) > 1.7e308:
+                raise self.error(where, f"the number {sympy.sstr(expr)[:30]} is beyond the range of a float64 (about 1e308)")
             return expr
         if isinstance(expr, sympy.Pow):
             if not expr.args[1].is_Number:

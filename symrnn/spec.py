@@ -72,15 +72,29 @@ class SpecWarning(UserWarning):
     """A spec file is suspicious (an unused parameter, a state that is not recurrent)."""
 
 
+#: the largest spec file read (bytes): a cell's equations are a few kilobytes
+MAX_FILE = 1_000_000
+
+
 def load_spec(path: str | Path, constants: Mapping[str, float] | None = None) -> Cell:
-    """Read, parse and check a spec file; ``constants`` overrides its ``[constants]``."""
+    """Read, parse and check a spec file; ``constants`` overrides its ``[constants]``.
+
+    At most MAX_FILE bytes are read (a device such as /dev/zero, or a huge file, is refused)."""
     path = Path(path)
+    shown_path = shown(str(path), 200)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+        if len(data) > MAX_FILE:
+            raise SpecError(f"spec file {shown_path} is larger than {MAX_FILE // 1000} kB; a spec file holds one cell's "
+                            "equations")
+        text = data.decode("utf-8")
     except FileNotFoundError:
-        raise SpecError(f"spec file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec file '{path}': {getattr(exc, 'strerror', None) or exc}") from None
+        raise SpecError(f"spec file {shown_path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"cannot read spec file {shown_path}: it is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {shown_path}: {exc.strerror or exc}") from None
     return parse_spec(text, str(path), constants)
 
 
@@ -496,6 +510,8 @@ class _Builder:
         value = node.value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(node, f"{value!r} is not a number")
+        if not math.isfinite(value) or abs(value) > 1.7e308:
+            raise self.fail(node, f"the number {shown(self.snippet(node), 30)} is beyond the range of a float64 (about 1e308)")
         return sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
 
     def _UnaryOp(self, node: ast.UnaryOp):
@@ -515,6 +531,8 @@ class _Builder:
             left, right = self.operand(node.left, node), self.build(node.right)
             if not right.is_Number:
                 raise self.fail(node.right, f"in '{self.snippet(node)}': an exponent must be a number")
+            if left.is_Number:  # a number: its size first (9**9**9 would take SymPy forever)
+                return self.number_power(left, right, node)
             return left**right
         if isinstance(op, ast.BitXor):
             base = self.snippet(node.left)
@@ -524,6 +542,21 @@ class _Builder:
                 else "a**2 (a number as exponent)"
             raise self.fail(node, f"'{self.snippet(node)}': ^ is not a power (use ** for powers): write {power}")
         raise self.fail(node, f"operator in '{self.snippet(node)}' is not allowed (allowed: + - * / ** @)")
+
+    def number_power(self, base: sympy.Expr, exponent: sympy.Expr, node: ast.BinOp) -> sympy.Expr:
+        """``base ** exponent`` of two numbers, exactly where that is small, else as a float;
+        a result beyond float64 (or 0 to a negative power) is refused."""
+        b, e = float(base), float(exponent)
+        if b == 0 and e < 0:
+            raise self.fail(node, f"'{self.snippet(node)}' divides by zero")
+        if b < 0 and not float(e).is_integer():
+            raise self.fail(node, f"'{self.snippet(node)}' is not a real number")
+        magnitude = e * math.log10(abs(b)) if b != 0 else 0.0  # log10 of the result's size
+        if magnitude > 300:
+            raise self.fail(node, f"'{self.snippet(node)}' is beyond the range of a float64 (about 1e308)")
+        if abs(e) <= 64 and magnitude > -300:
+            return base**exponent
+        return sympy.Float(math.copysign(abs(b) ** e, b if e % 2 else 1.0))  # tiny, or a large exponent of about 1
 
     def chain(self, node: ast.BinOp):
         """``a + b - c ...`` or ``a * b / c ...``: Python's tree of a long sum is as deep as the

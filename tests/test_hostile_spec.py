@@ -6,6 +6,8 @@ is refused at load with the place, one line, exit status 2 and nothing written.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sympy
 
@@ -174,3 +176,48 @@ def test_a_constant_in_the_file_that_is_not_finite_names_its_line(value, tmp_pat
     text = BASE.replace("[equations]", f"[constants]\nk = {value}\n[equations]").replace("+ b\"", "+ k * b\"")
     with pytest.raises(SpecError, match=rf"toy.toml:{line_of(text, 'k = ')}: \[constants\] k: .*finite"):
         parse_spec(text, "toy.toml")
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("9**9**9 * h_prev", "'9**9**9' is beyond the range of a float64"),  # SymPy would compute it exactly, for ever
+    ("h_prev * 10**400", "'10**400' is beyond the range of a float64"),
+    ("h_prev * 1e999", "the number '1e999' is beyond the range of a float64"),
+    ("h_prev * 1e200 * 1e200", "is beyond the range of a float64"),
+    ("h_prev / 0", "the expression divides by zero"),
+    ("0**-1 + h_prev", "'0**-1' divides by zero"),
+    ("(-8)**0.5 * h_prev", "'(-8)**0.5' is not a real number"),
+])
+def test_numbers_that_cannot_work_are_refused_quickly(expr, message, tmp_path):
+    text = BASE.replace('h = "tanh(a)"', f'h = "tanh(a) + {expr}"')
+    with pytest.raises(SpecError, match=re.escape(message)) as info:
+        load_spec(spec(tmp_path, text))
+    line = line_of(text, 'h = "tanh')
+    assert f"toy.toml:{line}:" in str(info.value)
+
+
+def test_small_and_tiny_powers_of_numbers_are_kept():
+    text = BASE.replace('h = "tanh(a)"', 'h = "tanh(2**3 * a + (-2)**3 * b) + 2**-1000 * tanh(a)"')
+    h = parse_spec(text, "toy.toml").equations["h"]
+    assert {8, -8} <= set(h.atoms(sympy.Integer)) and any(0 < f < 1e-300 for f in h.atoms(sympy.Float)), h
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/bin/sh"])
+def test_a_spec_path_that_is_no_text_file_is_one_line(path, capsys):
+    assert main(["show", "--spec", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("larger than" in err or "not UTF-8 text" in err)
+
+
+def test_deeply_nested_functions_generate_in_seconds(tmp_path):
+    """23 nested sigmoids (the deepest the nesting limit allows): the derivation's
+    statements are checked for linearity without an exponential expand."""
+    import subprocess
+    import sys
+
+    inner = "h_prev"
+    for _ in range(23):
+        inner = f"sigmoid(h_prev + {inner})"
+    path = spec(tmp_path, BASE.replace('h = "tanh(a)"', f'h = "tanh(a + {inner})"'))
+    proc = subprocess.run([sys.executable, "-m", "symrnn", "check", "--spec", str(path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stderr[-2000:]
