@@ -148,7 +148,7 @@ def forward(params, x, state0=None):
     c_seq = np.empty((T + 1, B, n_hidden), dtype)
     c_seq[0] = state0["c"]
     h_prev_proj_step = np.empty((B, 4*n_hidden), dtype)
-    g_tanh = np.empty((B, n_hidden), dtype)
+    o_sigmoid = np.empty((B, n_hidden), dtype)
     i_seq = np.empty((T, B, n_hidden), dtype)
     f_seq = np.empty((T, B, n_hidden), dtype)
     g_seq = np.empty((T, B, n_hidden), dtype)
@@ -164,12 +164,12 @@ def forward(params, x, state0=None):
         np.exp(h_prev_proj[:, :n_hidden], out=h_prev_proj[:, :n_hidden])
         h_prev_proj[:, :n_hidden] += 1
         np.reciprocal(h_prev_proj[:, :n_hidden], out=h_prev_proj[:, :n_hidden])
-        np.tanh(h_prev_proj[:, 2*n_hidden:3*n_hidden], out=g_tanh)  # eq:lstm_forget_bias:g
-        np.negative(h_prev_proj[:, 2*n_hidden:4*n_hidden], out=h_prev_proj[:, 2*n_hidden:4*n_hidden])  # eq:lstm_forget_bias:g, eq:lstm_forget_bias:o  (sigmoid(a) = 1 / (1 + exp(-a)))
-        np.exp(h_prev_proj[:, 2*n_hidden:4*n_hidden], out=h_prev_proj[:, 2*n_hidden:4*n_hidden])
-        h_prev_proj[:, 2*n_hidden:4*n_hidden] += 1
-        np.reciprocal(h_prev_proj[:, 2*n_hidden:4*n_hidden], out=h_prev_proj[:, 2*n_hidden:4*n_hidden])
-        h_prev_proj[:, 2*n_hidden:3*n_hidden] = g_tanh
+        np.negative(h_prev_proj[:, 3*n_hidden:4*n_hidden], out=o_sigmoid)  # eq:lstm_forget_bias:o  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(o_sigmoid, out=o_sigmoid)
+        o_sigmoid += 1
+        np.reciprocal(o_sigmoid, out=o_sigmoid)
+        np.tanh(h_prev_proj[:, 2*n_hidden:4*n_hidden], out=h_prev_proj[:, 2*n_hidden:4*n_hidden])  # eq:lstm_forget_bias:g, eq:lstm_forget_bias:o
+        h_prev_proj[:, 3*n_hidden:4*n_hidden] = o_sigmoid
         i = h_prev_proj[:, :n_hidden]
         i_seq[t] = i
         pre_f = h_prev_proj[:, n_hidden:2*n_hidden]

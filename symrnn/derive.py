@@ -137,7 +137,8 @@ def derive(graph: StepGraph) -> Derivation:
 def local_partials(node: Pointwise) -> tuple[tuple[str, sympy.Expr], ...]:
     """d node / d dep for each dependency, through the node's own value for ops."""
     if node.op is not None:
-        outer, arg = node.op.derivative(sympy.Symbol(node.name)), node.expr.args[0]
+        arg = node.expr.args[0]
+        outer = node.op.derivative(sympy.Symbol(node.name), arg)
     else:
         outer, arg = sympy.Integer(1), node.expr
     out = []

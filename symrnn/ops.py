@@ -1,22 +1,30 @@
-"""Elementwise nonlinearities: every rule of one op in one place.
+r"""Elementwise nonlinearities: every rule of one op in one place.
 
 Each op is a SymPy ``Function`` subclass carrying
 
-* ``derivative(y)``: its derivative written through its own output ``y``
-  (sigmoid' = y (1 - y), tanh' = 1 - y**2), so backward code reuses the stored
-  forward value and recomputes no transcendental function (softplus is the one
-  exception: its derivative 1 - exp(-y) needs one ``exp``);
+* ``derivative(y, a)``: d op(a) / da, written through its output ``y = op(a)``
+  and/or its argument ``a`` (sigmoid' = y (1 - y), tanh' = 1 - y**2), so backward
+  code reads stored forward values and recomputes no transcendental function
+  (softplus is the one exception: its derivative 1 - exp(-y) needs one ``exp``);
+  what backward must store follows from the derivative's free symbols;
 * ``numpy``: its NumPy spelling, a format string over the argument ``{x}``;
+* ``numpy_inplace``: optionally, its NumPy spelling as in-place ufunc calls from
+  ``{a}`` into an output array ``{out}`` (``{a}`` may be ``{out}``), so a fused step
+  activates a GEMM's output where it lies;
 * ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
-* ``latex``: its LaTeX name.
+* ``latex``: its LaTeX spelling, a format string over the argument ``{x}``.
 
+The printers dispatch on :class:`Op` before SymPy's own functions of the same name
+(``tanh``, ``exp``), so these rules are the only spellings.
 ``tests/test_ops.py`` asserts that every op has every rule and that each
 derivative agrees with SymPy's derivative of the op's explicit formula.
 
 >>> import sympy
->>> y = sympy.Symbol("y")
->>> sigmoid.derivative(y)
+>>> y, a = sympy.symbols("y a")
+>>> sigmoid.derivative(y, a)
 y*(1 - y)
+>>> print(sympy.latex(tanh(a)))
+\tanh\left(a\right)
 """
 
 from __future__ import annotations
@@ -30,90 +38,95 @@ class Op(sympy.Function):
     """Base class of symrnn's elementwise nonlinearities (one argument)."""
 
     nargs = 1
-    #: LaTeX name, e.g. ``\sigma``.
+    #: LaTeX spelling; ``{x}`` is the argument, e.g. ``\sigma\left({x}\right)``.
     latex: str = ""
     #: NumPy spelling; ``{x}`` is the argument.  Must be a complete expression.
     numpy: str = ""
+    #: NumPy ufunc calls computing op({a}) into the array ``{out}`` (empty: none)
+    numpy_inplace: tuple[str, ...] = ()
     #: CUDA C spelling for (float, double); ``{x}`` is the argument.
     cuda: tuple[str, str] = ("", "")
     #: explicit formula, used only to verify ``derivative`` in the tests.
     formula = None
 
     @classmethod
-    def derivative(cls, y: sympy.Expr) -> sympy.Expr:
-        """d op(a) / da, written through the output ``y = op(a)``."""
+    def derivative(cls, y: sympy.Expr, a: sympy.Expr) -> sympy.Expr:
+        """d op(a) / da, written through the output ``y = op(a)`` and the argument ``a``."""
         raise NotImplementedError
 
     def fdiff(self, argindex: int = 1) -> sympy.Expr:
-        return self.derivative(self)
+        return self.derivative(self, self.args[0])
 
     def _latex(self, printer) -> str:
-        return rf"{self.latex}\left({printer._print(self.args[0])}\right)"
+        return self.latex.format(x=printer._print(self.args[0]))
 
 
 class sigmoid(Op):
-    latex = r"\sigma"
+    latex = r"\sigma\left({x}\right)"
     # 1 / (1 + exp(-a)): accurate relative to its value for every a (as torch computes it),
     # where (1 + tanh(a/2)) / 2 loses it for a < 0 (and is exactly 0 below a = -17 in float32);
     # exp(-a) = inf gives 0, exactly the limit (the modules compute it under np.errstate(over="ignore"))
     numpy = "(1 / (1 + np.exp(-({x}))))"
+    numpy_inplace = ("np.negative({a}, out={out})", "np.exp({out}, out={out})", "{out} += 1",
+                     "np.reciprocal({out}, out={out})")
     cuda = ("(1.0f / (1.0f + expf(-({x}))))", "(1.0 / (1.0 + exp(-({x}))))")
     formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         return y * (1 - y)
 
 
 class tanh(Op):
-    latex = r"\tanh"
+    latex = r"\tanh\left({x}\right)"
     numpy = "np.tanh({x})"
+    numpy_inplace = ("np.tanh({a}, out={out})",)
     cuda = ("tanhf({x})", "tanh({x})")
     formula = staticmethod(sympy.tanh)
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         return 1 - y**2
 
 
 class relu(Op):
-    latex = r"\operatorname{relu}"
+    latex = r"\operatorname{{relu}}\left({x}\right)"
     numpy = "np.maximum({x}, 0)"
     cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.Max(a, 0))
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         # relu'(0) = 0, as in PyTorch
         return step(y)
 
 
 class softplus(Op):
-    latex = r"\operatorname{softplus}"
+    latex = r"\operatorname{{softplus}}\left({x}\right)"
     numpy = "np.logaddexp(0, {x})"
     cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         # sigma(a) = 1 - exp(-softplus(a)): one exp, the only transcendental
         # function any backward pass recomputes.
         return 1 - exp(-y)
 
 
 class exp(Op):
-    latex = r"\exp"
+    latex = r"\exp\left({x}\right)"
     numpy = "np.exp({x})"
     cuda = ("expf({x})", "exp({x})")
     formula = staticmethod(sympy.exp)
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         return y
 
 
 class identity(Op):
-    latex = r"\operatorname{id}"
+    latex = r"\operatorname{{id}}\left({x}\right)"
     numpy = "({x})"
     cuda = ("({x})", "({x})")
     formula = staticmethod(lambda a: a)
@@ -123,25 +136,22 @@ class identity(Op):
         return a
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         return sympy.Integer(1)
 
 
 class step(Op):
     """Heaviside step at y > 0 (step(0) = 0); the derivative of relu."""
 
-    latex = r"\mathbb{1}"
+    latex = r"\mathbb{{1}}\left[{x} > 0\right]"
     numpy = "np.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
 
     @classmethod
-    def derivative(cls, y):
+    def derivative(cls, y, a):
         # zero almost everywhere; only ever needed inside a second derivative
         return sympy.Integer(0)
-
-    def _latex(self, printer) -> str:
-        return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
 
 
 #: every op, by the name used in equations (and in spec files)

@@ -26,12 +26,15 @@ class NumpyPrinter(_SympyNumPyPrinter):
         super().__init__({"fully_qualified_modules": True, "inline": True})
         self._names = dict(names or {})
 
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, Op):  # before NumPyPrinter's own tanh, exp, ... (same class names)
+            return type(expr).numpy.format(x=self._print(expr.args[0]))
+        return super()._print(expr, **kwargs)
+
     def _print_Symbol(self, expr):
         return self._names.get(expr.name, expr.name)
 
     def _print_Function(self, expr):
-        if isinstance(expr, Op):
-            return type(expr).numpy.format(x=self._print(expr.args[0]))
         raise InternalError(f"no NumPy spelling for {expr}")
 
     def _module_format(self, fqn, register=True):

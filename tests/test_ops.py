@@ -13,11 +13,12 @@ from symrnn.ops import OPS, Op, step
 def test_every_op_has_every_rule(name):
     op = OPS[name]
     assert issubclass(op, Op)
-    assert op.latex and "{x}" in op.numpy
+    assert "{x}" in op.latex and "{x}" in op.numpy
     assert len(op.cuda) == 2 and all("{x}" in c for c in op.cuda)
+    assert all("{out}" in step for step in op.numpy_inplace) and (not op.numpy_inplace or "{a}" in op.numpy_inplace[0])
     assert op.formula is not None
-    y = sympy.Symbol("y")
-    assert isinstance(op.derivative(y), sympy.Expr)
+    y, a = sympy.symbols("y a")
+    assert isinstance(op.derivative(y, a), sympy.Expr)
 
 
 @pytest.mark.parametrize("name", sorted(set(OPS) - {"step"}))
@@ -25,7 +26,7 @@ def test_derivative_through_output(name):
     op = OPS[name]
     a = sympy.Symbol("a", real=True)
     exact = sympy.diff(op.formula(a), a)
-    through_output = op.derivative(op.formula(a))
+    through_output = op.derivative(op.formula(a), a)
     for value in (-2.3, -0.4, 0.7, 1.9):
         lhs = float(exact.subs(a, value).rewrite(sympy.Piecewise).evalf()) if name == "relu" else float(exact.subs(a, value))
         assert abs(lhs - float(through_output.subs(a, value).replace(step, lambda u: sympy.Heaviside(u, 0)))) < 1e-12
@@ -45,5 +46,27 @@ def test_backward_recomputes_no_transcendental():
     """Derivatives of sigmoid, tanh, relu, identity, exp are rational in the output."""
     y = sympy.Symbol("y")
     for name in ("sigmoid", "tanh", "relu", "identity", "exp"):
-        d = OPS[name].derivative(y)
+        d = OPS[name].derivative(y, sympy.Symbol("a"))
         assert not d.atoms(sympy.exp, sympy.tanh, sympy.log), name
+
+
+@pytest.mark.parametrize("name", sorted(name for name, op in OPS.items() if op.numpy_inplace))
+def test_numpy_inplace_spelling_matches_the_expression(name):
+    op = OPS[name]
+    a = np.linspace(-3, 3, 13)
+    out = a.copy()
+    for step in op.numpy_inplace:  # in place, and from a into another array
+        exec(step.format(a="out", out="out"), {"np": np, "out": out})  # noqa: S102 - our own format strings
+    other = np.empty_like(a)
+    for step in op.numpy_inplace:
+        exec(step.format(a="a", out="other"), {"np": np, "a": a, "other": other})  # noqa: S102
+    want = eval(op.numpy.format(x="a"), {"np": np, "a": a})  # noqa: S307
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(other, want)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_latex_spelling_compiles_into_the_printer(name):
+    a = sympy.Symbol("a")
+    text = sympy.latex(OPS[name](a + 1))
+    assert "a + 1" in text and "{x}" not in text

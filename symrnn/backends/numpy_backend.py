@@ -192,9 +192,9 @@ class _LoopFusion:
                             info.update(pre=pre_members[partners[0].name][0], node=node, content=slot.name)
                         break
                 expr = self.exprs[node.name]
-                act = type(expr).__name__
-                if info["pre"] is not None and act in ("sigmoid", "tanh") and expr.args[0] == sympy.Symbol(info["content"]):
-                    info.update(act=act, content=node.name)
+                if info["pre"] is not None and node.op is not None and node.op.numpy_inplace \
+                        and expr.args[0] == sympy.Symbol(info["content"]):
+                    info.update(act=node.op, content=node.name)
             slots.append(info)
         if not any(s["pre"] for s in slots):
             return
@@ -258,21 +258,16 @@ class _LoopFusion:
             lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
             view = buf if len(run) == len(slots) else whole.format(_slice(lo, hi - lo))
             names = ", ".join(e.label(s["node"]) for s in run)
-            tanh = [s for s in run if s["act"] == "tanh"]
-            if len(tanh) == len(run):
-                out.append(f"np.tanh({view}, out={view})  # {names}")
-                continue
+            whole_op = _whole_run_op(run)
             saved = []
-            for s in tanh:  # a tanh slot among sigmoid ones: its tanh first, put back after the sigmoids
-                part = whole.format(_slice(s["offset"], s["member"].size))
-                scratch = self.n.fresh(f"{s['content']}_tanh")
-                self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(s['member'].size)}), dtype)")
-                out.append(f"np.tanh({part}, out={scratch})  # {e.label(s['node'])}")
-                saved.append((part, scratch))
-            out.append(f"np.negative({view}, out={view})  # {names}  (sigmoid(a) = 1 / (1 + exp(-a)))")
-            out.append(f"np.exp({view}, out={view})")
-            out.append(f"{view} += 1")
-            out.append(f"np.reciprocal({view}, out={view})")
+            for s in run:  # a slot of another op: computed first, from its pre-activation, put back after
+                if s["act"] is not whole_op:
+                    part = whole.format(_slice(s["offset"], s["member"].size))
+                    scratch = self.n.fresh(f"{s['content']}_{s['act'].__name__}")
+                    self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(s['member'].size)}), dtype)")
+                    out.extend(_inplace(s["act"], part, scratch, e.label(s["node"])))
+                    saved.append((part, scratch))
+            out.extend(_inplace(whole_op, view, view, names))
             out.extend(f"{part} = {scratch}" for part, scratch in saved)
         read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
         n = self.n
@@ -310,6 +305,27 @@ class _LoopFusion:
         parts = ", ".join(f"np.full({dim(s['member'].size)}, {values[s['act']]}, dtype)" for s in run)
         self.alloc_lines.append(f"{name} = np.concatenate([{parts}])")
         return name
+
+
+def _inplace(op, a: str, out: str, label: str) -> list[str]:
+    """The op's in-place NumPy calls from ``a`` into ``out``, the first labelled (with the
+    op's formula, when the calls spell it in several steps)."""
+    lines = [step.format(a=a, out=out) for step in op.numpy_inplace]
+    formula = sympy.sstr(op.formula(sympy.Symbol("a"))).replace("/", " / ")
+    note = f"  ({op.__name__}(a) = {formula})" if len(lines) > 1 else ""
+    return [f"{lines[0]}  # {label}{note}", *lines[1:]]
+
+
+def _whole_run_op(run: list):
+    """The op applied in place over a whole run of slots: the one that makes the fewest
+    passes over the data, its own over every slot plus each other op's (and a copy back)
+    over its slots."""
+    ops = list(dict.fromkeys(s["act"] for s in run))
+
+    def passes(whole) -> int:
+        return len(whole.numpy_inplace) * len(run) + sum(len(s["act"].numpy_inplace) + 1 for s in run if s["act"] is not whole)
+
+    return min(ops, key=passes)
 
 
 def _runs(slots: list, same=None) -> list[list]:
