@@ -25,7 +25,7 @@ from functools import cached_property
 
 import sympy
 
-from .ir import MatVecNode, Pointwise, StepGraph
+from .ir import MatVecNode, Pointwise, StepGraph, rule
 
 __all__ = ["Derivation", "derive", "Sensitivity"]
 
@@ -54,11 +54,13 @@ class Derivation:
     # -- local derivatives ---------------------------------------------------
     @cached_property
     def partials(self) -> dict[str, tuple[tuple[str, sympy.Expr], ...]]:
-        """Pointwise node -> ((dependency, d node / d dependency), ...), non-zero only."""
+        """Node -> ((dependency, d node / d dependency), ...), non-zero only, for each node
+        with local partial derivatives (a matrix-vector node has none: its rules are linear)."""
         out = {}
         for node in self.graph.nodes:
-            if isinstance(node, Pointwise):
-                out[node.name] = local_partials(node)
+            partials = rule(PARTIALS, node, "local partial")(node)
+            if partials is not None:
+                out[node.name] = partials
         return out
 
     def partial(self, node: str, dep: str) -> sympy.Expr:
@@ -82,15 +84,7 @@ class Derivation:
         """Terms of adjoint(name) within one step: ``(consumer, coefficient)`` for a
         pointwise consumer (adjoint += coefficient * adjoint(consumer)), and
         ``(consumer, MatVecNode)`` for a matrix-vector consumer (adjoint += W^T adjoint)."""
-        terms = []
-        for c in self.graph.consumers(name):
-            if isinstance(c, MatVecNode):
-                terms.append((c.name, c))
-            else:
-                p = self.partial(c.name, name)
-                if p != 0:
-                    terms.append((c.name, p))
-        return tuple(terms)
+        return tuple(term for c in self.graph.consumers(name) for term in rule(ADJOINT, c, "adjoint")(self, c, name))
 
     # -- forward mode ------------------------------------------------------------
     def tangent_terms(self, node: str) -> tuple[tuple[str, object], ...]:
@@ -124,14 +118,25 @@ class Derivation:
             for _, p in terms:
                 names |= {s.name for s in p.free_symbols}
         for node in self.graph.nodes:
-            if isinstance(node, MatVecNode):
-                names.add(node.operand)
+            names |= set(rule(OPERANDS_READ, node, "stored operand")(node))
         return tuple(sorted(names))
 
 
 def derive(graph: StepGraph) -> Derivation:
     """The second stage of the pipeline: StepGraph -> Derivation."""
     return Derivation(graph)
+
+
+def _pointwise_adjoint(der: Derivation, consumer: Pointwise, name: str) -> tuple:
+    p = der.partial(consumer.name, name)
+    return ((consumer.name, p),) if p != 0 else ()
+
+
+#: the rules of each node kind (ir.NODE_KINDS): local partials (None: linear rules instead),
+#: the terms a consumer adds to an adjoint, the operands backward reads
+PARTIALS = {Pointwise: lambda node: local_partials(node), MatVecNode: lambda node: None}
+ADJOINT = {Pointwise: _pointwise_adjoint, MatVecNode: lambda der, consumer, name: ((consumer.name, consumer),)}
+OPERANDS_READ = {Pointwise: lambda node: (), MatVecNode: lambda node: (node.operand,)}
 
 
 def local_partials(node: Pointwise) -> tuple[tuple[str, sympy.Expr], ...]:
@@ -179,8 +184,12 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
                 return sympy.KroneckerDelta(unit + offset, _i)
             return sympy.Integer(0)
         node = g.node(name)
-        if isinstance(node, Pointwise):
-            return sympy.Add(*[at(p, unit) * tan(d, unit) for d, p in der.partials[name]])
+        return rule({Pointwise: pointwise, MatVecNode: matvec}, node, "sensitivity")(node, unit)
+
+    def pointwise(node: Pointwise, unit: sympy.Expr) -> sympy.Expr:
+        return sympy.Add(*[at(p, unit) * tan(d, unit) for d, p in der.partials[node.name]])
+
+    def matvec(node: MatVecNode, unit: sympy.Expr) -> sympy.Expr:
         w = sympy.IndexedBase(node.param.lower() if len(node.param) == 1 else node.param)
         row = unit + (node.block * node.size if node.block is not None else 0)
         col0 = node.cols[0]

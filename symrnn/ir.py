@@ -16,8 +16,9 @@ Nodes are in topological order; names are unique and deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, TypeVar, Union
 
 import sympy
 
@@ -90,6 +91,24 @@ class MatVecNode:
 
 
 Node = Union[Pointwise, MatVecNode]
+#: every kind of node; each stage that treats nodes by kind has a rule for each (tests/test_rules.py)
+NODE_KINDS: tuple[type, ...] = (Pointwise, MatVecNode)
+
+T = TypeVar("T")
+
+
+def rule(table: Mapping[type, T], node, what: str) -> T:
+    """The rule of ``table`` for ``node``'s kind; a kind without one is a bug, never a default.
+
+    >>> rule({Pointwise: "elementwise"}, MatVecNode("m", 1, "W", None, (0, 1), "x", "auxiliary", "m"), "adjoint")
+    Traceback (most recent call last):
+      ...
+    symrnn.errors.InternalError: internal error (a bug in symrnn, please report it): no adjoint rule for a MatVecNode node ('m')
+    """
+    try:
+        return table[type(node)]
+    except KeyError:
+        raise InternalError(f"no {what} rule for a {type(node).__name__} node ('{node.name}')") from None
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ class _Lowering:
                              "functions, or write the cell in an equations file (symrnn.load_spec)")
         try:
             expr = sympy.sympify(value, strict=True)
-        except (sympy.SympifyError, TypeError) as exc:
+        except (sympy.SympifyError, TypeError):
             raise self.error(where, f"not a SymPy expression: {type(value).__name__}") from None
         if depth(expr) > MAX_DEPTH:
             raise self.error(where, f"the expression is nested more than {MAX_DEPTH} levels deep; split it into "

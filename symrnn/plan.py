@@ -23,7 +23,7 @@ import sympy
 
 from .derive import Derivation
 from .errors import CellError
-from .ir import MatVecNode, Pointwise, StepGraph
+from .ir import MatVecNode, Pointwise, StepGraph, rule
 
 __all__ = ["GemmGroup", "KernelPlan", "Region", "Stage", "plan"]
 
@@ -126,16 +126,22 @@ def _region(g: StepGraph, name: str, nodes: list, names: set[str]) -> Region:
     level: dict[str, int] = {}
     for n in nodes:
         deps = [level[d] for d in n.deps if d in inside]
-        if isinstance(n, MatVecNode):
-            level[n.name] = deps[0] + 1 if deps else 0
-        else:
-            level[n.name] = max(deps, default=0)
+        level[n.name] = rule(LEVEL, n, "stage")(deps)
     stages = []
     for k in range(max(level.values(), default=-1) + 1):
-        matvecs = [n for n in nodes if isinstance(n, MatVecNode) and level[n.name] == k]
-        pointwise = tuple(n for n in nodes if isinstance(n, Pointwise) and level[n.name] == k)
-        stages.append(Stage(_groups(g, matvecs, names), pointwise))
+        parts: dict[str, list] = {"matvec": [], "pointwise": []}
+        for n in nodes:
+            if level[n.name] == k:
+                parts[rule(PART, n, "stage part")].append(n)
+        stages.append(Stage(_groups(g, parts["matvec"], names), tuple(parts["pointwise"])))
     return Region(name, tuple(stages))
+
+
+#: the rules of each node kind (ir.NODE_KINDS): its stage from its dependencies' (a
+#: matrix-vector product waits for an operand computed in the step: the next stage), and
+#: which part of a stage holds it
+LEVEL = {MatVecNode: lambda deps: deps[0] + 1 if deps else 0, Pointwise: lambda deps: max(deps, default=0)}
+PART = {MatVecNode: "matvec", Pointwise: "pointwise"}
 
 
 def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[GemmGroup, ...]:

@@ -15,7 +15,7 @@ def test_every_op_has_every_rule(name):
     assert issubclass(op, Op)
     assert "{x}" in op.latex and "{x}" in op.numpy
     assert len(op.cuda) == 2 and all("{x}" in c for c in op.cuda)
-    assert all("{out}" in step for step in op.numpy_inplace) and (not op.numpy_inplace or "{a}" in op.numpy_inplace[0])
+    assert all("{out}" in call for call in op.numpy_inplace) and (not op.numpy_inplace or "{a}" in op.numpy_inplace[0])
     assert op.formula is not None
     y, a = sympy.symbols("y a")
     assert isinstance(op.derivative(y, a), sympy.Expr)
@@ -55,11 +55,11 @@ def test_numpy_inplace_spelling_matches_the_expression(name):
     op = OPS[name]
     a = np.linspace(-3, 3, 13)
     out = a.copy()
-    for step in op.numpy_inplace:  # in place, and from a into another array
-        exec(step.format(a="out", out="out"), {"np": np, "out": out})  # noqa: S102 - our own format strings
+    for call in op.numpy_inplace:  # in place, and from a into another array
+        exec(call.format(a="out", out="out"), {"np": np, "out": out})  # noqa: S102 - our own format strings
     other = np.empty_like(a)
-    for step in op.numpy_inplace:
-        exec(step.format(a="a", out="other"), {"np": np, "a": a, "other": other})  # noqa: S102
+    for call in op.numpy_inplace:
+        exec(call.format(a="a", out="other"), {"np": np, "a": a, "other": other})  # noqa: S102
     want = eval(op.numpy.format(x="a"), {"np": np, "a": a})  # noqa: S307
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(other, want)

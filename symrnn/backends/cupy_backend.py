@@ -33,7 +33,7 @@ import sympy
 
 from ..cuda_printing import SCALAR, cuda_code, dim_code
 from ..errors import CellError, InternalError
-from ..ir import MatVecNode, Pointwise
+from ..ir import MatVecNode, Pointwise, rule
 from ..naming import C_FIXED, Namer
 from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Stage
@@ -231,7 +231,7 @@ class _Emitter:
         if name in g.state_names:
             seq = py("seq", name)
             return Loc(f"{seq}[1:]", ld=node.size) if ctx == "all" else Loc(seq, ld=node.size, seq=True, shift=1)
-        if isinstance(node, MatVecNode) and not (region == "loop" and name in self.keep):
+        if rule(_IN_GROUP, node, "location") and not (region == "loop" and name in self.keep):
             group, off = self.group_of(name)
             if region == "loop":
                 return Loc(py("group", group.name), ld=group.rows, off=off)  # this step's product
@@ -356,7 +356,7 @@ class _Emitter:
         m.outputs = [(s.name, f"{py('seq', s.name)}[1:]") for s in g.states]
         for r in g.readouts:
             node = g.node(r)
-            m.outputs.append((r, py("seq", r) if isinstance(node, Pointwise) else self.readout_product(r)))
+            m.outputs.append((r, self.readout_product(r) if rule(_IN_GROUP, node, "readout") else py("seq", r)))
         keep = {py("seq", s.name) for s in g.states} | {py("seq", n) for n in self.keep}
         for stage in (*plan.pre.stages, *plan.post.stages):
             keep |= {py("gseq", grp.name) for grp in stage.groups}
@@ -826,6 +826,11 @@ class BackwardEmitter:
                 self.lines.append(self.e.launch(kernel, "T * B"))
             for group in stage.groups:
                 self.gemm_back(group, "all", 0)
+
+
+#: the rule of each node kind (ir.NODE_KINDS): whether its values live in a stacked GEMM's
+#: output (a matrix-vector product) or in an array of their own
+_IN_GROUP = {MatVecNode: True, Pointwise: False}
 
 
 def b_store_line(b: _Builder, loc: Loc, code: str) -> str:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise
+from ..ir import MatVecNode, Pointwise, rule
 from ..naming import PYTHON_FIXED, Namer
+from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Region, Stage
 from ..printing import numpy_code
 
@@ -340,6 +341,14 @@ def _runs(slots: list, same=None) -> list[list]:
     return runs
 
 
+@dataclass
+class _RtrlContext:
+    names: dict[str, str]  # graph name -> its code at step t
+    x_slab: str  # the first tangent direction of x[t]
+    constant: set[str]  # values of the parameters alone (broadcast over the batch)
+
+
+
 def module_namer(plan: KernelPlan) -> Namer:
     """The namer of a NumPy (or CuPy) module: every value of the step graph keeps its
     name where Python, the template and the other names allow; the input reads ``x``."""
@@ -628,9 +637,9 @@ class _Emitter:
             first, rest = expr.args[0], expr.func(*expr.args[1:])
             out.append(f"{name} = {dest}")
             out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={name}){label}")
-        elif type(expr).__name__ == "tanh":
+        elif isinstance(expr, Op) and len(type(expr).numpy_inplace) == 1:  # one ufunc call, into the buffer
             out.append(f"{name} = {dest}")
-            out.append(f"np.tanh({numpy_code(expr.args[0], names)}, out={name}){label}")
+            out.append(type(expr).numpy_inplace[0].format(a=numpy_code(expr.args[0], names), out=name) + label)
         else:
             out.append(f"{name} = {code}{label}")
             out.append(f"{dest} = {name}")
@@ -1135,7 +1144,7 @@ class _Emitter:
         Directions are stacked on a leading axis of length K: the parameters in
         declaration order, then each initial state, then x (T * n_in entries).
         ``J_q`` has shape (K, B, size of q)."""
-        m, g, d, n = self.m, self.g, self.d, self.n
+        m, g, n = self.m, self.g, self.n
         J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
         o_x = o(g.input.name)
         prev = "0"
@@ -1156,51 +1165,11 @@ class _Emitter:
             loop.append(f"{n.value(s.prev)}, {J(s.prev)} = {n.value(s.name)}, {J(s.name)}")
         names = {node.name: n.value(node.name) for node in g.nodes}
         names[g.input.name] = "x[t]"
-        x_slab = f"{o_x} + t * n_in"
-        constant = {leaf.name for leaf in g.leaves if leaf.kind == "param"}  # values of the parameters alone
+        ctx = _RtrlContext(names=names, x_slab=f"{o_x} + t * n_in",
+                           constant={leaf.name for leaf in g.leaves if leaf.kind == "param"})  # values of parameters alone
         for node in g.nodes:
             loop.append(f"# {node.name}  {self.label(node)}")
-            name = n.value(node.name)
-            if isinstance(node, Pointwise):
-                code = self.code(node.expr, "loop", names)
-                if all(dep in constant for dep in node.deps):  # the same for every row: a (B, size) view
-                    constant.add(node.name)
-                    code = f"np.broadcast_to({code}, (B, {dim(node.size)}))"
-                loop.append(f"{name} = {code}")
-                tangent, direct = [], []
-                for dep, coeff in d.tangent_terms(node.name):
-                    leaf = g.leaf(dep) if g.is_leaf(dep) else None
-                    c = self.code(coeff, "loop", names)
-                    if leaf is None or leaf.kind == "prev_state":
-                        tangent.append(J(dep) if coeff == 1 else f"({c}) * {J(dep)}")
-                    elif leaf.kind == "input":
-                        direct.append(f"_add_diagonal({J(node.name)}, {x_slab}, {c})")
-                    elif g.param(leaf.param).kind == "scalar":
-                        direct.append(f"{J(node.name)}[{o(leaf.param)}] += {c}")
-                    else:
-                        row0 = dim(leaf.block * leaf.size) if leaf.block else "0"
-                        off = o(leaf.param) + ("" if row0 == "0" else f" + {row0}")
-                        direct.append(f"_add_diagonal({J(node.name)}, {off}, {c})")
-                if not tangent:
-                    rhs = f"np.zeros((K, B, {dim(node.size)}), dtype)"
-                elif len(tangent) == 1 and n.kind(tangent[0]) == "tangent" and direct:  # J_q itself: a copy to add into
-                    rhs = f"{tangent[0]}.copy()"
-                else:
-                    rhs = " + ".join(tangent)
-                loop.append(f"{J(node.name)} = {rhs}")
-                loop.extend(direct)
-            else:
-                w = self.member_weight(node)
-                operand = names.get(node.operand) or n.value(node.operand)
-                loop.append(f"{name} = {operand} @ {w}.T")
-                if node.operand == g.input.name:
-                    loop.append(f"{J(node.name)} = np.zeros((K, B, {dim(node.size)}), dtype)")
-                    loop.append(f"{J(node.name)}[{x_slab}:{x_slab} + n_in] += {w}.T[:, None, :]")
-                else:
-                    loop.append(f"{J(node.name)} = {J(node.operand)} @ {w}.T")
-                row0 = dim(node.block * node.size) if node.block else "0"
-                loop.append(f"_add_matrix({J(node.name)}, {o(node.param)}, {n.value(node.param)}.shape, {row0}, "
-                            f"{dim(node.cols[0])}, {operand})")
+            loop.extend(rule(_RTRL, node, "RTRL")(self, node, ctx))
         loop.append("cot = cotangent(t, {" + ", ".join(f'"{out}": {n.value(out)}' for out in g.outputs) + "})")
         for out in g.outputs:
             loop.append(f'if "{out}" in cot:')
@@ -1209,6 +1178,55 @@ class _Emitter:
                         for p in g.params]
         m.rtrl_grads.append(("x", f"G[{o_x}:].reshape(T, n_in, B).transpose(0, 2, 1)"))
         m.rtrl_grads += [(f"{s.name}0", f"G[{n('offset0', s.name)}:{n('offset0', s.name)} + {dim(s.size)}].T") for s in g.states]
+
+    def rtrl_pointwise(self, node: Pointwise, ctx: "_RtrlContext") -> list[str]:
+        """One step of a pointwise node and its tangent: J_q = sum_d (dq/dd) J_d, plus the
+        direct dependencies on parameter, input entries."""
+        g, d, n = self.g, self.d, self.n
+        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
+        code = self.code(node.expr, "loop", ctx.names)
+        if all(dep in ctx.constant for dep in node.deps):  # the same for every row: a (B, size) view
+            ctx.constant.add(node.name)
+            code = f"np.broadcast_to({code}, (B, {dim(node.size)}))"
+        lines = [f"{n.value(node.name)} = {code}"]
+        tangent, direct = [], []
+        for dep, coeff in d.tangent_terms(node.name):
+            leaf = g.leaf(dep) if g.is_leaf(dep) else None
+            c = self.code(coeff, "loop", ctx.names)
+            if leaf is None or leaf.kind == "prev_state":
+                tangent.append(J(dep) if coeff == 1 else f"({c}) * {J(dep)}")
+            elif leaf.kind == "input":
+                direct.append(f"_add_diagonal({J(node.name)}, {ctx.x_slab}, {c})")
+            elif g.param(leaf.param).kind == "scalar":
+                direct.append(f"{J(node.name)}[{o(leaf.param)}] += {c}")
+            else:
+                row0 = dim(leaf.block * leaf.size) if leaf.block else "0"
+                off = o(leaf.param) + ("" if row0 == "0" else f" + {row0}")
+                direct.append(f"_add_diagonal({J(node.name)}, {off}, {c})")
+        if not tangent:
+            rhs = f"np.zeros((K, B, {dim(node.size)}), dtype)"
+        elif len(tangent) == 1 and n.kind(tangent[0]) == "tangent" and direct:  # J_q itself: a copy to add into
+            rhs = f"{tangent[0]}.copy()"
+        else:
+            rhs = " + ".join(tangent)
+        return [*lines, f"{J(node.name)} = {rhs}", *direct]
+
+    def rtrl_matvec(self, node: MatVecNode, ctx: "_RtrlContext") -> list[str]:
+        """One step of a matrix-vector node and its tangent: W dv + dW v."""
+        g, n = self.g, self.n
+        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
+        w = self.member_weight(node)
+        operand = ctx.names.get(node.operand) or n.value(node.operand)
+        lines = [f"{n.value(node.name)} = {operand} @ {w}.T"]
+        if node.operand == g.input.name:
+            lines.append(f"{J(node.name)} = np.zeros((K, B, {dim(node.size)}), dtype)")
+            lines.append(f"{J(node.name)}[{ctx.x_slab}:{ctx.x_slab} + n_in] += {w}.T[:, None, :]")
+        else:
+            lines.append(f"{J(node.name)} = {J(node.operand)} @ {w}.T")
+        row0 = dim(node.block * node.size) if node.block else "0"
+        lines.append(f"_add_matrix({J(node.name)}, {o(node.param)}, {n.value(node.param)}.shape, {row0}, "
+                     f"{dim(node.cols[0])}, {operand})")
+        return lines
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:
@@ -1223,3 +1241,7 @@ class _Emitter:
         grad = dict(self.d.loss_partials)[loss.target_of]
         self.m.loss_grad = numpy_code(grad, table)
         self.m.loss_scale = "1.0 / T" if loss.reduction == "mean" else "1.0"
+
+
+#: RTRL's step of each node kind (ir.NODE_KINDS)
+_RTRL = {Pointwise: _Emitter.rtrl_pointwise, MatVecNode: _Emitter.rtrl_matvec}
