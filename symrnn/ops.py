@@ -7,7 +7,8 @@ Each op is a SymPy ``Function`` subclass carrying
   code reads stored forward values and recomputes no transcendental function
   (softplus is the one exception: its derivative 1 - exp(-y) needs one ``exp``);
   what backward must store follows from the derivative's free symbols;
-* ``numpy``: its NumPy spelling, a format string over the argument ``{x}``;
+* ``numpy``: its NumPy spelling, a format string over the argument ``{x}`` and the
+  array library ``{xp}`` (``np``, or ``cp``: CuPy has NumPy's functions);
 * ``numpy_inplace``: optionally, its NumPy spelling as in-place ufunc calls from
   ``{a}`` into an output array ``{out}`` (``{a}`` may be ``{out}``), so a fused step
   activates a GEMM's output where it lies;
@@ -40,7 +41,7 @@ class Op(sympy.Function):
     nargs = 1
     #: LaTeX spelling; ``{x}`` is the argument, e.g. ``\sigma\left({x}\right)``.
     latex: str = ""
-    #: NumPy spelling; ``{x}`` is the argument.  Must be a complete expression.
+    #: NumPy spelling; ``{x}`` is the argument, ``{xp}`` the array library.  A complete expression.
     numpy: str = ""
     #: NumPy ufunc calls computing op({a}) into the array ``{out}`` (empty: none)
     numpy_inplace: tuple[str, ...] = ()
@@ -66,9 +67,9 @@ class sigmoid(Op):
     # 1 / (1 + exp(-a)): accurate relative to its value for every a (as torch computes it),
     # where (1 + tanh(a/2)) / 2 loses it for a < 0 (and is exactly 0 below a = -17 in float32);
     # exp(-a) = inf gives 0, exactly the limit (the modules compute it under np.errstate(over="ignore"))
-    numpy = "(1 / (1 + np.exp(-({x}))))"
-    numpy_inplace = ("np.negative({a}, out={out})", "np.exp({out}, out={out})", "{out} += 1",
-                     "np.reciprocal({out}, out={out})")
+    numpy = "(1 / (1 + {xp}.exp(-({x}))))"
+    numpy_inplace = ("{xp}.negative({a}, out={out})", "{xp}.exp({out}, out={out})", "{out} += 1",
+                     "{xp}.reciprocal({out}, out={out})")
     cuda = ("(1.0f / (1.0f + expf(-({x}))))", "(1.0 / (1.0 + exp(-({x}))))")
     formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
 
@@ -79,8 +80,8 @@ class sigmoid(Op):
 
 class tanh(Op):
     latex = r"\tanh\left({x}\right)"
-    numpy = "np.tanh({x})"
-    numpy_inplace = ("np.tanh({a}, out={out})",)
+    numpy = "{xp}.tanh({x})"
+    numpy_inplace = ("{xp}.tanh({a}, out={out})",)
     cuda = ("tanhf({x})", "tanh({x})")
     formula = staticmethod(sympy.tanh)
 
@@ -91,7 +92,7 @@ class tanh(Op):
 
 class relu(Op):
     latex = r"\operatorname{{relu}}\left({x}\right)"
-    numpy = "np.maximum({x}, 0)"
+    numpy = "{xp}.maximum({x}, 0)"
     cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.Max(a, 0))
 
@@ -103,7 +104,7 @@ class relu(Op):
 
 class softplus(Op):
     latex = r"\operatorname{{softplus}}\left({x}\right)"
-    numpy = "np.logaddexp(0, {x})"
+    numpy = "{xp}.logaddexp(0, {x})"
     cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
 
@@ -116,7 +117,7 @@ class softplus(Op):
 
 class exp(Op):
     latex = r"\exp\left({x}\right)"
-    numpy = "np.exp({x})"
+    numpy = "{xp}.exp({x})"
     cuda = ("expf({x})", "exp({x})")
     formula = staticmethod(sympy.exp)
 
@@ -144,7 +145,7 @@ class step(Op):
     """Heaviside step at y > 0 (step(0) = 0); the derivative of relu."""
 
     latex = r"\mathbb{{1}}\left[{x} > 0\right]"
-    numpy = "np.heaviside({x}, 0)"
+    numpy = "{xp}.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
 

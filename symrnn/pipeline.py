@@ -146,13 +146,13 @@ def render_cuda(kernel_plan: KernelPlan, command: str | None = None) -> str:
 def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     """KernelPlan -> source of the CuPy module (its CUDA source inside)."""
     from .backends.cupy_backend import BLOCK, design_note, emit_cupy
-    from .backends.numpy_backend import emit_loss
+    from .backends.numpy_backend import loss_code
 
     g = kernel_plan.graph
     m = emit_cupy(kernel_plan)
     command = command or _command(g.cell, "cupy")
     loss = g.loss
-    numpy_parts = emit_loss(kernel_plan) if loss is not None else None
+    loss_value, loss_grad, loss_scale = loss_code(kernel_plan, "cp") if loss is not None else ("", "", "")
     return _ENV.get_template("cupy_module.py.j2").render(
         cell=g.cell,
         source=py_comment(g.source or "user-defined"),
@@ -180,9 +180,9 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         cache_names=m.cache_names,
         backward=m.backward,
         grads=m.grads,
-        loss_value=numpy_parts.loss_value.replace("np.", "cp.") if numpy_parts else "",
-        loss_grad=numpy_parts.loss_grad.replace("np.", "cp.") if numpy_parts else "",
-        loss_scale=numpy_parts.loss_scale if numpy_parts else "",
+        loss_value=loss_value,
+        loss_grad=loss_grad,
+        loss_scale=loss_scale,
         loss_doc=(f"{loss.reduction} over time of the per-step loss, summed over the batch") if loss else "",
         loss_mean=loss is not None and loss.reduction == "mean",
         target_of=loss.target_of if loss else "",

@@ -18,17 +18,16 @@ from .ops import Op
 
 
 class NumpyPrinter(_SympyNumPyPrinter):
-    """Prints with ``np.`` and a renaming table for symbols."""
+    """Prints with ``np.`` (or ``cp.``: ``lib``) and a renaming table for symbols."""
 
-    _module = "np"
-
-    def __init__(self, names: Mapping[str, str] | None = None):
+    def __init__(self, names: Mapping[str, str] | None = None, lib: str = "np"):
         super().__init__({"fully_qualified_modules": True, "inline": True})
         self._names = dict(names or {})
+        self._lib = lib
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, Op):  # before NumPyPrinter's own tanh, exp, ... (same class names)
-            return type(expr).numpy.format(x=self._print(expr.args[0]))
+            return type(expr).numpy.format(x=self._print(expr.args[0]), xp=self._lib)
         return super()._print(expr, **kwargs)
 
     def _print_Symbol(self, expr):
@@ -38,7 +37,7 @@ class NumpyPrinter(_SympyNumPyPrinter):
         raise InternalError(f"no NumPy spelling for {expr}")
 
     def _module_format(self, fqn, register=True):
-        return "np." + fqn.split(".")[-1] if fqn.startswith("numpy.") else fqn
+        return f"{self._lib}." + fqn.split(".")[-1] if fqn.startswith("numpy.") else fqn
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
@@ -48,12 +47,12 @@ class NumpyPrinter(_SympyNumPyPrinter):
         return super()._print_Pow(expr, rational=rational)
 
 
-def numpy_code(expr: sympy.Expr, names: Mapping[str, str] | None = None) -> str:
-    """``expr`` as NumPy code, symbols renamed through ``names``.
+def numpy_code(expr: sympy.Expr, names: Mapping[str, str] | None = None, lib: str = "np") -> str:
+    """``expr`` as NumPy code (``lib``: ``cp`` for CuPy), symbols renamed through ``names``.
 
     >>> import sympy
     >>> s = sympy.Symbol("s")
     >>> numpy_code(1 - s**2, {"s": "s_seq"})
     '1 - s_seq**2'
     """
-    return NumpyPrinter(names).doprint(expr)
+    return NumpyPrinter(names, lib).doprint(expr)

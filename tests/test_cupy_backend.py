@@ -68,7 +68,7 @@ def test_every_op_helper_matches_numpy_in_float_and_double(tmp_path):
         f64, f32 = getattr(lib, f"op_{name}_f64"), getattr(lib, f"op_{name}_f32")
         f64.restype, f64.argtypes = ctypes.c_double, [ctypes.c_double]
         f32.restype, f32.argtypes = ctypes.c_float, [ctypes.c_float]
-        want = np.asarray(eval(op.numpy.format(x="xs"), {"np": np, "xs": xs}), dtype=np.float64)
+        want = np.asarray(eval(op.numpy.format(x="xs", xp="np"), {"np": np, "xs": xs}), dtype=np.float64)
         got64 = np.array([f64(v) for v in xs])
         got32 = np.array([f32(v) for v in xs])
         assert np.allclose(got64, want, rtol=1e-14, atol=1e-16), (name, got64, want)  # absolute: sigmoid near 0 and 1 cancels

@@ -13,7 +13,7 @@ from symrnn.ops import OPS, Op, step
 def test_every_op_has_every_rule(name):
     op = OPS[name]
     assert issubclass(op, Op)
-    assert "{x}" in op.latex and "{x}" in op.numpy
+    assert "{x}" in op.latex and "{x}" in op.numpy and "np." not in op.numpy and "np." not in "".join(op.numpy_inplace)
     assert len(op.cuda) == 2 and all("{x}" in c for c in op.cuda)
     assert all("{out}" in call for call in op.numpy_inplace) and (not op.numpy_inplace or "{a}" in op.numpy_inplace[0])
     assert op.formula is not None
@@ -36,7 +36,7 @@ def test_derivative_through_output(name):
 def test_numpy_spelling_matches_formula(name):
     op = OPS[name]
     a = np.linspace(-3, 3, 13)
-    code = op.numpy.format(x="a")
+    code = op.numpy.format(x="a", xp="np")
     got = eval(code, {"np": np, "a": a})  # noqa: S307 - our own format string
     want = np.array([float(op.formula(sympy.Float(v))) for v in a])
     np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
@@ -56,11 +56,11 @@ def test_numpy_inplace_spelling_matches_the_expression(name):
     a = np.linspace(-3, 3, 13)
     out = a.copy()
     for call in op.numpy_inplace:  # in place, and from a into another array
-        exec(call.format(a="out", out="out"), {"np": np, "out": out})  # noqa: S102 - our own format strings
+        exec(call.format(a="out", out="out", xp="np"), {"np": np, "out": out})  # noqa: S102 - our own format strings
     other = np.empty_like(a)
     for call in op.numpy_inplace:
-        exec(call.format(a="a", out="other"), {"np": np, "a": a, "other": other})  # noqa: S102
-    want = eval(op.numpy.format(x="a"), {"np": np, "a": a})  # noqa: S307
+        exec(call.format(a="a", out="other", xp="np"), {"np": np, "a": a, "other": other})  # noqa: S102
+    want = eval(op.numpy.format(x="a", xp="np"), {"np": np, "a": a})  # noqa: S307
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(other, want)
 

@@ -311,7 +311,7 @@ class _LoopFusion:
 def _inplace(op, a: str, out: str, label: str) -> list[str]:
     """The op's in-place NumPy calls from ``a`` into ``out``, the first labelled (with the
     op's formula, when the calls spell it in several steps)."""
-    lines = [step.format(a=a, out=out) for step in op.numpy_inplace]
+    lines = [step.format(a=a, out=out, xp="np") for step in op.numpy_inplace]
     formula = sympy.sstr(op.formula(sympy.Symbol("a"))).replace("/", " / ")
     note = f"  ({op.__name__}(a) = {formula})" if len(lines) > 1 else ""
     return [f"{lines[0]}  # {label}{note}", *lines[1:]]
@@ -363,12 +363,18 @@ def emit(plan: KernelPlan) -> NumpyModule:
     return _Emitter(plan).run()
 
 
-def emit_loss(plan: KernelPlan) -> NumpyModule:
-    """Only the loss statements (``loss_value``, ``loss_grad``, ``loss_scale``): what the
-    CuPy module shares with the NumPy one, without emitting the whole NumPy module."""
-    emitter = _Emitter(plan)
-    emitter.loss()
-    return emitter.m
+def loss_code(plan: KernelPlan, lib: str = "np") -> tuple[str, str, str]:
+    """The per-step loss in ``y`` and ``target``, its derivative in ``y``, and the factor of
+    the reduction over time, as code over ``lib`` (np; cp for the CuPy module, which shares them)."""
+    g = plan.graph
+    loss = g.loss
+    extra = sorted({s.name for s in loss.expr.free_symbols} - {loss.target, loss.target_of})
+    if extra:
+        raise InternalError(f"the loss of cell '{g.cell}' reads {extra}; only '{loss.target_of}' and the target are supported")
+    table = {loss.target_of: "y", loss.target: "target"}
+    grad = dict(plan.derivation.loss_partials)[loss.target_of]
+    scale = "1.0 / T" if loss.reduction == "mean" else "1.0"
+    return numpy_code(loss.expr, table, lib), numpy_code(grad, table, lib), scale
 
 
 class _Emitter:
@@ -639,7 +645,7 @@ class _Emitter:
             out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={name}){label}")
         elif isinstance(expr, Op) and len(type(expr).numpy_inplace) == 1:  # one ufunc call, into the buffer
             out.append(f"{name} = {dest}")
-            out.append(type(expr).numpy_inplace[0].format(a=numpy_code(expr.args[0], names), out=name) + label)
+            out.append(type(expr).numpy_inplace[0].format(a=numpy_code(expr.args[0], names), out=name, xp="np") + label)
         else:
             out.append(f"{name} = {code}{label}")
             out.append(f"{dest} = {name}")
@@ -1230,17 +1236,8 @@ class _Emitter:
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:
-        loss = self.g.loss
-        if loss is None:
-            return
-        extra = sorted({s.name for s in loss.expr.free_symbols} - {loss.target, loss.target_of})
-        if extra:
-            raise InternalError(f"the loss of cell '{self.g.cell}' reads {extra}; only '{loss.target_of}' and the target are supported")
-        table = {loss.target_of: "y", loss.target: "target"}
-        self.m.loss_value = numpy_code(loss.expr, table)
-        grad = dict(self.d.loss_partials)[loss.target_of]
-        self.m.loss_grad = numpy_code(grad, table)
-        self.m.loss_scale = "1.0 / T" if loss.reduction == "mean" else "1.0"
+        if self.g.loss is not None:
+            self.m.loss_value, self.m.loss_grad, self.m.loss_scale = loss_code(self.plan)
 
 
 #: RTRL's step of each node kind (ir.NODE_KINDS)
