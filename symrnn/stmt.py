@@ -23,7 +23,7 @@ text for debugging and golden tests.
 >>> import sympy
 >>> s = Assign(Ref("h"), Elementwise(sympy.Symbol("a") + 1, (("a", Ref("a_seq", (t_SYM,))),)), "eq:x:h")
 >>> sorted(s.reads), sorted(s.writes)
-(['a_seq'], ['h'])
+(['a_seq', 't'], ['h'])
 >>> print(dump([s]))
 h = a + 1  [a = a_seq[t]]  # eq:x:h
 """
@@ -31,7 +31,7 @@ h = a + 1  [a = a_seq[t]]  # eq:x:h
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import sympy
@@ -40,7 +40,8 @@ from .errors import InternalError
 
 __all__ = [
     "T_SYM", "B_SYM", "t_SYM", "t0_SYM", "t1_SYM", "ALL", "ETC", "NEW", "Span", "Ref", "Elementwise", "Call", "Helper", "MatMul", "Reshape",
-    "Concat", "Size", "Text", "Assign", "Update", "Do", "OpCall", "If", "Comment", "Stmt", "Value", "verify",
+    "Concat", "Size", "Text", "Key", "Infix", "Paren", "Attr", "Method", "Index", "Dict", "Assign", "Update", "Do", "OpCall",
+    "If", "Comment", "Stmt", "Value", "verify",
     "dump", "reads_of", "writes_of",
 ]
 
@@ -62,6 +63,11 @@ class Span:
 
     lo: sympy.Expr | None = None
     hi: sympy.Expr | None = None
+
+    def __post_init__(self):
+        for end in ("lo", "hi"):
+            if isinstance(getattr(self, end), int):
+                object.__setattr__(self, end, sympy.Integer(getattr(self, end)))
 
 
 IndexItem = Union[sympy.Expr, Span, _Marker]
@@ -150,12 +156,71 @@ class Size:
 
 @dataclass(frozen=True)
 class Text:
-    """A literal the printer writes as it is (``dtype``, ``1.0``, a quoted key ``"h"``)."""
+    """A literal the printer writes as it is (``dtype``, ``1.0``, ``T * n_in``): never a
+    generated name (those are refs, so that reads are known)."""
 
     text: str
 
 
-Value = Union[Ref, Elementwise, Call, Helper, MatMul, Reshape, Concat, Size, Text, tuple]
+@dataclass(frozen=True)
+class Key:
+    """A string key, printed quoted: ``"h"`` (a user's name, checked to be an identifier)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Infix:
+    """``a op b op c``, in this order (offsets of RTRL's directions: ``o_W + W.size``)."""
+
+    op: str
+    parts: tuple["Value", ...]
+
+
+@dataclass(frozen=True)
+class Paren:
+    """``(value)``."""
+
+    value: "Value"
+
+
+@dataclass(frozen=True)
+class Attr:
+    """``value.name`` (``W.size``, ``W.shape``)."""
+
+    value: "Value"
+    name: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """``value.name(args, key=value)`` (``J.copy()``, ``G[...].sum(axis=1)``)."""
+
+    value: "Value"
+    name: str
+    args: tuple["Value", ...] = ()
+    kwargs: tuple[tuple[str, "Value"], ...] = ()
+
+
+@dataclass(frozen=True)
+class Index:
+    """``value[items]`` of any value (``W[:, :n].T[:, None, :]``)."""
+
+    value: "Value"
+    items: tuple = ()
+
+
+@dataclass(frozen=True)
+class Dict:
+    """``{"key": value, ...}``."""
+
+    items: tuple[tuple[str, "Value"], ...]
+
+
+Value = Union[Ref, Elementwise, Call, Helper, MatMul, Reshape, Concat, Size, Text, Key, Infix, Paren, Attr, Method,
+              Index, Dict, tuple]
+_VALUES = (Ref, Elementwise, Call, Helper, MatMul, Reshape, Concat, Size, Text, Key, Infix, Paren, Attr, Method, Index,
+           Dict, tuple)
 
 
 @dataclass(frozen=True)
@@ -217,12 +282,36 @@ _STATEMENTS = (Assign, Update, Do, OpCall, If, Comment)
 
 
 # -- what statements read and write ------------------------------------------------------
+def _item_reads(item) -> Iterator[str]:
+    if isinstance(item, Span):
+        for end in (item.lo, item.hi):
+            yield from _item_reads(end)
+    elif isinstance(item, sympy.Basic):
+        yield from (s.name for s in item.free_symbols)
+    elif item is not None and not isinstance(item, _Marker):
+        yield from _value_reads(item)
+
+
 def _value_reads(value) -> Iterator[str]:
     if isinstance(value, Ref):
         yield value.name
         for item in value.index:
-            if isinstance(item, Span):
-                yield from (s.name for e in (item.lo, item.hi) if e is not None for s in sympy.sympify(e).free_symbols)
+            yield from _item_reads(item)
+    elif isinstance(value, (Infix, tuple)):
+        for v in (value.parts if isinstance(value, Infix) else value):
+            yield from _value_reads(v)
+    elif isinstance(value, (Attr, Method, Paren)):
+        yield from _value_reads(value.value)
+        if isinstance(value, Method):
+            for a in (*value.args, *(v for _, v in value.kwargs)):
+                yield from _value_reads(a)
+    elif isinstance(value, Index):
+        yield from _value_reads(value.value)
+        for item in value.items:
+            yield from _item_reads(item)
+    elif isinstance(value, Dict):
+        for _, v in value.items:
+            yield from _value_reads(v)
     elif isinstance(value, Elementwise):
         refs = dict(value.refs)
         for s in value.expr.free_symbols:
@@ -243,9 +332,6 @@ def _value_reads(value) -> Iterator[str]:
     elif isinstance(value, Concat):
         for p in value.parts:
             yield from _value_reads(p)
-    elif isinstance(value, tuple):
-        for v in value:
-            yield from _value_reads(v)
 
 
 def reads_of(stmt: Stmt) -> frozenset[str]:
@@ -289,7 +375,7 @@ for _cls in _STATEMENTS:
 def verify(stmts: Iterable[Stmt], where: str = "") -> None:
     """Check that every statement is one of the IR's, with values of the IR's types;
     raise InternalError naming the first that is not."""
-    values = (Ref, Elementwise, Call, Helper, MatMul, Reshape, Concat, Size, Text, tuple)
+    values = _VALUES
     for stmt in stmts:
         if not isinstance(stmt, _STATEMENTS):
             raise InternalError(f"{where}: {stmt!r} is not a statement")
@@ -321,6 +407,21 @@ def _text(value) -> str:
         return str(value.expr)
     if isinstance(value, Text):
         return value.text
+    if isinstance(value, Key):
+        return repr(value.name)
+    if isinstance(value, Infix):
+        return f" {value.op} ".join(_text(p) for p in value.parts)
+    if isinstance(value, Paren):
+        return f"({_text(value.value)})"
+    if isinstance(value, Attr):
+        return f"{_text(value.value)}.{value.name}"
+    if isinstance(value, Method):
+        args = [_text(a) for a in value.args] + [f"{k}={_text(v)}" for k, v in value.kwargs]
+        return f"{_text(value.value)}.{value.name}({', '.join(args)})"
+    if isinstance(value, Index):
+        return f"{_text(value.value)}[{', '.join(_item(i) for i in value.items)}]"
+    if isinstance(value, Dict):
+        return "{" + ", ".join(f"{k!r}: {_text(v)}" for k, v in value.items) + "}"
     if isinstance(value, tuple):
         return "(" + ", ".join(_text(v) for v in value) + ")"
     raise InternalError(f"{value!r} is not a value")
@@ -328,8 +429,10 @@ def _text(value) -> str:
 
 def _item(item) -> str:
     if isinstance(item, Span):
-        return f"{'' if item.lo is None else item.lo}:{'' if item.hi is None else item.hi}"
-    return str(item)
+        return f"{'' if item.lo is None else _item(item.lo)}:{'' if item.hi is None else _item(item.hi)}"
+    if isinstance(item, (sympy.Basic, _Marker)):
+        return str(item)
+    return _text(item)
 
 
 def dump(stmts: Iterable[Stmt], indent: int = 0) -> str:
@@ -356,13 +459,3 @@ def dump(stmts: Iterable[Stmt], indent: int = 0) -> str:
         elif isinstance(s, Comment):
             lines.append(f"{pad}# {s.text}")
     return "\n".join(lines)
-
-
-@dataclass
-class Block:
-    """Statements being collected (a function body, a loop body)."""
-
-    stmts: list = field(default_factory=list)
-
-    def __call__(self, stmt: Stmt) -> None:
-        self.stmts.append(stmt)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from symrnn import derive, plan
-from symrnn.backends import cupy_backend, numpy_backend
+from symrnn.backends import cupy_backend, numpy_rtrl
 from symrnn.errors import InternalError
 from symrnn.ir import NODE_KINDS, Pointwise, rule
 
@@ -17,7 +17,7 @@ TABLES = {
     "derive.OPERANDS_READ": derive.OPERANDS_READ,
     "plan.LEVEL": plan.LEVEL,
     "plan.PART": plan.PART,
-    "numpy_backend._RTRL": numpy_backend._RTRL,
+    "numpy_rtrl.RULES": numpy_rtrl.RULES,
     "cupy_backend._IN_GROUP": cupy_backend._IN_GROUP,
 }
 

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise, rule
+from ..ir import MatVecNode, Pointwise
 from ..naming import PYTHON_FIXED, Namer
 from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Region, Stage
 from ..printing import numpy_code
+from ..stmt import ALL, Elementwise, Ref, Span, t0_SYM, t1_SYM, t_SYM
+from .numpy_rtrl import emit_rtrl
+from .python_printer import PythonPrinter, span
 
 __all__ = ["emit"]
 
@@ -341,14 +344,6 @@ def _runs(slots: list, same=None) -> list[list]:
     return runs
 
 
-@dataclass
-class _RtrlContext:
-    names: dict[str, str]  # graph name -> its code at step t
-    x_slab: str  # the first tangent direction of x[t]
-    constant: set[str]  # values of the parameters alone (broadcast over the batch)
-
-
-
 def module_namer(plan: KernelPlan) -> Namer:
     """The namer of a NumPy (or CuPy) module: every value of the step graph keeps its
     name where Python, the template and the other names allow; the input reads ``x``."""
@@ -407,6 +402,56 @@ class _Emitter:
         self.transposes: dict[str, str] = {}  # weight code -> its contiguous transpose
 
     # -- names in each context ----------------------------------------------------
+    def ref_of(self, name: str, ctx: str) -> Ref:
+        """The array of value ``name`` in context ``ctx`` ('loop': one step t; 'all': every
+        step; 'block': the steps t0 .. t1 - 1)."""
+        g, n = self.g, self.n
+        t, t0, t1 = t_SYM, t0_SYM, t1_SYM
+        block, every = Span(t0, t1), Ref(name)
+        if g.is_leaf(name):
+            leaf = g.leaf(name)
+            if leaf.kind == "input":
+                return {"loop": Ref("x", (t,)), "block": Ref("x", (block,))}.get(ctx, Ref("x"))
+            if leaf.kind == "prev_state":
+                seq = n("seq", leaf.state)
+                return {"loop": Ref(n.value(name)), "block": Ref(seq, (block,))}.get(ctx, Ref(seq, (Span(None, -1),)))
+            return Ref(n.value(name))  # parameters (and their row blocks) are bound once
+        region = self.plan.region_of[name]
+        seq = n("seq", name)
+        if name in g.state_names:
+            return {"loop": Ref(n.value(name)), "block": Ref(seq, (Span(t0 + 1, t1 + 1),))}.get(ctx, Ref(seq, (Span(1, None),)))
+        if ctx == "loop" and region == "loop":
+            return Ref(n.value(name))
+        del every
+        return {"loop": Ref(seq, (t,)), "block": Ref(seq, (block,))}.get(ctx, Ref(seq))
+
+    def refs(self, ctx: str) -> dict[str, Ref]:
+        """Every value of the step graph -> its array in context ``ctx``."""
+        table = {leaf.name: self.ref_of(leaf.name, ctx) for leaf in self.g.leaves if leaf.kind != "target"}
+        table.update({n.name: self.ref_of(n.name, ctx) for n in self.g.nodes})
+        if ctx == "loop":
+            table.update({name: Ref(name, (t_SYM - t0_SYM,)) if ref.endswith("]") else Ref(name)
+                          for name, ref in self.coef_refs.items()})
+        return table
+
+    def ew(self, expr: sympy.Expr, ctx: str, extra: dict | None = None) -> Elementwise:
+        """An elementwise expression over the values of the step graph in context ``ctx``
+        (``extra``: more symbols, or other arrays for some)."""
+        table = {**self.refs(ctx), **(extra or {})}
+        return Elementwise(expr, tuple((s.name, table[s.name]) for s in sorted(expr.free_symbols, key=lambda s: s.name)
+                                       if s.name in table))
+
+    def weight_ref(self, mv: MatVecNode, base: str | None = None) -> Ref:
+        """The rows and columns of its parameter one product uses (of ``base``: the
+        parameter's gradient, say)."""
+        p = self.g.param(mv.param)
+        base = base or self.n.value(mv.param)
+        rows = ALL if mv.block is None else span(mv.block * mv.size, mv.size)
+        full_cols = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[1]) == 0
+        if full_cols:
+            return Ref(base) if rows is ALL else Ref(base, (rows,))
+        return Ref(base, (rows, span(mv.cols[0], mv.cols[1] - mv.cols[0])))
+
     def ref(self, name: str, ctx: str) -> str:
         """Code for value ``name`` in context ``ctx`` ('loop': one step t; 'all': every step;
         'block': the steps t0 .. t1 - 1)."""
@@ -1145,100 +1190,15 @@ class _Emitter:
 
     # -- forward mode (RTRL) ------------------------------------------------------
     def rtrl(self) -> None:
-        """Tangents of every value w.r.t. every parameter, initial state and input entry.
-
-        Directions are stacked on a leading axis of length K: the parameters in
-        declaration order, then each initial state, then x (T * n_in entries).
-        ``J_q`` has shape (K, B, size of q)."""
-        m, g, n = self.m, self.g, self.n
-        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
-        o_x = o(g.input.name)
-        prev = "0"
-        for p in g.params:
-            m.rtrl_setup.append(f"{o(p.name)} = {prev}")
-            prev = f"{o(p.name)} + {n.value(p.name)}.size"
-        for s in g.states:
-            m.rtrl_setup.append(f"{n('offset0', s.name)} = {prev}")
-            prev = f"{n('offset0', s.name)} + {dim(s.size)}"
-        m.rtrl_setup.append(f"{o_x} = {prev}")
-        m.rtrl_setup.append(f"K = {o_x} + T * n_in")
-        for s in g.states:
-            m.rtrl_setup.append(f'{n.value(s.name)} = state0["{s.name}"]')
-            m.rtrl_setup.append(f"{J(s.name)} = np.zeros((K, B, {dim(s.size)}), dtype)")
-            m.rtrl_setup.append(f"_add_diagonal({J(s.name)}, {n('offset0', s.name)}, 1.0)  # d{s.name}^(-1)/d{s.name}0 = I")
-        loop = m.rtrl_loop
-        for s in g.states:
-            loop.append(f"{n.value(s.prev)}, {J(s.prev)} = {n.value(s.name)}, {J(s.name)}")
-        names = {node.name: n.value(node.name) for node in g.nodes}
-        names[g.input.name] = "x[t]"
-        ctx = _RtrlContext(names=names, x_slab=f"{o_x} + t * n_in",
-                           constant={leaf.name for leaf in g.leaves if leaf.kind == "param"})  # values of parameters alone
-        for node in g.nodes:
-            loop.append(f"# {node.name}  {self.label(node)}")
-            loop.extend(rule(_RTRL, node, "RTRL")(self, node, ctx))
-        loop.append("cot = cotangent(t, {" + ", ".join(f'"{out}": {n.value(out)}' for out in g.outputs) + "})")
-        for out in g.outputs:
-            loop.append(f'if "{out}" in cot:')
-            loop.append(f'    G += np.einsum("kbn,bn->kb", {J(out)}, cot["{out}"])')
-        m.rtrl_grads = [(p.name, f"G[{o(p.name)}:{o(p.name)} + {n.value(p.name)}.size].sum(axis=1).reshape({n.value(p.name)}.shape)")
-                        for p in g.params]
-        m.rtrl_grads.append(("x", f"G[{o_x}:].reshape(T, n_in, B).transpose(0, 2, 1)"))
-        m.rtrl_grads += [(f"{s.name}0", f"G[{n('offset0', s.name)}:{n('offset0', s.name)} + {dim(s.size)}].T") for s in g.states]
-
-    def rtrl_pointwise(self, node: Pointwise, ctx: "_RtrlContext") -> list[str]:
-        """One step of a pointwise node and its tangent: J_q = sum_d (dq/dd) J_d, plus the
-        direct dependencies on parameter, input entries."""
-        g, d, n = self.g, self.d, self.n
-        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
-        code = self.code(node.expr, "loop", ctx.names)
-        if all(dep in ctx.constant for dep in node.deps):  # the same for every row: a (B, size) view
-            ctx.constant.add(node.name)
-            code = f"np.broadcast_to({code}, (B, {dim(node.size)}))"
-        lines = [f"{n.value(node.name)} = {code}"]
-        tangent, direct = [], []
-        for dep, coeff in d.tangent_terms(node.name):
-            leaf = g.leaf(dep) if g.is_leaf(dep) else None
-            c = self.code(coeff, "loop", ctx.names)
-            if leaf is None or leaf.kind == "prev_state":
-                tangent.append(J(dep) if coeff == 1 else f"({c}) * {J(dep)}")
-            elif leaf.kind == "input":
-                direct.append(f"_add_diagonal({J(node.name)}, {ctx.x_slab}, {c})")
-            elif g.param(leaf.param).kind == "scalar":
-                direct.append(f"{J(node.name)}[{o(leaf.param)}] += {c}")
-            else:
-                row0 = dim(leaf.block * leaf.size) if leaf.block else "0"
-                off = o(leaf.param) + ("" if row0 == "0" else f" + {row0}")
-                direct.append(f"_add_diagonal({J(node.name)}, {off}, {c})")
-        if not tangent:
-            rhs = f"np.zeros((K, B, {dim(node.size)}), dtype)"
-        elif len(tangent) == 1 and n.kind(tangent[0]) == "tangent" and direct:  # J_q itself: a copy to add into
-            rhs = f"{tangent[0]}.copy()"
-        else:
-            rhs = " + ".join(tangent)
-        return [*lines, f"{J(node.name)} = {rhs}", *direct]
-
-    def rtrl_matvec(self, node: MatVecNode, ctx: "_RtrlContext") -> list[str]:
-        """One step of a matrix-vector node and its tangent: W dv + dW v."""
-        g, n = self.g, self.n
-        J, o = (lambda name: n("tangent", name)), (lambda name: n("offset", name))
-        w = self.member_weight(node)
-        operand = ctx.names.get(node.operand) or n.value(node.operand)
-        lines = [f"{n.value(node.name)} = {operand} @ {w}.T"]
-        if node.operand == g.input.name:
-            lines.append(f"{J(node.name)} = np.zeros((K, B, {dim(node.size)}), dtype)")
-            lines.append(f"{J(node.name)}[{ctx.x_slab}:{ctx.x_slab} + n_in] += {w}.T[:, None, :]")
-        else:
-            lines.append(f"{J(node.name)} = {J(node.operand)} @ {w}.T")
-        row0 = dim(node.block * node.size) if node.block else "0"
-        lines.append(f"_add_matrix({J(node.name)}, {o(node.param)}, {n.value(node.param)}.shape, {row0}, "
-                     f"{dim(node.cols[0])}, {operand})")
-        return lines
+        """The statements of ``_rtrl`` (symrnn.backends.numpy_rtrl)."""
+        m = self.m
+        setup, loop, grads = emit_rtrl(self)
+        printer = PythonPrinter()
+        m.rtrl_setup, m.rtrl_loop = printer.lines(setup), printer.lines(loop)
+        m.rtrl_grads = [(key, printer.value(value)) for key, value in grads]
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:
         if self.g.loss is not None:
             self.m.loss_value, self.m.loss_grad, self.m.loss_scale = loss_code(self.plan)
 
-
-#: RTRL's step of each node kind (ir.NODE_KINDS)
-_RTRL = {Pointwise: _Emitter.rtrl_pointwise, MatVecNode: _Emitter.rtrl_matvec}

@@ -14,8 +14,8 @@ import sympy
 from ..errors import InternalError
 from ..printing import numpy_code
 from ..stmt import (
-    Assign, Call, Comment, Concat, Do, Elementwise, Helper, If, MatMul, OpCall, Ref, Reshape, Size, Span, Text, Update,
-    _Marker,
+    Assign, Attr, Call, Comment, Concat, Dict, Do, Elementwise, Helper, If, Index, Infix, Key, MatMul, Method, OpCall, Paren,
+    Ref, Reshape, Size, Span, Text, Update, _Marker,
 )
 
 __all__ = ["PythonPrinter", "dim", "span"]
@@ -63,21 +63,37 @@ class PythonPrinter:
             return dim(v.expr)
         if isinstance(v, Text):
             return v.text
+        if isinstance(v, Key):
+            return f'"{v.name}"'
+        if isinstance(v, Infix):
+            return f" {v.op} ".join(self.value(p) for p in v.parts)
+        if isinstance(v, Paren):
+            return f"({self.value(v.value)})"
+        if isinstance(v, Attr):
+            return f"{self.value(v.value)}.{v.name}"
+        if isinstance(v, Method):
+            return f"{self.value(v.value)}.{v.name}({self.arguments(v)})"
+        if isinstance(v, Index):
+            return f"{self.value(v.value)}[{', '.join(self.item(i) for i in v.items)}]"
+        if isinstance(v, Dict):
+            return "{" + ", ".join(f'"{k}": {self.value(x)}' for k, x in v.items) + "}"
         if isinstance(v, tuple):
             items = [self.value(x) for x in v]
             return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         raise InternalError(f"{v!r} is not a value")
 
-    def arguments(self, call: Call | Helper) -> str:
+    def arguments(self, call) -> str:
         return ", ".join([self.value(a) for a in call.args] + [f"{k}={self.value(v)}" for k, v in call.kwargs])
 
     def item(self, item) -> str:
         if isinstance(item, _Marker):
             return str(item)
         if isinstance(item, Span):
-            lo = "" if item.lo is None or dim(item.lo) == "0" else dim(item.lo)
-            return f"{lo}:{'' if item.hi is None else dim(item.hi)}"
-        return dim(item)
+            lo = "" if item.lo is None else self.item(item.lo)
+            return f"{'' if lo == '0' else lo}:{'' if item.hi is None else self.item(item.hi)}"
+        if isinstance(item, sympy.Basic):
+            return dim(item)
+        return self.value(item)
 
     # -- statements ---------------------------------------------------------------------
     def lines(self, stmts: Iterable, indent: int = 0) -> list[str]:
