@@ -19,10 +19,10 @@ import sympy
 from ..errors import InternalError
 from ..ir import MatVecNode, Pointwise
 from ..naming import PYTHON_FIXED, Namer
-from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Region, Stage
 from ..printing import numpy_code
-from ..stmt import ALL, Elementwise, Ref, Span, t0_SYM, t1_SYM, t_SYM
+from ..stmt import ALL, Assign, Call, Concat, Elementwise, Key, Ref, Span, t0_SYM, t1_SYM, t_SYM
+from .numpy_forward import emit_forward
 from .numpy_rtrl import emit_rtrl
 from .python_printer import PythonPrinter, span
 
@@ -85,263 +85,6 @@ class NumpyModule:
     loss_grad: str = ""
     loss_scale: str = ""
     generated_names: frozenset[str] = frozenset()  # every name the namer gave out
-
-
-class _LoopFusion:
-    """How one forward step avoids temporaries, for the per-step GEMMs of the loop.
-
-    1. Parameter-only addends (biases) of a sum that holds an input-side product
-       are added into that product's buffer once, for every step, before the loop.
-    2. Where an input-side product and a recurrent product are summed (W_x x +
-       W_h h_prev), slot by slot in the same layout, the step adds the whole
-       input-side buffer to the recurrent GEMM's output in one operation.
-    3. A slot whose consumer is sigmoid(slot) or tanh(slot) is activated in
-       place: the sigmoid slots of a run of adjacent slots share one exp call
-       (sigmoid(a) = 1 / (1 + exp(-a)), over the whole run; a tanh slot inside
-       the run takes its tanh first, into a scratch put back afterwards), and the
-       GEMM output lives in the stored buffer of those values (i_seq, f_seq, ...
-       are views of it), so nothing is copied.
-    4. When every slot of the recurrent GEMM pairs with the same slot of one
-       input-side buffer (the LSTM's four gates), that buffer is the stored one:
-       the GEMM writes one step's product to a (B, rows) scratch that is added
-       into the input side, and no second (T, B, rows) buffer exists.
-    Nothing here changes what a value means: a product is folded into only when
-    no other node and no backward formula reads it."""
-
-    def __init__(self, emitter: "_Emitter"):
-        self.e = emitter
-        e, g, plan = emitter, emitter.g, emitter.plan
-        self.n = emitter.n
-        self.exprs: dict[str, sympy.Expr] = {n.name: n.expr for n in g.nodes if isinstance(n, Pointwise)}
-        self.pre_lines: list[str] = []
-        self.alloc_lines: list[str] = []
-        self.view_lines: list[str] = []
-        self.views: set[str] = set()  # stored values that are views of a group's buffer
-        self.computed: set[str] = set()  # pointwise nodes the fused GEMM step computes
-        self.slot_names: dict[str, str] = {}
-        self.groups: dict[str, dict] = {}
-        needed = set(e.d.stored_values) | set(plan.stored)
-        loop_pointwise = [n for n in g.nodes if isinstance(n, Pointwise) and plan.region_of[n.name] == "loop"]
-        pre_members = {mv.name: (grp, off) for st in plan.pre.stages for grp in st.groups for mv, off in zip(grp.members, grp.offsets)}
-
-        def sole_use(name: str, node: Pointwise) -> bool:
-            consumers = g.consumers(name)
-            return len(consumers) == 1 and consumers[0].name == node.name and name not in needed
-
-        # 1. biases into the input-side products
-        folds: dict[str, dict[str, tuple]] = {}  # input-side group -> member -> (offset, consumer, bias code)
-        for node in loop_pointwise:
-            for add in sympy.preorder_traversal(self.exprs[node.name]):
-                if not add.is_Add:
-                    continue
-                products = [a for a in add.args if a.is_Symbol and a.name in pre_members and sole_use(a.name, node)]
-                biases = [a for a in add.args if self.parameter_only(a)]
-                if len(products) == 1 and biases:
-                    product = products[0].name
-                    grp, off = pre_members[product]
-                    folds.setdefault(grp.name, {})[product] = (off, node.name, numpy_code(sympy.Add(*biases), e.names("all")))
-                    self.exprs[node.name] = self.exprs[node.name].xreplace({add: add.func(*[a for a in add.args if a not in biases])})
-                    break
-        for grp in (grp for st in plan.pre.stages for grp in st.groups if grp.name in folds):
-            fold = folds[grp.name]
-            buf = self.pre_buffer(grp)
-            if len(grp.members) == 1:
-                ((off, node, code),) = fold.values()
-                self.pre_lines.append(f"{buf} += {code}  # the biases of {node}, for every step at once")
-            elif len(fold) == len(grp.members):  # one pass over the whole buffer
-                parts = ", ".join(fold[mv.name][2] for mv in grp.members)
-                nodes = ", ".join(fold[mv.name][1] for mv in grp.members)
-                self.pre_lines.append(f"{buf} += np.concatenate([{parts}])  # the biases of {nodes}, for every step at once")
-            else:
-                for mv in grp.members:
-                    if mv.name in fold:
-                        off, node, code = fold[mv.name]
-                        self.pre_lines.append(f"{buf}[..., {_slice(off, g.node(mv.name).size)}] += {code}  # the biases of {node}, for every step at once")
-        # 2. and 3., per recurrent GEMM
-        for stage in plan.loop.stages:
-            for grp in stage.groups:
-                self.plan_group(grp, pre_members, sole_use)
-
-    def pre_buffer(self, grp: GemmGroup) -> str:
-        """The array over every step that an input-side GEMM writes."""
-        return self.n("gseq", grp.name) if len(grp.members) > 1 else self.n("seq", grp.members[0].name)
-
-    def pre_step(self, grp: GemmGroup) -> str:
-        """The name of one step of it."""
-        return self.n("group", grp.name) if len(grp.members) > 1 else self.n.value(grp.members[0].name)
-
-    def parameter_only(self, expr: sympy.Expr) -> bool:
-        g = self.e.g
-        return bool(expr.free_symbols) and all(g.is_leaf(s.name) and g.leaf(s.name).kind == "param" for s in expr.free_symbols)
-
-    def plan_group(self, grp: GemmGroup, pre_members: dict, sole_use) -> None:
-        e, g, plan = self.e, self.e.g, self.e.plan
-        slots = []  # per member: dict(consumer, slot symbol, input-side group, activation)
-        for mv, off in zip(grp.members, grp.offsets):
-            consumers = g.consumers(mv.name)
-            info = {"member": mv, "offset": off, "content": mv.name, "pre": None, "act": None, "node": None}
-            if len(consumers) == 1 and isinstance(consumers[0], Pointwise) and mv.name not in e.plan.stored:
-                node = consumers[0]
-                expr = self.exprs[node.name]
-                for add in sympy.preorder_traversal(expr):
-                    if add.is_Add and sympy.Symbol(mv.name) in add.args:
-                        partners = [a for a in add.args if a.is_Symbol and a.name in pre_members and sole_use(a.name, node)]
-                        partners = [a for a in partners if sympy.expand(pre_members[a.name][1] - off) == 0]
-                        if partners:
-                            rest = [a for a in add.args if a not in (partners[0], sympy.Symbol(mv.name))]
-                            whole = expr.args and expr.args[0] == add and len(expr.args) == 1
-                            stem = f"pre_{node.name}" if whole else f"{mv.name}_sum"
-                            slot = sympy.Symbol(self.n.fresh(stem))
-                            self.exprs[node.name] = expr.xreplace({add: sympy.Add(slot, *rest)})
-                            info.update(pre=pre_members[partners[0].name][0], node=node, content=slot.name)
-                        break
-                expr = self.exprs[node.name]
-                if info["pre"] is not None and node.op is not None and node.op.numpy_inplace \
-                        and expr.args[0] == sympy.Symbol(info["content"]):
-                    info.update(act=node.op, content=node.name)
-            slots.append(info)
-        if not any(s["pre"] for s in slots):
-            return
-        single_state = len(slots) == 1 and slots[0]["act"] and slots[0]["content"] in g.state_names
-        stored = [s["content"] in plan.stored for s in slots]
-        pre = {s["pre"].name: s["pre"] for s in slots if s["pre"] is not None}
-        # 4. every slot pairs with the same slot of one input-side buffer: that buffer,
-        #    computed for every step anyway, becomes the stored one (the step's GEMM goes to
-        #    a (B, rows) scratch and is added into it): one (T, B, rows) buffer fewer
-        in_input = (not single_state and all(stored) and all(s["pre"] is not None for s in slots) and len(pre) == 1
-                    and sympy.expand(next(iter(pre.values())).rows - grp.rows) == 0)
-        scratch = None
-        n = self.n
-        buf = n("group", grp.name)  # the name of this step's GEMM output
-        if single_state:
-            dest = f"{n('seq', slots[0]['content'])}[t + 1]"
-        elif in_input:
-            group = next(iter(pre.values()))
-            source = self.pre_buffer(group)
-            dest, scratch, buf = f"{source}[t]", n("group", grp.name), self.pre_step(group)
-            self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(grp.rows)}), dtype)  # one step's recurrent product")
-            self.alloc_lines.append(f"# after each step, {source}[t] holds {', '.join(s['content'] for s in slots)}")
-            for s in slots:
-                self.views.add(s["content"])
-                self.view_lines.append(f"{n('seq', s['content'])} = {source}[..., {_slice(s['offset'], s['member'].size)}]")
-        elif all(stored):
-            dest = f"{n('gseq', grp.name)}[t]"
-            self.alloc_lines.append(f"{n('gseq', grp.name)} = np.empty((T, B, {dim(grp.rows)}), dtype)  # {', '.join(s['content'] for s in slots)}")
-            for s in slots:
-                self.views.add(s["content"])
-                self.view_lines.append(f"{n('seq', s['content'])} = {n('gseq', grp.name)}[..., {_slice(s['offset'], s['member'].size)}]")
-        else:
-            dest = n("gstep", grp.name)
-            self.alloc_lines.append(f"{dest} = np.empty((B, {dim(grp.rows)}), dtype)")
-        self.groups[grp.name] = {"slots": slots, "dest": dest, "buf": buf, "single_state": single_state, "scratch": scratch}
-        for s in slots:
-            if s["act"]:
-                self.computed.add(s["content"])
-
-    def expr(self, node: Pointwise) -> sympy.Expr:
-        return self.exprs[node.name]
-
-    def gemm(self, grp: GemmGroup, out: list[str]) -> None:
-        """The fused step of one recurrent GEMM: product, input side, activations."""
-        e = self.e
-        info = self.groups[grp.name]
-        slots = info["slots"]
-        labels = ", ".join(s["member"].name for s in slots)
-        product = f"np.dot({e.ref(grp.operand, 'loop')}, {e.transposed(grp)}, out={{}})  # {labels}"
-        buf = info["buf"]
-        if info["scratch"]:  # the step's slots live in the input-side buffer
-            out.append(product.format(info["scratch"]))
-            out.append(f"{buf} = {info['dest']}")
-            out.append(f"{buf} += {info['scratch']}  # + the recurrent side of every slot")
-        else:
-            out.append(f"{buf} = {info['dest']}")
-            out.append(product.format(buf))
-            self.add_input_side(grp, slots, buf, out)
-        whole = f"{buf}[:, {{}}]"
-        for run in _runs([s for s in slots if s["act"]], same=lambda a, b: True):
-            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
-            view = buf if len(run) == len(slots) else whole.format(_slice(lo, hi - lo))
-            names = ", ".join(e.label(s["node"]) for s in run)
-            whole_op = _whole_run_op(run)
-            saved = []
-            for s in run:  # a slot of another op: computed first, from its pre-activation, put back after
-                if s["act"] is not whole_op:
-                    part = whole.format(_slice(s["offset"], s["member"].size))
-                    scratch = self.n.fresh(f"{s['content']}_{s['act'].__name__}")
-                    self.alloc_lines.append(f"{scratch} = np.empty((B, {dim(s['member'].size)}), dtype)")
-                    out.extend(_inplace(s["act"], part, scratch, e.label(s["node"])))
-                    saved.append((part, scratch))
-            out.extend(_inplace(whole_op, view, view, names))
-            out.extend(f"{part} = {scratch}" for part, scratch in saved)
-        read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
-        n = self.n
-        for s in slots:
-            if s["content"] not in read and (s["content"] in self.views or info["single_state"]):
-                continue  # nothing else in the step reads it; its buffer holds it
-            name = self.ident(s["content"])
-            if info["single_state"]:
-                out.append(f"{name} = {buf}")
-            else:
-                out.append(f"{name} = {buf}[:, {_slice(s['offset'], s['member'].size)}]")
-                self.slot_names[s["content"]] = name
-            if s["content"] in e.plan.stored and s["content"] not in self.views:
-                out.append(f"{n('seq', s['content'])}[t] = {name}")
-
-    def ident(self, content: str) -> str:
-        """The name of what a slot holds: a value of the graph, or a slot's own (fresh) name."""
-        return self.n.value(content) if self.e.g.is_leaf(content) or content in self.exprs or \
-            any(node.name == content for node in self.e.g.nodes) else content
-
-    def add_input_side(self, grp: GemmGroup, slots: list, buf: str, out: list[str]) -> None:
-        """``buf`` (the step's GEMM output) += the input side of its slots, run by run."""
-        pre = {s["pre"].name for s in slots if s["pre"] is not None}
-        for run in _runs([s for s in slots if s["pre"] is not None]):
-            lo, hi = run[0]["offset"], run[-1]["offset"] + run[-1]["member"].size
-            src = self.pre_buffer(run[0]["pre"])
-            if len(run) == len(slots) and len(pre) == 1 and sympy.expand(run[0]["pre"].rows - grp.rows) == 0:
-                out.append(f"{buf} += {src}[t]  # + the input side (and biases) of every slot")
-            else:
-                sl = _slice(lo, hi - lo)
-                out.append(f"{buf}[:, {sl}] += {src}[t, :, {sl}]")
-
-    def vector(self, grp: GemmGroup, run: list, values: dict, what: str) -> str:
-        name = self.n.fresh(f"{grp.name}_{what}")
-        parts = ", ".join(f"np.full({dim(s['member'].size)}, {values[s['act']]}, dtype)" for s in run)
-        self.alloc_lines.append(f"{name} = np.concatenate([{parts}])")
-        return name
-
-
-def _inplace(op, a: str, out: str, label: str) -> list[str]:
-    """The op's in-place NumPy calls from ``a`` into ``out``, the first labelled (with the
-    op's formula, when the calls spell it in several steps)."""
-    lines = [step.format(a=a, out=out, xp="np") for step in op.numpy_inplace]
-    formula = sympy.sstr(op.formula(sympy.Symbol("a"))).replace("/", " / ")
-    note = f"  ({op.__name__}(a) = {formula})" if len(lines) > 1 else ""
-    return [f"{lines[0]}  # {label}{note}", *lines[1:]]
-
-
-def _whole_run_op(run: list):
-    """The op applied in place over a whole run of slots: the one that makes the fewest
-    passes over the data, its own over every slot plus each other op's (and a copy back)
-    over its slots."""
-    ops = list(dict.fromkeys(s["act"] for s in run))
-
-    def passes(whole) -> int:
-        return len(whole.numpy_inplace) * len(run) + sum(len(s["act"].numpy_inplace) + 1 for s in run if s["act"] is not whole)
-
-    return min(ops, key=passes)
-
-
-def _runs(slots: list, same=None) -> list[list]:
-    """Consecutive slots (adjacent offsets; and the same input-side group unless ``same``)."""
-    same = same or (lambda a, b: a["pre"] is b["pre"])
-    runs: list[list] = []
-    for s in slots:
-        if runs and same(runs[-1][-1], s) and sympy.expand(runs[-1][-1]["offset"] + runs[-1][-1]["member"].size - s["offset"]) == 0:
-            runs[-1].append(s)
-        else:
-            runs.append([s])
-    return runs
 
 
 def module_namer(plan: KernelPlan) -> Namer:
@@ -494,8 +237,20 @@ class _Emitter:
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)
-        m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [code for _, code in m.rtrl_grads])
+        m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [Assign(Ref("_"), v) for _, v in m.rtrl_grads])
         m.generated_names = self.n.names()
+        return self.printed(m)
+
+    def printed(self, m: NumpyModule) -> NumpyModule:
+        """The module's sections, statements printed as lines (the template's data)."""
+        printer = PythonPrinter()
+        for section in ("forward_setup", "backward_setup", "rtrl_bind", "stacks", "forward_pre", "forward_alloc",
+                        "forward_loop", "forward_post", "backward_seed", "backward_carry", "backward_post",
+                        "backward_coefs", "backward_loop", "backward_after", "backward_pre", "backward_weights",
+                        "rtrl_setup", "rtrl_loop"):
+            setattr(m, section, printer.lines(getattr(m, section)))
+        for pairs in ("outputs", "grads", "rtrl_grads"):
+            setattr(m, pairs, [(k, v if isinstance(v, str) else printer.value(v)) for k, v in getattr(m, pairs)])
         return m
 
     def lean_buffers(self) -> None:
@@ -531,11 +286,13 @@ class _Emitter:
                     m.backward_seed[m.backward_seed.index(f"{self.d_x} = np.zeros_like(x)")] = f"{self.d_x} = np.empty((T, B, n_in), dtype)"
                 return
 
-    def used_setup(self, *bodies: list[str]) -> list[str]:
-        """The setup lines a function needs: every parameter, and the row blocks its code reads."""
-        code = "\n".join(line.split("#")[0] for body in bodies for line in body)
-        return [line for line in self.m.setup
-                if "= p[" in line or re.search(rf"\b{line.split(' = ')[0]}\b", code)]
+    def used_setup(self, *bodies: list) -> list:
+        """The setup statements a function needs: every parameter, and the row blocks it reads."""
+        read = set()
+        for body in bodies:
+            for s in body:
+                read |= set(_words(s)) if isinstance(s, str) else s.reads  # (lines: while backward is text)
+        return [s for s in self.m.setup if s.value.name == "p" or s.dst.name in read]
 
     @property
     def d_x(self) -> str:
@@ -551,14 +308,18 @@ class _Emitter:
     def setup(self) -> None:
         m, g, n = self.m, self.g, self.n
         for p in g.params:
-            m.setup.append(f'{n.value(p.name)} = p["{p.name}"]')
+            m.setup.append(Assign(Ref(n.value(p.name)), Ref("p", (Key(p.name),))))
         for leaf in g.leaves:
             if leaf.kind == "param" and leaf.block is not None:
-                m.setup.append(f"{n.value(leaf.name)} = {n.value(leaf.param)}[{_slice(leaf.block * leaf.size, leaf.size)}]")
+                m.setup.append(Assign(Ref(n.value(leaf.name)), Ref(n.value(leaf.param), (span(leaf.block * leaf.size, leaf.size),))))
         for region in self.plan.regions:
             for stage in region.stages:
                 for group in stage.groups:
                     self.weights[group.name] = self.stack(group)
+
+    def weight_code(self, group: GemmGroup) -> str:
+        """The stacked weight of a group, as code (for the sections not yet statements)."""
+        return PythonPrinter().value(self.weights[group.name])
 
     def member_weight(self, mv: MatVecNode, base: str | None = None) -> str:
         """The rows and columns of its parameter one product uses (of ``base``: the
@@ -581,119 +342,27 @@ class _Emitter:
         weight, so products done once (all steps in one GEMM) keep the view."""
         w = self.weights[group.name]
         if w not in self.transposes:
-            stem = (w if w.isidentifier() else f"W_{group.name}") + "_T"
+            stem = (w.name if not w.index else f"W_{group.name}") + "_T"
             self.transposes[w] = self.n.fresh(stem)
-            self.m.stacks.append(f"{self.transposes[w]} = np.ascontiguousarray({w}.T)")
+            self.m.stacks.append(Assign(Ref(self.transposes[w]), Call("ascontiguousarray", (w.t,))))
         return self.transposes[w]
 
-    def stack(self, group: GemmGroup) -> str:
+    def stack(self, group: GemmGroup) -> Ref:
+        """The weight of a group's product: a parameter, rows and columns of one, or the
+        members' stacked (concatenated once per call, kept in the cache for backward)."""
         if group.whole_param:
-            return self.n.value(group.whole_param)
+            return Ref(self.n.value(group.whole_param))
         if len(group.members) == 1:
-            return self.member_weight(group.members[0])
+            return self.weight_ref(group.members[0])
         name = self.n.get(("stack", group.name), f"W_stack_{self.n.spelling(group.operand)}")
         self.stacked.add(name)
-        parts = ", ".join(self.member_weight(mv) for mv in group.members)
-        self.m.stacks.append(f"{name} = np.concatenate([{parts}], axis=0)  # stacked: one GEMM for {len(group.members)} products")
-        return name
+        parts = tuple(self.weight_ref(mv) for mv in group.members)
+        self.m.stacks.append(Assign(Ref(name), Concat(parts, 0), f"stacked: one GEMM for {len(group.members)} products"))
+        return Ref(name)
 
     # -- forward ------------------------------------------------------------------
-    def gemm_forward(self, group: GemmGroup, ctx: str, out: list[str]) -> None:
-        operand = self.ref(group.operand, ctx)
-        w = self.weights[group.name]
-        labels = ", ".join(mv.name for mv in group.members)
-        if ctx == "loop":
-            product = f"np.dot({operand}, {self.transposed(group)})"
-        else:
-            product = steps_matmul(operand, dim(self.g.size(group.operand)), f"{w}.T", dim(group.rows))  # once: a view
-        n = self.n
-        value = (lambda name: n.value(name)) if ctx == "loop" else (lambda name: n("seq", name))
-        if len(group.members) == 1:
-            out.append(f"{value(group.members[0].name)} = {product}  # {labels}")
-        else:
-            whole = n("group", group.name) if ctx == "loop" else n("gseq", group.name)
-            out.append(f"{whole} = {product}  # {labels}")
-            for mv, off in zip(group.members, group.offsets):
-                out.append(f"{value(mv.name)} = {whole}[..., {_slice(off, mv.size)}]")
-        if ctx == "loop":
-            out.extend(f"{n('seq', mv.name)}[t] = {n.value(mv.name)}" for mv in group.members if mv.name in self.plan.stored)
-
     def forward(self) -> None:
-        m, g, plan = self.m, self.g, self.plan
-        # values that do not change over time (computed from parameters only, e.g.
-        # sigmoid(b)): broadcast to (T, B, size) like every other value of a region
-        constant = {leaf.name for leaf in g.leaves if leaf.kind == "param"}
-        for n in g.nodes:
-            if isinstance(n, Pointwise) and all(d in constant for d in n.deps):
-                constant.add(n.name)
-        fused = _LoopFusion(self)
-        for ctx, region, out in (("all", plan.pre, m.forward_pre), ("loop", plan.loop, m.forward_loop), ("all", plan.post, m.forward_post)):
-            for stage in region.stages:
-                for group in stage.groups:
-                    if ctx == "loop" and group.name in fused.groups:
-                        fused.gemm(group, out)
-                    else:
-                        self.gemm_forward(group, ctx, out)
-                if region is plan.pre:
-                    out.extend(fused.pre_lines if stage is region.stages[-1] else [])
-                for node in stage.pointwise:
-                    if ctx == "all" and node.name in constant:
-                        out.append(f"{self.n('seq', node.name)} = np.broadcast_to({self.code(node.expr, ctx)}, (T, B, {dim(node.size)}))  # {self.label(node)}")
-                    elif ctx == "all":
-                        out.append(f"{self.n('seq', node.name)} = {self.code(node.expr, ctx)}  # {self.label(node)}")
-                    elif node.name not in fused.computed:
-                        self.pointwise_forward(node, fused.expr(node), fused, out)
-        n = self.n
-        for s in g.states:
-            m.forward_alloc.append(f"{n('seq', s.name)} = np.empty((T + 1, B, {dim(s.size)}), dtype)")
-            m.forward_alloc.append(f'{n("seq", s.name)}[0] = state0["{s.name}"]')
-        m.forward_alloc.extend(fused.alloc_lines)
-        for name in plan.stored:
-            if name not in fused.views:
-                m.forward_alloc.append(f"{n('seq', name)} = np.empty((T, B, {dim(g.node(name).size)}), dtype)")
-        m.forward_alloc.extend(fused.view_lines)
-        if plan.loop.stages:
-            m.forward_loop[:0] = [f"{n.value(s.prev)} = {n('seq', s.name)}[t]" for s in g.states]
-        m.outputs = [(s.name, f"{n('seq', s.name)}[1:]") for s in g.states] + [(r, n("seq", r)) for r in g.readouts]
-        # what backward reads
-        keep = {n("seq", s.name) for s in g.states} | {n("seq", name) for name in plan.stored}
-        for name in self.d.stored_values:
-            if not g.is_leaf(name) and plan.region_of[name] != "loop":
-                keep.add(n("seq", name))
-        keep |= self.stacked
-        m.cache_names = sorted(keep)
-        # views of input-side products that folding left unread
-        code = "\n".join([*m.forward_loop, *m.forward_post, *fused.pre_lines, *(c for _, c in m.outputs), *m.cache_names])
-        views = {i: match.group(1) for i, line in enumerate(m.forward_pre)
-                 if (match := re.match(r"^(\w+) = \w+\[\.\.\., [^\]]*\]$", line))}
-        code += "\n".join(line for i, line in enumerate(m.forward_pre) if i not in views)
-        m.forward_pre = [line for i, line in enumerate(m.forward_pre) if i not in views or re.search(rf"\b{views[i]}\b", code)]
-
-    def pointwise_forward(self, node: Pointwise, expr: sympy.Expr, fused: "_LoopFusion", out: list[str]) -> None:
-        """One step of a pointwise node, written straight into its stored buffer where it has one."""
-        g, plan, n = self.g, self.plan, self.n
-        names = {**self.names("loop"), **fused.slot_names}
-        code = numpy_code(expr, names)
-        label = f"  # {self.label(node)}"
-        name = n.value(node.name)
-        if node.name in g.state_names:
-            dest = f"{n('seq', node.name)}[t + 1]"
-        elif node.name in plan.stored:
-            dest = f"{n('seq', node.name)}[t]"
-        else:
-            out.append(f"{name} = {code}{label}")
-            return
-        ufunc = {sympy.Add: "np.add", sympy.Mul: "np.multiply"}.get(type(expr))
-        if ufunc and len(expr.args) >= 2:
-            first, rest = expr.args[0], expr.func(*expr.args[1:])
-            out.append(f"{name} = {dest}")
-            out.append(f"{ufunc}({numpy_code(first, names)}, {numpy_code(rest, names)}, out={name}){label}")
-        elif isinstance(expr, Op) and len(type(expr).numpy_inplace) == 1:  # one ufunc call, into the buffer
-            out.append(f"{name} = {dest}")
-            out.append(type(expr).numpy_inplace[0].format(a=numpy_code(expr.args[0], names), out=name, xp="np") + label)
-        else:
-            out.append(f"{name} = {code}{label}")
-            out.append(f"{dest} = {name}")
+        emit_forward(self)
 
     def label(self, node) -> str:
         """The label of the equation a node implements (as in ``symrnn latex``)."""
@@ -1096,7 +765,7 @@ class _Emitter:
 
     def gemm_backward(self, region: Region, group: GemmGroup, ctx: str, out: list[str], nonzero: set[str]) -> None:
         g, n = self.g, self.n
-        w = self.weights[group.name]
+        w = self.weight_code(group)
         adj = [n("adj", mv.name) if mv.name in nonzero else None for mv in group.members]
         adj = [self.alias.get(a, a) if a else None for a in adj]
         if all(a is None for a in adj):
@@ -1171,7 +840,7 @@ class _Emitter:
                 runs.append([loop_buf, rec_off, off, mv.size])
             elif a:
                 runs.append([a, None, off, mv.size])
-        w, cols = self.weights[group.name], dim(g.size(group.operand))
+        w, cols = self.weight_code(group), dim(g.size(group.operand))
         for source, src_off, row, size in runs:
             view = source if src_off is None else f"{source}[..., {_slice(src_off, size)}]"
             rows = _slice(row, size)
@@ -1191,11 +860,7 @@ class _Emitter:
     # -- forward mode (RTRL) ------------------------------------------------------
     def rtrl(self) -> None:
         """The statements of ``_rtrl`` (symrnn.backends.numpy_rtrl)."""
-        m = self.m
-        setup, loop, grads = emit_rtrl(self)
-        printer = PythonPrinter()
-        m.rtrl_setup, m.rtrl_loop = printer.lines(setup), printer.lines(loop)
-        m.rtrl_grads = [(key, printer.value(value)) for key, value in grads]
+        self.m.rtrl_setup, self.m.rtrl_loop, self.m.rtrl_grads = emit_rtrl(self)
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:
