@@ -122,6 +122,4 @@ class PythonPrinter:
             return [f'{pad}if "{s.key}" in {s.mapping}:', *self.lines(s.body, indent + 4)]
         if isinstance(s, Comment):
             return [f"{pad}# {s.text}"]
-        if isinstance(s, str):  # (while the backends move to statements)
-            return [pad + s if s else s]
         raise InternalError(f"{s!r} is not a statement")

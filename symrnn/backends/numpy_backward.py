@@ -1,0 +1,632 @@
+"""The backward pass of the NumPy module (BPTT), as statements (symrnn.stmt).
+
+Regions in reverse (``post``, the ``loop`` from step T - 1 down to 0, ``pre``),
+stages in reverse within each: a stage's adjoints from the contributions its
+consumers made (:attr:`Backward.acc`), then what it passes on to the values it
+reads, then the adjoint GEMMs of its products.  In the loop, only what depends
+on the incoming adjoints stays: every adjoint is linear in the adjoints, and its
+coefficients (stored forward values only) are computed for a block of steps at
+once before the loop runs over that block.  Weight gradients are one GEMM over
+every step after the loop, from buffers that hold a GEMM's output adjoint for
+every step.
+
+An adjoint statement is first a :class:`Pending` (a destination, an expression
+in symbols, how it is added), so that substitution, the split into coefficients
+and common subexpressions work on SymPy expressions; :meth:`Backward.print_with_cse`
+turns them into statements.  A symbol of an adjoint is the name it prints as:
+``d_f``, or one step of a buffer, ``d_h_seq[t]`` (:meth:`Backward.sym`, which
+records the buffer's ref, so what a statement reads stays known).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ..errors import InternalError
+from ..ir import MatVecNode, Pointwise
+from ..plan import GemmGroup, Region, Stage
+from ..stmt import (
+    ALL, ETC, Assign, Call, Concat, Do, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, t0_SYM, t_SYM,
+)
+from .python_printer import PythonPrinter, span
+
+__all__ = ["Backward", "Pending", "emit_backward"]
+
+#: the kinds of name (symrnn.naming) that hold adjoints
+ADJOINT_KINDS = frozenset({"adj", "adj_part", "adj_from", "adj_via", "adj_next", "adj_seq", "gadj_seq"})
+
+_SUM_AXES = {"scalar": None, "loop": Text("0"), "all": Text("(0, 1)")}
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An adjoint statement before printing: ``dst = expr`` (``op`` "="), ``dst += expr``
+    (``op`` "+"), or with ``total`` ``dst += sum(expr)`` over the axes ``axes`` (None:
+    all of them); ``alias``: ``dst = alias``, the same value computed already."""
+
+    dst: Ref
+    expr: sympy.Expr | None
+    op: str = "="
+    total: bool = False
+    axes: Text | None = None
+    alias: str = ""
+    comment: str = ""
+
+    def with_expr(self, expr: sympy.Expr) -> "Pending":
+        return Pending(self.dst, expr, self.op, self.total, self.axes, self.alias, self.comment)
+
+
+def emit_backward(e) -> None:
+    """The sections of ``backward`` (seeds, the loop, the sums and GEMMs after it) into ``e.m``."""
+    Backward(e).run()
+
+
+def empty_steps(size: sympy.Expr, fill: str = "empty") -> Call:
+    """``np.empty((T, B, size), dtype)`` (or zeros)."""
+    return Call(fill, ((Text("T"), Text("B"), Size(size)), Text("dtype")))
+
+
+def steps_matmul(a, a_cols: sympy.Expr, b, rows: sympy.Expr) -> Reshape:
+    """``a @ b`` for ``a`` of shape (T, B, a_cols): one GEMM over all T * B rows.
+
+    (NumPy runs a 3-D ``a @ b`` as T separate small products, several times slower.)"""
+    return Reshape(MatMul(Reshape(a, a_cols), b), rows, steps=True)
+
+
+def weight_gradient(a, rows: sympy.Expr, b, cols: sympy.Expr) -> MatMul:
+    """``sum_t a[t]^T b[t]``: one GEMM over every step."""
+    return MatMul(Reshape(a, rows, T=True), Reshape(b, cols))
+
+
+def rows_of(w: Ref, rows) -> Ref | Index:
+    """Rows ``rows`` of the weight ``w`` (itself maybe rows and columns of a parameter)."""
+    return Index(w, (rows,)) if w.index else w[rows]
+
+
+class Backward:
+    def __init__(self, emitter):
+        e = self.e = emitter
+        self.g, self.d, self.plan, self.n, self.m = e.g, e.d, e.plan, e.n, e.m
+        self.alias: dict[str, str] = {}  # adjoint name -> the name holding the same value
+        self.acc: dict[str, list[Ref]] = {}  # value -> the arrays its adjoint sums
+        self.sym_refs: dict[str, Ref] = {}  # symbol name -> the array it stands for (one step of a buffer)
+        self.group_buffers: dict[str, tuple[str, tuple]] = {}  # loop adjoint buffer -> (owner group, adjoints of its slots)
+        self.destination: dict[str, Ref] = {}  # loop adjoint -> its slot in an adjoint buffer
+        self.in_place: set[str] = set()  # loop adjoints computed directly into their slot
+        self.region_name = ""
+        self.temporaries = self.n.numbered("d_tmp")  # names of shared subexpressions
+        self.stage: Stage | None = None
+        self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
+        self.shared_groups: dict[str, str] = {}
+        self.partial_groups: dict[str, GemmGroup] = {}  # input-side groups some of whose members share a loop slot
+        self.member_source: dict[str, tuple] = {}  # input-side product -> (loop group, offset) holding its adjoint
+        self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
+        self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
+        self.slots: dict[str, tuple] = {}  # loop adjoint -> (buffer over all steps, its columns there: a Span or None)
+        self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
+        self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
+        self.coef_refs: dict[str, Ref] = {}  # coefficient buffer -> its value at step t
+        self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
+
+    # -- symbols and values ----------------------------------------------------------
+    def sym(self, ref: Ref) -> sympy.Symbol:
+        """The symbol of an adjoint array (its printed name: ``d_h_seq[t]``)."""
+        if not ref.index:
+            return sympy.Symbol(ref.name)
+        name = PythonPrinter().value(ref)
+        self.sym_refs[name] = ref
+        return sympy.Symbol(name)
+
+    def adjoint(self, name: str) -> sympy.Symbol:
+        """The symbol of a value's adjoint at one step."""
+        return sympy.Symbol(self.n("adj", name))
+
+    def ew(self, expr: sympy.Expr, ctx: str, extra: dict | None = None):
+        """``expr`` as an elementwise value: graph values, adjoint buffers and, in the loop,
+        the coefficients at step t."""
+        table = {**self.sym_refs, **(self.coef_refs if ctx == "loop" else {}), **(extra or {})}
+        return self.e.ew(expr, ctx, table)
+
+    def is_adjoint(self, symbol: sympy.Symbol) -> bool:
+        """An adjoint's symbol: its name, or one step of an adjoint buffer (``d_h_seq[t]``)."""
+        return self.n.kind(symbol.name.split("[", 1)[0]) in ADJOINT_KINDS
+
+    def assigned(self, p: Pending) -> str | None:
+        """The adjoint a pending statement ``<adjoint> = ...`` assigns, if it is one."""
+        name = p.dst.name
+        return name if p.op == "=" and not p.dst.index and self.n.kind(name) in ADJOINT_KINDS else None
+
+    def grad_ref(self, param: str, rows=None) -> Ref:
+        """A parameter's gradient (its rows ``rows``)."""
+        grad = Ref(self.e.grad(param))
+        return grad if rows is None else grad[rows]
+
+    @property
+    def d_x(self) -> Ref:
+        return Ref(self.e.d_x)
+
+    # -- the function --------------------------------------------------------------
+    def run(self) -> None:
+        m, g, plan, n = self.m, self.g, self.plan, self.n
+        self.shared_groups = self.shared_adjoints()
+        for s in g.states:
+            m.backward_seed.append(self.seed(s.name, s.size))
+        for r in g.readouts:
+            m.backward_seed.append(self.seed(r, g.node(r).size))
+            self.acc[r] = [Ref(n("adj_seq", r))]
+        # adjoint buffers for values that receive contributions from a later region
+        order = {"pre": 0, "loop": 1, "post": 2}
+        for node in g.nodes:
+            if node.name in g.state_names or node.name in g.readouts:
+                continue
+            mine = order[plan.region_of[node.name]]
+            later = any(order[plan.region_of[c.name]] > mine for c in g.consumers(node.name))
+            if later and node.name not in self.shared_members:
+                m.backward_seed.append(Assign(Ref(n("adj_seq", node.name)), empty_steps(node.size, "zeros")))
+        m.backward_seed.append(Assign(self.d_x, Call("zeros_like", (Ref("x"),))))
+        for p in g.params:
+            m.backward_seed.append(Assign(self.grad_ref(p.name), Call("zeros_like", (Ref(n.value(p.name)),))))
+
+        m.backward_carry = [Assign(Ref(n("adj_next", s.name)), Call("zeros", ((Text("B"), Size(s.size)), Text("dtype"))))
+                            for s in g.states]
+        self.region_backward(plan.post, "all", m.backward_post)
+        for s in g.states:
+            self.acc.setdefault(s.name, []).extend([Ref(n("adj_seq", s.name), (t_SYM,)), Ref(n("adj_next", s.name))])
+        for name in plan.loop.nodes:
+            if name not in g.state_names and any(plan.region_of[c.name] == "post" for c in g.consumers(name)):
+                self.acc.setdefault(name, []).append(Ref(n("adj_seq", name), (t_SYM,)))
+        self.region_backward(plan.loop, "loop", m.backward_loop)
+        self.parameter_sums()
+        for name in plan.pre.nodes:
+            if name in self.shared_members:
+                self.acc[name] = [Ref(n("adj", self.shared_members[name]))]  # never printed: see gemm_backward
+            elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
+                self.acc.setdefault(name, []).append(Ref(n("adj_seq", name)))
+        self.region_backward(plan.pre, "all", m.backward_pre)
+        self.share_coefficients()
+        # initial states and the input
+        m.grads = [(p.name, self.grad_ref(p.name)) for p in g.params] + [("x", self.d_x)]
+        m.grads += [(f"{s.name}0", Ref(n("adj_next", s.name))) for s in g.states]
+
+    def seed(self, output: str, size: sympy.Expr) -> Assign:
+        """The adjoint of an output over every step, from the caller's ``grad_outputs``."""
+        shape = (Text("T"), Text("B"), Size(size))
+        return Assign(Ref(self.n("adj_seq", output)), Helper("_seed", (Text("grad_outputs"), Key(output), shape, Text("dtype"))))
+
+    # -- which adjoints the input side shares with the loop -----------------------------
+    def shared_adjoints(self) -> dict[str, str]:
+        """Input-side products whose adjoint provably equals a recurrent product's.
+
+        W_x x and W_h h_prev added into the same pre-activations have the same
+        consumers with the same partial derivatives, hence the same adjoint: the
+        input side then reads the recurrent GEMM's adjoint buffer instead of
+        keeping a copy.  Returns pre-region group name -> loop group name."""
+        shared = {}
+        loop_groups = [grp for st in self.plan.loop.stages for grp in st.groups]
+        for stage in self.plan.pre.stages:
+            for pre in stage.groups:
+                for rec in loop_groups:
+                    if len(pre.members) == len(rec.members) and all(
+                        self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)
+                    ):
+                        shared[pre.name] = rec.name
+                        self.shared_members.update({a.name: b.name for a, b in zip(pre.members, rec.members)})
+                        break
+                else:
+                    if pre.operand != self.g.input.name:
+                        continue
+                    # member by member (GRU: r and z share, n keeps its own)
+                    for a in pre.members:
+                        for rec in loop_groups:
+                            for b, off in zip(rec.members, rec.offsets):
+                                if a.name not in self.member_source and self.same_adjoint(a, b):
+                                    self.member_source[a.name] = (rec, off)
+                                    self.shared_members[a.name] = b.name
+                    if any(a.name in self.member_source for a in pre.members):
+                        self.partial_groups[pre.name] = pre
+        return shared
+
+    def same_adjoint(self, a: MatVecNode, b: MatVecNode) -> bool:
+        consumers_a = {c.name for c in self.g.consumers(a.name)}
+        if consumers_a != {c.name for c in self.g.consumers(b.name)} or sympy.simplify(a.size - b.size) != 0:
+            return False
+        loop = set(self.plan.loop.nodes)
+        return consumers_a <= loop and all(
+            isinstance(self.g.node(c), Pointwise) and self.d.partial(c, a.name) == self.d.partial(c, b.name)
+            for c in consumers_a
+        )
+
+    # -- sums over the steps ----------------------------------------------------------
+    def parameter_sums(self) -> None:
+        """Gradients of elementwise parameters whose adjoint a buffer stores: one sum per
+        buffer over the steps and the batch, shared by every parameter that reads it
+        (PyTorch's two biases get the same sum)."""
+        totals: dict[str, str] = {}
+        after = self.m.backward_after
+        for leaf, name in self.deferred_sums:
+            name = self.alias.get(name, name)
+            p = self.g.param(leaf.param)
+            rows = None if leaf.block is None else span(leaf.block * leaf.size, leaf.size)
+            if name not in self.slots:
+                raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
+            buf, cols = self.slots[name]
+            grad = self.grad_ref(p.name, rows)
+            if p.kind == "scalar":
+                after.append(Update(grad, "+", Call("sum", (Ref(buf, (ETC, cols)) if cols else Ref(buf),))))
+                continue
+            if buf not in totals:
+                totals[buf] = self.n.fresh(f"{buf.removesuffix('_seq')}_sum")
+                after.append(Assign(Ref(totals[buf]), Call("sum", (Ref(buf),), (("axis", _SUM_AXES["all"]),)),
+                                    "over the steps and the batch"))
+            after.append(Update(grad, "+", Ref(totals[buf], (cols,)) if cols else Ref(totals[buf])))
+
+    # -- regions and stages ---------------------------------------------------------------
+    def region_backward(self, region: Region, ctx: str, out: list) -> None:
+        g, n = self.g, self.n
+        self.region_name = region.name
+        for k in reversed(range(len(region.stages))):
+            self.stage_backward(region.stages[k], k, ctx, out)
+        if ctx == "loop":
+            bind = [Assign(Ref(n.value(name)), self.bound(name)) for name in self.loop_bindings(out)]
+            prev = []
+            for s in g.states:
+                terms = tuple(self.acc.get(s.prev, []))
+                carry = Ref(n("adj_next", s.name))
+                value = Infix("+", terms) if len(terms) > 1 else terms[0] if terms else Call("zeros_like", (carry,))
+                prev.append(Assign(carry, value))
+            out[:] = bind + out + prev
+
+    def loop_bindings(self, stmts: list) -> list[str]:
+        """Forward values the loop body reads, in graph order."""
+        used = set().union(*(s.reads for s in stmts))
+        names = [s.prev for s in self.g.states if self.n.value(s.prev) in used]
+        names += [node.name for node in self.g.nodes
+                  if self.n.value(node.name) in used and self.plan.region_of[node.name] == "loop"]
+        return names
+
+    def bound(self, name: str) -> Ref:
+        """Where the loop reads forward value ``name`` at step t."""
+        g, n = self.g, self.n
+        if g.is_leaf(name):
+            return Ref(n("seq", g.leaf(name).state), (t_SYM,))
+        if name in g.state_names:
+            return Ref(n("seq", name), (t_SYM + 1,))
+        if name in self.plan.stored:
+            return Ref(n("seq", name), (t_SYM,))
+        raise InternalError(f"backward of cell '{g.cell}' reads '{name}', which forward does not store")
+
+    def stage_backward(self, stage: Stage, k: int, ctx: str, out: list) -> None:
+        g, d = self.g, self.d
+        self.stage = stage
+        final_pw = {n.name for n in stage.pointwise}
+        final = [n for n in g.nodes if n.name in final_pw or n.name in {mv.name for mv in stage.matvecs}]
+        seen: dict[sympy.Expr, str] = {}  # adjoint expression -> the name that holds it
+        nonzero: set[str] = set()
+        pending: list[Pending] = []
+        for node in reversed(final):
+            if node.name in self.shared_members and ctx == "all":
+                nonzero.add(node.name)  # held by the recurrent GEMM's adjoint buffer
+                continue
+            terms = [self.sym(src) for src in self.acc.get(node.name, [])]
+            for c, coeff in d.adjoint_terms(node.name):
+                if c in final_pw and c in nonzero:
+                    terms.append(coeff * self.adjoint(c))
+            expr = sympy.Add(*terms)
+            if expr == 0:
+                continue
+            nonzero.add(node.name)
+            pending.append(self.assign(self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"))
+        # contributions to values outside this stage
+        targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
+                         key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
+        for dep in targets:
+            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) for c in stage.pointwise if c.name in nonzero])
+            if expr != 0:
+                self.route(dep, expr, k, ctx, pending, seen)
+        if ctx == "loop":
+            pending = self.linearize(pending, stage)
+            for group in stage.groups:
+                self.loop_adjoint_buffer(group, nonzero)
+        self.print_with_cse(pending, ctx, out)
+        for group in stage.groups:
+            self.gemm_backward(group, ctx, out, nonzero)
+
+    def order(self, name: str) -> tuple[int, str]:
+        for i, leaf in enumerate(self.g.leaves):
+            if leaf.name == name:
+                return (i, name)
+        return (len(self.g.leaves) + [n.name for n in self.g.nodes].index(name), name)
+
+    def assign(self, name: str, expr: sympy.Expr, seen: dict, label: str = "") -> Pending:
+        """``name = expr``, or an alias when the same expression was computed already."""
+        expr = sympy.factor_terms(expr)
+        if expr in seen:
+            self.alias[name] = seen[expr]
+            return Pending(Ref(name), None, alias=seen[expr], comment=label)
+        seen[expr] = name
+        return Pending(Ref(name), expr, comment=label)
+
+    def route(self, dep: str, expr: sympy.Expr, k: int, ctx: str, out: list, seen: dict) -> None:
+        """Add a stage's contribution ``expr`` to the adjoint of ``dep`` (outside the stage)."""
+        g, n = self.g, self.n
+        expr = sympy.factor_terms(expr)
+        if expr in seen:  # the very value an adjoint already holds
+            expr = sympy.Symbol(seen[expr])
+        leaf = g.leaf(dep) if g.is_leaf(dep) else None
+        if dep in self.shared_members:
+            return  # the recurrent product's adjoint buffer holds this value already
+        stored = {n("adj", mv.name) for mv in self.stage.matvecs}  # written to a buffer over all steps
+        param = leaf is not None and leaf.kind == "param"
+        if param and ctx == "loop" and expr.is_Symbol and self.alias.get(expr.name, expr.name) in stored:
+            self.deferred_sums.append((leaf, expr.name))  # summed over every step after the loop
+            return
+        if param and ctx == "loop" and expr in self.routed and self.only_here(dep):
+            self.slots.setdefault(self.routed[expr], (self.routed[expr], None))
+            self.deferred_sums.append((leaf, self.routed[expr]))  # the same values as that buffer's
+            return
+        step = (t_SYM,) if ctx == "loop" else ()
+        if param:
+            p = g.param(leaf.param)
+            rows = None if leaf.block is None else span(leaf.block * leaf.size, leaf.size)
+            axes = None if p.kind == "scalar" else _SUM_AXES[ctx]
+            out.append(Pending(self.grad_ref(p.name, rows), expr, "+", total=True, axes=axes))
+        elif leaf is not None and leaf.kind == "input":
+            out.append(Pending(Ref(self.d_x.name, step), expr, "+"))
+        elif leaf is not None and leaf.kind == "prev_state":
+            name = n("adj_part", dep, k)
+            out.append(self.assign(name, expr, seen))
+            self.acc.setdefault(dep, []).append(Ref(name))
+        elif self.plan.region_of[dep] == self.region_name:
+            name = n("adj_from", dep, k)
+            out.append(self.assign(name, expr, seen))
+            self.acc.setdefault(dep, []).append(Ref(name))
+        elif ctx == "loop" and self.only_here(dep):  # this step's whole contribution
+            out.append(Pending(Ref(n("adj_seq", dep), step), expr))
+            self.routed.setdefault(expr, n("adj_seq", dep))
+        else:
+            out.append(Pending(Ref(n("adj_seq", dep), step), expr, "+"))
+
+    def only_here(self, name: str) -> bool:
+        """Every consumer of ``name`` is a pointwise node of the current stage."""
+        here = {n.name for n in self.stage.pointwise}
+        return all(c.name in here for c in self.g.consumers(name))
+
+    # -- the loop: what depends on the incoming adjoints ---------------------------------
+    def one_term(self, expr: sympy.Expr) -> bool:
+        """One adjoint times a coefficient: substituting it into several users adds no work."""
+        return len([s for s in expr.free_symbols if self.is_adjoint(s)]) == 1 and not expr.is_Add
+
+    def linearize(self, pending: list[Pending], stage: Stage) -> list[Pending]:
+        """Leave in the loop only what depends on the incoming adjoints.
+
+        Every adjoint statement is linear in adjoints, with coefficients that
+        are functions of stored forward values only.  First, an adjoint used
+        once (or defined as one adjoint times a coefficient) is substituted
+        into its user, so chains such as d_tanh_c = d_h o, d_c += d_tanh_c (1 -
+        tanh_c^2) collapse into one product.  Then each statement is split into
+        sum_j d_j * k_j; a coefficient k_j that is more than a number or one
+        stored value becomes a buffer computed for a block of steps at once,
+        before the loop runs over that block (``backward_coefs``)."""
+        keep = {self.n("adj", mv.name) for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
+        keep |= {self.sym(ref).name for refs in self.acc.values() for ref in refs}
+        keep |= set(self.alias) | set(self.alias.values())
+        uses: dict[str, int] = {}
+        for p in pending:
+            for name in ([s.name for s in p.expr.free_symbols] if p.expr is not None else [p.alias]):
+                uses[name] = uses.get(name, 0) + 1
+        inlined: dict[sympy.Symbol, sympy.Expr] = {}
+        kept = []
+        for p in pending:
+            if p.expr is not None:
+                p = p.with_expr(p.expr.xreplace(inlined))
+            name = self.assigned(p)
+            if name and p.expr is not None and name not in keep and (uses.get(name, 0) <= 1 or self.one_term(p.expr)):
+                inlined[sympy.Symbol(name)] = p.expr
+                continue
+            kept.append(p)
+        return [p.with_expr(self.split_coefficients(p)) if p.expr is not None else p for p in kept]
+
+    def split_coefficients(self, p: Pending) -> sympy.Expr:
+        """``expr`` = sum_j d_j * k_j with each non-trivial k_j replaced by its buffer."""
+        expr = p.expr
+        adjoints = sorted((s for s in expr.free_symbols if self.is_adjoint(s)), key=lambda s: s.name)
+        terms = [(a, sympy.factor_terms(sympy.diff(expr, a))) for a in adjoints]
+        # linear: no coefficient holds an adjoint (so expr is affine in them) and expr is 0 where
+        # they are (then expr = sum_j a_j k_j exactly; an expand to check it is exponential in
+        # the nesting of the cell's functions)
+        if any(k.has(*adjoints) for _, k in terms) or expr.xreplace({a: 0 for a in adjoints}) != 0:
+            raise InternalError(f"adjoint statement for '{PythonPrinter().value(p.dst)}' of cell '{self.g.cell}' "
+                                f"is not linear in the adjoints: {expr}")
+        target = self.assigned(p) or "d_"
+        return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
+
+    def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
+        """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
+        if k.is_Number or k.is_Symbol or (-k).is_Symbol:
+            return k
+        if k not in self.coefs:
+            src, tgt = source[2:], target[2:]
+            name = self.n.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
+            self.coefs[k] = name
+            varies = any(not self.g.is_leaf(s.name) or self.g.leaf(s.name).kind != "param" for s in k.free_symbols)
+            if varies:
+                self.coef_refs[name] = Ref(name, (t_SYM - t0_SYM,))
+                self.block_coefs.append((name, k))  # printed by share_coefficients
+            else:  # parameters only: once
+                self.coef_refs[name] = Ref(name)
+                self.m.backward_seed.append(Assign(Ref(name), self.ew(k, "all")))
+        return sympy.Symbol(self.coefs[k])
+
+    def share_coefficients(self) -> None:
+        """Print the per-block coefficients, their common subexpressions computed once
+        (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
+        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=self.n.numbered("coef_tmp"), order="none")
+        rename = {sym: sympy.Symbol(self.n.fresh("common")) for sym, _ in replacements}
+        own = {s.name: Ref(s.name) for s in rename.values()}  # printed as themselves, not as stored values
+        lines = [(rename[sym].name, expr) for sym, expr in replacements] + [(name, k) for (name, _), k in zip(self.block_coefs, reduced)]
+        self.m.backward_coefs.extend(Assign(Ref(name), self.ew(expr.xreplace(rename), "block", own)) for name, expr in lines)
+
+    def print_with_cse(self, pending: list[Pending], ctx: str, out: list) -> None:
+        """A stage's statements, common subexpressions shared (sympy.cse).
+
+        Each temporary is placed just before the first statement that reads it,
+        so it may use the adjoints computed by the statements above."""
+        exprs = [p.expr for p in pending if p.expr is not None]
+        replacements, reduced = sympy.cse(exprs, symbols=self.temporaries, order="none")
+        definition = dict(replacements)
+        position = {sym: i for i, (sym, _) in enumerate(replacements)}
+        emitted: set[sympy.Symbol] = set()
+
+        def place(expr: sympy.Expr) -> None:
+            for sym in sorted(expr.free_symbols & definition.keys(), key=position.get):
+                if sym not in emitted:
+                    place(definition[sym])
+                    emitted.add(sym)
+                    out.append(Assign(Ref(sym.name), self.ew(definition[sym], ctx)))
+
+        reduced = iter(reduced)
+        for p in pending:
+            if p.expr is None:
+                out.append(Assign(p.dst, Ref(p.alias), p.comment))
+                continue
+            expr = next(reduced)
+            place(expr)
+            name = self.assigned(p)
+            in_slot = name in self.destination  # an adjoint whose slot in a GEMM's adjoint buffer is known
+            target = p.dst if in_slot or (p.op == "=" and p.dst.index) else None  # or a buffer slot (d_W_x_seq[t])
+            if ctx == "loop" and target is not None and expr.is_Mul and len(expr.args) == 2:
+                # one product, straight into the buffer's slot: no temporary, no copy
+                if in_slot:
+                    self.in_place.add(name)
+                    out.append(Assign(p.dst, self.destination[name]))
+                a, b = (self.ew(arg, ctx) for arg in expr.args)
+                out.append(Do(Call("multiply", (a, b), (("out", target),)), target, p.comment))
+                continue
+            value = self.ew(expr, ctx)
+            if p.total:
+                value = Call("sum", (value,), (("axis", p.axes),) if p.axes is not None else ())
+            out.append(Assign(p.dst, value, p.comment) if p.op == "=" else Update(p.dst, p.op, value, p.comment))
+
+    # -- GEMMs -------------------------------------------------------------------------
+    def loop_adjoint_buffer(self, group: GemmGroup, nonzero: set[str]) -> tuple[str, bool]:
+        """The buffer holding a loop GEMM's output adjoint for every step (for the weight
+        gradient after the loop), and whether it is this group's own.  A member adjoint
+        that is one product is written into its slot in place (``self.in_place``)."""
+        if group.name in self.loop_buffer:
+            buf = self.loop_buffer[group.name]
+            return buf, self.group_buffers[buf][0] == group.name
+        adj = [self.alias.get(self.n("adj", mv.name), self.n("adj", mv.name)) if mv.name in nonzero else None
+               for mv in group.members]
+        signature = tuple(adj)
+        for buf, (_, held) in self.group_buffers.items():
+            if held == signature:
+                self.loop_buffer[group.name] = buf
+                return buf, False
+        buf = self.n("gadj_seq", group.name)
+        self.loop_buffer[group.name] = buf
+        self.group_buffers[buf] = (group.name, signature)
+        self.m.backward_seed.append(Assign(Ref(buf), empty_steps(group.rows)))
+        for a, mv, off in zip(adj, group.members, group.offsets):
+            if a:
+                self.slots.setdefault(a, (buf, span(off, mv.size) if len(group.members) > 1 else None))
+                self.destination.setdefault(a, self.slot(group, mv, off, buf))
+        return buf, True
+
+    @staticmethod
+    def slot(group: GemmGroup, mv: MatVecNode, offset: sympy.Expr, buf: str) -> Ref:
+        return Ref(buf, (t_SYM,)) if len(group.members) == 1 else Ref(buf, (t_SYM, ALL, span(offset, mv.size)))
+
+    def gemm_backward(self, group: GemmGroup, ctx: str, out: list, nonzero: set[str]) -> None:
+        g, n, e = self.g, self.n, self.e
+        w = e.weights[group.name]
+        adj = [n("adj", mv.name) if mv.name in nonzero else None for mv in group.members]
+        adj = [self.alias.get(a, a) if a else None for a in adj]
+        if all(a is None for a in adj):
+            return
+        buf = n("gadj_seq", group.name)
+        if ctx == "loop":
+            buf, new = self.loop_adjoint_buffer(group, nonzero)
+            if new:
+                for a, mv, off in zip(adj, group.members, group.offsets):
+                    slot = self.slot(group, mv, off, buf)
+                    if a not in self.in_place or self.destination[a] != slot:  # (two slots may hold one adjoint)
+                        out.append(Assign(slot, Ref(a) if a else Text("0.0")))
+            step = Ref(buf, (t_SYM,))
+        elif group.name in self.shared_groups:
+            buf = self.loop_buffer[self.shared_groups[group.name]]
+            step = Ref(buf)
+        elif group.name in self.partial_groups:
+            self.partial_gemms(group, adj)
+            return
+        else:
+            if len(group.members) == 1:
+                out.append(Assign(Ref(buf), Ref(adj[0])))
+            else:
+                parts = tuple(Ref(a) if a else Call("zeros_like", (e.ref_of(mv.name, ctx),)) for a, mv in zip(adj, group.members))
+                out.append(Assign(Ref(buf), Concat(parts, -1)))
+            step = Ref(buf)
+        # adjoint of the operand: W^T delta
+        operand = group.operand
+        back = steps_matmul(Ref(buf), group.rows, w, g.size(operand))  # W^T delta, every step
+        in_loop = ctx == "loop" and (g.is_leaf(operand) and g.leaf(operand).kind == "prev_state" or self.plan.region_of.get(operand) == "loop")
+        if ctx == "loop" and not in_loop:
+            self.m.backward_after.append(Update(Ref(n("adj_seq", operand)), "+", back, "W^T delta for every step at once"))
+        elif ctx == "loop":
+            name = n("adj_via", operand, group.name)
+            out.append(Assign(Ref(name), Call("dot", (step, w))))
+            self.acc.setdefault(operand, []).append(Ref(name))
+        elif operand == g.input.name or operand in g.state_names or self.plan.region_of[operand] != self.region_name:
+            out.append(Update(Ref(n("adj_seq", operand)), "+", back))
+        else:
+            name = n("adj_via", operand, group.name)
+            out.append(Assign(Ref(name), back))
+            self.acc.setdefault(operand, []).append(Ref(name))
+        # gradient of the weights: one GEMM over every step, after the loop
+        dW = weight_gradient(Ref(buf), group.rows, e.ref_of(operand, "all"), g.size(operand))
+        weights = self.m.backward_weights
+        if group.whole_param:
+            weights.append(Update(self.grad_ref(group.whole_param), "+", dW))
+        else:
+            weights.append(Assign(Ref("dW_stack"), dW))
+            for mv, off in zip(group.members, group.offsets):
+                weights.append(Update(e.weight_ref(mv, base=e.grad(mv.param)), "+", Ref("dW_stack", (span(off, mv.size),))))
+
+    def partial_gemms(self, group: GemmGroup, adj: list[str | None]) -> None:
+        """Input-side GEMMs of a group whose members partly share the loop buffer's slots:
+        one product per run of members (shared runs read the loop buffer, no copies)."""
+        e, x = self.e, Ref("x")
+        runs: list[list] = []  # [source, first offset in source, first row, size]
+        for a, mv, off in zip(adj, group.members, group.offsets):
+            if mv.name in self.member_source:
+                rec, rec_off = self.member_source[mv.name]
+                loop_buf = self.loop_buffer[rec.name]
+                if len(rec.members) == 1:
+                    rec_off = None  # the whole buffer
+                if (runs and runs[-1][0] == loop_buf and rec_off is not None and runs[-1][1] is not None
+                        and sympy.expand(runs[-1][1] + runs[-1][3] - rec_off) == 0):
+                    runs[-1][3] += mv.size
+                    continue
+                runs.append([loop_buf, rec_off, off, mv.size])
+            elif a:
+                runs.append([a, None, off, mv.size])
+        w, cols = e.weights[group.name], self.g.size(group.operand)
+
+        def view(source: str, start, size) -> Ref:
+            return Ref(source) if start is None else Ref(source, (ETC, span(start, size)))
+
+        for source, src_off, row, size in runs:
+            rows = span(row, size)
+            self.m.backward_pre.append(Update(self.d_x, "+", steps_matmul(view(source, src_off, size), size, rows_of(w, rows), cols)))
+            if group.whole_param:
+                dW = weight_gradient(view(source, src_off, size), size, x, cols)
+                self.m.backward_weights.append(Update(self.grad_ref(group.whole_param, rows), "+", dW))
+                continue
+            for mv, off in zip(group.members, group.offsets):  # stacked from several parameters: member by member
+                inside = sympy.expand(off - row)
+                if inside.is_negative or sympy.expand(row + size - off - mv.size).is_negative:
+                    continue
+                part = view(source, None if src_off is None else src_off + inside, mv.size)
+                dW = weight_gradient(part, mv.size, x, cols)
+                self.m.backward_weights.append(Update(e.weight_ref(mv, base=e.grad(mv.param)), "+", dW))
