@@ -90,6 +90,19 @@ class KernelPlan:
         states = set(self.graph.state_names)
         return tuple(n for n in self.loop.nodes if n in need and n not in states)
 
+    @cached_property
+    def groups(self) -> dict[str, GemmGroup]:
+        """Every GEMM group by name."""
+        return {grp.name: grp for r in self.regions for st in r.stages for grp in st.groups}
+
+    def group_of(self, member: str) -> tuple[GemmGroup, sympy.Expr]:
+        """The group of a product, and the product's row offset in it."""
+        for grp in self.groups.values():
+            for mv, off in zip(grp.members, grp.offsets):
+                if mv.name == member:
+                    return grp, off
+        raise KeyError(member)
+
 
 def plan(derivation: Derivation) -> KernelPlan:
     """The third stage of the pipeline: Derivation -> KernelPlan."""

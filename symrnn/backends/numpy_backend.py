@@ -20,6 +20,7 @@ from ..ir import MatVecNode
 from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan
 from ..printing import numpy_code
+from ..schedule import schedule
 from ..stmt import ALL, Assign, Call, Concat, Elementwise, Key, Ref, Span, t0_SYM, t1_SYM, t_SYM
 from ..passes.lean_buffers import lean_buffers
 from .numpy_backward import emit_backward
@@ -105,6 +106,7 @@ def loss_code(plan: KernelPlan, lib: str = "np") -> tuple[str, str, str]:
 class _Emitter:
     def __init__(self, plan: KernelPlan):
         self.plan, self.g, self.d = plan, plan.graph, plan.derivation
+        self.schedule = schedule(plan)
         self.n = module_namer(plan)
         self.m = NumpyModule()
         self.weights: dict[str, Ref] = {}  # group name -> its weight

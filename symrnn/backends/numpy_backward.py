@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise
+from ..ir import MatVecNode
 from ..plan import GemmGroup, Region, Stage
+from ..schedule import shared_subexpressions
 from ..stmt import (
     ALL, ETC, Assign, Call, Concat, Do, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, t0_SYM, t_SYM,
 )
@@ -98,10 +99,9 @@ class Backward:
         self.region_name = ""
         self.temporaries = self.n.numbered("d_tmp")  # names of shared subexpressions
         self.stage: Stage | None = None
-        self.shared_members: dict[str, str] = {}  # input-side product -> recurrent product, same adjoint
-        self.shared_groups: dict[str, str] = {}
-        self.partial_groups: dict[str, GemmGroup] = {}  # input-side groups some of whose members share a loop slot
-        self.member_source: dict[str, tuple] = {}  # input-side product -> (loop group, offset) holding its adjoint
+        s = e.schedule  # which input-side adjoints the loop's buffers hold (symrnn.schedule)
+        self.shared_members, self.shared_groups, self.member_source = s.shared_members, s.shared_groups, s.member_source
+        self.partial_groups = set(s.partial_groups)
         self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, tuple] = {}  # loop adjoint -> (buffer over all steps, its columns there: a Span or None)
@@ -150,7 +150,6 @@ class Backward:
     # -- the function --------------------------------------------------------------
     def run(self) -> None:
         m, g, plan, n = self.m, self.g, self.plan, self.n
-        self.shared_groups = self.shared_adjoints()
         for s in g.states:
             m.backward_seed.append(self.seed(s.name, s.size))
         for r in g.readouts:
@@ -194,49 +193,6 @@ class Backward:
         """The adjoint of an output over every step, from the caller's ``grad_outputs``."""
         shape = (Text("T"), Text("B"), Size(size))
         return Assign(Ref(self.n("adj_seq", output)), Helper("_seed", (Text("grad_outputs"), Key(output), shape, Text("dtype"))))
-
-    # -- which adjoints the input side shares with the loop -----------------------------
-    def shared_adjoints(self) -> dict[str, str]:
-        """Input-side products whose adjoint provably equals a recurrent product's.
-
-        W_x x and W_h h_prev added into the same pre-activations have the same
-        consumers with the same partial derivatives, hence the same adjoint: the
-        input side then reads the recurrent GEMM's adjoint buffer instead of
-        keeping a copy.  Returns pre-region group name -> loop group name."""
-        shared = {}
-        loop_groups = [grp for st in self.plan.loop.stages for grp in st.groups]
-        for stage in self.plan.pre.stages:
-            for pre in stage.groups:
-                for rec in loop_groups:
-                    if len(pre.members) == len(rec.members) and all(
-                        self.same_adjoint(a, b) for a, b in zip(pre.members, rec.members)
-                    ):
-                        shared[pre.name] = rec.name
-                        self.shared_members.update({a.name: b.name for a, b in zip(pre.members, rec.members)})
-                        break
-                else:
-                    if pre.operand != self.g.input.name:
-                        continue
-                    # member by member (GRU: r and z share, n keeps its own)
-                    for a in pre.members:
-                        for rec in loop_groups:
-                            for b, off in zip(rec.members, rec.offsets):
-                                if a.name not in self.member_source and self.same_adjoint(a, b):
-                                    self.member_source[a.name] = (rec, off)
-                                    self.shared_members[a.name] = b.name
-                    if any(a.name in self.member_source for a in pre.members):
-                        self.partial_groups[pre.name] = pre
-        return shared
-
-    def same_adjoint(self, a: MatVecNode, b: MatVecNode) -> bool:
-        consumers_a = {c.name for c in self.g.consumers(a.name)}
-        if consumers_a != {c.name for c in self.g.consumers(b.name)} or sympy.simplify(a.size - b.size) != 0:
-            return False
-        loop = set(self.plan.loop.nodes)
-        return consumers_a <= loop and all(
-            isinstance(self.g.node(c), Pointwise) and self.d.partial(c, a.name) == self.d.partial(c, b.name)
-            for c in consumers_a
-        )
 
     # -- sums over the steps ----------------------------------------------------------
     def parameter_sums(self) -> None:
@@ -473,26 +429,13 @@ class Backward:
 
         Each temporary is placed just before the first statement that reads it,
         so it may use the adjoints computed by the statements above."""
-        exprs = [p.expr for p in pending if p.expr is not None]
-        replacements, reduced = sympy.cse(exprs, symbols=self.temporaries, order="none")
-        definition = dict(replacements)
-        position = {sym: i for i, (sym, _) in enumerate(replacements)}
-        emitted: set[sympy.Symbol] = set()
-
-        def place(expr: sympy.Expr) -> None:
-            for sym in sorted(expr.free_symbols & definition.keys(), key=position.get):
-                if sym not in emitted:
-                    place(definition[sym])
-                    emitted.add(sym)
-                    out.append(Assign(Ref(sym.name), self.ew(definition[sym], ctx)))
-
-        reduced = iter(reduced)
+        placed = iter(shared_subexpressions([p.expr for p in pending if p.expr is not None], self.temporaries))
         for p in pending:
             if p.expr is None:
                 out.append(Assign(p.dst, Ref(p.alias), p.comment))
                 continue
-            expr = next(reduced)
-            place(expr)
+            before, expr = next(placed)
+            out.extend(Assign(Ref(sym.name), self.ew(definition, ctx)) for sym, definition in before)
             name = self.assigned(p)
             in_slot = name in self.destination  # an adjoint whose slot in a GEMM's adjoint buffer is known
             target = p.dst if in_slot or (p.op == "=" and p.dst.index) else None  # or a buffer slot (d_W_x_seq[t])
@@ -601,8 +544,8 @@ class Backward:
         for a, mv, off in zip(adj, group.members, group.offsets):
             if mv.name in self.member_source:
                 rec, rec_off = self.member_source[mv.name]
-                loop_buf = self.loop_buffer[rec.name]
-                if len(rec.members) == 1:
+                loop_buf = self.loop_buffer[rec]
+                if len(self.plan.groups[rec].members) == 1:
                     rec_off = None  # the whole buffer
                 if (runs and runs[-1][0] == loop_buf and rec_off is not None and runs[-1][1] is not None
                         and sympy.expand(runs[-1][1] + runs[-1][3] - rec_off) == 0):

@@ -386,12 +386,8 @@ def emit_forward(e) -> None:
 
 def _cache(e) -> set[str]:
     """What backward reads of forward: the states, the stored values, the stacked weights."""
-    g, plan, n = e.g, e.plan, e.n
-    keep = {n("seq", s.name) for s in g.states} | {n("seq", name) for name in plan.stored}
-    for name in e.d.stored_values:
-        if not g.is_leaf(name) and plan.region_of[name] != "loop":
-            keep.add(n("seq", name))
-    return keep | e.stacked
+    n = e.n
+    return {n("seq", s.name) for s in e.g.states} | {n("seq", name) for name in e.schedule.cached} | e.stacked
 
 
 def _without_unread_views(pre: list, later: list, kept: set[str]) -> list:
