@@ -1,0 +1,93 @@
+"""Random cells (tests/test_spec_random_cells.py's grammar) through the CuPy backend on
+the host: the generated CUDA, compiled for the CPU (tests/host_cupy.py), against the
+NumPy module, in float64, forward outputs and every gradient.  A cell the CuPy backend
+does not support is refused with a CellError (one line, naming the NumPy backend)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from hypothesis import strategies as st
+
+from cupy_support import TOL
+from host_cupy import host_cupy
+from test_spec_random_cells import spec_text
+from symrnn.errors import CellError, UserError
+from symrnn.gradcheck import random_problem, rel_error
+from symrnn.pipeline import build, load_module, render_cupy, render_numpy
+from symrnn.spec import SpecWarning, parse_spec
+
+
+@pytest.fixture(scope="module")
+def host_xp(tmp_path_factory):
+    return host_cupy(tmp_path_factory.mktemp("random_kernels"))
+
+
+#: a drawn cell whose input-side product (common_x) has the adjoint of a recurrent product
+#: consumed a stage after its GEMM's (common_d_h_next_prev): the input side reads that
+#: GEMM's adjoint buffer (symrnn.schedule), which the later stage's kernel fills
+CROSS_STAGE_SHARE = """\
+[cell]
+name = "random_cell"
+[inputs]
+x = "n_in"
+[states]
+cp = "n_hidden"
+d_h_next = "n_hidden"
+d_h = "n_hidden"
+[params]
+o_t = ["n_hidden", "n_hidden"]
+common = ["n_hidden", "n_hidden + n_in"]
+d_x = ["n_hidden"]
+h_seq = ["n_hidden"]
+W_T = ["n_hidden"]
+[equations]
+W_stack_x = "cp_prev"
+sum = "(d_h_prev) + ((o_t @ (W_stack_x * d_h_next_prev)) - (common @ (d_h_next_prev, x)))"
+cp = "sigmoid(sum) * cp_prev + (1 - sigmoid(sum)) * tanh(sum + d_x)"
+d_h_next = "sigmoid(W_stack_x) * d_h_next_prev + (1 - sigmoid(W_stack_x)) * tanh(sum + h_seq)"
+d_h = "sigmoid(W_stack_x) * d_h_prev + (1 - sigmoid(W_stack_x)) * tanh(d_h_next + W_T)"
+"""
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
+          suppress_health_check=list(HealthCheck))
+@given(text=spec_text(), sizes=st.sampled_from([(2, 3, 2), (3, 3, 3)]))
+@example(text=CROSS_STAGE_SHARE, sizes=(3, 3, 3))
+def test_random_cells_on_the_cupy_backend_match_numpy(host_xp, text, sizes):
+    n_in, n_hidden, n_out = sizes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)
+        try:
+            cell = parse_spec(text, "random_cell.toml")
+        except UserError:
+            assume(False)
+    plan = build(cell)
+    try:
+        source = render_cupy(plan)
+    except CellError as exc:
+        assert "NumPy backend" in str(exc) and "\n" not in str(exc), str(exc)
+        assume(False)
+    ref = load_module(render_numpy(plan), "random_cell")
+    pr = random_problem(ref, T=4, B=2, seed=5, n_in=n_in, n_hidden=n_hidden, n_out=n_out)
+    out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
+    grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs)
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = host_xp  # the module imports cupy when it runs
+    try:
+        cu = load_module(source, "random_cell_cupy")
+        out, cache = cu.forward(pr.params, pr.x, pr.state0)
+        grads = cu.backward(pr.params, cache, pr.grad_outputs)
+    finally:
+        if saved is None:
+            sys.modules.pop("cupy")
+        else:
+            sys.modules["cupy"] = saved
+    errors = {k: rel_error(np.asarray(out[k]), out_ref[k]) for k in out_ref}
+    errors |= {"d_" + k: rel_error(np.asarray(grads[k]), grads_ref[k]) for k in grads_ref}
+    bad = {k: e for k, e in errors.items() if not e <= TOL[np.float64]}
+    assert not bad, f"{bad}\n{text}"
