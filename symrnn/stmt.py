@@ -16,7 +16,7 @@ them.  Values:
 
 Statements: :class:`Assign`, :class:`Update` (``+=``, ``*=``), :class:`Do` (a call for
 its effect: ``np.dot(a, b, out=c)``), :class:`OpCall` (one of an op's in-place ufunc
-calls, :attr:`symrnn.ops.Op.numpy_inplace`), :class:`If`, :class:`Comment`.
+calls, :attr:`symrnn.ops.Op.numpy_inplace`), :class:`If`, :class:`Loop`, :class:`Comment`.
 :func:`verify` names a malformed statement; :func:`dump` prints statements as plain
 text for debugging and golden tests.
 
@@ -41,7 +41,7 @@ from .errors import InternalError
 __all__ = [
     "T_SYM", "B_SYM", "t_SYM", "t0_SYM", "t1_SYM", "ALL", "ETC", "NEW", "Span", "Ref", "Elementwise", "Call", "Helper", "MatMul", "Reshape",
     "Concat", "Size", "Text", "Key", "Infix", "Paren", "Attr", "Method", "Index", "Dict", "Assign", "Update", "Do", "OpCall",
-    "If", "Comment", "Stmt", "Value", "verify",
+    "If", "Loop", "Comment", "Stmt", "Value", "verify",
     "dump", "reads_of", "writes_of",
 ]
 
@@ -273,12 +273,22 @@ class If:
 
 
 @dataclass(frozen=True)
+class Loop:
+    """``for <var> in range(stop):`` (``reverse``: from stop - 1 down to 0) and its body."""
+
+    var: str
+    stop: "Value"
+    body: tuple["Stmt", ...]
+    reverse: bool = False
+
+
+@dataclass(frozen=True)
 class Comment:
     text: str
 
 
-Stmt = Union[Assign, Update, Do, OpCall, If, Comment]
-_STATEMENTS = (Assign, Update, Do, OpCall, If, Comment)
+Stmt = Union[Assign, Update, Do, OpCall, If, Loop, Comment]
+_STATEMENTS = (Assign, Update, Do, OpCall, If, Loop, Comment)
 
 
 # -- what statements read and write ------------------------------------------------------
@@ -350,6 +360,8 @@ def reads_of(stmt: Stmt) -> frozenset[str]:
         return frozenset({*_value_reads(stmt.a), *_value_reads(stmt.out)})
     if isinstance(stmt, If):
         return frozenset({stmt.mapping}).union(*(reads_of(s) for s in stmt.body))
+    if isinstance(stmt, Loop):
+        return frozenset(_value_reads(stmt.stop)).union(*(reads_of(s) for s in stmt.body))
     return frozenset()
 
 
@@ -363,6 +375,8 @@ def writes_of(stmt: Stmt) -> frozenset[str]:
         return frozenset({stmt.out.name}) if stmt.out is not None else frozenset()
     if isinstance(stmt, If):
         return frozenset().union(*(writes_of(s) for s in stmt.body))
+    if isinstance(stmt, Loop):
+        return frozenset({stmt.var}).union(*(writes_of(s) for s in stmt.body))
     return frozenset()
 
 
@@ -383,7 +397,7 @@ def verify(stmts: Iterable[Stmt], where: str = "") -> None:
             v = getattr(stmt, name, None)
             if v is not None and not isinstance(v, values):
                 raise InternalError(f"{where}: statement {stmt!r} holds {v!r}, not a value")
-        if isinstance(stmt, If):
+        if isinstance(stmt, (If, Loop)):
             verify(stmt.body, where)
 
 
@@ -455,6 +469,10 @@ def dump(stmts: Iterable[Stmt], indent: int = 0) -> str:
             lines.append(f"{pad}{s.op.__name__}[{s.step}]({_text(s.a)} -> {_text(s.out)}){note}")
         elif isinstance(s, If):
             lines.append(f"{pad}if {s.key!r} in {s.mapping}:")
+            lines.append(dump(s.body, indent + 4))
+        elif isinstance(s, Loop):
+            steps = f"range({_text(s.stop)})"
+            lines.append(f"{pad}for {s.var} in {f'reversed({steps})' if s.reverse else steps}:")
             lines.append(dump(s.body, indent + 4))
         elif isinstance(s, Comment):
             lines.append(f"{pad}# {s.text}")

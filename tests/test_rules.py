@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from symrnn import derive, plan
-from symrnn.backends import cupy_backend, numpy_rtrl
+from symrnn.backends import cuda_kernels, numpy_rtrl
 from symrnn.errors import InternalError
 from symrnn.ir import NODE_KINDS, Pointwise, rule
 
@@ -18,7 +18,7 @@ TABLES = {
     "plan.LEVEL": plan.LEVEL,
     "plan.PART": plan.PART,
     "numpy_rtrl.RULES": numpy_rtrl.RULES,
-    "cupy_backend._IN_GROUP": cupy_backend._IN_GROUP,
+    "cuda_kernels.IN_GROUP": cuda_kernels.IN_GROUP,
 }
 
 

@@ -17,12 +17,12 @@ import sympy
 
 from ..errors import InternalError
 from ..ir import MatVecNode
-from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan
 from ..printing import numpy_code
 from ..schedule import schedule
-from ..stmt import ALL, Assign, Call, Concat, Elementwise, Key, Ref, Span, t0_SYM, t1_SYM, t_SYM
+from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, t0_SYM, t1_SYM, t_SYM
 from ..passes.lean_buffers import lean_buffers
+from .array_module import group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
 from .numpy_forward import emit_forward
 from .numpy_rtrl import emit_rtrl
@@ -73,15 +73,6 @@ class NumpyModule:
     loss_grad: str = ""
     loss_scale: str = ""
     generated_names: frozenset[str] = frozenset()  # every name the namer gave out
-
-
-def module_namer(plan: KernelPlan) -> Namer:
-    """The namer of a NumPy (or CuPy) module: every value of the step graph keeps its
-    name where Python, the template and the other names allow; the input reads ``x``."""
-    g = plan.graph
-    values = [p.name for p in g.params] + [leaf.name for leaf in g.leaves if leaf.kind not in ("input", "target")]
-    values += [n.name for n in g.nodes]
-    return Namer(PYTHON_FIXED, dict.fromkeys(values), spellings={g.input.name: "x"})
 
 
 def emit(plan: KernelPlan) -> NumpyModule:
@@ -153,13 +144,7 @@ class _Emitter:
     def weight_ref(self, mv: MatVecNode, base: str | None = None) -> Ref:
         """The rows and columns of its parameter one product uses (of ``base``: the
         parameter's gradient, say)."""
-        p = self.g.param(mv.param)
-        base = base or self.n.value(mv.param)
-        rows = ALL if mv.block is None else span(mv.block * mv.size, mv.size)
-        full_cols = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[1]) == 0
-        if full_cols:
-            return Ref(base) if rows is ALL else Ref(base, (rows,))
-        return Ref(base, (rows, span(mv.cols[0], mv.cols[1] - mv.cols[0])))
+        return weight_ref(self.g, self.n, mv, base)
 
     # -- the module ---------------------------------------------------------------
     def run(self) -> NumpyModule:
@@ -218,7 +203,7 @@ class _Emitter:
         for region in self.plan.regions:
             for stage in region.stages:
                 for group in stage.groups:
-                    self.weights[group.name] = self.stack(group)
+                    self.weights[group.name] = group_weight(self.g, self.n, group, self.m.stacks, self.stacked)
 
     def transposed(self, group: GemmGroup) -> str:
         """W^T of a per-step product as a contiguous array, made once per call (per-step
@@ -233,19 +218,6 @@ class _Emitter:
             self.transposes[w] = self.n.fresh(stem)
             self.m.stacks.append(Assign(Ref(self.transposes[w]), Call("ascontiguousarray", (w.t,))))
         return self.transposes[w]
-
-    def stack(self, group: GemmGroup) -> Ref:
-        """The weight of a group's product: a parameter, rows and columns of one, or the
-        members' stacked (concatenated once per call, kept in the cache for backward)."""
-        if group.whole_param:
-            return Ref(self.n.value(group.whole_param))
-        if len(group.members) == 1:
-            return self.weight_ref(group.members[0])
-        name = self.n.get(("stack", group.name), f"W_stack_{self.n.spelling(group.operand)}")
-        self.stacked.add(name)
-        parts = tuple(self.weight_ref(mv) for mv in group.members)
-        self.m.stacks.append(Assign(Ref(name), Concat(parts, 0), f"stacked: one GEMM for {len(group.members)} products"))
-        return Ref(name)
 
     # -- forward ------------------------------------------------------------------
     def forward(self) -> None:

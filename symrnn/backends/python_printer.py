@@ -14,8 +14,8 @@ import sympy
 from ..errors import InternalError
 from ..printing import numpy_code
 from ..stmt import (
-    Assign, Attr, Call, Comment, Concat, Dict, Do, Elementwise, Helper, If, Index, Infix, Key, MatMul, Method, OpCall, Paren,
-    Ref, Reshape, Size, Span, Text, Update, _Marker,
+    Assign, Attr, Call, Comment, Concat, Dict, Do, Elementwise, Helper, If, Index, Infix, Key, Loop, MatMul, Method, OpCall,
+    Paren, Ref, Reshape, Size, Span, Text, Update, _Marker,
 )
 
 __all__ = ["PythonPrinter", "dim", "span"]
@@ -120,6 +120,9 @@ class PythonPrinter:
             return [pad + s.op.numpy_inplace[s.step].format(a=self.value(s.a), out=self.value(s.out), xp=self.lib) + note]
         if isinstance(s, If):
             return [f'{pad}if "{s.key}" in {s.mapping}:', *self.lines(s.body, indent + 4)]
+        if isinstance(s, Loop):
+            steps = f"range({self.value(s.stop)})"
+            return [f"{pad}for {s.var} in {f'reversed({steps})' if s.reverse else steps}:", *self.lines(s.body, indent + 4)]
         if isinstance(s, Comment):
             return [f"{pad}# {s.text}"]
         raise InternalError(f"{s!r} is not a statement")

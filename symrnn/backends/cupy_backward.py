@@ -1,0 +1,424 @@
+"""The backward pass of the CuPy module: adjoint kernels, GEMMs and reductions.
+
+Regions in reverse: the readout over every step at once; the loop from step T - 1
+down to 0, per stage one fused kernel for every adjoint of the stage (or one kernel
+that loops over time when the recurrence has no GEMM), then the GEMM W^T delta; the
+input side over every step at once.  Weight gradients are one GEMM per stacked
+product after the loop; elementwise parameters' gradients one ``cupy.sum`` per
+stored adjoint buffer (deterministic: no atomics).  Which input-side adjoints the
+loop's buffers hold is the schedule's decision (symrnn.schedule), as for NumPy.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ..cuda_printing import SCALAR, dim_code
+from ..errors import InternalError
+from ..ir import MatVecNode, Pointwise
+from ..plan import GemmGroup, Stage
+from ..schedule import shared_subexpressions
+from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, Update, t_SYM
+from .array_module import weight_ref
+from .cuda_kernels import Kernel, KernelBuilder, Loc
+from .cupy_backend import empty
+from .python_printer import span
+
+__all__ = ["BackwardEmitter"]
+
+
+class BackwardEmitter:
+    """Adjoint kernels, GEMMs and reductions of ``backward``."""
+
+    def __init__(self, e):
+        self.e, self.g, self.d, self.plan = e, e.g, e.d, e.plan
+        self.py, self.c = e.py, e.c
+        self.lines = e.m.backward
+        self.acc: dict[str, list[tuple[str, Loc]]] = {}  # value -> (C local, location) of contributions to its adjoint
+        self.sums: list[tuple] = []  # (gradient, stored adjoint, its width, columns, scalar?): reduced after the loop
+        self.dx_terms: list = []
+        self.weight_lines: list = []
+        self.next_sources: dict[str, list[str]] = {}  # state -> arrays carried to the step before
+        self.direct_sources: list[tuple[str, sympy.Expr]] = []  # (array, its size) written per step, carried
+        self.step_fresh: list = []
+        # input-side group -> the loop adjoint buffer holding the same values (symrnn.schedule)
+        self.pre_alias = {pre: self.py("gadj_seq", rec) for pre, rec in e.schedule.shared_groups.items()}
+        self.member_exprs: dict[str, sympy.Expr] = {}
+        self.loop_lines: list = []
+        self.gemm_sources: list[tuple[str, sympy.Expr]] = []  # (array, its size): W^T delta, carried
+        self.time_carry: set[str] = set()  # states whose adjoint a time-loop kernel carries in a register
+
+    def run(self) -> None:
+        g, e, py, c = self.g, self.e, self.py, self.c
+        L = self.lines
+        for s in g.states:
+            L.append(self.seed(s.name, s.size))
+            self.acc.setdefault(s.name, []).append((c("adj_out", s.name), Loc(Ref(py("adj_seq", s.name)), ld=s.size, seq=True)))
+        for r in g.readouts:
+            size = g.node(r).size
+            L.append(self.seed(r, size))
+            self.acc.setdefault(r, []).append((c("adj_out", r), Loc(Ref(py("adj_seq", r)), ld=size, seq=True)))
+        for p in g.params:
+            L.append(Assign(Ref(py("adj", p.name)), Call("zeros_like", (Ref(py.value(p.name)),))))
+        self.post()
+        self.member_adjoints()
+        self.loop()
+        self.pre()
+        if self.sums:
+            L.append(Comment("gradients of elementwise parameters: deterministic sums over the stored adjoints"))
+            L.extend(self.sum_lines())
+        if self.weight_lines:
+            L.append(Comment("weight gradients: one GEMM over every step per stacked product"))
+            L.extend(self.weight_lines)
+        d_x = Ref(py("adj", g.input.name))
+        L.append(Assign(d_x, self.total(self.dx_terms, Call("zeros_like", (Ref("x"),)))))
+        e.m.grads = [(p.name, Ref(py("adj", p.name))) for p in g.params] + [("x", d_x)]
+        e.m.grads += [(f"{s.name}0", Ref(py("grad0", s.name))) for s in g.states]
+
+    def seed(self, output: str, size: sympy.Expr) -> Assign:
+        shape = (Text("T"), Text("B"), Size(size))
+        return Assign(Ref(self.py("adj_seq", output)), Helper("_seed", (Text("grad_outputs"), Key(output), shape, Text("dtype"))))
+
+    @staticmethod
+    def total(terms: list, zero):
+        """``a + b + ...`` in this order, ``zero`` when there is none."""
+        return zero if not terms else terms[0] if len(terms) == 1 else Infix("+", tuple(terms))
+
+    def sum_lines(self) -> list:
+        """One reduction over the batch and the steps per stored adjoint buffer (cupy.sum:
+        no atomics), then each parameter's gradient from its columns."""
+        lines, reduced = [], {}
+        for target, src, width, part, scalar in self.sums:
+            if scalar:
+                lines.append(Update(target, "+", Call("sum", (Ref(src),))))
+                continue
+            if src not in reduced:
+                reduced[src] = self.py.fresh(src.removesuffix("_seq") + "_sum")
+                lines.append(Assign(Ref(reduced[src]), Call("sum", (Reshape(Ref(src), width),), (("axis", Text("0")),))))
+            lines.append(Update(target, "+", Ref(reduced[src], (part,)) if part is not None else Ref(reduced[src])))
+        return lines
+
+    # -- symbolic adjoints of one stage ----------------------------------------------
+    def stage_adjoints(self, stage: Stage) -> tuple[list[tuple[str, sympy.Expr]], dict[str, sympy.Expr]]:
+        """In-stage adjoints (reverse order, in acc locals and d_ symbols) and
+        contributions to values outside the stage."""
+        g, d = self.g, self.d
+        pw = {n.name for n in stage.pointwise}
+        nodes = [n for n in g.nodes if n.name in pw or n.name in {mv.name for mv in stage.matvecs}]
+        adj = []
+        for node in reversed(nodes):
+            terms = [sympy.Symbol(local) for local, _ in self.acc.get(node.name, [])]
+            for c in stage.pointwise:
+                p = d.partial(c.name, node.name)
+                if p != 0:
+                    terms.append(p * self.adjoint(c.name))
+            adj.append((node.name, sympy.factor_terms(sympy.Add(*terms))))
+        inside = pw | {mv.name for mv in stage.matvecs}
+        outside = {}
+        deps = sorted({dep for n in stage.pointwise for dep in n.deps} - inside, key=self.order)
+        for dep in deps:
+            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) for c in stage.pointwise])
+            if expr != 0:
+                outside[dep] = sympy.factor_terms(expr)
+        return adj, outside
+
+    def adjoint(self, name: str) -> sympy.Symbol:
+        """The symbol of a value's adjoint: a local of the adjoint kernels."""
+        return sympy.Symbol(self.c("adj", name))
+
+    def order(self, name: str) -> tuple[int, str]:
+        for i, leaf in enumerate(self.g.leaves):
+            if leaf.name == name:
+                return (i, name)
+        return (len(self.g.leaves) + self.e.order(name), name)
+
+    def member_adjoints(self) -> None:
+        """The adjoint of every loop-stage product, as an expression in the stage's d_ symbols."""
+        for stage in self.plan.loop.stages:
+            for mv in stage.matvecs:
+                self.member_exprs[mv.name] = sympy.factor_terms(sympy.Add(*[
+                    self.d.partial(c.name, mv.name) * self.adjoint(c.name) for c in stage.pointwise]))
+
+    def loop_slot(self, expr: sympy.Expr, stage: Stage) -> str | None:
+        """The product (of ``stage``, or an input-side one it reads) whose stored adjoint is ``expr``."""
+        for mv in stage.matvecs:
+            if self.member_exprs.get(mv.name) == expr:
+                return mv.name
+        for pre in self.plan.pre.stages:
+            for group in pre.groups:
+                if group.name in self.pre_alias:
+                    continue
+                for mv in group.members:
+                    if self.pre_expr(mv, stage) == expr:
+                        return mv.name
+        return None
+
+    def pre_expr(self, mv: MatVecNode, stage: Stage) -> sympy.Expr | None:
+        cons = {c.name for c in self.g.consumers(mv.name)}
+        if not cons <= {n.name for n in stage.pointwise}:
+            return None
+        return sympy.factor_terms(sympy.Add(*[self.d.partial(c.name, mv.name) * self.adjoint(c.name) for c in stage.pointwise]))
+
+    # -- one stage kernel ------------------------------------------------------------
+    def stage_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
+        c = self.c
+        size = stage.pointwise[0].size
+        doc = f"backward, {region} stage {k}: adjoints of " + ", ".join(n.name for n in reversed(stage.pointwise))
+        kernel = Kernel(f"{self.g.cell}_backward_{region}{k}", doc, dim_code(size), size, mode, reverse=True)
+        b = KernelBuilder(kernel, c)
+        adj, outside = self.stage_adjoints(stage)
+        stmts: list[tuple[str, sympy.Expr | None]] = []  # (C line with {} for the expression, expression)
+        carry_lines: list = []
+        members = {mv.name for mv in stage.matvecs}
+        for name, expr in adj:
+            if expr == 0:
+                continue
+            for local, loc in self.acc.get(name, []):
+                if c.kind(local) == "adj_next" and mode == "time":
+                    continue  # carried in a register
+                b.load(local, loc)
+            if name in members:
+                group, off = self.plan.group_of(name)
+                buf = Loc(Ref(self.py("gadj_seq", group.name)), ld=group.rows, off=off, seq=True)
+                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};", expr))
+                stmts.append((b.store_line(buf, c("adj", name)), None))
+            else:
+                label = f"eq:{self.g.cell}:adj:{name}"
+                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};  // {label}", expr))
+        for dep, expr in outside.items():
+            self.route(dep, expr, adj, stage, k, mode, region, b, stmts, carry_lines)
+        kernel.body = self.print_with_cse(stmts + carry_lines, b, "step" if mode == "step" else mode)
+        self.e.m.kernels.append(b.finish())
+        return kernel
+
+    def route(self, dep: str, expr: sympy.Expr, adj: list, stage: Stage, k: int, mode: str, region: str,
+              b: KernelBuilder, stmts: list, carry_lines: list) -> None:
+        """Where a stage kernel sends its contribution ``expr`` to the adjoint of ``dep``."""
+        g, py, c = self.g, self.py, self.c
+        size = stage.pointwise[0].size
+        leaf = g.leaf(dep) if g.is_leaf(dep) else None
+        members = {mv.name for mv in stage.matvecs}
+
+        def fresh_seq(name: str, width) -> Loc:
+            self.lines.append(Assign(Ref(name), empty(Text("T"), Text("B"), Size(width))))
+            return Loc(Ref(name), ld=width, seq=True)
+
+        if leaf is not None and leaf.kind == "param":
+            slot = next((n for n, ex in adj if n in members and ex == expr), None)
+            if slot is None and region == "loop":
+                slot = self.loop_slot(expr, stage)
+            p = g.param(leaf.param)
+            target = Ref(py("adj", p.name)) if leaf.block is None else Ref(py("adj", p.name), (span(leaf.block * leaf.size, leaf.size),))
+            if slot is not None:
+                group, off = self.plan.group_of(slot)
+                src, width = self.pre_alias.get(group.name, py("gadj_seq", group.name)), group.rows
+                part = None if len(group.members) == 1 else span(off, g.node(slot).size)
+            else:
+                src, width, part = py("adj_stage_seq", dep, f"{region}{k}"), size, None
+                stmts.append((b.store_line(fresh_seq(src, size), "{}"), expr))
+            self.sums.append((target, src, width, part, p.kind == "scalar"))
+        elif leaf is not None and leaf.kind == "input":
+            src = py("adj_stage_seq", dep, f"{region}{k}")
+            self.lines.append(Assign(Ref(src), Call("empty_like", (Ref("x"),))))
+            stmts.append((b.store_line(Loc(Ref(src), ld=leaf.size, seq=True), "{}"), expr))
+            self.dx_terms.append(Ref(src))
+        elif leaf is not None and leaf.kind == "prev_state":
+            name = py("adj_part", dep, k)
+            if mode == "time":
+                carry_lines.append((f"{c('adj_next', leaf.state)} = {{}};", expr))
+                self.time_carry.add(leaf.state)
+            else:
+                stmts.append((b.store_line(Loc(Ref(name), ld=leaf.size), "{}"), expr))
+                self.direct_sources.append((name, leaf.size))
+                self.next_sources.setdefault(leaf.state, []).append(name)
+        elif self.plan.region_of[dep] == "pre" and isinstance(g.node(dep), Pointwise):
+            loc = fresh_seq(py("adj_stage_seq", dep, f"{region}{k}"), g.size(dep))
+            stmts.append((b.store_line(loc, "{}"), expr))
+            self.acc.setdefault(dep, []).append((c("adj_stage", dep, f"{region}{k}"), loc))
+        elif self.plan.region_of[dep] == "pre":
+            group, off = self.plan.group_of(dep)
+            if group.name not in self.pre_alias:
+                loc = Loc(Ref(py("gadj_seq", group.name)), ld=group.rows, off=off, seq=True)
+                stmts.append((b.store_line(loc, "{}"), expr))
+        elif self.plan.region_of[dep] == "loop" and region == "loop":
+            name, local = py("adj_from", dep, k), c("adj_from", dep, k)  # the local first: its pointer yields
+            self.step_fresh.append(Assign(Ref(name), empty(Text("B"), Size(g.size(dep)))))
+            stmts.append((b.store_line(Loc(Ref(name), ld=g.size(dep)), "{}"), expr))
+            self.acc.setdefault(dep, []).append((local, Loc(Ref(name), ld=g.size(dep))))
+        elif region == "post":
+            name = py("adj_post_seq", dep, f"post{k}")
+            fresh_seq(name, g.size(dep))
+            stmts.append((b.store_line(Loc(Ref(name), ld=g.size(dep)), "{}"), expr))
+            self.acc.setdefault(dep, []).append((c("adj_post", dep, f"post{k}"), Loc(Ref(name), ld=g.size(dep), seq=True)))
+        else:
+            raise InternalError(f"backward of cell '{g.cell}': no route for the adjoint of '{dep}'")
+
+    def print_with_cse(self, stmts, b: KernelBuilder, ctx: str) -> list[str]:
+        """C lines of a kernel: loads of what it reads, then the statements with
+        common subexpressions shared (symrnn.schedule.shared_subexpressions)."""
+        code = self.e.ccode
+        out: list[str] = []
+
+        placed = shared_subexpressions([ex for _, ex in stmts if ex is not None], self.c.numbered("tmp", scoped=True))
+        temporaries = {sym for before, _ in placed for sym, _ in before}
+
+        def need(expr):  # load every value of the step graph the expression reads
+            for s in sorted(expr.free_symbols, key=lambda s: s.name):
+                if s in temporaries or s.name not in self.e.c_names or self.c.value(s.name) in b.loaded:
+                    continue  # a temporary, an adjoint (a local of this kernel), or loaded already
+                b.load(self.c.value(s.name), self.e.loc(s.name, ctx))
+
+        placed = iter(placed)
+        for template, expr in stmts:
+            if expr is None:
+                out.append(template)
+                continue
+            before, expr = next(placed)
+            need(expr)
+            for sym, definition in before:
+                need(definition)
+                out.append(f"const {SCALAR} {sym.name} = {code(definition)};")
+            out.append(template.format(code(expr)))
+        return b.loads + out
+
+    # -- regions -----------------------------------------------------------------------
+    def post(self) -> None:
+        e, py = self.e, self.py
+        for k in reversed(range(len(self.plan.post.stages))):
+            stage = self.plan.post.stages[k]
+            self.lines.append(Comment("readout, every step at once"))
+            if stage.pointwise:
+                for mv in stage.matvecs:
+                    group, _ = self.plan.group_of(mv.name)
+                    self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
+                self.lines.append(e.launch(self.stage_kernel(stage, k, "all", "post"), "T * B"))
+            for group in stage.groups:
+                if not stage.pointwise:
+                    srcs = [self.acc.get(mv.name, []) for mv in group.members]
+                    if len(group.members) != 1 or len(srcs[0]) != 1:
+                        raise e.unsupported("a readout product with several adjoint sources is not supported yet")
+                    self.lines.append(Assign(Ref(py("gadj_seq", group.name)), srcs[0][0][1].py))
+                self.gemm_back(group, "all")
+
+    def gemm_back(self, group: GemmGroup, ctx: str) -> None:
+        """W^T delta for the operand, and the weight gradient (after the loop)."""
+        g, e, py, c = self.g, self.e, self.py, self.c
+        w = e.weights[group.name]
+        operand = group.operand
+        rows, cols = group.rows, g.size(operand)
+        buf = self.pre_alias.get(group.name, py("gadj_seq", group.name))
+        if ctx == "step":
+            leaf = g.leaf(operand) if g.is_leaf(operand) else None
+            name = py("adj_via", operand, group.name)
+            self.loop_lines.append(Assign(Ref(name), Call("matmul", (Ref(buf, (t_SYM,)), w)), "W^T delta"))
+            if leaf is not None and leaf.kind == "prev_state":
+                self.next_sources.setdefault(leaf.state, []).append(name)
+                self.gemm_sources.append((name, cols))
+            else:
+                self.acc.setdefault(operand, []).append((c("adj_via", operand, group.name), Loc(Ref(name), ld=cols)))
+        else:
+            back = Reshape(Call("matmul", (Reshape(Ref(buf), rows), w)), cols, steps=True)
+            if operand == g.input.name:
+                self.dx_terms.append(back)
+            else:
+                name = py("adj_via_seq", operand, group.name)
+                self.lines.append(Assign(Ref(name), back, "W^T delta, every step"))
+                self.acc.setdefault(operand, []).append((c("adj_via", operand, group.name), Loc(Ref(name), ld=cols, seq=True)))
+        src = e.loc(operand, "all").py
+        dW = Call("matmul", (Reshape(Ref(buf), rows, T=True), Reshape(src, cols)))
+        if group.whole_param:
+            self.weight_lines.append(Update(Ref(py("adj", group.whole_param)), "+", dW))
+        else:
+            self.weight_lines.append(Assign(Ref("dW_stack"), dW))
+            for mv, off in zip(group.members, group.offsets):
+                target = weight_ref(g, py, mv, base=py("adj", mv.param))
+                self.weight_lines.append(Update(target, "+", Ref("dW_stack", (span(off, mv.size),))))
+
+    def loop(self) -> None:
+        g, e, plan, py = self.g, self.e, self.plan, self.py
+        for stage in plan.loop.stages:
+            for group in stage.groups:
+                self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
+        for stage in plan.pre.stages:
+            for group in stage.groups:
+                if group.name not in self.pre_alias:
+                    self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
+        if not plan.loop.stages:
+            for s in g.states:
+                self.lines.append(Assign(Ref(py("grad0", s.name)), empty(Text("B"), Size(s.size), fill="zeros")))
+            return
+        if e.time_mode:
+            self.time_loop()
+            return
+        # sources carried from step t + 1 to step t: named now, filled by the kernels
+        for s in g.states:
+            for source in self.planned_sources(s.name):
+                self.acc[s.name].append((self.c("next", source), Loc(Ref(py("next", source)), ld=s.size)))
+        for k in reversed(range(len(plan.loop.stages))):
+            stage = plan.loop.stages[k]
+            kernel = self.stage_kernel(stage, k, "step")
+            self.loop_lines.extend(self.step_fresh)
+            self.step_fresh = []
+            self.loop_lines.append(e.launch(kernel, "B", step="t"))
+            for group in stage.groups:
+                self.gemm_back(group, "step")
+        carried = [name for name, _ in self.direct_sources] + [name for name, _ in self.gemm_sources]
+        head = [Assign(Ref(py("next", name)), Ref(name)) for name in carried]
+        head += [Assign(Ref(name), empty(Text("B"), Size(size))) for name, size in self.direct_sources]
+        for name, size in self.direct_sources + self.gemm_sources:
+            self.lines.append(Assign(Ref(name), empty(Text("B"), Size(size), fill="zeros")))
+        self.lines.append(Loop("t", Text("T"), tuple(head + self.loop_lines), reverse=True))
+        for s in g.states:
+            srcs = [Ref(name) for name in self.next_sources.get(s.name, [])]
+            self.lines.append(Assign(Ref(py("grad0", s.name)), self.total(srcs, empty(Text("B"), Size(s.size), fill="zeros"))))
+
+    def planned_sources(self, state: str) -> list[str]:
+        """Names of the arrays that carry the adjoint of ``state`` to the step before."""
+        g, plan = self.g, self.plan
+        prev = next(s.prev for s in g.states if s.name == state)
+        out = []
+        for k, stage in enumerate(plan.loop.stages):
+            if any(self.d.partial(c.name, prev) != 0 for c in stage.pointwise):
+                out.append(self.py("adj_part", prev, k))
+        for stage in plan.loop.stages:
+            for group in stage.groups:
+                if group.operand == prev:
+                    out.append(self.py("adj_via", prev, group.name))
+        return out
+
+    def time_loop(self) -> None:
+        g, e, py, c = self.g, self.e, self.py, self.c
+        stage = self.plan.loop.stages[0]
+        for s in g.states:
+            self.acc[s.name].append((c("adj_next", s.name), None))
+        kernel = self.stage_kernel(stage, 0, "time")
+        b_out = []
+        kernel.body += [f"{c('adj_next', s.name)} = {SCALAR}(0);" for s in g.states if s.name not in self.time_carry]
+        kernel.prologue = [f"{SCALAR} {c('adj_next', s.name)} = {SCALAR}(0);  // from step t + 1" for s in g.states]
+        for s in g.states:
+            array = py("grad0", s.name)
+            self.lines.append(Assign(Ref(array), empty(Text("B"), Size(s.size))))
+            ptr = c.get(("ptr", Ref(array)), f"{array}_ptr")
+            kernel.params.append(("{}*", ptr))
+            kernel.py_args.append(Ref(array))
+            b_out.append(f"{ptr}[row_ * {dim_code(s.size)} + unit_] = {c('adj_next', s.name)};")
+        kernel.epilogue = b_out
+        self.lines.append(Comment("the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)"))
+        self.lines.append(e.launch(kernel, "B", "T"))
+
+    def pre(self) -> None:
+        g = self.g
+        for stage in self.plan.pre.stages:
+            if stage.pointwise:
+                self.lines.append(Comment("input side, every step at once"))
+                for group in stage.groups:
+                    if group.name in self.pre_alias:
+                        continue
+                    for mv, off in zip(group.members, group.offsets):
+                        if any(self.plan.region_of[c.name] == "loop" for c in g.consumers(mv.name)):
+                            # the loop's kernels wrote their part of this adjoint here; this kernel adds the rest
+                            loc = Loc(Ref(self.py("gadj_seq", group.name)), ld=group.rows, off=off)
+                            self.acc.setdefault(mv.name, []).append((self.c("adj_loop", mv.name), loc))
+                self.lines.append(self.e.launch(self.stage_kernel(stage, 0, "all", "pre"), "T * B"))
+            for group in stage.groups:
+                self.gemm_back(group, "all")
