@@ -54,10 +54,32 @@ d_h = "sigmoid(W_stack_x) * d_h_prev + (1 - sigmoid(W_stack_x)) * tanh(d_h_next 
 """
 
 
+#: a scalar parameter added to one of two stacked products (W @ h_prev beside V @ h_prev):
+#: its gradient sums its columns of the stacked adjoint buffer, not the whole buffer
+SCALAR_BESIDE_A_STACK = """\
+[cell]
+name = "random_cell"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+W = ["n_hidden", "n_hidden"]
+V = ["n_hidden", "n_hidden"]
+U = ["n_hidden", "n_in"]
+c = []
+b = ["n_hidden"]
+[equations]
+g = "sigmoid(V @ h_prev + b)"
+h = "g * tanh(W @ h_prev + U @ x + c) + (1 - g) * h_prev"
+"""
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
           suppress_health_check=list(HealthCheck))
 @given(text=spec_text(), sizes=st.sampled_from([(2, 3, 2), (3, 3, 3)]))
 @example(text=CROSS_STAGE_SHARE, sizes=(3, 3, 3))
+@example(text=SCALAR_BESIDE_A_STACK, sizes=(2, 3, 2))
 def test_random_cells_on_the_cupy_backend_match_numpy(host_xp, text, sizes):
     n_in, n_hidden, n_out = sizes
     with warnings.catch_warnings():

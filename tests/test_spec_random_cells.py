@@ -4,7 +4,7 @@ BPTT = RTRL.  The derivation must be right for any cell, not only the built-in o
 
 Grammar: 1-3 states, 1-3 intermediates (gates), random elementwise expressions over
 states at t-1, earlier gates, states already updated in the step, the input (through a
-matrix), biases, scalar and vector parameters and numbers, with the nonlinearities
+matrix), biases (vectors, or scalars added to every unit), scalar and vector parameters and numbers, with the nonlinearities
 sigmoid, tanh, softplus, relu, exp (of a tanh, to stay bounded), identity, +, -, *, /
 (by a positive quantity) and ** 2; matrix-vector products W @ x, U @ s_prev,
 W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), and a matrix the
@@ -80,7 +80,9 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
                                 else ["leaf", "matvec"]))
     if kind == "leaf":
         choice = draw(st.sampled_from(vectors + ["bias"]))
-        return params.new("b", ["n_hidden"]) if choice == "bias" else choice
+        if choice == "bias":  # a vector, or a scalar added to every unit
+            return params.new("b", draw(st.sampled_from([["n_hidden"], ["n_hidden"], []])))
+        return choice
     if kind == "matvec":
         s = draw(st.sampled_from(states))
         forms = ["x", "state", "concat", "shared"] + (["gated"] if len(vectors) > len(states) else []) + (["new"] if new else [])

@@ -8,10 +8,10 @@ import sympy
 from ..ir import MatVecNode, StepGraph
 from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan
-from ..stmt import ALL, Assign, Concat, Ref
+from ..stmt import ALL, ETC, Assign, Concat, Ref, Span, Update
 from .python_printer import span
 
-__all__ = ["module_namer", "weight_ref", "group_weight"]
+__all__ = ["module_namer", "weight_ref", "group_weight", "weight_gradient", "parameter_sums"]
 
 
 def module_namer(plan: KernelPlan) -> Namer:
@@ -48,3 +48,36 @@ def group_weight(g: StepGraph, n: Namer, group: GemmGroup, stacks: list, stacked
     parts = tuple(weight_ref(g, n, mv) for mv in group.members)
     stacks.append(Assign(Ref(name), Concat(parts, 0), f"stacked: one GEMM for {len(group.members)} products"))
     return Ref(name)
+
+
+def weight_gradient(g: StepGraph, n: Namer, group: GemmGroup, grad, dW) -> list:
+    """Statements adding ``dW`` (sum_t delta[t]^T operand[t], one GEMM for the group's
+    stacked rows) into the gradients of the members' parameters (``grad``: a parameter's
+    name -> its gradient's)."""
+    if group.whole_param:
+        return [Update(Ref(grad(group.whole_param)), "+", dW)]
+    out = [Assign(Ref("dW_stack"), dW)]
+    for mv, off in zip(group.members, group.offsets):
+        out.append(Update(weight_ref(g, n, mv, base=grad(mv.param)), "+", Ref("dW_stack", (span(off, mv.size),))))
+    return out
+
+
+def parameter_sums(sums: list[tuple[Ref, str, Span | None, bool]], n: Namer, total, over_rows, comment: str = "") -> list:
+    """Gradients of elementwise parameters from the adjoint buffers that hold theirs.
+
+    ``sums``: (gradient, buffer over every step, the columns of the buffer that hold the
+    parameter's adjoint (None: all), scalar?).  A scalar's gradient is the sum of its
+    columns; a vector's, its columns of one reduction over the steps and the batch per
+    buffer, shared by every parameter that reads it (PyTorch's two biases get the same
+    sum).  ``total(value)`` spells a sum of every entry, ``over_rows(buffer)`` a sum over
+    the steps and the batch."""
+    lines, totals = [], {}
+    for grad, buf, cols, scalar in sums:
+        if scalar:
+            lines.append(Update(grad, "+", total(Ref(buf, (ETC, cols)) if cols is not None else Ref(buf))))
+            continue
+        if buf not in totals:
+            totals[buf] = n.fresh(f"{buf.removesuffix('_seq')}_sum")
+            lines.append(Assign(Ref(totals[buf]), over_rows(Ref(buf)), comment))
+        lines.append(Update(grad, "+", Ref(totals[buf], (cols,)) if cols is not None else Ref(totals[buf])))
+    return lines

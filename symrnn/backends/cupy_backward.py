@@ -18,8 +18,8 @@ from ..errors import InternalError
 from ..ir import MatVecNode, Pointwise
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
-from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, Update, t_SYM
-from .array_module import weight_ref
+from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, t_SYM
+from .array_module import parameter_sums, weight_gradient
 from .cuda_kernels import Kernel, KernelBuilder, Loc
 from .cupy_backend import empty
 from .python_printer import span
@@ -86,17 +86,11 @@ class BackwardEmitter:
 
     def sum_lines(self) -> list:
         """One reduction over the batch and the steps per stored adjoint buffer (cupy.sum:
-        no atomics), then each parameter's gradient from its columns."""
-        lines, reduced = [], {}
-        for target, src, width, part, scalar in self.sums:
-            if scalar:
-                lines.append(Update(target, "+", Call("sum", (Ref(src),))))
-                continue
-            if src not in reduced:
-                reduced[src] = self.py.fresh(src.removesuffix("_seq") + "_sum")
-                lines.append(Assign(Ref(reduced[src]), Call("sum", (Reshape(Ref(src), width),), (("axis", Text("0")),))))
-            lines.append(Update(target, "+", Ref(reduced[src], (part,)) if part is not None else Ref(reduced[src])))
-        return lines
+        no atomics), then each parameter's gradient from its columns (array_module.parameter_sums)."""
+        sums = [(target, src, part, scalar) for target, src, _, part, scalar in self.sums]
+        widths = {src: width for _, src, width, _, _ in self.sums}
+        return parameter_sums(sums, self.py, lambda v: Call("sum", (v,)),
+                              lambda v: Call("sum", (Reshape(v, widths[v.name]),), (("axis", Text("0")),)))
 
     # -- symbolic adjoints of one stage ----------------------------------------------
     def stage_adjoints(self, stage: Stage) -> tuple[list[tuple[str, sympy.Expr]], dict[str, sympy.Expr]]:
@@ -326,13 +320,7 @@ class BackwardEmitter:
                 self.acc.setdefault(operand, []).append((c("adj_via", operand, group.name), Loc(Ref(name), ld=cols, seq=True)))
         src = e.loc(operand, "all").py
         dW = Call("matmul", (Reshape(Ref(buf), rows, T=True), Reshape(src, cols)))
-        if group.whole_param:
-            self.weight_lines.append(Update(Ref(py("adj", group.whole_param)), "+", dW))
-        else:
-            self.weight_lines.append(Assign(Ref("dW_stack"), dW))
-            for mv, off in zip(group.members, group.offsets):
-                target = weight_ref(g, py, mv, base=py("adj", mv.param))
-                self.weight_lines.append(Update(target, "+", Ref("dW_stack", (span(off, mv.size),))))
+        self.weight_lines.extend(weight_gradient(g, py, group, lambda param: py("adj", param), dW))
 
     def loop(self) -> None:
         g, e, plan, py = self.g, self.e, self.plan, self.py

@@ -31,6 +31,7 @@ from ..schedule import shared_subexpressions
 from ..stmt import (
     ALL, ETC, Assign, Call, Concat, Do, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, t0_SYM, t_SYM,
 )
+from .array_module import parameter_sums, weight_gradient
 from .python_printer import PythonPrinter, span
 
 __all__ = ["Backward", "Pending", "emit_backward"]
@@ -76,7 +77,7 @@ def steps_matmul(a, a_cols: sympy.Expr, b, rows: sympy.Expr) -> Reshape:
     return Reshape(MatMul(Reshape(a, a_cols), b), rows, steps=True)
 
 
-def weight_gradient(a, rows: sympy.Expr, b, cols: sympy.Expr) -> MatMul:
+def weight_gradient_gemm(a, rows: sympy.Expr, b, cols: sympy.Expr) -> MatMul:
     """``sum_t a[t]^T b[t]``: one GEMM over every step."""
     return MatMul(Reshape(a, rows, T=True), Reshape(b, cols))
 
@@ -196,11 +197,9 @@ class Backward:
 
     # -- sums over the steps ----------------------------------------------------------
     def parameter_sums(self) -> None:
-        """Gradients of elementwise parameters whose adjoint a buffer stores: one sum per
-        buffer over the steps and the batch, shared by every parameter that reads it
-        (PyTorch's two biases get the same sum)."""
-        totals: dict[str, str] = {}
-        after = self.m.backward_after
+        """Gradients of elementwise parameters whose adjoint a buffer stores
+        (array_module.parameter_sums)."""
+        sums = []
         for leaf, name in self.deferred_sums:
             name = self.alias.get(name, name)
             p = self.g.param(leaf.param)
@@ -208,15 +207,10 @@ class Backward:
             if name not in self.slots:
                 raise InternalError(f"adjoint '{name}' of cell '{self.g.cell}' is not stored over the steps")
             buf, cols = self.slots[name]
-            grad = self.grad_ref(p.name, rows)
-            if p.kind == "scalar":
-                after.append(Update(grad, "+", Call("sum", (Ref(buf, (ETC, cols)) if cols else Ref(buf),))))
-                continue
-            if buf not in totals:
-                totals[buf] = self.n.fresh(f"{buf.removesuffix('_seq')}_sum")
-                after.append(Assign(Ref(totals[buf]), Call("sum", (Ref(buf),), (("axis", _SUM_AXES["all"]),)),
-                                    "over the steps and the batch"))
-            after.append(Update(grad, "+", Ref(totals[buf], (cols,)) if cols else Ref(totals[buf])))
+            sums.append((self.grad_ref(p.name, rows), buf, cols, p.kind == "scalar"))
+        self.m.backward_after.extend(parameter_sums(
+            sums, self.n, lambda v: Call("sum", (v,)), lambda v: Call("sum", (v,), (("axis", _SUM_AXES["all"]),)),
+            "over the steps and the batch"))
 
     # -- regions and stages ---------------------------------------------------------------
     def region_backward(self, region: Region, ctx: str, out: list) -> None:
@@ -527,14 +521,8 @@ class Backward:
             out.append(Assign(Ref(name), back))
             self.acc.setdefault(operand, []).append(Ref(name))
         # gradient of the weights: one GEMM over every step, after the loop
-        dW = weight_gradient(Ref(buf), group.rows, e.ref_of(operand, "all"), g.size(operand))
-        weights = self.m.backward_weights
-        if group.whole_param:
-            weights.append(Update(self.grad_ref(group.whole_param), "+", dW))
-        else:
-            weights.append(Assign(Ref("dW_stack"), dW))
-            for mv, off in zip(group.members, group.offsets):
-                weights.append(Update(e.weight_ref(mv, base=e.grad(mv.param)), "+", Ref("dW_stack", (span(off, mv.size),))))
+        dW = weight_gradient_gemm(Ref(buf), group.rows, e.ref_of(operand, "all"), g.size(operand))
+        self.m.backward_weights.extend(weight_gradient(g, n, group, e.grad, dW))
 
     def partial_gemms(self, group: GemmGroup, adj: list[str | None]) -> None:
         """Input-side GEMMs of a group whose members partly share the loop buffer's slots:
@@ -563,7 +551,7 @@ class Backward:
             rows = span(row, size)
             self.m.backward_pre.append(Update(self.d_x, "+", steps_matmul(view(source, src_off, size), size, rows_of(w, rows), cols)))
             if group.whole_param:
-                dW = weight_gradient(view(source, src_off, size), size, x, cols)
+                dW = weight_gradient_gemm(view(source, src_off, size), size, x, cols)
                 self.m.backward_weights.append(Update(self.grad_ref(group.whole_param, rows), "+", dW))
                 continue
             for mv, off in zip(group.members, group.offsets):  # stacked from several parameters: member by member
@@ -571,5 +559,5 @@ class Backward:
                 if inside.is_negative or sympy.expand(row + size - off - mv.size).is_negative:
                     continue
                 part = view(source, None if src_off is None else src_off + inside, mv.size)
-                dW = weight_gradient(part, mv.size, x, cols)
+                dW = weight_gradient_gemm(part, mv.size, x, cols)
                 self.m.backward_weights.append(Update(e.weight_ref(mv, base=e.grad(mv.param)), "+", dW))
