@@ -5,7 +5,8 @@
     symrnn generate [CELL ...] [--out DIR] [--backend numpy|cupy|all]
                                          write <cell>_numpy.py (and/or <cell>_cupy.py) modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
-    symrnn latex CELL ... [--format tex|md|pdf] [-o FILE|DIR]   the derivation as a document
+    symrnn latex CELL ... [--format tex|md|pdf] [--form vector|unit] [-o FILE|DIR]   the derivation as a document
+    symrnn verify CLAIMS.toml ...        check a hand-written derivation (docs/claims-format.md)
     symrnn --version                     symrnn 0.1.0
 
 Every command that takes cells also takes ``--spec FILE`` (repeatable): a cell
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     latex.add_argument("--rename", action="append", default=[], metavar="NAME=SHOWN",
                        help="write a name differently, e.g. --rename s=h (repeatable)")
     latex.add_argument("-o", "--output", help="output file, or an existing folder for <cell>.<format> (default: the current folder); '-' prints")
+    verify = sub.add_parser("verify", help="check a hand-written derivation (a claims file, docs/claims-format.md)")
+    verify.add_argument("claims", nargs="+", metavar="CLAIMS.toml", help="claims files")
+    verify.add_argument("--format", choices=("text", "md"), default="text", help="text (default) or md (a Markdown report)")
     check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
     check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random instance (default: 0)")
@@ -440,7 +444,25 @@ def _unambiguous(cell, kinds: dict[str, str], pairs: dict[str, str]) -> None:
                         f"the document would show both as {shown_as}; choose another name")
 
 
-_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex}
+def _verify(args) -> int:
+    """Every claims file read and checked first (a UserError on the first bad one), then judged."""
+    from .claims import load_claims
+    from .verify import format_report, markdown_report, verify
+
+    files = [load_claims(path) for path in args.claims]
+    wrong = 0
+    reports = []
+    for claims in files:
+        report = verify(claims)
+        wrong += report.wrong
+        reports.append(markdown_report(report) if args.format == "md" else format_report(report))
+    _say("\n\n".join(reports))
+    if args.format == "text":
+        _say("all claims are correct" if not wrong else f"{wrong} claim(s) are wrong")
+    return EXIT_FAIL if wrong else 0
+
+
+_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex, "verify": _verify}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
