@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(latex)
     latex.add_argument("--format", choices=("tex", "md", "pdf"), default="tex", help="tex (default), md or pdf (through pdflatex)")
     latex.add_argument("--time", choices=("super", "index"), default="super", help="write time as h^{t} (super) or h[t] (index)")
+    latex.add_argument("--form", choices=("vector", "unit"), default="vector",
+                       help="vector (default): the textbook form, W^T delta and the concatenation [h; x]; unit: per unit, "
+                       "ds_l/du_ij with Kronecker deltas (seeds 000/001)")
     latex.add_argument("--rename", action="append", default=[], metavar="NAME=SHOWN",
                        help="write a name differently, e.g. --rename s=h (repeatable)")
     latex.add_argument("-o", "--output", help="output file, or an existing folder for <cell>.<format> (default: the current folder); '-' prints")
@@ -340,12 +343,13 @@ def _latex(args) -> int:
         raise UserError("-o: the output file's name is empty")
     selected = _selected(args)
     rename = _renames(args.rename, [cell for cell, _ in selected])
-    notation = Notation(time=args.time, rename=rename)
+    notation = Notation(time=args.time, rename=rename, form=args.form)
     render = render_markdown if args.format == "md" else render_latex
     out = " -o docs/derivations" if args.format == "md" else ""
     documents = {}  # all before writing
     for cell, command in selected:
-        extra = {"command": f"symrnn latex {command} --format {args.format}{out}"} if command else {}
+        form = " --form unit" if args.form == "unit" else ""
+        extra = {"command": f"symrnn latex {command} --format {args.format}{form}{out}"} if command else {}
         documents[cell.name] = render(build(cell), notation, **extra)
     if args.output == "-":
         if args.format == "pdf":

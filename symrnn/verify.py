@@ -620,6 +620,8 @@ class Deriver:
         return node.op.derivative(y)
 
     def prime(self, op_name: str, arg: sympy.Expr, owner: str | None, time) -> sympy.Expr:
+        if isinstance(arg, Q) and arg.kind == "val":  # sigma'(a^t), as the seeds write it
+            return Prime(sympy.Symbol(op_name), arg)
         if owner is not None:
             via = self.through_values(owner, time)
             if via is not None:
@@ -713,7 +715,8 @@ class Deriver:
             b, n = e.args
             return self.backprop(b, seed * n * b ** (n - 1), target)
         if isinstance(e, Op):
-            return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, target.time), target)
+            time = target.time if owner is None else self.eq_time(owner, e, target)
+            return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, time), target)
         if isinstance(e, MatVec):
             w, ops = e.args
             back = CMatVec(Transposed(w), sympy.Tuple(seed))
@@ -725,6 +728,13 @@ class Deriver:
                 start = start + n
             return sympy.Add(*out)
         raise InternalError(f"no adjoint rule for {type(e).__name__}")
+
+    def eq_time(self, owner: str, e: sympy.Expr, target: Q):
+        """The step of the equation ``owner`` whose top nonlinearity is ``e``."""
+        for shift in (0, 1):
+            if self.value(owner, target.time + shift) == e:
+                return target.time + shift
+        return target.time
 
     def size(self, e: sympy.Expr) -> sympy.Expr:
         g = self.g
@@ -749,10 +759,10 @@ class Deriver:
                 expr = self.value(b, time + shift)
                 if expr is None or not expr.has(target):
                     continue
-                if isinstance(expr, Op):
+                if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
                     terms.append(self.backprop(expr.args[0], q("preadj", b, time=time + shift), target))
                 else:
-                    terms.append(self.backprop(expr, q("adj", b, time=time + shift), target, owner=None))
+                    terms.append(self.backprop(expr, q("adj", b, time=time + shift), target, owner=b))
         return sympy.Add(*terms)
 
     def reads_prev(self, b: str) -> bool:
@@ -1184,7 +1194,7 @@ class _Checker:
 
         try:
             c = _normal(self.specialize(claim.rhs, TIME), self.deriver, deep=False)
-            only_c, only_d = diff(c, derived)
+            only_c, only_d = diff(c, _normal(derived, self.deriver, deep=False))
         except Exception:  # noqa: BLE001 - the terms are a convenience of the report
             return (), ()
         return tuple(self.text(e) for e in only_c), tuple(self.text(e) for e in only_d)
