@@ -446,9 +446,13 @@ def vector_document_data(plan, notation) -> dict:
         for out in g.outputs:
             lossp[q("lossp", out)] = deriver.lossp(out, TIME, plan.derivation)
 
-    def eq(label, lhs, expr, aliases=(), note=""):
+    formulas: list[tuple[sympy.Expr, sympy.Expr]] = []  # (quantity, formula): what tests check numerically
+
+    def eq(label, lhs, expr, aliases=(), note="", quantity=None):
         if lossp:
             expr = expr.xreplace(lossp)
+        if quantity is not None:
+            formulas.append((quantity, expr))
         return dict(label=label, aliases=[a for a in dict.fromkeys(aliases) if a != label], lhs=lhs,
                     lines=_split(P, expr), note=note)
 
@@ -474,8 +478,10 @@ def vector_document_data(plan, notation) -> dict:
         if run > 1:
             lhs = r"\begin{bmatrix}" + r" \\ ".join(P._print(q("val", n)) for n in group) + r"\end{bmatrix}"
             forward.append(eq(f"eq:{cell}:{group[0]}", lhs, _unblocked(deriver.value(group[0])), aliases))
+            formulas.extend((q("val", n), deriver.value(n)) for n in group)
         else:
-            forward.append(eq(f"eq:{cell}:{group[0]}", P._print(q("val", group[0])), deriver.value(group[0]), aliases))
+            forward.append(eq(f"eq:{cell}:{group[0]}", P._print(q("val", group[0])), deriver.value(group[0]), aliases,
+                              quantity=q("val", group[0])))
         k += run
     loss = None
     if g.loss is not None:
@@ -519,23 +525,26 @@ def vector_document_data(plan, notation) -> dict:
             a = _merge_rows(deriver.inline_adjoints(deriver.adj(name), TIME))
             own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name
                    and not has_pre]
-            adjoints.append(eq(f"eq:{cell}:adj:{name}", P._print(q("adj", name)), a, aliases + own))
+            adjoints.append(eq(f"eq:{cell}:adj:{name}", P._print(q("adj", name)), a, aliases + own,
+                               quantity=q("adj", name)))
             covered.add(name)
         if has_pre:
             d = _pull_common(deriver.inline_adjoints(deriver.preadj(name), TIME))
             own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name]
             label = f"eq:{cell}:adj:{name}" if name in inline else f"eq:{cell}:adjpre:{name}"
             adjoints.append(eq(label, P._print(q("preadj", name)), d, own + (aliases if name in inline else []),
-                               note="pre"))
+                               note="pre", quantity=q("preadj", name)))
     x = g.input.name
-    adjoints.append(eq(f"eq:{cell}:adj:{x}", P._print(q("adj", x)), _merge_rows(deriver.inline_adjoints(deriver.adj(x), TIME))))
+    adjoints.append(eq(f"eq:{cell}:adj:{x}", P._print(q("adj", x)), _merge_rows(deriver.inline_adjoints(deriver.adj(x), TIME)),
+                       quantity=q("adj", x)))
     gradients = []
     for p in g.params:
         parts = gradient_parts(deriver, p.name)
         gradients += _gradient_lines(P, p, parts, deriver)
+        formulas.append((q("grad", "_", p.name, 0), _placed(parts, p, deriver, lossp)))
 
     # forward mode
-    sensitivities, generic = _sensitivities(P, deriver, g, cell)
+    sensitivities, generic = _sensitivities(P, deriver, g, cell, formulas)
     pdots = sorted({p.name for p in g.params})
     return dict(
         cell=cell, symbols=symbols, forward=forward, loss=loss, partials=partials, adjoints=adjoints,
@@ -544,6 +553,7 @@ def vector_document_data(plan, notation) -> dict:
         dot_example=P._print(q("pdot", g.params[0].name)) if g.params else "",
         params_dot=", ".join(P.base(n) for n in pdots),
         all_labels=_all_labels(g, cell),
+        formulas=formulas,
     )
 
 
@@ -565,6 +575,47 @@ def _pull_common(e):
     if isinstance(e, sympy.Mul):
         return sympy.Mul(*[_pull_common(a) for a in e.args])
     return e
+
+
+def _placed(parts, p, deriver, lossp) -> sympy.Expr:
+    """dL/dp as one expression: its per-step parts, each row block stacked in its place
+    (a block no equation uses is 0), summed over time."""
+    g = deriver.g
+    parts = [(k, e.xreplace(lossp) if lossp else e) for k, e in parts]
+    if all(k is None for k, _ in parts):
+        return TSum(sympy.Add(*[e for _, e in parts]))
+    stacked = []
+    for k in range(p.blocks):
+        mine = [e for kk, e in parts if kk == k]
+        stacked.append(sympy.Add(*mine) if mine else None)
+    template = next(e for e in stacked if e is not None)
+    filled = [e if e is not None else 0 * template for e in stacked]
+    return TSum(Cat(*filled))
+
+
+def instantiate(expr: sympy.Expr, param: str, entries: tuple, g) -> sympy.Expr:
+    """A generic forward-mode formula (d/d theta) for theta = ``param[entries]``: its
+    derivatives of parameters replaced (e_i e_j^T, e_i, 1 or 0), its tangents named."""
+    decl = g.param(param)
+
+    def pdot(a: Q):
+        if a.qname != param:
+            return sympy.Integer(0)
+        unit = Outer(Unit(entries[0]), Unit(entries[1])) if len(decl.shape) == 2 else (
+            Unit(entries[0]) if decl.shape else sympy.Integer(1))
+        if a.wrt != "_":
+            k, rows = int(a.wrt), decl.block_rows
+            unit = Rows(unit, k * rows, (k + 1) * rows)
+        return unit
+
+    table = {}
+    for a in expr.atoms(Q):
+        if a.kind == "pdot":
+            table[a] = pdot(a)
+        elif a.kind == "sens" and a.wrt == "_theta":
+            table[a] = q("sens", a.qname, param, a.time, entries)
+    out = expr.xreplace(table)
+    return out.replace(lambda a: isinstance(a, MatVec) and a.args[0] == 0, lambda a: sympy.Integer(0))
 
 
 def _unblocked(e):
@@ -631,7 +682,7 @@ def _gradient_lines(P: TextbookPrinter, p, parts, deriver) -> list[dict]:
     return lines
 
 
-def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell):
+def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell, formulas: list):
     """Per parameter, substituted (seed 002's form) where every recursion is one short line;
     else one generic forward-mode recursion per value, for any parameter entry theta."""
     from .latex import _visible
@@ -652,6 +703,7 @@ def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell):
             text = P._print(rhs)
             if _visible(text) > 60:
                 short = False
+            formulas.append((lhs, rhs))
             per.append(dict(label=f"eq:{cell}:rtrl:{s.name}:{p.name}", aliases=[], lhs=P._print(lhs),
                             lines=[text], initial=P._print(q("sens", s.name, p.name, TIME - 1, entries).xreplace(
                                 {TIME: sympy.Integer(0)})) + " = 0"))
@@ -664,6 +716,7 @@ def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell):
     generic = []
     for name, _ in g.equations:
         rhs = generic_tangent(deriver, name)
+        formulas.append((q("sens", name, "_theta"), rhs))
         aliases = [f"eq:{cell}:rtrl:{name}:{p.name}" for p in g.params] if name in g.state_names else []
         generic.append(dict(label=f"eq:{cell}:rtrl:{name}", aliases=aliases, lhs=P._print(q("sens", name, "_theta")),
                             lines=_split(P, rhs)))

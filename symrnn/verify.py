@@ -468,14 +468,23 @@ class Evaluator:
                 return _T(_prime(OPS[e.args[0].name], x.a), x.axes)
         if isinstance(e, Transposed):
             w = self.ev(e.args[0], t)
-            if w.axes != ("_", "~"):
+            if not {"_", "~"} <= set(w.axes):
                 raise ShapeMismatch("only a matrix has a transpose")
-            return _T(w.a, ("~", "_"))
+            return _T(w.a, tuple({"_": "~", "~": "_"}.get(a, a) for a in w.axes))
         if isinstance(e, MatVec):
             w = self.ev(e.args[0], t)
-            if set(w.axes) != {"_", "~"}:
-                raise ShapeMismatch(f"the left of @ is not a matrix")
-            v = self.concat([self.ev(o, t) for o in e.args[1]])
+            if not {"_", "~"} <= set(w.axes):
+                raise ShapeMismatch("the left of @ is not a matrix")
+            parts = [self.ev(o, t) for o in e.args[1]]
+            scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
+            if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
+                # W [v; 0]: the 0 is as long as the columns that are left
+                known = sum(p_.sizes()["_"] for p_ in parts if "_" in p_.axes)
+                cols = w.sizes()["~"] - known
+                if cols <= 0:
+                    raise ShapeMismatch("the concatenation is longer than the matrix's columns")
+                parts[scalars[0]] = _T(np.zeros(cols), ("_",))
+            v = self.concat(parts)
             v = _rename(v, "_", "~")
             a, b, axes = _align(w, v)
             prod = a * b
