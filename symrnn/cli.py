@@ -451,17 +451,15 @@ def _unambiguous(cell, kinds: dict[str, str], pairs: dict[str, str]) -> None:
 def _verify(args) -> int:
     """Every claims file read and checked first (a UserError on the first bad one), then judged."""
     from .claims import load_claims
-    from .verify import format_report, markdown_report, verify
+    from .verify import format_report, markdown_page, verify
 
     files = [load_claims(path) for path in args.claims]
-    wrong = 0
-    reports = []
-    for claims in files:
-        report = verify(claims)
-        wrong += report.wrong
-        reports.append(markdown_report(report) if args.format == "md" else format_report(report))
-    _say("\n\n".join(reports))
-    if args.format == "text":
+    reports = [verify(claims) for claims in files]
+    wrong = sum(r.wrong for r in reports)
+    if args.format == "md":
+        _write(markdown_page(reports, "symrnn verify --format md " + " ".join(args.claims)))
+    else:
+        _say("\n\n".join(format_report(r) for r in reports))
         _say("all claims are correct" if not wrong else f"{wrong} claim(s) are wrong")
     return EXIT_FAIL if wrong else 0
 

@@ -108,3 +108,18 @@ def test_no_summation_index_is_a_name_of_the_cell():
             names = {p.name for p in plan.graph.params} | {n.name for n in plan.graph.nodes}
             for index in re.findall(r"\\sum_\{([a-z])(?:,\\,([a-z]))?\}", tex):
                 assert not set(index) & names, (cell, form, index)
+
+
+def test_notebook_display():
+    import symrnn
+
+    doc = symrnn.derivation("gru")
+    md, tex = doc._repr_markdown_(), doc._repr_latex_()
+    assert md == render_markdown(build("gru")) and md.count("$$") >= 12
+    assert tex.startswith(r"$$\begin{aligned}") and tex.endswith(r"\end{aligned}$$") and r"\overline{{h^{t}}} &=" in tex
+    assert "\n" not in tex  # one display: what a notebook's MathJax renders
+    assert "gru" in repr(doc) and doc.tex == render_latex(build("gru"))
+    unit = symrnn.derivation("elman", form="unit", time="index", rename={"s": "h"})
+    assert "{h[t-1]}" in unit.tex and r"\delta_{li}" in unit.tex
+    with pytest.raises(symrnn.UserError):
+        symrnn.derivation("gru", form="matrix")

@@ -275,3 +275,13 @@ def test_claims_error_is_a_user_error():
     with pytest.raises(ClaimsError) as info:
         parse_claims('[claims]\ncell = "elman"\n[steps]\n"s" = "tanh(zz)"\n', "x.toml")
     assert isinstance(info.value, UserError) and str(info.value).startswith("x.toml:4:")
+
+
+def test_the_seeds_page_is_up_to_date(capsys, monkeypatch):
+    """docs/seeds.md is the Markdown report of the shipped claims files (CI fails when stale)."""
+    monkeypatch.chdir(ROOT)
+    files = [f"examples/claims/{name}" for name in FILES]
+    assert main(["verify", "--format", "md", *files]) == 1  # the seeds have slips
+    page = (ROOT / "docs" / "seeds.md").read_text()
+    assert capsys.readouterr().out == page, f"docs/seeds.md is stale; run: symrnn verify --format md {' '.join(files)} > docs/seeds.md"
+    assert "## Where the hand derivations are wrong" in page and "<script" not in page
