@@ -700,7 +700,8 @@ class _ClaimBuilder(_Builder):
             value = self.build(node.value)
             if isinstance(value, (ParamSymbol, Block)):
                 return Transposed(value)
-        return super()._Attribute(node)
+        raise self.fail(node, f"'{self.snippet(node)}': the only attribute in a claim is a matrix's transpose, W.T "
+                        f"(allowed: {_ALLOWED})")
 
     def matmul(self, node: ast.BinOp):
         left = node.left
