@@ -590,8 +590,8 @@ def _index_value(expr: sympy.Expr, env: dict, subs: dict):
 class Deriver:
     """The left side of a claim, derived by the chain rule on the cell's equations (per step)."""
 
-    def __init__(self, g):
-        self.g = g
+    def __init__(self, g, der=None):
+        self.g, self.der = g, der
         self.eqs = {name: self.lift(expr) for name, expr in g.equations}
 
     def lift(self, expr: sympy.Expr) -> sympy.Expr:
@@ -793,6 +793,9 @@ class Deriver:
         return self.through_values(name, time) * q("adj", name, time=time)
 
     def lossp(self, name: str, time=TIME, der=None) -> sympy.Expr | None:
+        der = der or self.der
+        if der is None or self.g.loss is None:
+            return None
         for out, p in der.loss_partials:
             if out == name:
                 return self.at(self.lift(p).xreplace({q("val", "target"): q("val", "target")}), time)
@@ -1028,7 +1031,7 @@ def verify(claims: ClaimsFile) -> Report:
     plan = build(claims.cell)
     module = load_module(render_numpy(plan), module_name(plan.graph.cell))
     instances = [Instance(plan, module, seed, claims.steps, claims.zero_states) for seed in claims.seeds]
-    deriver = Deriver(plan.graph)
+    deriver = Deriver(plan.graph, plan.derivation)
     checker = _Checker(claims, plan, instances, deriver)
     verdicts = tuple(checker.check(c) for c in claims.claims)
     sizes = tuple(_size_verdict(s, plan.graph) for s in claims.sizes)
@@ -1267,10 +1270,11 @@ def _normal(e: sympy.Expr, deriver: Deriver, deep: bool = True, now=TIME) -> sym
     if not deep:
         return e
     for _ in range(60):
-        atoms = [a for a in e.atoms(Q) if a.time == now and a.kind in ("val", "sens", "adj", "preadj", "pre")]
+        atoms = [a for a in e.atoms(Q) if a.time.has(TIME) == now.has(TIME) and (a.time == now or a.kind == "lossp")
+                 and a.kind in ("val", "sens", "adj", "preadj", "pre", "lossp")]
         table = {}
         for a in atoms:
-            d = deriver.derived_core(a, None) if a.kind != "lossp" else None
+            d = deriver.derived_core(a, None)
             if d is not None and d != a:
                 table[a] = d
         if not table:
