@@ -32,10 +32,10 @@ import sympy
 
 from .cell import Block, Cell, MatVec, ParamSymbol
 from .cells import BUILTIN, builtin
-from .errors import UserError, suggest
+from .errors import suggest
 from .escape import check_text, one_line, shown
 from .lower import NONDIFFERENTIABLE, parse_size
-from .ops import OPS, Op
+from .ops import OPS
 from .spec import MAX_FILE, SpecError, _Builder, _Expr, _index, load_spec, tomllib
 
 __all__ = ["ClaimsError", "Claim", "ClaimsFile", "SizeClaim", "load_claims", "parse_claims", "TIME",

@@ -16,14 +16,12 @@ instances by ``tests/test_textbook.py``.  The per-unit form of seeds 000/001 is
 
 from __future__ import annotations
 
-import re
 
 import sympy
 from sympy.printing.latex import LatexPrinter
-from sympy.printing.precedence import PRECEDENCE
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
-from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
+from .claims import TIME, Cat, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
 from .ir import Pointwise
 from .ops import OPS, Op
 from .verify import Deriver
@@ -434,7 +432,7 @@ def _names(g) -> list[str]:
 
 def vector_document_data(plan, notation) -> dict:
     """What the textbook template prints: lists of equations (label, aliases, lhs, lines)."""
-    from .latex import _cost, _dim, _visible
+    from .latex import _cost, _dim
 
     g = plan.graph
     deriver = Deriver(g)
@@ -466,7 +464,6 @@ def vector_document_data(plan, notation) -> dict:
                  r" \times ".join(_dim(s) for s in p.shape)) for p in g.params]
 
     # forward equations, stacked where the user's gates are row blocks of one parameter
-    node_names = [n.name for n in g.nodes]
     forward = []
     names = [name for name, _ in g.equations]
     k = 0
@@ -580,7 +577,6 @@ def _pull_common(e):
 def _placed(parts, p, deriver, lossp) -> sympy.Expr:
     """dL/dp as one expression: its per-step parts, each row block stacked in its place
     (a block no equation uses is 0), summed over time."""
-    g = deriver.g
     parts = [(k, e.xreplace(lossp) if lossp else e) for k, e in parts]
     if all(k is None for k, _ in parts):
         return TSum(sympy.Add(*[e for _, e in parts]))
@@ -653,7 +649,6 @@ def _all_labels(g, cell) -> list[str]:
 
 
 def _gradient_lines(P: TextbookPrinter, p, parts, deriver) -> list[dict]:
-    g = P.g
     if not parts:
         return []
     blocks = sorted({k for k, _ in parts if k is not None})
