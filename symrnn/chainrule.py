@@ -269,7 +269,22 @@ class Deriver:
             return self.inline_adjoints(self.preadj(a.qname, time), time)
         if a.kind == "lossp":
             return self.lossp(a.qname, time, der)
+        if a.kind == "lsens":  # dL^t/dtheta = sum over the outputs of dL^t/dy . dy/dtheta
+            return sympy.Add(*[self.loss_partial(o, time) * q("sens", o, a.wrt, time, a.entries)
+                               for o in self.g.outputs])
+        if a.kind == "grad":
+            from .textbook import _placed, gradient_parts
+
+            lossp = {q("lossp", o): self.loss_partial(o, TIME) for o in self.g.outputs} if self.g.loss else {}
+            whole = _placed(gradient_parts(self, a.wrt), self.g.param(a.wrt), self, lossp)
+            return Entry(whole, *a.entries) if a.entries else whole
         return None
+
+    def loss_partial(self, out: str, time) -> sympy.Expr:
+        """dL^t/d out: the loss's expression for a cell with a loss, else the output's cotangent."""
+        if self.g.loss is not None:
+            return self.lossp(out, time) or sympy.Integer(0)
+        return q("lossp", out, time=time)
 
 
 def _index_in(e: sympy.Expr, l: sympy.Symbol, fresh) -> sympy.Expr:

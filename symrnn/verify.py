@@ -298,7 +298,7 @@ class _Checker:
             for inst in self.instances:
                 try:
                     lhs = self.evaluate(claim.lhs, inst, times, ranges)
-                    d = self.evaluate(derived, inst, times, ranges)
+                    d = [_summed(claim.lhs, l, r) for l, r in zip(lhs, self.evaluate(derived, inst, times, ranges))]
                     bad = _first_difference(lhs, d)
                 except ShapeMismatch:
                     bad = True
