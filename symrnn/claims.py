@@ -427,6 +427,11 @@ class _ClaimsReader:
                              f'prev(dh/db) + 1)", got {shown(repr(value), 40)}')
         if len(key) > MAX_KEY:
             raise self.error(scope, key[:40], f"the left side is {len(key)} characters long; at most {MAX_KEY}")
+        for what, text in (("the left side", key), ("the formula", value)):
+            try:  # no control character reaches a report, even in a comment of the formula
+                check_text(text, what, limit=MAX_FILE)
+            except ValueError as exc:
+                raise self.error(scope, key, str(exc)) from None
         line = self.line_of(scope, key)
         lhs = self.builder.parse(scope, key, key, line, side="left")
         lhs = self.check_lhs(scope, key, lhs)

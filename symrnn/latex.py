@@ -210,10 +210,16 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
         for p in g.params
     ]
     forward = []
+    from .chainrule import Deriver
+    from .textbook import TextbookPrinter
+
+    deriver = Deriver(g)
+    written = TextbookPrinter(g, notation)  # the cell's equations as it writes them: W [h^{t-1}; x^t]
+    written.scalar_cell = True  # per unit: products of units, no odot
     for n in g.nodes:
         if n.role == "auxiliary":
             continue
-        forward.append(Equation(f"eq:{cell}:{n.name}", P.value(n.name), P.definition(n) if isinstance(n, MatVecNode) else P.doprint(n.expr)))
+        forward.append(Equation(f"eq:{cell}:{n.name}", P.value(n.name), written._print(deriver.value(n.name))))
     loss = None
     if g.loss is not None:
         reduction = r"\frac{1}{T}\sum_{t=0}^{T-1}" if g.loss.reduction == "mean" else r"\sum_{t=0}^{T-1}"

@@ -353,9 +353,17 @@ class _T:
         return dict(zip(self.axes, self.a.shape))
 
 
+#: the most entries one intermediate array of a claim may have (indices multiply sizes)
+MAX_ENTRIES = 2_000_000
+
+
 def _align(x: _T, y: _T) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     axes = x.axes + tuple(a for a in y.axes if a not in x.axes)
     sx, sy = x.sizes(), y.sizes()
+    total = int(np.prod([{**sy, **sx}[a] for a in axes], dtype=np.float64)) if axes else 1
+    if total > MAX_ENTRIES:
+        raise ShapeMismatch(f"the claim's indices make an array of {total:,} entries (at most {MAX_ENTRIES:,}); "
+                            "use fewer indices at once")
     for a in set(sx) & set(sy):
         if sx[a] != sy[a]:
             what = "a vector" if a == "_" else ("a matrix's columns" if a == "~" else f"index {a}")

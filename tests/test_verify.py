@@ -235,6 +235,7 @@ HOSTILE = [
     ('[claims]\ncell = "lstm"\n[steps]\n"h" = "W_f"\n', ":4:", "a matrix alone is not a value"),
     ('[claims]\ncell = "lstm"\n[steps]\n"h" = "W_f.T"\n', ":4:", ""),
     (HEAD + '[steps]\n"h" = { expr = "h", note = "a\\u202eb" }\n', ":4:", "note contains the character"),
+    (HEAD + '[steps]\n"h" = "h # \\u001b[31m red"\n', ":4:", "the formula contains the character"),
 ]
 
 
