@@ -21,7 +21,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
-from .claims import TIME, Cat, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
+from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
 from .ir import Pointwise
 from .ops import OPS, Op
 from .verify import Deriver
@@ -169,8 +169,10 @@ class TextbookPrinter(LatexPrinter):
     # -- sums and products in reading order ---------------------------------------------------
     def vectorial(self, e) -> bool:
         """Whether ``e`` is a vector (so a product with another vector is elementwise)."""
-        if self.scalar_cell:
+        if self.scalar_cell or isinstance(e, Entry):  # x^t_j: one entry
             return False
+        if isinstance(e, (sympy.Mul, sympy.Add, sympy.Pow)):
+            return any(self.vectorial(a) for a in e.args)
         for a in sympy.preorder_traversal(e):
             if isinstance(a, Q) and a.kind in ("val", "adj", "preadj", "lossp", "sens", "pre"):
                 return True
