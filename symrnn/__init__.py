@@ -13,6 +13,10 @@ The API, by task:
   ``W @ (h_prev, x)`` a concatenation, ``W[k]`` a row block); the nonlinearities
   ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``, ``step``
   (``OPS`` maps their names to them); ``help(symrnn.cell)`` has an example;
+* show a derivation in a notebook: :func:`derivation` (``symrnn.derivation("lstm")`` displays as
+  mathematics; ``.tex``, ``.markdown``, ``.pdf(path)``);
+* check a hand-written derivation: ``symrnn.verify`` (``verify_file``, ``format_report``; the
+  claims format is ``docs/claims-format.md``), ``symrnn verify CLAIMS.toml`` on the command line;
 * read a cell from an equations file: :func:`load_spec`, :func:`parse_spec`
   (``docs/spec-format.md``), which raise :class:`SpecError` and warn with
   :class:`SpecWarning`;
@@ -32,6 +36,7 @@ from .cell import DIMS, Block, Cell, Loss, MatVec, Param, ParamSymbol, State, pa
 from .cells import builtin, builtin_names
 from .errors import CellError, InternalError, UserError
 from .init import Init, parse_init
+from .notebook import derivation
 from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
 from .spec import SpecError, SpecWarning, load_spec, parse_spec
 
@@ -42,6 +47,6 @@ __version__ = "0.1.0"
 # classes, whose inherited methods would fill 36,000 lines, and each exception class but
 # UserError would add the 70 lines of ValueError's: the docstring above names them instead.
 __all__ = [
-    "DIMS", "Cell", "Init", "Loss", "OPS", "Param", "State", "UserError", "builtin", "builtin_names", "load_spec",
+    "DIMS", "Cell", "Init", "Loss", "OPS", "Param", "State", "UserError", "builtin", "builtin_names", "derivation", "load_spec",
     "params", "parse_init", "parse_spec",
 ]

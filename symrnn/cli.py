@@ -5,7 +5,8 @@
     symrnn generate [CELL ...] [--out DIR] [--backend numpy|cupy|all]
                                          write <cell>_numpy.py (and/or <cell>_cupy.py) modules (all cells by default)
     symrnn check [CELL ...]              finite differences and RTRL = BPTT, per parameter
-    symrnn latex CELL ... [--format tex|md|pdf] [-o FILE|DIR]   the derivation as a document
+    symrnn latex CELL ... [--format tex|md|pdf] [--form vector|unit] [-o FILE|DIR]   the derivation as a document
+    symrnn verify CLAIMS.toml ...        check a hand-written derivation (docs/claims-format.md)
     symrnn --version                     symrnn 0.1.0
 
 Every command that takes cells also takes ``--spec FILE`` (repeatable): a cell
@@ -82,9 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     _spec_options(latex)
     latex.add_argument("--format", choices=("tex", "md", "pdf"), default="tex", help="tex (default), md or pdf (through pdflatex)")
     latex.add_argument("--time", choices=("super", "index"), default="super", help="write time as h^{t} (super) or h[t] (index)")
+    latex.add_argument("--form", choices=("vector", "unit"), default="vector",
+                       help="vector (default): the textbook form, W^T delta and the concatenation [h; x]; unit: per unit, "
+                       "ds_l/du_ij with Kronecker deltas (seeds 000/001)")
     latex.add_argument("--rename", action="append", default=[], metavar="NAME=SHOWN",
                        help="write a name differently, e.g. --rename s=h (repeatable)")
     latex.add_argument("-o", "--output", help="output file, or an existing folder for <cell>.<format> (default: the current folder); '-' prints")
+    verify = sub.add_parser("verify", help="check a hand-written derivation (a claims file, docs/claims-format.md)")
+    verify.add_argument("claims", nargs="+", metavar="CLAIMS.toml", help="claims files")
+    verify.add_argument("--format", choices=("text", "md"), default="text", help="text (default) or md (a Markdown report)")
     check = sub.add_parser("check", help="check gradients: finite differences and RTRL = BPTT")
     check.add_argument("cells", nargs="*", metavar="CELL", help="cells to check (default: all built-in cells)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random instance (default: 0)")
@@ -336,12 +343,13 @@ def _latex(args) -> int:
         raise UserError("-o: the output file's name is empty")
     selected = _selected(args)
     rename = _renames(args.rename, [cell for cell, _ in selected])
-    notation = Notation(time=args.time, rename=rename)
+    notation = Notation(time=args.time, rename=rename, form=args.form)
     render = render_markdown if args.format == "md" else render_latex
     out = " -o docs/derivations" if args.format == "md" else ""
     documents = {}  # all before writing
     for cell, command in selected:
-        extra = {"command": f"symrnn latex {command} --format {args.format}{out}"} if command else {}
+        form = " --form unit" if args.form == "unit" else ""
+        extra = {"command": f"symrnn latex {command} --format {args.format}{form}{out}"} if command else {}
         documents[cell.name] = render(build(cell), notation, **extra)
     if args.output == "-":
         if args.format == "pdf":
@@ -440,7 +448,23 @@ def _unambiguous(cell, kinds: dict[str, str], pairs: dict[str, str]) -> None:
                         f"the document would show both as {shown_as}; choose another name")
 
 
-_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex}
+def _verify(args) -> int:
+    """Every claims file read and checked first (a UserError on the first bad one), then judged."""
+    from .claims import load_claims
+    from .verify import format_report, markdown_page, verify
+
+    files = [load_claims(path) for path in args.claims]
+    reports = [verify(claims) for claims in files]
+    wrong = sum(r.wrong for r in reports)
+    if args.format == "md":
+        _write(markdown_page(reports, "symrnn verify --format md " + " ".join(args.claims)))
+    else:
+        _say("\n\n".join(format_report(r) for r in reports))
+        _say("all claims are correct" if not wrong else f"{wrong} claim(s) are wrong")
+    return EXIT_FAIL if wrong else 0
+
+
+_COMMANDS = {"list": _list, "show": _show, "generate": _generate, "check": _check, "latex": _latex, "verify": _verify}
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -36,11 +36,13 @@ class Notation:
     """How the document writes things where the seeds differ.
 
     ``time``: ``super`` (h^{t}, as seeds 000-003) or ``index`` (h[t], as seed 004);
-    ``rename``: (name, shown as) pairs, e.g. (("s", "h"),) writes seed 000's state s as h.
+    ``rename``: (name, shown as) pairs, e.g. (("s", "h"),) writes seed 000's state s as h;
+    ``form``: ``vector`` (the textbook form, :mod:`symrnn.textbook`) or ``unit`` (per unit).
     """
 
     time: str = "super"
     rename: tuple[tuple[str, str], ...] = ()
+    form: str = "vector"  # "vector" (textbook, the default) or "unit" (per unit, seeds 000/001)
 
     def base(self, name: str) -> str:
         return base_latex(dict(self.rename).get(name, name))
@@ -125,11 +127,24 @@ class DerivationLatexPrinter(LatexPrinter):
                 return rf"\left({text}\right)"
             return text
         if name.startswith("d_"):
-            return rf"\bar{{{self.value(name[2:])}}}"
+            return rf"\overline{{{self.value(name[2:])}}}"
         return super()._print_Symbol(expr, style)
+
+    @property
+    def scalar_cell(self) -> bool:
+        g = self.g
+        return all(g.size(n) == 1 for n in g.outputs) and all(all(s == 1 for s in p.shape) for p in g.params)
 
     def _print_Indexed(self, expr):
         label = expr.base.label.name
+        if self.scalar_cell and all(i.is_Symbol for i in expr.indices):  # a scalar cell: h^t, not h^t_l
+            match = re.match(r"^d(\w+?)(_prev)?_d(\w+)$", label)
+            if match and match.group(1) in self.g.state_names:
+                state, prev, param = match.groups()
+                num = self.notation.at(self.notation.base(state), "t-1" if prev else "t")
+                return rf"\frac{{\partial {num}}}{{\partial {self.notation.base(param)}}}"
+            if self.g.is_leaf(label) or any(n.name == label for n in self.g.nodes):
+                return self.value(label)
         idx = ",".join(self._print(i) for i in expr.indices)
         match = re.match(r"^d(\w+?)(_prev)?_d(\w+)$", label)
         if match and match.group(1) in self.g.state_names:
@@ -195,14 +210,21 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
         for p in g.params
     ]
     forward = []
+    from .chainrule import Deriver
+    from .textbook import TextbookPrinter
+
+    deriver = Deriver(g)
+    written = TextbookPrinter(g, notation)  # the cell's equations as it writes them: W [h^{t-1}; x^t]
+    written.scalar_cell = True  # per unit: products of units, no odot
     for n in g.nodes:
         if n.role == "auxiliary":
             continue
-        forward.append(Equation(f"eq:{cell}:{n.name}", P.value(n.name), P.definition(n) if isinstance(n, MatVecNode) else P.doprint(n.expr)))
+        forward.append(Equation(f"eq:{cell}:{n.name}", P.value(n.name), written._print(deriver.value(n.name))))
     loss = None
     if g.loss is not None:
         reduction = r"\frac{1}{T}\sum_{t=0}^{T-1}" if g.loss.reduction == "mean" else r"\sum_{t=0}^{T-1}"
-        loss = dict(per_step=P.doprint(g.loss.expr), total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss")
+        loss = dict(per_step=P.doprint(g.loss.expr), total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss",
+                    batch_sum=_batch_sum(g, units=True))
     partials = []
     for n in g.nodes:
         if isinstance(n, Pointwise):
@@ -321,12 +343,12 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
     for consumer, coeff in der.adjoint_terms(name):
         node = g.node(consumer)
         if isinstance(node, MatVecNode):
-            terms.append(rf"{P.weight(node)}^{{\top}} \bar{{{P.value(consumer)}}}")
+            terms.append(rf"{P.weight(node)}^{{\top}} \overline{{{P.value(consumer)}}}")
         else:
             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
-            terms.append(rf"{factor}\bar{{{P.value(consumer)}}}")
+            terms.append(rf"{factor}\overline{{{P.value(consumer)}}}")
     if g.is_leaf(name):
-        lhs = rf"\bar{{{P.value(name)}}}"
+        lhs = rf"\overline{{{P.value(name)}}}"
         note = "from step t to t-1"
         if not terms:
             return None
@@ -334,8 +356,8 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
     if name in g.state_names:
         prev = g.states[g.state_names.index(name)].prev
         terms.insert(0, r"\frac{\partial L}{\partial " + P.value(name) + "}")
-        terms.insert(1, rf"\left.\bar{{{P.value(prev)}}}\right|_{{t+1}}")
-        return dict(lhs=rf"\bar{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
+        terms.insert(1, rf"\left.\overline{{{P.value(prev)}}}\right|_{{t+1}}")
+        return dict(lhs=rf"\overline{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
     if not terms and name not in g.readouts:
         return None
     if name in g.readouts:
@@ -346,7 +368,7 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
             value = P.parenthesize(sympy.factor(partial), PRECEDENCE["Mul"], strict=True) if scale else P.doprint(sympy.factor(partial))
             direct += rf" = {scale}\frac{{\partial L^{{t}}}}{{\partial {P.value(name)}}} = {scale}{value}"
         terms.insert(0, direct)
-    return dict(lhs=rf"\bar{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
+    return dict(lhs=rf"\overline{{{P.value(name)}}}", lines=_group(terms), note="", label=f"eq:{g.cell}:adj:{name}")
 
 
 def _group(terms: list[str], per_line: int = 2, width: int = 150) -> list[str]:
@@ -366,35 +388,59 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
         for n in g.nodes:
             if isinstance(n, MatVecNode) and n.param == p.name:
                 w = P.weight(n)
-                terms.append((w, rf"\bar{{{P.value(n.name)}}} \left({P.value(n.operand)}\right)^{{\top}}"))
+                terms.append((w, rf"\overline{{{P.value(n.name)}}} \left({P.value(n.operand)}\right)^{{\top}}"))
             elif isinstance(n, Pointwise):
                 for leaf in g.leaves:
                     if leaf.kind == "param" and leaf.param == p.name:
                         coeff = der.partial(n.name, leaf.name)
                         if coeff != 0:
                             target = P.value(leaf.name)
-                            reduce = r"\sum_{b,\,l}" if p.kind == "scalar" else r"\sum_{b}"
+                            reduce = _batch_sum(g, units=p.kind == "scalar")
                             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
                             q = P.value(n.name)
                             chain = rf"\frac{{\partial L}}{{\partial {q}}} \frac{{\partial {q}}}{{\partial {target}}}"
-                            terms.append((target, rf"{chain} = \sum_{{t=0}}^{{T-1}} {reduce} {factor}\bar{{{q}}}"))
+                            terms.append((target, rf"{chain} = \sum_{{t=0}}^{{T-1}} {reduce} {factor}\overline{{{q}}}"))
         for target, term in terms:
             out.append(dict(lhs=rf"\frac{{\partial L}}{{\partial {target}}}", rhs=rf"\sum_{{t=0}}^{{T-1}} {term}"))
     return out
 
 
-def _cost(plan: KernelPlan) -> list[tuple[str, str, str]]:
-    """Per-step work and storage of forward, BPTT and RTRL."""
+#: indices a document may sum over (the batch, the units), in the order they are taken
+_INDEX_LETTERS = ("n", "k", "p", "q", "r", "s", "m")
+
+
+def free_indices(g, count: int) -> list[str]:
+    """``count`` index letters that are no name of the cell (nor a letter a name prints as)."""
+    taken = {g.input.name, *g.state_names, *(n.name for n in g.nodes), *(p.name for p in g.params), "target", "t"}
+    taken |= {base_latex(n).strip("{}").split("_")[0] for n in list(taken)}
+    return [c for c in _INDEX_LETTERS if c not in taken][:count]
+
+
+def _batch_sum(g, units: bool) -> str:
+    """The sum over the batch (and the units): its indices collide with no name of the cell."""
+    batch, unit = free_indices(g, 2)
+    return rf"\sum_{{{batch},\,{unit}}}" if units else rf"\sum_{{{batch}}}"
+
+
+def _cost(plan: KernelPlan) -> dict:
+    """Per-step work and storage of forward, BPTT and RTRL: the rows of the table in M (the
+    multiplications of one step of one sequence: matrix products and elementwise products)
+    and P (the number of parameters), whose values are given below it."""
     g = plan.graph
     n_params = sympy.Add(*[sympy.Mul(*p.shape) for p in g.params])
     states = sympy.Add(*[s.size for s in g.states])
     stored = sympy.Add(*[g.node(n).size for n in plan.stored]) + states
     mults = sympy.Add(*[m.size * (m.cols[1] - m.cols[0]) for m in g.nodes if isinstance(m, MatVecNode)])
+    for n in g.nodes:  # and the elementwise products of every unit
+        if isinstance(n, Pointwise):
+            ops = sympy.count_ops(n.expr, visual=True)
+            count = sum(ops.coeff(sympy.Symbol(kind)) for kind in ("MUL", "DIV")) if ops != 0 else 0
+            mults += count * n.size
     mults = sympy.expand(mults)
-    work = _dim(mults)
-    return [
-        ("forward", rf"${work} \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
-        ("BPTT (reverse)", rf"$2 \cdot {work} \cdot B$", rf"${_dim(stored)} \cdot T \cdot B$: every step's activations"),
-        ("RTRL (forward)", rf"${work} \cdot P \cdot B$, with $P = {sympy.latex(n_params)}$",
-         rf"${_dim(states)} \cdot P \cdot B$: the sensitivity tensor, independent of $T$"),
+    rows = [
+        ("forward", r"$M \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
+        ("BPTT (reverse)", r"about $2 M \cdot B$", rf"${_dim(stored)} \cdot T \cdot B$: every step's activations"),
+        ("RTRL (forward)", r"about $M \cdot P \cdot B$", rf"${_dim(states)} \cdot P \cdot B$: the sensitivity tensor, "
+         "independent of $T$"),
     ]
+    return dict(rows=rows, M=sympy.latex(mults), P=sympy.latex(n_params))

@@ -399,7 +399,13 @@ def _render_document(kernel_plan: KernelPlan, notation, fmt: str, command: str |
     from .cells import BUILTIN
     from .latex import Notation, document_data
 
-    data = document_data(kernel_plan, notation or Notation())
+    notation = notation or Notation()
+    if notation.form == "unit":
+        data, template = document_data(kernel_plan, notation), f"derivation.{fmt}.j2"
+    else:
+        from .textbook import vector_document_data
+
+        data, template = vector_document_data(kernel_plan, notation), f"textbook.{fmt}.j2"
     g = kernel_plan.graph
     out = " -o docs/derivations" if fmt == "md" else ""
     command = command or (
@@ -411,7 +417,7 @@ def _render_document(kernel_plan: KernelPlan, notation, fmt: str, command: str |
                     cell_text=tex_text(g.cell))
     else:
         text = dict(command=html_comment(command), source_comment=html_comment(source), source_text=md_text(source))
-    return _ENV.get_template(f"derivation.{fmt}.j2").render(**data, **text)
+    return _ENV.get_template(template).render(**data, **text)
 
 
 def compile_pdf(tex: str, out: Path, timeout: float = 120.0) -> Path:

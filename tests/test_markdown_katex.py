@@ -170,9 +170,12 @@ def test_extract_math_flags_malformed_delimiters(doc):
     assert problems
 
 
+@pytest.mark.parametrize("form", ["vector", "unit"])
 @pytest.mark.parametrize("cell", builtin_names())
-def test_markdown_math_renders_with_katex_strict(cell):
-    markdown = render_markdown(build(cell))
+def test_markdown_math_renders_with_katex_strict(cell, form):
+    from symrnn.latex import Notation
+
+    markdown = render_markdown(build(cell), Notation(form=form))
     found, problems = extract_math(markdown)
     assert not problems, f"{cell}: malformed math delimiters:\n" + "\n".join(problems)
 

@@ -1,0 +1,125 @@
+"""The textbook (vector) form: every formula it prints is checked numerically against the
+derivation objects (through verify's per-step evaluation, itself cross-checked against the
+generated module), for every built-in cell; and the page counts of the LSTM and GRU documents."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import sympy
+
+from symrnn.claims import Entry, Q, Rows, TSum, q
+from symrnn.latex import Notation
+from symrnn.pipeline import build, load_module, module_name, render_latex, render_markdown, render_numpy
+from symrnn.textbook import instantiate, vector_document_data
+from symrnn.verify import Evaluator, Instance, _first_difference, _summed
+
+
+@pytest.fixture(scope="module")
+def instances():
+    cache = {}
+
+    def get(cell):
+        if cell not in cache:
+            plan = build(cell)
+            module = load_module(render_numpy(plan), module_name(cell))
+            cache[cell] = (plan, Instance(plan, module, seed=7, steps=4, zero_states=False))
+        return cache[cell]
+
+    return get
+
+
+def _check(inst, lhs, rhs, ranges=None):
+    times = [None] if lhs.kind in ("grad",) else list(range(inst.T))
+    ev = Evaluator(inst, ranges)
+    left = [ev.ev(lhs, t) for t in times]
+    right = [_summed(lhs, l, ev.ev(rhs, t)) for l, t in zip(left, times)]
+    assert not _first_difference(left, right), (lhs, rhs)
+
+
+def test_every_printed_formula_is_the_derivation(cell_name, instances):
+    plan, inst = instances(cell_name)
+    data = vector_document_data(plan, Notation())
+    g = plan.graph
+    checked = {"val": 0, "adj": 0, "preadj": 0, "grad": 0, "sens": 0}
+    for lhs, rhs in data["formulas"]:
+        if lhs.kind == "sens" and lhs.wrt == "_theta":
+            for p in g.params:  # the generic recursion, for every parameter
+                entries = tuple(sympy.Symbol(n, integer=True) for n in "ij"[: len(p.shape)])
+                ranges = dict(zip("ij", [inst.size(s) for s in p.shape]))
+                _check(inst, q("sens", lhs.qname, p.name, lhs.time, entries), instantiate(rhs, p.name, entries, g),
+                       ranges)
+        elif lhs.kind == "sens":
+            p = g.param(lhs.wrt)
+            _check(inst, lhs, rhs, dict(zip("ij", [inst.size(s) for s in p.shape])))
+        else:
+            _check(inst, lhs, rhs)
+        checked[lhs.kind] += 1
+    assert checked["val"] == len(g.equations) and checked["grad"] == len(g.params) and checked["sens"]
+    assert checked["adj"] >= len(g.states) + 1
+
+
+def _pages(tex: str, tmp_path) -> int:
+    (tmp_path / "doc.tex").write_text(tex)
+    subprocess.run([shutil.which("pdflatex"), "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                   capture_output=True)
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    return int(re.search(r"Output written on doc\.pdf \((\d+) pages?", log).group(1))
+
+
+@pytest.mark.parametrize("time", ["super", "index"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lstm_and_gru_fit_in_three_pages(cell, time, tmp_path):
+    assert shutil.which("pdflatex"), "pdflatex is missing: apt-get install texlive-latex-base texlive-latex-recommended"
+    assert _pages(render_latex(build(cell), Notation(time=time)), tmp_path) <= 3
+
+
+def test_textbook_notation():
+    lstm = render_latex(build("lstm"))
+    assert r"{W_{f}} \left[{h^{t-1}};\, {x^{t}}\right]" in lstm  # the concatenation, as the cell writes it
+    assert "[:," not in lstm and r"\bar{" not in lstm  # no column slices, no bar over a product
+    assert r"{{W_{f}}^{\top}} {\delta_{f}^{t+1}}" in lstm  # W^T delta
+    assert r"\overline{{c^{t}}} &=" in lstm and r"\odot" in lstm
+    gru = render_latex(build("gru"))
+    assert r"\begin{bmatrix}{z^{t}} \\ {r^{t}}\end{bmatrix} = \sigma\left({W_{rz}} \left[{h^{t-1}};\, {x^{t}}\right] + {b_{rz}}\right)" in gru
+    assert r"\begin{bmatrix}{\delta_{z}^{t}} \\ {\delta_{r}^{t}}\end{bmatrix}\, \left[{h^{t-1}};\, {x^{t}}\right]^{\top}" in gru
+
+
+def test_seed002_cell_prints_as_the_seed_writes_it():
+    """Seed 002's recursions term by term: dh^t/db = sigma'(a^t)[v dh^{t-1}/db + 1]; a scalar cell,
+    so no unit index, no odot, no sum over an index named like a parameter, and a cost that counts."""
+    md = render_markdown(build("single_sigmoid"))
+    assert r"\frac{\partial {h^{t}}}{\partial b} = \sigma'\left({a^{t}}\right) \left(v \frac{\partial {h^{t-1}}}{\partial b} + 1\right)" in md
+    assert r"\frac{\partial {h^{t}}}{\partial w} = \sigma'\left({a^{t}}\right) \left({x^{t}} + v \frac{\partial {h^{t-1}}}{\partial w}\right)" in md
+    assert r"{a^{t}} &= w {x^{t}} + v {h^{t-1}} + b" in md
+    assert "_{l}" not in md and r"\odot" not in md and r"\sum_{b" not in md and r"0 \cdot B" not in md
+    assert "M &= 3" in md
+
+
+def test_no_summation_index_is_a_name_of_the_cell():
+    for cell in ("single_sigmoid", "lstm", "elman"):
+        for form in ("vector", "unit"):
+            tex = render_latex(build(cell), Notation(form=form))
+            plan = build(cell)
+            names = {p.name for p in plan.graph.params} | {n.name for n in plan.graph.nodes}
+            for index in re.findall(r"\\sum_\{([a-z])(?:,\\,([a-z]))?\}", tex):
+                assert not set(index) & names, (cell, form, index)
+
+
+def test_notebook_display():
+    import symrnn
+
+    doc = symrnn.derivation("gru")
+    md, tex = doc._repr_markdown_(), doc._repr_latex_()
+    assert md == render_markdown(build("gru")) and md.count("$$") >= 12
+    assert tex.startswith(r"$$\begin{aligned}") and tex.endswith(r"\end{aligned}$$") and r"\overline{{h^{t}}} &=" in tex
+    assert "\n" not in tex  # one display: what a notebook's MathJax renders
+    assert "gru" in repr(doc) and doc.tex == render_latex(build("gru"))
+    unit = symrnn.derivation("elman", form="unit", time="index", rename={"s": "h"})
+    assert "{h[t-1]}" in unit.tex and r"\delta_{li}" in unit.tex
+    with pytest.raises(symrnn.UserError):
+        symrnn.derivation("gru", form="matrix")
