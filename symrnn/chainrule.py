@@ -61,8 +61,10 @@ class Deriver:
         node = next((n for n in self.g.nodes if n.name == name), None)
         if node is None or not isinstance(node, Pointwise) or node.op is None:
             return None
-        y = q("val", name, time=time)
-        return node.op.derivative(y)
+        value = self.value(name, time)
+        if not isinstance(value, Op):
+            return None
+        return node.op.derivative(q("val", name, time=time), value.args[0])
 
     def prime(self, op_name: str, arg: sympy.Expr, owner: str | None, time) -> sympy.Expr:
         if isinstance(arg, Q) and arg.kind == "val":  # sigma'(a^t), as the seeds write it
@@ -72,7 +74,7 @@ class Deriver:
             if via is not None:
                 return via
         op = OPS[op_name]
-        return op.derivative(op(arg))
+        return op.derivative(op(arg), arg)
 
     # -- values -------------------------------------------------------------------------
     def value(self, name: str, time=TIME) -> sympy.Expr | None:

@@ -13,7 +13,9 @@ Each op is a SymPy ``Function`` subclass carrying
   ``{a}`` into an output array ``{out}`` (``{a}`` may be ``{out}``), so a fused step
   activates a GEMM's output where it lies;
 * ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
-* ``latex``: its LaTeX spelling, a format string over the argument ``{x}``.
+* ``latex``: its LaTeX spelling, a format string over the argument ``{x}`` and a mark
+  on the function's name ``{mark}``: empty, ``'`` (its derivative, as the seeds write
+  sigma'(a)) or a power (``^{2}``: tanh^2(c)).
 
 The printers dispatch on :class:`Op` before SymPy's own functions of the same name
 (``tanh``, ``exp``), so these rules are the only spellings.
@@ -59,11 +61,11 @@ class Op(sympy.Function):
         return self.derivative(self, self.args[0])
 
     def _latex(self, printer) -> str:
-        return self.latex.format(x=printer._print(self.args[0]))
+        return self.latex.format(x=printer._print(self.args[0]), mark="")
 
 
 class sigmoid(Op):
-    latex = r"\sigma\left({x}\right)"
+    latex = r"\sigma{mark}\left({x}\right)"
     # 1 / (1 + exp(-a)): accurate relative to its value for every a (as torch computes it),
     # where (1 + tanh(a/2)) / 2 loses it for a < 0 (and is exactly 0 below a = -17 in float32);
     # exp(-a) = inf gives 0, exactly the limit (the modules compute it under np.errstate(over="ignore"))
@@ -79,7 +81,7 @@ class sigmoid(Op):
 
 
 class tanh(Op):
-    latex = r"\tanh\left({x}\right)"
+    latex = r"\tanh{mark}\left({x}\right)"
     numpy = "{xp}.tanh({x})"
     numpy_inplace = ("{xp}.tanh({a}, out={out})",)
     cuda = ("tanhf({x})", "tanh({x})")
@@ -91,7 +93,7 @@ class tanh(Op):
 
 
 class relu(Op):
-    latex = r"\operatorname{{relu}}\left({x}\right)"
+    latex = r"\operatorname{{relu}}{mark}\left({x}\right)"
     numpy = "{xp}.maximum({x}, 0)"
     cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.Max(a, 0))
@@ -103,7 +105,7 @@ class relu(Op):
 
 
 class softplus(Op):
-    latex = r"\operatorname{{softplus}}\left({x}\right)"
+    latex = r"\operatorname{{softplus}}{mark}\left({x}\right)"
     numpy = "{xp}.logaddexp(0, {x})"
     cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
     formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
@@ -116,7 +118,7 @@ class softplus(Op):
 
 
 class exp(Op):
-    latex = r"\exp\left({x}\right)"
+    latex = r"\exp{mark}\left({x}\right)"
     numpy = "{xp}.exp({x})"
     cuda = ("expf({x})", "exp({x})")
     formula = staticmethod(sympy.exp)
@@ -127,7 +129,7 @@ class exp(Op):
 
 
 class identity(Op):
-    latex = r"\operatorname{{id}}\left({x}\right)"
+    latex = r"\operatorname{{id}}{mark}\left({x}\right)"
     numpy = "({x})"
     cuda = ("({x})", "({x})")
     formula = staticmethod(lambda a: a)
@@ -144,7 +146,7 @@ class identity(Op):
 class step(Op):
     """Heaviside step at y > 0 (step(0) = 0); the derivative of relu."""
 
-    latex = r"\mathbb{{1}}\left[{x} > 0\right]"
+    latex = r"\mathbb{{1}}{mark}\left[{x} > 0\right]"
     numpy = "{xp}.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))

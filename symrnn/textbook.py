@@ -155,15 +155,14 @@ class TextbookPrinter(LatexPrinter):
 
     def _print_Prime(self, e) -> str:
         op = OPS[e.args[0].name]
-        return rf"{op.latex}'\left({self._print(e.args[1])}\right)"
+        return op.latex.format(x=self._print(e.args[1]), mark="'")
 
     def _print_TSum(self, e) -> str:
         return rf"\sum_{{t=0}}^{{T-1}} {self._print(e.args[0])}"
 
     def _print_Function(self, e, exp=None):
         if isinstance(e, Op):
-            text = rf"{type(e).latex}\left({self._print(e.args[0])}\right)"
-            return text if exp is None else rf"{type(e).latex}^{{{exp}}}\left({self._print(e.args[0])}\right)"
+            return type(e).latex.format(x=self._print(e.args[0]), mark="" if exp is None else f"^{{{exp}}}")
         return super()._print_Function(e, exp)
 
     # -- sums and products in reading order ---------------------------------------------------
@@ -502,12 +501,12 @@ def vector_document_data(plan, notation) -> dict:
                     continue
                 arg = q("val", g.leaf(dep).state, time=TIME - 1) if g.is_leaf(dep) and g.leaf(dep).kind == "prev_state" \
                     else q("val", dep)
-                via = n.op.derivative(n.op(arg))
+                via = n.op.derivative(n.op(arg), arg)
             else:
                 arg = deriver.value(n.name).args[0]
-                via = n.op.derivative(q("val", n.name))
+                via = n.op.derivative(q("val", n.name), arg)
             partials.append((P._print(Prime(sympy.Symbol(n.op.__name__), arg)) if isinstance(arg, Q)
-                             else rf"{n.op.latex}'\left(\cdot\right)\ \text{{in }} {P._print(q('val', n.name))}",
+                             else n.op.latex.format(x=r"\cdot", mark="'") + rf"\ \text{{in }} {P._print(q('val', n.name))}",
                              P._print(via)))
 
     # reverse mode

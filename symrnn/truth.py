@@ -70,8 +70,8 @@ def _num(expr: sympy.Expr, env: dict):
 
 def _prime(op: type[Op], a):
     """op'(a) on arrays, through op(a) as the derivation writes it."""
-    y = sympy.Symbol("y")
-    return _num(op.derivative(y), {"y": _NP[op.__name__](a)})
+    y, x = sympy.Symbol("y"), sympy.Symbol("a")
+    return _num(op.derivative(y, x), {"y": _NP[op.__name__](a), "a": a})
 
 
 class Instance:

@@ -445,7 +445,7 @@ def _normal(e: sympy.Expr, deriver: Deriver, deep: bool = True, now=TIME) -> sym
     def prime(x):
         if isinstance(x, Prime):
             op = OPS[x.args[0].name]
-            return op.derivative(op(x.args[1]))
+            return op.derivative(op(x.args[1]), x.args[1])
         return x
 
     e = e.replace(lambda x: isinstance(x, Prime), prime)

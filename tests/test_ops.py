@@ -13,7 +13,7 @@ from symrnn.ops import OPS, Op, step
 def test_every_op_has_every_rule(name):
     op = OPS[name]
     assert issubclass(op, Op)
-    assert "{x}" in op.latex and "{x}" in op.numpy and "np." not in op.numpy and "np." not in "".join(op.numpy_inplace)
+    assert "{x}" in op.latex and "{mark}" in op.latex and "{x}" in op.numpy and "np." not in op.numpy and "np." not in "".join(op.numpy_inplace)
     assert len(op.cuda) == 2 and all("{x}" in c for c in op.cuda)
     assert all("{out}" in call for call in op.numpy_inplace) and (not op.numpy_inplace or "{a}" in op.numpy_inplace[0])
     assert op.formula is not None
