@@ -8,11 +8,10 @@ import re
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import sympy
 
-from symrnn.claims import Entry, Q, Rows, TSum, q
+from symrnn.claims import q
 from symrnn.latex import Notation
 from symrnn.pipeline import build, load_module, module_name, render_latex, render_markdown, render_numpy
 from symrnn.textbook import instantiate, vector_document_data
