@@ -95,20 +95,6 @@ class Derivation:
         """The sensitivity recursion of ``state`` w.r.t. parameter ``param`` (seed form)."""
         return _sensitivity(self, state, param)
 
-    def to_latex(self, notation=None) -> str:
-        """The whole derivation as a standalone LaTeX document (see symrnn.latex)."""
-        from .pipeline import render_latex
-        from .plan import plan
-
-        return render_latex(plan(self), notation)
-
-    def to_markdown(self, notation=None) -> str:
-        """The whole derivation as Markdown with $$ math blocks."""
-        from .pipeline import render_markdown
-        from .plan import plan
-
-        return render_markdown(plan(self), notation)
-
     @cached_property
     def stored_values(self) -> tuple[str, ...]:
         """Forward values the backward pass reads (sorted): those in any partial
@@ -158,13 +144,19 @@ def local_partials(node: Pointwise) -> tuple[tuple[str, sympy.Expr], ...]:
 _l, _i, _j = sympy.symbols("l i j", integer=True)
 
 
+def sensitivity_name(state: str, param: str, prev: bool = False) -> str:
+    """The name of the array of d state / d param in a sensitivity recursion (``prev``: of
+    the state at the step before)."""
+    return f"d{state}{'_prev' if prev else ''}_d{param}"
+
+
 def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
     """Per-unit forward-mode recursion: every vector value is indexed by its unit
     (``s[l]``), a matrix-vector product becomes a sum over a fresh index."""
     g = der.graph
     decl = g.param(param)
     idx: tuple[sympy.Symbol, ...] = {"scalar": (), "vector": (_i,), "matrix": (_i, _j)}[decl.kind]
-    sens_prev = {s.prev: sympy.IndexedBase(f"d{s.name}_prev_d{param}") for s in g.states}
+    sens_prev = {s.prev: sympy.IndexedBase(sensitivity_name(s.name, param, prev=True)) for s in g.states}
     dummies = iter(sympy.numbered_symbols("m", integer=True, start=1))
 
     def at(expr: sympy.Expr, unit: sympy.Expr) -> sympy.Expr:
@@ -204,6 +196,6 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
             terms.append(sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
         return sympy.Add(*terms)
 
-    lhs_base = sympy.IndexedBase(f"d{state}_d{param}")
+    lhs_base = sympy.IndexedBase(sensitivity_name(state, param))
     lhs = lhs_base[(_l, *idx)] if idx else lhs_base[_l]
     return Sensitivity(state, param, lhs, tan(state, _l), sympy.Integer(0), idx)

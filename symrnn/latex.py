@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import sympy
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from .cell import DIMS
-from .derive import Derivation
+from .derive import Derivation, sensitivity_name
 from .ir import MatVecNode, Pointwise
 from .plan import KernelPlan
 
@@ -130,6 +131,13 @@ class DerivationLatexPrinter(LatexPrinter):
             return rf"\overline{{{self.value(name[2:])}}}"
         return super()._print_Symbol(expr, style)
 
+    @cached_property
+    def sensitivities(self) -> dict[str, tuple[str, bool, str]]:
+        """The name of each sensitivity array (symrnn.derive.sensitivity_name) -> (state,
+        of the step before?, parameter)."""
+        return {sensitivity_name(s.name, p.name, prev): (s.name, prev, p.name)
+                for s in self.g.states for p in self.g.params for prev in (False, True)}
+
     @property
     def scalar_cell(self) -> bool:
         g = self.g
@@ -137,29 +145,29 @@ class DerivationLatexPrinter(LatexPrinter):
 
     def _print_Indexed(self, expr):
         label = expr.base.label.name
+        if label in self.sensitivities:
+            return self.sensitivity(expr)
         if self.scalar_cell and all(i.is_Symbol for i in expr.indices):  # a scalar cell: h^t, not h^t_l
-            match = re.match(r"^d(\w+?)(_prev)?_d(\w+)$", label)
-            if match and match.group(1) in self.g.state_names:
-                state, prev, param = match.groups()
-                num = self.notation.at(self.notation.base(state), "t-1" if prev else "t")
-                return rf"\frac{{\partial {num}}}{{\partial {self.notation.base(param)}}}"
             if self.g.is_leaf(label) or any(n.name == label for n in self.g.nodes):
                 return self.value(label)
         idx = ",".join(self._print(i) for i in expr.indices)
-        match = re.match(r"^d(\w+?)(_prev)?_d(\w+)$", label)
-        if match and match.group(1) in self.g.state_names:
-            state, prev, param = match.groups()
-            time = "t-1" if prev else "t"
-            first, *rest = expr.indices
-            num = "{" + self.notation.at(self.notation.base(state), time) + f"_{{{self._print(first)}}}}}"
-            base = self.notation.base(param)
-            den = base
-            if rest:
-                den = f"{{{base.lower() if len(base) == 1 else base}}}_{{{','.join(self._print(i) for i in rest)}}}"
-            return rf"\frac{{\partial {num}}}{{\partial {den}}}"
         if self.g.is_leaf(label) or any(n.name == label for n in self.g.nodes):
             return f"{{{self.value(label)}_{{{idx}}}}}"
         return f"{{{self.notation.base(label)}_{{{idx}}}}}"
+
+    def sensitivity(self, expr: sympy.Indexed, time: str | None = None) -> str:
+        """d state[l] / d param[i, j] at step t (t - 1 for the state before; ``time``: at that step)."""
+        state, prev, param = self.sensitivities[expr.base.label.name]
+        time = time or ("t-1" if prev else "t")
+        base = self.notation.base(param)
+        if self.scalar_cell and all(i.is_Symbol for i in expr.indices):  # a scalar cell: h^t, not h^t_l
+            return rf"\frac{{\partial {self.notation.at(self.notation.base(state), time)}}}{{\partial {base}}}"
+        first, *rest = expr.indices
+        num = "{" + self.notation.at(self.notation.base(state), time) + f"_{{{self._print(first)}}}}}"
+        den = base
+        if rest:
+            den = f"{{{base.lower() if len(base) == 1 else base}}}_{{{','.join(self._print(i) for i in rest)}}}"
+        return rf"\frac{{\partial {num}}}{{\partial {den}}}"
 
     def _print_KroneckerDelta(self, expr, exp=None):
         i, j = expr.args
@@ -188,8 +196,9 @@ def _lines(printer: DerivationLatexPrinter, expr: sympy.Expr, per_line: int = 3)
         out.append(line)
     texts = []
     for i, group in enumerate(out):
-        text = " + ".join(printer.doprint(t) for t in group).replace("+ -", "- ")
-        texts.append(text if i == 0 else ("+ " + text if not text.startswith("-") else text))
+        signed = [("- " + printer.doprint(-t)) if t.could_extract_minus_sign() else ("+ " + printer.doprint(t)) for t in group]
+        text = " ".join(signed)
+        texts.append(text[2:] if i == 0 and text.startswith("+ ") else text)
     return texts
 
 
@@ -254,7 +263,7 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
             sensitivities.append(dict(
                 label=f"eq:{cell}:rtrl:{s.name}:{p.name}",
                 lhs=P.doprint(sens.lhs), lines=lines, chain=chain,
-                initial=P.doprint(sens.lhs).replace("^{t}", "^{-1}", 1) + " = 0",
+                initial=P.sensitivity(sens.lhs, time="-1") + " = 0",
             ))
     return dict(
         cell=cell, symbols=symbols,

@@ -65,22 +65,23 @@ class DerivationDocument:
 
     def equations(self) -> list[str]:
         """Every numbered equation, as one LaTeX line each (lhs = rhs)."""
+        return [f"{lhs} = {rhs}" for lhs, rhs in self.sides()]
+
+    def sides(self) -> list[tuple[str, str]]:
+        """Every numbered equation as (lhs, rhs), LaTeX."""
         d = self.data
-        out = []
         if self.notation.form == "unit":
-            out += [f"{e.lhs} = {e.rhs}" for e in d["forward"]]
-            out += [f"{e['lhs']} = {' '.join(e['lines'])}" for e in d["adjoints"]]
-            out += [f"{s['lhs']} = {' '.join(s['lines'])}" for s in d["sensitivities"] if s["lines"]]
-            return out
-        for group in ("forward", "adjoints", "generic", "sensitivities"):
-            out += [f"{e['lhs']} = {' '.join(e['lines'])}" for e in d[group]]
-        return out
+            out = [(e.lhs, e.rhs) for e in d["forward"]]
+            out += [(e["lhs"], " ".join(e["lines"])) for e in d["adjoints"]]
+            return out + [(s["lhs"], " ".join(s["lines"])) for s in d["sensitivities"] if s["lines"]]
+        return [(e["lhs"], " ".join(e["lines"])) for group in ("forward", "adjoints", "generic", "sensitivities")
+                for e in d[group]]
 
     def _repr_markdown_(self) -> str:
         return self.markdown
 
     def _repr_latex_(self) -> str:
-        rows = r" \\ ".join(eq.replace(" = ", " &= ", 1) for eq in self.equations())
+        rows = r" \\ ".join(f"{lhs} &= {rhs}" for lhs, rhs in self.sides())
         return rf"$$\begin{{aligned}} {rows} \end{{aligned}}$$"
 
     def __repr__(self) -> str:

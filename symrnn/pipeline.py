@@ -12,7 +12,6 @@ Each stage takes the previous stage's value and returns a new one:
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import types
 from collections.abc import Iterable, Mapping
@@ -198,6 +197,10 @@ def _command(cell: str, backend: str) -> str:
     return f"symrnn generate {cell}{flag} --out generated" if cell in BUILTIN else f"symrnn generate{flag} --spec <file of {cell}>"
 
 
+#: the characters an init's text may hold (numbers, dimensions, operators), printed inside "..."
+_INIT_TEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ .+-*/(),")
+
+
 def _contract(g) -> dict:
     """StepGraph -> what the module says about its input and how it draws parameters and
     initial states (``INPUT_SIZE``, ``PARAM_INITS``, ``STATE_INITS``, ``init_params``,
@@ -213,7 +216,7 @@ def _contract(g) -> dict:
     declared = [(p.name, p.init.text) for p in g.params if p.init]
     declared_states = [(s.name, s.init.text) for s in g.states if s.init]
     for _, text in declared + declared_states:  # printed inside "...": numbers, dimensions, operators only
-        if not re.fullmatch(r"[\w .+\-*/(),]*", text):
+        if not set(text) <= _INIT_TEXT:
             raise InternalError(f"init text {text!r} holds a character it cannot hold")
     listed = ", ".join(f"{name} ~ {text}" for name, text in declared)
     if not declared:

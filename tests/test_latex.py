@@ -61,8 +61,10 @@ def test_elman_forward_sensitivity_for_U_is_in_the_seed_form():
 
 
 def test_api_equals_cli(tmp_path, capsys):
+    import symrnn
+
     plan = build("gru")
-    assert plan.derivation.to_latex() == render_latex(plan)
+    assert symrnn.derivation("gru").tex == render_latex(plan)
     assert main(["latex", "gru", "-o", str(tmp_path / "gru.tex")]) == 0
     assert (tmp_path / "gru.tex").read_text() == render_latex(plan)
 
@@ -150,3 +152,13 @@ def test_sums_that_multiply_are_parenthesized():
     assert r"M &= 4 n_{hidden}^{2} + 4 n_{hidden} n_{in} + 3 n_{hidden}" in md
     vector = render_markdown(build("lstm"))
     assert r"\odot \left(1 - \left({g^{t}}\right)^{2}\right) \odot" in vector
+
+
+@pytest.mark.parametrize("time, initial", [("super", "{s^{-1}}"), ("index", "{s[-1]}")])
+def test_sensitivity_recursions_start_at_step_minus_one(time, initial):
+    """The initial condition of each recursion is at t = -1 in either time notation (it
+    said s[t] = 0 in the index notation)."""
+    from symrnn.latex import Notation
+
+    tex = render_latex(build("elman"), Notation(time=time, form="unit"))
+    assert f"\\frac{{\\partial {{{initial}_{{l}}}}}}{{\\partial {{u}}_{{i,j}}}} = 0" in tex
