@@ -67,10 +67,13 @@ def module_name(cell_name: str, backend: str = "numpy") -> str:
     return f"{cell_name}_{backend}"
 
 
-def render_numpy(kernel_plan: KernelPlan, command: str | None = None) -> str:
-    """KernelPlan -> source of the NumPy module."""
+def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=None) -> str:
+    """KernelPlan -> source of the NumPy module (``passes``: the optimisations to run,
+    symrnn.passes; default all)."""
+    from .passes import ALL
+
     g = kernel_plan.graph
-    m = emit(kernel_plan)
+    m = emit(kernel_plan, ALL if passes is None else passes)
     from .cells import BUILTIN
 
     command = command or (

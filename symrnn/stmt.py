@@ -41,7 +41,7 @@ from .errors import InternalError
 __all__ = [
     "T_SYM", "B_SYM", "t_SYM", "t0_SYM", "t1_SYM", "ALL", "ETC", "NEW", "Span", "Ref", "Elementwise", "Call", "Helper", "MatMul", "Reshape",
     "Concat", "Size", "Text", "Key", "Infix", "Paren", "Attr", "Method", "Index", "Dict", "Assign", "Update", "Do", "OpCall",
-    "If", "Loop", "Comment", "Stmt", "Value", "verify",
+    "If", "Loop", "Comment", "Stmt", "Value", "verify", "span", "empty",
     "dump", "reads_of", "writes_of",
 ]
 
@@ -289,6 +289,17 @@ class Comment:
 
 Stmt = Union[Assign, Update, Do, OpCall, If, Loop, Comment]
 _STATEMENTS = (Assign, Update, Do, OpCall, If, Loop, Comment)
+
+
+# -- building values ------------------------------------------------------------------------
+def span(start: sympy.Expr, size: sympy.Expr) -> Span:
+    """The span ``start:start + size``."""
+    return Span(start, sympy.expand(start + size))
+
+
+def empty(*shape, fill: str = "empty") -> Call:
+    """A new array of the module's dtype: ``<library>.empty(shape, dtype)`` (or ``zeros``)."""
+    return Call(fill, (tuple(shape), Text("dtype")))
 
 
 # -- what statements read and write ------------------------------------------------------

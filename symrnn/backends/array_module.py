@@ -8,8 +8,7 @@ import sympy
 from ..ir import MatVecNode, StepGraph
 from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan
-from ..stmt import ALL, ETC, Assign, Concat, Ref, Span, Update
-from .python_printer import span
+from ..stmt import ALL, Assign, Concat, ETC, Ref, Span, Update, span
 
 __all__ = ["module_namer", "weight_ref", "group_weight", "weight_gradient", "parameter_sums"]
 

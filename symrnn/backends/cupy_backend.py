@@ -37,17 +37,12 @@ from ..naming import C_FIXED, Namer
 from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Stage
 from ..schedule import schedule
-from ..stmt import ETC, Assign, Call, Comment, Do, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, t_SYM
+from ..stmt import Assign, Call, Comment, Do, ETC, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 from .array_module import group_weight, module_namer
 from .cuda_kernels import BLOCK, IN_GROUP, Kernel, KernelBuilder, Loc, design_note, template_kernels
-from .python_printer import PythonPrinter, span
+from .python_printer import PythonPrinter
 
-__all__ = ["BLOCK", "CupyModule", "Kernel", "design_note", "emit_cupy", "empty", "template_kernels"]
-
-
-def empty(*shape, fill: str = "empty") -> Call:
-    """``cp.empty(shape, dtype)`` (or zeros)."""
-    return Call(fill, (tuple(shape), Text("dtype")))
+__all__ = ["BLOCK", "CupyModule", "Kernel", "design_note", "emit_cupy", "template_kernels"]
 
 
 @dataclass

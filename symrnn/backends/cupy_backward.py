@@ -18,11 +18,9 @@ from ..errors import InternalError
 from ..ir import MatVecNode, Pointwise
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
-from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, t_SYM
+from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
 from .cuda_kernels import Kernel, KernelBuilder, Loc
-from .cupy_backend import empty
-from .python_printer import span
 
 __all__ = ["BackwardEmitter"]
 

@@ -20,13 +20,14 @@ from ..ir import MatVecNode
 from ..plan import GemmGroup, KernelPlan
 from ..printing import numpy_code
 from ..schedule import schedule
-from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, t0_SYM, t1_SYM, t_SYM
+from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_SYM, t_SYM
+from ..passes import ALL, check
 from ..passes.lean_buffers import lean_buffers
 from .array_module import group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
 from .numpy_forward import emit_forward
 from .numpy_rtrl import emit_rtrl
-from .python_printer import PythonPrinter, span
+from .python_printer import PythonPrinter
 
 __all__ = ["emit"]
 
@@ -75,9 +76,10 @@ class NumpyModule:
     generated_names: frozenset[str] = frozenset()  # every name the namer gave out
 
 
-def emit(plan: KernelPlan) -> NumpyModule:
-    """The statements of the generated module for ``plan``."""
-    return _Emitter(plan).run()
+def emit(plan: KernelPlan, passes=ALL) -> NumpyModule:
+    """The statements of the generated module for ``plan`` (``passes``: the optimisations
+    to run, symrnn.passes)."""
+    return _Emitter(plan, check(passes)).run()
 
 
 def loss_code(plan: KernelPlan, lib: str = "np") -> tuple[str, str, str]:
@@ -95,8 +97,9 @@ def loss_code(plan: KernelPlan, lib: str = "np") -> tuple[str, str, str]:
 
 
 class _Emitter:
-    def __init__(self, plan: KernelPlan):
+    def __init__(self, plan: KernelPlan, passes: frozenset[str] = ALL):
         self.plan, self.g, self.d = plan, plan.graph, plan.derivation
+        self.passes = passes
         self.schedule = schedule(plan)
         self.n = module_namer(plan)
         self.m = NumpyModule()
@@ -154,7 +157,8 @@ class _Emitter:
         self.rtrl()
         self.loss()
         m = self.m
-        lean_buffers(m, {grad: self.n.value(param) for grad, param in self.grad_of.items()}, self.d_x)
+        if "lean_buffers" in self.passes:
+            lean_buffers(m, {grad: self.n.value(param) for grad, param in self.grad_of.items()}, self.d_x)
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)

@@ -27,12 +27,11 @@ import sympy
 from ..errors import InternalError
 from ..ir import MatVecNode
 from ..plan import GemmGroup, Region, Stage
+from ..passes.hoist_coefficients import CoefficientHoisting
 from ..schedule import shared_subexpressions
-from ..stmt import (
-    ALL, ETC, Assign, Call, Concat, Do, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, t0_SYM, t_SYM,
-)
+from ..stmt import ALL, Assign, Call, Concat, Do, ETC, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
-from .python_printer import PythonPrinter, span
+from .python_printer import PythonPrinter
 
 __all__ = ["Backward", "Pending", "emit_backward"]
 
@@ -67,7 +66,7 @@ def emit_backward(e) -> None:
 
 def empty_steps(size: sympy.Expr, fill: str = "empty") -> Call:
     """``np.empty((T, B, size), dtype)`` (or zeros)."""
-    return Call(fill, ((Text("T"), Text("B"), Size(size)), Text("dtype")))
+    return empty(Text("T"), Text("B"), Size(size), fill=fill)
 
 
 def steps_matmul(a, a_cols: sympy.Expr, b, rows: sympy.Expr) -> Reshape:
@@ -107,9 +106,7 @@ class Backward:
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, tuple] = {}  # loop adjoint -> (buffer over all steps, its columns there: a Span or None)
         self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
-        self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
-        self.coef_refs: dict[str, Ref] = {}  # coefficient buffer -> its value at step t
-        self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
+        self.hoisting = CoefficientHoisting(self)  # the coefficients of the recursion, per block of steps
 
     # -- symbols and values ----------------------------------------------------------
     def sym(self, ref: Ref) -> sympy.Symbol:
@@ -127,7 +124,7 @@ class Backward:
     def ew(self, expr: sympy.Expr, ctx: str, extra: dict | None = None):
         """``expr`` as an elementwise value: graph values, adjoint buffers and, in the loop,
         the coefficients at step t."""
-        table = {**self.sym_refs, **(self.coef_refs if ctx == "loop" else {}), **(extra or {})}
+        table = {**self.sym_refs, **(self.hoisting.coef_refs if ctx == "loop" else {}), **(extra or {})}
         return self.e.ew(expr, ctx, table)
 
     def is_adjoint(self, symbol: sympy.Symbol) -> bool:
@@ -185,7 +182,7 @@ class Backward:
             elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
                 self.acc.setdefault(name, []).append(Ref(n("adj_seq", name)))
         self.region_backward(plan.pre, "all", m.backward_pre)
-        self.share_coefficients()
+        self.hoisting.share()
         # initial states and the input
         m.grads = [(p.name, self.grad_ref(p.name)) for p in g.params] + [("x", self.d_x)]
         m.grads += [(f"{s.name}0", Ref(n("adj_next", s.name))) for s in g.states]
@@ -275,8 +272,9 @@ class Backward:
             expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
                 self.route(dep, expr, k, ctx, pending, seen)
+        if ctx == "loop" and "hoist_coefficients" in self.e.passes:
+            pending = self.hoisting.linearize(pending, stage)
         if ctx == "loop":
-            pending = self.linearize(pending, stage)
             for group in stage.groups:
                 self.loop_adjoint_buffer(group, nonzero)
         self.print_with_cse(pending, ctx, out)
@@ -343,81 +341,6 @@ class Backward:
         here = {n.name for n in self.stage.pointwise}
         return all(c.name in here for c in self.g.consumers(name))
 
-    # -- the loop: what depends on the incoming adjoints ---------------------------------
-    def one_term(self, expr: sympy.Expr) -> bool:
-        """One adjoint times a coefficient: substituting it into several users adds no work."""
-        return len([s for s in expr.free_symbols if self.is_adjoint(s)]) == 1 and not expr.is_Add
-
-    def linearize(self, pending: list[Pending], stage: Stage) -> list[Pending]:
-        """Leave in the loop only what depends on the incoming adjoints.
-
-        Every adjoint statement is linear in adjoints, with coefficients that
-        are functions of stored forward values only.  First, an adjoint used
-        once (or defined as one adjoint times a coefficient) is substituted
-        into its user, so chains such as d_tanh_c = d_h o, d_c += d_tanh_c (1 -
-        tanh_c^2) collapse into one product.  Then each statement is split into
-        sum_j d_j * k_j; a coefficient k_j that is more than a number or one
-        stored value becomes a buffer computed for a block of steps at once,
-        before the loop runs over that block (``backward_coefs``)."""
-        keep = {self.n("adj", mv.name) for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
-        keep |= {self.sym(ref).name for refs in self.acc.values() for ref in refs}
-        keep |= set(self.alias) | set(self.alias.values())
-        uses: dict[str, int] = {}
-        for p in pending:
-            for name in ([s.name for s in p.expr.free_symbols] if p.expr is not None else [p.alias]):
-                uses[name] = uses.get(name, 0) + 1
-        inlined: dict[sympy.Symbol, sympy.Expr] = {}
-        kept = []
-        for p in pending:
-            if p.expr is not None:
-                p = p.with_expr(p.expr.xreplace(inlined))
-            name = self.assigned(p)
-            if name and p.expr is not None and name not in keep and (uses.get(name, 0) <= 1 or self.one_term(p.expr)):
-                inlined[sympy.Symbol(name)] = p.expr
-                continue
-            kept.append(p)
-        return [p.with_expr(self.split_coefficients(p)) if p.expr is not None else p for p in kept]
-
-    def split_coefficients(self, p: Pending) -> sympy.Expr:
-        """``expr`` = sum_j d_j * k_j with each non-trivial k_j replaced by its buffer."""
-        expr = p.expr
-        adjoints = sorted((s for s in expr.free_symbols if self.is_adjoint(s)), key=lambda s: s.name)
-        terms = [(a, sympy.factor_terms(sympy.diff(expr, a))) for a in adjoints]
-        # linear: no coefficient holds an adjoint (so expr is affine in them) and expr is 0 where
-        # they are (then expr = sum_j a_j k_j exactly; an expand to check it is exponential in
-        # the nesting of the cell's functions)
-        if any(k.has(*adjoints) for _, k in terms) or expr.xreplace({a: 0 for a in adjoints}) != 0:
-            raise InternalError(f"adjoint statement for '{PythonPrinter().value(p.dst)}' of cell '{self.g.cell}' "
-                                f"is not linear in the adjoints: {expr}")
-        target = self.assigned(p) or "d_"
-        return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
-
-    def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
-        """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
-        if k.is_Number or k.is_Symbol or (-k).is_Symbol:
-            return k
-        if k not in self.coefs:
-            src, tgt = source[2:], target[2:]
-            name = self.n.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
-            self.coefs[k] = name
-            varies = any(not self.g.is_leaf(s.name) or self.g.leaf(s.name).kind != "param" for s in k.free_symbols)
-            if varies:
-                self.coef_refs[name] = Ref(name, (t_SYM - t0_SYM,))
-                self.block_coefs.append((name, k))  # printed by share_coefficients
-            else:  # parameters only: once
-                self.coef_refs[name] = Ref(name)
-                self.m.backward_seed.append(Assign(Ref(name), self.ew(k, "all")))
-        return sympy.Symbol(self.coefs[k])
-
-    def share_coefficients(self) -> None:
-        """Print the per-block coefficients, their common subexpressions computed once
-        (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
-        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=self.n.numbered("coef_tmp"), order="none")
-        rename = {sym: sympy.Symbol(self.n.fresh("common")) for sym, _ in replacements}
-        own = {s.name: Ref(s.name) for s in rename.values()}  # printed as themselves, not as stored values
-        lines = [(rename[sym].name, expr) for sym, expr in replacements] + [(name, k) for (name, _), k in zip(self.block_coefs, reduced)]
-        self.m.backward_coefs.extend(Assign(Ref(name), self.ew(expr.xreplace(rename), "block", own)) for name, expr in lines)
-
     def print_with_cse(self, pending: list[Pending], ctx: str, out: list) -> None:
         """A stage's statements, common subexpressions shared (sympy.cse).
 
@@ -433,7 +356,7 @@ class Backward:
             name = self.assigned(p)
             in_slot = name in self.destination  # an adjoint whose slot in a GEMM's adjoint buffer is known
             target = p.dst if in_slot or (p.op == "=" and p.dst.index) else None  # or a buffer slot (d_W_x_seq[t])
-            if ctx == "loop" and target is not None and expr.is_Mul and len(expr.args) == 2:
+            if ctx == "loop" and target is not None and expr.is_Mul and len(expr.args) == 2 and "in_place" in self.e.passes:
                 # one product, straight into the buffer's slot: no temporary, no copy
                 if in_slot:
                     self.in_place.add(name)

@@ -18,17 +18,12 @@ from ..stmt import (
     Paren, Ref, Reshape, Size, Span, Text, Update, _Marker,
 )
 
-__all__ = ["PythonPrinter", "dim", "span"]
+__all__ = ["PythonPrinter", "dim"]
 
 
 def dim(expr) -> str:
     """A size as Python code in n_in, n_hidden, n_out (and T, B)."""
     return numpy_code(sympy.sympify(expr, strict=True))
-
-
-def span(start: sympy.Expr, size: sympy.Expr) -> Span:
-    """The span ``start:start + size``."""
-    return Span(start, sympy.expand(start + size))
 
 
 class PythonPrinter:

@@ -1,2 +1,34 @@
-"""Passes over statements (symrnn.stmt): each rewrites a module's sections without
-changing what they compute, deciding from what statements read and write."""
+"""Optimisations of the generated NumPy module, one a file, each possible to switch off.
+
+Each rewrites what a module computes into something cheaper that computes the same
+values, deciding from the step graph, the plan and what statements read and write
+(symrnn.stmt), never from emitted text:
+
+* ``fusion`` (loop_fusion.py): a step's recurrent GEMM and its consumers as one fused
+  step (biases folded into the input side, the input side added in one operation,
+  gates activated in place where the GEMM wrote them);
+* ``in_place`` (the NumPy backend): a value or an adjoint that has a stored buffer is
+  computed straight into it (``out=``) instead of into a temporary that is copied;
+* ``hoist_coefficients`` (hoist_coefficients.py): the coefficients of the backward
+  recursion computed for a block of steps before the loop over them;
+* ``lean_buffers`` (lean_buffers.py): backward allocates no more than it writes;
+* ``prune_views`` (prune_views.py): views nothing reads are not made.
+
+``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
+tests/test_passes.py checks that every module computes the same values with any one
+of them off, and that each does what it says.
+"""
+
+PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views")
+ALL = frozenset(PASSES)
+
+__all__ = ["ALL", "PASSES", "check"]
+
+
+def check(passes) -> frozenset[str]:
+    """``passes`` as a frozenset, every name a known pass (ValueError naming one that is not)."""
+    passes = frozenset(passes)
+    unknown = sorted(passes - ALL)
+    if unknown:
+        raise ValueError(f"unknown pass '{unknown[0]}'; the passes are {', '.join(PASSES)}")
+    return passes

@@ -1,0 +1,106 @@
+"""Coefficient hoisting (NumPy's backward loop): leave in the loop only what depends on
+the incoming adjoints.
+
+Every adjoint statement is linear in the adjoints, with coefficients that are
+functions of stored forward values only.  An adjoint used once (or one adjoint times
+a coefficient) is substituted into its user; then each statement is split into
+sum_j d_j * k_j, and a coefficient k_j that is more than a number or one stored value
+becomes a buffer computed for a block of steps at once, before the loop runs over that
+block (``backward_coefs``), its common subexpressions shared (sympy.cse).  Switched off
+(the ``hoist_coefficients`` pass), the loop computes every statement as derived.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ..errors import InternalError
+from ..plan import Stage
+from ..stmt import Assign, Ref, t0_SYM, t_SYM
+
+__all__ = ["CoefficientHoisting"]
+
+
+class CoefficientHoisting:
+    """The coefficients of one backward's recursion (``b``: its backends/numpy_backward.Backward)."""
+
+    def __init__(self, backward):
+        self.b = backward
+        self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
+        self.coef_refs: dict[str, Ref] = {}  # coefficient buffer -> its value at step t
+        self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
+
+    def one_term(self, expr: sympy.Expr) -> bool:
+        """One adjoint times a coefficient: substituting it into several users adds no work."""
+        return len([s for s in expr.free_symbols if self.b.is_adjoint(s)]) == 1 and not expr.is_Add
+
+    def linearize(self, pending: list, stage: Stage) -> list:
+        """Leave in the loop only what depends on the incoming adjoints.
+
+        Every adjoint statement is linear in adjoints, with coefficients that
+        are functions of stored forward values only.  First, an adjoint used
+        once (or defined as one adjoint times a coefficient) is substituted
+        into its user, so chains such as d_tanh_c = d_h o, d_c += d_tanh_c (1 -
+        tanh_c^2) collapse into one product.  Then each statement is split into
+        sum_j d_j * k_j; a coefficient k_j that is more than a number or one
+        stored value becomes a buffer computed for a block of steps at once,
+        before the loop runs over that block (``backward_coefs``)."""
+        keep = {self.b.n("adj", mv.name) for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
+        keep |= {self.b.sym(ref).name for refs in self.b.acc.values() for ref in refs}
+        keep |= set(self.b.alias) | set(self.b.alias.values())
+        uses: dict[str, int] = {}
+        for p in pending:
+            for name in ([s.name for s in p.expr.free_symbols] if p.expr is not None else [p.alias]):
+                uses[name] = uses.get(name, 0) + 1
+        inlined: dict[sympy.Symbol, sympy.Expr] = {}
+        kept = []
+        for p in pending:
+            if p.expr is not None:
+                p = p.with_expr(p.expr.xreplace(inlined))
+            name = self.b.assigned(p)
+            if name and p.expr is not None and name not in keep and (uses.get(name, 0) <= 1 or self.one_term(p.expr)):
+                inlined[sympy.Symbol(name)] = p.expr
+                continue
+            kept.append(p)
+        return [p.with_expr(self.split(p)) if p.expr is not None else p for p in kept]
+
+    def split(self, p) -> sympy.Expr:
+        """``expr`` = sum_j d_j * k_j with each non-trivial k_j replaced by its buffer."""
+        expr = p.expr
+        adjoints = sorted((s for s in expr.free_symbols if self.b.is_adjoint(s)), key=lambda s: s.name)
+        terms = [(a, sympy.factor_terms(sympy.diff(expr, a))) for a in adjoints]
+        # linear: no coefficient holds an adjoint (so expr is affine in them) and expr is 0 where
+        # they are (then expr = sum_j a_j k_j exactly; an expand to check it is exponential in
+        # the nesting of the cell's functions)
+        if any(k.has(*adjoints) for _, k in terms) or expr.xreplace({a: 0 for a in adjoints}) != 0:
+            raise InternalError(f"adjoint statement for '{p.dst.name}' of cell '{self.b.g.cell}' "
+                                f"is not linear in the adjoints: {expr}")
+        target = self.b.assigned(p) or "d_"
+        return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
+
+    def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
+        """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
+        if k.is_Number or k.is_Symbol or (-k).is_Symbol:
+            return k
+        if k not in self.coefs:
+            src, tgt = source[2:], target[2:]
+            name = self.b.n.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
+            self.coefs[k] = name
+            varies = any(not self.b.g.is_leaf(s.name) or self.b.g.leaf(s.name).kind != "param" for s in k.free_symbols)
+            if varies:
+                self.coef_refs[name] = Ref(name, (t_SYM - t0_SYM,))
+                self.block_coefs.append((name, k))  # printed by share_coefficients
+            else:  # parameters only: once
+                self.coef_refs[name] = Ref(name)
+                self.b.m.backward_seed.append(Assign(Ref(name), self.b.ew(k, "all")))
+        return sympy.Symbol(self.coefs[k])
+
+    def share(self) -> None:
+        """Print the per-block coefficients, their common subexpressions computed once
+        (sympy.cse): GRU's r (1 - n^2)(1 - z) appears in three of its four coefficients."""
+        replacements, reduced = sympy.cse([k for _, k in self.block_coefs], symbols=self.b.n.numbered("coef_tmp"), order="none")
+        rename = {sym: sympy.Symbol(self.b.n.fresh("common")) for sym, _ in replacements}
+        own = {s.name: Ref(s.name) for s in rename.values()}  # printed as themselves, not as stored values
+        lines = [(rename[sym].name, expr) for sym, expr in replacements] + [(name, k) for (name, _), k in zip(self.block_coefs, reduced)]
+        self.b.m.backward_coefs.extend(Assign(Ref(name), self.b.ew(expr.xreplace(rename), "block", own)) for name, expr in lines)
+

@@ -1,0 +1,89 @@
+"""The optimisation passes of the NumPy module (symrnn.passes): each can be switched off,
+and with any of them off (or all) every module computes the same outputs and gradients
+as with all of them on; each one does what it says on the cells that have its pattern."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import test_custom_cells
+from conftest import CELLS
+from symrnn.gradcheck import random_problem, rel_error, rtrl_vs_bptt
+from symrnn.passes import ALL, PASSES
+from symrnn.pipeline import build, load_module, render_numpy
+
+CUSTOM = ("min_gru", "ind_rnn", "gated_readout", "two_stage")
+WITHOUT = [(name,) for name in PASSES] + [PASSES]  # each one off, then all of them
+
+
+def _plan(cell: str):
+    return build(getattr(test_custom_cells, cell)() if cell in CUSTOM else cell)
+
+
+def _module(plan, passes):
+    return load_module(render_numpy(plan, passes=passes), f"{plan.graph.cell}_{abs(hash(passes))}")
+
+
+def _run(module, pr):
+    out, cache = module.forward(pr.params, pr.x, pr.state0)
+    return out, module.backward(pr.params, cache, pr.grad_outputs)
+
+
+@pytest.mark.parametrize("cell", [*CELLS, *CUSTOM])
+def test_every_pass_off_computes_the_same_values(cell):
+    plan = _plan(cell)
+    reference = _module(plan, ALL)
+    pr = random_problem(reference, T=5, B=3, seed=4)
+    out_ref, grads_ref = _run(reference, pr)
+    for off in WITHOUT:
+        module = _module(plan, ALL - set(off))
+        out, grads = _run(module, pr)
+        errors = {k: rel_error(out[k], out_ref[k]) for k in out_ref} | {f"d_{k}": rel_error(grads[k], grads_ref[k]) for k in grads_ref}
+        bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+        assert not bad, f"{cell} without {', '.join(off)}: {bad}"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru_torch", "lstm_peephole"])
+def test_with_no_pass_bptt_equals_rtrl(cell):
+    module = _module(_plan(cell), frozenset())
+    bad = [(r.name, r.error) for r in rtrl_vs_bptt(module, random_problem(module, T=4, B=2, seed=1)) if not r.error < 1e-10]
+    assert not bad, bad
+
+
+def _source(cell: str, passes) -> str:
+    return render_numpy(_plan(cell), passes=passes)
+
+
+@pytest.mark.parametrize("name, cell, present", [
+    ("fusion", "lstm", "x_proj += h_prev_proj  # + the recurrent side of every slot"),  # one add for the input side
+    ("fusion", "lstm", "np.exp(x_proj, out=x_proj)"),  # the gates activated where the GEMM wrote them
+    ("in_place", "lstm", "np.multiply(d_h, dh_dW_o_h_prev[t - t0], out=d_W_o_h_prev)"),  # into the adjoint buffer's slot
+    ("in_place", "lstm", "np.multiply(o, tanh_c, out=h)"),  # a state straight into its stored buffer
+    ("hoist_coefficients", "gru", "for t1 in range(T, 0, -_COEF_STEPS):"),  # coefficients per block of steps
+    ("lean_buffers", "lstm", "writable=False"),  # a seed nothing writes is the caller's array
+    ("lean_buffers", "gru", "np.matmul("),  # the first write to d_x is a GEMM into it
+])
+def test_each_pass_does_what_it_says(name, cell, present):
+    on, off = _source(cell, ALL), _source(cell, ALL - {name})
+    assert present in on
+    assert present not in off
+
+
+def test_prune_views_drops_the_views_nothing_reads():
+    on, off = _source("lstm_torch", ALL), _source("lstm_torch", ALL - {"prune_views"})
+    on_lines, off_lines = set(on.splitlines()), set(off.splitlines())
+    assert on_lines < off_lines | on_lines and len(off.splitlines()) > len(on.splitlines())
+    dropped = [line.strip() for line in off_lines - on_lines]
+    assert dropped and all("[..., " in line for line in dropped), dropped
+
+
+def test_an_unknown_pass_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown pass 'fuse'; the passes are fusion"):
+        render_numpy(build("elman"), passes={"fuse"})
+
+
+def test_passes_are_deterministic_and_default_to_all():
+    plan = build("gru")
+    assert render_numpy(plan) == render_numpy(plan, passes=ALL) == render_numpy(plan, passes=list(PASSES))
+    assert np.all([render_numpy(plan, passes=ALL - {p}) != render_numpy(plan) for p in ("fusion", "hoist_coefficients")])
