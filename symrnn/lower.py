@@ -261,8 +261,15 @@ class _Lowering:
 
     # -- the pass ---------------------------------------------------------------
     def run(self) -> StepGraph:
-        cell = self.cell
+        """Declarations, then equations and readouts, then the graph (verified)."""
         self.check_text()
+        input_leaf, states = self.declarations()
+        readouts = self.updates_and_readouts(states)
+        return self.graph(input_leaf, states, readouts)
+
+    def declarations(self) -> tuple[Leaf, list[StateDecl]]:
+        """Fixed dimensions, the input, the states and the parameters, checked."""
+        cell = self.cell
         for k, v in cell.dims.items():
             if k not in DIMS:
                 raise self.error(f"dims['{k}']", f"unknown dimension (use {', '.join(DIMS)})")
@@ -304,9 +311,13 @@ class _Lowering:
             self.params[name] = decl
             self.scope[name] = ("param", None)
         self.check_gradient_keys(in_name, states)
-
         self.check_sizes_readable(states)
         self.check_input_size(input_leaf, states)
+        return input_leaf, states
+
+    def updates_and_readouts(self, states: list[StateDecl]) -> list[str]:
+        """The equations and readouts as nodes; returns the readouts' names."""
+        cell = self.cell
         state_names = {s.name for s in states}
         for name, expr in cell.equations.items():
             where = f"equation '{name}'"
@@ -327,7 +338,11 @@ class _Lowering:
             self.claim(name, f"readout '{name}'")
             self.equation(name, expr, "readout")
             readouts.append(name)
+        return readouts
 
+    def graph(self, input_leaf: Leaf, states: list[StateDecl], readouts: list[str]) -> StepGraph:
+        """The step graph, with the loss and the warnings, verified."""
+        cell = self.cell
         self.check_used(states, readouts)
         loss = self.lower_loss(cell, readouts) if cell.loss is not None else None
         warnings = tuple(

@@ -431,118 +431,146 @@ def _names(g) -> list[str]:
     return [g.input.name, *g.state_names, *(n.name for n in g.nodes if n.role != "auxiliary"), *(p.name for p in g.params)]
 
 
+class _VectorDocument:
+    """The textbook form's equations of one cell, section by section; ``formulas`` collects
+    (quantity, formula) pairs, which the tests check numerically against the derivation."""
+
+    def __init__(self, plan, notation):
+        self.plan, self.g = plan, plan.graph
+        self.deriver = Deriver(self.g)
+        self.P = TextbookPrinter(self.g, notation, _delta_letter(self.g, notation))
+        self.cell = self.g.cell
+        self.lossp = {}
+        if self.g.loss is not None:
+            for out in self.g.outputs:
+                self.lossp[q("lossp", out)] = self.deriver.lossp(out, TIME, plan.derivation)
+        self.formulas: list[tuple[sympy.Expr, sympy.Expr]] = []
+
+    def eq(self, label, lhs, expr, aliases=(), note="", quantity=None) -> dict:
+        if self.lossp:
+            expr = expr.xreplace(self.lossp)
+        if quantity is not None:
+            self.formulas.append((quantity, expr))
+        return dict(label=label, aliases=[a for a in dict.fromkeys(aliases) if a != label], lhs=lhs,
+                    lines=_split(self.P, expr), note=note)
+
+    def symbols(self) -> list:
+        from .latex import _dim
+
+        g, P = self.g, self.P
+        size = (lambda s: "1") if P.scalar_cell else (lambda s: sympy.latex(s))
+        symbols = [(P.at(P.base(g.input.name), TIME), "input", size(g.input.size))]
+        symbols += [(P.at(P.base(s.name), TIME), "state", size(s.size)) for s in g.states]
+        symbols += [(P.at(P.base(n.name), TIME), n.role if n.role == "readout" else "intermediate", size(n.size))
+                    for n in g.nodes if n.role in ("intermediate", "readout")]
+        symbols += [(P.base(p.name), "parameter", "1" if not p.shape or P.scalar_cell else
+                     r" \times ".join(_dim(s) for s in p.shape)) for p in g.params]
+        return symbols
+
+    def forward(self) -> list:
+        """Forward equations, stacked where the user's gates are row blocks of one parameter."""
+        g, P, cell, deriver = self.g, self.P, self.cell, self.deriver
+        forward = []
+        names = [name for name, _ in g.equations]
+        k = 0
+        while k < len(names):
+            run = _stacked_run(deriver, names, k)
+            group = names[k:k + run]
+            aliases = [f"eq:{cell}:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation in group]
+            aliases += [f"eq:{cell}:{n}" for n in group[1:]]
+            if run > 1:
+                lhs = r"\begin{bmatrix}" + r" \\ ".join(P._print(q("val", n)) for n in group) + r"\end{bmatrix}"
+                forward.append(self.eq(f"eq:{cell}:{group[0]}", lhs, _unblocked(deriver.value(group[0])), aliases))
+                self.formulas.extend((q("val", n), deriver.value(n)) for n in group)
+            else:
+                forward.append(self.eq(f"eq:{cell}:{group[0]}", P._print(q("val", group[0])), deriver.value(group[0]), aliases,
+                                  quantity=q("val", group[0])))
+            k += run
+        return forward
+
+    def loss(self) -> dict | None:
+        g, P, cell, deriver = self.g, self.P, self.cell, self.deriver
+        loss = None
+        if g.loss is not None:
+            reduction = r"\frac{1}{T}\sum_{t=0}^{T-1}" if g.loss.reduction == "mean" else r"\sum_{t=0}^{T-1}"
+            per = deriver.lift(g.loss.expr)
+            per_text = P._print(per)
+            if not P.scalar_cell:
+                per_text = rf"\mathbf{{1}}^{{\top}} \left({per_text}\right)" if isinstance(per, sympy.Add) else \
+                    rf"\mathbf{{1}}^{{\top}} {per_text}"
+            loss = dict(per_step=per_text, total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss")
+        return loss
+
+    def partials(self) -> list:
+        """Local derivatives: each nonlinearity through the value it computes."""
+        g, P, deriver = self.g, self.P, self.deriver
+        partials = []
+        for n in g.nodes:
+            if isinstance(n, Pointwise) and n.op is not None:
+                if n.role == "auxiliary":
+                    (dep,) = n.deps
+                    if g.is_leaf(dep) and g.leaf(dep).kind == "param":
+                        continue
+                    arg = q("val", g.leaf(dep).state, time=TIME - 1) if g.is_leaf(dep) and g.leaf(dep).kind == "prev_state" \
+                        else q("val", dep)
+                    via = n.op.derivative(n.op(arg), arg)
+                else:
+                    arg = deriver.value(n.name).args[0]
+                    via = n.op.derivative(q("val", n.name), arg)
+                partials.append((P._print(Prime(sympy.Symbol(n.op.__name__), arg)) if isinstance(arg, Q)
+                                 else n.op.latex.format(x=r"\cdot", mark="'") + rf"\ \text{{in }} {P._print(q('val', n.name))}",
+                                 P._print(via)))
+        return partials
+
+    def adjoints(self) -> list:
+        """Reverse mode: the adjoint of every value (and of pre-activations), then of x."""
+        g, P, cell, deriver = self.g, self.P, self.cell, self.deriver
+        covered: set[str] = set()
+        adjoints = []
+        inline = {n.name for n in g.nodes if n.role == "intermediate" and isinstance(n, Pointwise) and n.op is not None
+                  and not isinstance(deriver.value(n.name).args[0], Q)}
+        order = [s.name for s in g.states] + [n for n, _ in g.equations if n not in g.state_names]
+        for name in order:
+            aliases = [f"eq:{cell}:adj:{name}"] + [f"eq:{cell}:adj:{s.prev}" for s in g.states if s.name == name]
+            expr = deriver.value(name)
+            has_pre = isinstance(expr, Op) and not isinstance(expr.args[0], Q)
+            if name not in inline:
+                a = _merge_rows(deriver.inline_adjoints(deriver.adj(name), TIME))
+                own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name
+                       and not has_pre]
+                adjoints.append(self.eq(f"eq:{cell}:adj:{name}", P._print(q("adj", name)), a, aliases + own,
+                                   quantity=q("adj", name)))
+                covered.add(name)
+            if has_pre:
+                d = _pull_common(deriver.inline_adjoints(deriver.preadj(name), TIME))
+                own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name]
+                label = f"eq:{cell}:adj:{name}" if name in inline else f"eq:{cell}:adjpre:{name}"
+                adjoints.append(self.eq(label, P._print(q("preadj", name)), d, own + (aliases if name in inline else []),
+                                   note="pre", quantity=q("preadj", name)))
+        x = g.input.name
+        adjoints.append(self.eq(f"eq:{cell}:adj:{x}", P._print(q("adj", x)), _merge_rows(deriver.inline_adjoints(deriver.adj(x), TIME)),
+                           quantity=q("adj", x)))
+        return adjoints
+
+    def gradients(self) -> list:
+        g, P, deriver = self.g, self.P, self.deriver
+        gradients = []
+        for p in g.params:
+            parts = gradient_parts(deriver, p.name)
+            gradients += _gradient_lines(P, p, parts, deriver)
+            self.formulas.append((q("grad", "_", p.name, 0), _placed(parts, p, deriver, self.lossp)))
+        return gradients
+
+
 def vector_document_data(plan, notation) -> dict:
     """What the textbook template prints: lists of equations (label, aliases, lhs, lines)."""
-    from .latex import _cost, _dim
+    from .latex import _cost
 
-    g = plan.graph
-    deriver = Deriver(g)
-    P = TextbookPrinter(g, notation, _delta_letter(g, notation))
-    cell = g.cell
-
-    lossp = {}
-    if g.loss is not None:
-        for out in g.outputs:
-            lossp[q("lossp", out)] = deriver.lossp(out, TIME, plan.derivation)
-
-    formulas: list[tuple[sympy.Expr, sympy.Expr]] = []  # (quantity, formula): what tests check numerically
-
-    def eq(label, lhs, expr, aliases=(), note="", quantity=None):
-        if lossp:
-            expr = expr.xreplace(lossp)
-        if quantity is not None:
-            formulas.append((quantity, expr))
-        return dict(label=label, aliases=[a for a in dict.fromkeys(aliases) if a != label], lhs=lhs,
-                    lines=_split(P, expr), note=note)
-
-    # symbols
-    size = (lambda s: "1") if P.scalar_cell else (lambda s: sympy.latex(s))
-    symbols = [(P.at(P.base(g.input.name), TIME), "input", size(g.input.size))]
-    symbols += [(P.at(P.base(s.name), TIME), "state", size(s.size)) for s in g.states]
-    symbols += [(P.at(P.base(n.name), TIME), n.role if n.role == "readout" else "intermediate", size(n.size))
-                for n in g.nodes if n.role in ("intermediate", "readout")]
-    symbols += [(P.base(p.name), "parameter", "1" if not p.shape or P.scalar_cell else
-                 r" \times ".join(_dim(s) for s in p.shape)) for p in g.params]
-
-    # forward equations, stacked where the user's gates are row blocks of one parameter
-    forward = []
-    names = [name for name, _ in g.equations]
-    k = 0
-    while k < len(names):
-        run = _stacked_run(deriver, names, k)
-        group = names[k:k + run]
-        aliases = [f"eq:{cell}:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation in group]
-        aliases += [f"eq:{cell}:{n}" for n in group[1:]]
-        if run > 1:
-            lhs = r"\begin{bmatrix}" + r" \\ ".join(P._print(q("val", n)) for n in group) + r"\end{bmatrix}"
-            forward.append(eq(f"eq:{cell}:{group[0]}", lhs, _unblocked(deriver.value(group[0])), aliases))
-            formulas.extend((q("val", n), deriver.value(n)) for n in group)
-        else:
-            forward.append(eq(f"eq:{cell}:{group[0]}", P._print(q("val", group[0])), deriver.value(group[0]), aliases,
-                              quantity=q("val", group[0])))
-        k += run
-    loss = None
-    if g.loss is not None:
-        reduction = r"\frac{1}{T}\sum_{t=0}^{T-1}" if g.loss.reduction == "mean" else r"\sum_{t=0}^{T-1}"
-        per = deriver.lift(g.loss.expr)
-        per_text = P._print(per)
-        if not P.scalar_cell:
-            per_text = rf"\mathbf{{1}}^{{\top}} \left({per_text}\right)" if isinstance(per, sympy.Add) else \
-                rf"\mathbf{{1}}^{{\top}} {per_text}"
-        loss = dict(per_step=per_text, total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss")
-
-    # local derivatives: each nonlinearity through the value it computes
-    partials = []
-    for n in g.nodes:
-        if isinstance(n, Pointwise) and n.op is not None:
-            if n.role == "auxiliary":
-                (dep,) = n.deps
-                if g.is_leaf(dep) and g.leaf(dep).kind == "param":
-                    continue
-                arg = q("val", g.leaf(dep).state, time=TIME - 1) if g.is_leaf(dep) and g.leaf(dep).kind == "prev_state" \
-                    else q("val", dep)
-                via = n.op.derivative(n.op(arg), arg)
-            else:
-                arg = deriver.value(n.name).args[0]
-                via = n.op.derivative(q("val", n.name), arg)
-            partials.append((P._print(Prime(sympy.Symbol(n.op.__name__), arg)) if isinstance(arg, Q)
-                             else n.op.latex.format(x=r"\cdot", mark="'") + rf"\ \text{{in }} {P._print(q('val', n.name))}",
-                             P._print(via)))
-
-    # reverse mode
-    covered: set[str] = set()
-    adjoints = []
-    inline = {n.name for n in g.nodes if n.role == "intermediate" and isinstance(n, Pointwise) and n.op is not None
-              and not isinstance(deriver.value(n.name).args[0], Q)}
-    order = [s.name for s in g.states] + [n for n, _ in g.equations if n not in g.state_names]
-    for name in order:
-        aliases = [f"eq:{cell}:adj:{name}"] + [f"eq:{cell}:adj:{s.prev}" for s in g.states if s.name == name]
-        expr = deriver.value(name)
-        has_pre = isinstance(expr, Op) and not isinstance(expr.args[0], Q)
-        if name not in inline:
-            a = _merge_rows(deriver.inline_adjoints(deriver.adj(name), TIME))
-            own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name
-                   and not has_pre]
-            adjoints.append(eq(f"eq:{cell}:adj:{name}", P._print(q("adj", name)), a, aliases + own,
-                               quantity=q("adj", name)))
-            covered.add(name)
-        if has_pre:
-            d = _pull_common(deriver.inline_adjoints(deriver.preadj(name), TIME))
-            own = [f"eq:{cell}:adj:{n.name}" for n in g.nodes if n.role == "auxiliary" and n.equation == name]
-            label = f"eq:{cell}:adj:{name}" if name in inline else f"eq:{cell}:adjpre:{name}"
-            adjoints.append(eq(label, P._print(q("preadj", name)), d, own + (aliases if name in inline else []),
-                               note="pre", quantity=q("preadj", name)))
-    x = g.input.name
-    adjoints.append(eq(f"eq:{cell}:adj:{x}", P._print(q("adj", x)), _merge_rows(deriver.inline_adjoints(deriver.adj(x), TIME)),
-                       quantity=q("adj", x)))
-    gradients = []
-    for p in g.params:
-        parts = gradient_parts(deriver, p.name)
-        gradients += _gradient_lines(P, p, parts, deriver)
-        formulas.append((q("grad", "_", p.name, 0), _placed(parts, p, deriver, lossp)))
-
-    # forward mode
-    sensitivities, generic = _sensitivities(P, deriver, g, cell, formulas)
+    d = _VectorDocument(plan, notation)
+    g, P, cell = d.g, d.P, d.cell
+    symbols, forward, loss, partials = d.symbols(), d.forward(), d.loss(), d.partials()
+    adjoints, gradients = d.adjoints(), d.gradients()
+    sensitivities, generic = _sensitivities(P, d.deriver, g, cell, d.formulas)  # forward mode
     pdots = sorted({p.name for p in g.params})
     return dict(
         cell=cell, symbols=symbols, forward=forward, loss=loss, partials=partials, adjoints=adjoints,
@@ -551,7 +579,7 @@ def vector_document_data(plan, notation) -> dict:
         dot_example=P._print(q("pdot", g.params[0].name)) if g.params else "",
         params_dot=", ".join(P.base(n) for n in pdots),
         all_labels=_all_labels(g, cell),
-        formulas=formulas,
+        formulas=d.formulas,
     )
 
 

@@ -415,134 +415,164 @@ class Evaluator:
         return _T(arr, ("_", "~")[: arr.ndim])
 
     def ev(self, e: sympy.Basic, t: int | None) -> _T:
-        inst = self.inst
-        if isinstance(e, Q):
-            if t is None and e.kind not in ("grad", "loss", "steps") and e.time.has(TIME):
-                from .verify import claim_text
-
-                raise ShapeMismatch(f"'{claim_text(e)}' has no step here")
-            out = inst.quantity(e, t)
-            for axis, n in zip(out.axes, out.a.shape):
-                if axis not in ("_", "~"):
-                    self.note_range(axis, n)
-            return out
+        """The value of claims expression ``e`` at step ``t`` (None: over the sequence), with
+        its axes, by the rule of its kind (``_EV``)."""
         if e.is_Number:
-            return _T(np.array(float(e)), ())
-        if isinstance(e, ParamSymbol):
-            return self.param(e)
-        if isinstance(e, Block):
-            p, k = e.args[0], int(e.args[1])
-            arr = inst.params[p.name]
-            rows = arr.shape[0] // inst.g.param(p.name).blocks
-            return _T(arr[k * rows:(k + 1) * rows], ("_", "~")[: arr.ndim])
-        if isinstance(e, sympy.Add):
-            out = self.ev(e.args[0], t)
-            for a in e.args[1:]:
-                out = _binary(out, self.ev(a, t), np.add)
-            return out
-        if isinstance(e, sympy.Mul):
-            out = self.ev(e.args[0], t)
-            for a in e.args[1:]:
-                out = _binary(out, self.ev(a, t), np.multiply)
-            return out
-        if isinstance(e, sympy.Pow):
-            base = self.ev(e.args[0], t)
-            exp = e.args[1]
-            if not exp.is_Number:
-                raise ShapeMismatch("an exponent must be a number")
-            with np.errstate(all="ignore"):
-                return _T(np.power(base.a, float(exp)), base.axes)
-        if isinstance(e, Op):
-            x = self.ev(e.args[0], t)
-            with np.errstate(over="ignore"):
-                return _T(_NP[type(e).__name__](x.a), x.axes)
-        if isinstance(e, Prime):
-            x = self.ev(e.args[1], t)
-            with np.errstate(over="ignore"):
-                return _T(_prime(OPS[e.args[0].name], x.a), x.axes)
-        if isinstance(e, Transposed):
-            w = self.ev(e.args[0], t)
-            if not {"_", "~"} <= set(w.axes):
-                raise ShapeMismatch("only a matrix has a transpose")
-            return _T(w.a, tuple({"_": "~", "~": "_"}.get(a, a) for a in w.axes))
-        if isinstance(e, MatVec):
-            w = self.ev(e.args[0], t)
-            if not {"_", "~"} <= set(w.axes):
-                raise ShapeMismatch("the left of @ is not a matrix")
-            parts = [self.ev(o, t) for o in e.args[1]]
-            scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
-            if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
-                # W [v; 0]: the 0 is as long as the columns that are left
-                known = sum(p_.sizes()["_"] for p_ in parts if "_" in p_.axes)
-                cols = w.sizes()["~"] - known
-                if cols <= 0:
-                    raise ShapeMismatch("the concatenation is longer than the matrix's columns")
-                parts[scalars[0]] = _T(np.zeros(cols), ("_",))
-            v = self.concat(parts)
-            v = _rename(v, "_", "~")
-            a, b, axes = _align(w, v)
-            prod = a * b
-            k = axes.index("~")
-            return _T(prod.sum(axis=k), axes[:k] + axes[k + 1:])
-        if isinstance(e, Cat):
-            return self.concat([self.ev(o, t) for o in e.args])
-        if isinstance(e, Rows):
-            v = self.ev(e.args[0], t)
-            if "_" not in v.axes:
-                raise ShapeMismatch("rows v[a:b] of something that is not a vector")
-            n = v.sizes()["_"]
-            lo = int(e.args[1].subs(inst.subs))
-            hi = n if e.args[2] == sympy.Symbol("_end") else int(e.args[2].subs(inst.subs))
-            if not 0 <= lo < hi <= n:
-                raise ShapeMismatch(f"rows {lo}:{hi} of a vector of size {n}")
-            k = v.axes.index("_")
-            return _T(np.take(v.a, range(lo, hi), axis=k), v.axes)
-        if isinstance(e, Outer):
-            a = self.ev(e.args[0], t)
-            b = _rename(self.ev(e.args[1], t), "_", "~")
-            if "_" not in a.axes or "~" not in b.axes:
-                raise ShapeMismatch("outer(a, b) takes two vectors")
-            return _binary(a, b, np.multiply)
-        if isinstance(e, Entry):
-            v = self.ev(e.args[0], t)
-            idx = [i.name for i in e.args[1:]]
-            want = ["_"] if len(idx) == 1 else ["_", "~"]
-            if len(idx) > 2 or any(a not in v.axes for a in want):
-                raise ShapeMismatch(f"{len(idx)} indices on something that is not a {'vector' if len(idx) == 1 else 'matrix'}")
-            for old, new in zip(want, idx):
-                self.note_range(new, v.sizes()[old])
-                v = _rename(v, old, new)
-            return v
-        if isinstance(e, ISum):
-            body = self.ev(e.args[0], t)
-            m = e.args[1].name
-            if m not in body.axes:
-                return _T(body.a * self.index_range(m), body.axes)
-            k = body.axes.index(m)
-            return _T(body.a.sum(axis=k), body.axes[:k] + body.axes[k + 1:])
-        if isinstance(e, Delta):
-            if self.dry:
-                return _T(np.array(1.0), ())
-            syms = sorted(e.free_symbols, key=lambda s: s.name)
-            grids = np.meshgrid(*[np.arange(self.index_range(s.name)) for s in syms], indexing="ij")
-            env = {s: g for s, g in zip(syms, grids)}
-            a = _index_value(e.args[0], env, inst.subs)
-            b = _index_value(e.args[1], env, inst.subs)
-            return _T((np.asarray(a) == np.asarray(b)).astype(np.float64), tuple(s.name for s in syms))
-        if isinstance(e, Unit):
-            i = e.args[0].name
-            if self.dry:
-                return _T(np.array(1.0), ())
-            n = self.index_range(i)
-            return _T(np.eye(n), ("_", i))
-        if isinstance(e, TSum):
-            if t is not None:
-                raise ShapeMismatch("sum_t inside a step")
-            out = _T(np.array(0.0), ())
-            for k in range(inst.T):
-                out = _binary(out, self.ev(e.args[0], k), np.add)
-            return out
+            return self._ev_number(e, t)
+        for kind, rule in _EV:
+            if isinstance(e, kind):
+                return rule(self, e, t)
         raise ShapeMismatch(f"cannot evaluate {sympy.sstr(e)}")
+
+    def _ev_q(self, e, t: int | None) -> _T:
+        inst = self.inst
+        if t is None and e.kind not in ("grad", "loss", "steps") and e.time.has(TIME):
+            from .verify import claim_text
+
+            raise ShapeMismatch(f"'{claim_text(e)}' has no step here")
+        out = inst.quantity(e, t)
+        for axis, n in zip(out.axes, out.a.shape):
+            if axis not in ("_", "~"):
+                self.note_range(axis, n)
+        return out
+
+    def _ev_number(self, e, t: int | None) -> _T:
+        return _T(np.array(float(e)), ())
+
+    def _ev_paramsymbol(self, e, t: int | None) -> _T:
+        return self.param(e)
+
+    def _ev_block(self, e, t: int | None) -> _T:
+        inst = self.inst
+        p, k = e.args[0], int(e.args[1])
+        arr = inst.params[p.name]
+        rows = arr.shape[0] // inst.g.param(p.name).blocks
+        return _T(arr[k * rows:(k + 1) * rows], ("_", "~")[: arr.ndim])
+
+    def _ev_add(self, e, t: int | None) -> _T:
+        out = self.ev(e.args[0], t)
+        for a in e.args[1:]:
+            out = _binary(out, self.ev(a, t), np.add)
+        return out
+
+    def _ev_mul(self, e, t: int | None) -> _T:
+        out = self.ev(e.args[0], t)
+        for a in e.args[1:]:
+            out = _binary(out, self.ev(a, t), np.multiply)
+        return out
+
+    def _ev_pow(self, e, t: int | None) -> _T:
+        base = self.ev(e.args[0], t)
+        exp = e.args[1]
+        if not exp.is_Number:
+            raise ShapeMismatch("an exponent must be a number")
+        with np.errstate(all="ignore"):
+            return _T(np.power(base.a, float(exp)), base.axes)
+
+    def _ev_op(self, e, t: int | None) -> _T:
+        x = self.ev(e.args[0], t)
+        with np.errstate(over="ignore"):
+            return _T(_NP[type(e).__name__](x.a), x.axes)
+
+    def _ev_prime(self, e, t: int | None) -> _T:
+        x = self.ev(e.args[1], t)
+        with np.errstate(over="ignore"):
+            return _T(_prime(OPS[e.args[0].name], x.a), x.axes)
+
+    def _ev_transposed(self, e, t: int | None) -> _T:
+        w = self.ev(e.args[0], t)
+        if not {"_", "~"} <= set(w.axes):
+            raise ShapeMismatch("only a matrix has a transpose")
+        return _T(w.a, tuple({"_": "~", "~": "_"}.get(a, a) for a in w.axes))
+
+    def _ev_matvec(self, e, t: int | None) -> _T:
+        w = self.ev(e.args[0], t)
+        if not {"_", "~"} <= set(w.axes):
+            raise ShapeMismatch("the left of @ is not a matrix")
+        parts = [self.ev(o, t) for o in e.args[1]]
+        scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
+        if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
+            # W [v; 0]: the 0 is as long as the columns that are left
+            known = sum(p_.sizes()["_"] for p_ in parts if "_" in p_.axes)
+            cols = w.sizes()["~"] - known
+            if cols <= 0:
+                raise ShapeMismatch("the concatenation is longer than the matrix's columns")
+            parts[scalars[0]] = _T(np.zeros(cols), ("_",))
+        v = self.concat(parts)
+        v = _rename(v, "_", "~")
+        a, b, axes = _align(w, v)
+        prod = a * b
+        k = axes.index("~")
+        return _T(prod.sum(axis=k), axes[:k] + axes[k + 1:])
+
+    def _ev_cat(self, e, t: int | None) -> _T:
+        return self.concat([self.ev(o, t) for o in e.args])
+
+    def _ev_rows(self, e, t: int | None) -> _T:
+        inst = self.inst
+        v = self.ev(e.args[0], t)
+        if "_" not in v.axes:
+            raise ShapeMismatch("rows v[a:b] of something that is not a vector")
+        n = v.sizes()["_"]
+        lo = int(e.args[1].subs(inst.subs))
+        hi = n if e.args[2] == sympy.Symbol("_end") else int(e.args[2].subs(inst.subs))
+        if not 0 <= lo < hi <= n:
+            raise ShapeMismatch(f"rows {lo}:{hi} of a vector of size {n}")
+        k = v.axes.index("_")
+        return _T(np.take(v.a, range(lo, hi), axis=k), v.axes)
+
+    def _ev_outer(self, e, t: int | None) -> _T:
+        a = self.ev(e.args[0], t)
+        b = _rename(self.ev(e.args[1], t), "_", "~")
+        if "_" not in a.axes or "~" not in b.axes:
+            raise ShapeMismatch("outer(a, b) takes two vectors")
+        return _binary(a, b, np.multiply)
+
+    def _ev_entry(self, e, t: int | None) -> _T:
+        v = self.ev(e.args[0], t)
+        idx = [i.name for i in e.args[1:]]
+        want = ["_"] if len(idx) == 1 else ["_", "~"]
+        if len(idx) > 2 or any(a not in v.axes for a in want):
+            raise ShapeMismatch(f"{len(idx)} indices on something that is not a {'vector' if len(idx) == 1 else 'matrix'}")
+        for old, new in zip(want, idx):
+            self.note_range(new, v.sizes()[old])
+            v = _rename(v, old, new)
+        return v
+
+    def _ev_isum(self, e, t: int | None) -> _T:
+        body = self.ev(e.args[0], t)
+        m = e.args[1].name
+        if m not in body.axes:
+            return _T(body.a * self.index_range(m), body.axes)
+        k = body.axes.index(m)
+        return _T(body.a.sum(axis=k), body.axes[:k] + body.axes[k + 1:])
+
+    def _ev_delta(self, e, t: int | None) -> _T:
+        inst = self.inst
+        if self.dry:
+            return _T(np.array(1.0), ())
+        syms = sorted(e.free_symbols, key=lambda s: s.name)
+        grids = np.meshgrid(*[np.arange(self.index_range(s.name)) for s in syms], indexing="ij")
+        env = {s: g for s, g in zip(syms, grids)}
+        a = _index_value(e.args[0], env, inst.subs)
+        b = _index_value(e.args[1], env, inst.subs)
+        return _T((np.asarray(a) == np.asarray(b)).astype(np.float64), tuple(s.name for s in syms))
+
+    def _ev_unit(self, e, t: int | None) -> _T:
+        i = e.args[0].name
+        if self.dry:
+            return _T(np.array(1.0), ())
+        n = self.index_range(i)
+        return _T(np.eye(n), ("_", i))
+
+    def _ev_tsum(self, e, t: int | None) -> _T:
+        inst = self.inst
+        if t is not None:
+            raise ShapeMismatch("sum_t inside a step")
+        out = _T(np.array(0.0), ())
+        for k in range(inst.T):
+            out = _binary(out, self.ev(e.args[0], k), np.add)
+        return out
 
     def concat(self, parts: list[_T]) -> _T:
         if len(parts) == 1:
@@ -562,6 +592,29 @@ class Evaluator:
             arrays.append(arr.reshape(shape))
         full = [max(a.shape[k] for a in arrays) for k in range(1, len(axes))]
         return _T(np.concatenate([np.broadcast_to(a, (a.shape[0], *full)) for a in arrays]), axes)
+
+
+#: the rule of each kind of claims expression (Evaluator.ev), tried in this order
+_EV = (
+    (Q, Evaluator._ev_q),
+    (ParamSymbol, Evaluator._ev_paramsymbol),
+    (Block, Evaluator._ev_block),
+    (sympy.Add, Evaluator._ev_add),
+    (sympy.Mul, Evaluator._ev_mul),
+    (sympy.Pow, Evaluator._ev_pow),
+    (Op, Evaluator._ev_op),
+    (Prime, Evaluator._ev_prime),
+    (Transposed, Evaluator._ev_transposed),
+    (MatVec, Evaluator._ev_matvec),
+    (Cat, Evaluator._ev_cat),
+    (Rows, Evaluator._ev_rows),
+    (Outer, Evaluator._ev_outer),
+    (Entry, Evaluator._ev_entry),
+    (ISum, Evaluator._ev_isum),
+    (Delta, Evaluator._ev_delta),
+    (Unit, Evaluator._ev_unit),
+    (TSum, Evaluator._ev_tsum),
+)
 
 
 def _index_value(expr: sympy.Expr, env: dict, subs: dict):
