@@ -39,8 +39,7 @@ from .init import Init, parse_init
 from .notebook import derivation
 from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
 from .spec import SpecError, SpecWarning, load_spec, parse_spec
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # What help(symrnn) documents.  Everything imported above is importable from here
 # (from symrnn import tanh), but the nonlinearities and Block, MatVec, ParamSymbol are SymPy

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 
 from .cell import Block, MatVec, ParamSymbol
-from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Prime, Q, Rows, Transposed, Unit, q
+from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, Transposed, TSum, Unit, q
 from .errors import InternalError
 from .ir import Pointwise
 from .ops import OPS, Op
@@ -275,8 +275,6 @@ class Deriver:
             return sympy.Add(*[self.loss_partial(o, time) * q("sens", o, a.wrt, time, a.entries)
                                for o in self.g.outputs])
         if a.kind == "grad":
-            from .textbook import _placed, gradient_parts
-
             lossp = {q("lossp", o): self.loss_partial(o, TIME) for o in self.g.outputs} if self.g.loss else {}
             whole = _placed(gradient_parts(self, a.wrt), self.g.param(a.wrt), self, lossp)
             return Entry(whole, *a.entries) if a.entries else whole
@@ -314,3 +312,74 @@ def _index_in(e: sympy.Expr, l: sympy.Symbol, fresh) -> sympy.Expr:
     return Entry(e, l)
 
 
+# -- gradients: the per-step parts of dL/d param -------------------------------------------
+def gradient_parts(deriver: Deriver, param: str) -> list[tuple[int | None, sympy.Expr]]:
+    """(row block, per-step term) of dL/d param = sum over t of the terms: ``Outer(seed,
+    operand)`` for a matrix, the seed (times the partial) for a vector or scalar."""
+    g = deriver.g
+    out: list[tuple[int | None, sympy.Expr]] = []
+    for b, _ in g.equations:
+        expr = deriver.value(b, TIME)
+        if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
+            _seeds(deriver, expr.args[0], q("preadj", b), param, out, b)
+        else:
+            _seeds(deriver, expr, q("adj", b), param, out, b)
+    return out
+
+
+def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
+    if not _uses(e, param):
+        return
+    if isinstance(e, ParamSymbol):
+        out.append((None, seed))
+        return
+    if isinstance(e, Block):
+        out.append((int(e.args[1]), seed))
+        return
+    if isinstance(e, sympy.Add):
+        for a in e.args:
+            _seeds(deriver, a, seed, param, out, None)
+        return
+    if isinstance(e, sympy.Mul):
+        for k, a in enumerate(e.args):
+            _seeds(deriver, a, seed * sympy.Mul(*e.args[:k], *e.args[k + 1:]), param, out, None)
+        return
+    if isinstance(e, sympy.Pow):
+        b, n = e.args
+        _seeds(deriver, b, seed * n * b ** (n - 1), param, out, None)
+        return
+    if isinstance(e, Op):
+        _seeds(deriver, e.args[0], seed * deriver.prime(type(e).__name__, e.args[0], owner, TIME), param, out, None)
+        return
+    if isinstance(e, MatVec):
+        w, ops = e.args
+        base = w.args[0] if isinstance(w, Block) else w
+        if base.name == param:
+            vec = Cat(*ops) if len(ops) > 1 else ops[0]
+            out.append((int(w.args[1]) if isinstance(w, Block) else None, Outer(seed, vec)))
+        back = MatVec(Transposed(w), sympy.Tuple(seed))
+        start = sympy.Integer(0)
+        for o in ops:
+            n = deriver.size(o) if o.atoms(Q) else 0
+            _seeds(deriver, o, back if len(ops) == 1 else Rows(back, start, start + n), param, out, None)
+            start = start + n
+        return
+
+
+def _uses(e, param: str) -> bool:
+    return any(isinstance(a, ParamSymbol) and a.name == param for a in sympy.preorder_traversal(e))
+
+
+def _placed(parts, p, deriver, lossp) -> sympy.Expr:
+    """dL/dp as one expression: its per-step parts, each row block stacked in its place
+    (a block no equation uses is 0), summed over time."""
+    parts = [(k, e.xreplace(lossp) if lossp else e) for k, e in parts]
+    if all(k is None for k, _ in parts):
+        return TSum(sympy.Add(*[e for _, e in parts]))
+    stacked = []
+    for k in range(p.blocks):
+        mine = [e for kk, e in parts if kk == k]
+        stacked.append(sympy.Add(*mine) if mine else None)
+    template = next(e for e in stacked if e is not None)
+    filled = [e if e is not None else 0 * template for e in stacked]
+    return TSum(Cat(*filled))

@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sympy
+from sympy.printing.str import StrPrinter
 
 from .cell import Block, Cell, MatVec, ParamSymbol
 from .cells import BUILTIN, builtin
 from .errors import suggest
 from .escape import check_text, one_line, shown
 from .lower import NONDIFFERENTIABLE, parse_size
-from .ops import OPS
+from .ops import OPS, Op
 from .spec import MAX_FILE, SpecError, _Builder, _Expr, _index, load_spec, tomllib
 
 __all__ = ["ClaimsError", "Claim", "ClaimsFile", "SizeClaim", "load_claims", "parse_claims", "TIME",
@@ -465,7 +466,6 @@ class _ClaimsReader:
         if scope == "total":
             for atom in rhs.atoms(Q):
                 if atom.kind not in ("grad", "loss", "steps") and not _inside(rhs, atom, TSum):
-                    from .verify import claim_text
 
                     raise self.error(scope, key, f"in [total], '{claim_text(atom)}' has no step: write it inside "
                                      "sum_t(...)")
@@ -887,3 +887,116 @@ def _decl_as_param(p):
 
 def _is_scalar_param(builder: _ClaimBuilder, expr) -> bool:
     return isinstance(expr, ParamSymbol) and len(builder.decls[expr.name].shape) < 2
+
+
+# -- printing the claims language ------------------------------------------------------------------
+class ClaimPrinter(StrPrinter):
+    """Claims expressions back as text of the claims language (in the file's names)."""
+
+    def __init__(self, names: dict[str, str] | None = None, first_step: int = 0, states=()):
+        super().__init__({"order": "none"})
+        self.shown = {v: k for k, v in (names or {}).items()}
+        self.first_step = first_step
+        self.states = set(states)
+
+    def name(self, n: str) -> str:
+        return self.shown.get(n, n)
+
+    def _print_ParamSymbol(self, e):
+        return self.name(e.name)
+
+    def _print_Symbol(self, e):
+        return self.name(e.name)
+
+    def timed(self, text: str, time, name: str = "", kind: str = "val") -> str:
+        if time == TIME:
+            return text
+        if time == TIME - 1:
+            if kind == "val" and name in self.states and self.name(name) == name and text.startswith(name):
+                return f"{name}_prev{text[len(name):]}"
+            return f"prev({text})"
+        if time == TIME + 1:
+            return f"next({text})"
+        if time.has(TIME):
+            shift = int(time - TIME)
+            return f"{'prev' if shift < 0 else 'next'}(" * abs(shift) + text + ")" * abs(shift)
+        return f"at({text}, {int(time) + self.first_step})"
+
+    def _print_Q(self, e: Q):
+        k, n = e.kind, self.name(e.qname)
+        entries = f"[{', '.join(i.name for i in e.entries)}]" if e.entries else ""
+        wrt = self.name(e.wrt) + entries
+        text = {
+            "val": n, "pre": f"pre({n})", "adj": f"adj({n})", "preadj": f"adj(pre({n}))", "lossp": f"dL_t/d{n}",
+            "losst": "L_t", "sens": f"d{n}/d{wrt}", "lsens": f"dL_t/d{wrt}", "grad": f"dL/d{wrt}", "loss": "L",
+            "steps": "T",
+        }[k]
+        if k in ("grad", "loss", "steps"):
+            return text
+        return self.timed(text, e.time, e.qname, k)
+
+    def _print_Entry(self, e):
+        inner = self._print(e.args[0])
+        idx = ", ".join(self._print(i) for i in e.args[1:])
+        base = e.args[0]
+        if isinstance(base, Q) and base.kind in ("sens",):
+            # ds[l]/dU[i, j]: the unit index goes on the numerator
+            n = self.name(base.qname)
+            entries = f"[{', '.join(i.name for i in base.entries)}]" if base.entries else ""
+            return self.timed(f"d{n}[{idx}]/d{self.name(base.wrt)}{entries}", base.time, base.qname, "sens")
+        if isinstance(base, Q) and base.kind == "val" and base.time != TIME:
+            return self.timed(f"{self.name(base.qname)}[{idx}]", base.time, base.qname)
+        if not isinstance(base, (Q, ParamSymbol, sympy.Symbol)):
+            inner = f"({inner})"
+        return f"{inner}[{idx}]"
+
+    def _print_MatVec(self, e):
+        w, ops = e.args
+        vec = self._print(ops[0]) if len(ops) == 1 else "(" + ", ".join(self._print(o) for o in ops) + ")"
+        if len(ops) == 1 and isinstance(ops[0], (sympy.Add, sympy.Mul)):
+            vec = f"({vec})"
+        return f"{self._print(w)} @ {vec}"
+
+    def _print_Transposed(self, e):
+        return f"{self._print(e.args[0])}.T"
+
+    def _print_Block(self, e):
+        return f"{self._print(e.args[0])}[{e.args[1]}]"
+
+    def _print_Prime(self, e):
+        return f"{e.args[0].name}_prime({self._print(e.args[1])})"
+
+    def _print_ISum(self, e):
+        return f"sum({self._print(e.args[0])}, {e.args[1].name})"
+
+    def _print_Delta(self, e):
+        return f"delta({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_Unit(self, e):
+        return f"e({e.args[0].name})"
+
+    def _print_Outer(self, e):
+        return f"outer({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_Cat(self, e):
+        return "(" + ", ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Rows(self, e):
+        v = self._print(e.args[0])
+        if not isinstance(e.args[0], (Q, sympy.Symbol)):
+            v = f"({v})"
+        lo = "" if e.args[1] == 0 else sympy.sstr(e.args[1])
+        hi = "" if e.args[2] == sympy.Symbol("_end") else sympy.sstr(e.args[2])
+        return f"{v}[{lo}:{hi}]"
+
+    def _print_TSum(self, e):
+        return f"sum_t({self._print(e.args[0])})"
+
+    def _print_Function(self, e):
+        if isinstance(e, Op):
+            return f"{type(e).__name__}({self._print(e.args[0])})"
+        return super()._print_Function(e)
+
+
+def claim_text(expr: sympy.Basic, names=None, first_step: int = 0, states=()) -> str:
+    return ClaimPrinter(names, first_step, states).doprint(expr)

@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 
-from . import __version__
+from .version import __version__
 from .cells import BUILTIN, builtin
 from .errors import UserError, suggest
 from .escape import one_line, shown

@@ -21,6 +21,7 @@ from sympy.printing.precedence import PRECEDENCE
 from .cell import DIMS
 from .derive import Derivation, sensitivity_name
 from .ir import MatVecNode, Pointwise
+from .document import cost_table as _cost, dim_tex as _dim, visible_width as _visible
 from .plan import KernelPlan
 
 __all__ = ["Notation", "DerivationLatexPrinter", "document_data"]
@@ -275,23 +276,9 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
 _MAX_LINE = 60  # visible characters (roughly) in one displayed line
 
 
-def _visible(tex: str) -> int:
-    """A rough count of the characters a line of LaTeX math shows."""
-    tex = re.sub(r"\\(left|right|big|Big|mathrm|tfrac|quad|,)", "", tex)
-    tex = re.sub(r"\\frac\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}\{", lambda m: "{", tex)  # a fraction shows its wider part
-    tex = re.sub(r"\\[A-Za-z]+", "x", tex)
-    return len(re.sub(r"[{}_^\s]", "", tex))
-
-
 def _factor(P, expr: sympy.Expr) -> str:
     """An expression that multiplies what follows it: a sum gets parentheses."""
     return P.parenthesize(expr, PRECEDENCE["Mul"], strict=True)
-
-
-def _dim(expr: sympy.Expr) -> str:
-    """A size inside a product: n_hidden + n_in becomes (n_hidden + n_in)."""
-    text = sympy.latex(expr)
-    return rf"\left({text}\right)" if isinstance(expr, sympy.Add) else text
 
 
 def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
@@ -431,25 +418,3 @@ def _batch_sum(g, units: bool) -> str:
     return rf"\sum_{{{batch},\,{unit}}}" if units else rf"\sum_{{{batch}}}"
 
 
-def _cost(plan: KernelPlan) -> dict:
-    """Per-step work and storage of forward, BPTT and RTRL: the rows of the table in M (the
-    multiplications of one step of one sequence: matrix products and elementwise products)
-    and P (the number of parameters), whose values are given below it."""
-    g = plan.graph
-    n_params = sympy.Add(*[sympy.Mul(*p.shape) for p in g.params])
-    states = sympy.Add(*[s.size for s in g.states])
-    stored = sympy.Add(*[g.node(n).size for n in plan.stored]) + states
-    mults = sympy.Add(*[m.size * (m.cols[1] - m.cols[0]) for m in g.nodes if isinstance(m, MatVecNode)])
-    for n in g.nodes:  # and the elementwise products of every unit
-        if isinstance(n, Pointwise):
-            ops = sympy.count_ops(n.expr, visual=True)
-            count = sum(ops.coeff(sympy.Symbol(kind)) for kind in ("MUL", "DIV")) if ops != 0 else 0
-            mults += count * n.size
-    mults = sympy.expand(mults)
-    rows = [
-        ("forward", r"$M \cdot B$", rf"${sympy.latex(stored)}$ values per step and sequence, kept for BPTT"),
-        ("BPTT (reverse)", r"about $2 M \cdot B$", rf"${_dim(stored)} \cdot T \cdot B$: every step's activations"),
-        ("RTRL (forward)", r"about $M \cdot P \cdot B$", rf"${_dim(states)} \cdot P \cdot B$: the sensitivity tensor, "
-         "independent of $T$"),
-    ]
-    return dict(rows=rows, M=sympy.latex(mults), P=sympy.latex(n_params))

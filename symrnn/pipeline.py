@@ -331,7 +331,7 @@ def _usual_mode(path: str) -> None:
 
 
 def generated_init(names: Iterable[str]) -> str:
-    from . import __version__
+    from .version import __version__
 
     mods = sorted(names)
     lines = [

@@ -21,12 +21,13 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
-from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
+from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Unit, q
 from .ir import Pointwise
 from .ops import OPS, Op
-from .verify import Deriver
+from .chainrule import Deriver, _placed, _uses, gradient_parts
+from .document import cost_table as _cost, dim_tex as _dim, visible_width as _visible
 
-__all__ = ["TextbookPrinter", "vector_document_data", "gradient_parts", "generic_tangent"]
+__all__ = ["TextbookPrinter", "vector_document_data", "generic_tangent"]
 
 _END = sympy.Symbol("_end")
 
@@ -318,63 +319,6 @@ def _merge_rows(e: sympy.Expr) -> sympy.Expr:
     return sympy.Add(*rest)
 
 
-def gradient_parts(deriver: Deriver, param: str) -> list[tuple[int | None, sympy.Expr]]:
-    """(row block, per-step term) of dL/d param = sum over t of the terms: ``Outer(seed,
-    operand)`` for a matrix, the seed (times the partial) for a vector or scalar."""
-    g = deriver.g
-    out: list[tuple[int | None, sympy.Expr]] = []
-    for b, _ in g.equations:
-        expr = deriver.value(b, TIME)
-        if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
-            _seeds(deriver, expr.args[0], q("preadj", b), param, out, b)
-        else:
-            _seeds(deriver, expr, q("adj", b), param, out, b)
-    return out
-
-
-def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
-    if not _uses(e, param):
-        return
-    if isinstance(e, ParamSymbol):
-        out.append((None, seed))
-        return
-    if isinstance(e, Block):
-        out.append((int(e.args[1]), seed))
-        return
-    if isinstance(e, sympy.Add):
-        for a in e.args:
-            _seeds(deriver, a, seed, param, out, None)
-        return
-    if isinstance(e, sympy.Mul):
-        for k, a in enumerate(e.args):
-            _seeds(deriver, a, seed * sympy.Mul(*e.args[:k], *e.args[k + 1:]), param, out, None)
-        return
-    if isinstance(e, sympy.Pow):
-        b, n = e.args
-        _seeds(deriver, b, seed * n * b ** (n - 1), param, out, None)
-        return
-    if isinstance(e, Op):
-        _seeds(deriver, e.args[0], seed * deriver.prime(type(e).__name__, e.args[0], owner, TIME), param, out, None)
-        return
-    if isinstance(e, MatVec):
-        w, ops = e.args
-        base = w.args[0] if isinstance(w, Block) else w
-        if base.name == param:
-            vec = Cat(*ops) if len(ops) > 1 else ops[0]
-            out.append((int(w.args[1]) if isinstance(w, Block) else None, Outer(seed, vec)))
-        back = MatVec(Transposed(w), sympy.Tuple(seed))
-        start = sympy.Integer(0)
-        for o in ops:
-            n = deriver.size(o) if o.atoms(Q) else 0
-            _seeds(deriver, o, back if len(ops) == 1 else Rows(back, start, start + n), param, out, None)
-            start = start + n
-        return
-
-
-def _uses(e, param: str) -> bool:
-    return any(isinstance(a, ParamSymbol) and a.name == param for a in sympy.preorder_traversal(e))
-
-
 def generic_tangent(deriver: Deriver, name: str) -> sympy.Expr:
     """d name^t / d theta for any parameter entry theta, through the tangents of what the
     equation reads: theta's own derivative is \\dot W (W^(k) for a row block)."""
@@ -455,8 +399,6 @@ class _VectorDocument:
                     lines=_split(self.P, expr), note=note)
 
     def symbols(self) -> list:
-        from .latex import _dim
-
         g, P = self.g, self.P
         size = (lambda s: "1") if P.scalar_cell else (lambda s: sympy.latex(s))
         symbols = [(P.at(P.base(g.input.name), TIME), "input", size(g.input.size))]
@@ -564,8 +506,6 @@ class _VectorDocument:
 
 def vector_document_data(plan, notation) -> dict:
     """What the textbook template prints: lists of equations (label, aliases, lhs, lines)."""
-    from .latex import _cost
-
     d = _VectorDocument(plan, notation)
     g, P, cell = d.g, d.P, d.cell
     symbols, forward, loss, partials = d.symbols(), d.forward(), d.loss(), d.partials()
@@ -601,21 +541,6 @@ def _pull_common(e):
     if isinstance(e, sympy.Mul):
         return sympy.Mul(*[_pull_common(a) for a in e.args])
     return e
-
-
-def _placed(parts, p, deriver, lossp) -> sympy.Expr:
-    """dL/dp as one expression: its per-step parts, each row block stacked in its place
-    (a block no equation uses is 0), summed over time."""
-    parts = [(k, e.xreplace(lossp) if lossp else e) for k, e in parts]
-    if all(k is None for k, _ in parts):
-        return TSum(sympy.Add(*[e for _, e in parts]))
-    stacked = []
-    for k in range(p.blocks):
-        mine = [e for kk, e in parts if kk == k]
-        stacked.append(sympy.Add(*mine) if mine else None)
-    template = next(e for e in stacked if e is not None)
-    filled = [e if e is not None else 0 * template for e in stacked]
-    return TSum(Cat(*filled))
 
 
 def instantiate(expr: sympy.Expr, param: str, entries: tuple, g) -> sympy.Expr:
@@ -709,8 +634,6 @@ def _gradient_lines(P: TextbookPrinter, p, parts, deriver) -> list[dict]:
 def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell, formulas: list):
     """Per parameter, substituted (seed 002's form) where every recursion is one short line;
     else one generic forward-mode recursion per value, for any parameter entry theta."""
-    from .latex import _visible
-
     per = []
     short = True
     recurrent = {p.name for p in g.params if any(_uses(deriver.value(n), p.name) for n, _ in g.equations
@@ -749,8 +672,6 @@ def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell, formulas: list
 
 def _split(P: TextbookPrinter, expr) -> list[str]:
     """A sum in lines of about 60 visible characters (terms in reading order)."""
-    from .latex import _visible
-
     text = P._print(expr)
     if _visible(text) <= 62:
         return [text]

@@ -17,7 +17,7 @@ import numpy as np
 import sympy
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
-from .claims import TIME, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, TSum, Transposed, Unit
+from .claims import TIME, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, TSum, Transposed, Unit, claim_text
 from .errors import InternalError
 from .ir import MatVecNode
 from .ops import OPS, Op
@@ -427,8 +427,6 @@ class Evaluator:
     def _ev_q(self, e, t: int | None) -> _T:
         inst = self.inst
         if t is None and e.kind not in ("grad", "loss", "steps") and e.time.has(TIME):
-            from .verify import claim_text
-
             raise ShapeMismatch(f"'{claim_text(e)}' has no step here")
         out = inst.quantity(e, t)
         for axis, n in zip(out.axes, out.a.shape):
