@@ -50,7 +50,12 @@ def test_wheel_installs_and_generates_outside_checkout(tmp_path):
           "--no-index", "-w", wheels, src], cwd=tmp_path)
     (wheel,) = wheels.glob("symrnn-*.whl")
     with zipfile.ZipFile(wheel) as archive:  # setuptools ships LICENSE by default (License-File)
-        assert any(".dist-info/" in n and n.endswith("LICENSE") for n in archive.namelist()), "no LICENSE in the wheel"
+        names = set(archive.namelist())
+        assert any(".dist-info/" in n and n.endswith("LICENSE") for n in names), "no LICENSE in the wheel"
+    # every module of the package is in it (a subpackage missing from pyproject's list would
+    # be found through the editable install of the checkout, and not fail below)
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "symrnn").rglob("*.py")}
+    assert not sources - names, f"not in the wheel: {sorted(sources - names)}"
 
     # 2. a fresh venv that sees numpy/sympy/jinja2 of the running interpreter
     venv = tmp_path / "venv"
