@@ -75,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write NumPy (and CuPy) kernel modules")
     gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
-    gen.add_argument("--backend", choices=("numpy", "cupy", "all"), default="numpy",
-                     help="numpy (default): <cell>_numpy.py; cupy: <cell>_cupy.py (fused CUDA kernels); all: both")
+    from .render import BACKENDS
+
+    written = [f"{b.name}{' (default)' if b.name == 'numpy' else ''}: {b.writes}" for b in BACKENDS.values()]
+    gen.add_argument("--backend", choices=(*BACKENDS, "all"), default="numpy",
+                     help="; ".join(written) + ("; all: both" if len(BACKENDS) == 2 else f"; all: all {len(BACKENDS)}"))
     _spec_options(gen)
     latex = sub.add_parser("latex", help="export the derivation as LaTeX, Markdown or PDF")
     latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")
@@ -267,6 +270,14 @@ def _show(args) -> int:
     return 0
 
 
+def _backends(choice: str) -> tuple[str, ...]:
+    """The backends ``--backend`` names: one (and those whose modules its module imports), or all."""
+    from .render import BACKENDS
+
+    chosen = tuple(BACKENDS) if choice == "all" else (choice,)
+    return tuple(dict.fromkeys(name for b in chosen for name in (*BACKENDS[b].needs, b)))
+
+
 def _generate(args) -> int:
     from .pipeline import generate
 
@@ -274,7 +285,7 @@ def _generate(args) -> int:
         raise UserError("--out: the output folder's name is empty")
     selected = _selected(args)
     start = time.perf_counter()
-    backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    backends = _backends(args.backend)
     commands = {cell.name: f"symrnn generate {command}" for cell, command in selected if command}
     written = generate([cell for cell, _ in selected], args.out, backends, commands=commands)
     _say(*(f"wrote {path}" for path in written))

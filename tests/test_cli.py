@@ -82,14 +82,18 @@ def test_generate_into_a_file_is_a_user_error(tmp_path, capsys):
 
 
 def test_failed_generation_writes_nothing(tmp_path, capsys, monkeypatch):
-    real = symrnn.pipeline.render_numpy
+    import dataclasses
+
+    from symrnn.render import BACKENDS
+
+    real = BACKENDS["numpy"].render
 
     def failing(plan, *args, **kwargs):
         if plan.graph.cell == "gru":
             raise CellError("gru", "equation 'h'", "simulated failure")
         return real(plan, *args, **kwargs)
 
-    monkeypatch.setattr(symrnn.pipeline, "render_numpy", failing)
+    monkeypatch.setitem(BACKENDS, "numpy", dataclasses.replace(BACKENDS["numpy"], render=failing))
     code, _, err = run(capsys, "generate", "elman", "gru", "--out", str(tmp_path / "out"))
     assert code == 2 and "simulated failure" in err
     assert not (tmp_path / "out").exists()

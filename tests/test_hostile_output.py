@@ -18,7 +18,8 @@ import sympy
 
 from symrnn import Cell, Loss, params, tanh
 from symrnn.errors import UserError
-from symrnn.pipeline import build, compile_pdf, render_cuda, render_cupy, render_latex, render_markdown, render_numpy
+from symrnn.render import BACKENDS
+from symrnn.pipeline import build, compile_pdf, render_cuda, render_latex, render_markdown
 
 HOSTILE = [
     '"""; import os; os.system("id"); """',
@@ -61,7 +62,7 @@ def c_tokens(source: str) -> list[str]:
 
 
 @pytest.mark.parametrize("text", HOSTILE)
-@pytest.mark.parametrize("render", [render_numpy, render_cupy], ids=["numpy", "cupy"])
+@pytest.mark.parametrize("render", [b.render for b in BACKENDS.values()], ids=list(BACKENDS))
 def test_a_module_from_hostile_text_has_exactly_the_template_statements(text, render):
     benign = render(build(cell()))
     hostile = render(build(cell(text, text)), command=f"symrnn generate --spec '{text}\nimport os'")
