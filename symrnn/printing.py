@@ -7,7 +7,8 @@ spelled by its own ``numpy`` rule (:mod:`symrnn.ops`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import cache
 
 import sympy
 import sympy.printing.precedence
@@ -56,3 +57,13 @@ def numpy_code(expr: sympy.Expr, names: Mapping[str, str] | None = None, lib: st
     '1 - s_seq**2'
     """
     return NumpyPrinter(names, lib).doprint(expr)
+
+
+@cache
+def numpy_function(op: type[Op]) -> Callable:
+    """The op as a NumPy function of one array, from its own ``numpy`` rule (SymPy's
+    lambdify over this printer: no second spelling of the op anywhere)."""
+    import numpy as np
+
+    a = sympy.Symbol("a")
+    return sympy.lambdify(a, op(a), modules=[{"np": np}], printer=NumpyPrinter())

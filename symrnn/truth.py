@@ -20,6 +20,7 @@ from .cell import DIMS, Block, MatVec, ParamSymbol
 from .claims import TIME, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, TSum, Transposed, Unit, claim_text
 from .errors import InternalError
 from .ir import MatVecNode
+from .printing import numpy_function
 from .ops import OPS, Op
 
 __all__ = ["Instance", "Evaluator", "ShapeMismatch", "SIZES"]
@@ -29,15 +30,6 @@ __all__ = ["Instance", "Evaluator", "ShapeMismatch", "SIZES"]
 SIZES = {"n_in": 2, "n_hidden": 3, "n_out": 4}
 
 
-_NP = {
-    "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
-    "tanh": np.tanh,
-    "relu": lambda a: np.maximum(a, 0.0),
-    "softplus": lambda a: np.logaddexp(0.0, a),
-    "exp": np.exp,
-    "identity": lambda a: a,
-    "step": lambda a: np.heaviside(a, 0.0),
-}
 
 
 class ShapeMismatch(Exception):
@@ -64,14 +56,14 @@ def _num(expr: sympy.Expr, env: dict):
     if isinstance(expr, sympy.Pow):
         return _num(expr.args[0], env) ** float(expr.args[1])
     if isinstance(expr, Op):
-        return _NP[type(expr).__name__](_num(expr.args[0], env))
+        return numpy_function(type(expr))(_num(expr.args[0], env))
     raise InternalError(f"verify cannot evaluate {sympy.sstr(expr)}")
 
 
 def _prime(op: type[Op], a):
     """op'(a) on arrays, through op(a) as the derivation writes it."""
     y, x = sympy.Symbol("y"), sympy.Symbol("a")
-    return _num(op.derivative(y, x), {"y": _NP[op.__name__](a), "a": a})
+    return _num(op.derivative(y, x), {"y": numpy_function(op)(a), "a": a})
 
 
 class Instance:
@@ -470,7 +462,7 @@ class Evaluator:
     def _ev_op(self, e, t: int | None) -> _T:
         x = self.ev(e.args[0], t)
         with np.errstate(over="ignore"):
-            return _T(_NP[type(e).__name__](x.a), x.axes)
+            return _T(numpy_function(type(e))(x.a), x.axes)
 
     def _ev_prime(self, e, t: int | None) -> _T:
         x = self.ev(e.args[1], t)
