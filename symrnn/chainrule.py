@@ -321,7 +321,7 @@ def gradient_parts(deriver: Deriver, param: str) -> list[tuple[int | None, sympy
     for b, _ in g.equations:
         expr = deriver.value(b, TIME)
         if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
-            _seeds(deriver, expr.args[0], q("preadj", b), param, out, b)
+            _seeds(deriver, expr.args[0], q("preadj", b), param, out, None)  # inside the op: its own derivatives
         else:
             _seeds(deriver, expr, q("adj", b), param, out, b)
     return out

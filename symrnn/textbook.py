@@ -447,8 +447,20 @@ class _VectorDocument:
         """Local derivatives: each nonlinearity through the value it computes."""
         g, P, deriver = self.g, self.P, self.deriver
         partials = []
+        nested: dict[tuple, list] = {}  # (equation, op) -> the op's applications inside it, not yet listed
         for n in g.nodes:
             if isinstance(n, Pointwise) and n.op is not None:
+                if n.role == "auxiliary" and not self.of_one_value(n):  # op(an expression): as the equation writes it
+                    key = (n.equation, n.op)
+                    if key not in nested:
+                        top = deriver.value(n.equation)
+                        nested[key] = [a for a in sympy.preorder_traversal(top) if isinstance(a, n.op) and a != top]
+                    if not nested[key]:
+                        continue
+                    application = nested[key].pop(0)
+                    arg = application.args[0]
+                    partials.append((P._print(Prime(sympy.Symbol(n.op.__name__), arg)), P._print(n.op.derivative(application, arg))))
+                    continue
                 if n.role == "auxiliary":
                     (dep,) = n.deps
                     if g.is_leaf(dep) and g.leaf(dep).kind == "param":
@@ -463,6 +475,14 @@ class _VectorDocument:
                                  else n.op.latex.format(x=r"\cdot", mark="'") + rf"\ \text{{in }} {P._print(q('val', n.name))}",
                                  P._print(via)))
         return partials
+
+    def of_one_value(self, n) -> bool:
+        """A nonlinearity applied to one value of the cell (a parameter, the input, a state at
+        t - 1 or an equation's value), not to an expression of several."""
+        if len(n.deps) != 1:
+            return False
+        (dep,) = n.deps
+        return self.g.is_leaf(dep) or self.g.node(dep).role != "auxiliary" and isinstance(self.g.node(dep), Pointwise)
 
     def adjoints(self) -> list:
         """Reverse mode: the adjoint of every value (and of pre-activations), then of x."""

@@ -8,10 +8,16 @@ import re
 import shutil
 import subprocess
 
+import warnings
+
 import pytest
 import sympy
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
+from test_spec_random_cells import spec_text
 
 from symrnn.claims import q
+from symrnn.errors import UserError
+from symrnn.spec import SpecWarning, parse_spec
 from symrnn.latex import Notation
 from symrnn.pipeline import build, load_module, module_name, render_latex, render_markdown, render_numpy
 from symrnn.textbook import instantiate, vector_document_data
@@ -122,3 +128,53 @@ def test_notebook_display():
     assert "{h[t-1]}" in unit.tex and r"\delta_{li}" in unit.tex
     with pytest.raises(symrnn.UserError):
         symrnn.derivation("gru", form="matrix")
+
+
+#: a nonlinearity of a sum that holds another nonlinearity (the textbook form failed on it)
+NESTED = """\
+[cell]
+name = "random_cell"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+W = ["n_hidden", "n_hidden"]
+U = ["n_hidden", "n_in"]
+b = ["n_hidden"]
+[equations]
+g = "sigmoid(2 + tanh(W @ h_prev + U @ x + b))"
+h = "tanh(g * h_prev + U @ x)"
+"""
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
+          suppress_health_check=list(HealthCheck))
+@given(text=spec_text())
+@example(text=NESTED)
+def test_random_cells_print_and_every_printed_formula_is_the_derivation(text):
+    """Cells nobody wrote (tests/test_spec_random_cells.py's grammar: nonlinearities of
+    sums of nonlinearities, products of gates, readouts) in both forms and formats, and
+    the textbook form's formulas against the derivation, as for the built-in cells."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)
+        try:
+            cell = parse_spec(text, "random_cell.toml")
+        except UserError:
+            assume(False)
+    plan = build(cell)
+    for form in ("vector", "unit"):
+        assert "\\begin{document}" in render_latex(plan, Notation(form=form))
+        assert "$$" in render_markdown(plan, Notation(form=form))
+    module = load_module(render_numpy(plan), "random_cell")
+    inst = Instance(plan, module, seed=7, steps=3, zero_states=False)
+    for lhs, rhs in vector_document_data(plan, Notation())["formulas"]:
+        if lhs.kind == "sens" and lhs.wrt == "_theta":
+            p = plan.graph.params[0]
+            entries = tuple(sympy.Symbol(n, integer=True) for n in "ij"[: len(p.shape)])
+            _check(inst, q("sens", lhs.qname, p.name, lhs.time, entries), instantiate(rhs, p.name, entries, plan.graph),
+                   dict(zip("ij", [inst.size(s) for s in p.shape])))
+        elif lhs.kind == "sens":
+            _check(inst, lhs, rhs, dict(zip("ij", [inst.size(s) for s in plan.graph.param(lhs.wrt).shape])))
+        else:
+            _check(inst, lhs, rhs)
