@@ -74,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write NumPy (and CuPy) kernel modules")
     gen.add_argument("cells", nargs="*", metavar="CELL", help="cells to generate (default: all built-in cells)")
     gen.add_argument("--out", default="generated", help="output folder (default: generated)")
-    gen.add_argument("--backend", choices=("numpy", "cupy", "all"), default="numpy",
-                     help="numpy (default): <cell>_numpy.py; cupy: <cell>_cupy.py (fused CUDA kernels); all: both")
+    gen.add_argument("--backend", choices=("numpy", "cupy", "torch", "all"), default="numpy",
+                     help="numpy (default): <cell>_numpy.py; cupy: <cell>_cupy.py (fused CUDA kernels); torch: "
+                          "<cell>_torch.py (torch.autograd.Function and nn.Module) and the <cell>_numpy.py it runs; "
+                          "all: all three")
     _spec_options(gen)
     latex = sub.add_parser("latex", help="export the derivation as LaTeX, Markdown or PDF")
     latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")
@@ -267,7 +269,7 @@ def _generate(args) -> int:
         raise UserError("--out: the output folder's name is empty")
     selected = _selected(args)
     start = time.perf_counter()
-    backends = ("numpy", "cupy") if args.backend == "all" else (args.backend,)
+    backends = {"all": ("numpy", "cupy", "torch"), "torch": ("numpy", "torch")}.get(args.backend, (args.backend,))
     commands = {cell.name: f"symrnn generate {command}" for cell, command in selected if command}
     written = generate([cell for cell, _ in selected], args.out, backends, commands=commands)
     _say(*(f"wrote {path}" for path in written))

@@ -24,7 +24,7 @@ def test_generated_is_up_to_date(cell_name):
 
 
 def test_generated_init_lists_every_module():
-    names = [module_name(c, backend) for c in CELLS for backend in ("numpy", "cupy")]
+    names = [module_name(c, backend) for c in CELLS for backend in ("numpy", "cupy", "torch")]
     assert (ROOT / "generated" / "__init__.py").read_text() == generated_init(names)
 
 

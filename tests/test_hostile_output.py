@@ -19,6 +19,7 @@ import sympy
 from symrnn import Cell, Loss, params, tanh
 from symrnn.errors import UserError
 from symrnn.pipeline import build, compile_pdf, render_cuda, render_cupy, render_latex, render_markdown, render_numpy
+from symrnn.torch_render import render_torch
 
 HOSTILE = [
     '"""; import os; os.system("id"); """',
@@ -61,7 +62,7 @@ def c_tokens(source: str) -> list[str]:
 
 
 @pytest.mark.parametrize("text", HOSTILE)
-@pytest.mark.parametrize("render", [render_numpy, render_cupy], ids=["numpy", "cupy"])
+@pytest.mark.parametrize("render", [render_numpy, render_cupy, render_torch], ids=["numpy", "cupy", "torch"])
 def test_a_module_from_hostile_text_has_exactly_the_template_statements(text, render):
     benign = render(build(cell()))
     hostile = render(build(cell(text, text)), command=f"symrnn generate --spec '{text}\nimport os'")
@@ -69,7 +70,7 @@ def test_a_module_from_hostile_text_has_exactly_the_template_statements(text, re
     ast.parse(hostile)
     namespace: dict = {}
     exec(compile(hostile, "<hostile>", "exec"), namespace)  # it imports and defines what the contract says
-    assert namespace["CELL"] == "hostile" and callable(namespace["forward"])
+    assert namespace["CELL"] == "hostile" and callable(namespace["RNN" if render is render_torch else "forward"])
 
 
 @pytest.mark.parametrize("text", HOSTILE)
