@@ -398,10 +398,10 @@ class RNN(torch.nn.Module):
                 dims = kernels._dims(n_in, hidden_size, output_size)
                 width = kernels.input_size(*dims)
             except ValueError as exc:
-                raise ValueError(f"cell '{CELL}', layer {layer}: {exc}") from None
+                raise ValueError(f"cell '{CELL}', layer {layer}: {exc}{self._fed(layer, n_in)}") from None
             if width != n_in:
-                raise ValueError(f"cell '{CELL}' takes inputs of size {kernels.INPUT_SIZE} = {width}; layer {layer} gets {n_in}"
-                                 + (" (the previous layers' outputs)" if layer else ""))
+                raise ValueError(f"cell '{CELL}', layer {layer}: takes inputs of size {kernels.INPUT_SIZE} = {width}, "
+                                 f"gets {n_in}{self._fed(layer, n_in)}")
             shapes = kernels.param_shapes(*dims)
             if self._layers and any(output_sizes(*dims)[name] != output_sizes(*self._layers[0][:3])[name] for name in STATES):
                 raise ValueError(f"cell '{CELL}': the states of layer {layer} differ in size from layer 0's "
@@ -414,6 +414,10 @@ class RNN(torch.nn.Module):
                                                 torch.nn.Parameter(torch.empty(shapes[name], device=device, dtype=dtype)))
             n_in = directions * output_sizes(*dims)[LAYER_OUTPUT]
         self.reset_parameters()
+
+    @staticmethod
+    def _fed(layer, n_in):
+        return f" (layer {layer}'s input is the output of layer {layer - 1}, {n_in} wide)" if layer else ""
 
     @staticmethod
     def _name(name, layer, direction):
