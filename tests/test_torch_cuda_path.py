@@ -105,3 +105,17 @@ def test_cuda_backend_function_gradcheck(cuda_path):
     assert torch.autograd.gradcheck(lambda *a: m.Function.apply(a[0], LENGTHS, True, *a[1:]), (x, *states, *params),
                                     eps=1e-6, atol=1e-7, rtol=1e-6)
     assert {stream for _, _, stream in xp.streams.launches} == {STREAM}
+
+
+@pytest.mark.parametrize("cell", ["lstm_torch", "gru_torch"])
+def test_gpu_test_code_runs_against_the_host_standin(cuda_path, cell):
+    """tests/test_torch_gpu.py only runs on a GPU; its comparison runs here on the CUDA backend
+    and the stand-in, so the first GPU run does not fail on a bug of its own."""
+    import test_torch_gpu as gpu
+
+    m, xp, _ = cuda_path(cell)
+    for dtype in (torch.float64, torch.float32):
+        errors = gpu.compare_with_torch(cell, torch.device("cpu"), dtype)
+        bad = {k: e for k, e in errors.items() if not e <= gpu.TOL[dtype]}
+        assert len(errors) > 10 and not bad, bad
+    assert {stream for _, _, stream in xp.streams.launches} == {STREAM}
