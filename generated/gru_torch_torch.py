@@ -105,8 +105,11 @@ class _Host:
         return tensor.detach().numpy()
 
     def tensor(self, array):
-        if not array.flags.writeable:  # a read-only view of the cache: Function saves it, so torch
-            array.flags.writeable = True  # refuses a backward after an in-place change of it
+        if not array.flags.writeable:  # a read-only view of the kernels' cache: Function saves the tensor,
+            try:                       # so torch refuses a backward after an in-place change of it
+                array.flags.writeable = True
+            except ValueError:  # a view of memory that is not writable at all
+                array = array.copy()
         return torch.from_numpy(array)
 
     def running(self, device):
