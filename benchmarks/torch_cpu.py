@@ -22,8 +22,8 @@ of
 The implementations alternate within each round, the order rotating from round to round, after a
 warm-up round; rounds during which other processes took CPU are redone (benchmarks/rnn_cpu.py's
 LoadGuard). Reported: the median over the rounds, the per-round range of the ratio, and each
-ratio's target. torch runs with ``torch.set_num_threads(os.cpu_count())``, NumPy with its BLAS's
-default threads. ``--write`` replaces this script's section of benchmarks/RESULTS.md.
+ratio's target. NumPy's BLAS and torch run with the same number of threads, ``--threads`` (default
+1). ``--write`` replaces this script's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -40,6 +40,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+
+def _threads(argv) -> int:
+    """--threads N (default 1), read before NumPy and torch start their thread pools."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+THREADS = _threads(sys.argv[1:])
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -430,9 +445,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default 7; --quick: 3)")
     ap.add_argument("--sizes", help=f"comma-separated sizes (default: all of {', '.join(SIZES)})")
     ap.add_argument("--cells", help="comma-separated cells (default: all)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of NumPy's BLAS and of torch, the same for both (default 1: on a shared 2-core "
+                         "machine a second thread's speed depends on what else runs)")
     ap.add_argument("--write", action="store_true", help="replace this script's section of benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(THREADS)
     start = time.perf_counter()
     rounds = args.rounds or (3 if args.quick else 7)
     sizes = args.sizes.split(",") if args.sizes else ["small", "medium"] if args.quick else list(SIZES)
@@ -449,7 +467,8 @@ def main(argv=None):
                             + ", ".join(f"{n} {fmt_ms(r[n])} ms" for n in names))
     command = "python benchmarks/torch_cpu.py" + (" --quick" if args.quick else "") + \
         (f" --rounds {args.rounds}" if args.rounds else "") + (f" --sizes {args.sizes}" if args.sizes else "") + \
-        (f" --cells {args.cells}" if args.cells else "") + (" --write" if args.write else "")
+        (f" --cells {args.cells}" if args.cells else "") + (f" --threads {THREADS}" if THREADS != 1 else "") + \
+        (" --write" if args.write else "")
     text = section(command, rnn_cpu.machine_info(), rows, time.perf_counter() - start, rounds)
     print(text)
     if args.write:

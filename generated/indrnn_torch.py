@@ -288,6 +288,46 @@ def _lengths(lengths, T, B):
     return None if bool(np.all(values == T)) else values
 
 
+class _Saved(int):
+    """In a packed record: the index of an array saved as a tensor."""
+
+
+def _pack(backend, record):
+    """(skeleton, tensors): every array of ``record`` (nested dicts, lists and tuples) as a tensor
+    on the same memory, and the record with each replaced by its index (an array torch cannot
+    take, such as one of negative strides, stays in the skeleton)."""
+    tensors = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(item) for item in value)
+        if isinstance(value, backend.xp.ndarray):
+            try:
+                tensors.append(backend.tensor(value))
+            except (ValueError, TypeError, RuntimeError, BufferError):
+                return value
+            return _Saved(len(tensors) - 1)
+        return value
+
+    return walk(record), tensors
+
+
+def _unpack(backend, skeleton, tensors):
+    """The record _pack took apart, its arrays views of the saved tensors."""
+    def walk(value):
+        if isinstance(value, _Saved):
+            return backend.array(tensors[value])
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(item) for item in value)
+        return value
+
+    return walk(skeleton)
+
+
 # -- one layer, one direction ---------------------------------------------------------------
 class Function(torch.autograd.Function):
     """One layer and one direction of the cell; forward and backward are the generated kernels.
@@ -322,22 +362,26 @@ class Function(torch.autograd.Function):
             outputs, finals, record = _forward(backend, params, to(x), state0, lengths, bool(reverse))
             result = tuple(backend.tensor(outputs[name]) for name in OUTPUTS)
             result += tuple(backend.tensor(finals[name]) for name in STATES)
+            # the outputs (torch then refuses a backward after an in-place change of one) and the kernels'
+            # cache are saved the torch way: freed after backward, unless retain_graph
+            record, saved = _pack(backend, record)
+        ctx.save_for_backward(*result[:len(OUTPUTS)], *saved)
         ctx.backend, ctx.record, ctx.device = backend, record, x.device
         ctx.dtypes = [x.dtype] + [None if t is None else t.dtype for t in tensors]
-        ctx.save_for_backward(*result[:len(OUTPUTS)])  # torch then refuses a backward after an in-place change of one
         ctx.set_materialize_grads(False)
         return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *cotangents):
-        ctx.saved_tensors  # raises if an output was changed in place since forward
+        saved = ctx.saved_tensors  # raises if an output was changed in place since forward
         backend = ctx.backend
         with backend.running(ctx.device):
             to = backend.array
+            record = _unpack(backend, ctx.record, saved[len(OUTPUTS):])
             grad_outputs = {name: to(g) for name, g in zip(OUTPUTS, cotangents) if g is not None}
             grad_finals = {name: to(g) for name, g in zip(STATES, cotangents[len(OUTPUTS):]) if g is not None}
-            grads = _backward(backend, ctx.record, grad_outputs, grad_finals)
+            grads = _backward(backend, record, grad_outputs, grad_finals)
             keys = ["x"] + [name + "0" for name in STATES] + list(PARAMETERS)
             needed = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[3:]
             out = [backend.tensor(grads[key]).to(dtype) if need else None

@@ -246,6 +246,36 @@ def test_no_cache_is_kept_without_a_graph(monkeypatch):
     assert caches[0]() is None
 
 
+def test_the_cache_is_freed_by_backward_unless_the_graph_is_retained(monkeypatch):
+    """As torch's saved tensors: after backward the kernels' cache is gone while the outputs live
+    on; with retain_graph=True it stays, and a second backward gives the same gradients."""
+    m, x, states, weights = _function_inputs("lstm_torch")
+    kernels = m._backend(torch.device("cpu")).kernels
+    caches = []
+    forward = kernels.forward
+
+    def spy(params, x, state0=None):
+        outputs, cache = forward(params, x, state0)
+        caches.append(weakref.ref(cache["x"]))
+        return outputs, cache
+
+    monkeypatch.setattr(kernels, "forward", spy)
+    for lengths in (None, LENGTHS):
+        outs = m.Function.apply(x, lengths, False, *states, *weights)
+        loss = sum(o.sum() for o in outs)
+        first = torch.autograd.grad(loss, weights, retain_graph=True)
+        gc.collect()
+        assert all(ref() is not None for ref in caches)
+        second = torch.autograd.grad(loss, weights)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        gc.collect()
+        assert all(ref() is None for ref in caches), "the cache outlived backward"
+        assert outs[0].shape == (T, B, N_HIDDEN)  # the outputs are still there
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            torch.autograd.grad(loss, weights)
+        caches.clear()
+
+
 def test_an_output_changed_in_place_is_refused_at_backward():
     m, x, states, weights = _function_inputs("lstm_torch")
     h, c, h_n, c_n = m.Function.apply(x, None, False, *states, *weights)
