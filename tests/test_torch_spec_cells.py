@@ -90,3 +90,36 @@ def test_an_input_of_the_states_size_fixes_the_layers_input_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"layer 1: takes inputs of size n_hidden = 4, gets 8 \(layer 1's input is the "
                                          r"output of layer 0, 8 wide\)"):
         m.RNN(4, 4, num_layers=2, bidirectional=True)
+
+
+#: names of the torch module's own code and of nn.Module's attributes, in every role of a cell
+TORCH_POOL = ["torch", "training", "forward", "weight", "lengths", "reverse", "ctx", "Function", "RNN", "input",
+              "hx", "backend", "record", "saved", "np", "T", "B", "state", "outputs", "grads", "parameters",
+              "cuda", "to", "self", "x_seq", "steps"]
+
+
+@pytest.mark.parametrize("shift", [0, 5, 11, 17])
+def test_any_name_works_in_the_torch_module(tmp_path, shift):
+    """The gated cell of tests/test_hostile_names.py with names from the torch module's code and
+    nn.Module's attributes: the module imports, registers every parameter per layer and
+    direction, runs two bidirectional layers on a packed batch, and its layer passes gradcheck."""
+    from test_hostile_names import ROLES, gated_cell
+
+    names = {role: TORCH_POOL[(shift + 3 * j) % len(TORCH_POOL)] for j, role in enumerate(ROLES)}
+    assert len(set(names.values())) == len(ROLES)
+    m = torch_module_of(gated_cell(names), tmp_path)
+    assert m.STATES == (names["h"], names["c"]) and m.LAYER_OUTPUT == names["y"]
+    torch.manual_seed(shift)
+    rnn = m.RNN(3, 3, output_size=3, num_layers=2, bidirectional=True, dtype=torch.float64)
+    expected = {f"{p}_l{layer}{suffix}" for p in m.PARAMETERS for layer in (0, 1) for suffix in ("", "_reverse")}
+    assert {n for n, _ in rnn.named_parameters()} == expected
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 4, 1]), enforce_sorted=False)
+    out, (h_n, c_n) = rnn(packed)
+    assert out.data.shape == (7, 6) and h_n.shape == c_n.shape == (4, 3, 3)
+    out.data.sum().backward()
+    assert all(p.grad is not None for p in rnn.parameters())
+    params = [getattr(rnn, rnn._name(p, 0, 0)).detach().requires_grad_() for p in m.PARAMETERS]
+    xs = x.clone().requires_grad_()
+    states = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in m.STATES]
+    assert torch.autograd.gradcheck(lambda *a: m.Function.apply(a[0], [3, 4, 1], True, *a[1:]), (xs, *states, *params))
