@@ -512,7 +512,7 @@ class RNN(torch.nn.Module):
             outs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                state0 = [None if h is None else h[k] for h in states]
+                state0 = [None if h is None else h[k] for h in states]  # (B, size) each
                 result = Function.apply(x, lengths, direction == 1, *state0, *self._parameters_of(layer, direction, x))
                 outs.append(result[OUTPUTS.index(LAYER_OUTPUT)])
                 for i, name in enumerate(STATES):
@@ -520,7 +520,7 @@ class RNN(torch.nn.Module):
             x = outs[0] if directions == 1 else torch.cat(outs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = torch.nn.functional.dropout(x, self.dropout, training=True)
-        h_n = [torch.stack(finals[name]) for name in STATES]
+        h_n = [torch.stack(finals[name]) if len(finals[name]) > 1 else finals[name][0][None] for name in STATES]
         if packed:
             output = PackedSequence(pack_padded_sequence(x, lengths).data, input.batch_sizes, input.sorted_indices,
                                     input.unsorted_indices)
@@ -547,8 +547,8 @@ class RNN(torch.nn.Module):
         return out
 
     def _initial_states(self, hx, batch, unbatched, order, x):
-        """hx -> a list (one per state) of (num_layers * num_directions, B, size) tensors or None,
-        checked, in the batch order of x."""
+        """hx -> a list (one per state) of the (B, size) tensors of every layer and direction, or
+        None, checked, in the batch order of x."""
         if hx is None:
             return [None] * len(STATES)
         given = [hx] if len(STATES) == 1 else hx
@@ -567,4 +567,4 @@ class RNN(torch.nn.Module):
                 raise RuntimeError(f"hidden {name} is {h.dtype} on {h.device}; the input is {x.dtype} on {x.device}")
             h = h.unsqueeze(1) if unbatched else h
             out.append(h.index_select(1, order) if order is not None else h)
-        return out
+        return [None if h is None else h.unbind(0) for h in out]  # one backward (a stack) for all layers
