@@ -971,8 +971,9 @@ difference is smaller than the growth over the baseline RSS by that amount.
 
 """ + "\n".join("- " + n for n in notes) + "\n"
     old = path.read_text() if path.exists() else ""
-    # the sections of benchmarks/fused_cpu.py and benchmarks/rnn_gpu.py are theirs: kept as they are
-    kept = [i for i in (old.find("\n<!-- fused-cpu:begin -->"), old.find("\n## GPU: ")) if i >= 0]
+    # the sections of benchmarks/torch_cpu.py, fused_cpu.py and rnn_gpu.py are theirs: kept as they are
+    kept = [i for i in (old.find("\n<!-- torch-cpu:begin -->"), old.find("\n<!-- fused-cpu:begin -->"),
+                        old.find("\n## GPU: ")) if i >= 0]
     path.write_text(text + (old[min(kept):] if kept else ""))
 
 

@@ -77,8 +77,9 @@ def record_tests(log_path: Path) -> None:
     text = log_path.read_text(errors="replace")
     summary = [line for line in text.splitlines() if re.search(r"\b(passed|failed|error)\b", line)]
     body = [
-        "Last `pytest -m gpu` run (`bash .ci/gpu`): CuPy vs NumPy module for every built-in cell "
-        "(float64 1e-10, float32 1e-4), finite differences in float64, bit-identical reruns.",
+        "Last run of the GPU tests (`bash .ci/gpu`): CuPy vs NumPy module for every built-in cell "
+        "(float64 1e-10, float32 1e-4), finite differences in float64, bit-identical reruns; torch CUDA "
+        "tensors through the CuPy modules vs nn.LSTM / nn.GRU (cuDNN); every CUDA source through NVRTC.",
         "",
         *environment(cp),
         f"- **Result:** `{summary[-1].strip(' =') if summary else 'no summary line in the log'}`",

@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     written = [f"{b.name}{' (default)' if b.name == 'numpy' else ''}: {b.writes}" for b in BACKENDS.values()]
     gen.add_argument("--backend", choices=(*BACKENDS, "all"), default="numpy",
-                     help="; ".join(written) + ("; all: both" if len(BACKENDS) == 2 else f"; all: all {len(BACKENDS)}"))
+                     help="; ".join(written) + f"; all: {({2: 'both', 3: 'all three'}).get(len(BACKENDS), 'all of them')}")
     _spec_options(gen)
     latex = sub.add_parser("latex", help="export the derivation as LaTeX, Markdown or PDF")
     latex.add_argument("cells", nargs="*", metavar="CELL", help="cells to export (default: all built-in cells)")

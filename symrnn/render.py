@@ -24,7 +24,7 @@ from .escape import c_comment, html_comment, md_text, py_comment, py_docstring, 
 from .plan import KernelPlan
 
 __all__ = ["BACKENDS", "Backend", "ModuleHeader", "compile_pdf", "generated_init", "module_header", "render_cuda",
-           "render_cupy", "render_latex", "render_markdown", "render_numpy", "write_atomic"]
+           "render_cupy", "render_latex", "render_markdown", "render_numpy", "render_torch", "write_atomic"]
 
 
 def _template_loader() -> jinja2.BaseLoader:
@@ -165,6 +165,21 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     )
 
 
+def render_torch(kernel_plan: KernelPlan, command: str | None = None) -> str:
+    """KernelPlan -> source of the torch module (depends on torch and the cell's _numpy/_cupy modules)."""
+    from .backends.torch_backend import torch_fields
+
+    g = kernel_plan.graph
+    return _ENV.get_template("torch_module.py.j2").render(
+        cell=g.cell,
+        source=py_comment(g.source or "user-defined"),
+        command=py_comment(command or _command(g.cell, "torch")),
+        title=py_docstring(f"PyTorch layers of the '{g.cell}' cell: its generated kernels behind torch.autograd."),
+        equations=[py_docstring(line) for line in _equation_lines(g)],
+        **torch_fields(kernel_plan),
+    )
+
+
 # -- the registry of backends ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
@@ -180,6 +195,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("numpy", render_numpy, "<cell>_numpy.py", "NumPy only"),
     Backend("cupy", render_cupy, "<cell>_cupy.py (fused CUDA kernels)", "NumPy and CuPy"),
+    Backend("torch", render_torch, "<cell>_torch.py (torch.autograd.Function and nn.Module) and the <cell>_numpy.py it runs",
+            "torch and the cell's *_numpy (and *_cupy) module", needs=("numpy",)),
 )}
 
 

@@ -45,12 +45,40 @@ def compile_host(code: str, build_dir: Path, optimize: tuple[str, ...] = ("-O1",
     return _LIBS[key]
 
 
+class _Streams:
+    """The stand-in's current device and stream: ``cuda.Device(i)`` and ``cuda.ExternalStream(ptr)``
+    set them inside a ``with``; every launch records the stream it ran on (``launches``)."""
+
+    def __init__(self):
+        self.device, self.stream, self.launches = None, 0, []
+
+    def context(self, attr):
+        streams = self
+
+        class _Context:
+            def __init__(self, value, *args):
+                self.value = value
+
+            def __enter__(self):
+                self.previous = getattr(streams, attr)
+                setattr(streams, attr, self.value)
+                return self
+
+            def __exit__(self, *exc):
+                setattr(streams, attr, self.previous)
+                return False
+
+        return _Context
+
+
 class _HostFunction:
-    def __init__(self, fn, name: str, checked: bool = True):
-        self.fn, self.name, self.checked = fn, name, checked
+    def __init__(self, fn, name: str, checked: bool = True, streams: _Streams | None = None):
+        self.fn, self.name, self.checked, self.streams = fn, name, checked, streams
         self.calls = 0
 
     def __call__(self, grid, block, args):
+        if self.streams is not None:
+            self.streams.launches.append((self.name, self.streams.device, self.streams.stream))
         if not self.checked:  # benchmarks: no argument checks, pointers passed as plain ints
             if self.fn.argtypes is None:
                 self.fn.argtypes = [ctypes.c_longlong] * 6 + [ctypes.c_void_p] * (len(args) - 6)
@@ -73,12 +101,13 @@ class _HostFunction:
 
 
 class _HostModule:
-    def __init__(self, build_dir: Path, code: str, options=(), optimize=("-O1",), libs=(), checked=True, **kwargs):
+    def __init__(self, build_dir: Path, code: str, options=(), optimize=("-O1",), libs=(), checked=True, streams=None,
+                 **kwargs):
         self.lib = compile_host(code, build_dir, optimize, libs)
-        self.checked = checked
+        self.checked, self.streams = checked, streams
 
     def get_function(self, name: str) -> _HostFunction:
-        return _HostFunction(getattr(self.lib, name), name, self.checked)
+        return _HostFunction(getattr(self.lib, name), name, self.checked, self.streams)
 
 
 def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple[str, ...] = (),
@@ -87,9 +116,13 @@ def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple
     every launch's arguments are checked as a GPU would need them; the tests keep it on)."""
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
-                 "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray", "array_equal"):
+                 "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray", "array_equal",
+                 "arange", "from_dlpack"):
         setattr(m, name, getattr(np, name))
-    m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, libs=libs, checked=checked, **kw)
+    streams = _Streams()
+    m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                   Device=streams.context("device"), ExternalStream=streams.context("stream"))
+    m.streams = streams  # the stand-in's own: where each launch ran
+    m.RawModule = lambda **kw: _HostModule(build_dir, optimize=optimize, libs=libs, checked=checked, streams=streams, **kw)
     m.asnumpy = np.asarray
     return m

@@ -58,7 +58,7 @@ def test_bad_input_is_one_line_with_status_2(capsys, argv, message):
 
 def test_generate_writes_what_is_committed(tmp_path, capsys):
     code, out, _ = run(capsys, "generate", "--backend", "all", "--out", str(tmp_path))
-    assert code == 0 and f"generated {2 * len(CELLS)} module(s)" in out
+    assert code == 0 and f"generated {3 * len(CELLS)} module(s)" in out
     for path in (ROOT / "generated").glob("*.py"):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes()
 
@@ -70,6 +70,13 @@ def test_generate_backend_choice(tmp_path, capsys):
     code, out, _ = run(capsys, "generate", "elman", "--out", str(tmp_path))  # default: numpy, the list keeps cupy
     assert code == 0 and sorted(p.name for p in tmp_path.glob("*.py")) == ["__init__.py", "elman_cupy.py", "elman_numpy.py"]
     assert '"elman_cupy",' in (tmp_path / "__init__.py").read_text()
+
+
+def test_generate_torch_writes_the_numpy_module_it_runs(tmp_path, capsys):
+    code, out, _ = run(capsys, "generate", "mgu", "--backend", "torch", "--out", str(tmp_path))
+    assert code == 0 and "generated 2 module(s)" in out
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["__init__.py", "mgu_numpy.py", "mgu_torch.py"]
+    assert (tmp_path / "mgu_torch.py").read_text().splitlines()[2] == "#     symrnn generate mgu --backend torch --out generated"
 
 
 def test_generate_into_a_file_is_a_user_error(tmp_path, capsys):

@@ -44,3 +44,24 @@ def test_custom_cell_example_checks_its_gradients(tmp_path):
         assert re.search(rf"^\s+FD\s+{name}\s.*ok$", proc.stdout, re.M), name
     module = (tmp_path / "leaky_gate_numpy.py").read_text()
     assert f"symrnn generate --spec {ROOT / 'examples' / 'leaky_gate.toml'}" in module.splitlines()[2]
+
+
+def test_train_torch_example_learns_digits(tmp_path):
+    """examples/train_torch.py at a small size: a spec-file cell as a torch layer (Adam, a
+    DataLoader) on scikit-learn's digits; it shows a progress bar, states its test accuracy,
+    which is far above chance (10%), and saves its plot."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_torch.py"), "--epochs", "4", "--hidden", "16",
+                           "--readout", "16", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training: 100%" in proc.stderr  # the progress bar
+    assert len(re.findall(r"^epoch\s+\d+\s+loss", proc.stdout, re.M)) == 4, proc.stdout
+    first, last = map(float, re.search(r"first loss ([\d.e+-]+), last loss ([\d.e+-]+)", proc.stdout).groups())
+    assert last < 0.7 * first, (first, last)
+    accuracy = float(re.search(r"^test accuracy ([\d.]+)% on 360 held-out digits", proc.stdout, re.M).group(1))
+    assert accuracy > 40, proc.stdout
+    assert sorted(p.name for p in out.glob("*.py")) == ["__init__.py", "leaky_gate_numpy.py", "leaky_gate_torch.py"]
+    png = (out / "train_torch.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -1,7 +1,8 @@
 """The committed generated/ modules run with NumPy alone: no sympy, symrnn or jinja2.
 
 CuPy modules import without CuPy too (it is imported on the first call, which
-then raises one clear error pointing to the NumPy module)."""
+then raises one clear error pointing to the NumPy module); torch modules run with
+torch and their cell's NumPy module, without CuPy."""
 
 from __future__ import annotations
 
@@ -63,6 +64,19 @@ _SCRIPT = textwrap.dedent(
                     assert f"use generated/{{m.CELL}}_numpy.py instead" in message, message
                 else:
                     raise AssertionError(f"{{mod_name}} ran without CuPy")
+            continue
+        if mod_name.endswith("_torch"):  # torch and the cell's NumPy module: a layer learns
+            import torch
+
+            dims = {{"n_in": 2, "n_hidden": 3, "n_out": 2}}
+            kernels = importlib.import_module("generated." + m.CELL + "_numpy")
+            dims.update(kernels.FIXED_DIMS)
+            n_in = kernels.input_size(dims["n_in"], dims["n_hidden"], dims["n_out"])
+            net = m.RNN(n_in, dims["n_hidden"], dims["n_out"], dtype=torch.float64)
+            output, h_n = net(torch.randn(3, 2, n_in, dtype=torch.float64))
+            output.square().sum().backward()
+            for p_name, p in net.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), (mod_name, p_name)
             continue
         dims = {{"n_in": 2, "n_hidden": 3, "n_out": 2}}
         dims.update(m.FIXED_DIMS)
@@ -135,6 +149,8 @@ def test_generated_files_import_numpy_only():
         path = GENERATED / f"{name}.py"
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
+        if name.endswith("_torch"):
+            continue  # test_torch_modules_import_torch_and_their_kernels_only
         imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
         if name.endswith("_cupy"):
             lazy = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_cupy"]
@@ -174,3 +190,22 @@ def test_generated_files_have_header():
                 break
             header.append(line)
         assert any("symrnn generate" in line for line in header), f"{path.name}: {header}"
+
+
+def test_torch_modules_import_torch_and_their_kernels_only():
+    """A torch module imports torch, NumPy and the standard library at module level, and its
+    cell's generated modules (by name, beside it) on first use: never symrnn, SymPy or Jinja."""
+    allowed = {"contextlib", "importlib", "importlib.util", "sys", "warnings", "pathlib", "numpy", "torch",
+               "torch.nn.utils.rnn"}
+    names = [n for n in _module_names() if n.endswith("_torch")]
+    assert names
+    for name in names:
+        text = (GENERATED / f"{name}.py").read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = {a.name for n in imports if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in imports if isinstance(n, ast.ImportFrom)}
+        assert modules <= allowed, f"{name}: imports {sorted(modules - allowed)}"
+        assert all(n in tree.body for n in imports), f"{name}: an import below module level"
+        for word in ("sympy", "symrnn.", "jinja2"):
+            assert f"import {word}" not in text and f"from {word}" not in text, (name, word)
