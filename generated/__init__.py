@@ -2,6 +2,9 @@
 """Generated kernel modules (symrnn 0.1.0): *_numpy depend on NumPy only, *_cupy on NumPy and CuPy, *_torch on torch and the cell's *_numpy (and *_cupy) module."""
 
 MODULES = (
+    "antisymmetric_rnn_cupy",
+    "antisymmetric_rnn_numpy",
+    "antisymmetric_rnn_torch",
     "elman_cupy",
     "elman_numpy",
     "elman_out_cupy",
@@ -41,6 +44,9 @@ MODULES = (
     "mingru_cupy",
     "mingru_numpy",
     "mingru_torch",
+    "rg_lru_cupy",
+    "rg_lru_numpy",
+    "rg_lru_torch",
     "rnn_tanh_torch_cupy",
     "rnn_tanh_torch_numpy",
     "rnn_tanh_torch_torch",

@@ -9,7 +9,7 @@ or docs/derivations/gru_nobias.md in the symrnn repository):
 
     z = sigmoid(W_zh @ h_prev + W_zx @ x)
     r = sigmoid(W_rh @ h_prev + W_rx @ x)
-    h_tilde = tanh(W_hh @ h_prev*r + W_hx @ x)
+    h_tilde = tanh(W_hh @ (h_prev*r) + W_hx @ x)
     h = h_prev*(1 - z) + h_tilde*z
 
 Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):

@@ -7,7 +7,7 @@ Equations of one time step (per unit; W @ v is a matrix-vector product):
 
     z = sigmoid(W_zh @ h_prev + W_zx @ x)
     r = sigmoid(W_rh @ h_prev + W_rx @ x)
-    h_tilde = tanh(W_hh @ h_prev*r + W_hx @ x)
+    h_tilde = tanh(W_hh @ (h_prev*r) + W_hx @ x)
     h = h_prev*(1 - z) + h_tilde*z
 
 Forward and backward are the cell's generated kernels: gru_nobias_numpy.py beside this

@@ -10,8 +10,10 @@ The API, by task:
 * write a cell: :class:`Cell`, with :class:`Param` shapes (and :class:`State` sizes; either
   with an :class:`Init`, see :func:`parse_init`), a :class:`Loss`, and
   ``params("W U")`` for parameter symbols (``W @ x`` a matrix product,
-  ``W @ (h_prev, x)`` a concatenation, ``W[k]`` a row block); the nonlinearities
-  ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``, ``step``
+  ``W @ (h_prev, x)`` a concatenation, ``W[k]`` a row block, ``W.T @ v`` a transpose,
+  ``matvec(W - W.T - gamma * I, h)`` a combination of matrices with the identity ``I``);
+  the nonlinearities ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``,
+  ``step``, ``log``, ``sqrt``, ``sin``, ``cos``
   (``OPS`` maps their names to them); ``help(symrnn.cell)`` has an example;
 * show a derivation in a notebook: :func:`derivation` (``symrnn.derivation("lstm")`` displays as
   mathematics; ``.tex``, ``.markdown``, ``.pdf(path)``);
@@ -32,12 +34,12 @@ The API, by task:
 single_sigmoid [seed 002]: one sigmoid hidden unit: a = w x + v h^{t-1} + b, h = sigma(a), y = u h + d; L = mean over time of (target - y)^2 / 2
 """
 
-from .cell import DIMS, Block, Cell, Loss, MatVec, Param, ParamSymbol, State, params
+from .cell import DIMS, Block, Cell, I, Loss, MatVec, Param, ParamSymbol, State, Transpose, matvec, params
 from .cells import builtin, builtin_names
 from .errors import CellError, InternalError, UserError
 from .init import Init, parse_init
 from .notebook import derivation
-from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
+from .ops import OPS, cos, exp, identity, log, relu, sigmoid, sin, softplus, sqrt, step, tanh
 from .spec import SpecError, SpecWarning, load_spec, parse_spec
 from .version import __version__
 

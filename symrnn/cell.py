@@ -40,7 +40,8 @@ import sympy
 if TYPE_CHECKING:  # symrnn.init imports DIMS from here
     from .init import Init
 
-__all__ = ["Block", "Cell", "Loss", "MatVec", "Param", "ParamSymbol", "State", "params", "DIMS"]
+__all__ = ["Block", "Cell", "I", "Identity", "Loss", "MatVec", "Param", "ParamSymbol", "State", "Transpose", "matvec",
+           "params", "DIMS"]
 
 #: the dimension symbols sizes are written in
 DIMS: dict[str, sympy.Symbol] = {
@@ -63,13 +64,64 @@ class MatVec(sympy.Function):
     def _sympystr(self, printer) -> str:
         weight, operands = self.args
         vec = printer._print(operands[0]) if len(operands) == 1 else "[" + "; ".join(printer._print(v) for v in operands) + "]"
-        return f"{printer._print(weight)} @ {vec}"
+        if len(operands) == 1 and isinstance(operands[0], (sympy.Add, sympy.Mul)):
+            vec = f"({vec})"
+        mat = printer._print(weight)
+        if isinstance(weight, (sympy.Add, sympy.Mul)):
+            mat = f"({mat})"
+        return f"{mat} @ {vec}"
 
     def _latex(self, printer) -> str:
         weight, operands = self.args
         parts = [printer._print(v) for v in operands]
         vec = parts[0] if len(parts) == 1 else r"\begin{bmatrix}" + r" \\ ".join(parts) + r"\end{bmatrix}"
-        return f"{printer._print(weight)} {vec}"
+        mat = printer._print(weight)
+        if isinstance(weight, (sympy.Add, sympy.Mul)):  # a combination: (W - W^T - gamma I) h
+            mat = rf"\left({mat}\right)"
+        return f"{mat} {vec}"
+
+
+class Transpose(sympy.Function):
+    """``W.T``: the transpose of a parameter matrix, in ``W.T @ v`` (and in a combination
+    before ``@``, ``(W - W.T) @ v``)."""
+
+    nargs = 1
+
+    def __matmul__(self, other):
+        return MatVec(self, _operands(other))
+
+    def _sympystr(self, printer) -> str:
+        return f"{printer._print(self.args[0])}.T"
+
+    def _latex(self, printer) -> str:
+        return f"{printer._print(self.args[0])}^{{\\top}}"
+
+
+class Identity(sympy.Symbol):
+    """The identity matrix ``I``, in a linear combination of matrices before ``@``:
+    ``matvec(W - W.T - gamma * I, h)`` (in a spec file, ``(W - W.T - gamma * I) @ h``)."""
+
+    def __new__(cls):
+        return super().__new__(cls, "I")
+
+    def __getnewargs__(self):
+        return ()
+
+    def _latex(self, printer) -> str:
+        return "I"
+
+
+#: the identity matrix (of the size of the vector it multiplies)
+I = Identity()
+
+
+def matvec(weight: sympy.Expr, vector) -> "MatVec":
+    """``weight @ vector`` for a weight that is a linear combination of parameter matrices,
+    their transposes and ``I`` (``matvec(W - W.T - gamma * I, h)``: SymPy's sums have no ``@``);
+    the coefficients are numbers or scalar parameters."""
+    if isinstance(weight, str):  # never parsed: text would be evaluated by sympify
+        raise TypeError(f"matvec({weight!r}, ...): the weight must be a SymPy expression, not a string")
+    return MatVec(sympy.sympify(weight, strict=True), _operands(vector))
 
 
 class Block(sympy.Function):
@@ -88,10 +140,17 @@ class Block(sympy.Function):
 
 
 class ParamSymbol(sympy.Symbol):
-    """A parameter's symbol: supports ``W @ x``, ``W @ (h_prev, x)`` and ``W[k]``."""
+    """A parameter's symbol: supports ``W @ x``, ``W @ (h_prev, x)``, ``W[k]`` and ``W.T``."""
+
+    #: not a sequence, although W[k] is a row block (SymPy would iterate W[0], W[1], ... for ever)
+    _iterable = False
 
     def __matmul__(self, other):
         return MatVec(self, _operands(other))
+
+    @property
+    def T(self) -> Transpose:
+        return Transpose(self)
 
     def __getitem__(self, k: int) -> Block:
         return Block(self, sympy.Integer(k))

@@ -5,8 +5,8 @@ Seeds 000-004 are the lecture-note documents in ``shared/seeds``; the
 order, two biases, parameter names and shapes), so weights can be exchanged
 with a torch module's ``state_dict()`` (layer 0).  The cells of
 :data:`SPEC_CELLS` are spec files shipped in ``symrnn/specs/`` (MGU, IndRNN,
-minGRU, peephole LSTM, LSTM with a forget-gate bias), each citing its paper in
-its header.
+minGRU, peephole LSTM, LSTM with a forget-gate bias, AntisymmetricRNN, Griffin's
+RG-LRU), each citing its paper in its header.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .ops import sigmoid, tanh
 __all__ = ["BUILTIN", "SPEC_CELLS", "builtin", "builtin_names", "spec_path"]
 
 #: built-in cells written as spec files (``symrnn/specs/<name>.toml``)
-SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias")
+SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "antisymmetric_rnn", "rg_lru")
 
 
 def spec_path(name: str):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sympy
 
-from .cell import Block, MatVec, ParamSymbol
+from .cell import Block, Identity, MatVec, ParamSymbol, Transpose
 from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, Transposed, TSum, Unit, q
 from .errors import InternalError
 from .ir import Pointwise
-from .ops import OPS, Op
+from .ops import OPS, Op, exp, log
 
 __all__ = ["Deriver"]
 
@@ -35,6 +35,7 @@ class Deriver:
         g = self.g
         prevs = {s.prev: s.name for s in g.states}
         params = {p.name for p in g.params}
+        matrices = {p.name for p in g.params if p.kind == "matrix"}
 
         def walk(e):
             if isinstance(e, ParamSymbol):
@@ -46,7 +47,9 @@ class Deriver:
                     return q("val", prevs[e.name], time=TIME - 1)
                 return q("val", e.name)
             if isinstance(e, MatVec):
-                return CMatVec(e.args[0], sympy.Tuple(*[walk(o) for o in e.args[1]]))
+                return _distribute(e.args[0], sympy.Tuple(*[walk(o) for o in e.args[1]]), walk, matrices)
+            if isinstance(e, sympy.Pow) and not e.args[1].is_Number:  # a ** b = exp(b log a), as lowered
+                return walk(exp(e.args[1] * log(e.args[0])))
             if isinstance(e, Block) or not e.args:
                 return e
             return e.func(*[walk(a) for a in e.args])
@@ -128,13 +131,16 @@ class Deriver:
             return 0 if d == 0 else self.prime(type(e).__name__, e.args[0], owner, time) * d
         if isinstance(e, MatVec):
             w, ops = e.args
-            base = w.args[0] if isinstance(w, Block) else w
+            base = w.args[0] if isinstance(w, (Block, Transposed)) else w
             dops = [self.tangent(o, param, entries, time) for o in ops]
             terms = []
             if any(d != 0 for d in dops):
                 filled = [d if d != 0 else 0 * o for d, o in zip(dops, ops)]
                 terms.append(CMatVec(w, sympy.Tuple(*filled)))
-            if base.name == param:
+            if base.name == param and isinstance(w, Transposed):  # d(W^T v)_l / dW_ij = delta_lj v_i
+                i, j = entries
+                terms.append(Unit(j) * Entry(ops[0], i))
+            elif base.name == param:
                 i, j = entries
                 unit = Unit(i)
                 if isinstance(w, Block):
@@ -166,7 +172,7 @@ class Deriver:
             return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, time), target)
         if isinstance(e, MatVec):
             w, ops = e.args
-            back = CMatVec(Transposed(w), sympy.Tuple(seed))
+            back = CMatVec(_transposed(w), sympy.Tuple(seed))
             out, start = [], sympy.Integer(0)
             for o in ops:
                 n = self.size(o)
@@ -353,17 +359,40 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
         return
     if isinstance(e, MatVec):
         w, ops = e.args
-        base = w.args[0] if isinstance(w, Block) else w
+        base = w.args[0] if isinstance(w, (Block, Transposed)) else w
         if base.name == param:
             vec = Cat(*ops) if len(ops) > 1 else ops[0]
-            out.append((int(w.args[1]) if isinstance(w, Block) else None, Outer(seed, vec)))
-        back = MatVec(Transposed(w), sympy.Tuple(seed))
+            grad = Outer(vec, seed) if isinstance(w, Transposed) else Outer(seed, vec)  # d(W^T v)/dW: v delta^T
+            out.append((int(w.args[1]) if isinstance(w, Block) else None, grad))
+        back = MatVec(_transposed(w), sympy.Tuple(seed))
         start = sympy.Integer(0)
         for o in ops:
             n = deriver.size(o) if o.atoms(Q) else 0
             _seeds(deriver, o, back if len(ops) == 1 else Rows(back, start, start + n), param, out, None)
             start = start + n
         return
+
+
+def _transposed(w: sympy.Expr) -> sympy.Expr:
+    """W^T, and (W^T)^T = W."""
+    return w.args[0] if isinstance(w, Transposed) else Transposed(w)
+
+
+def _distribute(weight: sympy.Expr, ops: sympy.Tuple, walk, matrices: set[str]) -> sympy.Expr:
+    """``M @ v`` in claims atoms: a transpose as ``Transposed``, a combination of matrices
+    ``(c_1 M_1 + ... + c I) @ v`` as the sum ``c_1 (M_1 @ v) + ... + c v`` (as lowered)."""
+    if isinstance(weight, Transpose):
+        return CMatVec(Transposed(weight.args[0]), ops)
+    if not isinstance(weight, (sympy.Add, sympy.Mul, Identity)):
+        return CMatVec(weight, ops)
+    terms = []
+    for term in sympy.Add.make_args(sympy.expand(weight)):
+        factors = sympy.Mul.make_args(term)
+        mat = next(f for f in factors if isinstance(f, (Identity, Transpose, Block))
+                   or (isinstance(f, sympy.Symbol) and f.name in matrices))
+        coeff = walk(sympy.Mul(*[f for f in factors if f is not mat]))
+        terms.append(coeff * (ops[0] if isinstance(mat, Identity) else _distribute(mat, ops, walk, matrices)))
+    return sympy.Add(*terms)
 
 
 def _uses(e, param: str) -> bool:

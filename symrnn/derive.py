@@ -191,8 +191,11 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
         if dv != 0:  # a fresh summation index, drawn only when a sum is written
             m = next(dummies)
             dv = dv.xreplace({probe: m})
-            terms.append(sympy.Sum(w[row, m + col0] * dv, (m, 0, g.size(node.operand) - 1)))
-        if node.param == param:
+            entry = w[m + col0, unit] if node.transpose else w[row, m + col0]  # W.T @ v: sum_m W[m, l] v_m
+            terms.append(sympy.Sum(entry * dv, (m, 0, g.size(node.operand) - 1)))
+        if node.param == param and node.transpose:
+            terms.append(sympy.KroneckerDelta(unit, _j) * sympy.IndexedBase(node.operand)[_i - col0])
+        elif node.param == param:
             terms.append(sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
         return sympy.Add(*terms)
 

@@ -24,9 +24,12 @@ inf in the outputs, the loss or the gradients) is reported once, by
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from .ops import OPS, Op
 
 __all__ = ["Problem", "Result", "random_problem", "nonfinite", "finite_differences", "directional", "rtrl_vs_bptt",
            "check_module"]
@@ -103,7 +106,7 @@ def nonfinite(module, problem: Problem) -> str | None:
     declared = bool(getattr(module, "PARAM_INITS", {}) or getattr(module, "STATE_INITS", {}))
     hint = ("its declared inits do not keep it finite; narrow them" if declared else
             "declare an init range for its parameters (or initial states), e.g. init = \"uniform(0.9, 0.999)\"")
-    hint += ", see docs/spec-format.md"
+    hint += _domains(module) + ", see docs/spec-format.md"
     with np.errstate(all="ignore"):
         outputs, cache = module.forward(problem.params, problem.x, problem.state0)
         first = None
@@ -127,6 +130,18 @@ def nonfinite(module, problem: Problem) -> str | None:
     if bad:
         return f"cell '{cell}': the random instance gives non-finite gradients of the loss (first: '{bad[0]}'); {hint}"
     return None
+
+
+def _domains(module) -> str:
+    """'' or ' (log and sqrt are defined on (0, inf) only)' for the ops of a restricted
+    domain (ops.Op.domain) that the module's equations (its docstring) apply."""
+    doc = module.__doc__ or ""
+    used = [name for name, op in sorted(OPS.items()) if op.domain != Op.domain and re.search(rf"\b{name}\(", doc)]
+    if not used:
+        return ""
+    spans = sorted({f"{OPS[n].domain[0]:g}, {OPS[n].domain[1]:g}" for n in used})
+    names = " and ".join(used)
+    return f" ({names} {'is' if len(used) == 1 else 'are'} defined on ({'), ('.join(spans)}) only)"
 
 
 def _inputs(problem: Problem) -> dict[str, np.ndarray]:

@@ -9,7 +9,8 @@ One time step of a cell, lowered from its equations (:mod:`symrnn.lower`):
   SymPy expression.  Every nonlinearity application is its own node, so an
   expression is either ``op(rational)`` or rational, and every derivative is
   rational in stored values.
-* :class:`MatVecNode`: a node ``W[rows, cols] @ operand``.
+* :class:`MatVecNode`: a node ``W[rows, cols] @ operand``, or with ``transpose``
+  ``W[cols, :].T @ operand`` (``W.T @ v``: its columns range over W's rows).
 
 Nodes are in topological order; names are unique and deterministic.
 """
@@ -84,6 +85,9 @@ class MatVecNode:
     operand: str
     role: Role
     equation: str
+    #: ``W.T @ operand``: the node has W's column count of entries, and ``cols`` range over
+    #: W's rows (a transposed product has no row block)
+    transpose: bool = False
 
     @property
     def deps(self) -> tuple[str, ...]:

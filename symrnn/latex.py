@@ -110,11 +110,11 @@ class DerivationLatexPrinter(LatexPrinter):
         p = self.g.param(node.param)
         if node.block is not None:
             base = f"{base}^{{({node.block})}}"
-        full = sympy.simplify(node.cols[0]) == 0 and sympy.simplify(node.cols[1] - p.shape[1]) == 0
+        full = sympy.simplify(node.cols[0]) == 0 and sympy.simplify(node.cols[1] - p.shape[1 - node.transpose]) == 0
         if not full:
             lo, hi = sympy.latex(node.cols[0] + 1), sympy.latex(node.cols[1])
-            base = f"{base}_{{[:,\\,{lo}:{hi}]}}"
-        return f"{{{base}}}"
+            base = f"{base}_{{[{lo}:{hi},\\,:]}}" if node.transpose else f"{base}_{{[:,\\,{lo}:{hi}]}}"
+        return f"{{{base}}}^{{\\top}}" if node.transpose else f"{{{base}}}"
 
     def _print_Symbol(self, expr, style="plain"):
         name = expr.name
@@ -310,7 +310,9 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
             inner = dot(node.operand)
             if inner:
                 terms.append(rf"\left({P.weight(node)} \tfrac{{\partial {P.value(node.operand)}}}{{\partial {theta}}}\right)_{{l}}")
-            if node.param == param:
+            if node.param == param and node.transpose:  # d(W^T v)_l / dW_ij = delta_lj v_i
+                terms.append(rf"\delta_{{lj}} {P.value(node.operand)}_{{i}}")
+            elif node.param == param:
                 row = "l" if not node.block else f"(l + {P.doprint(node.block * node.size)})"
                 terms.append(rf"\delta_{{{row}i}} {P.value(node.operand)}_{{j}}")
             text = " + ".join(terms)
@@ -339,7 +341,9 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
     for consumer, coeff in der.adjoint_terms(name):
         node = g.node(consumer)
         if isinstance(node, MatVecNode):
-            terms.append(rf"{P.weight(node)}^{{\top}} \overline{{{P.value(consumer)}}}")
+            w = P.weight(node)  # (W^T)^T = W
+            w = w.removesuffix(r"^{\top}") if node.transpose else rf"{w}^{{\top}}"
+            terms.append(rf"{w} \overline{{{P.value(consumer)}}}")
         else:
             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
             terms.append(rf"{factor}\overline{{{P.value(consumer)}}}")
@@ -384,6 +388,10 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
         for n in g.nodes:
             if isinstance(n, MatVecNode) and n.param == p.name:
                 w = P.weight(n)
+                if n.transpose:  # d(W^T v) / dW: v delta^T
+                    terms.append((w.removesuffix(r"^{\top}"),
+                                  rf"{P.value(n.operand)} \left(\overline{{{P.value(n.name)}}}\right)^{{\top}}"))
+                    continue
                 terms.append((w, rf"\overline{{{P.value(n.name)}}} \left({P.value(n.operand)}\right)^{{\top}}"))
             elif isinstance(n, Pointwise):
                 for leaf in g.leaves:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import ast
 import keyword
+import math
 import re
 
 import sympy
 
-from .cell import DIMS, Block, Cell, MatVec, State
+from .cell import DIMS, Block, Cell, Identity, MatVec, State, Transpose
 from .errors import CellError, suggest
 from .escape import check_text, shown
 from .init import Init, as_init, check_init
 from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
-from .ops import OPS, Op
+from .ops import OPS, Op, exp, log
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: no trailing newline
 #: the longest name accepted (a file name is built from the cell's)
@@ -106,17 +107,20 @@ NONDIFFERENTIABLE: dict[str, str] = {
 #: functions symrnn does not have (a spec file's or SymPy's name) -> the spelling that works,
 #: with ``{a}`` for the argument
 INSTEAD: dict[str, str] = {
-    "sqrt": "write ({a})**0.5",
     "rsqrt": "write ({a})**-0.5",
     "square": "write ({a})**2",
     "reciprocal": "write 1 / ({a})",
-    "log": "there is no log; log(1 + exp(z)) is written softplus(z)",
-    "log1p": "there is no log; log1p(exp(z)) is written softplus(z)",
+    "log1p": "write log(1 + {a}); log1p(exp(z)) is written softplus(z)",
     "logistic": "write sigmoid({a})",
     "expit": "write sigmoid({a})",
     "sigm": "write sigmoid({a})",
-    "pow": "write a**k with a number k, e.g. ({a})**2",
+    "pow": "write a**b, e.g. ({a})**2",
 }
+
+
+def _combination(weight: sympy.Expr) -> bool:
+    """A weight before @ that is more than one matrix, its row block or its transpose."""
+    return isinstance(weight, (sympy.Add, sympy.Mul, Identity))
 
 
 def instead(name: str, argument: str) -> str:
@@ -172,6 +176,7 @@ class _Lowering:
         self.user_names: set[str] = {n for n in names if isinstance(n, str)} | {f"{s}_prev" for s in cell.states}
         self.sizes: dict[str, sympy.Expr | None] = {}  # every leaf and node
         self.where = "equations"  # the field being lowered
+        self.context: sympy.Expr | None = None  # the size of the equation being lowered, if known
 
     # -- helpers -------------------------------------------------------------
     def error(self, where: str, message: str) -> CellError:
@@ -514,9 +519,12 @@ class _Lowering:
     def equation(self, name: str, expr, role: str) -> None:
         where = self.where = f"equation '{name}'"
         expr = self.sympy_expr(expr, where)
-        if isinstance(expr, MatVec) and len(expr.args[1]) == 1:
+        if isinstance(expr, sympy.Pow) and not expr.args[1].is_Number:  # a ** b: the node exp(b log a)
+            expr = exp(expr.args[1] * self.log_of(expr.args[0], expr, where))
+        if isinstance(expr, MatVec) and len(expr.args[1]) == 1 and not _combination(expr.args[0]):
             self.matvec(expr, where, name=name, role=role)
             return
+        self.context = self.context_size(expr)  # the size of a scalar parameter's nonlinearity (sigmoid(a))
         if isinstance(expr, Op):
             body = type(expr)(self.rational(expr.args[0], name, where))
         else:
@@ -526,14 +534,22 @@ class _Lowering:
 
     def rational(self, expr: sympy.Expr, eq: str, where: str) -> sympy.Expr:
         """Lower an expression to one over value symbols, creating nodes as needed."""
+        if isinstance(expr, MatVec) and _combination(expr.args[0]):
+            return self.combination(expr, eq, where)
         if isinstance(expr, MatVec):
             return sympy.Add(*[sympy.Symbol(n.name) for n in self.matvec(expr, where, equation=eq)])
+        if isinstance(expr, Transpose):
+            raise self.error(where, f"{sympy.sstr(expr)} can only multiply a vector ({sympy.sstr(expr)} @ v)")
+        if isinstance(expr, Identity):
+            raise self.error(where, "I is the identity matrix: it is only allowed in a combination of matrices before @, "
+                             "as (W - gamma * I) @ h")
         if isinstance(expr, Block):
             return sympy.Symbol(self.param_leaf(expr.args[0].name, int(expr.args[1]), where))
         if isinstance(expr, Op):
             arg = self.rational(expr.args[0], eq, where)
             base = f"{type(expr).__name__}_{arg.name if arg.is_Symbol else eq}"
-            node = Pointwise(self.fresh(base), self.pointwise_size(arg, where), type(expr)(arg), "auxiliary", eq)
+            node = Pointwise(self.fresh(base), self.pointwise_size(arg, where, broadcast=True), type(expr)(arg),
+                             "auxiliary", eq)
             self.add_node(node)
             return sympy.Symbol(node.name)
         if isinstance(expr, sympy.Symbol):
@@ -553,8 +569,8 @@ class _Lowering:
                 raise self.error(where, f"the number {sympy.sstr(expr)[:30]} is beyond the range of a float64 (about 1e308)")
             return expr
         if isinstance(expr, sympy.Pow):
-            if not expr.args[1].is_Number:
-                raise self.error(where, f"in {expr}: exponents must be numbers")
+            if not expr.args[1].is_Number:  # a ** b = exp(b log a), for a > 0
+                return self.rational(exp(expr.args[1] * self.log_of(expr.args[0], expr, where)), eq, where)
             return sympy.Pow(self.rational(expr.args[0], eq, where), expr.args[1])
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             return expr.func(*[self.rational(a, eq, where) for a in expr.args])
@@ -564,6 +580,92 @@ class _Lowering:
         if isinstance(expr, sympy.Function):
             raise self.function_error(expr, where)
         raise self.error(where, f"cannot translate {sympy.sstr(expr)!r} ({type(expr).__name__})")
+
+    def log_of(self, base: sympy.Expr, power: sympy.Expr, where: str) -> sympy.Expr:
+        """log(base) for ``base ** b`` with an expression ``b`` (computed as exp(b log base)):
+        a number's is a number, a positive one's only."""
+        if not base.is_Number:
+            return log(base)
+        if not base.is_real or base <= 0:
+            raise self.error(where, f"in {sympy.sstr(power)}: a power with an expression as exponent needs a positive "
+                             "base (it is exp(b log a))")
+        return sympy.Float(math.log(float(base)))
+
+    def context_size(self, expr: sympy.Expr) -> sympy.Expr | None:
+        """The size of the first vector an equation reads (a matrix product's rows), or None."""
+        for sub in sympy.preorder_traversal(expr):
+            if isinstance(sub, MatVec):
+                weight = sub.args[0]
+                if isinstance(weight, (sympy.Symbol, Block, Transpose)):
+                    name = weight.args[0].name if isinstance(weight, (Block, Transpose)) else weight.name
+                    decl = self.params.get(name)
+                    if decl is not None and decl.kind == "matrix":
+                        return decl.shape[1] if isinstance(weight, Transpose) else decl.block_rows
+            elif isinstance(sub, sympy.Symbol):
+                decl = self.params.get(sub.name)
+                if decl is not None and decl.kind == "vector":
+                    return decl.block_rows
+                if decl is None and self.scope.get(sub.name, ("", None))[1] is not None:
+                    return self.scope[sub.name][1]
+        return None
+
+    def combination(self, expr: MatVec, eq: str, where: str) -> sympy.Expr:
+        """``(c_1 M_1 + c_2 M_2 + ...) @ v``, each M_k a matrix, a transpose or I and each c_k a
+        number or a scalar: the sum of c_k (M_k @ v), one product per matrix."""
+        weight, operands = expr.args
+        if len(operands) != 1:
+            raise self.error(where, f"in {sympy.sstr(expr)}: a combination of matrices multiplies one vector, "
+                             "not a concatenation")
+        coeffs: dict[sympy.Expr, list] = {}
+        for term in sympy.Add.make_args(sympy.expand(weight)):
+            mats = [f for f in sympy.Mul.make_args(term) if self.is_matrix(f)]
+            if len(mats) != 1:
+                raise self.error(where, f"in {sympy.sstr(expr)}: the term {sympy.sstr(term)} is not a scalar times one "
+                                 "matrix; each term of a combination before @ is a number or a scalar parameter times "
+                                 "a matrix, its transpose (W.T) or the identity I")
+            coeffs.setdefault(mats[0], []).append(term / mats[0])
+        operand = sympy.Symbol(self.operand_name(operands[0], 0, "I", eq, where))
+        out, shapes = [], []
+        for mat, parts in coeffs.items():
+            coeff = sympy.Add(*parts)
+            if coeff == 0:
+                continue
+            lowered = self.rational(coeff, eq, where)
+            vector = next((s.name for s in lowered.free_symbols if self.sizes[s.name] is not None), None)
+            if vector is not None:
+                raise self.error(where, f"in {sympy.sstr(expr)}: '{vector}' is a vector and cannot scale a matrix; "
+                                 f"write {vector} * (M @ v) for a product scaled unit by unit")
+            if isinstance(mat, Identity):
+                out.append(lowered * operand)
+                continue
+            node, = self.matvec(MatVec(mat, sympy.Tuple(operand)), where, equation=eq)
+            shapes.append((sympy.sstr(mat), node.size))
+            out.append(lowered * sympy.Symbol(node.name))
+        size = self.sizes[operand.name]
+        for mat, rows in shapes:
+            if (Identity() in coeffs or len(shapes) > 1) and not self.same(rows, size if Identity() in coeffs else shapes[0][1]):
+                raise self.error(where, f"in {sympy.sstr(expr)}: {mat} has {rows} rows, but the other matrices of the "
+                                 f"combination have {size if Identity() in coeffs else shapes[0][1]}; the matrices "
+                                 "(and I) of a combination have one shape")
+        if not out:
+            raise self.error(where, f"in {sympy.sstr(expr)}: the combination of matrices is 0")
+        return sympy.Add(*out)
+
+    def is_matrix(self, factor: sympy.Expr) -> bool:
+        """A matrix factor of a combination: a matrix parameter, a row block, a transpose, I."""
+        if isinstance(factor, (Identity, Block, Transpose)):
+            return True
+        return isinstance(factor, sympy.Symbol) and factor.name in self.params and self.params[factor.name].kind == "matrix"
+
+    def operand_name(self, operand: sympy.Expr, i: int, weight: str, eq: str, where: str) -> str:
+        """The value a product multiplies: ``operand`` lowered, as a node of its own if it is
+        more than one vector's name."""
+        lowered = self.rational(operand, eq or "mv", where)
+        if lowered.is_Symbol and self.scope[lowered.name][1] is not None:
+            return lowered.name
+        aux = Pointwise(self.fresh(f"{weight}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", eq)
+        self.add_node(aux)
+        return aux.name
 
     def function_error(self, expr: sympy.Function, where: str) -> CellError:
         """A function that is not one of symrnn's ops, with the spelling that works."""
@@ -600,7 +702,12 @@ class _Lowering:
                equation: str = "") -> list[MatVecNode]:
         equation = name or equation  # the cell equation these nodes are part of
         weight, operands = expr.args
-        block = None
+        block, transpose = None, isinstance(weight, Transpose)
+        if transpose:
+            weight = weight.args[0]
+            if isinstance(weight, Block):
+                raise self.error(where, f"in {sympy.sstr(expr)}: a row block has no transpose here; declare the "
+                                 "blocks as parameters of their own to use their transposes")
         if isinstance(weight, Block):
             weight, block = weight.args[0], int(weight.args[1])
         if not isinstance(weight, sympy.Symbol):
@@ -619,38 +726,36 @@ class _Lowering:
         if block is not None and not 0 <= block < decl.blocks:
             raise self.error(where, f"{weight.name}[{block}]: '{weight.name}' has row blocks 0..{decl.blocks - 1}")
         self.used_params.add(weight.name)
-        names = []
-        for i, operand in enumerate(operands):
-            lowered = self.rational(operand, equation or "mv", where)
-            if lowered.is_Symbol and self.scope[lowered.name][1] is not None:
-                names.append(lowered.name)
-            else:
-                aux = Pointwise(self.fresh(f"{weight.name}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", equation)
-                self.add_node(aux)
-                names.append(aux.name)
+        names = [self.operand_name(operand, i, weight.name, equation, where) for i, operand in enumerate(operands)]
         sizes = [self.scope[n][1] for n in names]
         total = sympy.Add(*sizes)
-        if not self.same(total, decl.shape[1]):
+        rows, cols = (decl.shape[1], decl.shape[0]) if transpose else (decl.block_rows, decl.shape[1])
+        shown_weight = weight.name + (".T" if transpose else "")
+        if not self.same(total, cols):
             got = " + ".join(f"{n} ({s})" for n, s in zip(names, sizes))
-            raise self.error(where, f"{weight.name} @ ...: {weight.name} has {decl.shape[1]} columns but the vector has {got} = {total} entries")
+            raise self.error(where, f"{shown_weight} @ ...: {shown_weight} has {cols} columns but the vector has {got} = {total} entries")
         nodes, start = [], sympy.Integer(0)
         single = len(names) == 1 and name is not None
         for operand, size in zip(names, sizes):
-            base = weight.name + (f"_{block}" if block is not None else "") + f"_{operand}"
+            base = weight.name + (f"_{block}" if block is not None else "") + ("_T" if transpose else "") + f"_{operand}"
             node_name = name if single else self.fresh(base)
-            node = MatVecNode(node_name, decl.block_rows, weight.name, block, (start, start + size), operand,
-                              role if single else "auxiliary", equation)
+            node = MatVecNode(node_name, rows, weight.name, block, (start, start + size), operand,
+                              role if single else "auxiliary", equation, transpose)
             self.add_node(node)
             nodes.append(node)
             start = start + size
         return nodes
 
-    def pointwise_size(self, expr: sympy.Expr, where: str) -> sympy.Expr:
+    def pointwise_size(self, expr: sympy.Expr, where: str, broadcast: bool = False) -> sympy.Expr:
+        """The size of an elementwise expression; ``broadcast``: a nonlinearity of scalars
+        alone (sigmoid(a), a a scalar parameter) takes the size of the equation it is in."""
         sizes = {}
         for s in sorted(expr.free_symbols, key=lambda s: s.name):
             size = self.sizes[s.name]
             if size is not None:
                 sizes[s.name] = size
+        if not sizes and broadcast and expr.free_symbols and self.context is not None:
+            return self.context
         if not sizes:
             vector = next((leaf.name for leaf in self.leaves if leaf.kind == "prev_state"), "x")
             scalar = min((s.name for s in expr.free_symbols), default=None)

@@ -15,7 +15,10 @@ Each op is a SymPy ``Function`` subclass carrying
 * ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
 * ``latex``: its LaTeX spelling, a format string over the argument ``{x}`` and a mark
   on the function's name ``{mark}``: empty, ``'`` (its derivative, as the seeds write
-  sigma'(a)) or a power (``^{2}``: tanh^2(c)).
+  sigma'(a)) or a power (``^{2}``: tanh^2(c));
+* ``domain``: the open interval (lo, hi) of arguments where the op is defined and
+  differentiable (``log`` and ``sqrt``: (0, inf)); the tests draw points inside it, and
+  ``symrnn check`` names it when a random instance leaves it (:mod:`symrnn.gradcheck`).
 
 The printers dispatch on :class:`Op` before SymPy's own functions of the same name
 (``tanh``, ``exp``), so these rules are the only spellings.
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import sympy
 
-__all__ = ["OPS", "Op", "identity", "relu", "sigmoid", "softplus", "step", "tanh", "exp"]
+__all__ = ["OPS", "Op", "identity", "relu", "sigmoid", "softplus", "step", "tanh", "exp", "log", "sqrt", "sin", "cos"]
 
 
 class Op(sympy.Function):
@@ -51,6 +54,8 @@ class Op(sympy.Function):
     cuda: tuple[str, str] = ("", "")
     #: explicit formula, used only to verify ``derivative`` in the tests.
     formula = None
+    #: the open interval of arguments where the op is defined and differentiable
+    domain: tuple[float, float] = (-float("inf"), float("inf"))
 
     @classmethod
     def derivative(cls, y: sympy.Expr, a: sympy.Expr) -> sympy.Expr:
@@ -157,7 +162,59 @@ class step(Op):
         return sympy.Integer(0)
 
 
+class log(Op):
+    r"""The natural logarithm (log-sigmoid, cross-entropy); defined for a > 0."""
+
+    latex = r"\log{mark}\left({x}\right)"
+    numpy = "{xp}.log({x})"
+    cuda = ("logf({x})", "log({x})")
+    formula = staticmethod(sympy.log)
+    domain = (0.0, float("inf"))
+
+    @classmethod
+    def derivative(cls, y, a):
+        # through the argument: backward stores a (log(sigmoid(z)) stores sigmoid(z))
+        return 1 / a
+
+
+class sqrt(Op):
+    r"""The square root; defined (and differentiable) for a > 0."""
+
+    latex = r"{{\sqrt{{{x}}}}}{mark}"
+    numpy = "{xp}.sqrt({x})"
+    cuda = ("sqrtf({x})", "sqrt({x})")
+    formula = staticmethod(sympy.sqrt)
+    domain = (0.0, float("inf"))
+
+    @classmethod
+    def derivative(cls, y, a):
+        return 1 / (2 * y)
+
+
+class sin(Op):
+    latex = r"\sin{mark}\left({x}\right)"
+    numpy = "{xp}.sin({x})"
+    cuda = ("sinf({x})", "sin({x})")
+    formula = staticmethod(sympy.sin)
+
+    @classmethod
+    def derivative(cls, y, a):
+        # cos a is not a function of sin a (its sign is lost): backward stores a
+        return cos(a)
+
+
+class cos(Op):
+    latex = r"\cos{mark}\left({x}\right)"
+    numpy = "{xp}.cos({x})"
+    cuda = ("cosf({x})", "cos({x})")
+    formula = staticmethod(sympy.cos)
+
+    @classmethod
+    def derivative(cls, y, a):
+        return -sin(a)
+
+
 #: every op, by the name used in equations (and in spec files)
 OPS: dict[str, type[Op]] = {
-    op.__name__: op for op in (sigmoid, tanh, relu, softplus, exp, identity, step)
+    op.__name__: op for op in (sigmoid, tanh, relu, softplus, exp, identity, step, log, sqrt, sin, cos)
 }

@@ -164,7 +164,7 @@ def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[G
         by_operand.setdefault(m.operand, []).append(m)
     groups = []
     for operand, members in by_operand.items():
-        members.sort(key=lambda m: (order[m.param], m.block or 0, str(m.cols[0])))
+        members.sort(key=lambda m: (order[m.param], m.transpose, m.block or 0, str(m.cols[0])))
         offsets, start = [], sympy.Integer(0)
         for m in members:
             offsets.append(start)
@@ -181,7 +181,7 @@ def _whole(g: StepGraph, members: list[MatVecNode]) -> str | None:
     """The parameter the stacked members are, exactly, if they are one."""
     p = g.param(members[0].param)
     blocks = [m.block or 0 for m in members]
-    if any(m.param != p.name for m in members) or blocks != list(range(p.blocks)):
+    if any(m.param != p.name or m.transpose for m in members) or blocks != list(range(p.blocks)):
         return None
     if any(sympy.simplify(m.cols[0]) != 0 or sympy.simplify(m.cols[1] - p.shape[1]) != 0 for m in members):
         return None

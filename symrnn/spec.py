@@ -46,7 +46,7 @@ from pathlib import Path
 
 import sympy
 
-from .cell import Cell, Loss, Param, ParamSymbol, State
+from .cell import I, Cell, Loss, Param, ParamSymbol, State, matvec
 from .errors import CellError, UserError, suggest
 from .escape import one_line, shown
 from .lower import MAX_DEPTH, NONDIFFERENTIABLE, instead, lower
@@ -429,7 +429,8 @@ class _Reader:
 MAX_EXPR_SIZE = 4000
 _LIMITS = (f"an expression has at most {MAX_EXPR_SIZE} names, numbers and operations and nests at most {MAX_DEPTH} "
            "levels deep")
-_ALLOWED = "names, numbers, + - * / **, W @ v, W @ (a, b), W[k], and the functions " + ", ".join(OPS)
+_ALLOWED = ("names, numbers, + - * / **, W @ v, W @ (a, b), W[k], W.T @ v, (W - W.T - gamma * I) @ v, and the "
+            "functions " + ", ".join(OPS))
 _SUM, _PRODUCT = (ast.Add, ast.Sub), (ast.Mult, ast.Div)
 _APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -499,6 +500,9 @@ class _Builder:
             return self.params[name]
         if name in OPS or name in NONDIFFERENTIABLE:
             raise self.fail(node, f"'{name}' is a function; write {name}(...)")
+        if name == "I" and name not in self.names:
+            raise self.fail(node, "I is the identity matrix: it is only allowed in a combination of matrices before @, "
+                            "as (W - gamma * I) @ h")
         if name not in self.names:
             hint = suggest(name, self.names)
             if name == "target" and self.e.table != "loss":
@@ -528,9 +532,9 @@ class _Builder:
         if isinstance(op, (*_SUM, *_PRODUCT)):
             return self.chain(node)
         if isinstance(op, ast.Pow):
-            left, right = self.operand(node.left, node), self.build(node.right)
-            if not right.is_Number:
-                raise self.fail(node.right, f"in '{self.snippet(node)}': an exponent must be a number")
+            left, right = self.operand(node.left, node), self.operand(node.right, node)
+            if not right.is_Number:  # a ** b with an expression b: exp(b log a), for a > 0
+                return left**right
             if left.is_Number:  # a number: its size first (9**9**9 would take SymPy forever)
                 return self.number_power(left, right, node)
             return left**right
@@ -567,9 +571,30 @@ class _Builder:
             links.append(node)
             node = node.left
         value = self.operand(node, links[-1])
+        if family is _PRODUCT:
+            self.precedence_warning(node, links[-1])
         for link in reversed(links):  # left to right, one operator at a time, as Python evaluates it
             value = _APPLY[type(link.op)](value, self.operand(link.right, link))
         return value
+
+    def precedence_warning(self, product: ast.AST, link: ast.BinOp) -> None:
+        """``W @ x * v`` is ``(W @ x) * v`` (@ and * have Python's equal precedence, left to
+        right): a warning where that is not ``W @ (x * v)``, v a vector, and no parentheses
+        say which is meant."""
+        if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.MatMult)):
+            return
+        if (link.lineno, link.col_offset) != (product.lineno, product.col_offset):
+            return  # (W @ x) * v: written with its parentheses
+        factor = self.build(link.right)
+        if all(s.name in self.constants or len(getattr(self.decls.get(s.name), "shape", (0,))) == 0
+               for s in factor.free_symbols):
+            return  # a number or a scalar: (W @ x) * c = W @ (x * c)
+        text, vector, right = self.snippet(link), self.snippet(product.left), self.snippet(product.right)
+        factor_text, op = self.snippet(link.right), "*" if isinstance(link.op, ast.Mult) else "/"
+        warnings.warn(SpecWarning(str(self.fail(
+            link, f"'{text}' reads as ({vector} @ {right}) {op} {factor_text}: @ and {op} have equal precedence and "
+            f"apply left to right; write the parentheses, ({vector} @ {right}) {op} {factor_text} or "
+            f"{vector} @ ({right} {op} {factor_text})"))), stacklevel=2)
 
     def operand(self, node: ast.AST, op: ast.BinOp):
         """One side of an elementwise operator ``op``: anything but a bare matrix."""
@@ -584,9 +609,18 @@ class _Builder:
 
     def matmul(self, node: ast.BinOp):
         left = node.left
+        if isinstance(left, (ast.BinOp, ast.UnaryOp)) or (isinstance(left, ast.Name) and left.id == "I"
+                                                           and left.id not in self.params):
+            weight = self.combination(left, node)
+            if weight == 0:
+                raise self.fail(left, f"in '{self.snippet(node)}': the combination of matrices is 0")
+            right = node.right
+            if isinstance(right, ast.Tuple):
+                raise self.fail(right, "a combination of matrices multiplies one vector, not a concatenation")
+            return matvec(weight, self.build(right))
         if isinstance(left, ast.Attribute):
-            raise self.attribute_error(left)
-        if isinstance(left, ast.Subscript):
+            weight = self.transpose(left)
+        elif isinstance(left, ast.Subscript):
             weight = self._Subscript(left)
         elif isinstance(left, ast.Name) and left.id in self.params:
             weight = self.params[left.id]
@@ -601,17 +635,78 @@ class _Builder:
             return weight @ tuple(self.build(v) for v in right.elts)
         return weight @ self.build(right)
 
+    def combination(self, node: ast.AST, matmul: ast.BinOp) -> sympy.Expr:
+        """The left of ``(W - W.T - gamma * I) @ v``: a sum of terms, each a matrix, its
+        transpose or ``I``, times numbers and scalars (a vector is refused: ``v * W @ x`` is
+        ``(v * W) @ x``)."""
+        if isinstance(node, ast.Name):
+            if node.id == "I" and node.id not in self.params:
+                return I
+            if self._is_matrix(node.id):
+                return self.params[node.id]
+        if isinstance(node, ast.Attribute):
+            return self.transpose(node)
+        if isinstance(node, ast.Subscript):
+            return self._Subscript(node)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = self.combination(node.operand, matmul)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+            return _APPLY[type(node.op)](self.combination(node.left, matmul), self.combination(node.right, matmul))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div)):
+            if isinstance(node.op, ast.Mult) and not self.has_matrix(node.left):  # gamma * W
+                return self.scalar(node.left, node.right, matmul) * self.combination(node.right, matmul)
+            right = self.scalar(node.right, node.left, matmul)
+            return _APPLY[type(node.op)](self.combination(node.left, matmul), right)
+        got = self.snippet(node)
+        hint = suggest(got, self.params) if isinstance(node, ast.Name) else ""
+        raise self.fail(node, f"the left of @ must be a parameter matrix declared in [params], its transpose W.T, or a "
+                        f"combination of them with I, got '{got}'{hint}")
+
+    def has_matrix(self, node: ast.AST) -> bool:
+        """Whether a part of a combination names a matrix, a transpose or I."""
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and (self._is_matrix(sub.id) or (sub.id == "I" and sub.id not in self.params)):
+                return True
+        return False
+
+    def scalar(self, node: ast.AST, matrix: ast.AST, matmul: ast.BinOp) -> sympy.Expr:
+        """A coefficient (of ``matrix``) in a combination of matrices: a number, a constant or a
+        scalar parameter."""
+        if self.has_matrix(node):
+            raise self.fail(node, f"in '{self.snippet(matmul)}': a product of two matrices is not allowed; write "
+                            f"M @ (N @ v) for the product of M and N with a vector")
+        value = self.build(node)
+        vectors = [s.name for s in value.free_symbols
+                   if not (s.name in self.constants or len(getattr(self.decls.get(s.name), "shape", (0,))) == 0)]
+        if vectors:
+            v = self.snippet(node)
+            raise self.fail(node, f"'{self.snippet(matmul)}' reads as ({self.snippet(matmul.left)}) @ "
+                            f"{self.snippet(matmul.right)} (@ and * have equal precedence, left to right), and '{v}' "
+                            f"is not a scalar, so it cannot scale a matrix; write {v} * ({self.snippet(matrix)} @ "
+                            f"{self.snippet(matmul.right)}) for a product scaled unit by unit")
+        return value
+
+    def transpose(self, node: ast.Attribute) -> sympy.Expr:
+        """``W.T`` of a matrix parameter."""
+        if node.attr == "T" and isinstance(node.value, ast.Name) and self._is_matrix(node.value.id):
+            return self.params[node.value.id].T
+        if node.attr == "T" and isinstance(node.value, ast.Subscript):
+            raise self.fail(node, f"'{self.snippet(node)}': a row block has no transpose; declare the block as a "
+                            "parameter of its own to use its transpose")
+        raise self.attribute_error(node)
+
     def _Attribute(self, node: ast.Attribute):
+        if node.attr == "T" and isinstance(node.value, ast.Name) and self._is_matrix(node.value.id):
+            raise self.fail(node, f"'{self.snippet(node)}': a transpose can only multiply a vector: write "
+                            f"{self.snippet(node)} @ v")
         raise self.attribute_error(node)
 
     def attribute_error(self, node: ast.Attribute) -> SpecError:
-        """``W.T`` (a transpose) or any other attribute: refused, with what to write instead."""
-        value = node.value
-        if node.attr == "T" and isinstance(value, ast.Name) and self._is_matrix(value.id):
-            rows, cols = (f'"{s}"' if isinstance(s, str) else str(s) for s in self.decls[value.id].shape)
-            return self.fail(node, f"'{self.snippet(node)}': there is no transpose (W^T delta in the gradients is derived "
-                             f"for you); for a product with the transpose, declare it as a parameter of its own, "
-                             f"e.g. {value.id}_T = [{cols}, {rows}], and write {value.id}_T @ v")
+        """An attribute other than a matrix's transpose: refused."""
+        if node.attr == "T" and isinstance(node.value, ast.Name):
+            return self.fail(node, f"'{self.snippet(node)}': only a matrix parameter has a transpose "
+                             f"('{node.value.id}' is not one)")
         return self.fail(node, f"'{self.snippet(node)}': attributes are not allowed in an equation (allowed: {_ALLOWED})")
 
     def _Subscript(self, node: ast.Subscript):

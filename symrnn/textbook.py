@@ -21,7 +21,7 @@ import sympy
 from sympy.printing.latex import LatexPrinter
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
-from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Unit, q
+from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
 from .ir import Pointwise
 from .ops import OPS, Op
 from .chainrule import Deriver, _placed, _uses, gradient_parts
@@ -356,7 +356,10 @@ def _dot(deriver: Deriver, e, owner=None):
         terms = []
         if any(d != 0 for d in dops):
             terms.append(MatVec(w, sympy.Tuple(*[d if d != 0 else sympy.Integer(0) for d in dops])))
-        wd = q("pdot", w.args[0].name, str(int(w.args[1]))) if isinstance(w, Block) else q("pdot", w.name)
+        if isinstance(w, Transposed):  # d(W^T) = (dW)^T
+            wd = Transposed(q("pdot", w.args[0].name))
+        else:
+            wd = q("pdot", w.args[0].name, str(int(w.args[1]))) if isinstance(w, Block) else q("pdot", w.name)
         terms.append(MatVec(wd, sympy.Tuple(*ops)))
         return sympy.Add(*terms)
     raise ValueError(type(e).__name__)
@@ -585,6 +588,10 @@ def instantiate(expr: sympy.Expr, param: str, entries: tuple, g) -> sympy.Expr:
         elif a.kind == "sens" and a.wrt == "_theta":
             table[a] = q("sens", a.qname, param, a.time, entries)
     out = expr.xreplace(table)
+    # d(W^T) = (e_i e_j^T)^T = e_j e_i^T, or 0 (W.T @ v)
+    out = out.replace(lambda a: isinstance(a, Transposed) and isinstance(a.args[0], Outer),
+                      lambda a: Outer(a.args[0].args[1], a.args[0].args[0]))
+    out = out.replace(lambda a: isinstance(a, Transposed) and a.args[0] == 0, lambda a: sympy.Integer(0))
     return out.replace(lambda a: isinstance(a, MatVec) and a.args[0] == 0, lambda a: sympy.Integer(0))
 
 
@@ -643,6 +650,10 @@ def _gradient_lines(P: TextbookPrinter, p, parts, deriver) -> list[dict]:
         terms = sympy.Add(*[e for kk, e in parts if kk == k])
         name = P.base(p.name) if k is None else f"{P.base(p.name)}^{{({k})}}"
         body = P._print(terms)
+        if isinstance(terms, sympy.Add) and not scalar_sum and _visible(body) > 100:  # W and W.T: a sum per line
+            sums = [rf"\sum_{{t=0}}^{{T-1}} {P._print(t)}" for t in sorted(terms.args, key=P.term_key)]
+            lines.append(dict(lhs=rf"\frac{{\partial L}}{{\partial {name}}}", rhs=r" \\ &\quad + ".join(sums)))
+            continue
         if scalar_sum:
             body = rf"\mathbf{{1}}^{{\top}} \left({body}\right)"
         elif isinstance(terms, sympy.Add):
@@ -668,7 +679,7 @@ def _sensitivities(P: TextbookPrinter, deriver: Deriver, g, cell, formulas: list
                 continue
             lhs = q("sens", s.name, p.name, TIME, entries)
             text = P._print(rhs)
-            if _visible(text) > 60:
+            if _visible(text) > 60 or len(text) > 240:  # (fractions print short but set wide: W and W.T)
                 short = False
             formulas.append((lhs, rhs))
             per.append(dict(label=f"eq:{cell}:rtrl:{s.name}:{p.name}", aliases=[], lhs=P._print(lhs),

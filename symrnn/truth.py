@@ -110,6 +110,8 @@ class Instance:
         decl = self.g.param(node.param)
         r0 = 0 if node.block is None else node.block * self.size(decl.block_rows)
         c0, c1 = self.size(node.cols[0]), self.size(node.cols[1])
+        if node.transpose:  # W[c0:c1].T: the product's columns are rows of W
+            return self.params[node.param][c0:c1].T, r0, c0, c1
         return self.params[node.param][r0:r0 + self.size(node.size), c0:c1], r0, c0, c1
 
     # -- forward ------------------------------------------------------------------
@@ -178,7 +180,10 @@ class Instance:
             for n in g.nodes:
                 if isinstance(n, MatVecNode):
                     W, r0, c0, c1 = self.matrix(n)
-                    grads[n.param][r0:r0 + W.shape[0], c0:c1] += np.outer(a[n.name], env[n.operand])
+                    if n.transpose:
+                        grads[n.param][c0:c1] += np.outer(env[n.operand], a[n.name])
+                    else:
+                        grads[n.param][r0:r0 + W.shape[0], c0:c1] += np.outer(a[n.name], env[n.operand])
                 else:
                     for dep in n.deps:
                         if g.is_leaf(dep) and g.leaf(dep).kind == "param":
@@ -232,7 +237,10 @@ class Instance:
                         direct = np.zeros((size, E))
                         v = env[n.operand]
                         for r in range(size):
-                            direct[r, (r0 + r) * cols + c0:(r0 + r) * cols + c1] = v
+                            if n.transpose:  # d(W[c0:c1].T v)_r / dW[c0 + c, r] = v_c
+                                direct[r, (c0 + np.arange(c1 - c0)) * cols + r] = v
+                            else:
+                                direct[r, (r0 + r) * cols + c0:(r0 + r) * cols + c1] = v
                         acc = acc + direct
                 else:
                     acc = np.zeros((size, E))

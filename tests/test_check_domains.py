@@ -160,9 +160,12 @@ def test_check_command_on_an_input_of_the_state_size(tmp_path, capsys):
 def test_every_builtin_module_says_its_input_size(module):
     fixed = module.FIXED_DIMS
     n_in, n_hidden, n_out = fixed.get("n_in", 3), fixed.get("n_hidden", 4), fixed.get("n_out", 2)
-    assert module.INPUT_SIZE == ("n_in" if "n_in" not in fixed else str(fixed["n_in"]))
-    assert module.input_size(n_in, n_hidden, n_out) == n_in
-    outputs, _ = module.forward(module.init_params(n_in, n_hidden, n_out), np.ones((2, 1, n_in)))
+    # rg_lru (Griffin's RG-LRU) reads an input of the state's width, every other built-in cell n_in
+    declared = "n_hidden" if module.CELL == "rg_lru" else "n_in"
+    assert module.INPUT_SIZE == (declared if "n_in" not in fixed else str(fixed["n_in"]))
+    width = {"n_in": n_in, "n_hidden": n_hidden}[declared]
+    assert module.input_size(n_in, n_hidden, n_out) == width
+    outputs, _ = module.forward(module.init_params(n_in, n_hidden, n_out), np.ones((2, 1, width)))
     assert set(outputs) == set(module.OUTPUTS)
 
 
@@ -301,13 +304,16 @@ def test_show_prints_the_declared_inits(tmp_path, capsys):
 # -- 2. declared initializers: the generated modules ---------------------------------
 def test_builtin_init_params_are_pytorch_s_draws_in_declaration_order(module):
     """The same generator calls as before inits could be declared: one uniform(-b, b)
-    per parameter, b = 1/sqrt(n_hidden), in declaration order."""
+    per parameter, b = 1/sqrt(n_hidden), in declaration order (a parameter a built-in cell
+    declares, rg_lru's Lambda, is the uniform draw it declares, in its place)."""
     fixed = module.FIXED_DIMS
     sizes = fixed.get("n_in", 3), fixed.get("n_hidden", 5), fixed.get("n_out", 2)
-    assert module.PARAM_INITS == {} and module.STATE_INITS == {}
+    assert set(module.PARAM_INITS) <= {"Lambda"} and module.STATE_INITS == {}
     rng = np.random.default_rng(7)
     bound = 1.0 / np.sqrt(sizes[1])
-    expected = {k: rng.uniform(-bound, bound, s).astype(np.float32) for k, s in module.param_shapes(*sizes).items()}
+    ranges = {k: tuple(map(float, re.fullmatch(r"uniform\((.*), (.*)\)", v).groups())) for k, v in module.PARAM_INITS.items()}
+    expected = {k: rng.uniform(*ranges.get(k, (-bound, bound)), s).astype(np.float32)
+                for k, s in module.param_shapes(*sizes).items()}
     got = module.init_params(*sizes, seed=7, dtype=np.float32)
     assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
     zeros = module.init_state0(2, *sizes)

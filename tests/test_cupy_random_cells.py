@@ -22,6 +22,37 @@ from symrnn.pipeline import build, load_module, render_cupy, render_numpy
 from symrnn.spec import SpecWarning, parse_spec
 
 
+#: scalar parameters added beside a product the readout also reads (t0 = G @ h_prev, y = cp @ t0):
+#: their gradient is the sum of the step's adjoint, not of the product's buffer, which also
+#: holds the readout's adjoint (found by the grammar's draws of issue 15)
+SCALAR_BESIDE_A_READ_PRODUCT = """\
+[cell]
+name = "random_cell"
+[inputs]
+x = "n_in"
+[states]
+threadIdx = "n_hidden"
+[params]
+G = ["n_hidden", "n_hidden"]
+auto = ["n_hidden", "n_in"]
+d_x = ["n_hidden"]
+common = []
+float = []
+h_seq = ["n_hidden"]
+cp = ["n_out", "n_hidden"]
+unit_ = ["n_out"]
+[equations]
+t0 = "G @ threadIdx_prev"
+threadIdx = "tanh(3 * sigmoid(auto @ x) * sigmoid(d_x) + (common) + (float) + t0 + h_seq * threadIdx_prev)"
+[readout]
+sum = "tanh(cp @ t0 + unit_)"
+[loss]
+expr = "(sum - target)**2 / 2"
+target_of = "sum"
+reduction = "sum"
+"""
+
+
 @pytest.fixture(scope="module")
 def host_xp(tmp_path_factory):
     return host_cupy(tmp_path_factory.mktemp("random_kernels"))
@@ -80,6 +111,7 @@ h = "g * tanh(W @ h_prev + U @ x + c) + (1 - g) * h_prev"
 @given(text=spec_text(), sizes=st.sampled_from([(2, 3, 2), (3, 3, 3)]))
 @example(text=CROSS_STAGE_SHARE, sizes=(3, 3, 3))
 @example(text=SCALAR_BESIDE_A_STACK, sizes=(2, 3, 2))
+@example(text=SCALAR_BESIDE_A_READ_PRODUCT, sizes=(2, 3, 2))
 def test_random_cells_on_the_cupy_backend_match_numpy(host_xp, text, sizes):
     n_in, n_hidden, n_out = sizes
     with warnings.catch_warnings():

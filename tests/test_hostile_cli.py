@@ -108,13 +108,13 @@ def test_python_api_expressions_under_the_limit_lower():
 
 # -- a rule broken: the message offers the spelling that works ----------------------------
 SPELLINGS = {
-    "sqrt": ('h = "sqrt(a)"', "function 'sqrt' is not allowed", "write (a)**0.5"),
-    "log of 1 + exp": ('h = "log(1 + exp(a))"', "function 'log' is not allowed", "; write softplus(a)"),
-    "log": ('h = "log(h_prev)"', "function 'log' is not allowed", "there is no log; log(1 + exp(z)) is written softplus(z)"),
+    "rsqrt": ('h = "rsqrt(a)"', "function 'rsqrt' is not allowed", "write (a)**-0.5"),
+    "log1p": ('h = "log1p(a)"', "function 'log1p' is not allowed", "write log(1 + a)"),
+    "abs": ('h = "abs(a)"', "abs is not differentiable at 0", "write (a**2 + 1e-6)**0.5"),
     "logistic": ('h = "logistic(a)"', "function 'logistic' is not allowed", "write sigmoid(a)"),
     "module function": ('h = "np.tanh(a)"', "'np.tanh' cannot be called", "write tanh(a)"),
-    "transpose": ('h = "tanh(W.T @ h_prev)"', "'W.T': there is no transpose",
-                  'W_T = ["n_in", "n_hidden"], and write W_T @ v'),
+    "transpose alone": ('h = "tanh(U.T * a)"', "'U.T': a transpose can only multiply a vector", "write U.T @ v"),
+    "vector before @": ('h = "tanh(a * U @ h_prev)"', "reads as (a * U) @ h_prev", "write a * (U @ h_prev)"),
     "xor as power": ('h = "tanh(a) ^ 2"', "^ is not a power", "write tanh(a)**2"),
     "xor on a sum": ('h = "tanh(a + h_prev ^ 2)"', "^ is not a power", "write (a + h_prev)**2"),
     "attribute": ('h = "tanh(a.real)"', "'a.real': attributes are not allowed", "allowed: names, numbers"),
@@ -152,8 +152,9 @@ def test_a_scalar_where_a_vector_or_matrix_is_needed_says_what_to_write(case, tm
 
 @pytest.mark.parametrize("function, message", [
     (sympy.tanh, "tanh(a) is SymPy's tanh, not symrnn's: write symrnn.tanh(a) (from symrnn import tanh)"),
-    (sympy.log, "function 'log' is not allowed (allowed: sigmoid, tanh, relu, softplus, exp, identity, step); "
-                "there is no log; log(1 + exp(z)) is written softplus(z)"),
+    (sympy.log, "log(a) is SymPy's log, not symrnn's: write symrnn.log(a) (from symrnn import log)"),
+    (sympy.sinh, "function 'sinh' is not allowed (allowed: sigmoid, tanh, relu, softplus, exp, identity, step, log, sqrt, "
+                 "sin, cos)"),
 ])
 def test_python_api_a_sympy_function_says_what_to_write(function, message):
     x, h_prev, a = sympy.symbols("x h_prev a")

@@ -21,13 +21,41 @@ def test_every_op_has_every_rule(name):
     assert isinstance(op.derivative(y, a), sympy.Expr)
 
 
+def inside(op, values):
+    """``values`` (points around 0) moved into the op's domain: as they are on the whole
+    line, shifted past the lower end of a half line (log, sqrt: (0, inf))."""
+    lo, hi = op.domain
+    assert lo < hi and (lo == -np.inf or hi == np.inf), op.__name__
+    values = np.asarray(values, dtype=np.float64)
+    return values if lo == -np.inf else lo + 0.05 + values - values.min()
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_an_open_domain_and_is_finite_inside_it(name):
+    op = OPS[name]
+    a = inside(op, np.linspace(-3, 3, 13))
+    assert op.domain[0] < a.min() and a.max() < op.domain[1]
+    with np.errstate(all="raise"):
+        assert np.all(np.isfinite(eval(op.numpy.format(x="a", xp="np"), {"np": np, "a": a})))  # noqa: S307
+
+
+@pytest.mark.parametrize("name", sorted(n for n, op in OPS.items() if op.domain[0] > -np.inf))
+def test_an_op_of_a_half_line_is_not_finite_outside_it(name):
+    """log and sqrt: the check's random instance must stay inside (symrnn.gradcheck names the domain)."""
+    op = OPS[name]
+    with np.errstate(all="ignore"):
+        value = eval(op.numpy.format(x="a", xp="np"), {"np": np, "a": np.array([op.domain[0] - 0.5])})  # noqa: S307
+    assert not np.all(np.isfinite(value))
+
+
 @pytest.mark.parametrize("name", sorted(set(OPS) - {"step"}))
 def test_derivative_through_output(name):
     op = OPS[name]
     a = sympy.Symbol("a", real=True)
     exact = sympy.diff(op.formula(a), a)
     through_output = op.derivative(op.formula(a), a)
-    for value in (-2.3, -0.4, 0.7, 1.9):
+    for value in inside(op, (-2.3, -0.4, 0.7, 1.9)):
+        value = float(value)
         lhs = float(exact.subs(a, value).rewrite(sympy.Piecewise).evalf()) if name == "relu" else float(exact.subs(a, value))
         assert abs(lhs - float(through_output.subs(a, value).replace(step, lambda u: sympy.Heaviside(u, 0)))) < 1e-12
 
@@ -35,7 +63,7 @@ def test_derivative_through_output(name):
 @pytest.mark.parametrize("name", sorted(set(OPS) - {"step", "identity"}))
 def test_numpy_spelling_matches_formula(name):
     op = OPS[name]
-    a = np.linspace(-3, 3, 13)
+    a = inside(op, np.linspace(-3, 3, 13))
     code = op.numpy.format(x="a", xp="np")
     got = eval(code, {"np": np, "a": a})  # noqa: S307 - our own format string
     want = np.array([float(op.formula(sympy.Float(v))) for v in a])

@@ -5,10 +5,14 @@ BPTT = RTRL.  The derivation must be right for any cell, not only the built-in o
 Grammar: 1-3 states, 1-3 intermediates (gates), random elementwise expressions over
 states at t-1, earlier gates, states already updated in the step, the input (through a
 matrix), biases (vectors, or scalars added to every unit), scalar and vector parameters and numbers, with the nonlinearities
-sigmoid, tanh, softplus, relu, exp (of a tanh, to stay bounded), identity, +, -, *, /
-(by a positive quantity) and ** 2; matrix-vector products W @ x, U @ s_prev,
-W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), and a matrix the
-cell already uses on another vector; a readout (sometimes) multiplies one or two
+sigmoid, tanh, softplus, relu, exp (of a tanh, to stay bounded), identity, sin, cos,
+log and sqrt (of 1 + e**2, inside their domain), +, -, *, / (by a positive quantity),
+** 2 and a power with an expression as exponent (sigmoid(a) ** (1 + sigmoid(b))), a
+nonlinearity of a scalar parameter (sigmoid(a) * e); matrix-vector products W @ x,
+U @ s_prev, W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), a matrix
+the cell already uses on another vector, transposes (U.T @ s_prev, the transpose of a
+matrix already used, R.T @ x of an n_in x n_hidden R) and combinations of matrices,
+their transposes and I ((U - U.T - c * I) @ v, c a number or a scalar parameter); a readout (sometimes) multiplies one or two
 states or gates by their own matrices, maybe under a tanh.  Every name (states,
 gates, parameters, the readout) comes from a pool of names that look like the
 generated code's own, the template's, Python's, C++'s and CUDA's, or a paper's
@@ -30,14 +34,16 @@ from test_hostile_names import POOL
 
 from symrnn.errors import UserError
 from symrnn.gradcheck import finite_differences, random_problem, rtrl_vs_bptt
+from symrnn.ops import OPS
 from symrnn.pipeline import build, load_module, render_numpy
 from symrnn.spec import SpecWarning, parse_spec
 
-UNARY = ("sigmoid({})", "tanh({})", "softplus({})", "relu({})", "exp(tanh({}))", "identity({})", "({})**2")
+UNARY = ("sigmoid({})", "tanh({})", "softplus({})", "relu({})", "exp(tanh({}))", "identity({})", "({})**2",
+         "sin({})", "cos({})", "log(1 + ({})**2)", "sqrt(1 + ({})**2)")
 
 #: names for everything a cell declares: the generated code's own patterns, template
 #: variables, Python, C++ and CUDA names, and names papers use (tests/test_hostile_names.py)
-NAMES = [n for n in POOL if n not in ("x", "target")]
+NAMES = [n for n in POOL if n not in ("x", "target") and n not in OPS]  # a function's name is no value's
 
 
 class _Names:
@@ -86,7 +92,21 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
     if kind == "matvec":
         s = draw(st.sampled_from(states))
         forms = ["x", "state", "concat", "shared"] + (["gated"] if len(vectors) > len(states) else []) + (["new"] if new else [])
-        form = draw(st.sampled_from(forms))
+        form = draw(st.sampled_from(forms + ["transposed", "combination"]))
+        if form == "transposed":  # U.T @ s_prev, the transpose of a matrix the cell uses, or R.T @ x
+            used = params.by_shape.get(("n_hidden", "n_hidden"))
+            which = draw(st.sampled_from(["new", "x"] + (["shared"] if used else [])))
+            if which == "x":
+                return f"{params.new('R', ['n_in', 'n_hidden'])}.T @ x"
+            weight = draw(st.sampled_from(used)) if which == "shared" else params.new("U", ["n_hidden", "n_hidden"])
+            return f"{weight}.T @ {draw(st.sampled_from(vectors))}"
+        if form == "combination":  # (U - U.T - c * I) @ v, c a number or a scalar parameter
+            U = params.new("U", ["n_hidden", "n_hidden"])
+            c = draw(st.sampled_from(["0.5", "scalar"]))
+            c = params.new("g", []) if c == "scalar" else c
+            terms = draw(st.sampled_from([f"{U} - {U}.T - {c} * I", f"(1 - {c}) * ({U} + {U}.T) + {c} * {U}",
+                                          f"{c} * {U}.T + I"]))
+            return f"({terms}) @ {draw(st.sampled_from(vectors))}"
         if form == "x":
             return f"{params.new('W', ['n_hidden', 'n_in'])} @ x"
         if form == "state":
@@ -102,13 +122,17 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
         gate = draw(st.sampled_from([v for v in vectors if not v.endswith("_prev")] or [f"{s}_prev"]))
         return f"{params.new('U', ['n_hidden', 'n_hidden'])} @ ({gate} * {s}_prev)"
     sub = expression(params, vectors, states, depth - 1, new)
-    if kind == "scaled_param":  # a scalar or a vector parameter, elementwise
-        shape = draw(st.sampled_from([[], ["n_hidden"]]))
+    if kind == "scaled_param":  # a scalar or a vector parameter, elementwise, or a nonlinearity of a scalar
+        shape = draw(st.sampled_from([[], ["n_hidden"], "sigmoid"]))
+        if shape == "sigmoid":
+            return f"sigmoid({params.new('a', [])}) * ({draw(sub)})"
         return f"{params.new('a', shape)} * ({draw(sub)})"
     if kind == "unary":
         return draw(st.sampled_from(UNARY)).format(draw(sub))
     a, b = draw(sub), draw(sub)
-    op = draw(st.sampled_from(["+", "-", "*", "/", "scaled"]))
+    op = draw(st.sampled_from(["+", "-", "*", "/", "scaled", "**"]))
+    if op == "**":  # an expression as exponent, of a positive base
+        return f"sigmoid({a}) ** (1 + sigmoid({b}))"
     if op == "/":
         return f"({a}) / (1 + sigmoid({b}))"
     if op == "scaled":

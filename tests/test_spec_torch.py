@@ -63,6 +63,21 @@ def lstm_forget_bias(p, x, s, forget_bias=1.0):
     return {"h": o * torch.tanh(c_new), "c": c_new}
 
 
+def antisymmetric_rnn(p, x, s, eps=0.1, gamma=0.01):
+    """Chang et al. 2019: h = h_prev + eps tanh((W - W^T - gamma I) h_prev + V x + b)."""
+    W = p["W"]
+    A = W - W.T - gamma * torch.eye(W.shape[0], dtype=W.dtype)
+    return {"h": s["h"] + eps * torch.tanh(lin(A, s["h"]) + lin(p["V"], x) + p["b"])}
+
+
+def rg_lru(p, x, s, c=8.0):
+    """De et al. 2024 (Griffin), the power form: a_t = sigmoid(Lambda)^(c r_t)."""
+    r = sig(lin(p["W_a"], x) + p["b_a"])
+    i = sig(lin(p["W_x"], x) + p["b_x"])
+    a_t = sig(p["Lambda"]) ** (c * r)
+    return {"h": a_t * s["h"] + torch.sqrt(1 - a_t**2) * (i * x)}
+
+
 #: cell -> (step, readout or None, loss (y, target) -> per-step value or None, reduction)
 def _sq(y, target):
     return ((y - target) ** 2 / 2).sum()
@@ -74,6 +89,8 @@ ORACLES = {
     "mingru": (mingru, lambda p, h: lin(p["V"], h), _sq, "sum"),
     "lstm_peephole": (lstm_peephole, None, None, None),
     "lstm_forget_bias": (lstm_forget_bias, lambda p, h: lin(p["V"], h) + p["b_y"], _sq, "mean"),
+    "antisymmetric_rnn": (antisymmetric_rnn, None, None, None),
+    "rg_lru": (rg_lru, None, None, None),
 }
 
 
@@ -121,7 +138,7 @@ def test_generated_module_matches_torch_autograd(cell, seed):
     module = load_module(render_numpy(build(cell)), cell)
     rng = np.random.default_rng(seed)
     params = {k: 0.5 * rng.standard_normal(v) for k, v in module.param_shapes(N_IN, N_HIDDEN, N_OUT).items()}
-    x = rng.standard_normal((T, B, N_IN))
+    x = rng.standard_normal((T, B, module.input_size(N_IN, N_HIDDEN, N_OUT)))  # rg_lru: the state's width
     state0 = {s: 0.5 * rng.standard_normal((B, N_HIDDEN)) for s in module.STATES}
 
     outputs, cache = module.forward(params, x, dict(state0))

@@ -24,9 +24,12 @@ def module_namer(plan: KernelPlan) -> Namer:
 
 def weight_ref(g: StepGraph, n: Namer, mv: MatVecNode, base: str | None = None) -> Ref:
     """The rows and columns of its parameter one product uses (of ``base``: the
-    parameter's gradient, say)."""
+    parameter's gradient, say); transposed (``W[rows].T``) for ``W.T @ v``."""
     p = g.param(mv.param)
     base = base or n.value(mv.param)
+    if mv.transpose:  # W[cols].T: the product's columns are rows of W
+        whole = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[0]) == 0
+        return Ref(base, T=True) if whole else Ref(base, (span(mv.cols[0], mv.cols[1] - mv.cols[0]),), T=True)
     rows = ALL if mv.block is None else span(mv.block * mv.size, mv.size)
     full_cols = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[1]) == 0
     if full_cols:
@@ -57,7 +60,8 @@ def weight_gradient(g: StepGraph, n: Namer, group: GemmGroup, grad, dW) -> list:
         return [Update(Ref(grad(group.whole_param)), "+", dW)]
     out = [Assign(Ref("dW_stack"), dW)]
     for mv, off in zip(group.members, group.offsets):
-        out.append(Update(weight_ref(g, n, mv, base=grad(mv.param)), "+", Ref("dW_stack", (span(off, mv.size),))))
+        target, part = weight_ref(g, n, mv, base=grad(mv.param)), Ref("dW_stack", (span(off, mv.size),))
+        out.append(Update(target.t, "+", part.t) if mv.transpose else Update(target, "+", part))  # dW[rows] += dW_T.T
     return out
 
 

@@ -133,8 +133,9 @@ class BackwardEmitter:
 
     def loop_slot(self, expr: sympy.Expr, stage: Stage) -> str | None:
         """The product (of ``stage``, or an input-side one it reads) whose stored adjoint is ``expr``."""
+        inside = {n.name for n in stage.pointwise}  # a product another stage also reads has more in its buffer
         for mv in stage.matvecs:
-            if self.member_exprs.get(mv.name) == expr:
+            if self.member_exprs.get(mv.name) == expr and all(c.name in inside for c in self.g.consumers(mv.name)):
                 return mv.name
         for pre in self.plan.pre.stages:
             for group in pre.groups:
@@ -196,7 +197,9 @@ class BackwardEmitter:
             return Loc(Ref(name), ld=width, seq=True)
 
         if leaf is not None and leaf.kind == "param":
-            slot = next((n for n, ex in adj if n in members and ex == expr), None)
+            inside = {n.name for n in stage.pointwise}  # a product another stage also reads has more in its buffer
+            slot = next((n for n, ex in adj if n in members and ex == expr
+                         and all(c.name in inside for c in g.consumers(n))), None)
             if slot is None and region == "loop":
                 slot = self.loop_slot(expr, stage)
             p = g.param(leaf.param)

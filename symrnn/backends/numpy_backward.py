@@ -83,7 +83,7 @@ def weight_gradient_gemm(a, rows: sympy.Expr, b, cols: sympy.Expr) -> MatMul:
 
 def rows_of(w: Ref, rows) -> Ref | Index:
     """Rows ``rows`` of the weight ``w`` (itself maybe rows and columns of a parameter)."""
-    return Index(w, (rows,)) if w.index else w[rows]
+    return Index(w, (rows,)) if w.index or w.T else w[rows]
 
 
 class Backward:
@@ -482,5 +482,9 @@ class Backward:
                 if inside.is_negative or sympy.expand(row + size - off - mv.size).is_negative:
                     continue
                 part = view(source, None if src_off is None else src_off + inside, mv.size)
+                target = e.weight_ref(mv, base=e.grad(mv.param))
+                if mv.transpose:  # d(W^T) = delta^T x, so dW += x^T delta
+                    self.m.backward_weights.append(Update(target.t, "+", weight_gradient_gemm(x, cols, part, mv.size)))
+                    continue
                 dW = weight_gradient_gemm(part, mv.size, x, cols)
-                self.m.backward_weights.append(Update(e.weight_ref(mv, base=e.grad(mv.param)), "+", dW))
+                self.m.backward_weights.append(Update(target, "+", dW))

@@ -123,9 +123,14 @@ def _matvec(e, node: MatVecNode, ctx: Context) -> list:
         stmts.append(Update(Ref(n("tangent", node.name), (slab,)), "+", Index(w.t, (ALL, NEW, ALL))))
     else:
         stmts.append(Assign(J(node.name), MatMul(J(node.operand), w.t)))
+    shape = Attr(Ref(n.value(node.param)), "shape")
+    if node.transpose:  # d(W[cols].T @ v)_i / dW[cols_0 + c, i] = v_c
+        stmts.append(Do(Helper("_add_matrix_t", (J(node.name), o(node.param), shape, Size(node.cols[0]), operand)),
+                        J(node.name)))
+        return stmts
     row0 = Size(node.block * node.size if node.block else sympy.Integer(0))
-    stmts.append(Do(Helper("_add_matrix", (J(node.name), o(node.param), Attr(Ref(n.value(node.param)), "shape"), row0,
-                                           Size(node.cols[0]), operand)), J(node.name)))
+    stmts.append(Do(Helper("_add_matrix", (J(node.name), o(node.param), shape, row0, Size(node.cols[0]), operand)),
+                    J(node.name)))
     return stmts
 
 

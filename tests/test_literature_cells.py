@@ -1,0 +1,341 @@
+"""Cells of the literature in the syntax of issue 15 (functions, transposes, combinations of
+matrices before @, powers with an expression as exponent, a nonlinearity of a scalar): each
+against an independent torch-autograd implementation written from its paper (float64,
+1e-10: every output and every gradient), finite differences and BPTT = RTRL
+(symrnn.gradcheck), and the CuPy module's CUDA compiled for the host.
+
+The built-in spec cells (symrnn/specs/antisymmetric_rnn.toml, rg_lru.toml) are checked here
+against their papers; the tests over every built-in cell (test_gradients, test_cupy_backend,
+test_generated) cover them too.  The other cells are written as someone else would write
+them from their papers: the Lipschitz RNN, the LRU in its phase parametrisation (sin, cos),
+a leak sigmoid(a) of a scalar a, a product with the transpose of a non-square matrix."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from host_cupy import host_cupy
+import sympy
+
+from symrnn import I, Cell, matvec, params, tanh
+from symrnn.cells import builtin
+from symrnn.gradcheck import check_module, random_problem, rel_error, report
+from symrnn.pipeline import build, load_module, module_name, render_cupy, render_numpy
+from symrnn.spec import SpecError, SpecWarning, parse_spec
+
+#: Erichson et al. 2021, "Lipschitz Recurrent Neural Networks" (ICLR 2021), eqs. (2), (4):
+#: h_t = h_{t-1} + eps (A_beta h_{t-1} + tanh(W_beta h_{t-1} + U x_t + b)), with
+#: A_beta = (1 - beta)(M_A + M_A^T) + beta (M_A - M_A^T) - gamma_A I and W_beta likewise
+LIPSCHITZ = """\
+[cell]
+name = "lipschitz_rnn"
+source = "Erichson et al. 2021"
+
+[inputs]
+x = "n_in"
+
+[states]
+h = "n_hidden"
+
+[params]
+M_A = ["n_hidden", "n_hidden"]
+M_W = ["n_hidden", "n_hidden"]
+U = ["n_hidden", "n_in"]
+b = ["n_hidden"]
+
+[constants]
+eps = 0.2
+beta = 0.75
+gamma_A = 0.01
+gamma_W = 0.01
+
+[equations]
+A_h = "((1 - beta) * (M_A + M_A.T) + beta * (M_A - M_A.T) - gamma_A * I) @ h_prev"
+z = "((1 - beta) * (M_W + M_W.T) + beta * (M_W - M_W.T) - gamma_W * I) @ h_prev + U @ x + b"
+h = "h_prev + eps * (A_h + tanh(z))"
+"""
+
+#: Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks for Long Sequences" (ICML 2023):
+#: lambda = exp(-exp(nu_log) + i exp(theta_log)), gamma = sqrt(1 - |lambda|^2),
+#: h_t = lambda h_{t-1} + gamma (B x_t) (complex), y_t = Re(C h_t) + D x_t; here in real and
+#: imaginary parts, the phase through cos and sin
+LRU_PHASE = """\
+[cell]
+name = "lru_phase"
+source = "Orvieto et al. 2023"
+
+[inputs]
+x = "n_in"
+
+[states]
+h_re = "n_hidden"
+h_im = "n_hidden"
+
+[params]
+nu_log = { shape = ["n_hidden"], init = "uniform(-4.0, -1.0)" }
+theta_log = { shape = ["n_hidden"], init = "uniform(-2.0, 1.0)" }
+B_re = ["n_hidden", "n_in"]
+B_im = ["n_hidden", "n_in"]
+C_re = ["n_out", "n_hidden"]
+C_im = ["n_out", "n_hidden"]
+D = ["n_out", "n_in"]
+
+[equations]
+mod = "exp(-exp(nu_log))"
+lam_re = "mod * cos(exp(theta_log))"
+lam_im = "mod * sin(exp(theta_log))"
+g = "sqrt(1 - mod**2)"
+h_re = "lam_re * h_re_prev - lam_im * h_im_prev + g * (B_re @ x)"
+h_im = "lam_re * h_im_prev + lam_im * h_re_prev + g * (B_im @ x)"
+
+[readout]
+y = "C_re @ h_re - C_im @ h_im + D @ x"
+"""
+
+#: a leak kept in (0, 1) by a sigmoid of one scalar, and a product with the transpose of a
+#: non-square matrix (P is n_in x n_hidden, so P.T @ x has n_hidden entries)
+LEAK_AND_TRANSPOSE = """\
+[cell]
+name = "leak_transpose"
+
+[inputs]
+x = "n_in"
+
+[states]
+h = "n_hidden"
+
+[params]
+a = []
+P = ["n_in", "n_hidden"]
+U = ["n_hidden", "n_hidden"]
+Q = ["n_hidden", "n_hidden"]
+b = ["n_hidden"]
+
+[equations]
+u = "tanh(P.T @ x + U @ h_prev + b)"
+h = "sigmoid(a) * h_prev + (1 - sigmoid(a)) * log(1 + u**2) + 0.5 * Q.T @ (h_prev * u)"
+"""
+
+
+def module_of(cell):
+    cell = parse_spec(cell, f"{cell.split(chr(34))[1]}.toml") if isinstance(cell, str) else cell
+    return load_module(render_numpy(build(cell)), module_name(cell.name))
+
+
+# -- the torch oracles, written from the papers ------------------------------------------------
+def antisymmetric_step(p, x, prev, eps=0.1, gamma=0.01):
+    W = p["W"]
+    A = W - W.T - gamma * torch.eye(W.shape[0], dtype=W.dtype)
+    return {"h": prev["h"] + eps * torch.tanh(prev["h"] @ A.T + x @ p["V"].T + p["b"])}
+
+
+def rg_lru_step(p, x, prev, c=8.0):
+    r = torch.sigmoid(x @ p["W_a"].T + p["b_a"])
+    i = torch.sigmoid(x @ p["W_x"].T + p["b_x"])
+    a_t = torch.sigmoid(p["Lambda"]) ** (c * r)  # the paper's power form
+    return {"h": a_t * prev["h"] + torch.sqrt(1 - a_t**2) * (i * x)}
+
+
+def lipschitz_step(p, x, prev, eps=0.2, beta=0.75, gamma_A=0.01, gamma_W=0.01):
+    eye = torch.eye(p["M_A"].shape[0], dtype=x.dtype)
+
+    def a_beta(M, gamma):
+        return (1 - beta) * (M + M.T) + beta * (M - M.T) - gamma * eye
+
+    h = prev["h"]
+    z = h @ a_beta(p["M_W"], gamma_W).T + x @ p["U"].T + p["b"]
+    return {"h": h + eps * (h @ a_beta(p["M_A"], gamma_A).T + torch.tanh(z))}
+
+
+def lru_step(p, x, prev):
+    """In complex arithmetic, as the paper writes it."""
+    lam = torch.exp(-torch.exp(p["nu_log"]) + 1j * torch.exp(p["theta_log"]))
+    gamma = torch.sqrt(1 - torch.abs(lam) ** 2)
+    B = torch.complex(p["B_re"], p["B_im"])
+    C = torch.complex(p["C_re"], p["C_im"])
+    h = lam * torch.complex(prev["h_re"], prev["h_im"]) + gamma * (x.to(B.dtype) @ B.T)
+    return {"h_re": h.real, "h_im": h.imag, "y": (h @ C.T).real + x @ p["D"].T}
+
+
+def leak_transpose_step(p, x, prev):
+    h = prev["h"]
+    u = torch.tanh(x @ p["P"] + h @ p["U"].T + p["b"])
+    s = torch.sigmoid(p["a"])
+    return {"h": s * h + (1 - s) * torch.log(1 + u**2) + 0.5 * (h * u) @ p["Q"]}
+
+
+def torch_oracle(step, module, problem):
+    """Outputs of the torch step over the sequence, and the gradients of
+    L = sum over outputs of <cotangent, output>, by autograd (float64)."""
+    leaf = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in problem.params.items()}
+    x = torch.tensor(problem.x, dtype=torch.float64, requires_grad=True)
+    state0 = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in problem.state0.items()}
+    prev, seq = dict(state0), {k: [] for k in module.OUTPUTS}
+    for t in range(x.shape[0]):
+        new = step(leaf, x[t], prev)
+        for k in module.OUTPUTS:
+            seq[k].append(new[k])
+        prev = {s: new[s] for s in module.STATES}
+    outputs = {k: torch.stack(v) for k, v in seq.items()}
+    loss = sum((outputs[k] * torch.tensor(g)).sum() for k, g in problem.grad_outputs.items())
+    loss.backward()
+    grads = {k: v.grad for k, v in leaf.items()} | {"x": x.grad} | {f"{s}0": v.grad for s, v in state0.items()}
+    return {k: v.detach().numpy() for k, v in outputs.items()}, {k: v.numpy() for k, v in grads.items()}
+
+
+CELLS = {
+    "antisymmetric_rnn": (lambda: builtin("antisymmetric_rnn"), antisymmetric_step),
+    "rg_lru": (lambda: builtin("rg_lru"), rg_lru_step),
+    "lipschitz_rnn": (lambda: LIPSCHITZ, lipschitz_step),
+    "lru_phase": (lambda: LRU_PHASE, lru_step),
+    "leak_transpose": (lambda: LEAK_AND_TRANSPOSE, leak_transpose_step),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_the_cell_matches_its_papers_torch_autograd(name):
+    cell, step = CELLS[name]
+    module = module_of(cell())
+    for seed in (0, 1):
+        problem = random_problem(module, T=7, B=3, seed=seed)
+        outputs, cache = module.forward(problem.params, problem.x, problem.state0)
+        grads = module.backward(problem.params, cache, problem.grad_outputs)
+        want_outputs, want_grads = torch_oracle(step, module, problem)
+        assert set(grads) == set(want_grads)
+        for k, v in want_outputs.items():
+            assert rel_error(outputs[k], v) < 1e-10, (name, k)
+        for k, v in want_grads.items():
+            assert np.abs(v).max() > 0, (name, k)  # every gradient is exercised
+            assert rel_error(grads[k], v) < 1e-10, (name, k, rel_error(grads[k], v))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_the_cell_passes_finite_differences_and_bptt_equals_rtrl(name):
+    results = check_module(module_of(CELLS[name][0]()), seed=3)
+    assert results and all(r.ok for r in results), report(name, results)
+    assert {r.check for r in results} >= {"FD", "RTRL"}
+
+
+@pytest.fixture(scope="module")
+def host_xp(tmp_path_factory):
+    return host_cupy(tmp_path_factory.mktemp("literature_kernels"))
+
+
+#: the CuPy backend refuses a readout of a value of the input alone (D x; a CellError naming the
+#: NumPy backend, tests/test_cupy_backend.py): the LRU's CUDA is checked without its D x
+CUPY_VARIANTS = {"lru_phase": LRU_PHASE.replace(" + D @ x", "").replace('D = ["n_out", "n_in"]\n', "")}
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_the_cupy_module_compiled_for_the_host_matches_numpy(host_xp, name):
+    cell = CUPY_VARIANTS.get(name) or CELLS[name][0]()
+    cell = parse_spec(cell, "cell.toml") if isinstance(cell, str) else cell
+    plan = build(cell)
+    ref = load_module(render_numpy(plan), module_name(cell.name))
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = host_xp
+    try:
+        cu = load_module(render_cupy(plan), module_name(cell.name, "cupy"))
+        for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+            pr = random_problem(ref, T=5, B=3, seed=0, dtype=dtype)
+            out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
+            grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs)
+            to = host_xp.asarray
+            params = {k: to(v) for k, v in pr.params.items()}
+            out, cache = cu.forward(params, to(pr.x), {k: to(v) for k, v in pr.state0.items()})
+            grads = cu.backward(params, cache, {k: to(v) for k, v in pr.grad_outputs.items()})
+            host = getattr(host_xp, "asnumpy", np.asarray)
+            for k in out_ref:
+                assert out[k].dtype == dtype and rel_error(host(out[k]), out_ref[k]) < tol, (name, k)
+            for k in grads_ref:
+                assert grads[k].dtype == dtype and rel_error(host(grads[k]), grads_ref[k]) < tol, (name, k)
+    finally:
+        if saved is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = saved
+
+
+# -- the syntax: what it reads, what it refuses ---------------------------------------------
+def test_the_combination_gives_w_both_contributions():
+    """dW of (W - W.T) @ h: the W term's delta h^T minus the W.T term's h delta^T."""
+    module = module_of(builtin("antisymmetric_rnn"))
+    source = render_numpy(build("antisymmetric_rnn"))
+    assert "W.T" in source and "W_T_h_prev" in source and ".T\n" in source.split("d_W +=", 2)[2]
+    problem = random_problem(module, seed=4)
+    results = check_module(module, seed=4)
+    assert all(r.ok for r in results if r.name == "W"), report("antisymmetric_rnn", results)
+    assert problem.params["W"].shape == (4, 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (('"tanh(P.T @ x', '"tanh(b * P.T @ x'), "'b' is not a scalar, so it cannot scale a matrix; write b * (P.T @ x)"),
+    (('Q.T @ (h_prev * u)', '(Q - P) @ (h_prev * u)'), "P has n_in rows, but the other matrices of the combination have n_hidden"),
+    (('Q.T @ (h_prev * u)', '(Q + I) @ (h_prev, u)'), "a combination of matrices multiplies one vector"),
+    (('Q.T @ (h_prev * u)', 'b.T @ u'), "only a matrix parameter has a transpose ('b' is not one)"),
+    (('Q.T @ (h_prev * u)', 'Q.T * u'), "a transpose can only multiply a vector"),
+    (('Q.T @ (h_prev * u)', 'I * u'), "I is the identity matrix"),
+    (('Q.T @ (h_prev * u)', '(Q - Q) @ u'), "the combination of matrices is 0"),
+    (('Q.T @ (h_prev * u)', '(Q * Q) @ u'), "a product of two matrices is not allowed; write M @ (N @ v)"),
+])
+def test_bad_matrix_expressions_are_one_line_naming_the_line(change, message):
+    text = LEAK_AND_TRANSPOSE.replace(*change)
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "cell.toml")
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if change[1][:8] in row)
+    assert str(info.value).startswith(f"cell.toml:{line}") and message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_product_then_a_vector_factor_warns_of_the_reading():
+    """W @ x * v is (W @ x) * v, as in Python: a warning naming both readings where v is a
+    vector (it is not W @ (x * v)); none for a scalar factor or with parentheses."""
+    text = LEAK_AND_TRANSPOSE.replace("0.5 * Q.T @ (h_prev * u)", "Q.T @ h_prev * u")
+    with pytest.warns(SpecWarning) as caught:
+        cell = parse_spec(text, "cell.toml")
+    message = next(str(w.message) for w in caught if "equal precedence" in str(w.message))
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "Q.T @ h_prev * u" in row)
+    assert message.startswith(f"cell.toml:{line}:") and "(Q.T @ h_prev) * u" in message and "Q.T @ (h_prev * u)" in message
+    assert "\n" not in message
+    # the reading is Python's: (Q.T @ h_prev) * u
+    same = parse_spec(LEAK_AND_TRANSPOSE.replace("0.5 * Q.T @ (h_prev * u)", "(Q.T @ h_prev) * u"), "cell.toml")
+    assert cell.equations["h"] == same.equations["h"]
+    for quiet in ("(Q.T @ h_prev) * u", "Q.T @ (h_prev * u)", "Q.T @ h_prev * 0.5", "Q.T @ h_prev * a"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SpecWarning)
+            parse_spec(LEAK_AND_TRANSPOSE.replace("0.5 * Q.T @ (h_prev * u)", quiet), "cell.toml")
+
+
+def test_a_power_with_an_expression_exponent_is_exp_of_log():
+    graph = build(builtin("rg_lru")).graph
+    ops = {type(n.expr).__name__ for n in graph.nodes if getattr(n, "op", None) is not None}
+    assert {"log", "exp", "sqrt", "sigmoid"} <= ops
+
+
+def antisymmetric_from_python() -> Cell:
+    """The AntisymmetricRNN in the Python API: W.T, and matvec for the combination with I."""
+    x, h_prev = sympy.symbols("x h_prev")
+    W, V, b = params("W V b")
+    return Cell(name="antisymmetric_py", inputs={"x": "n_in"}, states={"h": "n_hidden"},
+                params={"W": ("n_hidden", "n_hidden"), "V": ("n_hidden", "n_in"), "b": ("n_hidden",)},
+                equations={"h": h_prev + sympy.Float(0.1) * tanh(matvec(W - W.T - sympy.Float(0.01) * I, h_prev)
+                                                               + V @ x + b)})
+
+
+def test_the_python_api_writes_transposes_and_combinations():
+    module = module_of(antisymmetric_from_python())
+    problem = random_problem(module, T=5, B=2, seed=6)
+    outputs, cache = module.forward(problem.params, problem.x, problem.state0)
+    grads = module.backward(problem.params, cache, problem.grad_outputs)
+    want_outputs, want_grads = torch_oracle(antisymmetric_step, module, problem)
+    assert rel_error(outputs["h"], want_outputs["h"]) < 1e-10
+    assert all(rel_error(grads[k], v) < 1e-10 for k, v in want_grads.items())
+    W, = params("W")
+    assert sympy.sstr(W.T @ sympy.Symbol("h")) == "W.T @ h" and sympy.latex(W.T @ sympy.Symbol("h")) == r"W^{\top} h"
+    with pytest.raises(TypeError, match="not a string"):
+        matvec("W - W.T", sympy.Symbol("h"))
