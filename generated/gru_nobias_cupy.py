@@ -138,7 +138,7 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     steps = _steps(lengths, reverse, T, B)
     order, hold = steps[1], steps[2]
     x = _in_steps(x, order, hold)
-    lengths = cp.full((B,), T, np.int64) if steps[0] is None else steps[0]  # the step kernels read every row's
+    lengths = cp.full((B,), T, np.int64) if steps[0] is None else steps[0]  # every row's, for the step kernels
     W_zx = p["W_zx"]
     W_zh = p["W_zh"]
     W_rx = p["W_rx"]

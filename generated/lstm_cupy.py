@@ -145,7 +145,7 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     steps = _steps(lengths, reverse, T, B)
     order, hold = steps[1], steps[2]
     x = _in_steps(x, order, hold)
-    lengths = cp.full((B,), T, np.int64) if steps[0] is None else steps[0]  # the step kernels read every row's
+    lengths = cp.full((B,), T, np.int64) if steps[0] is None else steps[0]  # every row's, for the step kernels
     W_f = p["W_f"]
     W_i = p["W_i"]
     W_o = p["W_o"]

@@ -290,9 +290,14 @@ class Function(torch.autograd.Function):
             grads = _backward(backend, record, grad_outputs, grad_finals)
             keys = ["x"] + [name + "0" for name in STATES] + list(PARAMETERS)
             needed = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[3:]
-            out = [backend.tensor(grads[key]).to(dtype) if need else None
+            out = [_as_dtype(backend.tensor(grads[key]), dtype) if need else None
                    for key, need, dtype in zip(keys, needed, ctx.dtypes)]
         return (out[0], None, None, *out[1:])
+
+
+def _as_dtype(tensor, dtype):
+    """``tensor`` in ``dtype`` (itself when it is that already: no call)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 # -- stacked layers ---------------------------------------------------------------------------
