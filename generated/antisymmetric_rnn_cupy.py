@@ -15,10 +15,15 @@ same as generated/antisymmetric_rnn_numpy.py, whose values it reproduces:
 
     init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> params
     init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> state0
-    forward(params, x, state0=None) -> (outputs, cache)
+    forward(params, x, state0=None, lengths=None, reverse=False) -> (outputs, cache)
         outputs: "h", each of shape (T, B, size)
-    backward(params, cache, grad_outputs) -> grads
+        lengths: (B,) integers in [0, T]: at the steps at and beyond its length a row's
+            state is carried unchanged and its outputs are zero (torch's packed sequences)
+        reverse: read each row from its last step (lengths[b] - 1) to its first
+    final_states(cache) -> the states after each row's last step, each of shape (B, size)
+    backward(params, cache, grad_outputs, grad_final=None) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
+        grad_final: dL/d(final state) for any subset of the states (missing: zero)
         grads: one entry per parameter, "x", and the initial states "h0"
 
 Kernels (2, in CUDA_SOURCE): per step, 1 recurrent GEMM(s) (cuBLAS) and 1 fused kernel(s) for all gates and state updates; backward, per step, the same number of fused adjoint kernels and GEMMs W^T delta; input projections and weight gradients are one GEMM each over every step.
@@ -104,16 +109,23 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
     }
 
 
-def forward(params, x, state0=None):
+def forward(params, x, state0=None, lengths=None, reverse=False):
     """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
 
-    The cache holds its own copies of the parameters and x, and the outputs are copies
-    of what backward reads: changing any of them in place does not change backward's
-    result (CuPy arrays cannot be made read-only)."""
+    ``lengths`` (B integers in [0, T]): row b's steps t >= lengths[b] carry its state and
+    give zero outputs; ``reverse``: each row is read from step lengths[b] - 1 down to 0 (the
+    outputs stay at the steps they read).  The cache holds its own copies of the parameters
+    and x, and the outputs and final_states(cache) are copies of what backward reads:
+    changing any of them in place does not change backward's result (CuPy arrays cannot be
+    made read-only)."""
     _cupy()
     p, x, state0, dims, dtype = _prepare(params, x, state0, private=True)
     n_in, n_hidden, n_out = dims
     T, B = x.shape[0], x.shape[1]
+    steps = _steps(lengths, reverse, T, B)
+    order, hold = steps[1], steps[2]
+    x = _in_steps(x, order, hold)
+    lengths = cp.full((B,), T, np.int64) if steps[0] is None else steps[0]  # every row's, for the step kernels
     W = p["W"]
     V = p["V"]
     b = p["b"]
@@ -125,26 +137,35 @@ def forward(params, x, state0=None):
     tanh_z_seq = cp.empty((T, B, n_hidden), dtype)
     for t in range(T):
         h_prev_proj = cp.matmul(h_seq[t], W_stack_h_prev.T)  # W_h_prev, W_T_h_prev
-        _launch("antisymmetric_rnn_forward_loop0", dtype, B, n_hidden, 1, t, dims, x_proj_seq, h_prev_proj, b, h_seq, tanh_z_seq)
-    outputs = {
+        _launch("antisymmetric_rnn_forward_loop0", dtype, B, n_hidden, 1, t, dims, x_proj_seq, h_prev_proj, b, h_seq, tanh_z_seq, lengths)
+    outputs = _outputs_in_steps({
         "h": h_seq[1:].copy(),
-    }
-    cache = {"params": p, "x": x, "dims": dims}
+    }, order, hold)
+    final = _final_states({"h": h_seq}, steps[0])
+    cache = {"params": p, "x": x, "dims": dims, "steps": steps, "final": final}
     cache["W_stack_h_prev"] = W_stack_h_prev
     cache["h_seq"] = h_seq
     cache["tanh_z_seq"] = tanh_z_seq
     return outputs, cache
 
 
-def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
-    the forward call's, or None (a ValueError names a parameter changed since)."""
+def final_states(cache):
+    """The states after each row's last step (step lengths[b] - 1, or T - 1; the initial
+    state where a length is 0), each of shape (B, size): copies."""
+    return {name: value.copy() for name, value in cache["final"].items()}
+
+
+def backward(params, cache, grad_outputs, grad_final=None):
+    """Gradients of L given dL/d(outputs) (and dL/d(final states), ``grad_final``) at the
+    forward call's values; ``params`` must be the forward call's, or None (a ValueError
+    names a parameter changed since)."""
     _cupy()
     p, x, dims = cache["params"], cache["x"], cache["dims"]
     n_in, n_hidden, n_out = dims
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
     _check_same_params(params, p)
     _check_grad_outputs(grad_outputs)
+    grad_outputs, extra = _seeds_in_steps(grad_outputs, grad_final, cache["steps"], cache["final"], T, B)
     W = p["W"]
     V = p["V"]
     b = p["b"]
@@ -175,13 +196,14 @@ def backward(params, cache, grad_outputs):
     d_W += dW_stack[n_hidden:2*n_hidden].T
     d_V += cp.matmul(d_x_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))
     d_x = cp.matmul(d_x_proj_seq.reshape(-1, n_hidden), V).reshape(T, B, n_in)
-    return {
+    grads = {
         "W": d_W,
         "V": d_V,
         "b": d_b,
         "x": d_x,
         "h0": d_h0,
     }
+    return _out_steps(grads, extra, cache["steps"][1])
 
 
 def _cupy():
@@ -276,6 +298,114 @@ def _dims(n_in, n_hidden, n_out):
     return dims["n_in"], dims["n_hidden"], dims["n_out"]
 
 
+def _steps(lengths, reverse, T, B):
+    """Check ``lengths`` and ``reverse``; return (lengths, order, hold): ``order[t, b]`` the step
+    of x row b reads at step t (with ``reverse``, its first lengths[b] steps backwards; None: every
+    step in order), ``hold`` (T, B, 1) True at the steps at and beyond a row's length (None: no row
+    is shorter than T)."""
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise ValueError(f"reverse = {reverse!r}: expected True or False")
+    if lengths is None and not reverse:
+        return None, None, None
+    ends = np.full(B, T, np.int64) if lengths is None else cp.asnumpy(lengths)
+    if ends.dtype.kind not in "iu":
+        raise ValueError(f"lengths has dtype {ends.dtype}; expected integers")
+    if ends.shape != (B,):
+        raise ValueError(f"lengths has shape {ends.shape}; expected (B,) = ({B},)")
+    bad = np.flatnonzero((ends < 0) | (ends > T))
+    if bad.size:
+        raise ValueError(f"lengths[{bad[0]}] = {ends[bad[0]]} is not in [0, T] = [0, {T}]")
+    ends = ends.astype(np.int64)
+    steps = np.arange(T)[:, None]
+    held = steps >= ends
+    order = cp.asarray(np.where(held, steps, ends - 1 - steps)) if reverse else None
+    hold = cp.asarray(held[:, :, None]) if held.any() else None
+    return (cp.asarray(ends) if lengths is not None else None), order, hold
+
+
+def _in_steps(a, order, hold):
+    """``a`` (T, B, size) in the kernels' order of steps (``order`` is its own inverse), zero at
+    the held steps; ``a`` itself when neither applies."""
+    if order is not None:
+        a = cp.take_along_axis(a, order[:, :, None], axis=0)
+    if hold is not None:
+        a = cp.where(hold, cp.zeros((), a.dtype), a)
+    return a
+
+
+def _outputs_in_steps(outputs, order, hold):
+    """The outputs in x's order of steps; a readout zero at the held steps (a state is 0 there already)."""
+    return {name: _in_steps(value, order, None if name in STATES else hold) for name, value in outputs.items()}
+
+
+def _final_states(seqs, lengths):
+    """Each state after each row's last step, (B, size) (the initial state where a length is 0)."""
+    if lengths is None:
+        return {name: seq[-1].copy() for name, seq in seqs.items()}
+    rows = cp.arange(lengths.shape[0])
+    return {name: seq[lengths, rows] for name, seq in seqs.items()}
+
+
+def _check_grad_final(grad_final, final):
+    """dL/d(final states) as arrays of their dtype ({} for None; a state missing or None: zero)."""
+    if grad_final is None:
+        return {}
+    unknown = sorted(set(grad_final) - set(STATES))
+    if unknown:
+        raise ValueError(f"grad_final has no state '{unknown[0]}'; cell '{CELL}' has the states {', '.join(STATES)}")
+    out = {}
+    for name in STATES:
+        if grad_final.get(name) is not None:
+            g = _real(grad_final[name], f"grad_final['{name}']")
+            if tuple(g.shape) != tuple(final[name].shape):
+                raise ValueError(f"grad_final['{name}'] has shape {tuple(g.shape)}; expected {tuple(final[name].shape)} (B, {STATES[name]})")
+            out[name] = g.astype(final[name].dtype, copy=False)
+    return out
+
+
+def _seeds_in_steps(grad_outputs, grad_final, steps, final, T, B):
+    """The outputs' cotangents in the kernels' order, zero at the held steps, with dL/d(final
+    state) added at each row's last step; and what goes to the initial states directly (rows of
+    length 0)."""
+    lengths, order, hold = steps
+    final_grads = _check_grad_final(grad_final, final)
+    if order is None and hold is None and not final_grads:
+        return grad_outputs, {}
+    seeds = {}
+    for name, g in grad_outputs.items():
+        g = _real(g, f"grad_outputs['{name}']")
+        if g.ndim != 3 or tuple(g.shape[:2]) != (T, B):
+            raise ValueError(f"grad_outputs['{name}'] has shape {tuple(g.shape)}; expected (T, B, size) with T = {T}, B = {B}")
+        seeds[name] = _in_steps(g, order, hold)
+    ends = cp.full((B,), T, np.int64) if lengths is None else lengths
+    live = cp.arange(B)[ends > 0]
+    extra = {}
+    for name, g in final_grads.items():
+        seed = seeds.get(name)
+        if seed is None:
+            seed = cp.zeros((T,) + tuple(g.shape), g.dtype)
+        elif seed is grad_outputs[name] or (order is None and hold is None):
+            seed = seed.astype(g.dtype, copy=True)
+        seed[ends[live] - 1, live] += g[live]
+        seeds[name] = seed
+        extra[name] = cp.where((ends == 0)[:, None], g, cp.zeros((), g.dtype))
+    return seeds, extra
+
+
+def _out_steps(grads, extra, order):
+    """The gradients in x's order of steps, with the initial states' direct part."""
+    for name, g in extra.items():
+        grads[f"{name}0"] = grads[f"{name}0"] + g
+    if order is not None:
+        grads["x"] = _in_steps(grads["x"], order, None)
+    return grads
+
+
+def _masked_sum(value, hold):
+    """The sum over the steps that are not held (a loss with lengths)."""
+    return cp.sum(value if hold is None else cp.where(hold, cp.zeros((), value.dtype), value))
+
+
 def _dim_of(p, name, axis, factor=1):
     """A dimension read off a parameter's shape (axis ``axis`` is factor * dim)."""
     shape = p[name].shape
@@ -364,8 +494,10 @@ __host__ __device__ inline void antisymmetric_rnn_forward_loop0_element(
     const scalar_t* __restrict__ h_prev_proj,
     const scalar_t* __restrict__ b_ptr,
     scalar_t* __restrict__ h_seq,
-    scalar_t* __restrict__ tanh_z_seq)
+    scalar_t* __restrict__ tanh_z_seq,
+    const long long* lengths_)
 {
+    const bool active_ = step_ < lengths_[row_];  // lengths: steps at and beyond a row's length are held
     const scalar_t V_x = x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
     const scalar_t W_T_h_prev = h_prev_proj[row_ * (2*n_hidden) + n_hidden + unit_];
     const scalar_t W_h_prev = h_prev_proj[row_ * (2*n_hidden) + unit_];
@@ -375,7 +507,7 @@ __host__ __device__ inline void antisymmetric_rnn_forward_loop0_element(
     const scalar_t tanh_z = op_tanh(z);  // eq:antisymmetric_rnn:h
     tanh_z_seq[(step_ * rows_ + row_) * n_hidden + unit_] = tanh_z;
     const scalar_t h = h_prev + scalar_t(0.1)*tanh_z;  // eq:antisymmetric_rnn:h
-    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h;
+    h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = active_ ? h : scalar_t(0);
 }
 
 // backward, loop stage 0: adjoints of h, tanh_z, z
@@ -414,12 +546,13 @@ extern "C" __global__ void antisymmetric_rnn_forward_loop0_f32(
     const float* __restrict__ h_prev_proj,
     const float* __restrict__ b_ptr,
     float* __restrict__ h_seq,
-    float* __restrict__ tanh_z_seq)
+    float* __restrict__ tanh_z_seq,
+    const long long* lengths_)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq);
+        antisymmetric_rnn_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
     }
 }
 
@@ -429,12 +562,13 @@ extern "C" __global__ void antisymmetric_rnn_forward_loop0_f64(
     const double* __restrict__ h_prev_proj,
     const double* __restrict__ b_ptr,
     double* __restrict__ h_seq,
-    double* __restrict__ tanh_z_seq)
+    double* __restrict__ tanh_z_seq,
+    const long long* lengths_)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq);
+        antisymmetric_rnn_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
     }
 }
 
@@ -481,12 +615,13 @@ extern "C" void antisymmetric_rnn_forward_loop0_f32(
     const float* __restrict__ h_prev_proj,
     const float* __restrict__ b_ptr,
     float* __restrict__ h_seq,
-    float* __restrict__ tanh_z_seq)
+    float* __restrict__ tanh_z_seq,
+    const long long* lengths_)
 {
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq);
+            antisymmetric_rnn_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
         }
     }
 }
@@ -497,12 +632,13 @@ extern "C" void antisymmetric_rnn_forward_loop0_f64(
     const double* __restrict__ h_prev_proj,
     const double* __restrict__ b_ptr,
     double* __restrict__ h_seq,
-    double* __restrict__ tanh_z_seq)
+    double* __restrict__ tanh_z_seq,
+    const long long* lengths_)
 {
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq);
+            antisymmetric_rnn_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
         }
     }
 }

@@ -150,136 +150,28 @@ def _backend(device):
 
 
 # -- variable lengths ---------------------------------------------------------------------
-# The kernels run every sequence of the batch for all T steps (forward(params, x, state0) ->
-# outputs over (T, B, .)): their contract has no lengths yet.  _forward and _backward give
-# them lengths here, exactly and with no change of the kernels: the batch is put in order of
-# decreasing length, so that at every step the sequences still running are a prefix of it,
-# and the steps are run in chunks over which that prefix stays the same, one kernel call per
-# chunk, each starting from the states the previous one ended with; a sequence that has ended
-# keeps its state, and its outputs stay zero.  A reversed direction reads each sequence from
-# its last step to its first.  These two functions are the only place that knows: when the
-# kernels take lengths themselves, each becomes one call of them.
+# The kernels take lengths and reverse themselves (forward(params, x, state0, lengths, reverse),
+# final_states(cache), backward(params, cache, grad_outputs, grad_final)): one call each way.
 def _forward(backend, params, x, state0, lengths, reverse):
     """The kernels' forward over sequences of their own lengths (None: all of T steps), each
     read backwards if ``reverse``; -> (outputs (T, B, size) each, final states (B, size) each,
-    record for _backward)."""
-    xp, kernels = backend.xp, backend.kernels
-    T, B = x.shape[0], x.shape[1]
-    if lengths is None:  # one call
-        outputs, cache = kernels.forward(params, x[::-1] if reverse else x, state0)
-        finals = {name: outputs[name][-1].copy() for name in STATES}
-        if reverse:
-            outputs = {name: xp.ascontiguousarray(value[::-1]) for name, value in outputs.items()}
-        return outputs, finals, {"caches": [cache], "reverse": reverse, "lengths": None, "T": T}
-    order, steps, runs = _schedule(lengths, T)
-    if not runs:
-        raise ValueError("every sequence has length 0: there is no step to run")
-    index = xp.asarray(order) if order is not None else None
-    x = x[:, index] if index is not None else x
-    state = {name: value[index] if index is not None else value.copy() for name, value in state0.items()}
-    if reverse:
-        x = x[xp.asarray(steps), xp.arange(B)[None, :]]
-    outputs, caches = {}, []
-    for start, stop, active in runs:
-        out, cache = kernels.forward(params, x[start:stop, :active], {name: value[:active] for name, value in state.items()})
-        caches.append(cache)
-        if not outputs:
-            outputs = {name: xp.zeros((T, B) + value.shape[2:], value.dtype) for name, value in out.items()}
-            for name in STATES:
-                if name not in state:
-                    state[name] = xp.zeros((B,) + out[name].shape[2:], out[name].dtype)
-        for name, value in out.items():
-            outputs[name][start:stop, :active] = value
-        for name in STATES:
-            state[name][:active] = out[name][-1]
-    if reverse:
-        outputs = {name: value[xp.asarray(steps), xp.arange(B)[None, :]] for name, value in outputs.items()}
-    if order is not None:
-        back = xp.asarray(np.argsort(order))
-        outputs = {name: xp.ascontiguousarray(value[:, back]) for name, value in outputs.items()}
-        state = {name: xp.ascontiguousarray(value[back]) for name, value in state.items()}
-    record = {"caches": caches, "reverse": reverse, "lengths": lengths, "order": order, "steps": steps, "runs": runs,
-              "x": (x.shape, x.dtype)}
-    return outputs, state, record
+    the kernels' cache)."""
+    kernels = backend.kernels
+    outputs, cache = kernels.forward(params, x, state0, lengths, reverse)
+    # the final states are the caller's to change: copies (the outputs are saved, so torch refuses a
+    # backward after an in-place change of one)
+    finals = {name: value.copy() for name, value in kernels.final_states(cache).items()}
+    return outputs, finals, cache
 
 
-def _backward(backend, record, grad_outputs, grad_finals):
+def _backward(backend, cache, grad_outputs, grad_finals):
     """Gradients of _forward's call (the kernels' gradient names) from dL/d(outputs) and
     dL/d(final states), either given for any subset (missing: zero)."""
-    xp, kernels = backend.xp, backend.kernels
-    if record["lengths"] is None:  # one call
-        g = {name: value[::-1] if record["reverse"] else value for name, value in grad_outputs.items()}
-        for name, final in grad_finals.items():
-            g[name] = _plus_last(xp, g.get(name), final, record["T"])
-        grads = kernels.backward(None, record["caches"][0], g)
-        if record["reverse"]:
-            grads["x"] = xp.ascontiguousarray(grads["x"][::-1])
-        return grads
-    order, steps, runs = record["order"], record["steps"], record["runs"]
-    shape, dtype = record["x"]
-    T, B = shape[0], shape[1]
-    index = xp.asarray(order) if order is not None else None
-    g_seq = {name: value[:, index] if index is not None else value for name, value in grad_outputs.items()}
-    if record["reverse"]:
-        g_seq = {name: value[xp.asarray(steps), xp.arange(B)[None, :]] for name, value in g_seq.items()}
-    carry = {name: (value[index] if index is not None else value.copy()) for name, value in grad_finals.items()}
-    grads, d_x = None, xp.zeros(shape, dtype)
-    for (start, stop, active), cache in reversed(list(zip(runs, record["caches"]))):
-        g = {name: value[start:stop, :active] for name, value in g_seq.items()}
-        for name, value in carry.items():
-            g[name] = _plus_last(xp, g.get(name), value[:active], stop - start)
-        got = kernels.backward(None, cache, g)
-        if grads is None:
-            grads = {name: got[name] for name in PARAMETERS}
-        else:
-            for name in PARAMETERS:
-                grads[name] += got[name]
-        d_x[start:stop, :active] = got["x"]
-        for name in STATES:
-            d0 = got[name + "0"]
-            if name not in carry:
-                carry[name] = xp.zeros((B,) + d0.shape[1:], d0.dtype)
-            carry[name][:active] = d0
-    if record["reverse"]:
-        d_x = d_x[xp.asarray(steps), xp.arange(B)[None, :]]
-    if index is not None:
-        back = xp.asarray(np.argsort(order))
-        d_x = d_x[:, back]
-        carry = {name: value[back] for name, value in carry.items()}
-    grads["x"] = xp.ascontiguousarray(d_x)
-    grads.update({name + "0": xp.ascontiguousarray(value) for name, value in carry.items()})
-    return grads
-
-
-def _schedule(lengths, T):
-    """(order, steps, runs) for B lengths in [0, T]: ``order`` the batch by decreasing length
-    (None when it is that already), ``steps[t, b]`` the step of sequence b (in that order) that
-    its reversed reading takes at step t, ``runs`` the (start, stop, active) chunks of steps in
-    which the first ``active`` sequences run."""
-    order = None if np.all(lengths[:-1] >= lengths[1:]) else np.argsort(-lengths, kind="stable")
-    sorted_lengths = lengths if order is None else lengths[order]
-    t = np.arange(T)[:, None]
-    steps = np.where(t < sorted_lengths[None, :], sorted_lengths[None, :] - 1 - t, t)
-    active = (sorted_lengths[None, :] > t).sum(axis=1)
-    runs, start = [], 0
-    for stop in range(1, T + 1):
-        if stop == T or active[stop] != active[start]:
-            if active[start] > 0:
-                runs.append((start, stop, int(active[start])))
-            start = stop
-    return order, steps, runs
-
-
-def _plus_last(xp, seq, final, steps):
-    """A copy of the cotangent sequence ``seq`` (zeros of ``steps`` steps if None) with
-    ``final`` added at its last step."""
-    seq = xp.zeros((steps,) + final.shape, final.dtype) if seq is None else seq.copy()
-    seq[-1] += final
-    return seq
+    return backend.kernels.backward(None, cache, grad_outputs, grad_finals or None)
 
 
 def _lengths(lengths, T, B):
-    """``lengths`` (None, or B integers in [0, T], at least one above 0) as a NumPy int64 array."""
+    """``lengths`` (None, or B integers in [0, T]) as a NumPy int64 array (None where every one is T)."""
     if lengths is None:
         return None
     if isinstance(lengths, torch.Tensor):
@@ -389,9 +281,14 @@ class Function(torch.autograd.Function):
             grads = _backward(backend, record, grad_outputs, grad_finals)
             keys = ["x"] + [name + "0" for name in STATES] + list(PARAMETERS)
             needed = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[3:]
-            out = [backend.tensor(grads[key]).to(dtype) if need else None
+            out = [_as_dtype(backend.tensor(grads[key]), dtype) if need else None
                    for key, need, dtype in zip(keys, needed, ctx.dtypes)]
         return (out[0], None, None, *out[1:])
+
+
+def _as_dtype(tensor, dtype):
+    """``tensor`` in ``dtype`` (itself when it is that already: no call)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 # -- stacked layers ---------------------------------------------------------------------------

@@ -18,12 +18,18 @@ Contract (arrays are NumPy, float32 or float64; x has shape (T, B, n_in)):
 
     init_params(n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> params
     init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64) -> state0
-    forward(params, x, state0=None) -> (outputs, cache)
+    forward(params, x, state0=None, lengths=None, reverse=False) -> (outputs, cache)
         outputs: "h", "c", each of shape (T, B, size)
-    backward(params, cache, grad_outputs) -> grads
+        lengths: (B,) integers in [0, T]: at the steps at and beyond its length a row's
+            state is carried unchanged and its outputs are zero (torch's packed sequences)
+        reverse: read each row from its last step (lengths[b] - 1) to its first
+    final_states(cache) -> the states after each row's last step, each of shape (B, size)
+    backward(params, cache, grad_outputs, grad_final=None) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
+        grad_final: dL/d(final state) for any subset of the states (missing: zero)
         grads: one entry per parameter, "x", and the initial states "h0", "c0"
-    rtrl_grads(params, x, grad_outputs, state0=None) -> grads  (forward mode)
+    rtrl_grads(params, x, grad_outputs, state0=None, lengths=None, reverse=False, grad_final=None)
+        -> grads  (forward mode)
 
 Depends on NumPy only.
 """
@@ -95,14 +101,19 @@ def init_state0(batch, n_in, n_hidden, n_out=None, *, seed=0, dtype=np.float64):
 
 
 @np.errstate(over="ignore")  # sigmoid(a) = 1 / (1 + exp(-a)): exp(-a) = inf for a << 0 gives 0, its limit
-def forward(params, x, state0=None):
+def forward(params, x, state0=None, lengths=None, reverse=False):
     """Run the cell over x (T, B, n_in); return (outputs, cache for backward).
 
-    The cache holds its own copies of the parameters and x (changing yours in place
-    afterwards does not change what backward computes); the outputs are read-only views
-    of what backward reads (copy one to change it)."""
+    ``lengths`` (B integers in [0, T]): row b's steps t >= lengths[b] carry its state and
+    give zero outputs; ``reverse``: each row is read from step lengths[b] - 1 down to 0 (the
+    outputs stay at the steps they read).  The cache holds its own copies of the parameters
+    and x (changing yours in place afterwards does not change what backward computes); the
+    outputs are read-only (views of what backward reads without lengths and reverse; copy
+    one to change it); final_states(cache) gives the states after each row's last step."""
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0, private=True)
     T, B = x.shape[0], x.shape[1]
+    steps = lengths, order, hold = _steps(lengths, reverse, T, B)
+    x = _in_steps(x, order, hold)
     weight_ih_l0 = p["weight_ih_l0"]
     weight_hh_l0 = p["weight_hh_l0"]
     bias_ih_l0 = p["bias_ih_l0"]
@@ -153,12 +164,17 @@ def forward(params, x, state0=None):
         np.tanh(c, out=tanh_c)  # eq:lstm_torch:h
         h = h_seq[t + 1]
         np.multiply(o, tanh_c, out=h)  # eq:lstm_torch:h
-    outputs = {
+        if hold is not None:  # lengths: the held rows' outputs are zero (symrnn.schedule)
+            np.copyto(h_seq[t + 1], 0, where=hold[t])  # the rows past their length
+            np.copyto(c_seq[t + 1], 0, where=hold[t])  # the rows past their length
+    outputs = _outputs_in_steps({
         "h": h_seq[1:],
         "c": c_seq[1:],
-    }
+    }, order, hold)
     _read_only(outputs)  # backward reads them
-    cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out)}
+    final = _final_states({"h": h_seq, "c": c_seq}, lengths)
+    _read_only(final)
+    cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out), "steps": steps, "final": final}
     cache["c_seq"] = c_seq
     cache["f_seq"] = f_seq
     cache["g_seq"] = g_seq
@@ -169,14 +185,22 @@ def forward(params, x, state0=None):
     return outputs, cache
 
 
-def backward(params, cache, grad_outputs):
-    """Gradients of L given dL/d(outputs) at the forward call's values; ``params`` must be
-    the forward call's, or None (a ValueError names a parameter changed since)."""
+def final_states(cache):
+    """The states after each row's last step (step lengths[b] - 1, or T - 1; the initial
+    state where a length is 0), each of shape (B, size), read-only."""
+    return dict(cache["final"])
+
+
+def backward(params, cache, grad_outputs, grad_final=None):
+    """Gradients of L given dL/d(outputs) (and dL/d(final states), ``grad_final``) at the
+    forward call's values; ``params`` must be the forward call's, or None (a ValueError
+    names a parameter changed since)."""
     p, x = cache["params"], cache["x"]
     n_in, n_hidden, n_out = cache["dims"]
     T, B, dtype = x.shape[0], x.shape[1], x.dtype
     _check_same_params(params, p)
     _check_grad_outputs(grad_outputs)
+    grad_outputs, extra = _seeds_in_steps(grad_outputs, grad_final, cache["steps"], cache["final"], T, B)
     weight_ih_l0 = p["weight_ih_l0"]
     weight_hh_l0 = p["weight_hh_l0"]
     bias_ih_l0 = p["bias_ih_l0"]
@@ -236,7 +260,7 @@ def backward(params, cache, grad_outputs):
     # weight gradients: one GEMM over every step per stacked product
     np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden), out=d_weight_hh_l0)
     np.matmul(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, x.reshape(-1, n_in), out=d_weight_ih_l0)
-    return {
+    grads = {
         "weight_ih_l0": d_weight_ih_l0,
         "weight_hh_l0": d_weight_hh_l0,
         "bias_ih_l0": d_bias_ih_l0,
@@ -245,24 +269,38 @@ def backward(params, cache, grad_outputs):
         "h0": d_h_next,
         "c0": d_c_next,
     }
+    return _out_steps(grads, extra, cache["steps"][1])
 
 
-def rtrl_grads(params, x, grad_outputs, state0=None):
-    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL).
+def rtrl_grads(params, x, grad_outputs, state0=None, lengths=None, reverse=False, grad_final=None):
+    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL);
+    lengths by their definition: a held row's state and tangents are carried.
 
     Costs O(K) more memory and time than backward, K = number of parameters +
     initial-state entries + T * n_in: a check, not a training path."""
     x = _as_input(x)
+    T, B = x.shape[0], x.shape[1]
     _check_grad_outputs(grad_outputs)
+    lengths, order, hold = _steps(lengths, reverse, T, B)
+    final = _check_grad_final(grad_final, _prepare(params, x, state0)[2])
     seeds = {}
     for name in OUTPUTS:
         if name in grad_outputs:
-            seeds[name] = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
-    return _rtrl(params, x, state0, lambda t, values: {name: g[t] for name, g in seeds.items()})
+            g = _real(grad_outputs[name], f"grad_outputs['{name}']").astype(x.dtype, copy=False)
+            seeds[name] = g if order is None and hold is None else _in_steps(g, order, hold)
+
+    def cotangent(t, values):
+        cot = {name: g[t] for name, g in seeds.items()}
+        for name, g in (final.items() if t == T - 1 else ()):  # the final states are the states at T - 1
+            cot[name] = cot[name] + g if name in cot else g
+        return cot
+
+    grads = _rtrl(params, _in_steps(x, order, hold), state0, hold, cotangent)
+    return _out_steps(grads, final if T == 0 else {}, order)
 
 
 @np.errstate(over="ignore")
-def _rtrl(params, x, state0, cotangent):
+def _rtrl(params, x, state0, hold, cotangent):
     p, x, state0, (n_in, n_hidden, n_out), dtype = _prepare(params, x, state0)
     T, B = x.shape[0], x.shape[1]
     weight_ih_l0 = p["weight_ih_l0"]
@@ -361,6 +399,11 @@ def _rtrl(params, x, state0, cotangent):
         # h  eq:lstm_torch:h
         h = o*tanh_c
         J_h = (tanh_c) * J_o + (o) * J_tanh_c
+        if hold is not None:  # lengths, as defined: a held row keeps its state (symrnn.schedule)
+            h = np.where(hold[t], h_prev, h)
+            c = np.where(hold[t], c_prev, c)
+            J_h = np.where(hold[t], J_h_prev, J_h)
+            J_c = np.where(hold[t], J_c_prev, J_c)
         cot = cotangent(t, {"h": h, "c": c})
         if "h" in cot:
             G += np.einsum("kbn,bn->kb", J_h, cot["h"])
@@ -449,6 +492,114 @@ def _dims(n_in, n_hidden, n_out):
         if dims[name] != fixed:
             raise ValueError(f"cell '{CELL}' fixes {name} = {fixed}; got {dims[name]}")
     return dims["n_in"], dims["n_hidden"], dims["n_out"]
+
+
+def _steps(lengths, reverse, T, B):
+    """Check ``lengths`` and ``reverse``; return (lengths, order, hold): ``order[t, b]`` the step
+    of x row b reads at step t (with ``reverse``, its first lengths[b] steps backwards; None: every
+    step in order), ``hold`` (T, B, 1) True at the steps at and beyond a row's length (None: no row
+    is shorter than T)."""
+    if not isinstance(reverse, (bool, np.bool_)):
+        raise ValueError(f"reverse = {reverse!r}: expected True or False")
+    if lengths is None and not reverse:
+        return None, None, None
+    ends = np.full(B, T, np.int64) if lengths is None else np.asarray(lengths)
+    if ends.dtype.kind not in "iu":
+        raise ValueError(f"lengths has dtype {ends.dtype}; expected integers")
+    if ends.shape != (B,):
+        raise ValueError(f"lengths has shape {ends.shape}; expected (B,) = ({B},)")
+    bad = np.flatnonzero((ends < 0) | (ends > T))
+    if bad.size:
+        raise ValueError(f"lengths[{bad[0]}] = {ends[bad[0]]} is not in [0, T] = [0, {T}]")
+    ends = ends.astype(np.int64)
+    steps = np.arange(T)[:, None]
+    held = steps >= ends
+    order = np.asarray(np.where(held, steps, ends - 1 - steps)) if reverse else None
+    hold = np.asarray(held[:, :, None]) if held.any() else None
+    return (np.asarray(ends) if lengths is not None else None), order, hold
+
+
+def _in_steps(a, order, hold):
+    """``a`` (T, B, size) in the kernels' order of steps (``order`` is its own inverse), zero at
+    the held steps; ``a`` itself when neither applies."""
+    if order is not None:
+        a = np.take_along_axis(a, order[:, :, None], axis=0)
+    if hold is not None:
+        a = np.where(hold, np.zeros((), a.dtype), a)
+    return a
+
+
+def _outputs_in_steps(outputs, order, hold):
+    """The outputs in x's order of steps; a readout zero at the held steps (a state is 0 there already)."""
+    return {name: _in_steps(value, order, None if name in STATES else hold) for name, value in outputs.items()}
+
+
+def _final_states(seqs, lengths):
+    """Each state after each row's last step, (B, size) (the initial state where a length is 0)."""
+    if lengths is None:
+        return {name: seq[-1] for name, seq in seqs.items()}
+    rows = np.arange(lengths.shape[0])
+    return {name: seq[lengths, rows] for name, seq in seqs.items()}
+
+
+def _check_grad_final(grad_final, final):
+    """dL/d(final states) as arrays of their dtype ({} for None; a state missing or None: zero)."""
+    if grad_final is None:
+        return {}
+    unknown = sorted(set(grad_final) - set(STATES))
+    if unknown:
+        raise ValueError(f"grad_final has no state '{unknown[0]}'; cell '{CELL}' has the states {', '.join(STATES)}")
+    out = {}
+    for name in STATES:
+        if grad_final.get(name) is not None:
+            g = _real(grad_final[name], f"grad_final['{name}']")
+            if tuple(g.shape) != tuple(final[name].shape):
+                raise ValueError(f"grad_final['{name}'] has shape {tuple(g.shape)}; expected {tuple(final[name].shape)} (B, {STATES[name]})")
+            out[name] = g.astype(final[name].dtype, copy=False)
+    return out
+
+
+def _seeds_in_steps(grad_outputs, grad_final, steps, final, T, B):
+    """The outputs' cotangents in the kernels' order, zero at the held steps, with dL/d(final
+    state) added at each row's last step; and what goes to the initial states directly (rows of
+    length 0)."""
+    lengths, order, hold = steps
+    final_grads = _check_grad_final(grad_final, final)
+    if order is None and hold is None and not final_grads:
+        return grad_outputs, {}
+    seeds = {}
+    for name, g in grad_outputs.items():
+        g = _real(g, f"grad_outputs['{name}']")
+        if g.ndim != 3 or tuple(g.shape[:2]) != (T, B):
+            raise ValueError(f"grad_outputs['{name}'] has shape {tuple(g.shape)}; expected (T, B, size) with T = {T}, B = {B}")
+        seeds[name] = _in_steps(g, order, hold)
+    ends = np.full((B,), T, np.int64) if lengths is None else lengths
+    live = np.arange(B)[ends > 0]
+    extra = {}
+    for name, g in final_grads.items():
+        seed = seeds.get(name)
+        if seed is None:
+            seed = np.zeros((T,) + tuple(g.shape), g.dtype)
+        elif seed is grad_outputs[name] or (order is None and hold is None):
+            seed = seed.astype(g.dtype, copy=True)
+        seed[ends[live] - 1, live] += g[live]
+        seeds[name] = seed
+        extra[name] = np.where((ends == 0)[:, None], g, np.zeros((), g.dtype))
+    return seeds, extra
+
+
+def _out_steps(grads, extra, order):
+    """The gradients in x's order of steps, with the initial states' direct part."""
+    for name, g in extra.items():
+        grads[f"{name}0"] = grads[f"{name}0"] + g
+    if order is not None:
+        grads["x"] = _in_steps(grads["x"], order, None)
+    return grads
+
+
+def _masked_sum(value, hold):
+    """The sum over the steps that are not held (a loss with lengths)."""
+    return np.sum(value if hold is None else np.where(hold, np.zeros((), value.dtype), value))
 
 
 def _dim_of(p, name, axis, factor=1):

@@ -12,6 +12,9 @@ path is exercised.  Checks:
 * :func:`rtrl_vs_bptt`: the forward-mode (RTRL) gradients against backward;
 * for cells with a loss, the same finite differences through ``loss_and_grads``.
 
+A problem with ``lengths`` (and ``reverse``, ``grad_final``) checks the variable-length
+contract: L then also holds <grad_final, final states>, and every call passes them on.
+
 Errors are relative: ||a - b|| / max(||a||, ||b||).
 
 The random instance stays inside the cell's declared domain: a parameter or
@@ -25,13 +28,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .ops import OPS, Op
 
-__all__ = ["Problem", "Result", "random_problem", "nonfinite", "finite_differences", "directional", "rtrl_vs_bptt",
+__all__ = ["Problem", "Result", "random_problem", "with_lengths", "nonfinite", "finite_differences", "directional", "rtrl_vs_bptt",
            "check_module"]
 
 #: default tolerances (float64)
@@ -46,6 +49,24 @@ class Problem:
     state0: dict
     grad_outputs: dict
     target: np.ndarray | None
+    lengths: np.ndarray | None = None
+    reverse: bool = False
+    grad_final: dict | None = None
+
+    @property
+    def steps(self) -> dict:
+        """The keywords of the variable-length contract this problem uses (none without)."""
+        return {"lengths": self.lengths, "reverse": True} if self.reverse else \
+            {"lengths": self.lengths} if self.lengths is not None else {}
+
+
+def with_lengths(module, problem: Problem, lengths, reverse: bool = False, seed: int = 0) -> Problem:
+    """``problem`` with variable lengths, ``reverse``, and random cotangents of the final states."""
+    rng = np.random.default_rng(seed)
+    B = problem.x.shape[1]
+    grad_final = {s: rng.standard_normal((B,) + np.shape(v)[1:]) for s, v in problem.state0.items()}
+    return replace(problem, lengths=None if lengths is None else np.asarray(lengths), reverse=reverse,
+                   grad_final=grad_final)
 
 
 @dataclass(frozen=True)
@@ -160,24 +181,30 @@ def _with(problem: Problem, key: str, value: np.ndarray) -> Problem:
         x = value
     else:
         state0[key[:-1]] = value
-    return Problem(params, x, state0, problem.grad_outputs, problem.target)
+    return replace(problem, params=params, x=x, state0=state0)
 
 
 def _objective(module, loss: bool):
     if loss:
-        return lambda pr: float(module.loss_and_grads(pr.params, pr.x, pr.target, pr.state0)[0])
+        return lambda pr: float(module.loss_and_grads(pr.params, pr.x, pr.target, pr.state0, **pr.steps)[0])
 
     def linear(pr):
-        outputs, _ = module.forward(pr.params, pr.x, pr.state0)
-        return float(sum(np.sum(outputs[k] * g) for k, g in pr.grad_outputs.items()))
+        outputs, cache = module.forward(pr.params, pr.x, pr.state0, **pr.steps)
+        total = sum(np.sum(outputs[k] * g) for k, g in pr.grad_outputs.items())
+        if pr.grad_final:
+            final = module.final_states(cache)
+            total += sum(np.sum(final[k] * g) for k, g in pr.grad_final.items())
+        return float(total)
 
     return linear
 
 
 def _analytic(module, problem: Problem, loss: bool) -> dict:
     if loss:
-        return module.loss_and_grads(problem.params, problem.x, problem.target, problem.state0)[1]
-    _, cache = module.forward(problem.params, problem.x, problem.state0)
+        return module.loss_and_grads(problem.params, problem.x, problem.target, problem.state0, **problem.steps)[1]
+    _, cache = module.forward(problem.params, problem.x, problem.state0, **problem.steps)
+    if problem.grad_final:
+        return module.backward(problem.params, cache, problem.grad_outputs, problem.grad_final)
     return module.backward(problem.params, cache, problem.grad_outputs)
 
 
@@ -239,7 +266,8 @@ def directional(module, problem: Problem, *, eps=1e-6, tol=FD_TOL, seed=1) -> Re
 def rtrl_vs_bptt(module, problem: Problem, *, tol=RTRL_TOL) -> list[Result]:
     """Forward-mode sensitivities against the reverse-mode adjoints."""
     bptt = _analytic(module, problem, False)
-    rtrl = module.rtrl_grads(problem.params, problem.x, problem.grad_outputs, problem.state0)
+    final = {"grad_final": problem.grad_final} if problem.grad_final else {}
+    rtrl = module.rtrl_grads(problem.params, problem.x, problem.grad_outputs, problem.state0, **problem.steps, **final)
     return [Result("RTRL", k, np.shape(bptt[k]), rel_error(rtrl[k], bptt[k]), tol) for k in bptt]
 
 

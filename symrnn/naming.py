@@ -74,6 +74,8 @@ PYTHON_TEMPLATE = frozenset("""
     _add_matrix _add_matrix_t _seed _dims _dim_of _as_input _prepare _cupy
     _launch params x state0 p n_in n_hidden n_out dims dtype T B t t0 t1 outputs cache grad_outputs K G cot
     cotangent dW_stack
+    final_states final steps lengths reverse grad_final order hold grads extra _steps _in_steps _out_steps _seeds_in_steps
+    _final_states _check_grad_final _outputs_in_steps _masked_sum
 """.split())
 
 #: Python's keywords and built-ins, and the templates' names
@@ -96,7 +98,7 @@ _C_MATH = """
 """.split()
 _CUDA = "threadIdx blockIdx blockDim gridDim warpSize printf malloc free".split()
 #: names of the CUDA template (indices and sizes of a kernel) and the ops' helpers
-C_TEMPLATE = frozenset("scalar_t row_ unit_ rows_ units_ steps_ step_ t_ i_ n_in n_hidden n_out".split()) | {
+C_TEMPLATE = frozenset("scalar_t row_ unit_ rows_ units_ steps_ step_ t_ i_ n_in n_hidden n_out lengths_ active_".split()) | {
     f"op_{name}" for name in OPS
 }
 #: C++'s keywords, the math functions (with their float and long double forms), CUDA's built-ins, the template's names

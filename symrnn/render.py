@@ -125,7 +125,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=Non
     sections = ("forward_setup", "backward_setup", "rtrl_bind", "stacks", "forward_pre", "forward_alloc", "forward_loop",
                 "forward_post", "cache_names", "backward_seed", "backward_carry", "backward_post", "backward_coefs",
                 "backward_loop", "backward_after", "backward_pre", "backward_weights", "grads", "rtrl_setup", "rtrl_loop",
-                "rtrl_grads")
+                "rtrl_carry", "rtrl_cot", "rtrl_grads", "forward_hold", "finals")
     return _ENV.get_template("numpy_module.py.j2").render(
         **header.fields(), outputs_code=m.outputs, quiet_overflow=_uses_op(g, "sigmoid"),
         transposed_products=any(getattr(n, "transpose", False) for n in g.nodes),
@@ -162,6 +162,7 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
         **header.fields(), outputs_code=m.outputs,
         kernel_count=len(m.kernels), design=design_note(kernel_plan), kernels=m.kernels, block_size=BLOCK,
         setup=m.setup, stacks=m.stacks, forward=m.forward, cache_names=m.cache_names, backward=m.backward, grads=m.grads,
+        finals=m.finals,
         cuda_source=py_raw_block("\n" + render_cuda(kernel_plan, command, m)),
     )
 

@@ -8,6 +8,18 @@
   GRU's r and z, not its n) is *partially* shared.
 * **Forward cache.**  What forward keeps for backward: the states, ``plan.stored``,
   and values of the input side or readout the derivation reads.
+* **Variable lengths.**  With ``lengths`` (B integers in [0, T]) the cell is, by
+  definition, h^t = m^t h_new^t + (1 - m^t) h^{t-1} with the mask m^t = [t < length]
+  per row, and every output is m^t times its value (the final states are h^{T-1}).
+  Steps at and beyond a row's length are a suffix of its steps, so the adjoint of
+  every value there is 0 but the carried dL/dh^{T-1}; the kernels use that: at a held
+  step they store 0 for each state of :attr:`Schedule.held` (its output, exactly),
+  the next held step computes from that 0 (finite values, never read with a nonzero
+  adjoint), the final states are read at each row's last step, and backward is the
+  unmasked recursion with the outputs' cotangents masked and dL/d(final state)
+  added at each row's last step.  Every backend does this the same way (the
+  templates' contract helpers; the step kernels' stores); RTRL runs the definition
+  (the carry) and checks it.
 * **Common subexpressions.**  :func:`shared_subexpressions` places the temporaries
   of ``sympy.cse`` over a stage's adjoint statements, each just before the first
   statement that reads it, for every backend's printer.
@@ -42,6 +54,8 @@ class Schedule:
     partial_groups: tuple[str, ...]
     #: values (graph names) forward keeps over every step for backward, besides the states
     cached: tuple[str, ...]
+    #: states whose step stores 0 at the steps at and beyond a row's length (lengths): all of them
+    held: tuple[str, ...] = ()
 
 
 def schedule(plan: KernelPlan) -> Schedule:
@@ -50,7 +64,7 @@ def schedule(plan: KernelPlan) -> Schedule:
     g, d = plan.graph, plan.derivation
     cached = set(plan.stored) | {name for name in d.stored_values if not g.is_leaf(name) and plan.region_of[name] != "loop"}
     return Schedule(plan, MappingProxyType(groups), MappingProxyType(members), MappingProxyType(source), tuple(partial),
-                    tuple(n.name for n in g.nodes if n.name in cached))
+                    tuple(n.name for n in g.nodes if n.name in cached), tuple(g.state_names))
 
 
 def _shared_adjoints(plan: KernelPlan) -> tuple[dict, dict, dict, list]:

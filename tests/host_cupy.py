@@ -91,7 +91,10 @@ class _HostFunction:
                 raise TypeError(f"{self.name}: argument {a!r} is not an array")
             if not a.flags["C_CONTIGUOUS"]:
                 raise ValueError(f"{self.name}: a kernel argument is not C-contiguous (a GPU kernel would read it wrongly)")
-            if a.dtype not in (np.float32, np.float64) or (a.dtype == np.float32) != self.name.endswith("_f32"):
+            if a.dtype == np.int64:  # every row's length (``const long long*``)
+                if a.shape != (rows,):
+                    raise ValueError(f"{self.name}: lengths of shape {a.shape} for {rows} rows")
+            elif a.dtype not in (np.float32, np.float64) or (a.dtype == np.float32) != self.name.endswith("_f32"):
                 raise TypeError(f"{self.name}: argument of dtype {a.dtype}")
             c_args.append(ctypes.c_void_p(a.ctypes.data))
         if grid[0] * block[0] < rows:  # at least one thread per row (units are checked by the driver's loop)
@@ -117,7 +120,7 @@ def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
                  "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray", "array_equal",
-                 "arange", "from_dlpack"):
+                 "arange", "from_dlpack", "full", "where", "take_along_axis"):
         setattr(m, name, getattr(np, name))
     streams = _Streams()
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),

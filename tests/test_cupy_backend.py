@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import CELLS
-from cupy_support import TOL, compare, cuda_source, cupy_source, fresh_cupy_module
+from cupy_support import LENGTHS, TOL, compare, cuda_source, cupy_source, fresh_cupy_module, lengths_for
 from host_cupy import host_cupy
 from symrnn.cuda_printing import cuda_code, op_helpers
 from symrnn.errors import CellError
@@ -190,12 +190,13 @@ def host_module(cell: str, xp, monkeypatch, source: str | None = None):
     return load_module(source or cupy_source(cell), module_name(cell, "cupy"))
 
 
+@pytest.mark.parametrize("steps", LENGTHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
-def test_host_compiled_kernels_match_numpy(host_xp, monkeypatch, cell_name, dtype):
+def test_host_compiled_kernels_match_numpy(host_xp, monkeypatch, cell_name, dtype, steps):
     module = host_module(cell_name, host_xp, monkeypatch)
-    errors = compare(module, host_xp, cell_name, dtype)
+    errors = compare(module, host_xp, cell_name, dtype, steps=steps)
     bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
-    assert not bad, f"{cell_name} ({np.dtype(dtype).name}): relative errors above {TOL[dtype]}: {bad}"
+    assert not bad, f"{cell_name} ({np.dtype(dtype).name}, {steps}): relative errors above {TOL[dtype]}: {bad}"
 
 
 @pytest.mark.parametrize("make", ["min_gru", "ind_rnn", "gated_readout", "two_stage"])
@@ -211,14 +212,19 @@ def test_host_custom_cells_match_numpy(host_xp, monkeypatch, make):
     monkeypatch.setitem(__import__("sys").modules, "cupy", host_xp)
     cu = load_module(render_cupy(plan), cell.name + "_cupy")
     ref = load_module(__import__("symrnn.pipeline", fromlist=["render_numpy"]).render_numpy(plan), cell.name)
-    for dtype in DTYPES:
+    for dtype, steps in [(dtype, steps) for dtype in DTYPES for steps in LENGTHS]:
         pr = random_problem(ref, T=5, B=3, seed=2, dtype=dtype)
-        out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
-        out, cache = cu.forward(pr.params, pr.x, pr.state0)
-        grads_ref, grads = ref.backward(pr.params, cache_ref, pr.grad_outputs), cu.backward(pr.params, cache, pr.grad_outputs)
+        lengths, reverse = lengths_for(steps, 5, 3)
+        grad_final = {k: 0.5 * v for k, v in pr.state0.items()}
+        out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0, lengths, reverse)
+        out, cache = cu.forward(pr.params, pr.x, pr.state0, lengths, reverse)
+        grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs, grad_final)
+        grads = cu.backward(pr.params, cache, pr.grad_outputs, grad_final)
+        final_ref, final = ref.final_states(cache_ref), cu.final_states(cache)
         errors = {k: rel_error(out[k], out_ref[k]) for k in out_ref} | {"d_" + k: rel_error(grads[k], grads_ref[k]) for k in grads_ref}
+        errors |= {"final_" + k: rel_error(final[k], final_ref[k]) for k in final_ref}
         bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
-        assert not bad, f"{cell.name} ({np.dtype(dtype).name}): {bad}"
+        assert not bad, f"{cell.name} ({np.dtype(dtype).name}, {steps}): {bad}"
     if make in ("min_gru", "ind_rnn"):
         assert "loops over time" in render_cupy(plan)
 

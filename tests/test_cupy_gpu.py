@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from cupy_support import TOL, compare, fresh_cupy_module, numpy_module
+from cupy_support import LENGTHS, TOL, compare, fresh_cupy_module, numpy_module
 from symrnn.gradcheck import FD_TOL, finite_differences, random_problem
 
 pytestmark = pytest.mark.gpu
@@ -71,9 +71,11 @@ class OnHost:
 def test_gpu_matches_numpy(cp, cell_name, dtype):
     module = fresh_cupy_module(cell_name)
     for seed, (T, B) in enumerate([(5, 3), (17, 37)]):  # and sizes that are no multiple of the block
-        errors = compare(module, cp, cell_name, dtype, T=T, B=B, seed=seed)
-        bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
-        assert not bad, f"{cell_name} ({np.dtype(dtype).name}, T={T}, B={B}): relative errors above {TOL[dtype]}: {bad}"
+        for steps in LENGTHS:
+            errors = compare(module, cp, cell_name, dtype, T=T, B=B, seed=seed, steps=steps)
+            bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
+            assert not bad, (f"{cell_name} ({np.dtype(dtype).name}, T={T}, B={B}, {steps}): relative errors above "
+                             f"{TOL[dtype]}: {bad}")
 
 
 def test_gpu_finite_differences_float64(cp, cell_name):

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
-from cupy_support import TOL
+from cupy_support import LENGTHS, TOL, lengths_for
 from host_cupy import host_cupy
 from test_spec_random_cells import spec_text
 from symrnn.errors import CellError, UserError
@@ -128,20 +128,25 @@ def test_random_cells_on_the_cupy_backend_match_numpy(host_xp, text, sizes):
         assume(False)
     ref = load_module(render_numpy(plan), "random_cell")
     pr = random_problem(ref, T=4, B=2, seed=5, n_in=n_in, n_hidden=n_hidden, n_out=n_out)
-    out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
-    grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs)
+    grad_final = {k: 0.5 * v for k, v in pr.state0.items()}
     saved = sys.modules.get("cupy")
     sys.modules["cupy"] = host_xp  # the module imports cupy when it runs
     try:
         cu = load_module(source, "random_cell_cupy")
-        out, cache = cu.forward(pr.params, pr.x, pr.state0)
-        grads = cu.backward(pr.params, cache, pr.grad_outputs)
+        for steps in LENGTHS:  # without lengths; with lengths 0, 1, T, unsorted; reversed
+            lengths, reverse = lengths_for(steps, 4, 2)
+            out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0, lengths, reverse)
+            grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs, grad_final)
+            out, cache = cu.forward(pr.params, pr.x, pr.state0, lengths, reverse)
+            grads = cu.backward(pr.params, cache, pr.grad_outputs, grad_final)
+            final_ref, final = ref.final_states(cache_ref), cu.final_states(cache)
+            errors = {k: rel_error(np.asarray(out[k]), out_ref[k]) for k in out_ref}
+            errors |= {"d_" + k: rel_error(np.asarray(grads[k]), grads_ref[k]) for k in grads_ref}
+            errors |= {"final_" + k: rel_error(np.asarray(final[k]), final_ref[k]) for k in final_ref}
+            bad = {k: e for k, e in errors.items() if not e <= TOL[np.float64]}
+            assert not bad, f"{steps}: {bad}\n{text}"
     finally:
         if saved is None:
             sys.modules.pop("cupy")
         else:
             sys.modules["cupy"] = saved
-    errors = {k: rel_error(np.asarray(out[k]), out_ref[k]) for k in out_ref}
-    errors |= {"d_" + k: rel_error(np.asarray(grads[k]), grads_ref[k]) for k in grads_ref}
-    bad = {k: e for k, e in errors.items() if not e <= TOL[np.float64]}
-    assert not bad, f"{bad}\n{text}"

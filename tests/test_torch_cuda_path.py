@@ -50,9 +50,9 @@ def cuda_path(monkeypatch, tmp_path):
         kernels = fresh_cupy_module(cell)
         forward = kernels.forward
 
-        def forward_spy(params, x, state0=None):
+        def forward_spy(params, x, state0=None, *steps):
             views.append((x, "kernel x"))
-            return forward(params, x, state0)
+            return forward(params, x, state0, *steps)
 
         kernels.forward = forward_spy
         backend = m._Cuda(cupy=xp, kernels=kernels, current_stream=lambda device: _Stream)

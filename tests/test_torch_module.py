@@ -224,8 +224,8 @@ def test_no_cache_is_kept_without_a_graph(monkeypatch):
     caches = []
     forward = kernels.forward
 
-    def spy(params, x, state0=None):
-        outputs, cache = forward(params, x, state0)
+    def spy(params, x, state0=None, *steps):
+        outputs, cache = forward(params, x, state0, *steps)
         caches.append(weakref.ref(cache["x"]))  # the cache's own copy of x
         return outputs, cache
 
@@ -254,8 +254,8 @@ def test_the_cache_is_freed_by_backward_unless_the_graph_is_retained(monkeypatch
     caches = []
     forward = kernels.forward
 
-    def spy(params, x, state0=None):
-        outputs, cache = forward(params, x, state0)
+    def spy(params, x, state0=None, *steps):
+        outputs, cache = forward(params, x, state0, *steps)
         caches.append(weakref.ref(cache["x"]))
         return outputs, cache
 

@@ -57,6 +57,7 @@ class CupyModule:
     forward: list = field(default_factory=list)
     cache_names: list[str] = field(default_factory=list)
     outputs: list[tuple] = field(default_factory=list)
+    finals: list[tuple] = field(default_factory=list)  # each state's array over the steps, the initial state first
     backward: list = field(default_factory=list)
     grads: list[tuple] = field(default_factory=list)
     generated_names: frozenset[str] = frozenset()  # every Python name the namer gave out
@@ -181,7 +182,7 @@ class _Emitter:
         printer = PythonPrinter("cp")
         for section in ("setup", "stacks", "forward", "backward"):
             setattr(m, section, printer.lines(getattr(m, section)))
-        for pairs in ("outputs", "grads"):
+        for pairs in ("outputs", "finals", "grads"):
             setattr(m, pairs, [(k, printer.value(v)) for k, v in getattr(m, pairs)])
         return m
 
@@ -240,6 +241,7 @@ class _Emitter:
                 lines.extend(Assign(Ref(py("seq", n.name)), empty(Text("T"), Text("B"), Size(n.size))) for n in stage.pointwise)
                 lines.append(self.launch(self.forward_kernel(stage, i, "all", "post"), "T * B"))
         m.outputs = [(s.name, Ref(py("seq", s.name), (Span(1, None),))) for s in g.states]
+        m.finals = [(s.name, Ref(py("seq", s.name))) for s in g.states]
         for r in g.readouts:
             m.outputs.append((r, self.readout_product(r) if rule(IN_GROUP, g.node(r), "readout") else Ref(py("seq", r))))
         keep = {py("seq", s.name) for s in g.states} | {py("seq", n) for n in self.keep}
@@ -274,15 +276,23 @@ class _Emitter:
                 elif dep not in mine:
                     b.load(c(dep), self.loc(dep, ctx))
             b.stores.append(f"const {SCALAR} {c(node.name)} = {self.ccode(node.expr)};  // {self.label(node)}")
-            if node.name in g.state_names or node.name in self.keep or region != "loop":
+            if region == "loop" and node.name in self.schedule.held:  # lengths: 0 at a held step (symrnn.schedule)
+                b.store(self.loc(node.name, ctx), f"active_ ? {c(node.name)} : {SCALAR}(0)")
+            elif node.name in g.state_names or node.name in self.keep or region != "loop":
                 b.store(self.loc(node.name, ctx), c(node.name))
         for mv in stage.matvecs:
             if mv.name in self.keep:  # products backward reads (PyTorch's GRU: W_hn h + b_hn)
                 group, off = self.plan.group_of(mv.name)
                 b.load(c(mv.name), Loc(Ref(self.py("group", group.name)), ld=group.rows, off=off))
                 b.store(self.loc(mv.name, ctx), c(mv.name))
-        kernel.body = b.loads + b.stores
+        held = region == "loop" and any(n.name in self.schedule.held for n in stage.pointwise)
+        step = "t_" if mode == "time" else "step_"
+        kernel.body = ([f"const bool active_ = {step} < lengths_[row_];  // lengths: steps at and beyond a row's length are held"]
+                       if held else []) + b.loads + b.stores
         self.m.kernels.append(b.finish())
+        if held:  # every row's length (T where forward has none)
+            kernel.params.append(("const long long*", "lengths_"))
+            kernel.py_args.append(Ref("lengths"))
         return kernel
 
     def order(self, name: str) -> int:

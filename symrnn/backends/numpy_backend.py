@@ -56,8 +56,10 @@ class NumpyModule:
     forward_alloc: list = field(default_factory=list)
     forward_loop: list = field(default_factory=list)
     forward_post: list = field(default_factory=list)
+    forward_hold: list = field(default_factory=list)  # lengths: after each step, the held rows' states
     cache_names: list = field(default_factory=list)
     outputs: list[tuple] = field(default_factory=list)
+    finals: list[tuple] = field(default_factory=list)  # each state's array over the steps, the initial state first
     backward_seed: list = field(default_factory=list)
     backward_carry: list = field(default_factory=list)  # each state's adjoint from step t + 1, zero at T - 1
     backward_post: list = field(default_factory=list)
@@ -69,6 +71,8 @@ class NumpyModule:
     grads: list[tuple] = field(default_factory=list)
     rtrl_setup: list = field(default_factory=list)
     rtrl_loop: list = field(default_factory=list)
+    rtrl_carry: list = field(default_factory=list)  # lengths: the held rows' states and tangents carried
+    rtrl_cot: list = field(default_factory=list)  # the outputs' cotangents at step t
     rtrl_grads: list[tuple] = field(default_factory=list)
     loss_value: str = ""
     loss_grad: str = ""
@@ -162,7 +166,8 @@ class _Emitter:
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)
-        m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, [Assign(Ref("_"), v) for _, v in m.rtrl_grads])
+        m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, m.rtrl_carry, m.rtrl_cot,
+                                      [Assign(Ref("_"), v) for _, v in m.rtrl_grads])
         m.generated_names = self.n.names()
         return self.printed(m)
 
@@ -170,11 +175,11 @@ class _Emitter:
         """The module's sections, statements printed as lines (the template's data)."""
         printer = PythonPrinter()
         for section in ("forward_setup", "backward_setup", "rtrl_bind", "stacks", "forward_pre", "forward_alloc",
-                        "forward_loop", "forward_post", "backward_seed", "backward_carry", "backward_post",
+                        "forward_loop", "forward_post", "forward_hold", "backward_seed", "backward_carry", "backward_post",
                         "backward_coefs", "backward_loop", "backward_after", "backward_pre", "backward_weights",
-                        "rtrl_setup", "rtrl_loop"):
+                        "rtrl_setup", "rtrl_loop", "rtrl_carry", "rtrl_cot"):
             setattr(m, section, printer.lines(getattr(m, section)))
-        for pairs in ("outputs", "grads", "rtrl_grads"):
+        for pairs in ("outputs", "finals", "grads", "rtrl_grads"):
             setattr(m, pairs, [(k, printer.value(v)) for k, v in getattr(m, pairs)])
         return m
 
@@ -238,7 +243,7 @@ class _Emitter:
     # -- forward mode (RTRL) ------------------------------------------------------
     def rtrl(self) -> None:
         """The statements of ``_rtrl`` (symrnn.backends.numpy_rtrl)."""
-        self.m.rtrl_setup, self.m.rtrl_loop, self.m.rtrl_grads = emit_rtrl(self)
+        self.m.rtrl_setup, self.m.rtrl_loop, self.m.rtrl_carry, self.m.rtrl_cot, self.m.rtrl_grads = emit_rtrl(self)
 
     # -- loss ----------------------------------------------------------------------
     def loss(self) -> None:

@@ -114,6 +114,11 @@ def emit_forward(e) -> None:
     if plan.loop.stages:
         m.forward_loop[:0] = [Assign(Ref(n.value(s.prev)), Ref(n("seq", s.name), (t_SYM,))) for s in g.states]
     m.outputs = [(s.name, Ref(n("seq", s.name), (Span(1, None),))) for s in g.states] + [(r, Ref(n("seq", r))) for r in g.readouts]
+    m.finals = [(s.name, Ref(n("seq", s.name))) for s in g.states]
+    # lengths (symrnn.schedule): a held row's state is 0 after its step (its output; the final state is read
+    # at its last step)
+    m.forward_hold = [Do(Call("copyto", (Ref(n("seq", s), (t_SYM + 1,)), Text("0")), (("where", Ref("hold", (t_SYM,))),)),
+                         Ref(n("seq", s)), "the rows past their length") for s in e.schedule.held]
     m.cache_names = sorted(_cache(e))
     if "prune_views" in e.passes:
         m.forward_pre = without_unread_views(m.forward_pre, [*m.forward_loop, *m.forward_post, *fused.pre_lines],

@@ -30,8 +30,9 @@ class Context:
     constant: set[str]  # values of the parameters alone (broadcast over the batch)
 
 
-def emit_rtrl(e) -> tuple[list, list, list]:
-    """(setup, loop body, gradients) of ``_rtrl`` for the emitter ``e``."""
+def emit_rtrl(e) -> tuple[list, list, list, list, list]:
+    """(setup, loop body, carry, cotangents, gradients) of ``_rtrl`` for the emitter ``e``; the
+    carry is the definition of lengths (symrnn.schedule): a held row keeps its state and tangent."""
     g, n = e.g, e.n
     J, o = (lambda name: Ref(n("tangent", name))), (lambda name: Ref(n("offset", name)))
     o_x = o(g.input.name)
@@ -55,11 +56,14 @@ def emit_rtrl(e) -> tuple[list, list, list]:
     for node in g.nodes:
         loop.append(Comment(f"{node.name}  {e.label(node)}"))
         loop.extend(rule(RULES, node, "RTRL")(e, node, ctx))
-    loop.append(Assign(Ref("cot"), Helper("cotangent", (Text("t"), Dict(tuple((out, Ref(n.value(out))) for out in g.outputs))))))
+    hold = Ref("hold", (t_SYM,))
+    carry = [Assign(Ref(n.value(s.name)), Call("where", (hold, Ref(n.value(s.prev)), Ref(n.value(s.name))))) for s in g.states]
+    carry += [Assign(J(s.name), Call("where", (hold, J(s.prev), J(s.name)))) for s in g.states]
+    cot = [Assign(Ref("cot"), Helper("cotangent", (Text("t"), Dict(tuple((out, Ref(n.value(out))) for out in g.outputs)))))]
     for out in g.outputs:
         contract = Call("einsum", (Key("kbn,bn->kb"), J(out), Ref("cot", (Key(out),))))
-        loop.append(If(out, "cot", (Update(Ref("G"), "+", contract),)))
-    return setup, loop, _gradients(e, o, o_x)
+        cot.append(If(out, "cot", (Update(Ref("G"), "+", contract),)))
+    return setup, loop, carry, cot, _gradients(e, o, o_x)
 
 
 def _gradients(e, o, o_x) -> list:
