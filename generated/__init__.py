@@ -2,6 +2,9 @@
 """Generated kernel modules (symrnn 0.1.0): *_numpy depend on NumPy only, *_cupy on NumPy and CuPy, *_torch on torch and the cell's *_numpy (and *_cupy) module."""
 
 MODULES = (
+    "elman_classifier_cupy",
+    "elman_classifier_numpy",
+    "elman_classifier_torch",
     "elman_cupy",
     "elman_numpy",
     "elman_out_cupy",
@@ -20,6 +23,9 @@ MODULES = (
     "indrnn_cupy",
     "indrnn_numpy",
     "indrnn_torch",
+    "layer_norm_lstm_cupy",
+    "layer_norm_lstm_numpy",
+    "layer_norm_lstm_torch",
     "lstm_cupy",
     "lstm_forget_bias_cupy",
     "lstm_forget_bias_numpy",

@@ -12,7 +12,9 @@ The API, by task:
   ``params("W U")`` for parameter symbols (``W @ x`` a matrix product,
   ``W @ (h_prev, x)`` a concatenation, ``W[k]`` a row block); the nonlinearities
   ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``, ``step``
-  (``OPS`` maps their names to them); ``help(symrnn.cell)`` has an example;
+  (``OPS`` maps their names to them); the reductions over units ``mean``, ``sum_units``
+  (``sum`` in a spec file) and ``logsumexp``, broadcast back to every unit (``REDUCTIONS``);
+  ``help(symrnn.cell)`` has an example;
 * show a derivation in a notebook: :func:`derivation` (``symrnn.derivation("lstm")`` displays as
   mathematics; ``.tex``, ``.markdown``, ``.pdf(path)``);
 * check a hand-written derivation: ``symrnn.verify`` (``verify_file``, ``format_report``; the
@@ -38,6 +40,7 @@ from .errors import CellError, InternalError, UserError
 from .init import Init, parse_init
 from .notebook import derivation
 from .ops import OPS, exp, identity, relu, sigmoid, softplus, step, tanh
+from .reductions import REDUCTIONS, logsumexp, mean, sum_units
 from .spec import SpecError, SpecWarning, load_spec, parse_spec
 from .version import __version__
 

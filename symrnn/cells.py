@@ -23,7 +23,7 @@ from .ops import sigmoid, tanh
 __all__ = ["BUILTIN", "SPEC_CELLS", "builtin", "builtin_names", "spec_path"]
 
 #: built-in cells written as spec files (``symrnn/specs/<name>.toml``)
-SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias")
+SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "layer_norm_lstm", "elman_classifier")
 
 
 def spec_path(name: str):

@@ -301,13 +301,16 @@ def test_show_prints_the_declared_inits(tmp_path, capsys):
 # -- 2. declared initializers: the generated modules ---------------------------------
 def test_builtin_init_params_are_pytorch_s_draws_in_declaration_order(module):
     """The same generator calls as before inits could be declared: one uniform(-b, b)
-    per parameter, b = 1/sqrt(n_hidden), in declaration order."""
+    per parameter, b = 1/sqrt(n_hidden), in declaration order; a built-in cell's declared
+    inits are constants (layer_norm_lstm's gains, 1, and bias, 0), which draw nothing."""
     fixed = module.FIXED_DIMS
     sizes = fixed.get("n_in", 3), fixed.get("n_hidden", 5), fixed.get("n_out", 2)
-    assert module.PARAM_INITS == {} and module.STATE_INITS == {}
+    assert all(re.fullmatch(r"constant\([\d.]+\)", text) for text in module.PARAM_INITS.values()), module.PARAM_INITS
+    assert module.STATE_INITS == {}
     rng = np.random.default_rng(7)
     bound = 1.0 / np.sqrt(sizes[1])
-    expected = {k: rng.uniform(-bound, bound, s).astype(np.float32) for k, s in module.param_shapes(*sizes).items()}
+    expected = {k: np.full(s, float(module.PARAM_INITS[k][9:-1]), np.float32) if k in module.PARAM_INITS
+                else rng.uniform(-bound, bound, s).astype(np.float32) for k, s in module.param_shapes(*sizes).items()}
     got = module.init_params(*sizes, seed=7, dtype=np.float32)
     assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
     zeros = module.init_state0(2, *sizes)
