@@ -14,7 +14,9 @@ The API, by task:
   ``matvec(W - W.T - gamma * I, h)`` a combination of matrices with the identity ``I``);
   the nonlinearities ``sigmoid``, ``tanh``, ``relu``, ``softplus``, ``exp``, ``identity``,
   ``step``, ``log``, ``sqrt``, ``sin``, ``cos``
-  (``OPS`` maps their names to them); ``help(symrnn.cell)`` has an example;
+  (``OPS`` maps their names to them); the reductions over units ``mean``, ``sum_units``
+  (``sum`` in a spec file) and ``logsumexp``, broadcast back to every unit (``REDUCTIONS``);
+  ``help(symrnn.cell)`` has an example;
 * show a derivation in a notebook: :func:`derivation` (``symrnn.derivation("lstm")`` displays as
   mathematics; ``.tex``, ``.markdown``, ``.pdf(path)``);
 * check a hand-written derivation: ``symrnn.verify`` (``verify_file``, ``format_report``; the
@@ -40,6 +42,7 @@ from .errors import CellError, InternalError, UserError
 from .init import Init, parse_init
 from .notebook import derivation
 from .ops import OPS, cos, exp, identity, log, relu, sigmoid, sin, softplus, sqrt, step, tanh
+from .reductions import REDUCTIONS, logsumexp, mean, sum_units
 from .spec import SpecError, SpecWarning, load_spec, parse_spec
 from .version import __version__
 

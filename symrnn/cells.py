@@ -23,7 +23,8 @@ from .ops import sigmoid, tanh
 __all__ = ["BUILTIN", "SPEC_CELLS", "builtin", "builtin_names", "spec_path"]
 
 #: built-in cells written as spec files (``symrnn/specs/<name>.toml``)
-SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "antisymmetric_rnn", "rg_lru")
+SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "antisymmetric_rnn", "rg_lru",
+              "layer_norm_lstm", "elman_classifier")
 
 
 def spec_path(name: str):

@@ -3,7 +3,10 @@
 From the local partial derivatives of every pointwise node (written through
 stored forward values, so sigma' = sigma (1 - sigma)) and two fixed rules for a
 matrix-vector node M = W v (adjoint: delta_v += W^T delta_M, gradient:
-delta_W += delta_M v^T; tangent: dM = W dv + dW v), this module derives
+delta_W += delta_M v^T; tangent: dM = W dv + dW v), and one for a reduction over
+units r = R(a), broadcast back (adjoint: delta_a += w sum_k delta_r[k]; tangent:
+dr = sum_j w_j da_j, with the reduction's weight w = dr/da_j: 1/n for the mean,
+symrnn.reductions), this module derives
 
 * the reverse-mode (BPTT) adjoint of every value: a sum of terms
   ``partial * adjoint(consumer)`` and ``W^T adjoint(consumer)``
@@ -25,7 +28,7 @@ from functools import cached_property
 
 import sympy
 
-from .ir import MatVecNode, Pointwise, StepGraph, rule
+from .ir import MatVecNode, Pointwise, Reduction, StepGraph, rule
 
 __all__ = ["Derivation", "derive", "Sensitivity"]
 
@@ -118,11 +121,19 @@ def _pointwise_adjoint(der: Derivation, consumer: Pointwise, name: str) -> tuple
     return ((consumer.name, p),) if p != 0 else ()
 
 
+def _reduction_read(node: Reduction) -> tuple[str, ...]:
+    """What a reduction's adjoint reads: its weight's values (logsumexp: operand and result)."""
+    return tuple(sorted(s.name for s in sympy.sympify(node.weight()).free_symbols if s.name in (node.operand, node.name)))
+
+
 #: the rules of each node kind (ir.NODE_KINDS): local partials (None: linear rules instead),
-#: the terms a consumer adds to an adjoint, the operands backward reads
-PARTIALS = {Pointwise: lambda node: local_partials(node), MatVecNode: lambda node: None}
-ADJOINT = {Pointwise: _pointwise_adjoint, MatVecNode: lambda der, consumer, name: ((consumer.name, consumer),)}
-OPERANDS_READ = {Pointwise: lambda node: (), MatVecNode: lambda node: (node.operand,)}
+#: the terms a consumer adds to an adjoint (a matrix-vector product's W^T delta, a
+#: reduction's weight * sum_k delta[k]: the consumer itself stands for the rule), the
+#: operands backward reads
+PARTIALS = {Pointwise: lambda node: local_partials(node), MatVecNode: lambda node: None, Reduction: lambda node: None}
+ADJOINT = {Pointwise: _pointwise_adjoint, MatVecNode: lambda der, consumer, name: ((consumer.name, consumer),),
+           Reduction: lambda der, consumer, name: ((consumer.name, consumer),)}
+OPERANDS_READ = {Pointwise: lambda node: (), MatVecNode: lambda node: (node.operand,), Reduction: _reduction_read}
 
 
 def local_partials(node: Pointwise) -> tuple[tuple[str, sympy.Expr], ...]:
@@ -176,7 +187,7 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
                 return sympy.KroneckerDelta(unit + offset, _i)
             return sympy.Integer(0)
         node = g.node(name)
-        return rule({Pointwise: pointwise, MatVecNode: matvec}, node, "sensitivity")(node, unit)
+        return rule({Pointwise: pointwise, MatVecNode: matvec, Reduction: reduction}, node, "sensitivity")(node, unit)
 
     def pointwise(node: Pointwise, unit: sympy.Expr) -> sympy.Expr:
         return sympy.Add(*[at(p, unit) * tan(d, unit) for d, p in der.partials[node.name]])
@@ -198,6 +209,17 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
         elif node.param == param:
             terms.append(sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
         return sympy.Add(*terms)
+
+    def reduction(node: Reduction, unit: sympy.Expr) -> sympy.Expr:
+        """The same at every unit: sum_m w_m d operand[m] over a fresh index."""
+        probe = sympy.Dummy("m")
+        da = tan(node.operand, probe)
+        if da == 0:
+            return sympy.Integer(0)
+        m = next(dummies)
+        w = node.weight()
+        w = w.xreplace({sympy.Symbol(v): sympy.IndexedBase(v)[m] for v in (node.operand, node.name)})
+        return sympy.Sum(w * da.xreplace({probe: m}), (m, 0, node.size - 1))
 
     lhs_base = sympy.IndexedBase(sensitivity_name(state, param))
     lhs = lhs_base[(_l, *idx)] if idx else lhs_base[_l]

@@ -11,6 +11,9 @@ One time step of a cell, lowered from its equations (:mod:`symrnn.lower`):
   rational in stored values.
 * :class:`MatVecNode`: a node ``W[rows, cols] @ operand``, or with ``transpose``
   ``W[cols, :].T @ operand`` (``W.T @ v``: its columns range over W's rows).
+* :class:`Reduction`: a node ``mean(operand)``, ``sum(operand)`` or
+  ``logsumexp(operand)`` over the operand's units, broadcast back (every unit holds
+  the reduced value; rules in :mod:`symrnn.reductions`).
 
 Nodes are in topological order; names are unique and deterministic.
 """
@@ -26,6 +29,7 @@ import sympy
 from .errors import InternalError
 from .init import Init
 from .ops import Op
+from .reductions import Reduce
 
 LeafKind = Literal["input", "prev_state", "param", "target"]
 Role = Literal["intermediate", "state", "readout", "auxiliary"]
@@ -94,9 +98,30 @@ class MatVecNode:
         return (self.operand,)
 
 
-Node = Union[Pointwise, MatVecNode]
+@dataclass(frozen=True)
+class Reduction:
+    """``reduce(operand)`` over the operand's units, broadcast back to its size.  The operand
+    is always a node (lowering wraps a leaf in an auxiliary node)."""
+
+    name: str
+    size: sympy.Expr  # the operand's size (the value is broadcast back over its units)
+    reduce: type[Reduce]
+    operand: str
+    role: Role
+    equation: str
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.operand,)
+
+    def weight(self) -> sympy.Expr:
+        """d self / d operand_j at every unit j (symrnn.reductions)."""
+        return self.reduce.weight(sympy.Symbol(self.operand), sympy.Symbol(self.name), self.size)
+
+
+Node = Union[Pointwise, MatVecNode, Reduction]
 #: every kind of node; each stage that treats nodes by kind has a rule for each (tests/test_rules.py)
-NODE_KINDS: tuple[type, ...] = (Pointwise, MatVecNode)
+NODE_KINDS: tuple[type, ...] = (Pointwise, MatVecNode, Reduction)
 
 T = TypeVar("T")
 

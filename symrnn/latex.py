@@ -20,7 +20,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from .cell import DIMS
 from .derive import Derivation, sensitivity_name
-from .ir import MatVecNode, Pointwise
+from .ir import MatVecNode, Pointwise, Reduction
 from .document import cost_table as _cost, dim_tex as _dim, visible_width as _visible
 from .plan import KernelPlan
 
@@ -48,6 +48,14 @@ class Notation:
 
     def base(self, name: str) -> str:
         return base_latex(dict(self.rename).get(name, name))
+
+    def form_for(self, graph) -> str:
+        """The form a document of ``graph`` is written in: ``form``, except that a cell with a
+        reduction over units (mean, sum, logsumexp) is written per unit (``\\frac{1}{n}\\sum_j
+        a_j``): the textbook form's chain rule (symrnn.chainrule) has no rule for them yet."""
+        if any(isinstance(n, Reduction) for n in graph.nodes):
+            return "unit"
+        return self.form
 
     def at(self, base: str, time: str) -> str:
         if self.time == "index":
@@ -103,6 +111,8 @@ class DerivationLatexPrinter(LatexPrinter):
     def definition(self, node) -> str:
         if isinstance(node, MatVecNode):
             return f"{self.weight(node)} {self.value(node.operand)}"
+        if isinstance(node, Reduction):  # \frac{1}{n}\sum_{j} a_j
+            return self.doprint(node.reduce(sympy.Symbol(node.operand)))
         return self.doprint(node.expr)
 
     def weight(self, node: MatVecNode) -> str:
@@ -290,6 +300,7 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
     base = P.notation.base(param)
     theta = (base.lower() if len(base) == 1 and decl.kind == "matrix" else base) + index
     memo: dict[str, str] = {}
+    parts: dict[str, list[str]] = {}  # the terms of each node's text
 
     def dot(name: str) -> str:
         if g.is_leaf(name):
@@ -316,6 +327,16 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
                 row = "l" if not node.block else f"(l + {P.doprint(node.block * node.size)})"
                 terms.append(rf"\delta_{{{row}i}} {P.value(node.operand)}_{{j}}")
             text = " + ".join(terms)
+        elif isinstance(node, Reduction):
+            inner = dot(node.operand)
+            if inner and len(inner) > 80:  # the operand's own line: this one names it
+                lhs = rf"\frac{{\partial {P.value(node.operand)}_{{l}}}}{{\partial {theta}}}"
+                chain.append((lhs, _group(parts.get(node.operand, [inner]), per_line=2)))
+                inner = lhs
+            w = node.weight()
+            factor = "" if w == 1 else _factor(P, w) + r"\, "
+            text = rf"\sum_{{m}} {factor}\left.{inner}\right|_{{l = m}}" if inner else ""
+            terms = [text] if text else []
         else:
             terms = []
             for dep, p in der.partials[name]:
@@ -324,6 +345,7 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
                     factor = "" if p == 1 else _factor(P, p) + r"\, "
                     terms.append(factor + (rf"\left({d}\right)" if " + " in d and factor else d))
             text = " + ".join(terms)
+        parts[name] = terms
         if text and node.role != "auxiliary":
             lines = _group(terms if isinstance(node, Pointwise) else [text], per_line=2)
             chain.append((rf"\frac{{\partial {P.value(name)}_{{l}}}}{{\partial {theta}}}", lines))
@@ -344,6 +366,10 @@ def _adjoint(P, der: Derivation, name: str, g) -> dict | None:
             w = P.weight(node)  # (W^T)^T = W
             w = w.removesuffix(r"^{\top}") if node.transpose else rf"{w}^{{\top}}"
             terms.append(rf"{w} \overline{{{P.value(consumer)}}}")
+        elif isinstance(node, Reduction):  # the same at every unit: weight times the sum over units
+            w = node.weight()
+            factor = "" if w == 1 else rf"{_factor(P, w)}\, "
+            terms.append(rf"{factor}\sum_{{k}} {{\overline{{{P.value(consumer)}}}}}_{{k}}")
         else:
             factor = "" if coeff == 1 else rf"{_factor(P, coeff)}\, "
             terms.append(rf"{factor}\overline{{{P.value(consumer)}}}")

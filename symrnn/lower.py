@@ -20,8 +20,9 @@ from .cell import DIMS, Block, Cell, Identity, MatVec, State, Transpose
 from .errors import CellError, suggest
 from .escape import check_text, shown
 from .init import Init, as_init, check_init
-from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, StateDecl, StepGraph
+from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, Reduction, StateDecl, StepGraph
 from .ops import OPS, Op, exp, log
+from .reductions import Reduce
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # matched with fullmatch: no trailing newline
 #: the longest name accepted (a file name is built from the cell's)
@@ -525,6 +526,9 @@ class _Lowering:
             self.matvec(expr, where, name=name, role=role)
             return
         self.context = self.context_size(expr)  # the size of a scalar parameter's nonlinearity (sigmoid(a))
+        if isinstance(expr, Reduce) and role == "intermediate":  # mu = mean(a): the node is mu
+            self.reduction(expr, name, where, name=name)
+            return
         if isinstance(expr, Op):
             body = type(expr)(self.rational(expr.args[0], name, where))
         else:
@@ -545,6 +549,8 @@ class _Lowering:
                              "as (W - gamma * I) @ h")
         if isinstance(expr, Block):
             return sympy.Symbol(self.param_leaf(expr.args[0].name, int(expr.args[1]), where))
+        if isinstance(expr, Reduce):
+            return sympy.Symbol(self.reduction(expr, eq, where))
         if isinstance(expr, Op):
             arg = self.rational(expr.args[0], eq, where)
             base = f"{type(expr).__name__}_{arg.name if arg.is_Symbol else eq}"
@@ -666,6 +672,21 @@ class _Lowering:
         aux = Pointwise(self.fresh(f"{weight}_in{i}"), self.pointwise_size(lowered, where), lowered, "auxiliary", eq)
         self.add_node(aux)
         return aux.name
+    def reduction(self, expr: Reduce, eq: str, where: str, name: str | None = None) -> str:
+        """A reduction over units as a node of its own (named ``name``, or mean_a); its operand
+        is a node: an expression, a leaf (the input, a state at t-1, a parameter) get an
+        auxiliary node of their own.  Returns the node's name."""
+        kind = type(expr)
+        arg = self.rational(expr.args[0], eq, where)
+        size = self.pointwise_size(arg, where)
+        if arg.is_Symbol and arg.name in self.scope and self.scope[arg.name][0] == "node":
+            operand = arg.name
+        else:
+            operand = self.fresh(f"{kind.spec_name}_in_{arg.name if arg.is_Symbol else eq}")
+            self.add_node(Pointwise(operand, size, arg, "auxiliary", eq))
+        node_name = name or self.fresh(f"{kind.spec_name}_{operand}")
+        self.add_node(Reduction(node_name, size, kind, operand, "intermediate" if name else "auxiliary", eq))
+        return node_name
 
     def function_error(self, expr: sympy.Function, where: str) -> CellError:
         """A function that is not one of symrnn's ops, with the spelling that works."""

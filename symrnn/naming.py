@@ -41,6 +41,7 @@ PATTERNS: dict[str, str] = {
     "adj_part": "d_{0}_{1}",  # stage {1}'s contribution to the adjoint of {0}
     "adj_from": "d_{0}_from{1}",  # ... within its own region
     "adj_via": "d_{0}_from_{1}",  # W^T delta of GEMM {1}, the operand {0}'s share
+    "adj_sum": "d_{0}_sum",  # the sum over units of a reduction's adjoint
     "adj_out": "d_{0}_out",  # the adjoint of an output, read by a kernel
     "adj_loop": "d_{0}_loop",
     "adj_stage_seq": "d_{0}_{1}_seq",  # stage {1}'s contribution, stored over every step

@@ -39,7 +39,7 @@ class DerivationDocument:
         from .latex import document_data
         from .textbook import vector_document_data
 
-        if self.notation.form == "unit":
+        if self.notation.form_for(self.plan.graph) == "unit":
             return document_data(self.plan, self.notation)
         return vector_document_data(self.plan, self.notation)
 

@@ -8,6 +8,10 @@
   nodes; a GEMM whose operand is computed in the same step (the seeds' GRU
   multiplies r * h_prev) waits for the stage before it.  Per step, most cells
   have one stage: one recurrent GEMM and one fused pointwise pass.
+* **Reductions.**  A reduction over units (``mean(a)``) waits, like a GEMM, for an
+  operand computed in the same step: it runs at the start of the next stage, after
+  the stage's GEMMs and before its pointwise nodes (a stage boundary: every unit of
+  the operand is known before any is reduced).
 * **Stacking.**  Matrix-vector nodes of one stage that multiply the same
   vector form one GEMM with their weights stacked row-wise, ordered by
   parameter and row block; when the stack is exactly one declared parameter
@@ -23,7 +27,7 @@ import sympy
 
 from .derive import Derivation
 from .errors import CellError
-from .ir import MatVecNode, Pointwise, StepGraph, rule
+from .ir import MatVecNode, Pointwise, Reduction, StepGraph, rule
 
 __all__ = ["GemmGroup", "KernelPlan", "Region", "Stage", "plan"]
 
@@ -48,6 +52,7 @@ class GemmGroup:
 class Stage:
     groups: tuple[GemmGroup, ...]
     pointwise: tuple[Pointwise, ...]
+    reductions: tuple[Reduction, ...] = ()  # after the GEMMs, before the pointwise nodes
 
     @property
     def matvecs(self) -> tuple[MatVecNode, ...]:
@@ -61,7 +66,7 @@ class Region:
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return tuple(n.name for s in self.stages for n in (*s.matvecs, *s.pointwise))
+        return tuple(n.name for s in self.stages for n in (*s.matvecs, *s.reductions, *s.pointwise))
 
 
 @dataclass(frozen=True)
@@ -142,19 +147,20 @@ def _region(g: StepGraph, name: str, nodes: list, names: set[str]) -> Region:
         level[n.name] = rule(LEVEL, n, "stage")(deps)
     stages = []
     for k in range(max(level.values(), default=-1) + 1):
-        parts: dict[str, list] = {"matvec": [], "pointwise": []}
+        parts: dict[str, list] = {"matvec": [], "reduction": [], "pointwise": []}
         for n in nodes:
             if level[n.name] == k:
                 parts[rule(PART, n, "stage part")].append(n)
-        stages.append(Stage(_groups(g, parts["matvec"], names), tuple(parts["pointwise"])))
+        stages.append(Stage(_groups(g, parts["matvec"], names), tuple(parts["pointwise"]), tuple(parts["reduction"])))
     return Region(name, tuple(stages))
 
 
 #: the rules of each node kind (ir.NODE_KINDS): its stage from its dependencies' (a
-#: matrix-vector product waits for an operand computed in the step: the next stage), and
-#: which part of a stage holds it
-LEVEL = {MatVecNode: lambda deps: deps[0] + 1 if deps else 0, Pointwise: lambda deps: max(deps, default=0)}
-PART = {MatVecNode: "matvec", Pointwise: "pointwise"}
+#: matrix-vector product or a reduction waits for an operand computed in the step: the
+#: next stage), and which part of a stage holds it
+LEVEL = {MatVecNode: lambda deps: deps[0] + 1 if deps else 0, Pointwise: lambda deps: max(deps, default=0),
+         Reduction: lambda deps: deps[0] + 1 if deps else 0}
+PART = {MatVecNode: "matvec", Pointwise: "pointwise", Reduction: "reduction"}
 
 
 def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[GemmGroup, ...]:

@@ -16,6 +16,7 @@ from sympy.printing.numpy import NumPyPrinter as _SympyNumPyPrinter
 
 from .errors import InternalError
 from .ops import Op
+from .reductions import Reduce
 
 
 class NumpyPrinter(_SympyNumPyPrinter):
@@ -28,6 +29,8 @@ class NumpyPrinter(_SympyNumPyPrinter):
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, Op):  # before NumPyPrinter's own tanh, exp, ... (same class names)
+            return type(expr).numpy.format(x=self._print(expr.args[0]), xp=self._lib)
+        if isinstance(expr, Reduce):  # over the last (unit) axis, kept
             return type(expr).numpy.format(x=self._print(expr.args[0]), xp=self._lib)
         return super()._print(expr, **kwargs)
 

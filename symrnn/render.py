@@ -363,7 +363,7 @@ def _render_document(kernel_plan: KernelPlan, notation, fmt: str, command: str |
     from .latex import Notation, document_data
 
     notation = notation or Notation()
-    if notation.form == "unit":
+    if notation.form_for(kernel_plan.graph) == "unit":
         data, template = document_data(kernel_plan, notation), f"derivation.{fmt}.j2"
     else:
         from .textbook import vector_document_data

@@ -51,6 +51,7 @@ from .errors import CellError, UserError, suggest
 from .escape import one_line, shown
 from .lower import MAX_DEPTH, NONDIFFERENTIABLE, instead, lower
 from .ops import OPS
+from .reductions import REDUCTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -429,8 +430,8 @@ class _Reader:
 MAX_EXPR_SIZE = 4000
 _LIMITS = (f"an expression has at most {MAX_EXPR_SIZE} names, numbers and operations and nests at most {MAX_DEPTH} "
            "levels deep")
-_ALLOWED = ("names, numbers, + - * / **, W @ v, W @ (a, b), W[k], W.T @ v, (W - W.T - gamma * I) @ v, and the "
-            "functions " + ", ".join(OPS))
+_ALLOWED = ("names, numbers, + - * / **, W @ v, W @ (a, b), W[k], W.T @ v, (W - W.T - gamma * I) @ v, the "
+            "functions " + ", ".join(OPS) + " and the reductions over units " + ", ".join(REDUCTIONS))
 _SUM, _PRODUCT = (ast.Add, ast.Sub), (ast.Mult, ast.Div)
 _APPLY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -498,7 +499,7 @@ class _Builder:
             return self.constants[name]
         if name in self.params:
             return self.params[name]
-        if name in OPS or name in NONDIFFERENTIABLE:
+        if name in OPS or name in NONDIFFERENTIABLE or (name in REDUCTIONS and name not in self.names):
             raise self.fail(node, f"'{name}' is a function; write {name}(...)")
         if name == "I" and name not in self.names:
             raise self.fail(node, "I is the identity matrix: it is only allowed in a combination of matrices before @, "
@@ -732,6 +733,16 @@ class _Builder:
                     return f"; write softplus({self.snippet(call.args[0])})"
         return ""
 
+    def reduction(self, node: ast.Call, name: str):
+        """``mean(e)``, ``sum(e)``, ``logsumexp(e)``: over the units of a vector (symrnn.reductions);
+        not in the loss, which is per unit (compute the reduction in a readout)."""
+        if node.keywords or len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+            raise self.fail(node, f"{name}(...) takes exactly one argument (a vector expression; it reduces over its units)")
+        if self.e.table == "loss":
+            raise self.fail(node, f"{name}(...) is not allowed in the loss, which is per unit; compute it in a readout, "
+                            "e.g. logp = \"z - logsumexp(z)\" and expr = \"-target * logp\"")
+        return REDUCTIONS[name](self.build(node.args[0]))
+
     def _Call(self, node: ast.Call):
         func = node.func
         arg = self.snippet(node.args[0]) if len(node.args) == 1 else "a"
@@ -742,6 +753,8 @@ class _Builder:
         name = func.id
         if name in NONDIFFERENTIABLE:
             raise self.fail(node, f"{NONDIFFERENTIABLE[name]} (a gradient is needed here)")
+        if name in REDUCTIONS:
+            return self.reduction(node, name)
         if name not in OPS:
             hint = self.softplus_hint(node) or instead(name, arg) or suggest(name, OPS)
             raise self.fail(node, f"function '{name}' is not allowed (allowed: {', '.join(OPS)}){hint}")

@@ -120,7 +120,7 @@ def host_cupy(build_dir: Path, optimize: tuple[str, ...] = ("-O1",), libs: tuple
     m = types.ModuleType("cupy")
     for name in ("asarray", "ascontiguousarray", "array", "empty", "empty_like", "zeros", "zeros_like",
                  "matmul", "sum", "concatenate", "ones_like", "float32", "float64", "ndarray", "array_equal",
-                 "arange", "from_dlpack", "full", "where", "take_along_axis"):
+                 "arange", "from_dlpack", "full", "where", "take_along_axis", "mean", "max", "log", "exp", "broadcast_to"):
         setattr(m, name, getattr(np, name))
     streams = _Streams()
     m.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),

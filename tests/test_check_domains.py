@@ -304,16 +304,25 @@ def test_show_prints_the_declared_inits(tmp_path, capsys):
 # -- 2. declared initializers: the generated modules ---------------------------------
 def test_builtin_init_params_are_pytorch_s_draws_in_declaration_order(module):
     """The same generator calls as before inits could be declared: one uniform(-b, b)
-    per parameter, b = 1/sqrt(n_hidden), in declaration order (a parameter a built-in cell
-    declares, rg_lru's Lambda, is the uniform draw it declares, in its place)."""
+    per parameter, b = 1/sqrt(n_hidden), in declaration order; a parameter a built-in cell
+    declares an init for is drawn as it declares, in its place (rg_lru's Lambda: a uniform draw),
+    or is a constant (layer_norm_lstm's gains, 1, and bias, 0), which draws nothing."""
     fixed = module.FIXED_DIMS
     sizes = fixed.get("n_in", 3), fixed.get("n_hidden", 5), fixed.get("n_out", 2)
-    assert set(module.PARAM_INITS) <= {"Lambda"} and module.STATE_INITS == {}
+    assert all(re.fullmatch(r"constant\([\d.]+\)|uniform\(.*, .*\)", text) for text in module.PARAM_INITS.values()), \
+        module.PARAM_INITS
+    assert module.STATE_INITS == {}
     rng = np.random.default_rng(7)
     bound = 1.0 / np.sqrt(sizes[1])
-    ranges = {k: tuple(map(float, re.fullmatch(r"uniform\((.*), (.*)\)", v).groups())) for k, v in module.PARAM_INITS.items()}
-    expected = {k: rng.uniform(*ranges.get(k, (-bound, bound)), s).astype(np.float32)
-                for k, s in module.param_shapes(*sizes).items()}
+
+    def draw(k, s):
+        init = module.PARAM_INITS.get(k, "")
+        if init.startswith("constant("):
+            return np.full(s, float(init[9:-1]), np.float32)
+        low, high = map(float, re.fullmatch(r"uniform\((.*), (.*)\)", init).groups()) if init else (-bound, bound)
+        return rng.uniform(low, high, s).astype(np.float32)
+
+    expected = {k: draw(k, s) for k, s in module.param_shapes(*sizes).items()}
     got = module.init_params(*sizes, seed=7, dtype=np.float32)
     assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k]) for k in got)
     zeros = module.init_state0(2, *sizes)

@@ -16,8 +16,10 @@ SMALL = {
     "custom_cell.py": ["--steps", "40", "--hidden", "8", "--T", "20", "--batch", "16"],
     "train_sine.py": ["--steps", "60"],
     "train_sequence.py": ["--steps", "40", "--hidden", "8", "--T", "30", "--batch", "16"],
+    "train_classifier.py": ["--steps", "150"],
 }
-PLOTS = {"custom_cell.py": "custom_cell.png", "train_sine.py": "train_sine.png", "train_sequence.py": "train_sequence.png"}
+PLOTS = {"custom_cell.py": "custom_cell.png", "train_sine.py": "train_sine.png", "train_sequence.py": "train_sequence.png",
+         "train_classifier.py": "train_classifier.png"}
 
 
 @pytest.mark.parametrize("script", sorted(SMALL))
@@ -32,6 +34,17 @@ def test_example_runs_and_its_loss_decreases(script, tmp_path):
     assert last < 0.7 * first, (first, last)
     png = (out / PLOTS[script]).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_classifier_example_beats_chance(tmp_path):
+    """examples/train_classifier.py: the softmax cross-entropy readout names a sine's frequency
+    (3 classes) far above chance after 150 steps."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_classifier.py"), "--steps", "150",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    accuracy = float(re.search(r"^held-out accuracy ([\d.]+)% on 500 sequences", proc.stdout, re.M).group(1))
+    assert accuracy > 60, proc.stdout
 
 
 def test_custom_cell_example_checks_its_gradients(tmp_path):

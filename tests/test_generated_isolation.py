@@ -100,7 +100,7 @@ _SCRIPT = textwrap.dedent(
             assert np.all(np.isfinite(grads[p_name])), (mod_name, p_name)
         assert grads["x"].shape == x.shape, mod_name
         if hasattr(m, "loss_and_grads"):
-            target = rng.standard_normal(outputs["y"].shape)
+            target = rng.standard_normal(outputs[m.LOSS_TARGET].shape)
             loss, lgrads = m.loss_and_grads(params, x, target)
             assert np.isfinite(loss), mod_name
             assert set(lgrads) == expected, mod_name

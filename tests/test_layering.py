@@ -19,7 +19,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "symrnn"
 
 LAYERS = [
-    ("foundations", {"version", "errors", "escape", "ops", "stmt", "naming", "printing", "cuda_printing", "gradcheck"}),
+    ("foundations", {"version", "errors", "escape", "ops", "reductions", "stmt", "naming", "printing", "cuda_printing", "gradcheck"}),
     ("cells", {"cell", "init"}),
     ("ir", {"ir"}),
     ("front end", {"lower", "spec", "cells", "specs"}),

@@ -28,10 +28,10 @@ def test_every_node_kind_has_every_rule(name):
 
 
 def test_a_kind_without_a_rule_is_an_internal_error():
-    class Reduction(Pointwise):  # a kind the tables do not know
+    class Unknown(Pointwise):  # a kind the tables do not know
         pass
 
-    node = Reduction("mu", 1, 0, "intermediate", "mu")
+    node = Unknown("mu", 1, 0, "intermediate", "mu")
     for name, table in TABLES.items():
-        with pytest.raises(InternalError, match=r"no .* rule for a Reduction node \('mu'\)"):
+        with pytest.raises(InternalError, match=r"no .* rule for a Unknown node \('mu'\)"):
             rule(table, node, name)

@@ -8,12 +8,14 @@ matrix), biases (vectors, or scalars added to every unit), scalar and vector par
 sigmoid, tanh, softplus, relu, exp (of a tanh, to stay bounded), identity, sin, cos,
 log and sqrt (of 1 + e**2, inside their domain), +, -, *, / (by a positive quantity),
 ** 2 and a power with an expression as exponent (sigmoid(a) ** (1 + sigmoid(b))), a
-nonlinearity of a scalar parameter (sigmoid(a) * e); matrix-vector products W @ x,
+nonlinearity of a scalar parameter (sigmoid(a) * e); the reductions over units mean, sum
+and logsumexp, and a layer norm of a drawn expression; matrix-vector products W @ x,
 U @ s_prev, W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), a matrix
 the cell already uses on another vector, transposes (U.T @ s_prev, the transpose of a
 matrix already used, R.T @ x of an n_in x n_hidden R) and combinations of matrices,
 their transposes and I ((U - U.T - c * I) @ v, c a number or a scalar parameter); a readout (sometimes) multiplies one or two
-states or gates by their own matrices, maybe under a tanh.  Every name (states,
+states or gates by their own matrices, maybe under a tanh, and sometimes takes its log-softmax
+for a cross-entropy loss.  Every name (states,
 gates, parameters, the readout) comes from a pool of names that look like the
 generated code's own, the template's, Python's, C++'s and CUDA's, or a paper's
 (``W_T``, ``common``, ``h_seq``, ``T``, ``np``, ``int``, ``threadIdx``, ``d_1``),
@@ -40,6 +42,8 @@ from symrnn.spec import SpecWarning, parse_spec
 
 UNARY = ("sigmoid({})", "tanh({})", "softplus({})", "relu({})", "exp(tanh({}))", "identity({})", "({})**2",
          "sin({})", "cos({})", "log(1 + ({})**2)", "sqrt(1 + ({})**2)")
+#: reductions over units (symrnn.reductions), alone and as a layer norm of a drawn expression
+REDUCE = ("mean({0})", "sum({0}) / 3", "logsumexp({0})", "({0} - mean({0})) * (mean(({0} - mean({0}))**2) + 0.5)**-0.5")
 
 #: names for everything a cell declares: the generated code's own patterns, template
 #: variables, Python, C++ and CUDA names, and names papers use (tests/test_hostile_names.py)
@@ -82,7 +86,7 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
 
     ``vectors``: what it may read elementwise; ``new``: states already updated in this step
     (a product of their new value by a matrix is a GEMM on a value of the step)."""
-    kind = draw(st.sampled_from(["leaf", "leaf", "matvec", "unary", "binary", "binary", "scaled_param"] if depth > 0
+    kind = draw(st.sampled_from(["leaf", "leaf", "matvec", "unary", "binary", "binary", "scaled_param", "reduction"] if depth > 0
                                 else ["leaf", "matvec"]))
     if kind == "leaf":
         choice = draw(st.sampled_from(vectors + ["bias"]))
@@ -129,6 +133,8 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
         return f"{params.new('a', shape)} * ({draw(sub)})"
     if kind == "unary":
         return draw(st.sampled_from(UNARY)).format(draw(sub))
+    if kind == "reduction":
+        return draw(st.sampled_from(REDUCE)).format(f"({draw(sub)})")
     a, b = draw(sub), draw(sub)
     op = draw(st.sampled_from(["+", "-", "*", "/", "scaled", "**"]))
     if op == "**":  # an expression as exponent, of a positive base
@@ -182,6 +188,10 @@ def spec_text(draw) -> str:
             readout = f"tanh({readout} + {params.new('c', ['n_out'])})"
         lines_ro = ["[readout]", f'{y} = "{readout}"', "[loss]", f'expr = "({y} - target)**2 / 2"', f'target_of = "{y}"',
                     f'reduction = "{draw(st.sampled_from(["sum", "mean"]))}"']
+        if draw(st.integers(0, 3)) == 0:  # a log-softmax readout and the cross-entropy loss
+            logp = names.new()
+            lines_ro[2:5] = [f'{logp} = "{y} - logsumexp({y})"', "[loss]", 'expr = "-target * ' + logp + '"',
+                             f'target_of = "{logp}"']
     decls = [f"{k} = {v!r}".replace("'", '"') for k, v in params.shapes.items()]
     return "\n".join([
         '[cell]', 'name = "random_cell"', '[inputs]', 'x = "n_in"', '[states]',

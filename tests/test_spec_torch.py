@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from symrnn.cells import SPEC_CELLS
 from symrnn.pipeline import build, load_module, render_numpy
@@ -76,11 +77,35 @@ def rg_lru(p, x, s, c=8.0):
     i = sig(lin(p["W_x"], x) + p["b_x"])
     a_t = sig(p["Lambda"]) ** (c * r)
     return {"h": a_t * s["h"] + torch.sqrt(1 - a_t**2) * (i * x)}
+def layer_norm_lstm(p, x, s, eps=1e-5):
+    """haste's LayerNormLSTM (Ba et al. 2016): LN(W x) + LN(R h) over all 4 gates' units, each
+    with its own gain and no bias, then the bias; gates in haste's order i, g, f, o; h from LN(c)."""
+    h, c = s["h"], s["c"]
+    n4 = p["b"].shape[-1]
+    v = (F.layer_norm(lin(p["W"], x), (n4,), weight=p["gamma_x"], eps=eps)
+         + F.layer_norm(lin(p["R"], h), (n4,), weight=p["gamma_r"], eps=eps) + p["b"])
+    i, g, f, o = v.chunk(4, dim=-1)
+    c_new = sig(f) * c + sig(i) * torch.tanh(g)
+    c_norm = F.layer_norm(c_new, (c_new.shape[-1],), weight=p["gamma_c"], bias=p["beta_c"], eps=eps)
+    return {"h": sig(o) * torch.tanh(c_norm), "c": c_new}
+
+
+def elman(p, x, s):
+    return {"h": torch.tanh(lin(p["W"], x) + lin(p["U"], s["h"]) + p["b"])}
+
+
+def classifier_readout(p, h):
+    z = lin(p["V"], h) + p["c"]
+    return {"z": z, "logp": F.log_softmax(z, dim=-1)}
 
 
 #: cell -> (step, readout or None, loss (y, target) -> per-step value or None, reduction)
 def _sq(y, target):
     return ((y - target) ** 2 / 2).sum()
+
+
+def _cross_entropy(logp, target):
+    return -(target * logp).sum()
 
 
 ORACLES = {
@@ -91,7 +116,12 @@ ORACLES = {
     "lstm_forget_bias": (lstm_forget_bias, lambda p, h: lin(p["V"], h) + p["b_y"], _sq, "mean"),
     "antisymmetric_rnn": (antisymmetric_rnn, None, None, None),
     "rg_lru": (rg_lru, None, None, None),
+    "layer_norm_lstm": (layer_norm_lstm, lambda p, h: lin(p["V"], h) + p["b_y"], _sq, "mean"),
+    "elman_classifier": (elman, classifier_readout, _cross_entropy, "sum"),
 }
+#: the readout a loss compares with its target, where it is not y; cells whose target is one-hot
+TARGET_OF = {"elman_classifier": "logp"}
+ONE_HOT = {"elman_classifier"}
 
 
 def test_every_shipped_spec_cell_has_an_oracle():
@@ -112,16 +142,17 @@ def torch_run(cell, params, x, state0):
     x_t = torch.tensor(x, requires_grad=True)
     s0 = {k: torch.tensor(v, requires_grad=True) for k, v in state0.items()}
     s, seqs = s0, {k: [] for k in state0}
-    ys = []
+    ys = {}
     for t in range(x.shape[0]):
         s = step(p, x_t[t], s)
         for k in s:
             seqs[k].append(s[k])
         if readout is not None:
-            ys.append(readout(p, s["h"]))
+            y = readout(p, s["h"])
+            for k, v in (y if isinstance(y, dict) else {"y": y}).items():
+                ys.setdefault(k, []).append(v)
     outputs = {k: torch.stack(v) for k, v in seqs.items()}
-    if readout is not None:
-        outputs["y"] = torch.stack(ys)
+    outputs |= {k: torch.stack(v) for k, v in ys.items()}
     return p, x_t, s0, outputs
 
 
@@ -159,10 +190,14 @@ def test_generated_module_matches_torch_autograd(cell, seed):
     assert hasattr(module, "loss_and_grads") == (loss_fn is not None)
     if loss_fn is None:
         return
-    target = rng.standard_normal(outputs["y"].shape)
+    y = TARGET_OF.get(cell, "y")
+    target = rng.standard_normal(outputs[y].shape)
+    if cell in ONE_HOT:  # a class per (step, sequence); the last sequence unlabelled at step 0 (a zero row)
+        target = np.eye(outputs[y].shape[-1])[rng.integers(0, outputs[y].shape[-1], outputs[y].shape[:2])]
+        target[0, -1] = 0.0
     loss, lgrads = module.loss_and_grads(params, x, target, dict(state0))
     p, x_t, s0, ref = torch_run(cell, params, x, state0)
-    per_step = [loss_fn(ref["y"][t], torch.tensor(target[t])) for t in range(T)]
+    per_step = [loss_fn(ref[y][t], torch.tensor(target[t])) for t in range(T)]
     ref_loss = sum(per_step) / (T if reduction == "mean" else 1)
     assert rel_err(loss, ref_loss.detach().numpy()) < 1e-12
     expected = grads_of(ref_loss, p, x_t, s0)

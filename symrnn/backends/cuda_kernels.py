@@ -16,7 +16,7 @@ import sympy
 
 from ..cuda_printing import SCALAR, dim_code
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise
+from ..ir import MatVecNode, Pointwise, Reduction
 from ..naming import Namer
 from ..plan import KernelPlan
 from ..stmt import Ref, Span
@@ -27,7 +27,7 @@ BLOCK = 256  # threads per block of every elementwise kernel
 
 #: the rule of each node kind (ir.NODE_KINDS): whether its values live in a stacked GEMM's
 #: output (a matrix-vector product) or in an array of their own
-IN_GROUP = {MatVecNode: True, Pointwise: False}
+IN_GROUP = {MatVecNode: True, Pointwise: False, Reduction: False}
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Loc:
     """Where a kernel finds a value: a Python array and its layout."""
 
     py: Ref
-    kind: str = "row"  # "row": [row, ld] (rows = B or T * B), "vec": per unit, "scalar"
+    kind: str = "row"  # "row": [row, ld] (rows = B or T * B), "vec": per unit, "scalar", "rowval": [row] (a reduction)
     ld: sympy.Expr = sympy.Integer(1)
     off: sympy.Expr = sympy.Integer(0)
     seq: bool = False  # py holds every step (T, B, ld): one-step kernels read step ``step_`` of it
@@ -114,6 +114,8 @@ class KernelBuilder:
             row = f"(({t} + {loc.shift}) * rows_ + row_)" if loc.shift else f"({t} * rows_ + row_)"
         else:
             row = "row_"
+        if loc.kind == "rowval":  # one value per row: a reduction over units, the same at every unit
+            return row
         return f"{row} * {ld} + {off}unit_"
 
     def load(self, local: str, loc: Loc) -> None:

@@ -32,12 +32,12 @@ import sympy
 
 from ..cuda_printing import SCALAR, cuda_code, dim_code
 from ..errors import CellError, InternalError
-from ..ir import Pointwise, rule
+from ..ir import Pointwise, Reduction, rule
 from ..naming import C_FIXED, Namer
 from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Stage
 from ..schedule import schedule
-from ..stmt import Assign, Call, Comment, Do, ETC, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
+from ..stmt import Assign, Call, Comment, Do, ETC, Elementwise, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 from .array_module import group_weight, module_namer
 from .cuda_kernels import BLOCK, IN_GROUP, Kernel, KernelBuilder, Loc, design_note, template_kernels
 from .python_printer import PythonPrinter
@@ -81,7 +81,7 @@ class _Emitter:
         c_values = [leaf.name for leaf in self.g.leaves if leaf.kind != "target"] + [n.name for n in self.g.nodes]
         self.c = Namer(C_FIXED, c_values)
         self.c_names = {name: self.c.value(name) for name in c_values}  # graph name -> its kernel local
-        self.time_mode = bool(self.plan.loop.stages) and not any(s.groups for s in self.plan.loop.stages)
+        self.time_mode = bool(self.plan.loop.stages) and not any(s.groups or s.reductions for s in self.plan.loop.stages)
         self.check()
         self.keep = self.forward_kept()
 
@@ -91,11 +91,13 @@ class _Emitter:
 
     def check(self) -> None:
         g, plan = self.g, self.plan
-        if len(plan.pre.stages) > 1:
+        if len(plan.pre.stages) > 1 and not any(s.reductions for s in plan.pre.stages):
             raise self.unsupported("a product of a value computed from the input alone (two GEMM stages before the loop) is not supported yet")
         for region in (plan.pre, plan.loop, plan.post):
             for stage in region.stages:
                 sizes = {self.fixed(n.size) for n in stage.pointwise}
+                if stage.reductions and not stage.pointwise:  # the stage's kernel has the members' size
+                    sizes |= {self.fixed(n.size) for n in stage.matvecs}
                 if len(sizes) > 1:
                     raise self.unsupported(f"pointwise nodes of different sizes in one {region.name} stage are not supported yet")
         for name in plan.pre.nodes:
@@ -119,6 +121,9 @@ class _Emitter:
                 for n in later.pointwise:
                     keep |= set(n.deps) & mine
                 keep |= {grp.operand for grp in later.groups} & mine
+        for stage in stages:  # a reduction reads its operand's array (a product's: its GEMM's output)
+            keep |= {r.operand for r in stage.reductions if not rule(IN_GROUP, self.g.node(r.operand), "location")}
+        keep |= {r.name for stage in stages for r in stage.reductions}
         return keep - set(self.g.state_names)
 
     # -- locations -------------------------------------------------------------
@@ -142,6 +147,8 @@ class _Emitter:
             raise InternalError(f"kernel of cell '{self.cell}' reads the target '{name}'")
         node = g.node(name)
         region = self.plan.region_of[name]
+        if isinstance(node, Reduction):  # (T, B, 1): one value per row, the same at every unit
+            return Loc(Ref(py("seq", name)), kind="rowval", seq=True)
         if name in g.state_names:
             seq = py("seq", name)
             return Loc(Ref(seq, (Span(1, None),)), ld=node.size) if ctx == "all" else Loc(Ref(seq), ld=node.size, seq=True, shift=1)
@@ -173,6 +180,9 @@ class _Emitter:
         for _, terms in self.d.partials.items():
             for _, p in terms:
                 ops |= {type(a) for a in sympy.preorder_traversal(p) if isinstance(a, Op)}
+        for n in self.g.nodes:  # a reduction's weight (logsumexp's softmax) in the operand's kernel
+            if isinstance(n, Reduction):
+                ops |= {type(a) for a in sympy.preorder_traversal(n.weight()) if isinstance(a, Op)}
         self.m.ops = sorted(ops, key=lambda op: op.__name__)
         self.m.generated_names, self.m.generated_c_names = self.py.names(), self.c.names()
         return self.printed(self.m)
@@ -205,25 +215,28 @@ class _Emitter:
         if ctx == "step":
             loc = self.loc(group.operand, "step")  # this step's operand: a view of its array
             operand = Ref(loc.py.name, (t_SYM + loc.shift,)) if loc.seq else loc.py
-            return Assign(Ref(self.py("group", group.name)), Call("matmul", (operand, w.t)), labels)
-        operand = self.loc(group.operand, "all").py
+            return Assign(Ref(self.py("group", group.name)), Call("matmul", (self.widened(group.operand, operand, ctx), w.t)),
+                          labels)
+        operand = self.widened(group.operand, self.loc(group.operand, "all").py, "all")
         product = Call("matmul", (Reshape(operand, self.g.size(group.operand)), w.t))
         return Assign(Ref(self.py("gseq", group.name)), Reshape(product, group.rows, steps=True), labels)
 
     def forward(self) -> None:
         m, g, plan, py = self.m, self.g, self.plan, self.py
         lines = m.forward
-        for stage in plan.pre.stages:
+        for i, stage in enumerate(plan.pre.stages):
             lines.append(Comment("input side, every step at once: one GEMM" + (", then one kernel" if stage.pointwise else "")))
             lines.extend(self.gemm(group, "all") for group in stage.groups)
+            lines.extend(self.reductions(stage, "all"))
             if stage.pointwise:
                 lines.extend(Assign(Ref(py("seq", n.name)), empty(Text("T"), Text("B"), Size(n.size))) for n in stage.pointwise)
-                lines.append(self.launch(self.forward_kernel(stage, 0, "all", "pre"), "T * B"))
+                lines.append(self.launch(self.forward_kernel(stage, i, "all", "pre"), "T * B"))
         for s in g.states:
             lines.append(Assign(Ref(py("seq", s.name)), empty(Text("T + 1"), Text("B"), Size(s.size))))
             lines.append(Assign(Ref(py("seq", s.name), (sympy.Integer(0),)), Ref("state0", (Key(s.name),))))
         for name in sorted(self.keep, key=self.order):
-            lines.append(Assign(Ref(py("seq", name)), empty(Text("T"), Text("B"), Size(g.node(name).size))))
+            width = 1 if isinstance(g.node(name), Reduction) else g.node(name).size  # a reduction: one per row
+            lines.append(Assign(Ref(py("seq", name)), empty(Text("T"), Text("B"), Size(width))))
         if self.time_mode:
             k = self.forward_kernel(plan.loop.stages[0], 0, "time")
             lines.append(Comment("the whole recurrence: one kernel that loops over time, one thread per (batch, unit)"))
@@ -232,11 +245,15 @@ class _Emitter:
             body = []
             for i, stage in enumerate(plan.loop.stages):
                 body.extend(self.gemm(group, "step") for group in stage.groups)
-                body.append(self.launch(self.forward_kernel(stage, i, "step"), "B", step="t"))
+                body.extend(self.reductions(stage, "step"))
+                kernel = self.forward_kernel(stage, i, "step")
+                if kernel is not None:
+                    body.append(self.launch(kernel, "B", step="t"))
             lines.append(Loop("t", Text("T"), tuple(body)))
         for i, stage in enumerate(plan.post.stages):
             lines.append(Comment("readout, every step at once"))
             lines.extend(self.gemm(group, "all") for group in stage.groups)
+            lines.extend(self.reductions(stage, "all"))
             if stage.pointwise:
                 lines.extend(Assign(Ref(py("seq", n.name)), empty(Text("T"), Text("B"), Size(n.size))) for n in stage.pointwise)
                 lines.append(self.launch(self.forward_kernel(stage, i, "all", "post"), "T * B"))
@@ -247,9 +264,39 @@ class _Emitter:
         keep = {py("seq", s.name) for s in g.states} | {py("seq", n) for n in self.keep}
         for stage in (*plan.pre.stages, *plan.post.stages):
             keep |= {py("gseq", grp.name) for grp in stage.groups}
-            keep |= {py("seq", n.name) for n in stage.pointwise}
+            keep |= {py("seq", n.name) for n in (*stage.pointwise, *stage.reductions)}
         keep |= self.stacked
         m.cache_names = sorted(keep)
+
+    def array(self, name: str, ctx: str) -> Ref:
+        """Value ``name`` as a Python array: one step of it (``ctx`` 'step') or every step ('all')."""
+        node = None if self.g.is_leaf(name) else self.g.node(name)
+        region = self.plan.region_of.get(name)
+        if node is not None and rule(IN_GROUP, node, "location") and not (region == "loop" and name in self.keep):
+            group, off = self.plan.group_of(name)
+            buf = self.py("group", group.name) if region == "loop" else self.py("gseq", group.name)
+            step = (t_SYM,) if ctx == "step" and region != "loop" else ()
+            return Ref(buf, step + ((ETC, span(off, node.size)) if len(group.members) > 1 else ()))
+        loc = self.loc(name, ctx)
+        return Ref(loc.py.name, (t_SYM + loc.shift,)) if loc.seq and ctx == "step" else loc.py
+
+    def widened(self, name: str, array, ctx: str):
+        """``array`` of value ``name`` at its full width: a reduction's (one value per row) broadcast."""
+        if self.g.is_leaf(name) or not isinstance(self.g.node(name), Reduction):
+            return array
+        steps = (Text("T"), Text("B")) if ctx == "all" else (Text("B"),)
+        return Call("broadcast_to", (array, (*steps, Size(self.g.node(name).size))))
+
+    def reductions(self, stage: Stage, ctx: str) -> list:
+        """A stage's reductions over units, before its kernel: (T, B, 1) arrays, one value per
+        row (CuPy's reductions: a fixed tree per row, no atomics, the same bits on every run)."""
+        out = []
+        for r in stage.reductions:
+            operand = self.widened(r.operand, self.array(r.operand, ctx), ctx)  # a reduction's: n equal units
+            value = Elementwise(r.reduce(sympy.Symbol(r.operand)), ((r.operand, operand),))
+            dst = Ref(self.py("seq", r.name), (t_SYM,) if ctx == "step" else ())
+            out.append(Assign(dst, value, self.label(r)))
+        return out
 
     def readout_product(self, name: str) -> Ref:
         group, off = self.plan.group_of(name)
@@ -257,9 +304,11 @@ class _Emitter:
             return Ref(self.py("gseq", group.name))
         return Ref(self.py("gseq", group.name), (ETC, span(off, self.g.node(name).size)))
 
-    def forward_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
+    def forward_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel | None:
         g = self.g
-        size = stage.pointwise[0].size
+        if not stage.pointwise and not any(mv.name in self.keep for mv in stage.matvecs):
+            return None  # GEMMs (and reductions) only: nothing elementwise to compute
+        size = (stage.pointwise or stage.matvecs)[0].size
         doc = f"forward, {region} stage {k}: " + ", ".join(n.name for n in stage.pointwise)
         kernel = Kernel(f"{self.cell}_forward_{region}{k}", doc, dim_code(size), size, mode)
         b = KernelBuilder(kernel, self.c)

@@ -15,10 +15,10 @@ import sympy
 
 from ..cuda_printing import SCALAR, dim_code
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise
+from ..ir import MatVecNode, Pointwise, Reduction
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
-from ..stmt import Assign, Call, Comment, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, empty, span, t_SYM
+from ..stmt import Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
 from .cuda_kernels import Kernel, KernelBuilder, Loc
 
@@ -45,6 +45,8 @@ class BackwardEmitter:
         self.loop_lines: list = []
         self.gemm_sources: list[tuple[str, sympy.Expr]] = []  # (array, its size): W^T delta, carried
         self.time_carry: set[str] = set()  # states whose adjoint a time-loop kernel carries in a register
+        self.weight: dict[str, sympy.Expr] = {}  # acc local -> the factor it enters its adjoint with (a reduction's)
+        self.after: list = []  # statements after the stage kernel just built: its reductions' sums over units
 
     def run(self) -> None:
         g, e, py, c = self.g, self.e, self.py, self.c
@@ -96,16 +98,17 @@ class BackwardEmitter:
         contributions to values outside the stage."""
         g, d = self.g, self.d
         pw = {n.name for n in stage.pointwise}
-        nodes = [n for n in g.nodes if n.name in pw or n.name in {mv.name for mv in stage.matvecs}]
+        own = {mv.name for mv in stage.matvecs} | {r.name for r in stage.reductions}
+        nodes = [n for n in g.nodes if n.name in pw or n.name in own]
         adj = []
         for node in reversed(nodes):
-            terms = [sympy.Symbol(local) for local, _ in self.acc.get(node.name, [])]
+            terms = [self.weight.get(local, 1) * sympy.Symbol(local) for local, _ in self.acc.get(node.name, [])]
             for c in stage.pointwise:
                 p = d.partial(c.name, node.name)
                 if p != 0:
                     terms.append(p * self.adjoint(c.name))
             adj.append((node.name, sympy.factor_terms(sympy.Add(*terms))))
-        inside = pw | {mv.name for mv in stage.matvecs}
+        inside = pw | own
         outside = {}
         deps = sorted({dep for n in stage.pointwise for dep in n.deps} - inside, key=self.order)
         for dep in deps:
@@ -155,8 +158,9 @@ class BackwardEmitter:
     # -- one stage kernel ------------------------------------------------------------
     def stage_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
         c = self.c
-        size = stage.pointwise[0].size
-        doc = f"backward, {region} stage {k}: adjoints of " + ", ".join(n.name for n in reversed(stage.pointwise))
+        size = (stage.pointwise or stage.matvecs or stage.reductions)[0].size
+        named = stage.pointwise or (*stage.reductions, *stage.matvecs)
+        doc = f"backward, {region} stage {k}: adjoints of " + ", ".join(n.name for n in reversed(named))
         kernel = Kernel(f"{self.g.cell}_backward_{region}{k}", doc, dim_code(size), size, mode, reverse=True)
         b = KernelBuilder(kernel, c)
         adj, outside = self.stage_adjoints(stage)
@@ -170,7 +174,10 @@ class BackwardEmitter:
                 if c.kind(local) == "adj_next" and mode == "time":
                     continue  # carried in a register
                 b.load(local, loc)
-            if name in members:
+            if name in {r.name for r in stage.reductions}:
+                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};", expr))
+                stmts.append((b.store_line(self.reduction_adjoint(self.g.node(name), mode), c("adj", name)), None))
+            elif name in members:
                 group, off = self.plan.group_of(name)
                 buf = Loc(Ref(self.py("gadj_seq", group.name)), ld=group.rows, off=off, seq=True)
                 stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};", expr))
@@ -226,7 +233,7 @@ class BackwardEmitter:
                 stmts.append((b.store_line(Loc(Ref(name), ld=leaf.size), "{}"), expr))
                 self.direct_sources.append((name, leaf.size))
                 self.next_sources.setdefault(leaf.state, []).append(name)
-        elif self.plan.region_of[dep] == "pre" and isinstance(g.node(dep), Pointwise):
+        elif self.plan.region_of[dep] == "pre" and (region == "pre" or not isinstance(g.node(dep), MatVecNode)):
             loc = fresh_seq(py("adj_stage_seq", dep, f"{region}{k}"), g.size(dep))
             stmts.append((b.store_line(loc, "{}"), expr))
             self.acc.setdefault(dep, []).append((c("adj_stage", dep, f"{region}{k}"), loc))
@@ -247,6 +254,36 @@ class BackwardEmitter:
             self.acc.setdefault(dep, []).append((c("adj_post", dep, f"post{k}"), Loc(Ref(name), ld=g.size(dep), seq=True)))
         else:
             raise InternalError(f"backward of cell '{g.cell}': no route for the adjoint of '{dep}'")
+
+    def reduction_adjoint(self, node: Reduction, mode: str) -> Loc:
+        """Where a stage kernel stores a reduction's adjoint; its sum over units (times the
+        reduction's weight, symrnn.reductions) becomes a source of the operand's adjoint, one
+        value per row (``self.after``: run after the kernel)."""
+        py, c = self.py, self.c
+        axis = (("axis", Text("-1")), ("keepdims", Text("True")))
+        if mode == "step":
+            array = py("adj", node.name)
+            self.step_fresh.append(Assign(Ref(array), empty(Text("B"), Size(node.size))))
+            loc = Loc(Ref(array), ld=node.size)
+        else:
+            array = py("adj_seq", node.name)
+            self.lines.append(Assign(Ref(array), empty(Text("T"), Text("B"), Size(node.size))))
+            loc = Loc(Ref(array), ld=node.size, seq=True)
+        total = py("adj_sum", node.name)
+        self.after.append(Assign(Ref(total), Call("sum", (Ref(array),), axis), f"sum over the units of d_{node.name}"))
+        w = node.weight()
+        inside = w.free_symbols & {sympy.Symbol(node.operand), sympy.Symbol(node.name)}
+        if not inside and w != 1:  # a constant weight (the mean's 1/n): once per row, here
+            self.after.append(Assign(Ref(total), Elementwise(w * sympy.Symbol(total), ((total, Ref(total)),))))
+        local = c("adj_sum", node.name)
+        if inside:
+            self.weight[local] = w  # logsumexp's softmax: per unit, in the operand's kernel
+        self.acc.setdefault(node.operand, []).append((local, Loc(Ref(total), kind="rowval")))
+        return loc
+
+    def take_after(self) -> list:
+        out, self.after = self.after, []
+        return out
 
     def print_with_cse(self, stmts, b: KernelBuilder, ctx: str) -> list[str]:
         """C lines of a kernel: loads of what it reads, then the statements with
@@ -282,13 +319,16 @@ class BackwardEmitter:
         for k in reversed(range(len(self.plan.post.stages))):
             stage = self.plan.post.stages[k]
             self.lines.append(Comment("readout, every step at once"))
-            if stage.pointwise:
+            gather = stage.reductions or any(len(self.acc.get(mv.name, [])) != 1 or any(
+                local in self.weight for local, _ in self.acc.get(mv.name, [])) for mv in stage.matvecs)
+            if stage.pointwise or gather:
                 for mv in stage.matvecs:
                     group, _ = self.plan.group_of(mv.name)
                     self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
                 self.lines.append(e.launch(self.stage_kernel(stage, k, "all", "post"), "T * B"))
+                self.lines.extend(self.take_after())
             for group in stage.groups:
-                if not stage.pointwise:
+                if not (stage.pointwise or gather):
                     srcs = [self.acc.get(mv.name, []) for mv in group.members]
                     if len(group.members) != 1 or len(srcs[0]) != 1:
                         raise e.unsupported("a readout product with several adjoint sources is not supported yet")
@@ -319,7 +359,7 @@ class BackwardEmitter:
                 name = py("adj_via_seq", operand, group.name)
                 self.lines.append(Assign(Ref(name), back, "W^T delta, every step"))
                 self.acc.setdefault(operand, []).append((c("adj_via", operand, group.name), Loc(Ref(name), ld=cols, seq=True)))
-        src = e.loc(operand, "all").py
+        src = e.widened(operand, e.loc(operand, "all").py, "all")
         dW = Call("matmul", (Reshape(Ref(buf), rows, T=True), Reshape(src, cols)))
         self.weight_lines.extend(weight_gradient(g, py, group, lambda param: py("adj", param), dW))
 
@@ -349,6 +389,7 @@ class BackwardEmitter:
             self.loop_lines.extend(self.step_fresh)
             self.step_fresh = []
             self.loop_lines.append(e.launch(kernel, "B", step="t"))
+            self.loop_lines.extend(self.take_after())
             for group in stage.groups:
                 self.gemm_back(group, "step")
         carried = [name for name, _ in self.direct_sources] + [name for name, _ in self.gemm_sources]
@@ -397,8 +438,9 @@ class BackwardEmitter:
 
     def pre(self) -> None:
         g = self.g
-        for stage in self.plan.pre.stages:
-            if stage.pointwise:
+        for k in reversed(range(len(self.plan.pre.stages))):
+            stage = self.plan.pre.stages[k]
+            if stage.pointwise or stage.reductions or any(self.acc.get(mv.name) for mv in stage.matvecs):
                 self.lines.append(Comment("input side, every step at once"))
                 for group in stage.groups:
                     if group.name in self.pre_alias:
@@ -408,6 +450,7 @@ class BackwardEmitter:
                             # the loop's kernels wrote their part of this adjoint here; this kernel adds the rest
                             loc = Loc(Ref(self.py("gadj_seq", group.name)), ld=group.rows, off=off)
                             self.acc.setdefault(mv.name, []).append((self.c("adj_loop", mv.name), loc))
-                self.lines.append(self.e.launch(self.stage_kernel(stage, 0, "all", "pre"), "T * B"))
+                self.lines.append(self.e.launch(self.stage_kernel(stage, k, "all", "pre"), "T * B"))
+                self.lines.extend(self.take_after())
             for group in stage.groups:
                 self.gemm_back(group, "all")

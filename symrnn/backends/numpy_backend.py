@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..errors import InternalError
-from ..ir import MatVecNode
+from ..ir import MatVecNode, Pointwise, Reduction, StepGraph
 from ..plan import GemmGroup, KernelPlan
 from ..printing import numpy_code
 from ..schedule import schedule
@@ -86,6 +86,23 @@ def emit(plan: KernelPlan, passes=ALL) -> NumpyModule:
     return _Emitter(plan, check(passes)).run()
 
 
+def uniform_values(g: StepGraph) -> tuple[frozenset[str], frozenset[str]]:
+    """(uniform, compact): the nodes whose value is the same at every unit (a reduction, and a
+    pointwise node of reductions and scalars only), and those of them the module keeps as one
+    value per row, shape (..., 1), broadcast where they are used: all but the states, readouts
+    and matrix-vector operands (which get their full width)."""
+    full = set(g.state_names) | set(g.readouts) | {n.operand for n in g.nodes if isinstance(n, MatVecNode)}
+    uniform: set[str] = set()
+    compact: set[str] = set()  # ... of compact values only (a value of a full-width one is full-width)
+    for n in g.nodes:
+        vectors = [d for d in n.deps if not (g.is_leaf(d) and g.leaf(d).size is None)]
+        if isinstance(n, Reduction) or (isinstance(n, Pointwise) and vectors and all(d in uniform for d in vectors)):
+            uniform.add(n.name)
+            if n.name not in full and (isinstance(n, Reduction) or all(d in compact for d in vectors)):
+                compact.add(n.name)
+    return frozenset(uniform), frozenset(compact)
+
+
 def loss_code(plan: KernelPlan, lib: str = "np") -> tuple[str, str, str]:
     """The per-step loss in ``y`` and ``target``, its derivative in ``y``, and the factor of
     the reduction over time, as code over ``lib`` (np; cp for the CuPy module, which shares them)."""
@@ -111,6 +128,7 @@ class _Emitter:
         self.stacked: set[str] = set()  # stacked weights (the cache keeps them for backward)
         self.grad_of: dict[str, str] = {}  # a parameter's gradient name -> the parameter
         self.transposes: dict[Ref, str] = {}  # weight -> its contiguous transpose
+        self.uniform, self.compact = uniform_values(self.g)  # values the same at every unit (reductions')
 
     # -- names in each context ----------------------------------------------------
     def ref_of(self, name: str, ctx: str) -> Ref:

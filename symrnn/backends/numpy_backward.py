@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import InternalError
-from ..ir import MatVecNode
+from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Region, Stage
 from ..passes.hoist_coefficients import CoefficientHoisting
 from ..schedule import shared_subexpressions
@@ -248,7 +248,8 @@ class Backward:
         g, d = self.g, self.d
         self.stage = stage
         final_pw = {n.name for n in stage.pointwise}
-        final = [n for n in g.nodes if n.name in final_pw or n.name in {mv.name for mv in stage.matvecs}]
+        own = {mv.name for mv in stage.matvecs} | {r.name for r in stage.reductions}
+        final = [n for n in g.nodes if n.name in final_pw or n.name in own]
         seen: dict[sympy.Expr, str] = {}  # adjoint expression -> the name that holds it
         nonzero: set[str] = set()
         pending: list[Pending] = []
@@ -278,8 +279,33 @@ class Backward:
             for group in stage.groups:
                 self.loop_adjoint_buffer(group, nonzero)
         self.print_with_cse(pending, ctx, out)
+        for node in stage.reductions:
+            self.reduction_backward(node, k, ctx, out, nonzero)
         for group in stage.groups:
             self.gemm_backward(group, ctx, out, nonzero)
+
+    def reduction_backward(self, node: Reduction, k: int, ctx: str, out: list, nonzero: set[str]) -> None:
+        """A reduction's adjoint passed to its operand: d_a += weight * sum_k d_r[k], the sum
+        over units kept as a (..., 1) axis (symrnn.reductions: weight 1/n for the mean)."""
+        if node.name not in nonzero:
+            return
+        adj = self.n("adj", node.name)
+        total = self.n("adj_sum", node.name)
+        axis = (("axis", Text("-1")), ("keepdims", Text("True")))
+        out.append(Assign(Ref(total), Call("sum", (Ref(self.alias.get(adj, adj)),), axis), f"sum over the units of {adj}"))
+        share = node.weight() * sympy.Symbol(total)
+        if self.plan.region_of[node.operand] == self.region_name:  # an earlier stage: its own name
+            name = self.n("adj_via", node.operand, node.name)
+            value = self.ew(share, ctx)
+            if not share.has(sympy.Symbol(node.operand)):  # the same at every unit: a view at the operand's width
+                steps = (Text("B"),) if ctx == "loop" else (Text("T"), Text("B"))
+                value = Call("broadcast_to", (value, (*steps, Size(node.size))))
+            out.append(Assign(Ref(name), value))
+            self.acc.setdefault(node.operand, []).append(Ref(name))
+            return
+        pending: list[Pending] = []  # a buffer of an earlier region
+        self.route(node.operand, share, k, ctx, pending, {})
+        self.print_with_cse(pending, ctx, out)
 
     def order(self, name: str) -> tuple[int, str]:
         for i, leaf in enumerate(self.g.leaves):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sympy
 
-from ..ir import Pointwise
+from ..ir import Pointwise, Reduction
 from ..ops import Op
 from ..plan import GemmGroup
 from ..passes.loop_fusion import LoopFusion
 from ..passes.prune_views import without_unread_views
-from ..stmt import ETC, Assign, Call, Do, Key, MatMul, OpCall, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
+from ..stmt import ETC, Assign, Attr, Call, Do, Key, MatMul, OpCall, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 
 __all__ = ["emit_forward"]
 
@@ -56,10 +56,10 @@ def pointwise_forward(e, node: Pointwise, expr: sympy.Expr, fused: LoopFusion, o
     elif node.name in plan.stored:
         dest = Ref(n("seq", node.name), (t_SYM,))
     else:
-        out.append(Assign(name, e.ew(expr, "loop", refs), label))
+        out.append(Assign(name, full_width(e, node, e.ew(expr, "loop", refs), "loop"), label))
         return
     if "in_place" not in e.passes:
-        out.append(Assign(name, e.ew(expr, "loop", refs), label))
+        out.append(Assign(name, full_width(e, node, e.ew(expr, "loop", refs), "loop"), label))
         out.append(Assign(dest, name))
         return
     ufunc = {sympy.Add: "add", sympy.Mul: "multiply"}.get(type(expr))
@@ -71,8 +71,41 @@ def pointwise_forward(e, node: Pointwise, expr: sympy.Expr, fused: LoopFusion, o
         out.append(Assign(name, dest))
         out.append(OpCall(type(expr), 0, e.ew(expr.args[0], "loop", refs), name, label))
     else:
-        out.append(Assign(name, e.ew(expr, "loop", refs), label))
+        out.append(Assign(name, full_width(e, node, e.ew(expr, "loop", refs), "loop"), label))
         out.append(Assign(dest, name))
+
+
+def reduction_value(e, node: Reduction, ctx: str, refs: dict | None = None):
+    """``reduce(a)`` over the unit axis, kept as an axis of length 1 (one value per row,
+    broadcast by NumPy where it is used), or broadcast back to ``a``'s shape (a view: no
+    copy) where the value needs its full width (a matrix-vector operand)."""
+    if node.operand in e.compact:  # one value per row: reduced at its full width (a sum of n equal units)
+        steps = (Text("T"), Text("B")) if ctx == "all" else (Text("B"),)
+        whole = Call("broadcast_to", (e.ew(sympy.Symbol(node.operand), ctx, refs), (*steps, Size(node.size))))
+        refs = {**(refs or {}), node.operand: whole}
+    value = e.ew(node.reduce(sympy.Symbol(node.operand)), ctx, refs)
+    if node.name in e.compact:
+        return value
+    return Call("broadcast_to", (value, Attr(e.ew(sympy.Symbol(node.operand), ctx, refs), "shape")))
+
+
+def full_width(e, node, value, ctx: str):
+    """A value of reductions only that a state, readout or product needs at its full width."""
+    if node.name not in e.uniform or node.name in e.compact or isinstance(node, Reduction):
+        return value
+    steps = (Text("T"), Text("B")) if ctx == "all" else (Text("B"),)
+    return Call("broadcast_to", (value, (*steps, Size(node.size))))
+
+
+def reduction_forward(e, node: Reduction, ctx: str, fused: LoopFusion, out: list) -> None:
+    """One reduction over units: every step at once (``ctx`` 'all'), or one step of the loop."""
+    n, label = e.n, e.label(node)
+    if ctx == "all":
+        out.append(Assign(Ref(n("seq", node.name)), reduction_value(e, node, ctx), label))
+        return
+    out.append(Assign(Ref(n.value(node.name)), reduction_value(e, node, ctx, fused.slot_refs), label))
+    if node.name in e.plan.stored:
+        out.append(Assign(Ref(n("seq", node.name), (t_SYM,)), Ref(n.value(node.name))))
 
 
 def emit_forward(e) -> None:
@@ -94,13 +127,15 @@ def emit_forward(e) -> None:
                     gemm_forward(e, group, ctx, out)
             if region is plan.pre:
                 out.extend(fused.pre_lines if stage is region.stages[-1] else [])
+            for node in stage.reductions:
+                reduction_forward(e, node, ctx, fused, out)
             for node in stage.pointwise:
                 seq = Ref(n("seq", node.name))
                 if ctx == "all" and node.name in constant:
                     shape = (Text("T"), Text("B"), Size(node.size))
                     out.append(Assign(seq, Call("broadcast_to", (e.ew(node.expr, ctx), shape)), e.label(node)))
                 elif ctx == "all":
-                    out.append(Assign(seq, e.ew(node.expr, ctx), e.label(node)))
+                    out.append(Assign(seq, full_width(e, node, e.ew(node.expr, ctx), ctx), e.label(node)))
                 elif node.name not in fused.computed:
                     pointwise_forward(e, node, fused.expr(node), fused, out)
     for s in g.states:
@@ -108,8 +143,9 @@ def emit_forward(e) -> None:
         m.forward_alloc.append(Assign(Ref(n("seq", s.name), (sympy.Integer(0),)), Ref("state0", (Key(s.name),))))
     m.forward_alloc.extend(fused.alloc_lines)
     for name in plan.stored:
-        if name not in fused.views:
-            m.forward_alloc.append(Assign(Ref(n("seq", name)), empty(Text("T"), Text("B"), Size(g.node(name).size))))
+        if name not in fused.views:  # a value of reductions only: one per row
+            width = sympy.Integer(1) if name in e.compact else g.node(name).size
+            m.forward_alloc.append(Assign(Ref(n("seq", name)), empty(Text("T"), Text("B"), Size(width))))
     m.forward_alloc.extend(fused.view_lines)
     if plan.loop.stages:
         m.forward_loop[:0] = [Assign(Ref(n.value(s.prev)), Ref(n("seq", s.name), (t_SYM,))) for s in g.states]

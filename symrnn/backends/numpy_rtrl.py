@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir import MatVecNode, Pointwise, rule
+from ..ir import MatVecNode, Pointwise, Reduction, rule
 from ..stmt import (
     ALL, NEW, Assign, Attr, Call, Comment, Dict, Do, Helper, If, Index, Infix, Key, MatMul, Method, Paren, Ref, Size, Span,
     Text, Update, t_SYM,
@@ -138,5 +138,19 @@ def _matvec(e, node: MatVecNode, ctx: Context) -> list:
     return stmts
 
 
+def _reduction(e, node: Reduction, ctx: Context) -> list:
+    """One step of a reduction over units and its tangent: J_r = sum_j w_j J_a[..., j], the
+    same at every unit (broadcast views; symrnn.reductions for the weight w)."""
+    n = e.n
+    J = lambda name: Ref(n("tangent", name))  # noqa: E731
+    refs = {**ctx.refs, node.name: Ref(n.value(node.name))}
+    a = sympy.Symbol(node.operand)
+    value = Call("broadcast_to", (e.ew(node.reduce(a), "loop", refs), Attr(e.ew(a, "loop", refs), "shape")))
+    weighted = Infix("*", (Paren(e.ew(node.weight(), "loop", refs)), J(node.operand)))
+    tangent = Call("sum", (weighted,), (("axis", Text("-1")), ("keepdims", Text("True"))))
+    return [Assign(Ref(n.value(node.name)), value),
+            Assign(J(node.name), Call("broadcast_to", (tangent, Attr(J(node.operand), "shape"))))]
+
+
 #: RTRL's step of each node kind (ir.NODE_KINDS)
-RULES = {Pointwise: _pointwise, MatVecNode: _matvec}
+RULES = {Pointwise: _pointwise, MatVecNode: _matvec, Reduction: _reduction}

@@ -46,6 +46,7 @@ class CoefficientHoisting:
         stored value becomes a buffer computed for a block of steps at once,
         before the loop runs over that block (``backward_coefs``)."""
         keep = {self.b.n("adj", mv.name) for mv in stage.matvecs}  # written to the GEMM's adjoint buffer
+        keep |= {self.b.n("adj", r.name) for r in stage.reductions}  # summed over units (reduction_backward)
         keep |= {self.b.sym(ref).name for refs in self.b.acc.values() for ref in refs}
         keep |= set(self.b.alias) | set(self.b.alias.values())
         uses: dict[str, int] = {}
