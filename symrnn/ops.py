@@ -13,6 +13,8 @@ Each op is a SymPy ``Function`` subclass carrying
   ``{a}`` into an output array ``{out}`` (``{a}`` may be ``{out}``), so a fused step
   activates a GEMM's output where it lies;
 * ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
+* ``numba``: its spelling in a numba-compiled kernel, over a scalar ``{x}`` and the
+  constants ``{one}`` and ``{zero}`` of the scalar's type (float32 math stays float32);
 * ``latex``: its LaTeX spelling, a format string over the argument ``{x}`` and a mark
   on the function's name ``{mark}``: empty, ``'`` (its derivative, as the seeds write
   sigma'(a)) or a power (``^{2}``: tanh^2(c)).
@@ -49,6 +51,8 @@ class Op(sympy.Function):
     numpy_inplace: tuple[str, ...] = ()
     #: CUDA C spelling for (float, double); ``{x}`` is the argument.
     cuda: tuple[str, str] = ("", "")
+    #: numba spelling (scalar Python); ``{x}`` the argument, ``{one}``/``{zero}`` typed constants.
+    numba: str = ""
     #: explicit formula, used only to verify ``derivative`` in the tests.
     formula = None
 
@@ -73,6 +77,7 @@ class sigmoid(Op):
     numpy_inplace = ("{xp}.negative({a}, out={out})", "{xp}.exp({out}, out={out})", "{out} += 1",
                      "{xp}.reciprocal({out}, out={out})")
     cuda = ("(1.0f / (1.0f + expf(-({x}))))", "(1.0 / (1.0 + exp(-({x}))))")
+    numba = "({one} / ({one} + np.exp(-({x}))))"
     formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
 
     @classmethod
@@ -85,6 +90,7 @@ class tanh(Op):
     numpy = "{xp}.tanh({x})"
     numpy_inplace = ("{xp}.tanh({a}, out={out})",)
     cuda = ("tanhf({x})", "tanh({x})")
+    numba = "np.tanh({x})"
     formula = staticmethod(sympy.tanh)
 
     @classmethod
@@ -96,6 +102,7 @@ class relu(Op):
     latex = r"\operatorname{{relu}}{mark}\left({x}\right)"
     numpy = "{xp}.maximum({x}, 0)"
     cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
+    numba = "max({x}, {zero})"
     formula = staticmethod(lambda a: sympy.Max(a, 0))
 
     @classmethod
@@ -108,6 +115,7 @@ class softplus(Op):
     latex = r"\operatorname{{softplus}}{mark}\left({x}\right)"
     numpy = "{xp}.logaddexp(0, {x})"
     cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
+    numba = "(np.log1p(np.exp(-abs({x}))) + max({x}, {zero}))"
     formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
 
     @classmethod
@@ -121,6 +129,7 @@ class exp(Op):
     latex = r"\exp{mark}\left({x}\right)"
     numpy = "{xp}.exp({x})"
     cuda = ("expf({x})", "exp({x})")
+    numba = "np.exp({x})"
     formula = staticmethod(sympy.exp)
 
     @classmethod
@@ -132,6 +141,7 @@ class identity(Op):
     latex = r"\operatorname{{id}}{mark}\left({x}\right)"
     numpy = "({x})"
     cuda = ("({x})", "({x})")
+    numba = "({x})"
     formula = staticmethod(lambda a: a)
 
     @classmethod
@@ -149,6 +159,7 @@ class step(Op):
     latex = r"\mathbb{{1}}{mark}\left[{x} > 0\right]"
     numpy = "{xp}.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
+    numba = "({one} if ({x}) > {zero} else {zero})"
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
 
     @classmethod
