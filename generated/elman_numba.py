@@ -22,15 +22,23 @@ same as generated/elman_numpy.py, whose values it reproduces:
     backward(params, cache, grad_outputs) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
         grads: one entry per parameter, "x", and the initial states "s0"
+    rtrl_grads(params, x, grad_outputs, state0=None) -> grads  (forward mode; elman_numpy's)
     loss_and_grads(params, x, target, state0=None) -> (loss, grads)
+    rtrl_loss_and_grads(params, x, target, state0=None) -> (loss, grads)  (elman_numpy's)
 
 Compiled by numba: per step, 1 recurrent GEMM(s) (BLAS) and 1 fused kernel(s) for all gates and state updates; backward, per step, the same number of fused adjoint kernels and GEMMs W^T delta; input projections and weight gradients are one GEMM each over every step.  The time loop of forward and of backward is one
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
-Depends on NumPy and numba only (numba's np.dot calls BLAS through SciPy).
+Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+check, not a training path) is the NumPy module's: elman_numpy.py beside this one.
 """
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -175,6 +183,17 @@ def backward(params, cache, grad_outputs):
     }
 
 
+def rtrl_grads(params, x, grad_outputs, state0=None):
+    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL):
+    generated/elman_numpy.py's (a check, not a training path; not compiled)."""
+    return _numpy_module().rtrl_grads(params, x, grad_outputs, state0)
+
+
+def rtrl_loss_and_grads(params, x, target, state0=None):
+    """Like loss_and_grads, by the forward-mode sensitivity recursion (RTRL): elman_numpy's."""
+    return _numpy_module().rtrl_loss_and_grads(params, x, target, state0)
+
+
 def loss_and_grads(params, x, target, state0=None):
     """The cell's loss (sum over time of the per-step loss, summed over the batch) and its gradients."""
     outputs, cache = forward(params, x, state0)
@@ -235,18 +254,38 @@ def elman_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, s_seq, x_proj_seq):
+    s_prev_proj = np.empty((B, W_T.shape[1]), dtype)  # one buffer for every step
     for t in range(T):
-        s_prev_proj = np.dot(s_seq[t], W_T)  # W_s_prev
+        np.dot(s_seq[t], W_T, s_prev_proj)  # W_s_prev
         elman_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq.reshape(-1), s_prev_proj.reshape(-1), s_seq.reshape(-1))
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj, d_s_prev_proj_seq, d_s_seq, s_seq):
+    d_s_prev_from_s_prev_proj_spare = np.empty((B, W.shape[1]), dtype)  # the second buffer of d_s_prev_from_s_prev_proj
     for t in range(T - 1, -1, -1):
         d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj
         elman_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_s_seq.reshape(-1), d_s_from_s_proj_seq.reshape(-1), d_s_prev_from_s_prev_proj_next.reshape(-1), d_s_prev_proj_seq.reshape(-1), s_seq.reshape(-1))
-        d_s_prev_from_s_prev_proj = np.dot(d_s_prev_proj_seq[t], W)  # W^T delta
+        d_s_prev_from_s_prev_proj, d_s_prev_from_s_prev_proj_spare = d_s_prev_from_s_prev_proj_spare, d_s_prev_from_s_prev_proj  # this step's buffer; the other holds step t + 1's
+        np.dot(d_s_prev_proj_seq[t], W, d_s_prev_from_s_prev_proj)  # W^T delta
     return d_s_prev_from_s_prev_proj,
+
+
+def _numpy_module():
+    """The generated module {CELL}_numpy beside this one (rtrl_grads is its)."""
+    name = f"{CELL}_numpy"
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.is_file():
+        raise ImportError(f"{path} is missing (rtrl_grads is the NumPy module's): generate it with symrnn generate ... --backend numpy")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _seed(grad_outputs, name, shape, dtype):

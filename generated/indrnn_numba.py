@@ -19,14 +19,21 @@ same as generated/indrnn_numpy.py, whose values it reproduces:
     backward(params, cache, grad_outputs) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
         grads: one entry per parameter, "x", and the initial states "h0"
+    rtrl_grads(params, x, grad_outputs, state0=None) -> grads  (forward mode; indrnn_numpy's)
 
 Compiled by numba: the recurrence is elementwise, so forward and backward are each one kernel that loops over time, a loop over (batch, unit).  The time loop of forward and of backward is one
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
-Depends on NumPy and numba only (numba's np.dot calls BLAS through SciPy).
+Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+check, not a training path) is the NumPy module's: indrnn_numpy.py beside this one.
 """
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -164,6 +171,12 @@ def backward(params, cache, grad_outputs):
     }
 
 
+def rtrl_grads(params, x, grad_outputs, state0=None):
+    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL):
+    generated/indrnn_numpy.py's (a check, not a training path; not compiled)."""
+    return _numpy_module().rtrl_grads(params, x, grad_outputs, state0)
+
+
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
 @numba.njit(cache=_CACHE, nogil=True)
@@ -203,6 +216,23 @@ def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
                 d_x_proj_seq[(t_ * rows_ + row_) * n_hidden + unit_] = tmp0
                 d_h_next = tmp0*u
             d_h0_ptr[row_ * n_hidden + unit_] = d_h_next
+
+
+def _numpy_module():
+    """The generated module {CELL}_numpy beside this one (rtrl_grads is its)."""
+    name = f"{CELL}_numpy"
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.is_file():
+        raise ImportError(f"{path} is missing (rtrl_grads is the NumPy module's): generate it with symrnn generate ... --backend numpy")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _seed(grad_outputs, name, shape, dtype):

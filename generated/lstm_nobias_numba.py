@@ -24,14 +24,21 @@ same as generated/lstm_nobias_numpy.py, whose values it reproduces:
     backward(params, cache, grad_outputs) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
         grads: one entry per parameter, "x", and the initial states "h0", "c0"
+    rtrl_grads(params, x, grad_outputs, state0=None) -> grads  (forward mode; lstm_nobias_numpy's)
 
 Compiled by numba: per step, 1 recurrent GEMM(s) (BLAS) and 1 fused kernel(s) for all gates and state updates; backward, per step, the same number of fused adjoint kernels and GEMMs W^T delta; input projections and weight gradients are one GEMM each over every step.  The time loop of forward and of backward is one
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
-Depends on NumPy and numba only (numba's np.dot calls BLAS through SciPy).
+Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+check, not a training path) is the NumPy module's: lstm_nobias_numpy.py beside this one.
 """
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -240,6 +247,12 @@ def backward(params, cache, grad_outputs):
     }
 
 
+def rtrl_grads(params, x, grad_outputs, state0=None):
+    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL):
+    generated/lstm_nobias_numpy.py's (a check, not a training path; not compiled)."""
+    return _numpy_module().rtrl_grads(params, x, grad_outputs, state0)
+
+
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
 @numba.njit(cache=_CACHE, nogil=True)
@@ -311,20 +324,41 @@ def lstm_nobias_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, c_seq, c_tilde_seq, f_seq, h_seq, i_seq, o_seq, tanh_c_seq, x_proj_seq):
+    h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
     for t in range(T):
-        h_prev_proj = np.dot(h_seq[t], W_stack_h_prev_T)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
+        np.dot(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_fh_h_prev, W_ih_h_prev, W_ch_h_prev, W_oh_h_prev
         lstm_nobias_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), f_seq.reshape(-1), i_seq.reshape(-1), c_tilde_seq.reshape(-1), c_seq.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), h_seq.reshape(-1))
 
 
 @numba.njit(cache=_CACHE, nogil=True)
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, c_tilde_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, f_seq, i_seq, o_seq, tanh_c_seq):
+    d_c_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_0
+    d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
     for t in range(T - 1, -1, -1):
         d_c_prev_0_next = d_c_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
-        d_c_prev_0 = np.empty((B, n_hidden), dtype)
+        d_c_prev_0, d_c_prev_0_spare = d_c_prev_0_spare, d_c_prev_0  # this step's buffer; the other holds step t + 1's
         lstm_nobias_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_c_seq.reshape(-1), d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), i_seq.reshape(-1), c_tilde_seq.reshape(-1), c_seq.reshape(-1), f_seq.reshape(-1))
-        d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
+        d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
+        np.dot(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_0, d_h_prev_from_h_prev_proj
+
+
+def _numpy_module():
+    """The generated module {CELL}_numpy beside this one (rtrl_grads is its)."""
+    name = f"{CELL}_numpy"
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.is_file():
+        raise ImportError(f"{path} is missing (rtrl_grads is the NumPy module's): generate it with symrnn generate ... --backend numpy")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _seed(grad_outputs, name, shape, dtype):

@@ -23,15 +23,23 @@ same as generated/mingru_numpy.py, whose values it reproduces:
     backward(params, cache, grad_outputs) -> grads
         grad_outputs: dL/d(output) for any subset of the outputs (missing: zero)
         grads: one entry per parameter, "x", and the initial states "h0"
+    rtrl_grads(params, x, grad_outputs, state0=None) -> grads  (forward mode; mingru_numpy's)
     loss_and_grads(params, x, target, state0=None) -> (loss, grads)
+    rtrl_loss_and_grads(params, x, target, state0=None) -> (loss, grads)  (mingru_numpy's)
 
 Compiled by numba: the recurrence is elementwise, so forward and backward are each one kernel that loops over time, a loop over (batch, unit).  The time loop of forward and of backward is one
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
-Depends on NumPy and numba only (numba's np.dot calls BLAS through SciPy).
+Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+check, not a training path) is the NumPy module's: mingru_numpy.py beside this one.
 """
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -209,6 +217,17 @@ def backward(params, cache, grad_outputs):
     }
 
 
+def rtrl_grads(params, x, grad_outputs, state0=None):
+    """The gradients backward() gives, by the forward-mode sensitivity recursion (RTRL):
+    generated/mingru_numpy.py's (a check, not a training path; not compiled)."""
+    return _numpy_module().rtrl_grads(params, x, grad_outputs, state0)
+
+
+def rtrl_loss_and_grads(params, x, target, state0=None):
+    """Like loss_and_grads, by the forward-mode sensitivity recursion (RTRL): mingru_numpy's."""
+    return _numpy_module().rtrl_loss_and_grads(params, x, target, state0)
+
+
 def loss_and_grads(params, x, target, state0=None):
     """The cell's loss (sum over time of the per-step loss, summed over the batch) and its gradients."""
     outputs, cache = forward(params, x, state0)
@@ -307,6 +326,23 @@ def mingru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_tilde_
             d_z = d_z_loop0  # eq:mingru:adj:z
             d_W_z_x = d_z*z*(S(1) - z)
             d_x_proj_seq[row_ * (2*n_hidden) + unit_] = d_W_z_x
+
+
+def _numpy_module():
+    """The generated module {CELL}_numpy beside this one (rtrl_grads is its)."""
+    name = f"{CELL}_numpy"
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.is_file():
+        raise ImportError(f"{path} is missing (rtrl_grads is the NumPy module's): generate it with symrnn generate ... --backend numpy")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _seed(grad_outputs, name, shape, dtype):

@@ -209,7 +209,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("numpy", render_numpy, "<cell>_numpy.py", "NumPy only"),
     Backend("cupy", render_cupy, "<cell>_cupy.py (fused CUDA kernels)", "NumPy and CuPy"),
-    Backend("numba", render_numba, "<cell>_numba.py (compiled CPU kernels)", "NumPy and numba"),
+    Backend("numba", render_numba, "<cell>_numba.py (compiled CPU kernels) and the <cell>_numpy.py its rtrl_grads is",
+            "NumPy and numba (rtrl_grads: the cell's *_numpy module)", needs=("numpy",)),
     Backend("torch", render_torch, "<cell>_torch.py (torch.autograd.Function and nn.Module) and the <cell>_numpy.py it runs",
             "torch and the cell's *_numpy (and *_cupy) module", needs=("numpy",)),
 )}

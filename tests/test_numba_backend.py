@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import CELLS
 from test_spec_random_cells import spec_text
 from symrnn.errors import CellError, UserError
-from symrnn.gradcheck import finite_differences, random_problem, rel_error
+from symrnn.gradcheck import finite_differences, random_problem, rel_error, rtrl_vs_bptt
 from symrnn.ops import OPS
 from symrnn.pipeline import build, load_module, render_numpy
 from symrnn.render import render_numba
@@ -189,3 +189,18 @@ def test_random_cells_match_numpy(tmp_path_factory, text, sizes):
     errors |= {"d_" + k: rel_error(grads[k], grads_ref[k]) for k in grads_ref}
     bad = {k: e for k, e in errors.items() if not e <= 1e-12}
     assert not bad, f"{bad}\n{text}"
+
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm_torch", "indrnn", "gru_nobias"])
+def test_rtrl_grads_equal_backward(cell):
+    """rtrl_grads (the NumPy module's, forward mode) against this module's backward."""
+    mod = numba_module(cell)
+    pr = random_problem(mod, T=4, B=2, seed=6)
+    results = rtrl_vs_bptt(mod, pr)
+    assert results and all(r.ok for r in results), [r for r in results if not r.ok]
+    if hasattr(mod, "loss_and_grads"):
+        loss, grads = mod.loss_and_grads(pr.params, pr.x, pr.target, pr.state0)
+        rtrl_loss, rtrl = mod.rtrl_loss_and_grads(pr.params, pr.x, pr.target, pr.state0)
+        assert rel_error(loss, rtrl_loss) < 1e-12
+        assert max(rel_error(rtrl[k], grads[k]) for k in grads) < 1e-10

@@ -28,7 +28,7 @@ from ..errors import CellError, InternalError
 from ..naming import C_FIXED, PYTHON_FIXED
 from ..ops import Op
 from ..plan import KernelPlan
-from ..stmt import Assign, Call, Do, Helper, Key, Loop, Ref, reads_of, writes_of
+from ..stmt import B_SYM, Assign, Attr, Call, Do, Helper, Index, Key, Loop, Ref, Size, Text, reads_of, writes_of
 from .cuda_kernels import Dialect, Kernel
 from .python_printer import PythonPrinter
 
@@ -231,7 +231,8 @@ def _hoist_loops(stmts: list, section: str, after: list, loops: list[CompiledLoo
         name = f"_{section}_loop{sum(1 for lp in loops if lp.name.startswith(f'_{section}'))}"
         args = [*LOOP_ARGS, *sorted((reads_of(s) & defined) - set(LOOP_ARGS) - {s.var})]
         returns = sorted((writes_of(s) - {s.var}) & later)
-        loops.append(CompiledLoop(name, args, returns, printer.stmt(s)))
+        s, allocations = _preallocate(s, stmts[:i], names)
+        loops.append(CompiledLoop(name, args, returns, printer.lines([*allocations, s])))
         call = f"{name}({', '.join(args)})"
         out.append(f"{', '.join(returns)}{',' if len(returns) == 1 else ''} = {call}" if returns else call)
         defined |= writes_of(s)
@@ -257,3 +258,62 @@ def _contiguous_weights(loop: Loop, names) -> tuple[Loop, list[tuple[Ref, Ref]]]
 
     new = visit(loop)
     return new, [(ref, w) for w, ref in made.items()]
+
+
+def _preallocate(loop: Loop, before: list, names) -> tuple[Loop, list]:
+    """The loop with its per-step arrays allocated once, before it: a step's product
+    ``X = np.dot(a, w)`` becomes ``np.dot(a, w, X)`` into a buffer, a step's ``X = np.empty(..)``
+    goes.  An array the next step still reads (``X_next = X`` earlier in the body: the
+    adjoint carried from step t + 1) gets a second buffer, and the two swap each step; its
+    first buffer is the one made for it just before the loop (``before``: the statements
+    there), which nothing else holds.  Returns (loop, the allocations)."""
+    body = list(loop.body)
+    allocations: list = []
+    for j, s in enumerate(loop.body):
+        if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and isinstance(s.value, Call)):
+            continue
+        x, value = s.dst, s.value
+        if value.func == "matmul" and len(value.args) == 2:
+            a, w = value.args
+            if not (isinstance(a, Ref) and isinstance(w, Ref) and not w.index and not w.T and a.index == (_t_loop(loop),)):
+                continue
+            shape = (Size(B_SYM), Index(Attr(w, "shape"), (sympy.Integer(1),)))
+        elif value.func == "empty":
+            shape = value.args[0]
+        else:
+            continue
+        others = [b for k, b in enumerate(loop.body) if k != j]
+        if any(x.name in writes_of(b) for b in others) or x.name in reads_of(s):
+            continue
+        aliases = [k for k, b in enumerate(loop.body[:j]) if x.name in reads_of(b)]
+        if any(not (isinstance(loop.body[k], Assign) and loop.body[k].value == Ref(x.name)) for k in aliases):
+            continue  # read before this step's value in some other way: left as it is
+        if aliases:  # carried to the next step: two buffers, swapped
+            if not _fresh_before(x.name, before):
+                continue
+            spare = Ref(names.fresh(f"{x.name}_spare"))
+            allocations.append(Assign(spare, Call("empty", (shape, Text("dtype"))), "the second buffer of " + x.name))
+            steps = [Assign((x, spare), (spare, x), "this step's buffer; the other holds step t + 1's")]
+        else:
+            allocations.append(Assign(x, Call("empty", (shape, Text("dtype"))), "one buffer for every step"))
+            steps = []
+        if value.func == "matmul":
+            steps.append(Do(Call("matmul", (*value.args, x)), out=x, comment=s.comment))
+        body[j] = tuple(steps)
+    flat = [b for item in body for b in (item if isinstance(item, tuple) else (item,))]
+    return replace(loop, body=tuple(flat)), allocations
+
+
+def _t_loop(loop: Loop):
+    """The loop's variable as an index item (``h_seq[t]``)."""
+    return sympy.Symbol(loop.var)
+
+
+def _fresh_before(name: str, before: list) -> bool:
+    """``name`` is made (np.zeros/np.empty) by the last statement before the loop that
+    touches it: an array of its own, which the loop may reuse as a buffer."""
+    for s in reversed(before):
+        if name in writes_of(s) or name in reads_of(s):
+            return (isinstance(s, Assign) and s.dst == Ref(name) and isinstance(s.value, Call)
+                    and s.value.func in ("zeros", "empty"))
+    return False
