@@ -40,8 +40,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import llvmlite.binding
 import numba
 import numpy as np
+from numba.extending import overload
 
 
 CELL = "elman"
@@ -76,6 +78,12 @@ LOOPS = (
 )
 #: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
 _CACHE = str(globals().get("__file__", "")).endswith(".py")
+# LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
+# (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
+# a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
+# numba compilation in this process: run-time checks, and vectorized loops, more often) let it.
+for _option in ("-vectorize-memory-check-threshold=256", "-runtime-memory-check-threshold=256"):
+    llvmlite.binding.set_option("symrnn", _option)
 
 
 def param_shapes(n_in, n_hidden, n_out=None):
@@ -221,38 +229,76 @@ def _check_target(target, y):
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-@numba.njit(cache=_CACHE, nogil=True)
+# The kernels' exp and tanh: in float64 libm's (np.exp, np.tanh); in float32 pure arithmetic
+# that LLVM vectorizes over the units (numba calls libm one number at a time: PyPI's
+# llvmlite has no SVML): within 1 ulp (exp) and 7 ulp (tanh) of the exact values where they
+# are normal float32 numbers (measured on every 16th float32 by symrnn's
+# benchmarks/float32_math.py: 0.99 and 6.5 ulp; NumPy's float32 exp: 2.5, tanh: 1.4).
+def _tanh(x):
+    """tanh(x) in the kernels (compiled: float64 np.tanh, float32 _tanh_float32)."""
+    return np.tanh(x)
+
+
+@overload(_tanh, jit_options={"error_model": "numpy"}, inline="always")
+def _tanh_compiled(x):
+    return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: np.tanh(x))
+
+
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _tanh_float32(x):
+    """tanh of a float32: x P(x^2) / Q(x^2) on |x| <= 7.905 (Eigen's rational
+    approximation; beyond, tanh is 1 in float32), x itself where |x| < 0.0004."""
+    S = np.float32
+    c = min(max(x, S(-7.90531110763549805)), S(7.90531110763549805))
+    c2 = c * c
+    p = S(-2.76076847742355e-16)
+    p = p * c2 + S(2.00018790482477e-13)
+    p = p * c2 + S(-8.60467152213735e-11)
+    p = p * c2 + S(5.12229709037114e-08)
+    p = p * c2 + S(1.48572235717979e-05)
+    p = p * c2 + S(6.37261928875436e-04)
+    p = p * c2 + S(4.89352455891786e-03)
+    q = S(1.19825839466702e-06)
+    q = q * c2 + S(1.18534705686654e-04)
+    q = q * c2 + S(2.26843463243900e-03)
+    q = q * c2 + S(4.89352518554385e-03)
+    return c * p / q if abs(x) >= S(0.0004) else x  # x: also NaN
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def elman_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq):
     """forward, loop stage 0: z, s"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
-            U_x = x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            W_s_prev = s_prev_proj[row_ * n_hidden + unit_]
+            U_x = x_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            W_s_prev = s_prev_proj[U(row_ * n_hidden + unit_)]
             z = U_x + W_s_prev  # eq:elman:z
-            s = np.tanh(z)  # eq:elman:s
-            s_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = s
+            s = _tanh(z)  # eq:elman:s
+            s_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = s
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def elman_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq):
     """backward, loop stage 0: adjoints of s, z"""
     S = d_s_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
-            d_s_out = d_s_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            d_s_from_s_proj = d_s_from_s_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj_next_ptr[row_ * n_hidden + unit_]
-            s = s_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_]
+            d_s_out = d_s_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            d_s_from_s_proj = d_s_from_s_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj_next_ptr[U(row_ * n_hidden + unit_)]
+            s = s_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)]
             d_s = d_s_from_s_proj + d_s_out + d_s_prev_from_s_prev_proj_next  # eq:elman:adj:s
             d_z = d_s*(S(1) - (s*s))  # eq:elman:adj:z
             d_W_s_prev = d_z
-            d_s_prev_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_W_s_prev
+            d_s_prev_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_W_s_prev
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, s_seq, x_proj_seq):
     s_prev_proj = np.empty((B, W_T.shape[1]), dtype)  # one buffer for every step
     for t in range(T):
@@ -260,7 +306,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, s_seq, x_proj_seq):
         elman_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq.reshape(-1), s_prev_proj.reshape(-1), s_seq.reshape(-1))
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj, d_s_prev_proj_seq, d_s_seq, s_seq):
     d_s_prev_from_s_prev_proj_spare = np.empty((B, W.shape[1]), dtype)  # the second buffer of d_s_prev_from_s_prev_proj
     for t in range(T - 1, -1, -1):

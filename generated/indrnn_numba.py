@@ -35,6 +35,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import llvmlite.binding
 import numba
 import numpy as np
 
@@ -67,6 +68,12 @@ LOOPS = (
 )
 #: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
 _CACHE = str(globals().get("__file__", "")).endswith(".py")
+# LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
+# (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
+# a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
+# numba compilation in this process: run-time checks, and vectorized loops, more often) let it.
+for _option in ("-vectorize-memory-check-threshold=256", "-runtime-memory-check-threshold=256"):
+    llvmlite.binding.set_option("symrnn", _option)
 
 
 def param_shapes(n_in, n_hidden, n_out=None):
@@ -179,43 +186,45 @@ def rtrl_grads(params, x, grad_outputs, state0=None):
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def indrnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr):
     """forward, loop stage 0: h"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
 
             for t_ in range(steps_):
-                W_x = x_proj_seq[(t_ * rows_ + row_) * n_hidden + unit_]
-                b = b_ptr[unit_]
-                h_prev = h_seq[(t_ * rows_ + row_) * n_hidden + unit_]
-                u = u_ptr[unit_]
+                W_x = x_proj_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
+                b = b_ptr[U(unit_)]
+                h_prev = h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
+                u = u_ptr[U(unit_)]
                 h = max(W_x + b + h_prev*u, S(0))  # eq:indrnn:h
-                h_seq[((t_ + 1) * rows_ + row_) * n_hidden + unit_] = h
+                h_seq[U(((t_ + 1) * rows_ + row_) * n_hidden + unit_)] = h
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr):
     """backward, loop stage 0: adjoints of h"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
             d_h_next = S(0)  # from step t + 1
 
             for t_ in range(steps_ - 1, -1, -1):
-                d_h_out = d_h_seq[(t_ * rows_ + row_) * n_hidden + unit_]
-                h_prev = h_seq[(t_ * rows_ + row_) * n_hidden + unit_]
-                h = h_seq[((t_ + 1) * rows_ + row_) * n_hidden + unit_]
-                u = u_ptr[unit_]
+                d_h_out = d_h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
+                h_prev = h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
+                h = h_seq[U(((t_ + 1) * rows_ + row_) * n_hidden + unit_)]
+                u = u_ptr[U(unit_)]
                 d_h = d_h_next + d_h_out  # eq:indrnn:adj:h
                 tmp0 = d_h*(S(1) if (h) > S(0) else S(0))
-                d_u_loop0_seq[(t_ * rows_ + row_) * n_hidden + unit_] = h_prev*tmp0
-                d_x_proj_seq[(t_ * rows_ + row_) * n_hidden + unit_] = tmp0
+                d_u_loop0_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = h_prev*tmp0
+                d_x_proj_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = tmp0
                 d_h_next = tmp0*u
-            d_h0_ptr[row_ * n_hidden + unit_] = d_h_next
+            d_h0_ptr[U(row_ * n_hidden + unit_)] = d_h_next
 
 
 def _numpy_module():

@@ -44,8 +44,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import llvmlite.binding
 import numba
 import numpy as np
+from numba.extending import overload
 
 
 CELL = "lstm_forget_bias"
@@ -89,6 +91,12 @@ LOOPS = (
 )
 #: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
 _CACHE = str(globals().get("__file__", "")).endswith(".py")
+# LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
+# (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
+# a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
+# numba compilation in this process: run-time checks, and vectorized loops, more often) let it.
+for _option in ("-vectorize-memory-check-threshold=256", "-runtime-memory-check-threshold=256"):
+    llvmlite.binding.set_option("symrnn", _option)
 
 
 def param_shapes(n_in, n_hidden, n_out=None):
@@ -328,105 +336,198 @@ def _check_target(target, y):
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-@numba.njit(cache=_CACHE, nogil=True)
+# The kernels' exp and tanh: in float64 libm's (np.exp, np.tanh); in float32 pure arithmetic
+# that LLVM vectorizes over the units (numba calls libm one number at a time: PyPI's
+# llvmlite has no SVML): within 1 ulp (exp) and 7 ulp (tanh) of the exact values where they
+# are normal float32 numbers (measured on every 16th float32 by symrnn's
+# benchmarks/float32_math.py: 0.99 and 6.5 ulp; NumPy's float32 exp: 2.5, tanh: 1.4).
+def _exp(x):
+    """exp(x) in the kernels (compiled: float64 np.exp, float32 _exp_float32)."""
+    return np.exp(x)
+
+
+@overload(_exp, jit_options={"error_model": "numpy"}, inline="always")
+def _exp_compiled(x):
+    return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: np.exp(x))
+
+
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _exp_float32(x):
+    """exp of a float32 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
+    (Cody-Waite reduction, Cephes' expf polynomial); 0 below -87.34 (a subnormal result)."""
+    S = np.float32
+    a = min(max(x, S(-87.33654)), S(88.72283))
+    n = (a * S(1.4426950408889634) + S(12582912.0)) - S(12582912.0)  # round: 1.5 * 2^23 drops the fraction
+    r = a - n * S(0.693359375) - n * S(-2.12194440e-4)  # ln 2 in two parts: r exact
+    p = S(1.9875691500e-4)
+    p = p * r + S(1.3981999507e-3)
+    p = p * r + S(8.3334519073e-3)
+    p = p * r + S(4.1665795894e-2)
+    p = p * r + S(1.6666665459e-1)
+    p = p * r + S(5.0000001201e-1)
+    e = p * r * r + r + S(1)
+    # times 2^n, n in [-126, 128], by the binary digits of |n| (exact: powers of two)
+    k = abs(n)
+    two = S(2) if n > S(0) else S(0.5)
+    if k > S(127):  # 2^128 is not a float32
+        e, k = e * two, k - S(1)
+    two2 = two * two
+    two4 = two2 * two2
+    two8 = two4 * two4
+    two16 = two8 * two8
+    two32 = two16 * two16
+    two64 = two32 * two32
+    if k >= S(64):
+        e, k = e * two64, k - S(64)
+    if k >= S(32):
+        e, k = e * two32, k - S(32)
+    if k >= S(16):
+        e, k = e * two16, k - S(16)
+    if k >= S(8):
+        e, k = e * two8, k - S(8)
+    if k >= S(4):
+        e, k = e * two4, k - S(4)
+    if k >= S(2):
+        e, k = e * two2, k - S(2)
+    if k >= S(1):
+        e = e * two
+    return S(0) if x < S(-87.33654) else (e if x <= S(88.72283) else (S(np.inf) if x > S(0) else x))  # x: NaN
+
+
+def _tanh(x):
+    """tanh(x) in the kernels (compiled: float64 np.tanh, float32 _tanh_float32)."""
+    return np.tanh(x)
+
+
+@overload(_tanh, jit_options={"error_model": "numpy"}, inline="always")
+def _tanh_compiled(x):
+    return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: np.tanh(x))
+
+
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _tanh_float32(x):
+    """tanh of a float32: x P(x^2) / Q(x^2) on |x| <= 7.905 (Eigen's rational
+    approximation; beyond, tanh is 1 in float32), x itself where |x| < 0.0004."""
+    S = np.float32
+    c = min(max(x, S(-7.90531110763549805)), S(7.90531110763549805))
+    c2 = c * c
+    p = S(-2.76076847742355e-16)
+    p = p * c2 + S(2.00018790482477e-13)
+    p = p * c2 + S(-8.60467152213735e-11)
+    p = p * c2 + S(5.12229709037114e-08)
+    p = p * c2 + S(1.48572235717979e-05)
+    p = p * c2 + S(6.37261928875436e-04)
+    p = p * c2 + S(4.89352455891786e-03)
+    q = S(1.19825839466702e-06)
+    q = q * c2 + S(1.18534705686654e-04)
+    q = q * c2 + S(2.26843463243900e-03)
+    q = q * c2 + S(4.89352518554385e-03)
+    return c * p / q if abs(x) >= S(0.0004) else x  # x: also NaN
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def lstm_forget_bias_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_i_ptr, i_seq, b_f_ptr, f_seq, b_g_ptr, g_seq, b_o_ptr, o_seq, c_seq, tanh_c_seq, h_seq):
     """forward, loop stage 0: i, f, g, o, c, tanh_c, h"""
     S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
-            W_i_h_prev = h_prev_proj[row_ * (4*n_hidden) + unit_]
-            W_i_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + unit_]
-            b_i = b_i_ptr[unit_]
-            W_f_h_prev = h_prev_proj[row_ * (4*n_hidden) + n_hidden + unit_]
-            W_f_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_]
-            b_f = b_f_ptr[unit_]
-            W_g_h_prev = h_prev_proj[row_ * (4*n_hidden) + 2*n_hidden + unit_]
-            W_g_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_]
-            b_g = b_g_ptr[unit_]
-            W_o_h_prev = h_prev_proj[row_ * (4*n_hidden) + 3*n_hidden + unit_]
-            W_o_x = x_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_]
-            b_o = b_o_ptr[unit_]
-            c_prev = c_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            i = (S(1) / (S(1) + np.exp(-(W_i_h_prev + W_i_x + b_i))))  # eq:lstm_forget_bias:i
-            i_seq[(step_ * rows_ + row_) * n_hidden + unit_] = i
-            f = (S(1) / (S(1) + np.exp(-(W_f_h_prev + W_f_x + b_f + S(1.0)))))  # eq:lstm_forget_bias:f
-            f_seq[(step_ * rows_ + row_) * n_hidden + unit_] = f
-            g = np.tanh(W_g_h_prev + W_g_x + b_g)  # eq:lstm_forget_bias:g
-            g_seq[(step_ * rows_ + row_) * n_hidden + unit_] = g
-            o = (S(1) / (S(1) + np.exp(-(W_o_h_prev + W_o_x + b_o))))  # eq:lstm_forget_bias:o
-            o_seq[(step_ * rows_ + row_) * n_hidden + unit_] = o
+            W_i_h_prev = h_prev_proj[U(row_ * (4*n_hidden) + unit_)]
+            W_i_x = x_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)]
+            b_i = b_i_ptr[U(unit_)]
+            W_f_h_prev = h_prev_proj[U(row_ * (4*n_hidden) + n_hidden + unit_)]
+            W_f_x = x_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_)]
+            b_f = b_f_ptr[U(unit_)]
+            W_g_h_prev = h_prev_proj[U(row_ * (4*n_hidden) + 2*n_hidden + unit_)]
+            W_g_x = x_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_)]
+            b_g = b_g_ptr[U(unit_)]
+            W_o_h_prev = h_prev_proj[U(row_ * (4*n_hidden) + 3*n_hidden + unit_)]
+            W_o_x = x_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_)]
+            b_o = b_o_ptr[U(unit_)]
+            c_prev = c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            i = (S(1) / (S(1) + _exp(-(W_i_h_prev + W_i_x + b_i))))  # eq:lstm_forget_bias:i
+            i_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = i
+            f = (S(1) / (S(1) + _exp(-(W_f_h_prev + W_f_x + b_f + S(1.0)))))  # eq:lstm_forget_bias:f
+            f_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = f
+            g = _tanh(W_g_h_prev + W_g_x + b_g)  # eq:lstm_forget_bias:g
+            g_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = g
+            o = (S(1) / (S(1) + _exp(-(W_o_h_prev + W_o_x + b_o))))  # eq:lstm_forget_bias:o
+            o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = o
             c = c_prev*f + g*i  # eq:lstm_forget_bias:c
-            c_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = c
-            tanh_c = np.tanh(c)  # eq:lstm_forget_bias:h
-            tanh_c_seq[(step_ * rows_ + row_) * n_hidden + unit_] = tanh_c
+            c_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = c
+            tanh_c = _tanh(c)  # eq:lstm_forget_bias:h
+            tanh_c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tanh_c
             h = o*tanh_c  # eq:lstm_forget_bias:h
-            h_seq[((step_ + 1) * rows_ + row_) * n_hidden + unit_] = h
+            h_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = h
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def lstm_forget_bias_forward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq):
     """forward, post stage 0: y"""
     S = h_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_out
     for row_ in range(rows_):
         for unit_ in range(units_):
-            V_h = h_proj_seq[row_ * n_out + unit_]
-            b_y = b_y_ptr[unit_]
+            V_h = h_proj_seq[U(row_ * n_out + unit_)]
+            b_y = b_y_ptr[U(unit_)]
             y = V_h + b_y  # eq:lstm_forget_bias:y
-            y_seq[row_ * n_out + unit_] = y
+            y_seq[U(row_ * n_out + unit_)] = y
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def lstm_forget_bias_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq):
     """backward, post stage 0: adjoints of y"""
     S = d_y_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_out
     for row_ in range(rows_):
         for unit_ in range(units_):
-            d_y_out = d_y_seq[row_ * n_out + unit_]
+            d_y_out = d_y_seq[U(row_ * n_out + unit_)]
             d_y = d_y_out  # eq:lstm_forget_bias:adj:y
             d_V_h = d_y
-            d_h_proj_seq[row_ * n_out + unit_] = d_V_h
+            d_h_proj_seq[U(row_ * n_out + unit_)] = d_V_h
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def lstm_forget_bias_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq):
     """backward, loop stage 0: adjoints of h, tanh_c, c, o, g, f, i"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
-            d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            d_h_from_h_proj = d_h_from_h_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[row_ * n_hidden + unit_]
-            d_c_out = d_c_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            d_c_prev_0_next = d_c_prev_0_next_ptr[row_ * n_hidden + unit_]
-            o = o_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            tanh_c = tanh_c_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            i = i_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            g = g_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            c_prev = c_seq[(step_ * rows_ + row_) * n_hidden + unit_]
-            f = f_seq[(step_ * rows_ + row_) * n_hidden + unit_]
+            d_h_out = d_h_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            d_h_from_h_proj = d_h_from_h_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj_next_ptr[U(row_ * n_hidden + unit_)]
+            d_c_out = d_c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            d_c_prev_0_next = d_c_prev_0_next_ptr[U(row_ * n_hidden + unit_)]
+            o = o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            tanh_c = tanh_c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            i = i_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            g = g_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            c_prev = c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
+            f = f_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
             d_h = d_h_from_h_proj + d_h_out + d_h_prev_from_h_prev_proj_next  # eq:lstm_forget_bias:adj:h
             d_tanh_c = d_h*o  # eq:lstm_forget_bias:adj:tanh_c
             d_c = d_c_out + d_c_prev_0_next + d_tanh_c*(S(1) - (tanh_c*tanh_c))  # eq:lstm_forget_bias:adj:c
             d_o = d_h*tanh_c  # eq:lstm_forget_bias:adj:o
             d_W_o_h_prev = d_o*o*(S(1) - o)
-            d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_] = d_W_o_h_prev
+            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + 3*n_hidden + unit_)] = d_W_o_h_prev
             d_g = d_c*i  # eq:lstm_forget_bias:adj:g
             d_W_g_h_prev = d_g*(S(1) - (g*g))
-            d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_] = d_W_g_h_prev
+            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + 2*n_hidden + unit_)] = d_W_g_h_prev
             d_f = c_prev*d_c  # eq:lstm_forget_bias:adj:f
             d_W_f_h_prev = d_f*f*(S(1) - f)
-            d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_] = d_W_f_h_prev
+            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + n_hidden + unit_)] = d_W_f_h_prev
             d_i = d_c*g  # eq:lstm_forget_bias:adj:i
             d_W_i_h_prev = d_i*i*(S(1) - i)
-            d_h_prev_proj_seq[(step_ * rows_ + row_) * (4*n_hidden) + unit_] = d_W_i_h_prev
-            d_c_prev_0[row_ * n_hidden + unit_] = d_c*f
+            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)] = d_W_i_h_prev
+            d_c_prev_0[U(row_ * n_hidden + unit_)] = d_c*f
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b_f, b_g, b_i, b_o, c_seq, f_seq, g_seq, h_seq, i_seq, o_seq, tanh_c_seq, x_proj_seq):
     h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
     for t in range(T):
@@ -434,7 +535,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b_f, b_
         lstm_forget_bias_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b_i.reshape(-1), i_seq.reshape(-1), b_f.reshape(-1), f_seq.reshape(-1), b_g.reshape(-1), g_seq.reshape(-1), b_o.reshape(-1), o_seq.reshape(-1), c_seq.reshape(-1), tanh_c_seq.reshape(-1), h_seq.reshape(-1))
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, f_seq, g_seq, i_seq, o_seq, tanh_c_seq):
     d_c_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_0
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj

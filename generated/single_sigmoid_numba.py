@@ -40,8 +40,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import llvmlite.binding
 import numba
 import numpy as np
+from numba.extending import overload
 
 
 CELL = "single_sigmoid"
@@ -78,6 +80,12 @@ LOOPS = (
 )
 #: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
 _CACHE = str(globals().get("__file__", "")).endswith(".py")
+# LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
+# (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
+# a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
+# numba compilation in this process: run-time checks, and vectorized loops, more often) let it.
+for _option in ("-vectorize-memory-check-threshold=256", "-runtime-memory-check-threshold=256"):
+    llvmlite.binding.set_option("symrnn", _option)
 
 
 def param_shapes(n_in, n_hidden, n_out=None):
@@ -243,80 +251,142 @@ def _check_target(target, y):
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-@numba.njit(cache=_CACHE, nogil=True)
+# The kernels' exp and tanh: in float64 libm's (np.exp, np.tanh); in float32 pure arithmetic
+# that LLVM vectorizes over the units (numba calls libm one number at a time: PyPI's
+# llvmlite has no SVML): within 1 ulp (exp) and 7 ulp (tanh) of the exact values where they
+# are normal float32 numbers (measured on every 16th float32 by symrnn's
+# benchmarks/float32_math.py: 0.99 and 6.5 ulp; NumPy's float32 exp: 2.5, tanh: 1.4).
+def _exp(x):
+    """exp(x) in the kernels (compiled: float64 np.exp, float32 _exp_float32)."""
+    return np.exp(x)
+
+
+@overload(_exp, jit_options={"error_model": "numpy"}, inline="always")
+def _exp_compiled(x):
+    return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: np.exp(x))
+
+
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _exp_float32(x):
+    """exp of a float32 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
+    (Cody-Waite reduction, Cephes' expf polynomial); 0 below -87.34 (a subnormal result)."""
+    S = np.float32
+    a = min(max(x, S(-87.33654)), S(88.72283))
+    n = (a * S(1.4426950408889634) + S(12582912.0)) - S(12582912.0)  # round: 1.5 * 2^23 drops the fraction
+    r = a - n * S(0.693359375) - n * S(-2.12194440e-4)  # ln 2 in two parts: r exact
+    p = S(1.9875691500e-4)
+    p = p * r + S(1.3981999507e-3)
+    p = p * r + S(8.3334519073e-3)
+    p = p * r + S(4.1665795894e-2)
+    p = p * r + S(1.6666665459e-1)
+    p = p * r + S(5.0000001201e-1)
+    e = p * r * r + r + S(1)
+    # times 2^n, n in [-126, 128], by the binary digits of |n| (exact: powers of two)
+    k = abs(n)
+    two = S(2) if n > S(0) else S(0.5)
+    if k > S(127):  # 2^128 is not a float32
+        e, k = e * two, k - S(1)
+    two2 = two * two
+    two4 = two2 * two2
+    two8 = two4 * two4
+    two16 = two8 * two8
+    two32 = two16 * two16
+    two64 = two32 * two32
+    if k >= S(64):
+        e, k = e * two64, k - S(64)
+    if k >= S(32):
+        e, k = e * two32, k - S(32)
+    if k >= S(16):
+        e, k = e * two16, k - S(16)
+    if k >= S(8):
+        e, k = e * two8, k - S(8)
+    if k >= S(4):
+        e, k = e * two4, k - S(4)
+    if k >= S(2):
+        e, k = e * two2, k - S(2)
+    if k >= S(1):
+        e = e * two
+    return S(0) if x < S(-87.33654) else (e if x <= S(88.72283) else (S(np.inf) if x > S(0) else x))  # x: NaN
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def single_sigmoid_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, b_ptr, h_seq, v_ptr, w_ptr, x_ptr):
     """forward, loop stage 0: a, h"""
     S = b_ptr.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
     for row_ in range(rows_):
         for unit_ in range(units_):
 
             for t_ in range(steps_):
-                b = b_ptr[0]
-                h_prev = h_seq[(t_ * rows_ + row_) * 1 + unit_]
-                v = v_ptr[0]
-                w = w_ptr[0]
-                x_1 = x_ptr[(t_ * rows_ + row_) * 1 + unit_]
+                b = b_ptr[U(0)]
+                h_prev = h_seq[U((t_ * rows_ + row_) * 1 + unit_)]
+                v = v_ptr[U(0)]
+                w = w_ptr[U(0)]
+                x_1 = x_ptr[U((t_ * rows_ + row_) * 1 + unit_)]
                 a = b + h_prev*v + w*x_1  # eq:single_sigmoid:a
-                h = (S(1) / (S(1) + np.exp(-(a))))  # eq:single_sigmoid:h
-                h_seq[((t_ + 1) * rows_ + row_) * 1 + unit_] = h
+                h = (S(1) / (S(1) + _exp(-(a))))  # eq:single_sigmoid:h
+                h_seq[U(((t_ + 1) * rows_ + row_) * 1 + unit_)] = h
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def single_sigmoid_forward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_ptr, h_seq_1, u_ptr, y_seq):
     """forward, post stage 0: y"""
     S = d_ptr.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
     for row_ in range(rows_):
         for unit_ in range(units_):
-            d = d_ptr[0]
-            h = h_seq_1[row_ * 1 + unit_]
-            u = u_ptr[0]
+            d = d_ptr[U(0)]
+            h = h_seq_1[U(row_ * 1 + unit_)]
+            u = u_ptr[U(0)]
             y = d + h*u  # eq:single_sigmoid:y
-            y_seq[row_ * 1 + unit_] = y
+            y_seq[U(row_ * 1 + unit_)] = y
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def single_sigmoid_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr):
     """backward, post stage 0: adjoints of y"""
     S = d_y_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
     for row_ in range(rows_):
         for unit_ in range(units_):
-            d_y_out = d_y_seq[row_ * 1 + unit_]
-            h = h_seq_1[row_ * 1 + unit_]
-            u = u_ptr[0]
+            d_y_out = d_y_seq[U(row_ * 1 + unit_)]
+            h = h_seq_1[U(row_ * 1 + unit_)]
+            u = u_ptr[U(0)]
             d_y = d_y_out  # eq:single_sigmoid:adj:y
-            d_u_post0_seq[row_ * 1 + unit_] = d_y*h
-            d_d_post0_seq[row_ * 1 + unit_] = d_y
-            d_h_from_post0_seq[row_ * 1 + unit_] = d_y*u
+            d_u_post0_seq[U(row_ * 1 + unit_)] = d_y*h
+            d_d_post0_seq[U(row_ * 1 + unit_)] = d_y
+            d_h_from_post0_seq[U(row_ * 1 + unit_)] = d_y*u
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr):
     """backward, loop stage 0: adjoints of h, a"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
+    U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
     for row_ in range(rows_):
         for unit_ in range(units_):
             d_h_next = S(0)  # from step t + 1
 
             for t_ in range(steps_ - 1, -1, -1):
-                d_h_out = d_h_seq[(t_ * rows_ + row_) * 1 + unit_]
-                d_h_from_post0 = d_h_from_post0_seq[(t_ * rows_ + row_) * 1 + unit_]
-                h = h_seq[((t_ + 1) * rows_ + row_) * 1 + unit_]
-                w = w_ptr[0]
-                h_prev = h_seq[(t_ * rows_ + row_) * 1 + unit_]
-                x_1 = x_ptr[(t_ * rows_ + row_) * 1 + unit_]
-                v = v_ptr[0]
+                d_h_out = d_h_seq[U((t_ * rows_ + row_) * 1 + unit_)]
+                d_h_from_post0 = d_h_from_post0_seq[U((t_ * rows_ + row_) * 1 + unit_)]
+                h = h_seq[U(((t_ + 1) * rows_ + row_) * 1 + unit_)]
+                w = w_ptr[U(0)]
+                h_prev = h_seq[U((t_ * rows_ + row_) * 1 + unit_)]
+                x_1 = x_ptr[U((t_ * rows_ + row_) * 1 + unit_)]
+                v = v_ptr[U(0)]
                 d_h = d_h_from_post0 + d_h_next + d_h_out  # eq:single_sigmoid:adj:h
                 d_a = d_h*h*(S(1) - h)  # eq:single_sigmoid:adj:a
-                d_x_loop0_seq[(t_ * rows_ + row_) * 1 + unit_] = d_a*w
-                d_v_loop0_seq[(t_ * rows_ + row_) * 1 + unit_] = d_a*h_prev
-                d_w_loop0_seq[(t_ * rows_ + row_) * 1 + unit_] = d_a*x_1
-                d_b_loop0_seq[(t_ * rows_ + row_) * 1 + unit_] = d_a
+                d_x_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*w
+                d_v_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*h_prev
+                d_w_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*x_1
+                d_b_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a
                 d_h_next = d_a*v
-            d_h0_ptr[row_ * 1 + unit_] = d_h_next
+            d_h0_ptr[U(row_ * 1 + unit_)] = d_h_next
 
 
 def _numpy_module():

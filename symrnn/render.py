@@ -174,7 +174,7 @@ def render_numba(kernel_plan: KernelPlan, command: str | None = None) -> str:
     header = module_header(kernel_plan, "numba", f"Compiled CPU kernels (numba) for the '{g.cell}' cell: forward and BPTT backward.",
                            command)
     return _ENV.get_template("numba_module.py.j2").render(
-        **header.fields(), outputs_code=m.outputs, design=m.design, kernels=m.kernels, loops=m.loops,
+        **header.fields(), outputs_code=m.outputs, design=m.design, kernels=m.kernels, loops=m.loops, math=m.math,
         setup=m.setup, stacks=m.stacks, forward=m.forward, cache_names=m.cache_names, backward=m.backward, grads=m.grads,
     )
 

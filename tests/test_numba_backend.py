@@ -204,3 +204,37 @@ def test_rtrl_grads_equal_backward(cell):
         rtrl_loss, rtrl = mod.rtrl_loss_and_grads(pr.params, pr.x, pr.target, pr.state0)
         assert rel_error(loss, rtrl_loss) < 1e-12
         assert max(rel_error(rtrl[k], grads[k]) for k in grads) < 1e-10
+
+
+def test_float32_exp_and_tanh_within_their_stated_errors():
+    """The kernels' float32 exp and tanh (pure arithmetic, vectorized) against float64 NumPy on
+    every 4096-th float32 bit pattern and the special values: at most 1 ulp (exp) and 7 ulp
+    (tanh) where the result is a normal float32 (the template's claim; every float32:
+    benchmarks/float32_math.py), NaN stays NaN, overflow is inf, underflow 0."""
+    numba = pytest.importorskip("numba")
+    mod = numba_module("lstm_torch")
+    exp32, tanh32 = mod._exp_float32, mod._tanh_float32
+
+    @numba.njit
+    def apply(x, e, t):
+        for i in range(x.size):
+            e[i] = exp32(x[i])
+            t[i] = tanh32(x[i])
+
+    bits = np.arange(0, 1 << 32, 4096, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 0.0004, -0.0004, 7.905311, 88.72283, 88.7229, -87.33654, -87.3366,
+                        -103.98, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([bits, special])
+    e, t = np.empty_like(x), np.empty_like(x)
+    apply(x, e, t)
+    with np.errstate(all="ignore"):
+        x64 = x.astype(np.float64)
+        for got, ref, bound in ((e, np.exp(x64), 1.0), (t, np.tanh(x64), 7.0)):
+            normal = (np.abs(ref) >= np.finfo(np.float32).tiny) & (np.abs(ref) <= np.finfo(np.float32).max)
+            ulp = np.spacing(np.abs(ref[normal]).astype(np.float32)).astype(np.float64)
+            assert np.max(np.abs(got[normal] - ref[normal]) / ulp) <= bound
+            nan = np.isnan(x)
+            assert np.all(np.isnan(got[nan])) and not np.any(np.isnan(got[~nan]))
+        assert np.all(e[np.exp(x64) > np.finfo(np.float32).max] == np.inf)
+        assert np.all(e[np.exp(x64) < np.finfo(np.float32).tiny] <= np.finfo(np.float32).tiny)
+        assert np.all(np.abs(t[~np.isnan(x)]) <= 1)

@@ -52,6 +52,9 @@ class Dialect:
     def assign(self, name: str, code: str) -> str:
         return f"{name} = {code};"
 
+    def load(self, ptr: str, index: str) -> str:
+        return f"{ptr}[{index}]"
+
     def store(self, ptr: str, index: str, code: str) -> str:
         return f"{ptr}[{index}] = {code};"
 
@@ -153,7 +156,7 @@ class KernelBuilder:
         if local in self.loaded:
             return
         self.loaded.add(local)
-        self.loads.append(self.dialect.decl(local, f"{self.ptr(loc.py, False)}[{self.index(loc)}]"))
+        self.loads.append(self.dialect.decl(local, self.dialect.load(self.ptr(loc.py, False), self.index(loc))))
 
     def store(self, loc: Loc, code: str, comment: str = "") -> None:
         self.stores.append(self.store_line(loc, code) + comment)

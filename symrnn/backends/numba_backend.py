@@ -37,6 +37,12 @@ __all__ = ["NUMBA", "NumbaModule", "emit_numba", "numba_code"]
 #: the leading arguments of every compiled loop (the sizes and the scalar type)
 LOOP_ARGS = ("T", "B", "n_in", "n_hidden", "n_out", "dtype")
 
+#: the ops' libm functions that the kernels call through the module's own (the template's
+#: ``_exp``, ``_tanh``): libm's in float64; in float32 pure arithmetic that LLVM vectorizes
+#: (numba's libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors
+#: the template states (measured by benchmarks/float32_math.py)
+VECTORIZED = {"np.exp(": "_exp(", "np.tanh(": "_tanh("}
+
 
 class NumbaPrinter(PythonCodePrinter):
     """Per-unit expressions as numba-compiled Python over the scalar type ``S``: every
@@ -54,6 +60,8 @@ class NumbaPrinter(PythonCodePrinter):
             spelling = type(expr).numba
             if not spelling:
                 raise InternalError(f"op {type(expr).__name__} has no numba spelling")
+            for libm, own in VECTORIZED.items():
+                spelling = spelling.replace(libm, own)
             return spelling.format(x=self._print(expr.args[0]), one="S(1)", zero="S(0)")
         return super()._print(expr, **kwargs)
 
@@ -94,7 +102,7 @@ def numba_code(expr: sympy.Expr, names=None) -> str:
 class NumbaDialect(Dialect):
     """The kernels' lines as Python (numba compiles them)."""
 
-    fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "np", "numba"})
+    fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "U", "np", "numba"})
 
     def code(self, expr, names):
         return numba_code(expr, names)
@@ -107,8 +115,11 @@ class NumbaDialect(Dialect):
     def assign(self, name, code):
         return f"{name} = {code}"
 
+    def load(self, ptr, index):
+        return f"{ptr}[U({index})]"
+
     def store(self, ptr, index, code):
-        return f"{ptr}[{index}] = {code}"
+        return f"{ptr}[U({index})] = {code}"
 
     def zero(self):
         return "S(0)"
@@ -132,6 +143,7 @@ class NumbaModule:
     """The template's data."""
 
     kernels: list[dict] = field(default_factory=list)
+    math: list[str] = field(default_factory=list)  # the module's own functions the kernels call (_exp, _tanh)
     loops: list[CompiledLoop] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
     stacks: list[str] = field(default_factory=list)
@@ -177,6 +189,8 @@ def emit_numba(plan: KernelPlan) -> NumbaModule:
     printer = HostPrinter()
     m = NumbaModule(design=design_note(plan).replace("(cuBLAS)", "(BLAS)").replace("one thread per", "a loop over"))
     m.kernels = [_kernel(k) for k in cm.kernels]
+    text = "\n".join(line for k in m.kernels for part in ("prologue", "body", "epilogue") for line in k[part])
+    m.math = sorted(own[:-1] for own in VECTORIZED.values() if own in text)
     m.setup, m.stacks = printer.lines(cm.setup), printer.lines(cm.stacks)
     after_forward = [Do(Helper("_", tuple(ref for _, ref in cm.outputs) + tuple(Ref(n) for n in cm.cache_names)))]
     bound = set().union(*(writes_of(s) for s in cm.setup + cm.stacks))
