@@ -15,8 +15,13 @@ initial states) per call, of
   Python loop (benchmarks/torch_cpu.py's oracles);
 * **gemm**: the GEMM bound of the torch-convention cells (benchmarks/rnn_cpu.py's).
 
-jax and ``torch.compile`` columns are not measured by this script yet (jax is not installed
-here). The implementations alternate within each round (the order rotates), after a warm-up;
+* **jax**: ``jax.jit(jax.grad(...))`` over ``lax.scan`` for the torch-convention cells
+  (benchmarks/rnn_cpu.py's), when ``import jax`` works (a benchmark-only install: ``pip install
+  jax``), single-threaded (``XLA_FLAGS`` as below, unless set).
+
+Every column runs on one thread: run it with OPENBLAS_NUM_THREADS=1 (numba's np.dot and
+NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  A ``torch.compile``
+column is not measured (not yet).  The implementations alternate within each round (the order rotates), after a warm-up;
 reported: medians, ratios numba/other with their per-round range. ``--busy`` runs a competing
 busy process (a spinning Python loop) for the whole run. ``--write`` replaces this script's
 section of benchmarks/RESULTS.md.
@@ -39,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import numpy as np  # noqa: E402
 
@@ -74,10 +81,26 @@ def module_impl(kind):
 
 def torch_factory(cell, size, dtype):
     import rnn_cpu
+    import torch
 
     rnn_cpu.SIZES.setdefault(size, SIZES[size])
     step, _ = rnn_cpu.torch_impl(cell, size, np.dtype(dtype).name)
+    torch.set_num_threads(1)  # rnn_cpu's sets every core
     return step
+
+
+def jax_factory(cell, size, dtype):
+    import rnn_cpu
+
+    rnn_cpu.SIZES.setdefault(size, SIZES[size])
+    step, _ = rnn_cpu.jax_impl(cell, size, np.dtype(dtype).name)
+    return step
+
+
+def jax_available():
+    import rnn_cpu
+
+    return rnn_cpu.jax_available()
 
 
 def gemm_factory(cell, size, dtype):
@@ -102,6 +125,8 @@ def columns(cell):
     cols = {"numba": module_impl("numba"), "numpy": module_impl("numpy")}
     if cell in TORCH_CELLS:
         cols |= {"torch": torch_factory, "gemm": gemm_factory}
+        if jax_available():
+            cols["jax"] = jax_factory
     if cell in EAGER_CELLS:
         cols["eager"] = eager_factory
     return cols
@@ -141,6 +166,16 @@ def first_call(cell, dtype):
     return cold, warm
 
 
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def spin(stop):
     while not stop.is_set():
         pass
@@ -165,14 +200,22 @@ def main(argv=None):
     busy = multiprocessing.Process(target=spin, args=(stop,), daemon=True) if args.busy else None
     if busy:
         busy.start()
-    lines = [SECTION, "",
-             f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}, "
-             f"numba {importlib.import_module('numba').__version__}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
+    versions = [f"Python {platform.python_version()}", f"NumPy {np.__version__}", f"numba {importlib.import_module('numba').__version__}"]
+    for name in ("torch", "jax"):
+        try:
+            versions.append(f"{name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            pass
+    load = os.getloadavg()
+    section = SECTION + (", with a busy core" if busy else "")
+    lines = [section, "",
+             f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, "
+             f"{os.cpu_count()} cores, {', '.join(versions)}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+             f"XLA_FLAGS={os.environ['XLA_FLAGS']}; load average at the start {load[0]:.1f} (a shared machine); "
              f"busy process on the other core: {'yes' if busy else 'no'}; {args.rounds} rounds, medians; "
-             "ratio = numba / column, median over rounds (min-max).", "",
-             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/torch eager | numba/GEMM bound |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "ratio = numba / column, median over rounds (min-max); below 1: numba is faster.", "",
+             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/torch eager | numba/GEMM bound |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     try:
         for cell in args.cells.split(","):
             for size in args.sizes.split(","):
@@ -181,7 +224,7 @@ def main(argv=None):
                     med = {k: statistics.median(v) for k, v in s.items()}
                     row = [cell, size, dtype, f"{med['numba'] * 1e3:.2f}", f"{med['numpy'] * 1e3:.2f}",
                            fmt_range(s["numba"], s["numpy"])]
-                    row += [fmt_range(s["numba"], s[k]) if k in s else "-" for k in ("torch", "eager", "gemm")]
+                    row += [fmt_range(s["numba"], s[k]) if k in s else "-" for k in ("torch", "jax", "eager", "gemm")]
                     lines.append("| " + " | ".join(row) + " |")
                     print(lines[-1], flush=True)
     finally:
@@ -198,7 +241,7 @@ def main(argv=None):
     if args.write:
         path = ROOT / "benchmarks" / "RESULTS.md"
         text = path.read_text() if path.exists() else ""
-        before, _, after = text.partition(SECTION)
+        before, _, after = text.partition(section + "\n")
         rest = after[after.find("\n## ") + 1:] if "\n## " in after else ""
         path.write_text(before.rstrip() + "\n\n" + "\n".join(lines) + "\n" + ("\n" + rest if rest else ""))
 
