@@ -195,6 +195,7 @@ def main(argv=None):
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--first-call", action="store_true")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--label", default="", help="added to the section's title (a run of its own: --write replaces only it)")
     args = ap.parse_args(argv)
     stop = multiprocessing.Event()
     busy = multiprocessing.Process(target=spin, args=(stop,), daemon=True) if args.busy else None
@@ -207,7 +208,7 @@ def main(argv=None):
         except ImportError:
             pass
     load = os.getloadavg()
-    section = SECTION + (", with a busy core" if busy else "")
+    section = SECTION + (f", {args.label}" if args.label else "") + (", with a busy core" if busy else "")
     lines = [section, "",
              f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, "
              f"{os.cpu_count()} cores, {', '.join(versions)}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "

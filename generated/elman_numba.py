@@ -31,6 +31,9 @@ compiled function each; no Python runs per step.  Each compiled function is comp
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
+One thread: the kernels are serial loops (a parallel loop per step measured slower, and
+fragile when another process holds a core); the products use BLAS's threads
+(OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
 Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
 check, not a training path) is the NumPy module's: elman_numpy.py beside this one.
 """

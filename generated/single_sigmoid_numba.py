@@ -31,6 +31,9 @@ compiled function each; no Python runs per step.  Each compiled function is comp
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
 numba's user cache folder; NUMBA_CACHE_DIR sets another).
+One thread: the kernels are serial loops (a parallel loop per step measured slower, and
+fragile when another process holds a core); the products use BLAS's threads
+(OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
 Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
 check, not a training path) is the NumPy module's: single_sigmoid_numpy.py beside this one.
 """
@@ -273,7 +276,7 @@ def _exp_float32(x):
     S = np.float32
     a = min(max(x, S(-87.33654)), S(88.72283))
     n = (a * S(1.4426950408889634) + S(12582912.0)) - S(12582912.0)  # round: 1.5 * 2^23 drops the fraction
-    r = a - n * S(0.693359375) - n * S(-2.12194440e-4)  # ln 2 in two parts: r exact
+    r = a - n * S(0.693359375) - n * S(-2.12194440e-4)  # ln 2 in two parts (n times the first is exact)
     p = S(1.9875691500e-4)
     p = p * r + S(1.3981999507e-3)
     p = p * r + S(8.3334519073e-3)

@@ -14,6 +14,37 @@ printed as ``S(...)``, ``S`` the arrays' scalar type, so float32 stays float32.
 Where a mask ``m = [t < length]`` (variable lengths) would go: in the step kernels'
 stores of the states (``KernelBuilder.store`` of a state's location), the one place
 where a step's new state is written.
+
+Decisions, by measurement (benchmarks/custom_cpu.py, benchmarks/float32_math.py; the
+figures in benchmarks/RESULTS.md):
+
+* **No allocation per step.**  A step's product is ``np.dot(a, w, buffer)`` into a buffer
+  made once before the compiled loop, a step's scratch array is made once; an adjoint
+  carried to the next step (``d_h_next = d_h``) gets two buffers that swap
+  (:func:`_preallocate`).
+* **float32 exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
+  ``_exp_float32``, ``_tanh_float32``): numba calls libm one number at a time (PyPI's
+  llvmlite has no SVML), 5 of them per unit of an LSTM step cost 10x the step's
+  arithmetic.  Pure arithmetic (Cody-Waite + Cephes' polynomial; Eigen's rational tanh)
+  within 1 and 7 ulp, inlined (``forceinline``) so that LLVM vectorizes the units' loop.
+  sigmoid stays ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through
+  that exp.  float64 keeps libm (the finite-difference checks need it exact).
+* **Indices are ``U(...)``** (np.uint64): numba checks a signed index for wraparound, a
+  branch per access that stops LLVM from vectorizing.
+* **LLVM's limits on run-time alias checks are raised** (the template sets two LLVM
+  options on import): numba cannot mark arrays as not overlapping, so LLVM vectorizes
+  behind run-time checks and gives up beyond a few dozen; an LSTM step needs ~60.  With
+  these three, the float32 LSTM step kernel (32 x 256 units) takes 47 us instead of 488 us.
+* **One thread.**  The kernels are serial loops (no ``parallel=True``/``prange``) and the
+  products call BLAS as the process has it (OPENBLAS_NUM_THREADS; numba's np.dot calls
+  SciPy's OpenBLAS).  On this project's 2-core machine (shared: load average ~3 from
+  other work), ``prange`` over the batch rows made the float32 LSTM forward + backward 3.6x
+  (medium) and 10x (small) slower than the serial kernels, 5x (medium) with our own busy
+  process on the other core; two BLAS threads made it 3.7x slower (medium).  A parallel
+  launch per step costs more than a step's elementwise work (tens of microseconds) and
+  waits for the slowest thread, which a busy core makes slow.  Use OPENBLAS_NUM_THREADS=1
+  on a shared machine.
+* rtrl_grads (a check, not a training path) is the NumPy module's.
 """
 
 from __future__ import annotations
