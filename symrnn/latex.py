@@ -196,19 +196,22 @@ class Equation:
 def _lines(printer: DerivationLatexPrinter, expr: sympy.Expr, per_line: int = 3) -> list[str]:
     """The terms of a sum, grouped a few to a line, for an aligned display."""
     terms = list(sympy.Add.make_args(expr)) if isinstance(expr, sympy.Add) else [expr]
-    terms.sort(key=lambda e: len(printer.doprint(e)))
+    # each term printed once, with its sign (printing is the slow part: a layer norm's
+    # sensitivities hold sums over units)
+    signed = {t: ("- " + printer.doprint(-t)) if t.could_extract_minus_sign() else ("+ " + printer.doprint(t))
+              for t in terms}
+    terms.sort(key=lambda t: len(signed[t]) - (2 if signed[t].startswith("+ ") else 1))  # the term's printed width
     out, line = [], []
     for term in terms:
         line.append(term)
-        if len(line) == per_line or len(printer.doprint(sympy.Add(*line, evaluate=False))) > 70:
+        if len(line) == per_line or len(" ".join(signed[t] for t in line)) - 2 > 70:
             out.append(line)
             line = []
     if line:
         out.append(line)
     texts = []
     for i, group in enumerate(out):
-        signed = [("- " + printer.doprint(-t)) if t.could_extract_minus_sign() else ("+ " + printer.doprint(t)) for t in group]
-        text = " ".join(signed)
+        text = " ".join(signed[t] for t in group)
         texts.append(text[2:] if i == 0 and text.startswith("+ ") else text)
     return texts
 

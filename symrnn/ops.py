@@ -13,6 +13,9 @@ Each op is a SymPy ``Function`` subclass carrying
   ``{a}`` into an output array ``{out}`` (``{a}`` may be ``{out}``), so a fused step
   activates a GEMM's output where it lies;
 * ``cuda``: its CUDA C spelling, for float (``f`` suffix) and double;
+* ``numba``: its spelling in a numba-compiled kernel, over a scalar ``{x}``, the
+  constants ``{one}`` and ``{zero}`` of the scalar's type (float32 math stays float32) and
+  the backend's own ``{exp}`` and ``{tanh}`` (vectorizable in float32);
 * ``latex``: its LaTeX spelling, a format string over the argument ``{x}`` and a mark
   on the function's name ``{mark}``: empty, ``'`` (its derivative, as the seeds write
   sigma'(a)) or a power (``^{2}``: tanh^2(c));
@@ -52,6 +55,8 @@ class Op(sympy.Function):
     numpy_inplace: tuple[str, ...] = ()
     #: CUDA C spelling for (float, double); ``{x}`` is the argument.
     cuda: tuple[str, str] = ("", "")
+    #: numba spelling (scalar Python); ``{x}`` the argument, ``{one}``/``{zero}`` typed constants.
+    numba: str = ""
     #: explicit formula, used only to verify ``derivative`` in the tests.
     formula = None
     #: the open interval of arguments where the op is defined and differentiable
@@ -78,6 +83,7 @@ class sigmoid(Op):
     numpy_inplace = ("{xp}.negative({a}, out={out})", "{xp}.exp({out}, out={out})", "{out} += 1",
                      "{xp}.reciprocal({out}, out={out})")
     cuda = ("(1.0f / (1.0f + expf(-({x}))))", "(1.0 / (1.0 + exp(-({x}))))")
+    numba = "({one} / ({one} + {exp}(-({x}))))"
     formula = staticmethod(lambda a: 1 / (1 + sympy.exp(-a)))
 
     @classmethod
@@ -90,6 +96,7 @@ class tanh(Op):
     numpy = "{xp}.tanh({x})"
     numpy_inplace = ("{xp}.tanh({a}, out={out})",)
     cuda = ("tanhf({x})", "tanh({x})")
+    numba = "{tanh}({x})"
     formula = staticmethod(sympy.tanh)
 
     @classmethod
@@ -101,6 +108,7 @@ class relu(Op):
     latex = r"\operatorname{{relu}}{mark}\left({x}\right)"
     numpy = "{xp}.maximum({x}, 0)"
     cuda = ("fmaxf({x}, 0.0f)", "fmax({x}, 0.0)")
+    numba = "max({x}, {zero})"
     formula = staticmethod(lambda a: sympy.Max(a, 0))
 
     @classmethod
@@ -113,6 +121,7 @@ class softplus(Op):
     latex = r"\operatorname{{softplus}}{mark}\left({x}\right)"
     numpy = "{xp}.logaddexp(0, {x})"
     cuda = ("log1pf(expf(-fabsf({x}))) + fmaxf({x}, 0.0f)", "log1p(exp(-fabs({x}))) + fmax({x}, 0.0)")
+    numba = "(np.log1p({exp}(-abs({x}))) + max({x}, {zero}))"
     formula = staticmethod(lambda a: sympy.log(1 + sympy.exp(a)))
 
     @classmethod
@@ -126,6 +135,7 @@ class exp(Op):
     latex = r"\exp{mark}\left({x}\right)"
     numpy = "{xp}.exp({x})"
     cuda = ("expf({x})", "exp({x})")
+    numba = "{exp}({x})"
     formula = staticmethod(sympy.exp)
 
     @classmethod
@@ -137,6 +147,7 @@ class identity(Op):
     latex = r"\operatorname{{id}}{mark}\left({x}\right)"
     numpy = "({x})"
     cuda = ("({x})", "({x})")
+    numba = "({x})"
     formula = staticmethod(lambda a: a)
 
     @classmethod
@@ -154,6 +165,7 @@ class step(Op):
     latex = r"\mathbb{{1}}{mark}\left[{x} > 0\right]"
     numpy = "{xp}.heaviside({x}, 0)"
     cuda = ("(({x}) > 0.0f ? 1.0f : 0.0f)", "(({x}) > 0.0 ? 1.0 : 0.0)")
+    numba = "({one} if ({x}) > {zero} else {zero})"
     formula = staticmethod(lambda a: sympy.Heaviside(a, 0))
 
     @classmethod
@@ -168,6 +180,7 @@ class log(Op):
     latex = r"\log{mark}\left({x}\right)"
     numpy = "{xp}.log({x})"
     cuda = ("logf({x})", "log({x})")
+    numba = "np.log({x})"
     formula = staticmethod(sympy.log)
     domain = (0.0, float("inf"))
 
@@ -183,6 +196,7 @@ class sqrt(Op):
     latex = r"{{\sqrt{{{x}}}}}{mark}"
     numpy = "{xp}.sqrt({x})"
     cuda = ("sqrtf({x})", "sqrt({x})")
+    numba = "np.sqrt({x})"
     formula = staticmethod(sympy.sqrt)
     domain = (0.0, float("inf"))
 
@@ -195,6 +209,7 @@ class sin(Op):
     latex = r"\sin{mark}\left({x}\right)"
     numpy = "{xp}.sin({x})"
     cuda = ("sinf({x})", "sin({x})")
+    numba = "np.sin({x})"
     formula = staticmethod(sympy.sin)
 
     @classmethod
@@ -207,6 +222,7 @@ class cos(Op):
     latex = r"\cos{mark}\left({x}\right)"
     numpy = "{xp}.cos({x})"
     cuda = ("cosf({x})", "cos({x})")
+    numba = "np.cos({x})"
     formula = staticmethod(sympy.cos)
 
     @classmethod

@@ -24,7 +24,7 @@ from .escape import c_comment, html_comment, md_text, py_comment, py_docstring, 
 from .plan import KernelPlan
 
 __all__ = ["BACKENDS", "Backend", "ModuleHeader", "compile_pdf", "generated_init", "module_header", "render_cuda",
-           "render_cupy", "render_latex", "render_markdown", "render_numpy", "render_torch", "write_atomic"]
+           "render_cupy", "render_latex", "render_markdown", "render_numba", "render_numpy", "render_torch", "write_atomic"]
 
 
 def _template_loader() -> jinja2.BaseLoader:
@@ -167,6 +167,21 @@ def render_cupy(kernel_plan: KernelPlan, command: str | None = None) -> str:
     )
 
 
+def render_numba(kernel_plan: KernelPlan, command: str | None = None) -> str:
+    """KernelPlan -> source of the numba module (NumPy arrays; its time loops compiled)."""
+    from .backends.numba_backend import emit_numba
+
+    g = kernel_plan.graph
+    m = emit_numba(kernel_plan)
+    header = module_header(kernel_plan, "numba", f"Compiled CPU kernels (numba) for the '{g.cell}' cell: forward and BPTT backward.",
+                           command)
+    return _ENV.get_template("numba_module.py.j2").render(
+        **header.fields(), outputs_code=m.outputs, design=m.design, kernels=m.kernels, loops=m.loops, math=m.math,
+        setup=m.setup, stacks=m.stacks, forward=m.forward, cache_names=m.cache_names, backward=m.backward, grads=m.grads,
+        finals=m.finals, reductions=m.reductions,
+    )
+
+
 def render_torch(kernel_plan: KernelPlan, command: str | None = None) -> str:
     """KernelPlan -> source of the torch module (depends on torch and the cell's _numpy/_cupy modules)."""
     from .backends.torch_backend import torch_fields
@@ -197,6 +212,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("numpy", render_numpy, "<cell>_numpy.py", "NumPy only"),
     Backend("cupy", render_cupy, "<cell>_cupy.py (fused CUDA kernels)", "NumPy and CuPy"),
+    Backend("numba", render_numba, "<cell>_numba.py (compiled CPU kernels) and the <cell>_numpy.py its rtrl_grads is",
+            "NumPy and numba (rtrl_grads: the cell's *_numpy module)", needs=("numpy",)),
     Backend("torch", render_torch, "<cell>_torch.py (torch.autograd.Function and nn.Module) and the <cell>_numpy.py it runs",
             "torch and the cell's *_numpy (and *_cupy) module", needs=("numpy",)),
 )}

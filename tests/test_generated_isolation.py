@@ -149,8 +149,8 @@ def test_generated_files_import_numpy_only():
         path = GENERATED / f"{name}.py"
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
-        if name.endswith("_torch"):
-            continue  # test_torch_modules_import_torch_and_their_kernels_only
+        if name.endswith(("_torch", "_numba")):
+            continue  # test_torch_modules_import_torch_and_their_kernels_only, test_numba_modules_import_...
         imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
         if name.endswith("_cupy"):
             lazy = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_cupy"]
@@ -190,6 +190,28 @@ def test_generated_files_have_header():
                 break
             header.append(line)
         assert any("symrnn generate" in line for line in header), f"{path.name}: {header}"
+
+
+def test_numba_modules_import_numba_numpy_and_their_numpy_module_only():
+    """A numba module imports numba (numba.extending, and llvmlite.binding: numba's LLVM),
+    NumPy and the standard library's importlib/sys/pathlib at module level (these to find
+    its cell's NumPy module, beside it, whose rtrl_grads it is, on first use): never symrnn,
+    SymPy or Jinja, and no import below module level."""
+    allowed = {"importlib", "importlib.util", "sys", "pathlib", "numpy", "numba", "numba.extending", "llvmlite.binding"}
+    names = [n for n in _module_names() if n.endswith("_numba")]
+    assert names
+    for name in names:
+        text = (GENERATED / f"{name}.py").read_text(encoding="utf-8")
+        tree = ast.parse(text)
+        imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = {a.name for n in imports if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in imports if isinstance(n, ast.ImportFrom)}
+        assert {"numba", "numpy"} <= modules <= allowed, f"{name}: imports {sorted(modules - allowed)}"
+        assert all(n in tree.body for n in imports), f"{name}: an import below module level"
+        for word in ("sympy", "symrnn", "jinja2"):
+            assert f"import {word}" not in text and f"from {word}" not in text, (name, word)
+        # the one module it imports by name: its cell's NumPy module
+        assert text.count("import_module(") == 1 and 'name = f"{CELL}_numpy"' in text, name
 
 
 def test_torch_modules_import_torch_and_their_kernels_only():

@@ -14,20 +14,63 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..cuda_printing import SCALAR, dim_code
+from ..cuda_printing import SCALAR, cuda_code, dim_code
 from ..errors import InternalError
 from ..ir import MatVecNode, Pointwise, Reduction
-from ..naming import Namer
+from ..naming import C_FIXED, Namer
 from ..plan import KernelPlan
 from ..stmt import Ref, Span
 
-__all__ = ["BLOCK", "IN_GROUP", "Kernel", "KernelBuilder", "Loc", "design_note", "template_kernels"]
+__all__ = ["BLOCK", "CUDA", "IN_GROUP", "Dialect", "Kernel", "KernelBuilder", "Loc", "design_note", "template_kernels"]
 
 BLOCK = 256  # threads per block of every elementwise kernel
 
 #: the rule of each node kind (ir.NODE_KINDS): whether its values live in a stacked GEMM's
 #: output (a matrix-vector product) or in an array of their own
 IN_GROUP = {MatVecNode: True, Pointwise: False, Reduction: False}
+
+
+class Dialect:
+    """How a kernel's lines are spelled: C++ over ``scalar_t`` (the CUDA kernels; this class).
+    The numba backend (backends/numba_backend.py) spells the same kernels as Python lines;
+    every line of a kernel comes from one of these methods."""
+
+    fixed = C_FIXED  # the names a kernel's local may not take
+
+    def code(self, expr: sympy.Expr, names: dict[str, str]) -> str:
+        """An expression (symbols renamed through ``names``)."""
+        return cuda_code(expr, names)
+
+    def decl(self, name: str, code: str, note: str = "") -> str:
+        """A local that is assigned once (``code`` may be ``{}``, a hole filled later)."""
+        return f"const {SCALAR} {name} = {code};" + (f"  // {note}" if note else "")
+
+    def var(self, name: str, code: str, note: str = "") -> str:
+        """A local that later lines assign again."""
+        return f"{SCALAR} {name} = {code};" + (f"  // {note}" if note else "")
+
+    def assign(self, name: str, code: str) -> str:
+        return f"{name} = {code};"
+
+    def load(self, ptr: str, index: str) -> str:
+        return f"{ptr}[{index}]"
+
+    def store(self, ptr: str, index: str, code: str) -> str:
+        return f"{ptr}[{index}] = {code};"
+
+    def zero(self) -> str:
+        return f"{SCALAR}(0)"
+
+    def flag(self, name: str, code: str, note: str = "") -> str:
+        """A boolean local."""
+        return f"const bool {name} = {code};" + (f"  // {note}" if note else "")
+
+    def select(self, cond: str, a: str, b: str) -> str:
+        """``a`` where ``cond`` holds, else ``b``."""
+        return f"{cond} ? {a} : {b}"
+
+
+CUDA = Dialect()
 
 
 @dataclass
@@ -82,8 +125,9 @@ def pointer_stem(ref: Ref) -> str:
 class KernelBuilder:
     """Collects a kernel's pointer arguments, loads, statements and stores."""
 
-    def __init__(self, kernel: Kernel, c: Namer):
+    def __init__(self, kernel: Kernel, c: Namer, dialect: Dialect = CUDA):
         self.k = kernel
+        self.dialect = dialect
         self.c = c  # the kernels' namer: a pointer never has the name of a local
         self.ptr_of: dict[Ref, str] = {}  # array -> C pointer name
         self.out: set[Ref] = set()
@@ -122,14 +166,14 @@ class KernelBuilder:
         if local in self.loaded:
             return
         self.loaded.add(local)
-        self.loads.append(f"const {SCALAR} {local} = {self.ptr(loc.py, False)}[{self.index(loc)}];")
+        self.loads.append(self.dialect.decl(local, self.dialect.load(self.ptr(loc.py, False), self.index(loc))))
 
     def store(self, loc: Loc, code: str, comment: str = "") -> None:
         self.stores.append(self.store_line(loc, code) + comment)
 
     def store_line(self, loc: Loc, code: str) -> str:
         """A store as a line (``code`` may be ``{}``, a statement template's hole)."""
-        return f"{self.ptr(loc.py, True)}[{self.index(loc)}] = {code};"
+        return self.dialect.store(self.ptr(loc.py, True), self.index(loc), code)
 
     def finish(self) -> Kernel:
         k = self.k
@@ -166,15 +210,15 @@ def template_kernels(kernels: list[Kernel]) -> list[dict]:
     return out
 
 
-def design_note(plan: KernelPlan) -> str:
+def design_note(plan: KernelPlan, gemm: str = "cuBLAS", per: str = "one thread per") -> str:
     """One sentence on how the kernels are laid out for this cell."""
     loop = plan.loop.stages
     if not loop:
         return "no recurrence; the readout runs over every step at once."
     if not any(s.groups for s in loop):
         return ("the recurrence is elementwise, so forward and backward are each one kernel that loops "
-                "over time, one thread per (batch, unit).")
+                f"over time, {per} (batch, unit).")
     gemms = sum(len(s.groups) for s in loop)
-    return (f"per step, {gemms} recurrent GEMM(s) (cuBLAS) and {len(loop)} fused kernel(s) for all gates and "
+    return (f"per step, {gemms} recurrent GEMM(s) ({gemm}) and {len(loop)} fused kernel(s) for all gates and "
             "state updates; backward, per step, the same number of fused adjoint kernels and GEMMs W^T delta; "
             "input projections and weight gradients are one GEMM each over every step.")

@@ -30,16 +30,16 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ..cuda_printing import SCALAR, cuda_code, dim_code
+from ..cuda_printing import dim_code
 from ..errors import CellError, InternalError
 from ..ir import Pointwise, Reduction, rule
-from ..naming import C_FIXED, Namer
+from ..naming import Namer
 from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Stage
 from ..schedule import schedule
 from ..stmt import Assign, Call, Comment, Do, ETC, Elementwise, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 from .array_module import group_weight, module_namer
-from .cuda_kernels import BLOCK, IN_GROUP, Kernel, KernelBuilder, Loc, design_note, template_kernels
+from .cuda_kernels import BLOCK, CUDA, IN_GROUP, Dialect, Kernel, KernelBuilder, Loc, design_note, template_kernels
 from .python_printer import PythonPrinter
 
 __all__ = ["BLOCK", "CupyModule", "Kernel", "design_note", "emit_cupy", "template_kernels"]
@@ -69,9 +69,18 @@ def emit_cupy(plan: KernelPlan) -> CupyModule:
     return _Emitter(plan).run()
 
 
+def emit_kernels(plan: KernelPlan, dialect: Dialect, backend: str) -> tuple[CupyModule, Namer]:
+    """The same kernels and statements, the kernels' lines in ``dialect``, the module's
+    statements not printed (for a backend that prints them itself; ``backend`` names it
+    in a CellError), and the namer of the module's Python names."""
+    e = _Emitter(plan, dialect, backend)
+    return e.build(), e.py
+
+
 class _Emitter:
-    def __init__(self, plan: KernelPlan):
+    def __init__(self, plan: KernelPlan, dialect: Dialect = CUDA, backend: str = "cupy"):
         self.plan, self.g, self.d = plan, plan.graph, plan.derivation
+        self.dialect, self.backend = dialect, backend
         self.schedule = schedule(plan)
         self.m = CupyModule()
         self.cell = self.g.cell
@@ -79,7 +88,7 @@ class _Emitter:
         self.stacked: set[str] = set()
         self.py = module_namer(plan)
         c_values = [leaf.name for leaf in self.g.leaves if leaf.kind != "target"] + [n.name for n in self.g.nodes]
-        self.c = Namer(C_FIXED, c_values)
+        self.c = Namer(dialect.fixed, c_values)
         self.c_names = {name: self.c.value(name) for name in c_values}  # graph name -> its kernel local
         self.time_mode = bool(self.plan.loop.stages) and not any(s.groups or s.reductions for s in self.plan.loop.stages)
         self.check()
@@ -87,7 +96,7 @@ class _Emitter:
 
     # -- what this backend supports ----------------------------------------------
     def unsupported(self, what: str) -> CellError:
-        return CellError(self.cell, "cupy backend", f"{what}; use the NumPy backend for this cell")
+        return CellError(self.cell, f"{self.backend} backend", f"{what}; use the NumPy backend for this cell")
 
     def check(self) -> None:
         g, plan = self.g, self.plan
@@ -166,6 +175,10 @@ class _Emitter:
 
     # -- the module --------------------------------------------------------------
     def run(self) -> CupyModule:
+        return self.printed(self.build())
+
+    def build(self) -> CupyModule:
+        """The module's kernels and statements (not printed)."""
         from .cupy_backward import BackwardEmitter
 
         self.setup()
@@ -185,7 +198,7 @@ class _Emitter:
                 ops |= {type(a) for a in sympy.preorder_traversal(n.weight()) if isinstance(a, Op)}
         self.m.ops = sorted(ops, key=lambda op: op.__name__)
         self.m.generated_names, self.m.generated_c_names = self.py.names(), self.c.names()
-        return self.printed(self.m)
+        return self.m
 
     def printed(self, m: CupyModule) -> CupyModule:
         """The module's sections, statements printed as lines (the template's data)."""
@@ -311,7 +324,7 @@ class _Emitter:
         size = (stage.pointwise or stage.matvecs)[0].size
         doc = f"forward, {region} stage {k}: " + ", ".join(n.name for n in stage.pointwise)
         kernel = Kernel(f"{self.cell}_forward_{region}{k}", doc, dim_code(size), size, mode)
-        b = KernelBuilder(kernel, self.c)
+        b = KernelBuilder(kernel, self.c, self.dialect)
         c = self.c.value
         ctx = "step" if mode == "step" else mode
         mine = {n.name for n in stage.pointwise}
@@ -324,9 +337,9 @@ class _Emitter:
                     b.load(c(dep), Loc(Ref(buf), ld=group.rows, off=off, seq=region != "loop"))
                 elif dep not in mine:
                     b.load(c(dep), self.loc(dep, ctx))
-            b.stores.append(f"const {SCALAR} {c(node.name)} = {self.ccode(node.expr)};  // {self.label(node)}")
+            b.stores.append(self.dialect.decl(c(node.name), self.ccode(node.expr), self.label(node)))
             if region == "loop" and node.name in self.schedule.held:  # lengths: 0 at a held step (symrnn.schedule)
-                b.store(self.loc(node.name, ctx), f"active_ ? {c(node.name)} : {SCALAR}(0)")
+                b.store(self.loc(node.name, ctx), self.dialect.select("active_", c(node.name), self.dialect.zero()))
             elif node.name in g.state_names or node.name in self.keep or region != "loop":
                 b.store(self.loc(node.name, ctx), c(node.name))
         for mv in stage.matvecs:
@@ -336,8 +349,9 @@ class _Emitter:
                 b.store(self.loc(mv.name, ctx), c(mv.name))
         held = region == "loop" and any(n.name in self.schedule.held for n in stage.pointwise)
         step = "t_" if mode == "time" else "step_"
-        kernel.body = ([f"const bool active_ = {step} < lengths_[row_];  // lengths: steps at and beyond a row's length are held"]
-                       if held else []) + b.loads + b.stores
+        active = self.dialect.flag("active_", f"{step} < {self.dialect.load('lengths_', 'row_')}",
+                                   "lengths: steps at and beyond a row's length are held")
+        kernel.body = ([active] if held else []) + b.loads + b.stores
         self.m.kernels.append(b.finish())
         if held:  # every row's length (T where forward has none)
             kernel.params.append(("const long long*", "lengths_"))
@@ -350,4 +364,4 @@ class _Emitter:
     def ccode(self, expr: sympy.Expr) -> str:
         """An expression as C++: every value by its kernel name (adjoints and temporaries
         are named by the kernels' namer already)."""
-        return cuda_code(expr, self.c_names)
+        return self.dialect.code(expr, self.c_names)

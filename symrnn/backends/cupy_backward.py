@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import sympy
 
-from ..cuda_printing import SCALAR, dim_code
+from ..cuda_printing import dim_code
 from ..errors import InternalError
-from ..ir import MatVecNode, Pointwise, Reduction
+from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
 from ..stmt import Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, empty, span, t_SYM
@@ -162,7 +162,8 @@ class BackwardEmitter:
         named = stage.pointwise or (*stage.reductions, *stage.matvecs)
         doc = f"backward, {region} stage {k}: adjoints of " + ", ".join(n.name for n in reversed(named))
         kernel = Kernel(f"{self.g.cell}_backward_{region}{k}", doc, dim_code(size), size, mode, reverse=True)
-        b = KernelBuilder(kernel, c)
+        b = KernelBuilder(kernel, c, self.e.dialect)
+        dl = self.e.dialect
         adj, outside = self.stage_adjoints(stage)
         stmts: list[tuple[str, sympy.Expr | None]] = []  # (C line with {} for the expression, expression)
         carry_lines: list = []
@@ -175,16 +176,16 @@ class BackwardEmitter:
                     continue  # carried in a register
                 b.load(local, loc)
             if name in {r.name for r in stage.reductions}:
-                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};", expr))
+                stmts.append((dl.decl(c('adj', name), "{}"), expr))
                 stmts.append((b.store_line(self.reduction_adjoint(self.g.node(name), mode), c("adj", name)), None))
             elif name in members:
                 group, off = self.plan.group_of(name)
                 buf = Loc(Ref(self.py("gadj_seq", group.name)), ld=group.rows, off=off, seq=True)
-                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};", expr))
+                stmts.append((dl.decl(c('adj', name), "{}"), expr))
                 stmts.append((b.store_line(buf, c("adj", name)), None))
             else:
                 label = f"eq:{self.g.cell}:adj:{name}"
-                stmts.append((f"const {SCALAR} {c('adj', name)} = {{}};  // {label}", expr))
+                stmts.append((dl.decl(c('adj', name), "{}", label), expr))
         for dep, expr in outside.items():
             self.route(dep, expr, adj, stage, k, mode, region, b, stmts, carry_lines)
         kernel.body = self.print_with_cse(stmts + carry_lines, b, "step" if mode == "step" else mode)
@@ -227,7 +228,7 @@ class BackwardEmitter:
         elif leaf is not None and leaf.kind == "prev_state":
             name = py("adj_part", dep, k)
             if mode == "time":
-                carry_lines.append((f"{c('adj_next', leaf.state)} = {{}};", expr))
+                carry_lines.append((self.e.dialect.assign(c('adj_next', leaf.state), "{}"), expr))
                 self.time_carry.add(leaf.state)
             else:
                 stmts.append((b.store_line(Loc(Ref(name), ld=leaf.size), "{}"), expr))
@@ -309,7 +310,7 @@ class BackwardEmitter:
             need(expr)
             for sym, definition in before:
                 need(definition)
-                out.append(f"const {SCALAR} {sym.name} = {code(definition)};")
+                out.append(self.e.dialect.decl(sym.name, code(definition)))
             out.append(template.format(code(expr)))
         return b.loads + out
 
@@ -423,15 +424,16 @@ class BackwardEmitter:
             self.acc[s.name].append((c("adj_next", s.name), None))
         kernel = self.stage_kernel(stage, 0, "time")
         b_out = []
-        kernel.body += [f"{c('adj_next', s.name)} = {SCALAR}(0);" for s in g.states if s.name not in self.time_carry]
-        kernel.prologue = [f"{SCALAR} {c('adj_next', s.name)} = {SCALAR}(0);  // from step t + 1" for s in g.states]
+        dl = e.dialect
+        kernel.body += [dl.assign(c('adj_next', s.name), dl.zero()) for s in g.states if s.name not in self.time_carry]
+        kernel.prologue = [dl.var(c('adj_next', s.name), dl.zero(), "from step t + 1") for s in g.states]
         for s in g.states:
             array = py("grad0", s.name)
             self.lines.append(Assign(Ref(array), empty(Text("B"), Size(s.size))))
             ptr = c.get(("ptr", Ref(array)), f"{array}_ptr")
             kernel.params.append(("{}*", ptr))
             kernel.py_args.append(Ref(array))
-            b_out.append(f"{ptr}[row_ * {dim_code(s.size)} + unit_] = {c('adj_next', s.name)};")
+            b_out.append(dl.store(ptr, f"row_ * {dim_code(s.size)} + unit_", c('adj_next', s.name)))
         kernel.epilogue = b_out
         self.lines.append(Comment("the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)"))
         self.lines.append(e.launch(kernel, "B", "T"))

@@ -1,0 +1,394 @@
+"""numba backend: a kernel plan -> a NumPy module whose time loops are compiled (numba).
+
+The module has the CuPy module's structure (backends/cupy_backend.py emits it, the
+kernels' lines in this backend's :data:`NUMBA` dialect): the input projection of every
+step is one BLAS GEMM before the loop; the loop over time is ONE compiled function
+(``_forward_loop0``, ``_backward_loop0``) that runs per step the recurrent GEMM
+(``np.dot`` inside compiled code: BLAS through SciPy's bindings) and a fused
+elementwise kernel, a compiled loop over (row, unit) that the CUDA module runs as one
+thread per element; weight gradients are one GEMM each after the loop.  A cell whose
+recurrence has no GEMM (IndRNN, minGRU, seed 002's unit) runs its whole recurrence as
+one compiled kernel looping over (batch row, unit, t).  Every number in a kernel is
+printed as ``S(...)``, ``S`` the arrays' scalar type, so float32 stays float32.
+
+Where a mask ``m = [t < length]`` (variable lengths) would go: in the step kernels'
+stores of the states (``KernelBuilder.store`` of a state's location), the one place
+where a step's new state is written.
+
+Decisions, by measurement (benchmarks/custom_cpu.py, benchmarks/float32_math.py; the
+figures in benchmarks/RESULTS.md):
+
+* **No allocation per step.**  A step's product is ``np.dot(a, w, buffer)`` into a buffer
+  made once before the compiled loop, a step's scratch array is made once; an adjoint
+  carried to the next step (``d_h_next = d_h``) gets two buffers that swap
+  (:func:`_preallocate`).
+* **float32 exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
+  ``_exp_float32``, ``_tanh_float32``): numba calls libm one number at a time (PyPI's
+  llvmlite has no SVML), 5 of them per unit of an LSTM step cost 10x the step's
+  arithmetic.  Pure arithmetic (Cody-Waite + Cephes' polynomial; Eigen's rational tanh)
+  within 1 and 7 ulp, inlined (``forceinline``) so that LLVM vectorizes the units' loop.
+  sigmoid stays ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through
+  that exp.  float64 keeps libm (the finite-difference checks need it exact).
+* **Indices are ``U(...)``** (np.uint64): numba checks a signed index for wraparound, a
+  branch per access that stops LLVM from vectorizing.
+* **LLVM's limits on run-time alias checks are raised** (the template sets two LLVM
+  options on import): numba cannot mark arrays as not overlapping, so LLVM vectorizes
+  behind run-time checks and gives up beyond a few dozen; an LSTM step needs ~60.  With
+  these three, the float32 LSTM step kernel (32 x 256 units) takes 47 us instead of 488 us.
+* **One thread.**  The kernels are serial loops (no ``parallel=True``/``prange``) and the
+  products call BLAS as the process has it (OPENBLAS_NUM_THREADS; numba's np.dot calls
+  SciPy's OpenBLAS).  On this project's 2-core machine (shared: load average ~3 from
+  other work), ``prange`` over the batch rows made the float32 LSTM forward + backward 3.6x
+  (medium) and 10x (small) slower than the serial kernels, 5x (medium) with our own busy
+  process on the other core; two BLAS threads made it 3.7x slower (medium).  A parallel
+  launch per step costs more than a step's elementwise work (tens of microseconds) and
+  waits for the slowest thread, which a busy core makes slow.  Use OPENBLAS_NUM_THREADS=1
+  on a shared machine.
+* rtrl_grads (a check, not a training path) is the NumPy module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import sympy
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
+
+from ..errors import CellError, InternalError
+from ..naming import C_FIXED, PYTHON_FIXED
+from ..ops import Op
+from ..plan import KernelPlan
+from ..printing import NumpyPrinter
+from ..reductions import Reduce
+from ..stmt import B_SYM, Assign, Attr, Call, Do, Elementwise, Helper, Index, Key, Loop, Ref, Size, Text, reads_of, writes_of
+from .cuda_kernels import Dialect, Kernel
+from .python_printer import PythonPrinter
+
+__all__ = ["NUMBA", "NumbaModule", "emit_numba", "numba_code"]
+
+#: the leading arguments of every compiled loop (the sizes and the scalar type)
+LOOP_ARGS = ("T", "B", "n_in", "n_hidden", "n_out", "dtype")
+
+#: the ops' libm functions that the kernels call through the module's own (the template's
+#: ``_exp``, ``_tanh``): libm's in float64; in float32 pure arithmetic that LLVM vectorizes
+#: (numba's libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors
+#: the template states (measured by benchmarks/float32_math.py)
+VECTORIZED = {"exp": "_exp", "tanh": "_tanh"}
+
+
+class NumbaPrinter(PythonCodePrinter):
+    """Per-unit expressions as numba-compiled Python over the scalar type ``S``: every
+    number is ``S(...)`` (float32 math stays float32), every op its ``numba`` spelling."""
+
+    def __init__(self, names=None):
+        super().__init__({"strict": False})
+        self._names = dict(names or {})
+
+    def _print_Symbol(self, expr):
+        return self._names.get(expr.name, expr.name)
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, Op):
+            spelling = type(expr).numba
+            if not spelling:
+                raise InternalError(f"op {type(expr).__name__} has no numba spelling")
+            return spelling.format(x=self._print(expr.args[0]), one="S(1)", zero="S(0)", **VECTORIZED)
+        return super()._print(expr, **kwargs)
+
+    def _print_Function(self, expr):
+        raise InternalError(f"no numba spelling for {expr}")
+
+    def _print_Integer(self, expr):
+        return f"S({expr.p})"
+
+    def _print_Rational(self, expr):
+        return f"(S({expr.p})/S({expr.q}))"
+
+    def _print_Float(self, expr):
+        return f"S({float(expr)!r})"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if exp.is_Integer and 1 <= exp <= 4:
+            b = self.parenthesize(base, PRECEDENCE["Mul"], strict=True)
+            return b if exp == 1 else "(" + "*".join([b] * int(exp)) + ")"
+        if exp.is_Integer and exp < 0:
+            inv = sympy.Pow(base, -exp, evaluate=False) if exp != -1 else base
+            return f"S(1)/{self.parenthesize(inv, PRECEDENCE['Pow'], strict=True)}"
+        return f"{self.parenthesize(base, PRECEDENCE['Pow'], strict=True)}**{self.parenthesize(exp, PRECEDENCE['Pow'])}"
+
+
+def numba_code(expr: sympy.Expr, names=None) -> str:
+    """``expr`` as a numba kernel's Python over the scalar type ``S``.
+
+    >>> import sympy
+    >>> y = sympy.Symbol("y")
+    >>> numba_code(1 - y**2)
+    'S(1) - (y*y)'
+    """
+    return NumbaPrinter(names).doprint(expr)
+
+
+class NumbaDialect(Dialect):
+    """The kernels' lines as Python (numba compiles them)."""
+
+    fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "U", "np", "numba"})
+
+    def code(self, expr, names):
+        return numba_code(expr, names)
+
+    def decl(self, name, code, note=""):
+        return f"{name} = {code}" + (f"  # {note}" if note else "")
+
+    var = decl
+
+    def assign(self, name, code):
+        return f"{name} = {code}"
+
+    def load(self, ptr, index):
+        return f"{ptr}[U({index})]"
+
+    def store(self, ptr, index, code):
+        return f"{ptr}[U({index})] = {code}"
+
+    def zero(self):
+        return "S(0)"
+
+    def flag(self, name, code, note=""):
+        return f"{name} = {code}" + (f"  # {note}" if note else "")
+
+    def select(self, cond, a, b):
+        return f"({a} if {cond} else {b})"
+
+
+NUMBA = NumbaDialect()
+
+
+@dataclass
+class CompiledLoop:
+    """A time loop of the module as one compiled function."""
+
+    name: str
+    args: list[str]
+    returns: list[str]
+    body: list[str]  # printed lines (inside the function)
+
+
+@dataclass
+class NumbaModule:
+    """The template's data."""
+
+    kernels: list[dict] = field(default_factory=list)
+    math: list[str] = field(default_factory=list)  # the module's own functions the kernels call (_exp, _tanh)
+    loops: list[CompiledLoop] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
+    stacks: list[str] = field(default_factory=list)
+    forward: list[str] = field(default_factory=list)
+    cache_names: list[str] = field(default_factory=list)
+    outputs: list[tuple] = field(default_factory=list)
+    backward: list[str] = field(default_factory=list)
+    grads: list[tuple] = field(default_factory=list)
+    finals: list[tuple] = field(default_factory=list)  # each state's array over the steps, the initial state first
+    reductions: list[str] = field(default_factory=list)  # the reductions over units the module computes (their helpers)
+    design: str = ""
+
+
+class HostExpressionPrinter(NumpyPrinter):
+    """NumPy expressions as numba compiles them: a reduction over units is the module's
+    compiled helper ``_<name>_units`` (numba's np.mean and np.max take no axis)."""
+
+    def __init__(self, names, used: set[str]):
+        super().__init__(names, "np")
+        self.used = used  # the reductions printed (the module defines their helpers)
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, Reduce):
+            self.used.add(type(expr).spec_name)
+            return f"_{type(expr).spec_name}_units({self._print(expr.args[0])})"
+        return super()._print(expr, **kwargs)
+
+
+class HostPrinter(PythonPrinter):
+    """The module's statements over NumPy; a kernel launch is a call of the compiled kernel
+    on its arrays' flat views; a product is ``np.dot`` (BLAS, also inside compiled code)."""
+
+    def __init__(self):
+        super().__init__("np")
+        self.reductions: set[str] = set()  # the reductions over units printed (their helpers)
+
+    def value(self, v):
+        if isinstance(v, Elementwise):
+            return HostExpressionPrinter({k: self.value(ref) for k, ref in v.refs}, self.reductions).doprint(v.expr)
+        if isinstance(v, Call) and v.func == "sum" and dict(v.kwargs) == {"axis": Text("-1"), "keepdims": Text("True")}:
+            self.reductions.add("sum")  # an adjoint's sum over units: the module's compiled helper
+            return f"_sum_units({self.value(v.args[0])})"
+        if isinstance(v, Helper) and v.func == "_launch":
+            key, _dtype, rows, _units, steps, step, _dims, *arrays = v.args
+            if not isinstance(key, Key):
+                raise InternalError(f"a launch of {key!r}")
+            flat = [f"{self.value(a)}.reshape(-1)" for a in arrays]
+            return f"{key.name}({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
+        if isinstance(v, Call) and v.func == "matmul":
+            return f"np.dot({self.arguments(v)})"
+        return super().value(v)
+
+    def stmt(self, s, indent: int = 0) -> list[str]:
+        if isinstance(s, Loop) and s.reverse:  # numba has no reversed(range(...))
+            stop = self.value(s.stop)
+            return [f"{' ' * indent}for {s.var} in range({stop} - 1, -1, -1):", *self.lines(s.body, indent + 4)]
+        return super().stmt(s, indent)
+
+
+def emit_numba(plan: KernelPlan) -> NumbaModule:
+    """The kernels, compiled loops and statements of the numba module for ``plan``."""
+    from .cupy_backend import design_note, emit_kernels
+
+    _check_ops(plan)
+    cm, names = emit_kernels(plan, NUMBA, "numba")
+    printer = HostPrinter()
+    m = NumbaModule(design=design_note(plan, gemm="BLAS", per="a loop over"))
+    m.kernels = [_kernel(k) for k in cm.kernels]
+    m.math = sorted(own for name, own in VECTORIZED.items() if any("{" + name + "}" in op.numba for op in cm.ops))
+    m.setup, m.stacks = printer.lines(cm.setup), printer.lines(cm.stacks)
+    after_forward = [Do(Helper("_", tuple(ref for _, ref in cm.outputs + cm.finals) + tuple(Ref(n) for n in cm.cache_names)))]
+    bound = set().union(*(writes_of(s) for s in cm.setup + cm.stacks))
+    m.forward = _hoist_loops(cm.forward, "forward", after_forward, m.loops, printer, bound, names)
+    after_backward = [Do(Helper("_", tuple(ref for _, ref in cm.grads)))]
+    bound |= set(cm.cache_names)
+    m.backward = _hoist_loops(cm.backward, "backward", after_backward, m.loops, printer, bound, names)
+    m.cache_names = cm.cache_names
+    m.outputs = [(k, printer.value(v)) for k, v in cm.outputs]
+    m.grads = [(k, printer.value(v)) for k, v in cm.grads]
+    m.finals = [(k, printer.value(v)) for k, v in cm.finals]
+    m.reductions = sorted(printer.reductions)
+    return m
+
+
+def _check_ops(plan: KernelPlan) -> None:
+    """Refuse (CellError) a cell with an op this backend cannot spell."""
+    g = plan.graph
+    exprs = [n.expr for n in g.nodes if getattr(n, "expr", None) is not None]
+    exprs += [p for _, terms in plan.derivation.partials.items() for _, p in terms]
+    for expr in exprs:
+        for a in sympy.preorder_traversal(expr):
+            if isinstance(a, Op) and not type(a).numba:
+                raise CellError(g.cell, "numba backend",
+                                f"op '{type(a).__name__}' has no numba spelling yet; use the NumPy backend for this cell")
+
+
+def _kernel(k: Kernel) -> dict:
+    """A kernel as the template's data: its arguments and its lines."""
+    if not k.params:
+        raise InternalError(f"kernel {k.name} has no arrays")
+    names = [name for _, name in k.params]
+    return {"name": k.name, "doc": k.doc, "units": k.units, "mode": k.mode, "reverse": k.reverse,
+            "args": names, "scalar_of": names[0], "prologue": k.prologue, "body": k.body, "epilogue": k.epilogue}
+
+
+def _hoist_loops(stmts: list, section: str, after: list, loops: list[CompiledLoop], printer: HostPrinter,
+                 bound: set[str], names) -> list[str]:
+    """Print ``stmts``; each top-level time loop becomes a compiled function of the
+    arrays it reads (defined before it, or ``bound``: the parameters, stacked weights,
+    the cache) that returns what later statements read."""
+    out: list[str] = []
+    defined = {"x", "p", "state0", "lengths", "cache", "grad_outputs", *LOOP_ARGS, *bound}
+    for i, s in enumerate(stmts):
+        if not isinstance(s, Loop):
+            out.extend(printer.stmt(s))
+            defined |= writes_of(s)
+            continue
+        s, weights = _contiguous_weights(s, names)
+        for w, ref in weights:
+            out.append(printer.stmt(Assign(w, Call("ascontiguousarray", (ref,)), "a contiguous operand for every step's product"))[0])
+            defined.add(w.name)
+        later = set().union(*(reads_of(x) for x in stmts[i + 1:] + after))
+        name = f"_{section}_loop{sum(1 for lp in loops if lp.name.startswith(f'_{section}'))}"
+        args = [*LOOP_ARGS, *sorted((reads_of(s) & defined) - set(LOOP_ARGS) - {s.var})]
+        returns = sorted((writes_of(s) - {s.var}) & later)
+        s, allocations = _preallocate(s, stmts[:i], names)
+        loops.append(CompiledLoop(name, args, returns, printer.lines([*allocations, s])))
+        call = f"{name}({', '.join(args)})"
+        out.append(f"{', '.join(returns)}{',' if len(returns) == 1 else ''} = {call}" if returns else call)
+        defined |= writes_of(s)
+    return out
+
+
+def _contiguous_weights(loop: Loop, names) -> tuple[Loop, list[tuple[Ref, Ref]]]:
+    """The loop with each per-step product's weight (a transposed view, or a block of a
+    parameter) replaced by a contiguous copy made before it: BLAS multiplies by it
+    faster, and numba's np.dot needs C or F order (new names from the module's namer)."""
+    made: dict[Ref, Ref] = {}
+
+    def visit(s):
+        if isinstance(s, Loop):
+            return replace(s, body=tuple(visit(b) for b in s.body))
+        if isinstance(s, Assign) and isinstance(s.value, Call) and s.value.func == "matmul":
+            a, w = s.value.args
+            if isinstance(w, Ref) and (w.T or w.index):
+                if w not in made:
+                    made[w] = Ref(names.fresh(f"{w.name}_T" if w.T else f"{w.name}_block"))
+                return replace(s, value=replace(s.value, args=(a, made[w])))
+        return s
+
+    new = visit(loop)
+    return new, [(ref, w) for w, ref in made.items()]
+
+
+def _preallocate(loop: Loop, before: list, names) -> tuple[Loop, list]:
+    """The loop with its per-step arrays allocated once, before it: a step's product
+    ``X = np.dot(a, w)`` becomes ``np.dot(a, w, X)`` into a buffer, a step's ``X = np.empty(..)``
+    goes.  An array the next step still reads (``X_next = X`` earlier in the body: the
+    adjoint carried from step t + 1) gets a second buffer, and the two swap each step; its
+    first buffer is the one made for it just before the loop (``before``: the statements
+    there), which nothing else holds.  Returns (loop, the allocations)."""
+    body = list(loop.body)
+    allocations: list = []
+    for j, s in enumerate(loop.body):
+        if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and isinstance(s.value, Call)):
+            continue
+        x, value = s.dst, s.value
+        if value.func == "matmul" and len(value.args) == 2:
+            a, w = value.args
+            if not (isinstance(a, Ref) and isinstance(w, Ref) and not w.index and not w.T and a.index == (_t_loop(loop),)):
+                continue
+            shape = (Size(B_SYM), Index(Attr(w, "shape"), (sympy.Integer(1),)))
+        elif value.func == "empty":
+            shape = value.args[0]
+        else:
+            continue
+        others = [b for k, b in enumerate(loop.body) if k != j]
+        if any(x.name in writes_of(b) for b in others) or x.name in reads_of(s):
+            continue
+        aliases = [k for k, b in enumerate(loop.body[:j]) if x.name in reads_of(b)]
+        if any(not (isinstance(loop.body[k], Assign) and loop.body[k].value == Ref(x.name)) for k in aliases):
+            continue  # read before this step's value in some other way: left as it is
+        if aliases:  # carried to the next step: two buffers, swapped
+            if not _fresh_before(x.name, before):
+                continue
+            spare = Ref(names.fresh(f"{x.name}_spare"))
+            allocations.append(Assign(spare, Call("empty", (shape, Text("dtype"))), "the second buffer of " + x.name))
+            steps = [Assign((x, spare), (spare, x), "this step's buffer; the other holds step t + 1's")]
+        else:
+            allocations.append(Assign(x, Call("empty", (shape, Text("dtype"))), "one buffer for every step"))
+            steps = []
+        if value.func == "matmul":
+            steps.append(Do(Call("matmul", (*value.args, x)), out=x, comment=s.comment))
+        body[j] = tuple(steps)
+    flat = [b for item in body for b in (item if isinstance(item, tuple) else (item,))]
+    return replace(loop, body=tuple(flat)), allocations
+
+
+def _t_loop(loop: Loop):
+    """The loop's variable as an index item (``h_seq[t]``)."""
+    return sympy.Symbol(loop.var)
+
+
+def _fresh_before(name: str, before: list) -> bool:
+    """``name`` is made (np.zeros/np.empty) by the last statement before the loop that
+    touches it: an array of its own, which the loop may reuse as a buffer."""
+    for s in reversed(before):
+        if name in writes_of(s) or name in reads_of(s):
+            return (isinstance(s, Assign) and s.dst == Ref(name) and isinstance(s.value, Call)
+                    and s.value.func in ("zeros", "empty"))
+    return False
