@@ -37,7 +37,7 @@ from .errors import suggest
 from .escape import check_text, one_line, shown
 from .lower import NONDIFFERENTIABLE, parse_size
 from .ops import OPS, Op
-from .spec import MAX_FILE, SpecError, _Builder, _Expr, _index, load_spec, tomllib
+from .spec import MAX_FILE, FileErrors, SpecError, _Builder, _Expr, _index, load_spec, tomllib
 
 __all__ = ["ClaimsError", "Claim", "ClaimsFile", "SizeClaim", "load_claims", "parse_claims", "TIME",
            "Q", "CMatVec", "Entry", "ISum", "Delta", "Unit", "Outer", "Cat", "Rows", "TSum", "Prime", "Transposed"]
@@ -239,21 +239,16 @@ _DERIV = re.compile(rf"(?<![\w.]){_D}([A-Za-z]\w*)(\[[^\[\]]*\])?\s*/\s*{_D}([A-
 _PRIME = re.compile(r"\b([A-Za-z]\w*)'\s*\(")
 
 
-class _ClaimsReader:
+class _ClaimsReader(FileErrors):
+    error_type = ClaimsError
+
     def __init__(self, text: str, filename: str, base: Path):
         self.text, self.filename, self.base = text, one_line(filename), base
         self.lines: dict[tuple[str, str], int] = {}
         self.cell_name = "?"
 
-    def line_of(self, table: str, key: str = "") -> int | None:
-        return self.lines.get((table, key)) or self.lines.get((table, ""))
-
-    def error(self, table: str, key: str, message: str, line: int | None = None, col: int | None = None,
-              field: bool = True) -> ClaimsError:
-        line = line or self.line_of(table, key)
-        place = f"{self.filename}:{line}" + (f":{col}" if col else "") if line else self.filename
-        name = (f"[{one_line(table)}] {shown(key, 60)}: " if key else f"[{one_line(table)}]: ") if field else ""
-        return ClaimsError(f"{place}: {name}{message}")
+    def key_text(self, key: str) -> str:
+        return shown(key, 60)  # a claim's key is a formula: shortened
 
     # -- the pass ------------------------------------------------------------------
     def read(self) -> ClaimsFile:

@@ -146,24 +146,35 @@ class _Expr:
     col0: int | None = None  # where the text starts on its line (single-line strings)
 
 
-class _Reader:
+class FileErrors:
+    """The one-line errors of a reader of a TOML file (spec files here, claims files in
+    symrnn.claims): ``file:line[:col]: [table] key: message``, the line found from
+    ``self.lines`` ((table, key) -> line) and ``self.filename``."""
+
+    error_type: type[UserError] = SpecError
+    filename: str
+    lines: dict[tuple[str, str], int]
+
+    def line_of(self, table: str, key: str = "") -> int | None:
+        return self.lines.get((table, key)) or self.lines.get((table, ""))
+
+    def key_text(self, key: str) -> str:
+        return one_line(key)
+
+    def error(self, table: str, key: str, message: str, line: int | None = None, col: int | None = None,
+              field: bool = True) -> UserError:
+        """``file:line[:col]: [table] key: message`` (the field is left out when the message names it)."""
+        line = line or self.line_of(table, key)
+        place = f"{self.filename}:{line}" + (f":{col}" if col else "") if line else self.filename
+        name = (f"[{one_line(table)}] {self.key_text(key)}: " if key else f"[{one_line(table)}]: ") if field else ""
+        return self.error_type(f"{place}: {name}{message}")
+
+
+class _Reader(FileErrors):
     def __init__(self, text: str, filename: str):
         self.text, self.filename = text, one_line(filename)
         self.lines: dict[tuple[str, str], int] = {}
         self.cell_name = "?"
-
-    # -- errors --------------------------------------------------------------
-    def line_of(self, table: str, key: str = "") -> int | None:
-        return self.lines.get((table, key)) or self.lines.get((table, ""))
-
-    def error(self, table: str, key: str, message: str, line: int | None = None, col: int | None = None,
-              field: bool = True) -> SpecError:
-        """``file:line[:col]: [table] key: message`` (the field is left out when the message names it)."""
-        line = line or self.line_of(table, key)
-        place = f"{self.filename}:{line}" + (f":{col}" if col else "") if line else self.filename
-        table, key = one_line(table), one_line(key)
-        name = (f"[{table}] {key}: " if key else f"[{table}]: ") if field else ""
-        return SpecError(f"{place}: {name}{message}")
 
     # -- the pass ------------------------------------------------------------------
     def read(self, overrides: Mapping[str, float]) -> Cell:
