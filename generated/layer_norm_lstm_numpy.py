@@ -405,76 +405,67 @@ def backward(params, cache, grad_outputs, grad_final=None):
         common_2 = o_seq[t0:t1]*(1 - tanh_c_norm_seq[t0:t1]**2)
         common_3 = common_1**(-0.5)*common_2
         common_4 = common_3*gamma_c
-        common_5 = mu_r_seq[t0:t1] - rh_g_seq[t0:t1]
-        common_6 = -common_5
-        common_7 = i_seq[t0:t1]*(1 - g_seq[t0:t1]**2)
-        common_8 = common_7*gamma_r_1
-        common_9 = mu_r_seq[t0:t1] - rh_f_seq[t0:t1]
-        common_10 = -common_9
-        common_11 = c_seq[t0:t1]*f_seq[t0:t1]*(1 - f_seq[t0:t1])
-        common_12 = common_11*gamma_r_2
-        common_13 = mu_r_seq[t0:t1] - rh_i_seq[t0:t1]
-        common_14 = -common_13
-        common_15 = g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
-        common_16 = common_15*gamma_r_0
-        common_17 = 0.125*(var_r_seq[t0:t1] + 1.0e-5)**(-1.5)
-        common_18 = mu_r_seq[t0:t1] - rh_o_seq[t0:t1]
-        common_19 = -common_18
-        common_20 = o_seq[t0:t1]*(1 - o_seq[t0:t1])
-        common_21 = common_15*gamma_x_0
-        common_22 = common_7*gamma_x_1
-        common_23 = common_11*gamma_x_2
-        common_24 = common_20*gamma_x_3
-        common_25 = common_24*rstd_x_seq[t0:t1]
-        common_26 = -mu_x_seq[t0:t1] + wx_g_seq[t0:t1]
-        common_27 = -mu_x_seq[t0:t1] + wx_f_seq[t0:t1]
-        common_28 = -mu_x_seq[t0:t1] + wx_i_seq[t0:t1]
-        common_29 = -mu_x_seq[t0:t1] + wx_o_seq[t0:t1]
-        common_30 = common_20*rstd_r_seq[t0:t1]
-        common_31 = common_30*gamma_r_3
+        common_5 = -mu_r_seq[t0:t1] + rh_g_seq[t0:t1]
+        common_6 = i_seq[t0:t1]*(1 - g_seq[t0:t1]**2)
+        common_7 = common_6*gamma_r_1
+        common_8 = -mu_r_seq[t0:t1] + rh_f_seq[t0:t1]
+        common_9 = c_seq[t0:t1]*f_seq[t0:t1]*(1 - f_seq[t0:t1])
+        common_10 = common_9*gamma_r_2
+        common_11 = -mu_r_seq[t0:t1] + rh_i_seq[t0:t1]
+        common_12 = g_seq[t0:t1]*i_seq[t0:t1]*(1 - i_seq[t0:t1])
+        common_13 = common_12*gamma_r_0
+        common_14 = 0.125*(var_r_seq[t0:t1] + 1.0e-5)**(-1.5)
+        common_15 = -mu_r_seq[t0:t1] + rh_o_seq[t0:t1]
+        common_16 = o_seq[t0:t1]*(1 - o_seq[t0:t1])
+        common_17 = common_12*gamma_x_0
+        common_18 = common_6*gamma_x_1
+        common_19 = common_9*gamma_x_2
+        common_20 = common_16*gamma_x_3
+        common_21 = common_20*rstd_x_seq[t0:t1]
+        common_22 = -mu_x_seq[t0:t1] + wx_g_seq[t0:t1]
+        common_23 = -mu_x_seq[t0:t1] + wx_f_seq[t0:t1]
+        common_24 = -mu_x_seq[t0:t1] + wx_i_seq[t0:t1]
+        common_25 = -mu_x_seq[t0:t1] + wx_o_seq[t0:t1]
+        common_26 = common_16*rstd_r_seq[t0:t1]
+        common_27 = common_26*gamma_r_3
         dh_dvar_c = -0.5*common*common_1**(-1.5)*common_2*gamma_c
         dh_dc_from4 = common_4
         dh_dmu_c_from4 = -common_4
         d_coef = common*common_3
         d_coef_1 = common_2
-        dmean_in_var_c_from_var_c_dmu_c = -2*common
         dmean_in_var_c_from_var_c_dc_from3 = 2*common
-        dc_dmsd_r_o = -common_17*(common_10*common_12 + common_14*common_16 + common_6*common_8)
-        do_from4_dmsd_r_o = -common_17*common_19*common_20*gamma_r_3
-        d_coef_2 = common_21*rstd_x_seq[t0:t1]
-        d_coef_3 = common_22*rstd_x_seq[t0:t1]
-        d_coef_4 = common_23*rstd_x_seq[t0:t1]
-        d_coef_5 = common_25
-        d_coef_6 = -rstd_x_seq[t0:t1]*(common_21 + common_22 + common_23)
-        d_coef_7 = -common_25
-        d_coef_8 = common_21*common_28 + common_22*common_26 + common_23*common_27
-        d_coef_9 = common_24*common_29
-        dc_drh_i_from2 = common_16*rstd_r_seq[t0:t1]
-        dc_drh_g_from2 = common_8*rstd_r_seq[t0:t1]
-        dc_drh_f_from2 = common_12*rstd_r_seq[t0:t1]
-        do_from4_drh_o_from2 = common_31
-        dc_dmu_r_from2 = -rstd_r_seq[t0:t1]*(common_12 + common_16 + common_8)
-        do_from4_dmu_r_from2 = -common_31
-        d_coef_10 = common_14*common_15*rstd_r_seq[t0:t1]
-        d_coef_11 = common_15*common_28*rstd_x_seq[t0:t1]
-        d_coef_12 = common_15
-        d_coef_13 = common_6*common_7*rstd_r_seq[t0:t1]
-        d_coef_14 = common_26*common_7*rstd_x_seq[t0:t1]
-        d_coef_15 = common_7
-        d_coef_16 = common_10*common_11*rstd_r_seq[t0:t1]
-        d_coef_17 = common_11*common_27*rstd_x_seq[t0:t1]
-        d_coef_18 = common_11
-        d_coef_19 = common_19*common_30
-        d_coef_20 = common_20*common_29*rstd_x_seq[t0:t1]
-        d_coef_21 = common_20
-        dmean_in_msd_r_f_from_msd_r_f_dmean_rh_o = (1/2)*common_9
-        dmean_in_msd_r_g_from_msd_r_g_dmean_rh_o = (1/2)*common_5
-        dmean_in_msd_r_i_from_msd_r_i_dmean_rh_o = (1/2)*common_13
-        dmean_in_msd_r_o_from_msd_r_o_dmean_rh_o = (1/2)*common_18
-        dmean_in_msd_r_i_from_msd_r_i_drh_i_from1 = 2*common_14
-        dmean_in_msd_r_g_from_msd_r_g_drh_g_from1 = 2*common_6
-        dmean_in_msd_r_f_from_msd_r_f_drh_f_from1 = 2*common_10
-        dmean_in_msd_r_o_from_msd_r_o_drh_o_from1 = 2*common_19
+        dc_dmsd_r_o = -common_14*(common_10*common_8 + common_11*common_13 + common_5*common_7)
+        do_from4_dmsd_r_o = -common_14*common_15*common_16*gamma_r_3
+        d_coef_2 = common_17*rstd_x_seq[t0:t1]
+        d_coef_3 = common_18*rstd_x_seq[t0:t1]
+        d_coef_4 = common_19*rstd_x_seq[t0:t1]
+        d_coef_5 = common_21
+        d_coef_6 = -rstd_x_seq[t0:t1]*(common_17 + common_18 + common_19)
+        d_coef_7 = -common_21
+        d_coef_8 = common_17*common_24 + common_18*common_22 + common_19*common_23
+        d_coef_9 = common_20*common_25
+        dc_drh_i_from2 = common_13*rstd_r_seq[t0:t1]
+        dc_drh_g_from2 = common_7*rstd_r_seq[t0:t1]
+        dc_drh_f_from2 = common_10*rstd_r_seq[t0:t1]
+        do_from4_drh_o_from2 = common_27
+        dc_dmu_r_from2 = -rstd_r_seq[t0:t1]*(common_10 + common_13 + common_7)
+        do_from4_dmu_r_from2 = -common_27
+        d_coef_10 = common_11*common_12*rstd_r_seq[t0:t1]
+        d_coef_11 = common_12*common_24*rstd_x_seq[t0:t1]
+        d_coef_12 = common_12
+        d_coef_13 = common_5*common_6*rstd_r_seq[t0:t1]
+        d_coef_14 = common_22*common_6*rstd_x_seq[t0:t1]
+        d_coef_15 = common_6
+        d_coef_16 = common_8*common_9*rstd_r_seq[t0:t1]
+        d_coef_17 = common_23*common_9*rstd_x_seq[t0:t1]
+        d_coef_18 = common_9
+        d_coef_19 = common_15*common_26
+        d_coef_20 = common_16*common_25*rstd_x_seq[t0:t1]
+        d_coef_21 = common_16
+        dmean_in_msd_r_o_drh_i_from1 = 2*common_11
+        dmean_in_msd_r_o_drh_g_from1 = 2*common_5
+        dmean_in_msd_r_o_drh_f_from1 = 2*common_8
+        dmean_in_msd_r_o_drh_o_from1 = 2*common_15
         for t in reversed(range(t0, t1)):
             f = f_seq[t]
             tanh_c_norm = tanh_c_norm_seq[t]
@@ -487,7 +478,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
             d_beta_c += np.sum(d_coef_1[t - t0]*d_h, axis=0)
             d_var_c_sum = np.sum(d_var_c, axis=-1, keepdims=True)  # sum over the units of d_var_c
             d_mean_in_var_c_from_var_c = np.broadcast_to(d_var_c_sum/n_hidden, (B, n_hidden))
-            d_mu_c = d_mean_in_var_c_from_var_c*dmean_in_var_c_from_var_c_dmu_c[t - t0] + d_mu_c_from4  # eq:layer_norm_lstm:adj:mu_c
+            d_mu_c = d_mu_c_from4  # eq:layer_norm_lstm:adj:mu_c
             d_c_from3 = d_mean_in_var_c_from_var_c*dmean_in_var_c_from_var_c_dc_from3[t - t0]
             d_mu_c_sum = np.sum(d_mu_c, axis=-1, keepdims=True)  # sum over the units of d_mu_c
             d_c_from_mu_c = np.broadcast_to(d_mu_c_sum/n_hidden, (B, n_hidden))
@@ -520,34 +511,26 @@ def backward(params, cache, grad_outputs, grad_final=None):
             d_gamma_r[3*n_hidden:4*n_hidden] += np.sum(d_coef_19[t - t0]*d_o_from4, axis=0)
             d_gamma_x[3*n_hidden:4*n_hidden] += np.sum(d_coef_20[t - t0]*d_o_from4, axis=0)
             d_b[3*n_hidden:4*n_hidden] += np.sum(d_coef_21[t - t0]*d_o_from4, axis=0)
-            d_msd_r_i_sum = np.sum(d_msd_r_o, axis=-1, keepdims=True)  # sum over the units of d_msd_r_i
+            d_msd_r_i_sum = np.sum(d_msd_r_o, axis=-1, keepdims=True)  # sum over the units of d_msd_r_o
             d_mean_in_msd_r_i_from_msd_r_i = np.broadcast_to(d_msd_r_i_sum/n_hidden, (B, n_hidden))
-            d_msd_r_g_sum = np.sum(d_msd_r_o, axis=-1, keepdims=True)  # sum over the units of d_msd_r_g
-            d_mean_in_msd_r_g_from_msd_r_g = np.broadcast_to(d_msd_r_g_sum/n_hidden, (B, n_hidden))
-            d_msd_r_f_sum = np.sum(d_msd_r_o, axis=-1, keepdims=True)  # sum over the units of d_msd_r_f
-            d_mean_in_msd_r_f_from_msd_r_f = np.broadcast_to(d_msd_r_f_sum/n_hidden, (B, n_hidden))
-            d_msd_r_o_sum = np.sum(d_msd_r_o, axis=-1, keepdims=True)  # sum over the units of d_msd_r_o
-            d_mean_in_msd_r_o_from_msd_r_o = np.broadcast_to(d_msd_r_o_sum/n_hidden, (B, n_hidden))
-            d_mean_rh_o = d_mean_in_msd_r_f_from_msd_r_f*dmean_in_msd_r_f_from_msd_r_f_dmean_rh_o[t - t0] + d_mean_in_msd_r_g_from_msd_r_g*dmean_in_msd_r_g_from_msd_r_g_dmean_rh_o[t - t0] + d_mean_in_msd_r_i_from_msd_r_i*dmean_in_msd_r_i_from_msd_r_i_dmean_rh_o[t - t0] + d_mean_in_msd_r_o_from_msd_r_o*dmean_in_msd_r_o_from_msd_r_o_dmean_rh_o[t - t0] + (1/4)*d_mu_r_from2  # eq:layer_norm_lstm:adj:mean_rh_o
+            d_mean_in_msd_r_o = d_mean_in_msd_r_i_from_msd_r_i  # eq:layer_norm_lstm:adj:mean_in_msd_r_o
+            d_mean_in_msd_r_f = d_mean_in_msd_r_o  # eq:layer_norm_lstm:adj:mean_in_msd_r_f
+            d_mean_in_msd_r_g = d_mean_in_msd_r_o  # eq:layer_norm_lstm:adj:mean_in_msd_r_g
+            d_mean_in_msd_r_i = d_mean_in_msd_r_o  # eq:layer_norm_lstm:adj:mean_in_msd_r_i
+            d_mean_rh_o = (1/4)*d_mu_r_from2  # eq:layer_norm_lstm:adj:mean_rh_o
             d_mean_rh_i = d_mean_rh_o  # eq:layer_norm_lstm:adj:mean_rh_i
             d_mean_rh_g = d_mean_rh_o  # eq:layer_norm_lstm:adj:mean_rh_g
             d_mean_rh_f = d_mean_rh_o  # eq:layer_norm_lstm:adj:mean_rh_f
-            d_rh_i_from1 = d_mean_in_msd_r_i_from_msd_r_i*dmean_in_msd_r_i_from_msd_r_i_drh_i_from1[t - t0]
-            d_rh_g_from1 = d_mean_in_msd_r_g_from_msd_r_g*dmean_in_msd_r_g_from_msd_r_g_drh_g_from1[t - t0]
-            d_rh_f_from1 = d_mean_in_msd_r_f_from_msd_r_f*dmean_in_msd_r_f_from_msd_r_f_drh_f_from1[t - t0]
-            d_rh_o_from1 = d_mean_in_msd_r_o_from_msd_r_o*dmean_in_msd_r_o_from_msd_r_o_drh_o_from1[t - t0]
-            d_mean_rh_f_sum = np.sum(d_mean_rh_o, axis=-1, keepdims=True)  # sum over the units of d_mean_rh_f
+            d_rh_i_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_i_from1[t - t0]
+            d_rh_g_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_g_from1[t - t0]
+            d_rh_f_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_f_from1[t - t0]
+            d_rh_o_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_o_from1[t - t0]
+            d_mean_rh_f_sum = np.sum(d_mean_rh_o, axis=-1, keepdims=True)  # sum over the units of d_mean_rh_o
             d_rh_f_from_mean_rh_f = np.broadcast_to(d_mean_rh_f_sum/n_hidden, (B, n_hidden))
-            d_mean_rh_g_sum = np.sum(d_mean_rh_o, axis=-1, keepdims=True)  # sum over the units of d_mean_rh_g
-            d_rh_g_from_mean_rh_g = np.broadcast_to(d_mean_rh_g_sum/n_hidden, (B, n_hidden))
-            d_mean_rh_i_sum = np.sum(d_mean_rh_o, axis=-1, keepdims=True)  # sum over the units of d_mean_rh_i
-            d_rh_i_from_mean_rh_i = np.broadcast_to(d_mean_rh_i_sum/n_hidden, (B, n_hidden))
-            d_mean_rh_o_sum = np.sum(d_mean_rh_o, axis=-1, keepdims=True)  # sum over the units of d_mean_rh_o
-            d_rh_o_from_mean_rh_o = np.broadcast_to(d_mean_rh_o_sum/n_hidden, (B, n_hidden))
-            d_rh_o = d_rh_o_from1 + d_rh_o_from2 + d_rh_o_from_mean_rh_o  # eq:layer_norm_lstm:adj:rh_o
+            d_rh_o = d_rh_f_from_mean_rh_f + d_rh_o_from1 + d_rh_o_from2  # eq:layer_norm_lstm:adj:rh_o
             d_rh_f = d_rh_f_from1 + d_rh_f_from2 + d_rh_f_from_mean_rh_f  # eq:layer_norm_lstm:adj:rh_f
-            d_rh_g = d_rh_g_from1 + d_rh_g_from2 + d_rh_g_from_mean_rh_g  # eq:layer_norm_lstm:adj:rh_g
-            d_rh_i = d_rh_i_from1 + d_rh_i_from2 + d_rh_i_from_mean_rh_i  # eq:layer_norm_lstm:adj:rh_i
+            d_rh_g = d_rh_f_from_mean_rh_f + d_rh_g_from1 + d_rh_g_from2  # eq:layer_norm_lstm:adj:rh_g
+            d_rh_i = d_rh_f_from_mean_rh_f + d_rh_i_from1 + d_rh_i_from2  # eq:layer_norm_lstm:adj:rh_i
             d_h_prev_proj_seq[t, :, :n_hidden] = d_rh_i
             d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden] = d_rh_g
             d_h_prev_proj_seq[t, :, 2*n_hidden:3*n_hidden] = d_rh_f
@@ -562,47 +545,28 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_msd_x_f = d_msd_x_o  # eq:layer_norm_lstm:adj:msd_x_f
     d_msd_x_g = d_msd_x_o  # eq:layer_norm_lstm:adj:msd_x_g
     d_msd_x_i = d_msd_x_o  # eq:layer_norm_lstm:adj:msd_x_i
-    d_msd_x_i_sum = np.sum(d_msd_x_o, axis=-1, keepdims=True)  # sum over the units of d_msd_x_i
+    d_msd_x_i_sum = np.sum(d_msd_x_o, axis=-1, keepdims=True)  # sum over the units of d_msd_x_o
     d_mean_in_msd_x_i_from_msd_x_i = np.broadcast_to(d_msd_x_i_sum/n_hidden, (T, B, n_hidden))
-    d_msd_x_g_sum = np.sum(d_msd_x_o, axis=-1, keepdims=True)  # sum over the units of d_msd_x_g
-    d_mean_in_msd_x_g_from_msd_x_g = np.broadcast_to(d_msd_x_g_sum/n_hidden, (T, B, n_hidden))
-    d_msd_x_f_sum = np.sum(d_msd_x_o, axis=-1, keepdims=True)  # sum over the units of d_msd_x_f
-    d_mean_in_msd_x_f_from_msd_x_f = np.broadcast_to(d_msd_x_f_sum/n_hidden, (T, B, n_hidden))
-    d_msd_x_o_sum = np.sum(d_msd_x_o, axis=-1, keepdims=True)  # sum over the units of d_msd_x_o
-    d_mean_in_msd_x_o_from_msd_x_o = np.broadcast_to(d_msd_x_o_sum/n_hidden, (T, B, n_hidden))
-    d_mean_in_msd_x_o = d_mean_in_msd_x_o_from_msd_x_o  # eq:layer_norm_lstm:adj:mean_in_msd_x_o
-    d_mean_in_msd_x_f = d_mean_in_msd_x_f_from_msd_x_f  # eq:layer_norm_lstm:adj:mean_in_msd_x_f
-    d_mean_in_msd_x_g = d_mean_in_msd_x_g_from_msd_x_g  # eq:layer_norm_lstm:adj:mean_in_msd_x_g
-    d_mean_in_msd_x_i = d_mean_in_msd_x_i_from_msd_x_i  # eq:layer_norm_lstm:adj:mean_in_msd_x_i
-    d_tmp0 = mu_x_seq - wx_f_seq
-    d_tmp1 = 2*d_mean_in_msd_x_f
-    d_tmp2 = mu_x_seq - wx_g_seq
-    d_tmp3 = 2*d_mean_in_msd_x_g
-    d_tmp4 = mu_x_seq - wx_i_seq
-    d_tmp5 = 2*d_mean_in_msd_x_i
-    d_tmp6 = mu_x_seq - wx_o_seq
-    d_tmp7 = 2*d_mean_in_msd_x_o
-    d_mu_x = d_mu_x_seq + d_tmp0*d_tmp1 + d_tmp2*d_tmp3 + d_tmp4*d_tmp5 + d_tmp6*d_tmp7  # eq:layer_norm_lstm:adj:mu_x
+    d_mean_in_msd_x_o = d_mean_in_msd_x_i_from_msd_x_i  # eq:layer_norm_lstm:adj:mean_in_msd_x_o
+    d_mean_in_msd_x_f = d_mean_in_msd_x_o  # eq:layer_norm_lstm:adj:mean_in_msd_x_f
+    d_mean_in_msd_x_g = d_mean_in_msd_x_o  # eq:layer_norm_lstm:adj:mean_in_msd_x_g
+    d_mean_in_msd_x_i = d_mean_in_msd_x_o  # eq:layer_norm_lstm:adj:mean_in_msd_x_i
+    d_mu_x = d_mu_x_seq  # eq:layer_norm_lstm:adj:mu_x
     d_mean_wx_o = (1/4)*d_mu_x  # eq:layer_norm_lstm:adj:mean_wx_o
     d_mean_wx_i = d_mean_wx_o  # eq:layer_norm_lstm:adj:mean_wx_i
     d_mean_wx_g = d_mean_wx_o  # eq:layer_norm_lstm:adj:mean_wx_g
     d_mean_wx_f = d_mean_wx_o  # eq:layer_norm_lstm:adj:mean_wx_f
-    d_wx_i_from1 = -d_tmp4*d_tmp5
-    d_wx_g_from1 = -d_tmp2*d_tmp3
-    d_wx_f_from1 = -d_tmp0*d_tmp1
-    d_wx_o_from1 = -d_tmp6*d_tmp7
-    d_mean_wx_f_sum = np.sum(d_mean_wx_o, axis=-1, keepdims=True)  # sum over the units of d_mean_wx_f
+    d_tmp0 = 2*d_mean_in_msd_x_o
+    d_wx_i_from1 = d_tmp0*(-mu_x_seq + wx_i_seq)
+    d_wx_g_from1 = d_tmp0*(-mu_x_seq + wx_g_seq)
+    d_wx_f_from1 = d_tmp0*(-mu_x_seq + wx_f_seq)
+    d_wx_o_from1 = d_tmp0*(-mu_x_seq + wx_o_seq)
+    d_mean_wx_f_sum = np.sum(d_mean_wx_o, axis=-1, keepdims=True)  # sum over the units of d_mean_wx_o
     d_wx_f_from_mean_wx_f = np.broadcast_to(d_mean_wx_f_sum/n_hidden, (T, B, n_hidden))
-    d_mean_wx_g_sum = np.sum(d_mean_wx_o, axis=-1, keepdims=True)  # sum over the units of d_mean_wx_g
-    d_wx_g_from_mean_wx_g = np.broadcast_to(d_mean_wx_g_sum/n_hidden, (T, B, n_hidden))
-    d_mean_wx_i_sum = np.sum(d_mean_wx_o, axis=-1, keepdims=True)  # sum over the units of d_mean_wx_i
-    d_wx_i_from_mean_wx_i = np.broadcast_to(d_mean_wx_i_sum/n_hidden, (T, B, n_hidden))
-    d_mean_wx_o_sum = np.sum(d_mean_wx_o, axis=-1, keepdims=True)  # sum over the units of d_mean_wx_o
-    d_wx_o_from_mean_wx_o = np.broadcast_to(d_mean_wx_o_sum/n_hidden, (T, B, n_hidden))
-    d_wx_o = d_wx_o_from1 + d_wx_o_from_mean_wx_o + d_wx_o_seq  # eq:layer_norm_lstm:adj:wx_o
+    d_wx_o = d_wx_f_from_mean_wx_f + d_wx_o_from1 + d_wx_o_seq  # eq:layer_norm_lstm:adj:wx_o
     d_wx_f = d_wx_f_from1 + d_wx_f_from_mean_wx_f + d_wx_f_seq  # eq:layer_norm_lstm:adj:wx_f
-    d_wx_g = d_wx_g_from1 + d_wx_g_from_mean_wx_g + d_wx_g_seq  # eq:layer_norm_lstm:adj:wx_g
-    d_wx_i = d_wx_i_from1 + d_wx_i_from_mean_wx_i + d_wx_i_seq  # eq:layer_norm_lstm:adj:wx_i
+    d_wx_g = d_wx_f_from_mean_wx_f + d_wx_g_from1 + d_wx_g_seq  # eq:layer_norm_lstm:adj:wx_g
+    d_wx_i = d_wx_f_from_mean_wx_f + d_wx_i_from1 + d_wx_i_seq  # eq:layer_norm_lstm:adj:wx_i
     d_x_proj_seq = np.concatenate([d_wx_i, d_wx_g, d_wx_f, d_wx_o], axis=-1)
     np.matmul(d_x_proj_seq.reshape(-1, 4*n_hidden), W, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product

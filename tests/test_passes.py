@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sympy
 
 import test_custom_cells
 from conftest import CELLS
 from symrnn.gradcheck import random_problem, rel_error, rtrl_vs_bptt
+from symrnn.ir import Leaf, Pointwise, Reduction
 from symrnn.passes import ALL, PASSES
+from symrnn.passes.unit_sums import UnitSums
 from symrnn.pipeline import build, load_module, render_numpy
+from symrnn.reductions import mean
 
 CUSTOM = ("min_gru", "ind_rnn", "gated_readout", "two_stage")
 WITHOUT = [(name,) for name in PASSES] + [PASSES]  # each one off, then all of them
@@ -63,6 +67,11 @@ def _source(cell: str, passes) -> str:
     ("hoist_coefficients", "gru", "for t1 in range(T, 0, -_COEF_STEPS):"),  # coefficients per block of steps
     ("lean_buffers", "lstm", "writable=False"),  # a seed nothing writes is the caller's array
     ("lean_buffers", "gru", "np.matmul("),  # the first write to d_x is a GEMM into it
+    # the four gate blocks' mean squared deviations have one adjoint: one share, one coefficient per unit
+    ("shared_unit_sums", "layer_norm_lstm", "d_rh_g_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_g_from1[t - t0]"),
+    # sum_k (wx_k - mu_x) = 0: the mean's adjoint keeps only what the loop passed it
+    ("zero_unit_sums", "layer_norm_lstm", "d_mu_x = d_mu_x_seq  # eq:layer_norm_lstm:adj:mu_x"),
+    ("zero_unit_sums", "layer_norm_lstm", "d_mu_c = d_mu_c_from4  # eq:layer_norm_lstm:adj:mu_c"),
 ])
 def test_each_pass_does_what_it_says(name, cell, present):
     on, off = _source(cell, ALL), _source(cell, ALL - {name})
@@ -87,3 +96,40 @@ def test_passes_are_deterministic_and_default_to_all():
     plan = build("gru")
     assert render_numpy(plan) == render_numpy(plan, passes=ALL) == render_numpy(plan, passes=list(PASSES))
     assert np.all([render_numpy(plan, passes=ALL - {p}) != render_numpy(plan) for p in ("fusion", "hoist_coefficients")])
+
+
+def test_shared_unit_sums_sums_one_adjoint_once():
+    """The four msd reductions of one stacked projection have one adjoint (d_msd_r_f = d_msd_r_o, ...):
+    its sum over units is computed once, not once per reduction."""
+    on, off = _source("layer_norm_lstm", ALL), _source("layer_norm_lstm", ALL - {"shared_unit_sums"})
+    assert on.count("np.sum(d_msd_r_o, axis=-1, keepdims=True)") == 1
+    assert off.count("np.sum(d_msd_r_o, axis=-1, keepdims=True)") == 4
+
+
+@pytest.mark.parametrize("k, zero", [
+    ("mu - a", True),  # sum_k (a_k - mean(a)) = 0
+    ("(mu_f + mu_g)/2 - f", False),  # f alone is not centred on the joint mean
+    ("(mu_f + mu_g) - f - g", True),  # f and g together are
+    ("w*(mu - a)", False),  # a per-unit gain: its mean is not known, so kept
+    ("(mu - a)**2", False),  # not linear in a
+    ("s*(mu - a)", True),  # a uniform factor
+])
+def test_zero_unit_sums_proves_only_identities(k, zero):
+    """zero_unit_sums leaves a term out only where its mean over units is 0 by the reductions' definitions."""
+    n = sympy.Symbol("n_hidden")
+    nodes = [Reduction("mu_a", n, mean, "a", "intermediate", "e"), Reduction("mean_f", n, mean, "f", "intermediate", "e"),
+             Reduction("mean_g", n, mean, "g", "intermediate", "e"),
+             Pointwise("mu", n, sympy.Symbol("mu_a"), "intermediate", "e"),
+             Pointwise("mu_f", n, sympy.Symbol("mean_f"), "intermediate", "e"),
+             Pointwise("mu_g", n, sympy.Symbol("mean_g"), "intermediate", "e")]
+
+    class Graph:
+        dims = (("n_hidden", None),)
+        leaves = (Leaf("s", "param", None, "s"), Leaf("w", "param", n, "w"))
+
+    Graph.nodes = nodes
+
+    class Backward:
+        g = Graph
+
+    assert UnitSums(Backward).is_zero_mean(sympy.sympify(k)) is zero

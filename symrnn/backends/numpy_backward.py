@@ -28,6 +28,7 @@ from ..errors import InternalError
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Region, Stage
 from ..passes.hoist_coefficients import CoefficientHoisting
+from ..passes.unit_sums import UnitSums
 from ..schedule import shared_subexpressions
 from ..stmt import ALL, Assign, Call, Concat, Do, ETC, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
@@ -106,7 +107,10 @@ class Backward:
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, tuple] = {}  # loop adjoint -> (buffer over all steps, its columns there: a Span or None)
         self.deferred_sums: list = []  # (parameter leaf, adjoint name): sums over stored buffers
+        self.unit_sums: dict[tuple, str] = {}  # (region, adjoint held) -> its sum over the units
+        self.unit_shares: dict[tuple, str] = {}  # (region, a reduction's share, width) -> the name holding it
         self.hoisting = CoefficientHoisting(self)  # the coefficients of the recursion, per block of steps
+        self.unit = UnitSums(self)  # values and adjoints the same at every unit (passes/unit_sums.py)
 
     # -- symbols and values ----------------------------------------------------------
     def sym(self, ref: Ref) -> sympy.Symbol:
@@ -118,8 +122,10 @@ class Backward:
         return sympy.Symbol(name)
 
     def adjoint(self, name: str) -> sympy.Symbol:
-        """The symbol of a value's adjoint at one step."""
-        return sympy.Symbol(self.n("adj", name))
+        """The symbol of a value's adjoint at one step (of the name that holds it, where two
+        adjoints are one value: their terms then combine)."""
+        adj = self.n("adj", name)
+        return sympy.Symbol(self.alias.get(adj, adj) if "shared_unit_sums" in self.e.passes else adj)
 
     def ew(self, expr: sympy.Expr, ctx: str, extra: dict | None = None):
         """``expr`` as an elementwise value: graph values, adjoint buffers and, in the loop,
@@ -262,10 +268,13 @@ class Backward:
                 if c in final_pw and c in nonzero:
                     terms.append(coeff * self.adjoint(c))
             expr = sympy.Add(*terms)
+            if "zero_unit_sums" in self.e.passes and self.unit.is_uniform(node.name):
+                expr = self.unit.drop_zero_sums(expr)  # terms whose sum over units is 0
             if expr == 0:
                 continue
             nonzero.add(node.name)
             pending.append(self.assign(self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"))
+            self.unit.note(self.n("adj", node.name), expr)
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
                          key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
@@ -290,16 +299,26 @@ class Backward:
         if node.name not in nonzero:
             return
         adj = self.n("adj", node.name)
-        total = self.n("adj_sum", node.name)
-        axis = (("axis", Text("-1")), ("keepdims", Text("True")))
-        out.append(Assign(Ref(total), Call("sum", (Ref(self.alias.get(adj, adj)),), axis), f"sum over the units of {adj}"))
+        held = self.alias.get(adj, adj)
+        total = self.unit_sums.get((self.region_name, held)) if "shared_unit_sums" in self.e.passes else None
+        if total is None:  # reductions whose adjoints are one value (d_r2 = d_r1) sum it once
+            total = self.unit_sums[(self.region_name, held)] = self.n("adj_sum", node.name)
+            axis = (("axis", Text("-1")), ("keepdims", Text("True")))
+            out.append(Assign(Ref(total), Call("sum", (Ref(held),), axis), f"sum over the units of {held}"))
         share = node.weight() * sympy.Symbol(total)
         if self.plan.region_of[node.operand] == self.region_name:  # an earlier stage: its own name
+            uniform = not share.has(sympy.Symbol(node.operand))  # the same at every unit
+            key = (self.region_name, share, node.size)
+            if uniform and key in self.unit_shares and "shared_unit_sums" in self.e.passes:  # computed already
+                self.acc.setdefault(node.operand, []).append(Ref(self.unit_shares[key]))
+                return
             name = self.n("adj_via", node.operand, node.name)
             value = self.ew(share, ctx)
-            if not share.has(sympy.Symbol(node.operand)):  # the same at every unit: a view at the operand's width
+            if uniform:  # a view at the operand's width
                 steps = (Text("B"),) if ctx == "loop" else (Text("T"), Text("B"))
                 value = Call("broadcast_to", (value, (*steps, Size(node.size))))
+                self.unit_shares[key] = name
+                self.unit.uniform_adjoints.add(name)
             out.append(Assign(Ref(name), value))
             self.acc.setdefault(node.operand, []).append(Ref(name))
             return

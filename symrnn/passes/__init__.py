@@ -12,14 +12,18 @@ values, deciding from the step graph, the plan and what statements read and writ
 * ``hoist_coefficients`` (hoist_coefficients.py): the coefficients of the backward
   recursion computed for a block of steps before the loop over them;
 * ``lean_buffers`` (lean_buffers.py): backward allocates no more than it writes;
-* ``prune_views`` (prune_views.py): views nothing reads are not made.
+* ``prune_views`` (prune_views.py): views nothing reads are not made;
+* ``shared_unit_sums`` (unit_sums.py): reductions whose adjoints are one value sum it
+  over the units once, and terms reading two names of one adjoint combine;
+* ``zero_unit_sums`` (unit_sums.py): the terms of a uniform value's adjoint (a mean's,
+  a variance's) whose sum over units is zero by the reductions' definitions are left out.
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
 of them off, and that each does what it says.
 """
 
-PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views")
+PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]
