@@ -13,12 +13,19 @@ over the rounds, the per-round range, and the ratio layer_norm_lstm / lstm (the 
 the per-round ratios, and their range): ratios within one interleaved run are what count on a
 shared machine.  Target (issue 15): ratio <= 1.3 in float32.
 
+A second table breaks each module's time into forward and backward (medians over the rounds) and
+counts, from each module's source, the statements of one step of forward's loop and of backward's
+loop, and the coefficient buffers backward computes per block of steps before its loop (each one
+NumPy call or more on (steps, B, n) arrays).  The section also gives the load average (1 min)
+before and after the run: on a shared machine, what else ran.
+
 ``--write`` replaces this script's section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import gc
 import importlib
@@ -65,19 +72,55 @@ def make_step(cell: str, dtype, size=SIZE):
     state0 = {s: (0.1 * rng.standard_normal((B, H))).astype(dtype) for s in module.STATES}
     grad_outputs = {"h": np.ones((T, B, H), dtype)}
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
+        """(forward, backward) seconds of one call of each."""
         t0 = time.perf_counter()
         _, cache = module.forward(params, x, state0)
+        t1 = time.perf_counter()
         module.backward(params, cache, grad_outputs)
-        return time.perf_counter() - t0
+        return t1 - t0, time.perf_counter() - t1
 
     return step
+
+
+def source(cell: str) -> str:
+    """A module's source: the committed file, or the variant as rendered here."""
+    if cell != NOHOIST:
+        return Path(load(cell).__file__).read_text()
+    from symrnn.passes import ALL
+    from symrnn.pipeline import build
+    from symrnn.render import render_numpy
+
+    return render_numpy(build("layer_norm_lstm"), passes=ALL - {"hoist_coefficients"})
+
+
+def _loops(tree: ast.Module, function: str, var: str) -> list[ast.For]:
+    """The ``for <var> in ...`` loops of a module's function."""
+    fn = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
+    return [node for node in ast.walk(fn) if isinstance(node, ast.For) and isinstance(node.target, ast.Name)
+            and node.target.id == var]
+
+
+def _statements(body) -> int:
+    """Statements in ``body``, those inside nested blocks counted one by one."""
+    return sum(_statements(s.body) if isinstance(s, (ast.For, ast.If)) else 1 for s in body)
+
+
+def counts(cell: str) -> dict[str, int]:
+    """Per-step statement counts of a module: forward's loop, backward's loop, and the
+    coefficient buffers computed per block of steps (the block loop's assignments outside its step loop)."""
+    tree = ast.parse(source(cell))
+    block = _loops(tree, "backward", "t1")
+    coefs = sum(1 for s in block[0].body if isinstance(s, ast.Assign)) - 1 if block else 0  # less the line t0 = ...
+    return {"forward": _statements(_loops(tree, "forward", "t")[0].body),
+            "backward": _statements(_loops(tree, "backward", "t")[0].body), "coefs": coefs}
 
 
 def run(dtype_name: str, rounds: int, reps: int, size=SIZE) -> dict:
     dtype = np.dtype(dtype_name).type
     steps = {cell: make_step(cell, dtype, size) for cell in CELLS}
     per_round: dict[str, list[float]] = {cell: [] for cell in CELLS}
+    parts: dict[str, list[tuple[float, float]]] = {cell: [] for cell in CELLS}
     gc.disable()
     try:
         for r in range(rounds + 1):
@@ -85,16 +128,32 @@ def run(dtype_name: str, rounds: int, reps: int, size=SIZE) -> dict:
             times = {}
             for cell in order:
                 rnn_cpu.settle()
-                times[cell] = statistics.median(steps[cell]() for _ in range(reps))
+                calls = sorted((steps[cell]() for _ in range(reps)), key=sum)
+                times[cell] = calls[len(calls) // 2]  # the median call (by its forward + backward)
             if r:  # round 0: warm-up
                 for cell in CELLS:
-                    per_round[cell].append(times[cell])
-            print(f"  {dtype_name} round {r}: " + ", ".join(f"{c} {1e3 * t:.1f} ms" for c, t in times.items()),
+                    per_round[cell].append(sum(times[cell]))
+                    parts[cell].append(times[cell])
+            print(f"  {dtype_name} round {r}: " + ", ".join(f"{c} {1e3 * sum(t):.1f} ms" for c, t in times.items()),
                   file=sys.stderr)
     finally:
         gc.enable()
     ratios = {cell: [a / b for a, b in zip(per_round[cell], per_round["lstm"])] for cell in CELLS[1:]}
-    return {"dtype": dtype_name, "times": per_round, "ratios": ratios}
+    return {"dtype": dtype_name, "times": per_round, "ratios": ratios, "parts": parts}
+
+
+def breakdown(results: list[dict]) -> str:
+    """Forward and backward medians, and the statements per step, of each module."""
+    lines = ["| dtype | module | forward ms | backward ms | statements per step: forward loop | backward loop "
+             "| coefficient buffers per block |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        for cell in CELLS:
+            c = counts(cell)
+            fwd = statistics.median(f for f, _ in res["parts"][cell])
+            bwd = statistics.median(b for _, b in res["parts"][cell])
+            lines.append(f"| {res['dtype']} | {cell} | {1e3 * fwd:.1f} | {1e3 * bwd:.1f} | {c['forward']} | {c['backward']} "
+                         f"| {c['coefs']} |")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], size=SIZE) -> str:
@@ -116,7 +175,7 @@ def table(results: list[dict], size=SIZE) -> str:
     return "\n".join(lines)
 
 
-def section(results: list[dict], rounds: int, reps: int, size=SIZE) -> str:
+def section(results: list[dict], rounds: int, reps: int, size=SIZE, load=("?", "?")) -> str:
     info = rnn_cpu.machine_info()
     T, B, I, H = size
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -124,7 +183,8 @@ def section(results: list[dict], rounds: int, reps: int, size=SIZE) -> str:
 ## Layer-normalized LSTM vs LSTM: the generated NumPy modules
 
 `OPENBLAS_NUM_THREADS=1 python benchmarks/layer_norm_cpu.py --write` ({when}; {info['cpu']}, {info['cores']} cores,
-Python {info['python']}, NumPy {info['numpy']} ({info['blas']}), environment: {info['env']}).
+Python {info['python']}, NumPy {info['numpy']} ({info['blas']}), environment: {info['env']};
+load average (1 min) {load[0]} before the run, {load[1]} after it).
 One forward + backward (every gradient) at T={T}, B={B}, I=H={I}, n_out=1; {rounds} interleaved rounds after a
 warm-up, each module's time in a round the median of {reps} calls; medians over the rounds and per-round ranges;
 the ratio is the median of the per-round ratios to lstm.  The machine is shared with other work:
@@ -132,6 +192,10 @@ absolute times are noisy, the ratios within one run are what count.  The third m
 layer_norm_lstm rendered without the `hoist_coefficients` pass (symrnn/passes), for comparison.
 
 {table(results, size)}
+
+Forward and backward separately (medians over the rounds), and what each module runs per step:
+
+{breakdown(results)}
 {END}"""
 
 
@@ -155,10 +219,14 @@ def main(argv=None) -> int:
         size, dtypes, rounds, reps = (20, 8, 32, 32), ("float32",), 3, 1
     else:
         size, dtypes, rounds, reps = SIZE, ("float32", "float64"), args.rounds, args.reps
+    before = f"{os.getloadavg()[0]:.1f}"
     results = [run(d, rounds, reps, size) for d in dtypes]
+    load = (before, f"{os.getloadavg()[0]:.1f}")
     print(table(results, size))
+    print(breakdown(results))
+    print(f"load average (1 min): {load[0]} before, {load[1]} after", file=sys.stderr)
     if args.write:
-        write(section(results, rounds, reps, size))
+        write(section(results, rounds, reps, size, load))
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 

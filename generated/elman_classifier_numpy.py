@@ -196,7 +196,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_logp = d_logp_seq  # eq:elman_classifier:adj:logp
     d_logsumexp_z = -d_logp  # eq:elman_classifier:adj:logsumexp_z
     d_z_from1 = d_logp
-    d_logsumexp_z_sum = np.sum(d_logsumexp_z, axis=-1, keepdims=True)  # sum over the units of d_logsumexp_z
+    d_logsumexp_z_sum = _sum_units(d_logsumexp_z)  # sum over the units of d_logsumexp_z
     d_z_from_logsumexp_z = d_logsumexp_z_sum*np.exp(-logsumexp_z_seq + z_seq)
     d_z = d_z_from1 + d_z_from_logsumexp_z + d_z_seq  # eq:elman_classifier:adj:z
     d_V_h = d_z  # eq:elman_classifier:adj:V_h
@@ -387,6 +387,12 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     idx = np.arange(n)
     block = J[offset:offset + shape[0] * shape[1]].reshape(shape[0], shape[1], J.shape[1], n)
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
+
+
+def _sum_units(a):
+    """The sum of a over its units (the last axis), kept as an axis of 1: a product with a
+    column of ones (BLAS), several times faster than np.sum over a short last axis."""
+    return a @ np.ones((a.shape[-1], 1), a.dtype)
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):

@@ -167,7 +167,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
             d_h = d_h_next + d_h_seq[t]  # eq:indrnn:adj:h
             np.multiply(d_coef[t - t0], d_h, out=d_W_x_seq[t])
             d_h_prev_0 = d_h*dh_dh_prev_0[t - t0]
-            d_u += np.sum(d_coef_1[t - t0]*d_h, axis=0)
+            d_u += _sum_rows(d_coef_1[t - t0]*d_h)
             d_h_next = d_h_prev_0
     d_W_x_sum = np.sum(d_W_x_seq, axis=(0, 1))  # over the steps and the batch
     d_b += d_W_x_sum
@@ -271,6 +271,11 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     idx = np.arange(n)
     block = J[offset:offset + shape[0] * shape[1]].reshape(shape[0], shape[1], J.shape[1], n)
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
+
+
+def _sum_rows(a):
+    """The sum of a (B, n) array over its rows: a product with a row of ones (BLAS)."""
+    return np.ones(a.shape[0], a.dtype) @ a
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):

@@ -291,9 +291,9 @@ def backward(params, cache, grad_outputs, grad_final=None):
             d_W_i_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
             np.multiply(d_c, dc_dW_i_h_prev[t - t0], out=d_W_i_h_prev)  # eq:lstm_peephole:adj:W_i_h_prev
             d_c_prev_0 = d_c*dc_dc_prev_0[t - t0]
-            d_p_i += np.sum(d_c*d_coef[t - t0], axis=0)
-            d_p_f += np.sum(d_c*d_coef_1[t - t0], axis=0)
-            d_p_o += np.sum(d_coef_2[t - t0]*d_h, axis=0)
+            d_p_i += _sum_rows(d_c*d_coef[t - t0])
+            d_p_f += _sum_rows(d_c*d_coef_1[t - t0])
+            d_p_o += _sum_rows(d_coef_2[t - t0]*d_h)
             d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
             d_h_next = d_h_prev_from_h_prev_proj
             d_c_next = d_c_prev_0
@@ -507,6 +507,11 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     idx = np.arange(n)
     block = J[offset:offset + shape[0] * shape[1]].reshape(shape[0], shape[1], J.shape[1], n)
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
+
+
+def _sum_rows(a):
+    """The sum of a (B, n) array over its rows: a product with a row of ones (BLAS)."""
+    return np.ones(a.shape[0], a.dtype) @ a
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):

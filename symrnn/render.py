@@ -128,7 +128,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=Non
                 "rtrl_carry", "rtrl_cot", "rtrl_grads", "forward_hold", "finals")
     return _ENV.get_template("numpy_module.py.j2").render(
         **header.fields(), outputs_code=m.outputs, quiet_overflow=_uses_op(g, "sigmoid"),
-        transposed_products=any(getattr(n, "transpose", False) for n in g.nodes),
+        transposed_products=any(getattr(n, "transpose", False) for n in g.nodes), unit_helpers=m.helpers,
         **{name: getattr(m, name) for name in sections},
     )
 

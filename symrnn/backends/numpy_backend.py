@@ -23,6 +23,7 @@ from ..schedule import schedule
 from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_SYM, t_SYM
 from ..passes import ALL, check
 from ..passes.lean_buffers import lean_buffers
+from ..passes.unit_products import HELPERS
 from .array_module import group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
 from .numpy_forward import emit_forward
@@ -78,6 +79,7 @@ class NumpyModule:
     loss_grad: str = ""
     loss_scale: str = ""
     generated_names: frozenset[str] = frozenset()  # every name the namer gave out
+    helpers: tuple[str, ...] = ()  # the module's helpers of the unit_products pass that it calls
 
 
 def emit(plan: KernelPlan, passes=ALL) -> NumpyModule:
@@ -187,6 +189,10 @@ class _Emitter:
         m.rtrl_bind = self.used_setup(m.rtrl_setup, m.rtrl_loop, m.rtrl_carry, m.rtrl_cot,
                                       [Assign(Ref("_"), v) for _, v in m.rtrl_grads])
         m.generated_names = self.n.names()
+        read = set().union(*(s.reads for section in (m.forward_pre, m.forward_loop, m.forward_post, m.backward_post,
+                                                       m.backward_coefs, m.backward_loop, m.backward_after, m.backward_pre)
+                             for s in section))
+        m.helpers = tuple(h for h in HELPERS if h in read)  # the unit_products pass's helpers it calls
         return self.printed(m)
 
     def printed(self, m: NumpyModule) -> NumpyModule:

@@ -27,7 +27,9 @@ import sympy
 from ..errors import InternalError
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Region, Stage
+from ..reductions import sum_units
 from ..passes.hoist_coefficients import CoefficientHoisting
+from ..passes.unit_products import ROWS, UNITS
 from ..passes.unit_sums import UnitSums
 from ..schedule import shared_subexpressions
 from ..stmt import ALL, Assign, Call, Concat, Do, ETC, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
@@ -304,7 +306,9 @@ class Backward:
         if total is None:  # reductions whose adjoints are one value (d_r2 = d_r1) sum it once
             total = self.unit_sums[(self.region_name, held)] = self.n("adj_sum", node.name)
             axis = (("axis", Text("-1")), ("keepdims", Text("True")))
-            out.append(Assign(Ref(total), Call("sum", (Ref(held),), axis), f"sum over the units of {held}"))
+            value = (Helper(UNITS[sum_units], (Ref(held),)) if "unit_products" in self.e.passes
+                     else Call("sum", (Ref(held),), axis))
+            out.append(Assign(Ref(total), value, f"sum over the units of {held}"))
         share = node.weight() * sympy.Symbol(total)
         if self.plan.region_of[node.operand] == self.region_name:  # an earlier stage: its own name
             uniform = not share.has(sympy.Symbol(node.operand))  # the same at every unit
@@ -410,7 +414,9 @@ class Backward:
                 out.append(Do(Call("multiply", (a, b), (("out", target),)), target, p.comment))
                 continue
             value = self.ew(expr, ctx)
-            if p.total:
+            if p.total and ctx == "loop" and p.axes == _SUM_AXES["loop"] and "unit_products" in self.e.passes:
+                value = Helper(ROWS, (value,))  # over the batch rows: a product with ones
+            elif p.total:
                 value = Call("sum", (value,), (("axis", p.axes),) if p.axes is not None else ())
             out.append(Assign(p.dst, value, p.comment) if p.op == "=" else Update(p.dst, p.op, value, p.comment))
 

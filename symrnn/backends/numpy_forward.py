@@ -17,7 +17,8 @@ from ..ops import Op
 from ..plan import GemmGroup
 from ..passes.loop_fusion import LoopFusion
 from ..passes.prune_views import without_unread_views
-from ..stmt import ETC, Assign, Attr, Call, Do, Key, MatMul, OpCall, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
+from ..passes.unit_products import UNITS
+from ..stmt import ETC, Assign, Attr, Call, Do, Helper, Key, MatMul, OpCall, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 
 __all__ = ["emit_forward"]
 
@@ -83,7 +84,10 @@ def reduction_value(e, node: Reduction, ctx: str, refs: dict | None = None):
         steps = (Text("T"), Text("B")) if ctx == "all" else (Text("B"),)
         whole = Call("broadcast_to", (e.ew(sympy.Symbol(node.operand), ctx, refs), (*steps, Size(node.size))))
         refs = {**(refs or {}), node.operand: whole}
-    value = e.ew(node.reduce(sympy.Symbol(node.operand)), ctx, refs)
+    if "unit_products" in e.passes and node.reduce in UNITS and node.operand not in e.compact:
+        value = Helper(UNITS[node.reduce], (e.ew(sympy.Symbol(node.operand), ctx, refs),))  # a product with ones
+    else:
+        value = e.ew(node.reduce(sympy.Symbol(node.operand)), ctx, refs)
     if node.name in e.compact:
         return value
     return Call("broadcast_to", (value, Attr(e.ew(sympy.Symbol(node.operand), ctx, refs), "shape")))

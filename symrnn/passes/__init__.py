@@ -16,14 +16,16 @@ values, deciding from the step graph, the plan and what statements read and writ
 * ``shared_unit_sums`` (unit_sums.py): reductions whose adjoints are one value sum it
   over the units once, and terms reading two names of one adjoint combine;
 * ``zero_unit_sums`` (unit_sums.py): the terms of a uniform value's adjoint (a mean's,
-  a variance's) whose sum over units is zero by the reductions' definitions are left out.
+  a variance's) whose sum over units is zero by the reductions' definitions are left out;
+* ``unit_products`` (unit_products.py): sums and means over the units, and parameters'
+  sums over the batch rows in the loop, as products with a vector of ones (BLAS).
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
 of them off, and that each does what it says.
 """
 
-PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums")
+PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums", "unit_products")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]

@@ -1,0 +1,31 @@
+"""Sums over a short axis as products with a vector of ones (BLAS), in the NumPy module.
+
+``np.mean(a, axis=-1, keepdims=True)`` and ``np.sum`` over the units of a (B, n) array
+run NumPy's pairwise reduction row by row, several times slower than the same sums
+as one matrix-vector product ``a @ ones((n, 1))`` (measured at B=32, n=256 float32:
+np.mean 7.0 us, the product 2.5 us; benchmarks/RESULTS.md, layer-norm section).  With
+the ``unit_products`` pass the module computes, through its own helpers:
+
+* a reduction ``mean(a)`` or ``sum(a)`` of a value (forward): ``_mean_units(a)``,
+  ``_sum_units(a)``;
+* the sum over units of a reduction's adjoint (backward): ``_sum_units(d_r)``;
+* a parameter's per-step gradient summed over the batch rows in the loop:
+  ``_sum_rows(d)`` (``ones((B,)) @ d``).
+
+logsumexp keeps its own stable spelling.  The products accumulate in the array's
+dtype as the sums do; the values agree to rounding (tests/test_passes.py: the same
+values with the pass off).
+"""
+
+from __future__ import annotations
+
+from ..reductions import Reduce, mean, sum_units
+
+__all__ = ["HELPERS", "ROWS", "UNITS"]
+
+#: reduction over the units -> the module's helper computing it as a product
+UNITS: dict[type[Reduce], str] = {mean: "_mean_units", sum_units: "_sum_units"}
+#: the helper summing a (B, n) array over its rows
+ROWS = "_sum_rows"
+#: every helper this pass may use, in the order the template defines them
+HELPERS = ("_sum_units", "_mean_units", "_sum_rows")
