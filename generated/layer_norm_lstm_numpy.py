@@ -68,7 +68,7 @@ import numpy as np
 
 CELL = "layer_norm_lstm"
 #: backward computes the coefficients of its recursion this many steps at a time
-_COEF_STEPS = 16
+_COEF_STEPS = 3
 #: parameter name -> shape, in the dimensions n_in, n_hidden, n_out
 PARAM_SHAPES = {
     "W": ("4*n_hidden", "n_in"),

@@ -13,6 +13,7 @@ from conftest import CELLS
 from symrnn.gradcheck import random_problem, rel_error, rtrl_vs_bptt
 from symrnn.ir import Leaf, Pointwise, Reduction
 from symrnn.passes import ALL, PASSES
+from symrnn.passes.hoist_coefficients import block_steps
 from symrnn.passes.unit_sums import UnitSums
 from symrnn.pipeline import build, load_module, render_numpy
 from symrnn.reductions import mean
@@ -137,3 +138,15 @@ def test_zero_unit_sums_proves_only_identities(k, zero):
         g = Graph
 
     assert UnitSums(Backward).is_zero_mean(sympy.sympify(k)) is zero
+
+
+@pytest.mark.parametrize("cell, steps", [("lstm", 16), ("lstm_peephole", 16), ("layer_norm_lstm", 3)])
+def test_coefficient_blocks_are_shorter_where_there_are_many_coefficients(cell, steps):
+    """A block of the backward recursion is 16 steps, fewer where the coefficient buffers are many
+    (so that a block's buffers stay in cache): block_steps of the module's own count."""
+    source = _source(cell, ALL)
+    block = source.split("for t1 in range(T, 0, -_COEF_STEPS):")[1].split("for t in reversed")[0]
+    buffers = sum(1 for line in block.splitlines() if " = " in line) - 1  # less t0 = max(t1 - _COEF_STEPS, 0)
+    assert block_steps(buffers) == steps
+    assert f"\n_COEF_STEPS = {steps}\n" in source
+    assert block_steps(1) == 16 and block_steps(10 ** 6) == 1

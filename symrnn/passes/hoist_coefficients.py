@@ -8,6 +8,11 @@ sum_j d_j * k_j, and a coefficient k_j that is more than a number or one stored 
 becomes a buffer computed for a block of steps at once, before the loop runs over that
 block (``backward_coefs``), its common subexpressions shared (sympy.cse).  Switched off
 (the ``hoist_coefficients`` pass), the loop computes every statement as derived.
+
+A block is ``_COEF_STEPS`` steps (:func:`block_steps`): 16, or fewer where a cell has many
+coefficients, so that a block's buffers stay in the CPU's caches while the loop reads
+them (layer_norm_lstm's 66 buffers of (16, 32, 256) float32 are 34 MiB: its backward
+took ~10% longer with 16 steps than with 2 to 4; benchmarks/RESULTS.md, layer-norm section).
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from ..errors import InternalError
 from ..plan import Stage
 from ..stmt import Assign, Ref, t0_SYM, t_SYM
 
-__all__ = ["CoefficientHoisting"]
+__all__ = ["CoefficientHoisting", "block_steps"]
+
+#: steps per block at most
+MAX_BLOCK_STEPS = 16
+#: coefficient buffers times steps per block at most (a cell with up to 16 buffers gets 16 steps)
+BLOCK_BUFFER_STEPS = 256
+
+
+def block_steps(buffers: int) -> int:
+    """The steps of a block of the backward recursion whose coefficients are ``buffers`` arrays."""
+    return min(MAX_BLOCK_STEPS, max(1, BLOCK_BUFFER_STEPS // max(buffers, 1)))
 
 
 class CoefficientHoisting:
