@@ -18,6 +18,7 @@ from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Outer, Prime, Q, Row
 from .errors import InternalError
 from .ir import Pointwise
 from .ops import OPS, Op, exp, log
+from .reductions import Reduce, sum_units
 
 __all__ = ["Deriver"]
 
@@ -129,6 +130,9 @@ class Deriver:
         if isinstance(e, Op):
             d = self.tangent(e.args[0], param, entries, time)
             return 0 if d == 0 else self.prime(type(e).__name__, e.args[0], owner, time) * d
+        if isinstance(e, Reduce):
+            d = self.tangent(e.args[0], param, entries, time)
+            return 0 if d == 0 else reduction_tangent(e, d)
         if isinstance(e, MatVec):
             w, ops = e.args
             base = w.args[0] if isinstance(w, (Block, Transposed)) else w
@@ -170,6 +174,8 @@ class Deriver:
         if isinstance(e, Op):
             time = target.time if owner is None else self.eq_time(owner, e, target)
             return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, time), target)
+        if isinstance(e, Reduce):
+            return self.backprop(e.args[0], reduction_adjoint(e, seed), target)
         if isinstance(e, MatVec):
             w, ops = e.args
             back = CMatVec(_transposed(w), sympy.Tuple(seed))
@@ -214,9 +220,26 @@ class Deriver:
                     continue
                 if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
                     terms.append(self.backprop(expr.args[0], q("preadj", b, time=time + shift), target))
+                elif isinstance(expr, Reduce):  # b is one number: its operand gets w * dL/db
+                    terms.append(self.backprop(expr.args[0], self.reduced_seed(expr, q("adj", b, time=time + shift)), target))
                 else:
                     terms.append(self.backprop(expr, q("adj", b, time=time + shift), target, owner=b))
-        return sympy.Add(*terms)
+        total = sympy.Add(*terms)
+        if self.is_reduction(name):  # dL/dmu for mu = mean(c): one number, the sum of its units' shares
+            return sum_units(total) if total != 0 else total
+        return total
+
+    def is_reduction(self, name: str) -> bool:
+        """Whether value ``name`` is a reduction over units (one number, broadcast back)."""
+        return isinstance(self.eqs.get(name), Reduce)
+
+    def reduced_seed(self, e: Reduce, adjoint: sympy.Expr) -> sympy.Expr:
+        """What reaches the operand of the reduction ``e`` (an equation of its own) from its
+        adjoint (one number): w * adjoint, w = d e / d operand_j (the mean's 1/n)."""
+        w = _weight(e)
+        if w is None:
+            w = sympy.sympify(type(e).weight(e.args[0], e, self.size(e.args[0])))
+        return w * adjoint
 
     def reads_prev(self, b: str) -> bool:
         return True
@@ -304,6 +327,8 @@ def _index_in(e: sympy.Expr, l: sympy.Symbol, fresh) -> sympy.Expr:
         return e
     if isinstance(e, Op):
         return type(e)(_index_in(e.args[0], l, fresh))
+    if isinstance(e, Reduce):  # the same number at every unit
+        return e
     if isinstance(e, Prime):
         return Prime(e.args[0], _index_in(e.args[1], l, fresh))
     if isinstance(e, Unit):
@@ -328,6 +353,8 @@ def gradient_parts(deriver: Deriver, param: str) -> list[tuple[int | None, sympy
         expr = deriver.value(b, TIME)
         if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
             _seeds(deriver, expr.args[0], q("preadj", b), param, out, None)  # inside the op: its own derivatives
+        elif isinstance(expr, Reduce):  # a reduction of its own: its adjoint is one number
+            _seeds(deriver, expr.args[0], deriver.reduced_seed(expr, q("adj", b)), param, out, None)
         else:
             _seeds(deriver, expr, q("adj", b), param, out, b)
     return out
@@ -357,6 +384,9 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
     if isinstance(e, Op):
         _seeds(deriver, e.args[0], seed * deriver.prime(type(e).__name__, e.args[0], owner, TIME), param, out, None)
         return
+    if isinstance(e, Reduce):
+        _seeds(deriver, e.args[0], reduction_adjoint(e, seed), param, out, None)
+        return
     if isinstance(e, MatVec):
         w, ops = e.args
         base = w.args[0] if isinstance(w, (Block, Transposed)) else w
@@ -371,6 +401,32 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
             _seeds(deriver, o, back if len(ops) == 1 else Rows(back, start, start + n), param, out, None)
             start = start + n
         return
+
+
+def _weight(e: Reduce) -> sympy.Expr | None:
+    """d e / d operand_j (symrnn.reductions) in claims atoms, None where it is a constant
+    (the mean's 1/n, the sum's 1: the reduction is linear)."""
+    a, r, n = sympy.Dummy("a"), sympy.Dummy("r"), sympy.Dummy("n")
+    w = sympy.sympify(type(e).weight(a, r, n))
+    if not w.has(a, r):
+        return None
+    if w.has(n):
+        raise InternalError(f"the weight of {type(e).spec_name} depends on the number of units and the values")
+    return w.xreplace({a: e.args[0], r: e})
+
+
+def reduction_adjoint(e: Reduce, seed: sympy.Expr) -> sympy.Expr:
+    """The adjoint that reaches the operand of reduction ``e`` (broadcast back over its units)
+    from the adjoint ``seed`` of its value: w * sum_k seed_k, i.e. R(seed) for a linear R
+    (mean(seed), sum(seed)), softmax * sum(seed) for logsumexp."""
+    w = _weight(e)
+    return type(e)(seed) if w is None else w * sum_units(seed)
+
+
+def reduction_tangent(e: Reduce, d: sympy.Expr) -> sympy.Expr:
+    """d R(a) = sum_j w_j da_j: R(da) for a linear R, sum(softmax * da) for logsumexp."""
+    w = _weight(e)
+    return type(e)(d) if w is None else sum_units(w * d)
 
 
 def _transposed(w: sympy.Expr) -> sympy.Expr:
