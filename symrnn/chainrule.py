@@ -49,8 +49,6 @@ class Deriver:
                 return q("val", e.name)
             if isinstance(e, MatVec):
                 return _distribute(e.args[0], sympy.Tuple(*[walk(o) for o in e.args[1]]), walk, matrices)
-            if isinstance(e, sympy.Pow) and not e.args[1].is_Number:  # a ** b = exp(b log a), as lowered
-                return walk(exp(e.args[1] * log(e.args[0])))
             if isinstance(e, Block) or not e.args:
                 return e
             return e.func(*[walk(a) for a in e.args])
@@ -69,6 +67,12 @@ class Deriver:
         if not isinstance(value, Op):
             return None
         return node.op.derivative(q("val", name, time=time), value.args[0])
+
+    def through_power(self, e: sympy.Pow, owner: str | None, time) -> sympy.Expr:
+        """a^b, written as the value it computes where it is the whole equation of ``owner``."""
+        if owner is not None and self.value(owner, time) == e:
+            return q("val", owner, time=time)
+        return e
 
     def prime(self, op_name: str, arg: sympy.Expr, owner: str | None, time) -> sympy.Expr:
         if isinstance(arg, Q) and arg.kind == "val":  # sigma'(a^t), as the seeds write it
@@ -124,9 +128,12 @@ class Deriver:
                 if d != 0:
                     terms.append(sympy.Mul(*e.args[:k], d, *e.args[k + 1:]))
             return sympy.Add(*terms)
-        if isinstance(e, sympy.Pow):
+        if isinstance(e, sympy.Pow):  # d(a^b) = b a^(b-1) da + a^b log(a) db
             b, n = e.args
-            return n * b ** (n - 1) * self.tangent(b, param, entries, time)
+            out = n * b ** (n - 1) * self.tangent(b, param, entries, time)
+            if not n.is_Number:
+                out += self.through_power(e, owner, time) * log(b) * self.tangent(n, param, entries, time)
+            return out
         if isinstance(e, Op):
             d = self.tangent(e.args[0], param, entries, time)
             return 0 if d == 0 else self.prime(type(e).__name__, e.args[0], owner, time) * d
@@ -168,9 +175,13 @@ class Deriver:
         if isinstance(e, sympy.Mul):
             return sympy.Add(*[self.backprop(a, seed * sympy.Mul(*e.args[:k], *e.args[k + 1:]), target)
                                for k, a in enumerate(e.args)])
-        if isinstance(e, sympy.Pow):
+        if isinstance(e, sympy.Pow):  # a^b: b a^(b-1) to a, a^b log(a) to b
             b, n = e.args
-            return self.backprop(b, seed * n * b ** (n - 1), target)
+            out = self.backprop(b, seed * n * b ** (n - 1), target)
+            if not n.is_Number:
+                time = target.time if owner is None else self.eq_time(owner, e, target)
+                out += self.backprop(n, seed * self.through_power(e, owner, time) * log(b), target)
+            return out
         if isinstance(e, Op):
             time = target.time if owner is None else self.eq_time(owner, e, target)
             return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, time), target)
@@ -247,7 +258,8 @@ class Deriver:
     def inline_adjoints(self, e: sympy.Expr, time) -> sympy.Expr:
         """Adjoints of intermediate values (gates) of the same step written out, so that a
         formula reads as the seeds write it (delta_f = f (1 - f) c_prev adj(c))."""
-        inter = {n.name for n in self.g.nodes if n.role == "intermediate"}
+        inter = {n.name for n in self.g.nodes if n.role == "intermediate" and self.readers(n.name) == 1
+                 and not self.is_reduction(n.name)}  # a reduction's adjoint: one number, of its own
         for _ in range(len(inter) + 1):
             table = {a: self.adj(a.qname, time) for a in e.atoms(Q)
                      if a.kind == "adj" and a.time == time and a.qname in inter}
@@ -255,6 +267,13 @@ class Deriver:
                 break
             e = e.xreplace(table)
         return e
+
+    def readers(self, name: str) -> int:
+        """How many equations of a step read value ``name`` (an adjoint is written out where
+        one does, as the seeds write delta_f; a value many read, a layer norm's mean, keeps
+        its own adjoint)."""
+        value = q("val", name)
+        return sum(1 for expr in self.eqs.values() if expr.has(value))
 
     def preadj(self, name: str, time=TIME) -> sympy.Expr:
         return self.through_values(name, time) * q("adj", name, time=time)
@@ -322,7 +341,8 @@ def _index_in(e: sympy.Expr, l: sympy.Symbol, fresh) -> sympy.Expr:
     if isinstance(e, (sympy.Add, sympy.Mul)):
         return e.func(*[_index_in(a, l, fresh) for a in e.args])
     if isinstance(e, sympy.Pow):
-        return _index_in(e.args[0], l, fresh) ** e.args[1]
+        exponent = e.args[1] if e.args[1].is_Number else _index_in(e.args[1], l, fresh)
+        return _index_in(e.args[0], l, fresh) ** exponent
     if e.is_Number:
         return e
     if isinstance(e, Op):
@@ -380,6 +400,8 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
     if isinstance(e, sympy.Pow):
         b, n = e.args
         _seeds(deriver, b, seed * n * b ** (n - 1), param, out, None)
+        if not n.is_Number:  # a ** b with an expression b
+            _seeds(deriver, n, seed * deriver.through_power(e, owner, TIME) * log(b), param, out, None)
         return
     if isinstance(e, Op):
         _seeds(deriver, e.args[0], seed * deriver.prime(type(e).__name__, e.args[0], owner, TIME), param, out, None)

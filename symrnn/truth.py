@@ -480,17 +480,23 @@ class Evaluator:
         return out
 
     def _ev_mul(self, e, t: int | None) -> _T:
-        out = self.ev(e.args[0], t)
-        for a in e.args[1:]:
-            out = _binary(out, self.ev(a, t), np.multiply)
+        """A product; one with a factor that is 0 (a value beyond the last step) is 0, as
+        verify's specialisation writes it, whatever the others (log of that value: -inf)."""
+        factors = [self.ev(a, t) for a in e.args]
+        out = factors[0]
+        with np.errstate(all="ignore"):
+            for f in factors[1:]:
+                out = _binary(out, f, np.multiply)
+        if any(not np.any(f.a) for f in factors):
+            return _T(np.zeros_like(out.a), out.axes)
         return out
 
     def _ev_pow(self, e, t: int | None) -> _T:
         base = self.ev(e.args[0], t)
         exp = e.args[1]
-        if not exp.is_Number:
-            raise ShapeMismatch("an exponent must be a number")
         with np.errstate(all="ignore"):
+            if not exp.is_Number:  # a ** b with an expression b (a > 0)
+                return _binary(base, self.ev(exp, t), np.power)
             return _T(np.power(base.a, float(exp)), base.axes)
 
     def _ev_op(self, e, t: int | None) -> _T:
