@@ -717,6 +717,10 @@ class _ClaimBuilder(_Builder):
                 raise self.fail(left, f"the left of @ must be a parameter matrix, got '{self.snippet(left)}'")
         elif isinstance(left, ast.Subscript):
             weight = self._Subscript(left)
+        elif isinstance(left, ast.BinOp) and not isinstance(left.op, ast.MatMult):  # (A + B - c * I) @ v in equations
+            raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}': "
+                            "in a claim, distribute a combination of matrices, (A - A.T - c * I) @ v = A @ v - A.T @ v - c * v, "
+                            "and write c * A @ v as c * (A @ v)")
         else:
             raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}'")
         right = node.right

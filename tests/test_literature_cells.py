@@ -403,3 +403,45 @@ def test_a_readout_of_the_input_side_in_the_cupy_and_numba_modules(host_xp, monk
             for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
                 errors = _errors(ref, mod, xp, dtype, steps)
                 assert max(errors.values()) < tol, (name, mod.__name__, steps, dtype, errors)
+
+
+# -- as a user: the LRU with its D x through every command ----------------------------------------
+LRU_CLAIMS = """\
+[claims]
+spec = "lru_phase.toml"
+seeds = [1]
+
+[steps]
+"g" = "sqrt(1 - lam_re**2 - lam_im**2)"
+"adj(h_re)" = "dL_t/dh_re + C_re.T @ adj(y) + next(lam_re) * next(adj(h_re)) + next(lam_im) * next(adj(h_im))"
+
+[total]
+"dL/dD" = "sum_t(outer(adj(y), x))"
+"""
+
+
+def test_the_lru_runs_through_every_command(tmp_path, capsys):
+    from symrnn.cli import main
+
+    spec = tmp_path / "lru_phase.toml"
+    spec.write_text(LRU_PHASE)
+    (tmp_path / "claims.toml").write_text(LRU_CLAIMS)
+    assert main(["generate", "--spec", str(spec), "--backend", "all", "--out", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").glob("lru_phase_*.py")} == {
+        f"lru_phase_{b}.py" for b in ("numpy", "cupy", "numba", "torch")}
+    assert main(["latex", "--spec", str(spec), "--format", "md", "-o", str(tmp_path / "lru.md")]) == 0
+    md = (tmp_path / "lru.md").read_text()
+    assert r"\cos" in md and r"\sin" in md and "D {x^{t}}" in md  # the phase, and the skip D x
+    assert main(["verify", str(tmp_path / "claims.toml")]) == 0
+    assert "3 claim(s), 3 correct" in capsys.readouterr().out
+
+
+def test_a_combination_of_matrices_in_a_claim_names_the_rewrite(tmp_path, capsys):
+    from symrnn.cli import main
+
+    (tmp_path / "lipschitz_rnn.toml").write_text(LIPSCHITZ)
+    (tmp_path / "claims.toml").write_text('[claims]\nspec = "lipschitz_rnn.toml"\n\n[steps]\n'
+                                          '"A_h" = "(M_A - M_A.T) @ h_prev"\n')
+    assert main(["verify", str(tmp_path / "claims.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "claims.toml:5" in err and "distribute a combination of matrices" in err and len(err.strip().splitlines()) == 1
