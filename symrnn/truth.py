@@ -530,6 +530,9 @@ class Evaluator:
         if not {"_", "~"} <= set(w.axes):
             raise ShapeMismatch("the left of @ is not a matrix")
         parts = [self.ev(o, t) for o in e.args[1]]
+        if len(parts) == 1 and "_" not in parts[0].axes and not parts[0].axes:
+            # one number as the vector: a reduction's value (or its adjoint) broadcast over the columns
+            parts[0] = _T(np.full(w.sizes()["~"], float(parts[0].a)), ("_",))
         scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
         if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
             # W [v; 0]: the 0 is as long as the columns that are left
