@@ -176,8 +176,8 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_W = cp.zeros_like(W)
     d_V = cp.zeros_like(V)
     d_b = cp.zeros_like(b)
-    d_h_prev_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     d_x_proj_seq = cp.empty((T, B, n_hidden), dtype)
+    d_h_prev_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     d_h_prev_0 = cp.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):

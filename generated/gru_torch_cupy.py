@@ -190,8 +190,8 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_weight_hh_l0 = cp.zeros_like(weight_hh_l0)
     d_bias_ih_l0 = cp.zeros_like(bias_ih_l0)
     d_bias_hh_l0 = cp.zeros_like(bias_hh_l0)
-    d_h_prev_proj_seq = cp.empty((T, B, 3*n_hidden), dtype)
     d_x_proj_seq = cp.empty((T, B, 3*n_hidden), dtype)
+    d_h_prev_proj_seq = cp.empty((T, B, 3*n_hidden), dtype)
     d_h_prev_0 = cp.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):

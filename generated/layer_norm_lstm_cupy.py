@@ -364,12 +364,12 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_beta_c = cp.zeros_like(beta_c)
     d_V = cp.zeros_like(V)
     d_b_y = cp.zeros_like(b_y)
+    d_x_proj_seq = cp.empty((T, B, 4*n_hidden), dtype)
     # readout, every step at once
     d_h_proj_seq = cp.empty((T, B, n_out), dtype)
     _launch("layer_norm_lstm_backward_post0", dtype, T * B, n_out, 1, 0, dims, d_y_seq, d_h_proj_seq)
     d_h_from_h_proj_seq = cp.matmul(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = cp.empty((T, B, 4*n_hidden), dtype)
-    d_x_proj_seq = cp.empty((T, B, 4*n_hidden), dtype)
     d_gamma_c_loop4_seq = cp.empty((T, B, n_hidden), dtype)
     d_beta_c_loop4_seq = cp.empty((T, B, n_hidden), dtype)
     d_gamma_r_0_loop2_seq = cp.empty((T, B, n_hidden), dtype)

@@ -218,13 +218,13 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_b_h = cp.zeros_like(b_h)
     d_V = cp.zeros_like(V)
     d_b_y = cp.zeros_like(b_y)
+    d_x_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     # readout, every step at once
     d_h_proj_seq = cp.empty((T, B, n_out), dtype)
     _launch("mgu_backward_post0", dtype, T * B, n_out, 1, 0, dims, d_y_seq, d_h_proj_seq)
     d_h_from_h_proj_seq = cp.matmul(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = cp.empty((T, B, n_hidden), dtype)
     d_W_h_in0_proj_seq = cp.empty((T, B, n_hidden), dtype)
-    d_x_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     d_h_prev_1 = cp.zeros((B, n_hidden), dtype)
     d_h_prev_0 = cp.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)

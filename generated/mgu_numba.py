@@ -235,13 +235,13 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_b_h = np.zeros_like(b_h)
     d_V = np.zeros_like(V)
     d_b_y = np.zeros_like(b_y)
+    d_x_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     # readout, every step at once
     d_h_proj_seq = np.empty((T, B, n_out), dtype)
     mgu_backward_post0(T * B, 1, 0, n_in, n_hidden, n_out, d_y_seq.reshape(-1), d_h_proj_seq.reshape(-1))
     d_h_from_h_proj_seq = np.dot(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_W_h_in0_proj_seq = np.empty((T, B, n_hidden), dtype)
-    d_x_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     d_h_prev_1 = np.zeros((B, n_hidden), dtype)
     d_h_prev_0 = np.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = np.zeros((B, n_hidden), dtype)

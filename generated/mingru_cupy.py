@@ -203,10 +203,10 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_W_h = cp.zeros_like(W_h)
     d_b_h = cp.zeros_like(b_h)
     d_V = cp.zeros_like(V)
+    d_x_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     # readout, every step at once
     d_h_proj_seq = d_y_seq
     d_h_from_h_proj_seq = cp.matmul(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
-    d_x_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
     d_z_loop0_seq = cp.empty((T, B, n_hidden), dtype)
     d_h_tilde_loop0_seq = cp.empty((T, B, n_hidden), dtype)
     d_h0 = cp.empty((B, n_hidden), dtype)

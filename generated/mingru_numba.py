@@ -220,10 +220,10 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_W_h = np.zeros_like(W_h)
     d_b_h = np.zeros_like(b_h)
     d_V = np.zeros_like(V)
+    d_x_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     # readout, every step at once
     d_h_proj_seq = d_y_seq
     d_h_from_h_proj_seq = np.dot(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
-    d_x_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
     d_z_loop0_seq = np.empty((T, B, n_hidden), dtype)
     d_h_tilde_loop0_seq = np.empty((T, B, n_hidden), dtype)
     d_h0 = np.empty((B, n_hidden), dtype)

@@ -18,6 +18,7 @@ from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Outer, Prime, Q, Row
 from .errors import InternalError
 from .ir import Pointwise
 from .ops import OPS, Op, exp, log
+from .reductions import Reduce, sum_units
 
 __all__ = ["Deriver"]
 
@@ -48,8 +49,6 @@ class Deriver:
                 return q("val", e.name)
             if isinstance(e, MatVec):
                 return _distribute(e.args[0], sympy.Tuple(*[walk(o) for o in e.args[1]]), walk, matrices)
-            if isinstance(e, sympy.Pow) and not e.args[1].is_Number:  # a ** b = exp(b log a), as lowered
-                return walk(exp(e.args[1] * log(e.args[0])))
             if isinstance(e, Block) or not e.args:
                 return e
             return e.func(*[walk(a) for a in e.args])
@@ -68,6 +67,12 @@ class Deriver:
         if not isinstance(value, Op):
             return None
         return node.op.derivative(q("val", name, time=time), value.args[0])
+
+    def through_power(self, e: sympy.Pow, owner: str | None, time) -> sympy.Expr:
+        """a^b, written as the value it computes where it is the whole equation of ``owner``."""
+        if owner is not None and self.value(owner, time) == e:
+            return q("val", owner, time=time)
+        return e
 
     def prime(self, op_name: str, arg: sympy.Expr, owner: str | None, time) -> sympy.Expr:
         if isinstance(arg, Q) and arg.kind == "val":  # sigma'(a^t), as the seeds write it
@@ -123,12 +128,18 @@ class Deriver:
                 if d != 0:
                     terms.append(sympy.Mul(*e.args[:k], d, *e.args[k + 1:]))
             return sympy.Add(*terms)
-        if isinstance(e, sympy.Pow):
+        if isinstance(e, sympy.Pow):  # d(a^b) = b a^(b-1) da + a^b log(a) db
             b, n = e.args
-            return n * b ** (n - 1) * self.tangent(b, param, entries, time)
+            out = n * b ** (n - 1) * self.tangent(b, param, entries, time)
+            if not n.is_Number:
+                out += self.through_power(e, owner, time) * log(b) * self.tangent(n, param, entries, time)
+            return out
         if isinstance(e, Op):
             d = self.tangent(e.args[0], param, entries, time)
             return 0 if d == 0 else self.prime(type(e).__name__, e.args[0], owner, time) * d
+        if isinstance(e, Reduce):
+            d = self.tangent(e.args[0], param, entries, time)
+            return 0 if d == 0 else reduction_tangent(e, d)
         if isinstance(e, MatVec):
             w, ops = e.args
             base = w.args[0] if isinstance(w, (Block, Transposed)) else w
@@ -164,12 +175,18 @@ class Deriver:
         if isinstance(e, sympy.Mul):
             return sympy.Add(*[self.backprop(a, seed * sympy.Mul(*e.args[:k], *e.args[k + 1:]), target)
                                for k, a in enumerate(e.args)])
-        if isinstance(e, sympy.Pow):
+        if isinstance(e, sympy.Pow):  # a^b: b a^(b-1) to a, a^b log(a) to b
             b, n = e.args
-            return self.backprop(b, seed * n * b ** (n - 1), target)
+            out = self.backprop(b, seed * n * b ** (n - 1), target)
+            if not n.is_Number:
+                time = target.time if owner is None else self.eq_time(owner, e, target)
+                out += self.backprop(n, seed * self.through_power(e, owner, time) * log(b), target)
+            return out
         if isinstance(e, Op):
             time = target.time if owner is None else self.eq_time(owner, e, target)
             return self.backprop(e.args[0], seed * self.prime(type(e).__name__, e.args[0], owner, time), target)
+        if isinstance(e, Reduce):
+            return self.backprop(e.args[0], reduction_adjoint(e, seed), target)
         if isinstance(e, MatVec):
             w, ops = e.args
             back = CMatVec(_transposed(w), sympy.Tuple(seed))
@@ -214,9 +231,26 @@ class Deriver:
                     continue
                 if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
                     terms.append(self.backprop(expr.args[0], q("preadj", b, time=time + shift), target))
+                elif isinstance(expr, Reduce):  # b is one number: its operand gets w * dL/db
+                    terms.append(self.backprop(expr.args[0], self.reduced_seed(expr, q("adj", b, time=time + shift)), target))
                 else:
                     terms.append(self.backprop(expr, q("adj", b, time=time + shift), target, owner=b))
-        return sympy.Add(*terms)
+        total = sympy.Add(*terms)
+        if self.is_reduction(name):  # dL/dmu for mu = mean(c): one number, the sum of its units' shares
+            return sum_units(total) if total != 0 else total
+        return total
+
+    def is_reduction(self, name: str) -> bool:
+        """Whether value ``name`` is a reduction over units (one number, broadcast back)."""
+        return isinstance(self.eqs.get(name), Reduce)
+
+    def reduced_seed(self, e: Reduce, adjoint: sympy.Expr) -> sympy.Expr:
+        """What reaches the operand of the reduction ``e`` (an equation of its own) from its
+        adjoint (one number): w * adjoint, w = d e / d operand_j (the mean's 1/n)."""
+        w = _weight(e)
+        if w is None:
+            w = sympy.sympify(type(e).weight(e.args[0], e, self.size(e.args[0])))
+        return w * adjoint
 
     def reads_prev(self, b: str) -> bool:
         return True
@@ -224,7 +258,8 @@ class Deriver:
     def inline_adjoints(self, e: sympy.Expr, time) -> sympy.Expr:
         """Adjoints of intermediate values (gates) of the same step written out, so that a
         formula reads as the seeds write it (delta_f = f (1 - f) c_prev adj(c))."""
-        inter = {n.name for n in self.g.nodes if n.role == "intermediate"}
+        inter = {n.name for n in self.g.nodes if n.role == "intermediate" and self.readers(n.name) == 1
+                 and not self.is_reduction(n.name)}  # a reduction's adjoint: one number, of its own
         for _ in range(len(inter) + 1):
             table = {a: self.adj(a.qname, time) for a in e.atoms(Q)
                      if a.kind == "adj" and a.time == time and a.qname in inter}
@@ -232,6 +267,13 @@ class Deriver:
                 break
             e = e.xreplace(table)
         return e
+
+    def readers(self, name: str) -> int:
+        """How many equations of a step read value ``name`` (an adjoint is written out where
+        one does, as the seeds write delta_f; a value many read, a layer norm's mean, keeps
+        its own adjoint)."""
+        value = q("val", name)
+        return sum(1 for expr in self.eqs.values() if expr.has(value))
 
     def preadj(self, name: str, time=TIME) -> sympy.Expr:
         return self.through_values(name, time) * q("adj", name, time=time)
@@ -299,11 +341,14 @@ def _index_in(e: sympy.Expr, l: sympy.Symbol, fresh) -> sympy.Expr:
     if isinstance(e, (sympy.Add, sympy.Mul)):
         return e.func(*[_index_in(a, l, fresh) for a in e.args])
     if isinstance(e, sympy.Pow):
-        return _index_in(e.args[0], l, fresh) ** e.args[1]
+        exponent = e.args[1] if e.args[1].is_Number else _index_in(e.args[1], l, fresh)
+        return _index_in(e.args[0], l, fresh) ** exponent
     if e.is_Number:
         return e
     if isinstance(e, Op):
         return type(e)(_index_in(e.args[0], l, fresh))
+    if isinstance(e, Reduce):  # the same number at every unit
+        return e
     if isinstance(e, Prime):
         return Prime(e.args[0], _index_in(e.args[1], l, fresh))
     if isinstance(e, Unit):
@@ -328,6 +373,8 @@ def gradient_parts(deriver: Deriver, param: str) -> list[tuple[int | None, sympy
         expr = deriver.value(b, TIME)
         if isinstance(expr, Op) and not isinstance(expr.args[0], Q):
             _seeds(deriver, expr.args[0], q("preadj", b), param, out, None)  # inside the op: its own derivatives
+        elif isinstance(expr, Reduce):  # a reduction of its own: its adjoint is one number
+            _seeds(deriver, expr.args[0], deriver.reduced_seed(expr, q("adj", b)), param, out, None)
         else:
             _seeds(deriver, expr, q("adj", b), param, out, b)
     return out
@@ -353,9 +400,14 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
     if isinstance(e, sympy.Pow):
         b, n = e.args
         _seeds(deriver, b, seed * n * b ** (n - 1), param, out, None)
+        if not n.is_Number:  # a ** b with an expression b
+            _seeds(deriver, n, seed * deriver.through_power(e, owner, TIME) * log(b), param, out, None)
         return
     if isinstance(e, Op):
         _seeds(deriver, e.args[0], seed * deriver.prime(type(e).__name__, e.args[0], owner, TIME), param, out, None)
+        return
+    if isinstance(e, Reduce):
+        _seeds(deriver, e.args[0], reduction_adjoint(e, seed), param, out, None)
         return
     if isinstance(e, MatVec):
         w, ops = e.args
@@ -371,6 +423,32 @@ def _seeds(deriver: Deriver, e, seed, param: str, out: list, owner) -> None:
             _seeds(deriver, o, back if len(ops) == 1 else Rows(back, start, start + n), param, out, None)
             start = start + n
         return
+
+
+def _weight(e: Reduce) -> sympy.Expr | None:
+    """d e / d operand_j (symrnn.reductions) in claims atoms, None where it is a constant
+    (the mean's 1/n, the sum's 1: the reduction is linear)."""
+    a, r, n = sympy.Dummy("a"), sympy.Dummy("r"), sympy.Dummy("n")
+    w = sympy.sympify(type(e).weight(a, r, n))
+    if not w.has(a, r):
+        return None
+    if w.has(n):
+        raise InternalError(f"the weight of {type(e).spec_name} depends on the number of units and the values")
+    return w.xreplace({a: e.args[0], r: e})
+
+
+def reduction_adjoint(e: Reduce, seed: sympy.Expr) -> sympy.Expr:
+    """The adjoint that reaches the operand of reduction ``e`` (broadcast back over its units)
+    from the adjoint ``seed`` of its value: w * sum_k seed_k, i.e. R(seed) for a linear R
+    (mean(seed), sum(seed)), softmax * sum(seed) for logsumexp."""
+    w = _weight(e)
+    return type(e)(seed) if w is None else w * sum_units(seed)
+
+
+def reduction_tangent(e: Reduce, d: sympy.Expr) -> sympy.Expr:
+    """d R(a) = sum_j w_j da_j: R(da) for a linear R, sum(softmax * da) for logsumexp."""
+    w = _weight(e)
+    return type(e)(d) if w is None else sum_units(w * d)
 
 
 def _transposed(w: sympy.Expr) -> sympy.Expr:

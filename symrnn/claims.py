@@ -602,6 +602,10 @@ class _ClaimBuilder(_Builder):
             return self.params[real]
         if real in self.kinds:
             return self.quantity(real, node)
+        from .cell import DIMS
+
+        if self.reader.dims.get(name, name) in DIMS:  # a number: the 1/n_hidden of a mean's adjoint
+            return DIMS[self.reader.dims.get(name, name)]
         if name in OPS or name in NONDIFFERENTIABLE or name in _FUNCTIONS:
             raise self.fail(node, f"'{name}' is a function; write {name}(...)")
         if real not in self.kinds:
@@ -713,6 +717,10 @@ class _ClaimBuilder(_Builder):
                 raise self.fail(left, f"the left of @ must be a parameter matrix, got '{self.snippet(left)}'")
         elif isinstance(left, ast.Subscript):
             weight = self._Subscript(left)
+        elif isinstance(left, ast.BinOp) and not isinstance(left.op, ast.MatMult):  # (A + B - c * I) @ v in equations
+            raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}': "
+                            "in a claim, distribute a combination of matrices, (A - A.T - c * I) @ v = A @ v - A.T @ v - c * v, "
+                            "and write c * A @ v as c * (A @ v)")
         else:
             raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}'")
         right = node.right
@@ -762,6 +770,8 @@ class _ClaimBuilder(_Builder):
         if name == "deriv":
             arity(2)
             return self.deriv(args[0], args[1], node)
+        if name == "sum" and len(args) == 1:  # sum(v): over the units of v, as in equations files
+            return super()._Call(node)
         if name == "sum":
             arity(2)
             if not isinstance(args[1], ast.Name):

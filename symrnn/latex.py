@@ -50,11 +50,8 @@ class Notation:
         return base_latex(dict(self.rename).get(name, name))
 
     def form_for(self, graph) -> str:
-        """The form a document of ``graph`` is written in: ``form``, except that a cell with a
-        reduction over units (mean, sum, logsumexp) is written per unit (``\\frac{1}{n}\\sum_j
-        a_j``): the textbook form's chain rule (symrnn.chainrule) has no rule for them yet."""
-        if any(isinstance(n, Reduction) for n in graph.nodes):
-            return "unit"
+        """The form a document of ``graph`` is written in: ``form`` (a reduction over units
+        prints as ``\\frac{1}{n}\\sum_j a_j`` in both forms)."""
         return self.form
 
     def at(self, base: str, time: str) -> str:

@@ -22,9 +22,10 @@ from sympy.printing.latex import LatexPrinter
 
 from .cell import DIMS, Block, MatVec, ParamSymbol
 from .claims import TIME, Cat, Entry, Outer, Prime, Q, Rows, TSum, Transposed, Unit, q
-from .ir import Pointwise
-from .ops import OPS, Op
-from .chainrule import Deriver, _placed, _uses, gradient_parts
+from .ir import Pointwise, Reduction
+from .ops import OPS, Op, log
+from .chainrule import Deriver, _placed, _uses, gradient_parts, reduction_tangent
+from .reductions import AtUnit, Reduce
 from .document import cost_table as _cost, dim_tex as _dim, visible_width as _visible
 
 __all__ = ["TextbookPrinter", "vector_document_data", "generic_tangent"]
@@ -41,12 +42,15 @@ class TextbookPrinter(LatexPrinter):
         self.scalar_cell = all(g.size(n) == 1 for n in g.outputs) and all(
             all(s == 1 for s in p.shape) for p in g.params)
         self.eq_order = {name: k for k, (name, _) in enumerate(g.equations)}
+        self.reduced = {n.name for n in g.nodes if isinstance(n, Reduction)}  # values that are one number
 
     def _print(self, expr, **kwargs) -> str:
         if isinstance(expr, MatVec):  # before MatVec's own _latex (a bmatrix): [h^{t-1}; x^t]
             return self._print_MatVec(expr)
         if isinstance(expr, Block):  # W^{(k)}, not Block's own W_{[k]}
             return self._print_Block(expr)
+        if isinstance(expr, AtUnit):  # before AtUnit's own _latex
+            return self._print_AtUnit(expr)
         return super()._print(expr, **kwargs)
 
     # -- names and times ------------------------------------------------------------------
@@ -145,6 +149,13 @@ class TextbookPrinter(LatexPrinter):
         lo_t = self._print(lo + 1)
         hi_t = "" if hi == _END else self._print(hi)
         return rf"\left[{self._print(v)}\right]_{{{lo_t}:{hi_t}}}"
+
+    def _print_AtUnit(self, e) -> str:
+        """v_j inside a reduction; a reduction's value, one number, has no unit."""
+        v = e.args[0]
+        if isinstance(v, Q) and v.qname in self.reduced or (isinstance(v, sympy.Symbol) and v.name in DIMS):
+            return self._print(v)
+        return e._latex(self)
 
     def _print_Unit(self, e) -> str:
         return f"e_{{{e.args[0].name}}}"
@@ -344,12 +355,18 @@ def _dot(deriver: Deriver, e, owner=None):
         return sympy.Add(*[_dot(deriver, a) for a in e.args])
     if isinstance(e, sympy.Mul):
         return sympy.Add(*[sympy.Mul(*e.args[:k], _dot(deriver, a), *e.args[k + 1:]) for k, a in enumerate(e.args)])
-    if isinstance(e, sympy.Pow):
+    if isinstance(e, sympy.Pow):  # d(a^b) = b a^(b-1) da + a^b log(a) db
         b, n = e.args
-        return n * b ** (n - 1) * _dot(deriver, b)
+        out = n * b ** (n - 1) * _dot(deriver, b)
+        if not n.is_Number:
+            out += deriver.through_power(e, owner, TIME) * log(b) * _dot(deriver, n)
+        return out
     if isinstance(e, Op):
         d = _dot(deriver, e.args[0])
         return 0 if d == 0 else deriver.prime(type(e).__name__, e.args[0], owner, TIME) * d
+    if isinstance(e, Reduce):  # d mean(a) = mean(da); d logsumexp(a) = sum(softmax(a) da)
+        d = _dot(deriver, e.args[0])
+        return 0 if d == 0 else reduction_tangent(e, d)
     if isinstance(e, MatVec):
         w, ops = e.args
         dops = [_dot(deriver, o) for o in ops]
@@ -446,6 +463,11 @@ class _VectorDocument:
             loss = dict(per_step=per_text, total=f"{reduction} L^{{t}}", label=f"eq:{cell}:loss")
         return loss
 
+    def written(self, n: Pointwise) -> bool:
+        """Whether node ``n``'s op is applied in its equation as the cell writes it."""
+        top = self.deriver.value(n.equation if n.role == "auxiliary" else n.name)
+        return top is not None and any(isinstance(a, n.op) for a in sympy.preorder_traversal(top))
+
     def partials(self) -> list:
         """Local derivatives: each nonlinearity through the value it computes."""
         g, P, deriver = self.g, self.P, self.deriver
@@ -453,6 +475,8 @@ class _VectorDocument:
         nested: dict[tuple, list] = {}  # (equation, op) -> the op's applications inside it, not yet listed
         for n in g.nodes:
             if isinstance(n, Pointwise) and n.op is not None:
+                if not self.written(n):  # lowered from what the equation writes otherwise (a ** b: exp(b log a))
+                    continue
                 if n.role == "auxiliary" and not self.of_one_value(n):  # op(an expression): as the equation writes it
                     key = (n.equation, n.op)
                     if key not in nested:
@@ -493,7 +517,8 @@ class _VectorDocument:
         covered: set[str] = set()
         adjoints = []
         inline = {n.name for n in g.nodes if n.role == "intermediate" and isinstance(n, Pointwise) and n.op is not None
-                  and not isinstance(deriver.value(n.name).args[0], Q)}
+                  and isinstance(deriver.value(n.name), n.op) and not isinstance(deriver.value(n.name).args[0], Q)
+                  and deriver.readers(n.name) == 1}  # written out where it is read (Deriver.inline_adjoints)
         order = [s.name for s in g.states] + [n for n, _ in g.equations if n not in g.state_names]
         for name in order:
             aliases = [f"eq:{cell}:adj:{name}"] + [f"eq:{cell}:adj:{s.prev}" for s in g.states if s.name == name]

@@ -19,9 +19,10 @@ import sympy
 from .cell import DIMS, Block, MatVec, ParamSymbol
 from .claims import TIME, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, TSum, Transposed, Unit, claim_text
 from .errors import InternalError
-from .ir import MatVecNode
+from .ir import MatVecNode, Reduction
 from .printing import numpy_function
 from .ops import OPS, Op
+from .reductions import Reduce
 
 __all__ = ["Instance", "Evaluator", "ShapeMismatch", "SIZES"]
 
@@ -58,6 +59,11 @@ def _num(expr: sympy.Expr, env: dict):
     if isinstance(expr, Op):
         return numpy_function(type(expr))(_num(expr.args[0], env))
     raise InternalError(f"verify cannot evaluate {sympy.sstr(expr)}")
+
+
+def reduce_units(reduce: type[Reduce], a: np.ndarray) -> np.ndarray:
+    """A reduction over units (symrnn.reductions) of the last axis of ``a``, by its NumPy spelling."""
+    return numpy_function(reduce)(a)[..., 0]
 
 
 def _prime(op: type[Op], a):
@@ -114,6 +120,11 @@ class Instance:
             return self.params[node.param][c0:c1].T, r0, c0, c1
         return self.params[node.param][r0:r0 + self.size(node.size), c0:c1], r0, c0, c1
 
+    def weight(self, node: Reduction, env: dict) -> np.ndarray:
+        """d node / d operand_j at every unit j (symrnn.reductions), on this step's values."""
+        w = sympy.sympify(node.weight()).subs(self.subs)
+        return np.broadcast_to(_num(w, env), (self.size(node.size),))
+
     # -- forward ------------------------------------------------------------------
     def forward(self) -> None:
         g = self.g
@@ -126,6 +137,8 @@ class Instance:
             for n in g.nodes:
                 if isinstance(n, MatVecNode):
                     env[n.name] = self.matrix(n)[0] @ env[n.operand]
+                elif isinstance(n, Reduction):  # one value, broadcast back over the operand's units
+                    env[n.name] = np.full(self.size(n.size), reduce_units(n.reduce, env[n.operand]))
                 else:
                     env[n.name] = np.broadcast_to(_num(n.expr, env), (self.size(n.size),)).astype(np.float64)
                     if n.op is not None:
@@ -163,6 +176,8 @@ class Instance:
                 for c in g.consumers(name):
                     if isinstance(c, MatVecNode):
                         acc = acc + self.matrix(c)[0].T @ a[c.name]
+                    elif isinstance(c, Reduction):  # d_a += w * sum_k d_r[k]
+                        acc = acc + self.weight(c, env) * np.sum(a[c.name])
                     else:
                         acc = acc + _num(der.partial(c.name, name), env) * a[c.name]
                 return acc
@@ -242,6 +257,9 @@ class Instance:
                             else:
                                 direct[r, (r0 + r) * cols + c0:(r0 + r) * cols + c1] = v
                         acc = acc + direct
+                elif isinstance(n, Reduction):  # dr = sum_j w_j da_j, the same at every unit
+                    row = (self.weight(n, env)[:, None] * d[n.operand]).sum(axis=0)
+                    acc = np.broadcast_to(row, (size, E)).copy()
                 else:
                     acc = np.zeros((size, E))
                     for dep, p in der.partials[n.name]:
@@ -307,6 +325,8 @@ class Instance:
             if not inside:
                 return _T(np.zeros(n), ("_",))
             a = self.adj[k][name]
+            if kind == "adj" and isinstance(g.node(name), Reduction) if not g.is_leaf(name) else False:
+                return _T(np.array(np.sum(a)), ())  # one number: dL/dmu is the sum of its units' shares
             if kind == "preadj":
                 node = g.node(name)
                 a = _prime(node.op, self.pre[k][name]) * a
@@ -434,6 +454,12 @@ class Evaluator:
                 self.note_range(axis, n)
         return out
 
+    def _ev_symbol(self, e, t: int | None) -> _T:
+        """A dimension (n_hidden: the mean's 1/n in a derived formula)."""
+        if e not in self.inst.subs:
+            raise ShapeMismatch(f"cannot evaluate {sympy.sstr(e)}")
+        return _T(np.array(float(self.inst.subs[e])), ())
+
     def _ev_number(self, e, t: int | None) -> _T:
         return _T(np.array(float(e)), ())
 
@@ -454,23 +480,39 @@ class Evaluator:
         return out
 
     def _ev_mul(self, e, t: int | None) -> _T:
-        out = self.ev(e.args[0], t)
-        for a in e.args[1:]:
-            out = _binary(out, self.ev(a, t), np.multiply)
+        """A product; one with a factor that is 0 (a value beyond the last step) is 0, as
+        verify's specialisation writes it, whatever the others (log of that value: -inf)."""
+        factors = [self.ev(a, t) for a in e.args]
+        out = factors[0]
+        with np.errstate(all="ignore"):
+            for f in factors[1:]:
+                out = _binary(out, f, np.multiply)
+        if any(not np.any(f.a) for f in factors):
+            return _T(np.zeros_like(out.a), out.axes)
         return out
 
     def _ev_pow(self, e, t: int | None) -> _T:
         base = self.ev(e.args[0], t)
         exp = e.args[1]
-        if not exp.is_Number:
-            raise ShapeMismatch("an exponent must be a number")
         with np.errstate(all="ignore"):
+            if not exp.is_Number:  # a ** b with an expression b (a > 0)
+                return _binary(base, self.ev(exp, t), np.power)
             return _T(np.power(base.a, float(exp)), base.axes)
 
     def _ev_op(self, e, t: int | None) -> _T:
         x = self.ev(e.args[0], t)
         with np.errstate(over="ignore"):
             return _T(numpy_function(type(e))(x.a), x.axes)
+
+    def _ev_reduce(self, e, t: int | None) -> _T:
+        """mean(v), sum(v), logsumexp(v): over the units of v (its axis ``_``), one number
+        per other axis (broadcast back wherever it meets a vector)."""
+        x = self.ev(e.args[0], t)
+        if "_" not in x.axes:
+            raise ShapeMismatch(f"{type(e).spec_name}(...) reduces a vector over its units, not a number")
+        k = x.axes.index("_")
+        with np.errstate(over="ignore"):
+            return _T(reduce_units(type(e), np.moveaxis(x.a, k, -1)), x.axes[:k] + x.axes[k + 1:])
 
     def _ev_prime(self, e, t: int | None) -> _T:
         x = self.ev(e.args[1], t)
@@ -488,6 +530,9 @@ class Evaluator:
         if not {"_", "~"} <= set(w.axes):
             raise ShapeMismatch("the left of @ is not a matrix")
         parts = [self.ev(o, t) for o in e.args[1]]
+        if len(parts) == 1 and "_" not in parts[0].axes and not parts[0].axes:
+            # one number as the vector: a reduction's value (or its adjoint) broadcast over the columns
+            parts[0] = _T(np.full(w.sizes()["~"], float(parts[0].a)), ("_",))
         scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
         if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
             # W [v; 0]: the 0 is as long as the columns that are left
@@ -601,6 +646,7 @@ _EV = (
     (sympy.Mul, Evaluator._ev_mul),
     (sympy.Pow, Evaluator._ev_pow),
     (Op, Evaluator._ev_op),
+    (Reduce, Evaluator._ev_reduce),
     (Prime, Evaluator._ev_prime),
     (Transposed, Evaluator._ev_transposed),
     (MatVec, Evaluator._ev_matvec),
@@ -612,6 +658,7 @@ _EV = (
     (Delta, Evaluator._ev_delta),
     (Unit, Evaluator._ev_unit),
     (TSum, Evaluator._ev_tsum),
+    (sympy.Symbol, Evaluator._ev_symbol),
 )
 
 

@@ -323,9 +323,24 @@ def _first_difference(lhs: list, rhs: list, broadcast: bool = False):
 
 
 # -- the symbolic decision -----------------------------------------------------------------------
+#: the most nodes (sympy.preorder_traversal) a normal form may grow to; beyond it (a layer-norm
+#: LSTM's adjoints written out through every value of the step: ~60000) expanding it would take
+#: minutes, and the numbers decide
+NORMAL_LIMIT = 5000
+
+
+class _TooLarge(Exception):
+    """A normal form grew beyond NORMAL_LIMIT nodes."""
+
+
+def _nodes(e: sympy.Expr) -> int:
+    return sum(1 for _ in sympy.preorder_traversal(e))
+
+
 def _normal(e: sympy.Expr, deriver: Deriver, deep: bool = True, now=TIME) -> sympy.Expr:
     """``e`` with σ'(a) written through σ and (deep) the current step's values, sensitivities and
-    adjoints replaced by their derived definitions, until only earlier/later ones remain."""
+    adjoints replaced by their derived definitions, until only earlier/later ones remain
+    (_TooLarge once it has more than NORMAL_LIMIT nodes)."""
 
     def prime(x):
         if isinstance(x, Prime):
@@ -347,6 +362,8 @@ def _normal(e: sympy.Expr, deriver: Deriver, deep: bool = True, now=TIME) -> sym
         if not table:
             return e
         e = e.xreplace(table)
+        if _nodes(e) > NORMAL_LIMIT:
+            raise _TooLarge
     return e
 
 

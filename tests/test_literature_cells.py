@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import cupy_support
 from host_cupy import host_cupy
 import sympy
 
@@ -26,6 +27,7 @@ from symrnn import I, Cell, matvec, params, tanh
 from symrnn.cells import builtin
 from symrnn.gradcheck import check_module, random_problem, rel_error, report
 from symrnn.pipeline import build, load_module, module_name, render_cupy, render_numpy
+from symrnn.render import render_numba
 from symrnn.spec import SpecError, SpecWarning, parse_spec
 
 #: Erichson et al. 2021, "Lipschitz Recurrent Neural Networks" (ICLR 2021), eqs. (2), (4):
@@ -226,14 +228,9 @@ def host_xp(tmp_path_factory):
     return host_cupy(tmp_path_factory.mktemp("literature_kernels"))
 
 
-#: the CuPy backend refuses a readout of a value of the input alone (D x; a CellError naming the
-#: NumPy backend, tests/test_cupy_backend.py): the LRU's CUDA is checked without its D x
-CUPY_VARIANTS = {"lru_phase": LRU_PHASE.replace(" + D @ x", "").replace('D = ["n_out", "n_in"]\n', "")}
-
-
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_the_cupy_module_compiled_for_the_host_matches_numpy(host_xp, name):
-    cell = CUPY_VARIANTS.get(name) or CELLS[name][0]()
+    cell = CELLS[name][0]()
     cell = parse_spec(cell, "cell.toml") if isinstance(cell, str) else cell
     plan = build(cell)
     ref = load_module(render_numpy(plan), module_name(cell.name))
@@ -339,3 +336,112 @@ def test_the_python_api_writes_transposes_and_combinations():
     assert sympy.sstr(W.T @ sympy.Symbol("h")) == "W.T @ h" and sympy.latex(W.T @ sympy.Symbol("h")) == r"W^{\top} h"
     with pytest.raises(TypeError, match="not a string"):
         matvec("W - W.T", sympy.Symbol("h"))
+
+
+# -- readouts of values of the input alone (the LRU's D x) in the kernel backends ---------------
+def _readout_cell(name: str, params: str, equations: str, readout: str) -> str:
+    return (f'[cell]\nname = "{name}"\n\n[inputs]\nx = "n_in"\n\n[states]\nh = "n_hidden"\n\n'
+            f"[params]\n{params}\n\n[equations]\n{equations}\n\n[readout]\n{readout}\n")
+
+
+#: a readout reading a value computed from the input alone, each way its adjoint can reach the
+#: input side: the product's slot written by the readout alone (LRU), added to what the loop
+#: wrote (a product read by both), the sum of two readout stages' parts, a pointwise value and a
+#: reduction of the input (no GEMM in the recurrence: one kernel over time)
+READS_THE_INPUT = {
+    "lru_phase": LRU_PHASE,
+    "skip_elementwise": _readout_cell(
+        "skip_elementwise", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_in", "n_hidden"]\nD = ["n_in"]',
+        'h = "tanh(W @ x + U @ h_prev)"', 'y = "V @ h + D * x"'),
+    "shared_product": _readout_cell(
+        "shared_product", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_hidden", "n_hidden"]',
+        'u = "W @ x"\nh = "tanh(u + U @ h_prev)"', 'y = "V @ h + u"'),
+    "two_readout_stages": _readout_cell(
+        "two_readout_stages", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nC = ["n_out", "n_hidden"]\n'
+        'V = ["n_out", "n_out"]\nD = ["n_out", "n_in"]\nb = ["n_hidden"]',
+        'v = "tanh(W @ x + b)"\ns = "D @ x"\nh = "v * tanh(U @ h_prev) + v"', 'q = "tanh(C @ (h * v) + s)"\ny = "V @ q + s"'),
+    "input_mean": _readout_cell(
+        "input_mean", 'a = ["n_hidden"]\nW = ["n_hidden", "n_in"]\nV = ["n_in", "n_hidden"]',
+        'h = "tanh(a * h_prev + W @ x)"', 'y = "V @ h + mean(x) + x"'),
+}
+
+
+def _errors(ref, mod, xp, dtype, steps):
+    """Every output, final state and gradient of ``mod`` (arrays through ``xp``) against ``ref``."""
+    lengths, reverse = cupy_support.lengths_for(steps, 5, 3)
+    kw = {} if lengths is None and not reverse else {"lengths": lengths, "reverse": reverse}
+    pr = random_problem(ref, T=5, B=3, seed=0, dtype=dtype)
+    rng = np.random.default_rng(1)
+    final = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in pr.state0.items()} if kw else None
+    out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0, **kw)
+    grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs, final)
+    to, host = xp.asarray, getattr(xp, "asnumpy", np.asarray)
+    params = {k: to(v) for k, v in pr.params.items()}
+    out, cache = mod.forward(params, to(pr.x), {k: to(v) for k, v in pr.state0.items()}, **kw)
+    grads = mod.backward(params, cache, {k: to(v) for k, v in pr.grad_outputs.items()},
+                         None if final is None else {k: to(v) for k, v in final.items()})
+    assert set(out) == set(out_ref) and set(grads) == set(grads_ref)
+    errors = {k: rel_error(host(out[k]), v) for k, v in out_ref.items()}
+    if kw:
+        errors |= {"final_" + k: rel_error(host(v), ref.final_states(cache_ref)[k]) for k, v in mod.final_states(cache).items()}
+    return errors | {"d_" + k: rel_error(host(grads[k]), v) for k, v in grads_ref.items()}
+
+
+@pytest.mark.parametrize("name", sorted(READS_THE_INPUT))
+def test_a_readout_of_the_input_side_in_the_cupy_and_numba_modules(host_xp, monkeypatch, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)
+        cell = parse_spec(READS_THE_INPUT[name], f"{name}.toml")
+    plan = build(cell)
+    ref = load_module(render_numpy(plan), module_name(cell.name))
+    assert all(r.ok for r in check_module(ref, seed=3))  # the reference itself, by finite differences
+    monkeypatch.setitem(sys.modules, "cupy", host_xp)
+    cu = load_module(render_cupy(plan), module_name(cell.name, "cupy"))
+    nb = load_module(render_numba(plan), module_name(cell.name, "numba"))
+    for mod, xp in ((cu, host_xp), (nb, np)):
+        for steps in cupy_support.LENGTHS:
+            for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+                errors = _errors(ref, mod, xp, dtype, steps)
+                assert max(errors.values()) < tol, (name, mod.__name__, steps, dtype, errors)
+
+
+# -- as a user: the LRU with its D x through every command ----------------------------------------
+LRU_CLAIMS = """\
+[claims]
+spec = "lru_phase.toml"
+seeds = [1]
+
+[steps]
+"g" = "sqrt(1 - lam_re**2 - lam_im**2)"
+"adj(h_re)" = "dL_t/dh_re + C_re.T @ adj(y) + next(lam_re) * next(adj(h_re)) + next(lam_im) * next(adj(h_im))"
+
+[total]
+"dL/dD" = "sum_t(outer(adj(y), x))"
+"""
+
+
+def test_the_lru_runs_through_every_command(tmp_path, capsys):
+    from symrnn.cli import main
+
+    spec = tmp_path / "lru_phase.toml"
+    spec.write_text(LRU_PHASE)
+    (tmp_path / "claims.toml").write_text(LRU_CLAIMS)
+    assert main(["generate", "--spec", str(spec), "--backend", "all", "--out", str(tmp_path / "out")]) == 0
+    assert {p.name for p in (tmp_path / "out").glob("lru_phase_*.py")} == {
+        f"lru_phase_{b}.py" for b in ("numpy", "cupy", "numba", "torch")}
+    assert main(["latex", "--spec", str(spec), "--format", "md", "-o", str(tmp_path / "lru.md")]) == 0
+    md = (tmp_path / "lru.md").read_text()
+    assert r"\cos" in md and r"\sin" in md and "D {x^{t}}" in md  # the phase, and the skip D x
+    assert main(["verify", str(tmp_path / "claims.toml")]) == 0
+    assert "3 claim(s), 3 correct" in capsys.readouterr().out
+
+
+def test_a_combination_of_matrices_in_a_claim_names_the_rewrite(tmp_path, capsys):
+    from symrnn.cli import main
+
+    (tmp_path / "lipschitz_rnn.toml").write_text(LIPSCHITZ)
+    (tmp_path / "claims.toml").write_text('[claims]\nspec = "lipschitz_rnn.toml"\n\n[steps]\n'
+                                          '"A_h" = "(M_A - M_A.T) @ h_prev"\n')
+    assert main(["verify", str(tmp_path / "claims.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "claims.toml:5" in err and "distribute a combination of matrices" in err and len(err.strip().splitlines()) == 1

@@ -285,3 +285,71 @@ def test_the_seeds_page_is_up_to_date(capsys, monkeypatch):
     page = (ROOT / "docs" / "seeds.md").read_text()
     assert capsys.readouterr().out == page, f"docs/seeds.md is stale; run: symrnn verify --format md {' '.join(files)} > docs/seeds.md"
     assert "## Where the hand derivations are wrong" in page and "<script" not in page
+
+
+# -- cells with reductions over units (mean, sum, logsumexp) -----------------------------------
+from test_reductions import LN_GRU, RMS_ELMAN  # noqa: E402
+
+#: per cell: (its equations file or None for a built-in cell, correct claims, {claim: a wrong
+#: right side}): the reduction's value, the adjoint of a reduction's value (one number: the sum of
+#: its units' shares), the adjoint of its operand (through w * dL/dr), a gradient
+REDUCTION_CLAIMS = {
+    "layer_norm_lstm": (None, {
+        "mu_c": "mean(c)",
+        "adj(mu_c)": "sum(-gamma_c * (var_c + eps)**-0.5 * adj(c_norm))",
+        "adj(c)": "gamma_c * (var_c + eps)**-0.5 * adj(c_norm) + adj(mu_c) / n_hidden"
+                  " + 2 * (c - mu_c) * adj(var_c) / n_hidden + next(f) * next(adj(c))",
+    }, {"adj(c)": "gamma_c * (var_c + eps)**-0.5 * adj(c_norm) + adj(mu_c) + 2 * (c - mu_c) * adj(var_c) / n_hidden"
+                  " + next(f) * next(adj(c))"}),  # the mean's 1/n left out
+    "elman_classifier": (None, {
+        "logp": "z - logsumexp(z)",
+        "adj(z)": "adj(logp) - exp(logp) * sum(adj(logp))",
+    }, {"adj(z)": "adj(logp) - exp(logp)"}),  # sum_k dL/dlogp_k taken as 1
+    "ln_gru": (LN_GRU, {
+        "adj(ah_n)": "(mean((ah_n - mean(ah_n))**2) + eps)**-0.5 * (gr[2] * adj(lh_n) - mean(gr[2] * adj(lh_n)))"
+                     " - (mean((ah_n - mean(ah_n))**2) + eps)**-1.5 * (ah_n - mean(ah_n))"
+                     " * mean(gr[2] * adj(lh_n) * (ah_n - mean(ah_n)))",
+    }, {"adj(ah_n)": "(mean((ah_n - mean(ah_n))**2) + eps)**-0.5 * (gr[2] * adj(lh_n) - mean(gr[2] * adj(lh_n)))"}),
+    "rms_elman": (RMS_ELMAN, {
+        "adj(a)": "(mean(a**2) + 1e-6)**-0.5 * g * adj(pre(h)) - (mean(a**2) + 1e-6)**-1.5 * a * mean(g * a * adj(pre(h)))",
+        "dL/dg": "sum_t(a * (mean(a**2) + 1e-6)**-0.5 * adj(pre(h)))",
+    }, {"adj(a)": "(mean(a**2) + 1e-6)**-0.5 * g * adj(pre(h))"}),  # the RMS's own derivative left out
+}
+
+
+def _reduction_claims(name: str, claims: dict, tmp_path):
+    spec, _, _ = REDUCTION_CLAIMS[name]
+    where = f'cell = "{name}"'
+    if spec is not None:
+        (tmp_path / f"{name}.toml").write_text(spec)
+        where = f'spec = "{name}.toml"'
+    scope = {k: v for k, v in claims.items() if not k.startswith("dL/d")}
+    total = {k: v for k, v in claims.items() if k.startswith("dL/d")}
+    text = f"[claims]\n{where}\nsteps = 4\nseeds = [1]\n\n[constants]\neps = 1e-5\n\n[steps]\n"
+    text += "".join(f"{_toml_string(k)} = {_toml_string(v)}\n" for k, v in scope.items())
+    text += "\n[total]\n" + "".join(f"{_toml_string(k)} = {_toml_string(v)}\n" for k, v in total.items())
+    path = tmp_path / "claims.toml"
+    path.write_text(text)
+    return verify(load_claims(path))
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTION_CLAIMS))
+def test_claims_about_reductions_are_judged(name, tmp_path):
+    _, right, wrong = REDUCTION_CLAIMS[name]
+    report = _reduction_claims(name, right | {f"{k} ": v for k, v in wrong.items()}, tmp_path)
+    verdicts = {v.claim.key: v for v in report.verdicts}
+    for key in right:
+        assert verdicts[key].correct, format_report(report)
+    for key in wrong:
+        v = verdicts[f"{key} "]
+        assert not v.correct and v.witness is not None, format_report(report)
+        assert v.derived, format_report(report)  # the derived formula (through the reductions) agreed with the truth
+
+
+def test_the_adjoint_of_a_reductions_value_is_one_number(tmp_path):
+    report = _reduction_claims("layer_norm_lstm", {"adj(mu_c)": "-gamma_c * (var_c + eps)**-0.5 * adj(c_norm)",
+                                                   "mu_c": "mean(c_norm)", "var_c": "mean(adj(mu_c))"}, tmp_path)
+    reasons = {v.claim.key: (v.correct, v.reason) for v in report.verdicts}
+    assert reasons["adj(mu_c)"] == (False, "the right side is a vector where the left side is not")
+    assert reasons["var_c"] == (False, "mean(...) reduces a vector over its units, not a number")
+    assert not reasons["mu_c"][0] and next(v for v in report.verdicts if v.claim.key == "mu_c").witness is not None

@@ -109,9 +109,6 @@ class _Emitter:
                     sizes |= {self.fixed(n.size) for n in stage.matvecs}
                 if len(sizes) > 1:
                     raise self.unsupported(f"pointwise nodes of different sizes in one {region.name} stage are not supported yet")
-        for name in plan.pre.nodes:
-            if any(plan.region_of[c.name] == "post" for c in g.consumers(name)):
-                raise self.unsupported(f"a readout that reads '{name}', a value of the input alone, is not supported yet")
 
     def fixed(self, expr) -> sympy.Expr:
         from ..cell import DIMS

@@ -18,7 +18,7 @@ from ..errors import InternalError
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
-from ..stmt import Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, empty, span, t_SYM
+from ..stmt import ETC, Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
 from .cuda_kernels import Kernel, KernelBuilder, Loc
 
@@ -47,6 +47,7 @@ class BackwardEmitter:
         self.time_carry: set[str] = set()  # states whose adjoint a time-loop kernel carries in a register
         self.weight: dict[str, sympy.Expr] = {}  # acc local -> the factor it enters its adjoint with (a reduction's)
         self.after: list = []  # statements after the stage kernel just built: its reductions' sums over units
+        self.into_pre: dict[str, list[str]] = {}  # input-side product -> the readout's arrays of its adjoint
 
     def run(self) -> None:
         g, e, py, c = self.g, self.e, self.py, self.c
@@ -60,6 +61,10 @@ class BackwardEmitter:
             self.acc.setdefault(r, []).append((c("adj_out", r), Loc(Ref(py("adj_seq", r)), ld=size, seq=True)))
         for p in g.params:
             L.append(Assign(Ref(py("adj", p.name)), Call("zeros_like", (Ref(py.value(p.name)),))))
+        for stage in self.plan.pre.stages:  # before the readout: it may write a product of the input alone (D x)
+            for group in stage.groups:
+                if group.name not in self.pre_alias:
+                    L.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
         self.post()
         self.member_adjoints()
         self.loop()
@@ -238,7 +243,13 @@ class BackwardEmitter:
             loc = fresh_seq(py("adj_stage_seq", dep, f"{region}{k}"), g.size(dep))
             stmts.append((b.store_line(loc, "{}"), expr))
             self.acc.setdefault(dep, []).append((c("adj_stage", dep, f"{region}{k}"), loc))
-        elif self.plan.region_of[dep] == "pre":
+        elif self.plan.region_of[dep] == "pre" and region == "post" and not self.only_here(dep, stage):
+            # a product of the input alone that the readout reads (D x) and something else too:
+            # the readout's part in an array of its own, added to the product's adjoint (pre)
+            name = py("adj_post_seq", dep, f"post{k}")
+            stmts.append((b.store_line(fresh_seq(name, g.size(dep)), "{}"), expr))
+            self.into_pre.setdefault(dep, []).append(name)
+        elif self.plan.region_of[dep] == "pre":  # a product of the input alone: its slot of the group's adjoint
             group, off = self.plan.group_of(dep)
             if group.name not in self.pre_alias:
                 loc = Loc(Ref(py("gadj_seq", group.name)), ld=group.rows, off=off, seq=True)
@@ -255,6 +266,28 @@ class BackwardEmitter:
             self.acc.setdefault(dep, []).append((c("adj_post", dep, f"post{k}"), Loc(Ref(name), ld=g.size(dep), seq=True)))
         else:
             raise InternalError(f"backward of cell '{g.cell}': no route for the adjoint of '{dep}'")
+
+    def only_here(self, name: str, stage: Stage) -> bool:
+        """Whether ``stage``'s pointwise nodes are all that read ``name`` (its adjoint is theirs alone)."""
+        return {c.name for c in self.g.consumers(name)} <= {n.name for n in stage.pointwise}
+
+    def readout_parts(self, stage: Stage) -> list:
+        """The readout's parts of the adjoints of ``stage``'s products (D x read by the readout
+        and by another node): added to what the loop or the input side wrote in their slots,
+        or their slots' only values."""
+        out = []
+        for group in stage.groups:
+            for mv, off in zip(group.members, group.offsets):
+                parts = [Ref(name) for name in self.into_pre.get(mv.name, [])]
+                if not parts:
+                    continue
+                slot = Ref(self.py("gadj_seq", group.name), (ETC, span(off, mv.size)) if len(group.members) > 1 else ())
+                total = self.total(parts, None)
+                if all(self.plan.region_of[c.name] == "post" for c in self.g.consumers(mv.name)):
+                    out.append(Assign(slot, total, f"d_{mv.name}: the readout's parts"))
+                else:
+                    out.append(Update(slot, "+", total, f"d_{mv.name}: the readout's parts"))
+        return out
 
     def reduction_adjoint(self, node: Reduction, mode: str) -> Loc:
         """Where a stage kernel stores a reduction's adjoint; its sum over units (times the
@@ -369,10 +402,6 @@ class BackwardEmitter:
         for stage in plan.loop.stages:
             for group in stage.groups:
                 self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
-        for stage in plan.pre.stages:
-            for group in stage.groups:
-                if group.name not in self.pre_alias:
-                    self.lines.append(Assign(Ref(py("gadj_seq", group.name)), empty(Text("T"), Text("B"), Size(group.rows))))
         if not plan.loop.stages:
             for s in g.states:
                 self.lines.append(Assign(Ref(py("grad0", s.name)), empty(Text("B"), Size(s.size), fill="zeros")))
@@ -454,5 +483,6 @@ class BackwardEmitter:
                             self.acc.setdefault(mv.name, []).append((self.c("adj_loop", mv.name), loc))
                 self.lines.append(self.e.launch(self.stage_kernel(stage, k, "all", "pre"), "T * B"))
                 self.lines.extend(self.take_after())
+            self.lines.extend(self.readout_parts(stage))
             for group in stage.groups:
                 self.gemm_back(group, "all")
