@@ -4,24 +4,29 @@
     OPENBLAS_NUM_THREADS=1 python benchmarks/custom_cpu.py [--sizes small,medium] [--dtypes float32]
                                                            [--rounds N] [--busy] [--write]
 
-One forward + backward (grad_outputs {"h": ones}; every parameter gradient, x and the
-initial states) per call, of
+One forward + backward per call (the loss: the sum over every step of h and of every readout,
+grad_outputs ones for them; every parameter gradient, x and the initial states), of
 
 * **numba**: ``generated.<cell>_numba`` (compiled on its first call, which is not timed here;
   the first-call time is measured separately, in a fresh interpreter with an empty cache);
 * **numpy**: ``generated.<cell>_numpy``, the baseline;
 * **torch**: ``nn.RNN``/``nn.LSTM``/``nn.GRU`` for the torch-convention cells (benchmarks/rnn_cpu.py's);
-* **eager**: the spec cells mgu, indrnn, lstm_peephole written by hand in torch eager over a
-  Python loop (benchmarks/torch_cpu.py's oracles);
+* **eager**: the cell written by hand (benchmarks/cell_oracles.py) in torch eager over a Python loop;
+* **compile**: the same with its step ``torch.compile``\ d (float32 at the sizes of
+  ``--compile-sizes``: inductor compiles each shape for tens of seconds with g++; a failure is
+  written in the table, not dropped);
+* **jax**: ``jax.jit(jax.grad(...))`` over ``lax.scan`` of the same hand-written cell, when ``import
+  jax`` works (a benchmark-only install: ``pip install jax``), single-threaded (``XLA_FLAGS`` as
+  below, unless set);
 * **gemm**: the GEMM bound of the torch-convention cells (benchmarks/rnn_cpu.py's).
 
-* **jax**: ``jax.jit(jax.grad(...))`` over ``lax.scan`` for the torch-convention cells
-  (benchmarks/rnn_cpu.py's), when ``import jax`` works (a benchmark-only install: ``pip install
-  jax``), single-threaded (``XLA_FLAGS`` as below, unless set).
+Every oracle (eager, compile, jax) is checked against the NumPy module's gradients (every
+parameter, x, the initial states) before it is timed.  ``--products`` also times a step's
+product alone: numba's np.dot (SciPy's OpenBLAS) against the numba module's ``_gemm`` (NumPy's
+OpenBLAS) and NumPy's np.dot, at the LSTM's and GRU's step shapes.
 
 Every column runs on one thread: run it with OPENBLAS_NUM_THREADS=1 (numba's np.dot and
-NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  A ``torch.compile``
-column is not measured (not yet).  The implementations alternate within each round (the order rotates), after a warm-up;
+NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  The implementations alternate within each round (the order rotates), after a warm-up;
 reported: medians, ratios numba/other with their per-round range. ``--busy`` runs a competing
 busy process (a spinning Python loop) for the whole run. ``--write`` replaces this script's
 section of benchmarks/RESULTS.md.
@@ -51,7 +56,9 @@ import numpy as np  # noqa: E402
 
 SIZES = {"small": (50, 16, 32, 32), "medium": (100, 32, 256, 256), "large": (50, 64, 512, 512), "long": (1000, 8, 64, 64)}
 TORCH_CELLS = {"rnn_tanh_torch": "RNN", "lstm_torch": "LSTM", "gru_torch": "GRU"}
-EAGER_CELLS = ("mgu", "indrnn", "lstm_peephole")
+SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "antisymmetric_rnn", "rg_lru",
+              "elman_classifier", "layer_norm_lstm")
+SETUP = {}  # (cell, size, dtype, column) -> seconds to build the column (torch.compile: its compilation)
 SECTION = "## Compiled backend (numba): benchmarks/custom_cpu.py"
 
 
@@ -70,7 +77,7 @@ def module_impl(kind):
         module = importlib.import_module(f"generated.{cell}_{kind}")
         params, x, state0 = inputs(cell, size, dtype)
         out, _ = module.forward(params, x, state0)
-        seeds = {"h": np.ones_like(out["h"])} if "h" in out else {k: np.ones_like(v) for k, v in out.items()}
+        seeds = {k: np.ones_like(out[k]) for k in loss_outputs(module)}
 
         def step():
             _, cache = module.forward(params, x, state0)
@@ -89,12 +96,101 @@ def torch_factory(cell, size, dtype):
     return step
 
 
-def jax_factory(cell, size, dtype):
-    import rnn_cpu
+def loss_outputs(module):
+    """The outputs whose sum over every step is the benchmarks' loss: h and every readout."""
+    return ["h", *(k for k in module.OUTPUTS if k not in module.STATES)]
 
-    rnn_cpu.SIZES.setdefault(size, SIZES[size])
-    step, _ = rnn_cpu.jax_impl(cell, size, np.dtype(dtype).name)
-    return step
+
+def reference_grads(cell, size, dtype):
+    """The NumPy module's gradients of the loss (every parameter, x, the initial states)."""
+    module = importlib.import_module(f"generated.{cell}_numpy")
+    params, x, state0 = inputs(cell, size, dtype)
+    out, cache = module.forward(params, x, state0)
+    return module.backward(params, cache, {k: np.ones_like(out[k]) for k in loss_outputs(module)})
+
+
+def readout_sum(cell, p, m, hs):
+    """The sum of the cell's readouts over every step (0 without readouts)."""
+    import cell_oracles
+
+    readout = cell_oracles.READOUTS.get(cell)
+    return sum(v.sum() for v in readout(p, m, hs).values()) if readout else 0
+
+
+def check_oracle(name, cell, size, dtype, grads):
+    """Raise if a hand-written oracle's gradients are not the NumPy module's."""
+    ref = reference_grads(cell, size, dtype)
+    tol = 2e-3 if dtype == np.float32 else 1e-9
+    for k, want in ref.items():
+        got = np.asarray(grads[k], np.float64)
+        err = float(np.max(np.abs(got - want))) / max(float(np.max(np.abs(want))), 1e-30) if want.size else 0.0
+        if not err <= tol:
+            raise AssertionError(f"{name} oracle of {cell} ({size}, {np.dtype(dtype).name}): d{k} off by {err:.1e} (relative)")
+
+
+def jax_factory(cell, size, dtype):
+    import cell_oracles
+    import jax
+    import jax.numpy as jnp
+
+    params, x, state0 = inputs(cell, size, dtype)
+    H, m = SIZES[size][3], cell_oracles.namespace("jax")
+
+    def run(p, xs, s0):
+        pre, step = cell_oracles.CELLS[cell](p, m, H)
+
+        def body(s, a):
+            new = step(s, a)
+            return new, new["h"]
+        _, hs = jax.lax.scan(body, s0, pre(xs))
+        return jnp.sum(hs) + readout_sum(cell, p, m, hs)
+
+    grad_fn = jax.jit(jax.grad(run, argnums=(0, 1, 2)))
+    jp, jx, js = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x),
+                  {k: jnp.asarray(v) for k, v in state0.items()})
+    gp, gx, gs = grad_fn(jp, jx, js)
+    check_oracle("jax", cell, size, dtype, {**gp, "x": gx, **{f"{k}0": v for k, v in gs.items()}})
+
+    def call():
+        jax.block_until_ready(grad_fn(jp, jx, js))
+    return call
+
+
+def grad(leaf):
+    """A torch leaf's gradient as NumPy (zero where the loss does not reach it: a readout's weights)."""
+    return np.zeros(tuple(leaf.shape)) if leaf.grad is None else leaf.grad.numpy()
+
+
+def torch_oracle_factory(compiled):
+    def factory(cell, size, dtype):
+        import cell_oracles
+        import torch
+
+        torch.set_num_threads(1)
+        params, x, state0 = inputs(cell, size, dtype)
+        H, m = SIZES[size][3], cell_oracles.namespace("torch")
+        p = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in params.items()}
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        s0 = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in state0.items()}
+        leaves = [*p.values(), xt, *s0.values()]
+        pre, step = cell_oracles.CELLS[cell](p, m, H)
+        step = torch.compile(step, dynamic=False) if compiled else step
+
+        def call():
+            for leaf in leaves:
+                leaf.grad = None
+            a, s, hs = pre(xt), s0, []
+            for t in range(xt.shape[0]):
+                s = step(s, {k: v[t] for k, v in a.items()})
+                hs.append(s["h"])
+            hs = torch.stack(hs)
+            (hs.sum() + readout_sum(cell, p, m, hs)).backward()
+
+        call()  # compiles (torch.compile); then the gradients are checked
+        check_oracle("torch.compile" if compiled else "torch eager", cell, size, dtype,
+                     {**{k: grad(v) for k, v in p.items()}, "x": grad(xt), **{f"{k}0": grad(v) for k, v in s0.items()}})
+        return call
+    return factory
 
 
 def jax_available():
@@ -111,29 +207,32 @@ def gemm_factory(cell, size, dtype):
     return step
 
 
-def eager_factory(cell, size, dtype):
-    import torch
-    import torch_cpu
-
-    torch_cpu.SIZES.setdefault(size, SIZES[size])
-    step, _ = torch_cpu.eager_impl(cell, size, np.dtype(dtype).name)
-    torch.set_num_threads(1)
-    return step
-
-
-def columns(cell):
+def columns(cell, dtype, size, compile_sizes):
     cols = {"numba": module_impl("numba"), "numpy": module_impl("numpy")}
     if cell in TORCH_CELLS:
         cols |= {"torch": torch_factory, "gemm": gemm_factory}
-        if jax_available():
-            cols["jax"] = jax_factory
-    if cell in EAGER_CELLS:
-        cols["eager"] = eager_factory
+    if jax_available():
+        cols["jax"] = jax_factory
+    cols["eager"] = torch_oracle_factory(compiled=False)
+    if dtype == np.float32 and size in compile_sizes:
+        cols["compile"] = torch_oracle_factory(compiled=True)
     return cols
 
 
-def bench(cell, size, dtype, rounds):
-    steps = {name: f(cell, size, dtype) for name, f in columns(cell).items()}
+def bench(cell, size, dtype, rounds, compile_sizes=()):
+    """{column: per-round seconds}, and {column: why it has none} (a factory that failed:
+    torch.compile, or an oracle off the NumPy module's gradients)."""
+    steps, failed = {}, {}
+    for name, f in columns(cell, dtype, size, compile_sizes).items():
+        t0 = time.perf_counter()
+        try:
+            steps[name] = f(cell, size, dtype)
+        except Exception as exc:  # noqa: BLE001 - said in the table
+            if name in ("numba", "numpy"):
+                raise
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+            print(f"# {cell} {size}: {name} failed: {failed[name]}", flush=True)
+        SETUP[(cell, size, np.dtype(dtype).name, name)] = time.perf_counter() - t0
     for step in steps.values():  # warm-up (compiles the numba module's functions)
         step()
     reps = {}
@@ -149,7 +248,7 @@ def bench(cell, size, dtype, rounds):
             for _ in range(reps[name]):
                 steps[name]()
             samples[name].append((time.perf_counter() - t0) / reps[name])
-    return samples
+    return samples, failed
 
 
 def first_call(cell, dtype):
@@ -164,6 +263,60 @@ def first_call(cell, dtype):
         cold = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
         warm = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     return cold, warm
+
+
+def products(rounds):
+    """A step's product alone, N of them in one compiled loop: numba's np.dot (SciPy's OpenBLAS)
+    against the numba modules' _gemm (NumPy's OpenBLAS, by symbol) and NumPy's np.dot from Python."""
+    import numba
+
+    module = importlib.import_module("generated.lstm_torch_numba")
+    gemm = module._gemm
+
+    @numba.njit
+    def with_numba_dot(a, w, out, n):
+        for _ in range(n):
+            np.dot(a, w, out)
+
+    @numba.njit
+    def with_gemm(a, w, out, n):
+        for _ in range(n):
+            gemm(a, w, out)
+
+    def with_numpy(a, w, out, n):
+        for _ in range(n):
+            np.dot(a, w, out=out)
+
+    impls = {"numba np.dot": with_numba_dot, "_gemm": with_gemm, "NumPy np.dot": with_numpy}
+    lines = [f"A step's product alone (us per product, medians of {rounds} interleaved rounds; _gemm: "
+             f"{module._BLAS or 'not found: np.dot'}):", "",
+             "| shape (B x K @ K x N) | dtype | numba np.dot | _gemm | NumPy np.dot | _gemm / numba np.dot |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rng = np.random.default_rng(0)
+    for size in ("medium", "large"):
+        _, B, _, H = SIZES[size]
+        for G in (4, 3):  # LSTM, GRU: forward h @ W_hh^T, backward delta @ W_hh
+            for K, N in ((H, G * H), (G * H, H)):
+                for dtype in (np.float32, np.float64):
+                    a, w = rng.standard_normal((B, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+                    outs = {name: np.empty((B, N), dtype) for name in impls}
+                    n = max(1, int(2e8 / (B * K * N)))
+                    for name, f in impls.items():
+                        f(a, w, outs[name], 1)
+                    samples = {name: [] for name in impls}
+                    for r in range(rounds):
+                        for name in list(impls)[r % 3:] + list(impls)[:r % 3]:
+                            t0 = time.perf_counter()
+                            impls[name](a, w, outs[name], n)
+                            samples[name].append((time.perf_counter() - t0) / n)
+                    if not np.array_equal(outs["_gemm"], outs["NumPy np.dot"]):
+                        raise AssertionError("_gemm is not NumPy's product")
+                    med = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+                    lines.append(f"| {B} x {K} @ {K} x {N} | {np.dtype(dtype).name} | {med['numba np.dot']:.0f} | "
+                                 f"{med['_gemm']:.0f} | {med['NumPy np.dot']:.0f} | "
+                                 f"{fmt_range(samples['_gemm'], samples['numba np.dot'])} |")
+                    print(lines[-1], flush=True)
+    return lines
 
 
 def cpu_model():
@@ -190,7 +343,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="small,medium")
     ap.add_argument("--dtypes", default="float32")
-    ap.add_argument("--cells", default=",".join([*TORCH_CELLS, *EAGER_CELLS, "mingru"]))
+    ap.add_argument("--cells", default=",".join([*TORCH_CELLS, *SPEC_CELLS]))
+    ap.add_argument("--compile-sizes", default="small,medium", help="the sizes with a torch.compile column (float32)")
+    ap.add_argument("--products", action="store_true", help="also time a step's product alone (the BLAS behind it)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--first-call", action="store_true")
@@ -215,23 +370,36 @@ def main(argv=None):
              f"XLA_FLAGS={os.environ['XLA_FLAGS']}; load average at the start {load[0]:.1f} (a shared machine); "
              f"busy process on the other core: {'yes' if busy else 'no'}; {args.rounds} rounds, medians; "
              "ratio = numba / column, median over rounds (min-max); below 1: numba is faster.", "",
-             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/torch eager | numba/GEMM bound |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/torch eager "
+             "| numba/torch.compile | numba/GEMM bound |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    failures = []
     try:
         for cell in args.cells.split(","):
             for size in args.sizes.split(","):
                 for dtype in args.dtypes.split(","):
-                    s = bench(cell, size, getattr(np, dtype), args.rounds)
+                    s, failed = bench(cell, size, getattr(np, dtype), args.rounds, args.compile_sizes.split(","))
                     med = {k: statistics.median(v) for k, v in s.items()}
                     row = [cell, size, dtype, f"{med['numba'] * 1e3:.2f}", f"{med['numpy'] * 1e3:.2f}",
                            fmt_range(s["numba"], s["numpy"])]
-                    row += [fmt_range(s["numba"], s[k]) if k in s else "-" for k in ("torch", "jax", "eager", "gemm")]
+                    for k in ("torch", "jax", "eager", "compile", "gemm"):
+                        if k in failed:
+                            failures.append(f"{cell} {size} {dtype} {k}: {failed[k]}")
+                        row.append(fmt_range(s["numba"], s[k]) if k in s else f"failed ({len(failures)})" if k in failed else "-")
                     lines.append("| " + " | ".join(row) + " |")
                     print(lines[-1], flush=True)
     finally:
         if busy:
             stop.set()
             busy.join()
+    compiled = sorted((k, v) for k, v in SETUP.items() if k[3] == "compile")
+    if compiled:
+        lines += ["", "torch.compile's compilation of the step (the first call, seconds): "
+                  + ", ".join(f"{c} {sz} {v:.0f}" for (c, sz, _, _), v in compiled) + "."]
+    if failures:
+        lines += ["", "Failed columns (not timed):", ""] + [f"{i}. {f}" for i, f in enumerate(failures, 1)]
+    if args.products:
+        lines += ["", *products(args.rounds)]
     if args.first_call:
         lines += ["", "First call (compile, empty NUMBA_CACHE_DIR) and first call from the cache, fresh interpreters, float32:", "",
                   "| cell | first call s | cached first call s |", "| --- | --- | --- |"]

@@ -40,7 +40,8 @@ numba's user cache folder; NUMBA_CACHE_DIR sets another).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
-Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+Depends on NumPy and numba (a step's product calls the OpenBLAS bundled with NumPy, or
+numba's np.dot: BLAS through SciPy); rtrl_grads (a
 check, not a training path) is the NumPy module's: lstm_peephole_numpy.py beside this one.
 """
 
@@ -502,11 +503,69 @@ def lstm_peephole_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_
             d_p_o_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c*tmp0
 
 
+# -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled
+# loops.  numba's np.dot calls SciPy's OpenBLAS (scipy.linalg.cython_blas); NumPy's wheels bundle
+# an OpenBLAS of their own (numpy.libs/libscipy_openblas64_*: symbols prefixed scipy_, 64-bit
+# integers), measured faster for a step's product (benchmarks/RESULTS.md, "per-step product");
+# the compiled loops call it by its symbol.  Where NumPy has no such library (another build of
+# NumPy), _gemm is np.dot.
+def _numpy_openblas():
+    """The path of the OpenBLAS bundled with NumPy, its gemm symbols loaded for LLVM; or None."""
+    here = Path(np.__file__).resolve().parent
+    for path in sorted([*here.parent.glob("numpy.libs/libscipy_openblas64_*"), *here.glob(".dylibs/libscipy_openblas64_*")]):
+        try:
+            llvmlite.binding.load_library_permanently(str(path))
+        except RuntimeError:
+            continue
+        if all(llvmlite.binding.address_of_symbol(f"scipy_cblas_{t}gemm64_") for t in "sd"):
+            return str(path)
+    return None
+
+
+#: NumPy's OpenBLAS (its path), or None: _gemm is np.dot
+_BLAS = _numpy_openblas()
+_INT, _PTR = numba.types.int64, numba.types.intp  # the library's integers; an array's address
+_SGEMM, _DGEMM = (
+    numba.types.ExternalFunction(f"scipy_cblas_{t}gemm64_", numba.types.void(
+        numba.types.int32, numba.types.int32, numba.types.int32, _INT, _INT, _INT,  # order, trans a, trans b, m, n, k
+        real, _PTR, _INT, _PTR, _INT, real, _PTR, _INT))  # alpha, a, lda, b, ldb, beta, c, ldc
+    for t, real in (("s", numba.types.float32), ("d", numba.types.float64)))
+_ROW_MAJOR, _NO_TRANS = 101, 111  # CBLAS's enums
+
+
+def _gemm(a, b, out):
+    """out = a @ b, each a C-contiguous matrix (compiled: NumPy's OpenBLAS where found, else np.dot)."""
+    np.dot(a, b, out)
+
+
+@overload(_gemm, jit_options={"error_model": "numpy"})
+def _gemm_compiled(a, b, out):
+    arrays = (a, b, out)
+    if _BLAS is None or any(v.ndim != 2 or v.layout != "C" or v.dtype != a.dtype for v in arrays) \
+            or a.dtype not in (numba.float32, numba.float64):
+        return lambda a, b, out: np.dot(a, b, out)
+    gemm = _SGEMM if a.dtype == numba.float32 else _DGEMM
+
+    def impl(a, b, out):
+        m, k = a.shape
+        n = b.shape[1]
+        if b.shape[0] != k or out.shape[0] != m or out.shape[1] != n:
+            raise ValueError("_gemm: the matrices' shapes do not match")
+        if m == 0 or n == 0:
+            return
+        if k == 0:  # BLAS wants lda >= 1
+            out[:] = 0
+            return
+        one, zero = a.dtype.type(1), a.dtype.type(0)
+        gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, n, k, one, a.ctypes.data, k, b.ctypes.data, n, zero, out.ctypes.data, n)
+    return impl
+
+
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b_f, b_g, b_i, b_o, c_seq, f_seq, g_seq, h_seq, i_seq, lengths, o_seq, p_f, p_i, p_o, tanh_c_seq, x_proj_seq):
     h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
     for t in range(T):
-        np.dot(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
+        _gemm(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
         lstm_peephole_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b_i.reshape(-1), c_seq.reshape(-1), p_i.reshape(-1), i_seq.reshape(-1), b_f.reshape(-1), p_f.reshape(-1), f_seq.reshape(-1), b_g.reshape(-1), g_seq.reshape(-1), b_o.reshape(-1), p_o.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
 
 
@@ -520,7 +579,7 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d
         d_c_prev_0, d_c_prev_0_spare = d_c_prev_0_spare, d_c_prev_0  # this step's buffer; the other holds step t + 1's
         lstm_peephole_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_c_seq.reshape(-1), d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), d_p_i_loop0_seq.reshape(-1), d_p_f_loop0_seq.reshape(-1), d_p_o_loop0_seq.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), p_o.reshape(-1), i_seq.reshape(-1), g_seq.reshape(-1), c_seq.reshape(-1), f_seq.reshape(-1), p_f.reshape(-1), p_i.reshape(-1))
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
-        np.dot(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
+        _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_0, d_h_prev_from_h_prev_proj
 
 

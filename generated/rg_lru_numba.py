@@ -39,7 +39,7 @@ numba's user cache folder; NUMBA_CACHE_DIR sets another).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
-Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+Depends on NumPy and numba; rtrl_grads (a
 check, not a training path) is the NumPy module's: rg_lru_numpy.py beside this one.
 """
 
@@ -356,10 +356,9 @@ def rg_lru_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, a_t_seq, h
     S = a_t_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
-    for row_ in range(rows_):
-        for unit_ in range(units_):
-
-            for t_ in range(steps_):
+    for t_ in range(steps_):
+        for row_ in range(rows_):
+            for unit_ in range(units_):  # innermost: contiguous, vectorized
                 active_ = t_ < lengths_[U(row_)]  # lengths: steps at and beyond a row's length are held
                 a_t = a_t_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
                 h_prev = h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
@@ -376,11 +375,15 @@ def rg_lru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
+    carry_ = np.empty((1, rows_ * units_), d_h_seq.dtype)  # per (row, unit), carried from step to step: d_h_next
     for row_ in range(rows_):
         for unit_ in range(units_):
             d_h_next = S(0)  # from step t + 1
-
-            for t_ in range(steps_ - 1, -1, -1):
+            carry_[0, U(row_ * units_ + unit_)] = d_h_next
+    for t_ in range(steps_ - 1, -1, -1):
+        for row_ in range(rows_):
+            for unit_ in range(units_):  # innermost: contiguous, vectorized
+                d_h_next = carry_[0, U(row_ * units_ + unit_)]
                 d_h_out = d_h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
                 i = i_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
                 sqrt_h = sqrt_h_seq[U((t_ * rows_ + row_) * n_hidden + unit_)]
@@ -394,6 +397,10 @@ def rg_lru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
                 d_a_t_loop0_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = d_h*h_prev
                 d_sqrt_h_loop0_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = d_h*i*x_1
                 d_h_next = a_t*d_h
+                carry_[0, U(row_ * units_ + unit_)] = d_h_next
+    for row_ in range(rows_):
+        for unit_ in range(units_):
+            d_h_next = carry_[0, U(row_ * units_ + unit_)]
             d_h0_ptr[U(row_ * n_hidden + unit_)] = d_h_next
 
 

@@ -41,7 +41,7 @@ numba's user cache folder; NUMBA_CACHE_DIR sets another).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
-Depends on NumPy and numba (numba's np.dot calls BLAS through SciPy); rtrl_grads (a
+Depends on NumPy and numba; rtrl_grads (a
 check, not a training path) is the NumPy module's: single_sigmoid_numpy.py beside this one.
 """
 
@@ -343,10 +343,9 @@ def single_sigmoid_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, b_
     S = b_ptr.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
-    for row_ in range(rows_):
-        for unit_ in range(units_):
-
-            for t_ in range(steps_):
+    for t_ in range(steps_):
+        for row_ in range(rows_):
+            for unit_ in range(units_):  # innermost: contiguous, vectorized
                 active_ = t_ < lengths_[U(row_)]  # lengths: steps at and beyond a row's length are held
                 b = b_ptr[U(0)]
                 h_prev = h_seq[U((t_ * rows_ + row_) * 1 + unit_)]
@@ -396,11 +395,15 @@ def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = 1
+    carry_ = np.empty((1, rows_ * units_), d_h_seq.dtype)  # per (row, unit), carried from step to step: d_h_next
     for row_ in range(rows_):
         for unit_ in range(units_):
             d_h_next = S(0)  # from step t + 1
-
-            for t_ in range(steps_ - 1, -1, -1):
+            carry_[0, U(row_ * units_ + unit_)] = d_h_next
+    for t_ in range(steps_ - 1, -1, -1):
+        for row_ in range(rows_):
+            for unit_ in range(units_):  # innermost: contiguous, vectorized
+                d_h_next = carry_[0, U(row_ * units_ + unit_)]
                 d_h_out = d_h_seq[U((t_ * rows_ + row_) * 1 + unit_)]
                 d_h_from_post0 = d_h_from_post0_seq[U((t_ * rows_ + row_) * 1 + unit_)]
                 h = h_seq[U(((t_ + 1) * rows_ + row_) * 1 + unit_)]
@@ -415,6 +418,10 @@ def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d
                 d_w_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*x_1
                 d_b_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a
                 d_h_next = d_a*v
+                carry_[0, U(row_ * units_ + unit_)] = d_h_next
+    for row_ in range(rows_):
+        for unit_ in range(units_):
+            d_h_next = carry_[0, U(row_ * units_ + unit_)]
             d_h0_ptr[U(row_ * 1 + unit_)] = d_h_next
 
 

@@ -260,3 +260,29 @@ def test_float32_exp_and_tanh_within_their_stated_errors():
         assert np.all(e[np.exp(x64) > np.finfo(np.float32).max] == np.inf)
         assert np.all(e[np.exp(x64) < np.finfo(np.float32).tiny] <= np.finfo(np.float32).tiny)
         assert np.all(np.abs(t[~np.isnan(x)]) <= 1)
+
+
+@pytest.mark.parametrize("cell", ["gru_torch"])
+def test_steps_products_with_and_without_numpys_openblas(tmp_path, cell):
+    """A step's product (_gemm) calls the OpenBLAS that NumPy bundles where NumPy has one
+    (its symbol in the compiled loop), else np.dot (numba's: SciPy's BLAS); either way the
+    NumPy module's values."""
+    from pathlib import Path
+
+    source = Path(numba_module(cell).__file__).read_text()
+    bundled = sorted(Path(np.__file__).resolve().parent.parent.glob("numpy.libs/libscipy_openblas64_*"))
+    direct = load_file_module(source, f"{cell}_numba_with_blas", tmp_path)
+    assert (direct._BLAS is not None) == bool(bundled), (direct._BLAS, bundled)
+    fallback = load_file_module(source, f"{cell}_numba_without_blas", tmp_path)
+    fallback._BLAS = None  # before the first call: the compiled loops take np.dot
+    pr = random_problem(direct, T=5, B=3, seed=8, n_in=4, n_hidden=5)
+    ref = numpy_module(cell)
+    out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0)
+    grads_ref = ref.backward(pr.params, cache_ref, pr.grad_outputs)
+    for m, calls_blas in ((direct, bool(bundled)), (fallback, False)):
+        out, cache = m.forward(pr.params, pr.x, pr.state0)
+        grads = m.backward(pr.params, cache, pr.grad_outputs)
+        assert max(rel_error(grads[k], grads_ref[k]) for k in grads_ref) <= 1e-12
+        assert max(rel_error(out[k], out_ref[k]) for k in out_ref) <= 1e-12
+        llvm = "".join(code for name in m.LOOPS for code in getattr(m, name).inspect_llvm().values())
+        assert ("scipy_cblas_dgemm64_" in llvm) == calls_blas, m.__name__

@@ -4,11 +4,11 @@ The module has the CuPy module's structure (backends/cupy_backend.py emits it, t
 kernels' lines in this backend's :data:`NUMBA` dialect): the input projection of every
 step is one BLAS GEMM before the loop; the loop over time is ONE compiled function
 (``_forward_loop0``, ``_backward_loop0``) that runs per step the recurrent GEMM
-(``np.dot`` inside compiled code: BLAS through SciPy's bindings) and a fused
+(the template's ``_gemm``: NumPy's own OpenBLAS called from compiled code) and a fused
 elementwise kernel, a compiled loop over (row, unit) that the CUDA module runs as one
 thread per element; weight gradients are one GEMM each after the loop.  A cell whose
 recurrence has no GEMM (IndRNN, minGRU, seed 002's unit) runs its whole recurrence as
-one compiled kernel looping over (batch row, unit, t).  Every number in a kernel is
+one compiled kernel looping over (t, batch row, unit), the units innermost.  Every number in a kernel is
 printed as ``S(...)``, ``S`` the arrays' scalar type, so float32 stays float32.
 
 Where a mask ``m = [t < length]`` (variable lengths) would go: in the step kernels'
@@ -22,6 +22,20 @@ figures in benchmarks/RESULTS.md):
   made once before the compiled loop, a step's scratch array is made once; an adjoint
   carried to the next step (``d_h_next = d_h``) gets two buffers that swap
   (:func:`_preallocate`).
+* **A step's product calls the OpenBLAS bundled with NumPy** (``_gemm``: its
+  ``scipy_cblas_[sd]gemm64_`` by symbol, a numba ``ExternalFunction``; found in
+  numpy.libs / .dylibs, else ``np.dot``).  numba's ``np.dot`` calls SciPy's OpenBLAS
+  (scipy.linalg.cython_blas): 224 us against NumPy's 174 us for 32x256 @ 256x1024 float32,
+  197 against 161 us for 32x1024 @ 1024x256, the same bits (benchmarks/RESULTS.md).
+* **A time-loop kernel loops over (t, row, unit)** (:class:`Carried`): each step is one
+  contiguous stretch of memory (B x units), its innermost loop over the units vectorized; a
+  value carried from step to step (the adjoint from step t + 1, the prologue's ``var``) lives
+  in an array over (row, unit) between steps.  Looping t innermost for each (row, unit)
+  was strided and scalar (minGRU and IndRNN forward + backward at T=1000, B=8, H=64: 2.6x
+  as long); looping (row, t, unit) vectorized, but the backward kernel (t descending, each
+  step of a row 32 KB from the next) took 10x as long as (t, row, unit): minGRU's backward
+  kernel at T=100, B=32, H=256 float32, 10.2 ms against 1.0 ms.  A kernel whose prologue
+  holds anything else keeps the (row, unit, t) order.
 * **float32 exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
   ``_exp_float32``, ``_tanh_float32``): numba calls libm one number at a time (PyPI's
   llvmlite has no SVML), 5 of them per unit of an LSTM step cost 10x the step's
@@ -36,8 +50,8 @@ figures in benchmarks/RESULTS.md):
   behind run-time checks and gives up beyond a few dozen; an LSTM step needs ~60.  With
   these three, the float32 LSTM step kernel (32 x 256 units) takes 47 us instead of 488 us.
 * **One thread.**  The kernels are serial loops (no ``parallel=True``/``prange``) and the
-  products call BLAS as the process has it (OPENBLAS_NUM_THREADS; numba's np.dot calls
-  SciPy's OpenBLAS).  On this project's 2-core machine (shared: load average ~3 from
+  products call BLAS as the process has it (OPENBLAS_NUM_THREADS: NumPy's OpenBLAS and
+  SciPy's read it).  On this project's 2-core machine (shared: load average ~3 from
   other work), ``prange`` over the batch rows made the float32 LSTM forward + backward 3.6x
   (medium) and 10x (small) slower than the serial kernels, 5x (medium) with our own busy
   process on the other core; two BLAS threads made it 3.7x slower (medium).  A parallel
@@ -130,10 +144,20 @@ def numba_code(expr: sympy.Expr, names=None) -> str:
     return NumbaPrinter(names).doprint(expr)
 
 
+class Carried(str):
+    """A local's declaration that later lines assign again (a time-loop kernel's prologue:
+    a value carried from step to step), with the local's name."""
+
+    def __new__(cls, line: str, name: str):
+        new = super().__new__(cls, line)
+        new.name = name
+        return new
+
+
 class NumbaDialect(Dialect):
     """The kernels' lines as Python (numba compiles them)."""
 
-    fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "U", "np", "numba"})
+    fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "U", "np", "numba", "carry_"})
 
     def code(self, expr, names):
         return numba_code(expr, names)
@@ -141,7 +165,8 @@ class NumbaDialect(Dialect):
     def decl(self, name, code, note=""):
         return f"{name} = {code}" + (f"  # {note}" if note else "")
 
-    var = decl
+    def var(self, name, code, note=""):
+        return Carried(self.decl(name, code, note), name)
 
     def assign(self, name, code):
         return f"{name} = {code}"
@@ -191,6 +216,7 @@ class NumbaModule:
     grads: list[tuple] = field(default_factory=list)
     finals: list[tuple] = field(default_factory=list)  # each state's array over the steps, the initial state first
     reductions: list[str] = field(default_factory=list)  # the reductions over units the module computes (their helpers)
+    gemm: bool = False  # the compiled loops multiply through _gemm
     design: str = ""
 
 
@@ -216,6 +242,7 @@ class HostPrinter(PythonPrinter):
     def __init__(self):
         super().__init__("np")
         self.reductions: set[str] = set()  # the reductions over units printed (their helpers)
+        self.gemm = False  # a product into a buffer printed (the module defines _gemm)
 
     def value(self, v):
         if isinstance(v, Elementwise):
@@ -229,6 +256,9 @@ class HostPrinter(PythonPrinter):
                 raise InternalError(f"a launch of {key!r}")
             flat = [f"{self.value(a)}.reshape(-1)" for a in arrays]
             return f"{key.name}({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
+        if isinstance(v, Call) and v.func == "matmul" and len(v.args) == 3:  # a step's product into its buffer
+            self.gemm = True
+            return f"_gemm({self.arguments(v)})"
         if isinstance(v, Call) and v.func == "matmul":
             return f"np.dot({self.arguments(v)})"
         return super().value(v)
@@ -262,6 +292,7 @@ def emit_numba(plan: KernelPlan) -> NumbaModule:
     m.grads = [(k, printer.value(v)) for k, v in cm.grads]
     m.finals = [(k, printer.value(v)) for k, v in cm.finals]
     m.reductions = sorted(printer.reductions)
+    m.gemm = printer.gemm
     return m
 
 
@@ -282,8 +313,13 @@ def _kernel(k: Kernel) -> dict:
     if not k.params:
         raise InternalError(f"kernel {k.name} has no arrays")
     names = [name for _, name in k.params]
+    # a time-loop kernel loops over (t, row, unit), the units' loop innermost (contiguous: it
+    # vectorizes), its values carried from step to step in an array over (row, unit), where its
+    # prologue only declares such values (else over (row, unit, t), each unit's values in locals)
+    carried = [line.name for line in k.prologue] if all(isinstance(line, Carried) for line in k.prologue) else None
     return {"name": k.name, "doc": k.doc, "units": k.units, "mode": k.mode, "reverse": k.reverse,
-            "args": names, "scalar_of": names[0], "prologue": k.prologue, "body": k.body, "epilogue": k.epilogue}
+            "args": names, "scalar_of": names[0], "prologue": k.prologue, "body": k.body, "epilogue": k.epilogue,
+            "carried": carried}
 
 
 def _hoist_loops(stmts: list, section: str, after: list, loops: list[CompiledLoop], printer: HostPrinter,
