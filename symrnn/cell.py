@@ -222,7 +222,10 @@ class Cell:
     states; ``dims`` pins dimensions to fixed values (``{"n_in": 1}``).
     ``source`` says where the equations come from (a paper, a seed document;
     it heads the generated modules and documents); ``description`` is one
-    line about the cell (``symrnn list``, ``symrnn show``).
+    line about the cell (``symrnn list``, ``symrnn show``); ``constants`` the
+    named numbers the equations were written with (an equations file's
+    ``[constants]``, already substituted into ``equations``: claims about the
+    cell may use their names).
     """
 
     name: str
@@ -235,9 +238,10 @@ class Cell:
     dims: Mapping[str, int] = field(default_factory=dict)
     source: str = ""
     description: str = ""
+    constants: Mapping[str, sympy.Expr] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("inputs", "states", "params", "equations", "readout", "dims"):
+        for name in ("inputs", "states", "params", "equations", "readout", "dims", "constants"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         decls = {
             k: v if isinstance(v, Param) else Param(tuple(v)) for k, v in self.params.items()

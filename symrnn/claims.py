@@ -276,6 +276,7 @@ class _ClaimsReader(FileErrors):
                                  f"{', '.join(_CLAIMS_KEYS)}")
         cell, command = self.the_cell(head)
         self.cell_name = cell.name
+        self.cell_constants = dict(cell.constants)
         source = self.string(head, "source", "")
         first_step = self.first_step = self.integer(head, "first_step", 0, -10**6, 10**6)
         states = self.string(head, "initial_states", "random")
@@ -388,9 +389,11 @@ class _ClaimsReader(FileErrors):
         return out
 
     def constants_table(self, table: dict) -> dict[str, sympy.Expr]:
+        """The claims' constants: the cell's own (its equations file's [constants]), then the
+        claims file's, which may repeat a cell constant only with its value."""
         import math
 
-        out = {}
+        out = dict(self.cell_constants)
         for name, value in table.items():
             if not re.fullmatch(r"[A-Za-z]\w*", name):
                 raise self.error("constants", name, f"{shown(name)} is not a valid name", field=False)
@@ -399,7 +402,11 @@ class _ClaimsReader(FileErrors):
                 raise self.error("constants", name, f"expected a finite number, got {shown(repr(value), 40)}")
             if name in self.cell_names() or name in self.scope_names:
                 raise self.error("constants", name, f"'{name}' is already a name of cell '{self.cell_name}'")
-            out[name] = sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
+            number = sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
+            if name in self.cell_constants and sympy.Float(number) != sympy.Float(self.cell_constants[name]):
+                raise self.error("constants", name, f"already a constant of cell '{self.cell_name}' "
+                                 f"(= {float(self.cell_constants[name]):g}); a claim uses the cell's value: leave it out")
+            out[name] = number
         return out
 
     # -- claims -------------------------------------------------------------------------

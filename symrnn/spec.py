@@ -250,6 +250,7 @@ class _Reader(FileErrors):
             dims=meta["dims"],
             source=meta["source"],
             description=meta["description"],
+            constants=consts,
         )
         self.check(cell)
         return cell

@@ -317,7 +317,7 @@ REDUCTION_CLAIMS = {
 }
 
 
-def _reduction_claims(name: str, claims: dict, tmp_path):
+def _reduction_claims(name: str, claims: dict, tmp_path, constants: str = ""):
     spec, _, _ = REDUCTION_CLAIMS[name]
     where = f'cell = "{name}"'
     if spec is not None:
@@ -325,7 +325,8 @@ def _reduction_claims(name: str, claims: dict, tmp_path):
         where = f'spec = "{name}.toml"'
     scope = {k: v for k, v in claims.items() if not k.startswith("dL/d")}
     total = {k: v for k, v in claims.items() if k.startswith("dL/d")}
-    text = f"[claims]\n{where}\nsteps = 4\nseeds = [1]\n\n[constants]\neps = 1e-5\n\n[steps]\n"
+    # eps is the cell's constant (its equations file's [constants]): the claims use it undeclared
+    text = f"[claims]\n{where}\nsteps = 4\nseeds = [1]\n\n{constants}[steps]\n"
     text += "".join(f"{_toml_string(k)} = {_toml_string(v)}\n" for k, v in scope.items())
     text += "\n[total]\n" + "".join(f"{_toml_string(k)} = {_toml_string(v)}\n" for k, v in total.items())
     path = tmp_path / "claims.toml"
@@ -353,3 +354,20 @@ def test_the_adjoint_of_a_reductions_value_is_one_number(tmp_path):
     assert reasons["adj(mu_c)"] == (False, "the right side is a vector where the left side is not")
     assert reasons["var_c"] == (False, "mean(...) reduces a vector over its units, not a number")
     assert not reasons["mu_c"][0] and next(v for v in report.verdicts if v.claim.key == "mu_c").witness is not None
+
+
+@pytest.mark.parametrize("name", ["layer_norm_lstm", "ln_gru"])
+def test_claims_use_the_cells_constants(name, tmp_path):
+    """A claim may name the equations file's constants (eps); repeating one with its value is
+    allowed, with another value it is refused in one line (the claim would be about another cell)."""
+    claim = {"layer_norm_lstm": {"c_norm": "gamma_c * (c - mu_c) * (var_c + eps)**-0.5 + beta_c"},
+             "ln_gru": {"lh_n": "gr[2] * (ah_n - mean(ah_n)) * (mean((ah_n - mean(ah_n))**2) + eps)**-0.5"}}[name]
+    for constants in ("", "[constants]\neps = 1e-5\n\n"):
+        report = _reduction_claims(name, claim, tmp_path, constants)
+        assert all(v.correct for v in report.verdicts), format_report(report)
+    # the same claim with another eps is wrong: the cell's value is the one used
+    wrong = {k: v.replace("eps", "1e-3") for k, v in claim.items()}
+    assert not any(v.correct for v in _reduction_claims(name, wrong, tmp_path).verdicts)
+    with pytest.raises(ClaimsError, match=r"claims\.toml:\d+: \[constants\] 'eps': already a constant of cell "
+                       rf"'{name}' \(= 1e-05\); a claim uses the cell's value: leave it out"):
+        _reduction_claims(name, claim, tmp_path, "[constants]\neps = 0.001\n\n")
