@@ -949,7 +949,7 @@ def _sum_units(a):
 
 def _mean_units(a):
     """The mean of a over its units (the last axis), kept as an axis of 1 (as _sum_units)."""
-    return (a @ np.ones((a.shape[-1], 1), a.dtype)) / a.shape[-1]
+    return _sum_units(a) / a.shape[-1]
 
 
 def _sum_rows(a):

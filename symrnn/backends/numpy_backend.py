@@ -23,7 +23,7 @@ from ..schedule import schedule
 from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_SYM, t_SYM
 from ..passes import ALL, check
 from ..passes.lean_buffers import lean_buffers
-from ..passes.unit_products import HELPERS
+from ..passes.unit_products import helpers_used
 from .array_module import group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
 from .numpy_forward import emit_forward
@@ -192,7 +192,7 @@ class _Emitter:
         read = set().union(*(s.reads for section in (m.forward_pre, m.forward_loop, m.forward_post, m.backward_post,
                                                        m.backward_coefs, m.backward_loop, m.backward_after, m.backward_pre)
                              for s in section))
-        m.helpers = tuple(h for h in HELPERS if h in read)  # the unit_products pass's helpers it calls
+        m.helpers = helpers_used(read)  # the unit_products pass's helpers it calls
         return self.printed(m)
 
     def printed(self, m: NumpyModule) -> NumpyModule:

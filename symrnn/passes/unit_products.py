@@ -21,11 +21,20 @@ from __future__ import annotations
 
 from ..reductions import Reduce, mean, sum_units
 
-__all__ = ["HELPERS", "ROWS", "UNITS"]
+__all__ = ["HELPERS", "ROWS", "UNITS", "helpers_used"]
 
 #: reduction over the units -> the module's helper computing it as a product
 UNITS: dict[type[Reduce], str] = {mean: "_mean_units", sum_units: "_sum_units"}
 #: the helper summing a (B, n) array over its rows
 ROWS = "_sum_rows"
 #: every helper this pass may use, in the order the template defines them
-HELPERS = ("_sum_units", "_mean_units", "_sum_rows")
+HELPERS = (UNITS[sum_units], UNITS[mean], ROWS)
+#: helper -> the helpers it calls (the template defines them too)
+CALLS = {UNITS[mean]: (UNITS[sum_units],)}
+
+
+def helpers_used(read: set[str]) -> tuple[str, ...]:
+    """The helpers a module whose statements read the names ``read`` must define."""
+    used = {h for h in HELPERS if h in read}
+    used |= {dep for h in used for dep in CALLS.get(h, ())}
+    return tuple(h for h in HELPERS if h in used)
