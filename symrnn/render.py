@@ -117,7 +117,6 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=Non
     symrnn.passes; default all)."""
     from .backends.numpy_backend import emit
     from .passes import ALL
-    from .passes.hoist_coefficients import block_steps
 
     g = kernel_plan.graph
     m = emit(kernel_plan, ALL if passes is None else passes)
@@ -130,7 +129,7 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=Non
     return _ENV.get_template("numpy_module.py.j2").render(
         **header.fields(), outputs_code=m.outputs, quiet_overflow=_uses_op(g, "sigmoid"),
         transposed_products=any(getattr(n, "transpose", False) for n in g.nodes), unit_helpers=m.helpers,
-        coef_steps=block_steps(len(m.backward_coefs)),
+        coef_steps=m.coef_steps,
         **{name: getattr(m, name) for name in sections},
     )
 

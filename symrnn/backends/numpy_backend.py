@@ -22,6 +22,7 @@ from ..printing import numpy_code
 from ..schedule import schedule
 from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_SYM, t_SYM
 from ..passes import ALL, check
+from ..passes.hoist_coefficients import block_steps
 from ..passes.lean_buffers import lean_buffers
 from ..passes.unit_products import helpers_used
 from .array_module import group_weight, module_namer, weight_ref
@@ -65,6 +66,7 @@ class NumpyModule:
     backward_carry: list = field(default_factory=list)  # each state's adjoint from step t + 1, zero at T - 1
     backward_post: list = field(default_factory=list)
     backward_coefs: list = field(default_factory=list)  # per block of steps, before the loop over it
+    coef_steps: int = 0  # the steps of such a block (passes/hoist_coefficients.block_steps)
     backward_loop: list = field(default_factory=list)
     backward_after: list = field(default_factory=list)
     backward_pre: list = field(default_factory=list)
@@ -192,6 +194,7 @@ class _Emitter:
         read = set().union(*(s.reads for section in (m.forward_pre, m.forward_loop, m.forward_post, m.backward_post,
                                                        m.backward_coefs, m.backward_loop, m.backward_after, m.backward_pre)
                              for s in section))
+        m.coef_steps = block_steps(len(m.backward_coefs))
         m.helpers = helpers_used(read)  # the unit_products pass's helpers it calls
         return self.printed(m)
 
