@@ -6,7 +6,9 @@
 Times one forward + backward (every gradient; grad_outputs {"h": ones}) of
 ``generated.layer_norm_lstm_numpy`` (haste's LayerNormLSTM: layer norm of W x, R h and c,
 with gains and biases; symrnn/specs/layer_norm_lstm.toml) and of ``generated.lstm_numpy``
-(the same gates, no normalization) at T=100, B=32, I=H=256 (n_out=1), float32 and float64.
+(the same gates, no normalization) at T=100, B=32, I=H=256 (n_out=1), float32 and float64, and
+of the layer-normalized LSTM written by hand in NumPy (benchmarks/layer_norm_by_hand.py, checked
+against the generated module first): what NumPy itself allows.
 All run in every round, the order rotating from round to round; a round's time of a module is the median of
 ``--reps`` calls; the first round is a warm-up and is discarded.  The table gives the median
 over the rounds, the per-round range, and the ratio layer_norm_lstm / lstm (the median of
@@ -46,30 +48,49 @@ import rnn_cpu  # noqa: E402  (machine_info, settle)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- layer-norm-cpu:begin -->", "<!-- layer-norm-cpu:end -->"
-CELLS = ("lstm", "layer_norm_lstm", "layer_norm_lstm_nohoist")
-#: a variant rendered here, not committed: the layer-normalized LSTM without the hoist_coefficients pass
-NOHOIST = "layer_norm_lstm_nohoist"
+CELLS = ("lstm", "layer_norm_lstm", "layer_norm_lstm_by_hand")
+#: the same cell written by hand in NumPy (benchmarks/layer_norm_by_hand.py): what NumPy can do
+BY_HAND = "layer_norm_lstm_by_hand"
 SIZE = (100, 32, 256, 256)  # T, B, I, H
 TARGET = 1.3
 
 
 def load(cell: str):
-    if cell != NOHOIST:
-        return importlib.import_module(f"generated.{cell}_numpy")
-    from symrnn.passes import ALL
-    from symrnn.pipeline import build, load_module
-    from symrnn.render import render_numpy
+    if cell == BY_HAND:
+        return importlib.import_module("layer_norm_by_hand")
+    return importlib.import_module(f"generated.{cell}_numpy")
 
-    return load_module(render_numpy(build("layer_norm_lstm"), passes=ALL - {"hoist_coefficients"}), NOHOIST)
+
+def check_by_hand(size=(6, 3, 5, 4)) -> None:
+    """The by-hand module's states and gradients equal the generated module's (float64, 1e-10
+    relative to each array's largest entry); raise AssertionError naming the first that does not."""
+    generated, by_hand = load("layer_norm_lstm"), load(BY_HAND)
+    T, B, I, H = size
+    params = generated.init_params(I, H, 1, seed=3, dtype=np.float64)
+    rng = np.random.default_rng(4)
+    for name in ("gamma_x", "gamma_r", "gamma_c", "beta_c", "b"):  # away from their constant initial values
+        params[name] = params[name] + 0.3 * rng.standard_normal(params[name].shape)
+    x = rng.standard_normal((T, B, I))
+    state0 = {s: 0.5 * rng.standard_normal((B, H)) for s in generated.STATES}
+    grad_outputs = {"h": rng.standard_normal((T, B, H))}
+    outputs, cache = generated.forward(params, x, state0)
+    grads = generated.backward(params, cache, grad_outputs)
+    hand_outputs, hand_cache = by_hand.forward(params, x, state0)
+    hand_grads = by_hand.backward(params, hand_cache, grad_outputs)
+    for what, ref, got in [(f"output {k}", outputs[k], hand_outputs[k]) for k in hand_outputs] + \
+            [(f"gradient {k}", grads[k], hand_grads[k]) for k in hand_grads]:
+        err = np.abs(ref - got).max() / max(np.abs(ref).max(), 1e-300)
+        assert err < 1e-10, f"{BY_HAND}: {what} differs from the generated module's by {err:.2e} (relative)"
 
 
 def make_step(cell: str, dtype, size=SIZE):
     module = load(cell)
     T, B, I, H = size
-    params = module.init_params(I, H, 1, seed=0, dtype=dtype)
+    init = load("layer_norm_lstm").init_params if cell == BY_HAND else module.init_params
+    params = init(I, H, 1, seed=0, dtype=dtype)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, B, I)).astype(dtype)
-    state0 = {s: (0.1 * rng.standard_normal((B, H))).astype(dtype) for s in module.STATES}
+    state0 = {s: (0.1 * rng.standard_normal((B, H))).astype(dtype) for s in ("h", "c")}
     grad_outputs = {"h": np.ones((T, B, H), dtype)}
 
     def step() -> tuple[float, float]:
@@ -84,14 +105,8 @@ def make_step(cell: str, dtype, size=SIZE):
 
 
 def source(cell: str) -> str:
-    """A module's source: the committed file, or the variant as rendered here."""
-    if cell != NOHOIST:
-        return Path(load(cell).__file__).read_text()
-    from symrnn.passes import ALL
-    from symrnn.pipeline import build
-    from symrnn.render import render_numpy
-
-    return render_numpy(build("layer_norm_lstm"), passes=ALL - {"hoist_coefficients"})
+    """A module's source: the committed file (or the by-hand one)."""
+    return Path(load(cell).__file__).read_text()
 
 
 def _loops(tree: ast.Module, function: str, var: str) -> list[ast.For]:
@@ -163,7 +178,7 @@ def table(results: list[dict], size=SIZE) -> str:
     for res in results:
         for cell in CELLS:
             ts = [1e3 * t for t in res["times"][cell]]
-            name = "layer_norm_lstm, without the hoist_coefficients pass" if cell == NOHOIST else cell
+            name = "layer_norm_lstm written by hand in NumPy" if cell == BY_HAND else cell
             if cell == "lstm":
                 lines.append(f"| {res['dtype']} | {name} | {statistics.median(ts):.1f} ({min(ts):.1f}-{max(ts):.1f}) | 1 | |")
                 continue
@@ -188,8 +203,10 @@ load average (1 min) {load[0]} before the run, {load[1]} after it).
 One forward + backward (every gradient) at T={T}, B={B}, I=H={I}, n_out=1; {rounds} interleaved rounds after a
 warm-up, each module's time in a round the median of {reps} calls; medians over the rounds and per-round ranges;
 the ratio is the median of the per-round ratios to lstm.  The machine is shared with other work:
-absolute times are noisy, the ratios within one run are what count.  The third module is the committed
-layer_norm_lstm rendered without the `hoist_coefficients` pass (symrnn/passes), for comparison.
+absolute times are noisy, the ratios within one run are what count.  The third module is
+the same cell written by hand in NumPy on the stacked (B, 4n) arrays (benchmarks/layer_norm_by_hand.py,
+checked against the generated module's outputs and gradients, float64, 1e-10, before the run): what a
+NumPy implementation costs, the floor for the generated module.
 
 {table(results, size)}
 
@@ -219,6 +236,7 @@ def main(argv=None) -> int:
         size, dtypes, rounds, reps = (20, 8, 32, 32), ("float32",), 3, 1
     else:
         size, dtypes, rounds, reps = SIZE, ("float32", "float64"), args.rounds, args.reps
+    check_by_hand()
     before = f"{os.getloadavg()[0]:.1f}"
     results = [run(d, rounds, reps, size) for d in dtypes]
     load = (before, f"{os.getloadavg()[0]:.1f}")

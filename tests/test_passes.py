@@ -13,7 +13,7 @@ from conftest import CELLS
 from symrnn.gradcheck import random_problem, rel_error, rtrl_vs_bptt
 from symrnn.ir import Leaf, Pointwise, Reduction
 from symrnn.passes import ALL, PASSES
-from symrnn.passes.hoist_coefficients import block_steps
+from symrnn.passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from symrnn.passes.unit_sums import UnitSums
 from symrnn.pipeline import build, load_module, render_numpy
 from symrnn.reductions import mean
@@ -68,8 +68,8 @@ def _source(cell: str, passes) -> str:
     ("hoist_coefficients", "gru", "for t1 in range(T, 0, -_COEF_STEPS):"),  # coefficients per block of steps
     ("lean_buffers", "lstm", "writable=False"),  # a seed nothing writes is the caller's array
     ("lean_buffers", "gru", "np.matmul("),  # the first write to d_x is a GEMM into it
-    # the four gate blocks' mean squared deviations have one adjoint: one share, one coefficient per unit
-    ("shared_unit_sums", "layer_norm_lstm", "d_rh_g_from1 = d_mean_in_msd_r_o*dmean_in_msd_r_o_drh_g_from1[t - t0]"),
+    # the four gate blocks' means have one adjoint: one share over the units for all four
+    ("shared_unit_sums", "layer_norm_lstm", "d_rh_o = d_rh_f_from_mean_rh_f + d_rh_o_from1 + d_rh_o_from2"),
     # sum_k (wx_k - mu_x) = 0: the mean's adjoint keeps only what the loop passed it
     ("zero_unit_sums", "layer_norm_lstm", "d_mu_x = d_mu_x_seq  # eq:layer_norm_lstm:adj:mu_x"),
     ("zero_unit_sums", "layer_norm_lstm", "d_mu_c = d_mu_c_from4  # eq:layer_norm_lstm:adj:mu_c"),
@@ -140,7 +140,7 @@ def test_zero_unit_sums_proves_only_identities(k, zero):
     assert UnitSums(Backward).is_zero_mean(sympy.sympify(k)) is zero
 
 
-@pytest.mark.parametrize("cell, steps", [("lstm", 16), ("lstm_peephole", 16), ("layer_norm_lstm", 3)])
+@pytest.mark.parametrize("cell, steps", [("lstm", 16), ("lstm_peephole", 16)])
 def test_coefficient_blocks_are_shorter_where_there_are_many_coefficients(cell, steps):
     """A block of the backward recursion is 16 steps, fewer where the coefficient buffers are many
     (so that a block's buffers stay in cache): block_steps of the module's own count."""
@@ -150,3 +150,12 @@ def test_coefficient_blocks_are_shorter_where_there_are_many_coefficients(cell, 
     assert block_steps(buffers) == steps
     assert f"\n_COEF_STEPS = {steps}\n" in source
     assert block_steps(1) == 16 and block_steps(10 ** 6) == 1
+
+
+def test_hoisting_is_left_out_where_blocks_would_be_short():
+    """layer_norm_lstm's 66 coefficient buffers would make blocks of 3 steps, where hoisting does
+    not pay: its module is the one emitted without the pass; with 32 buffers or fewer it is kept."""
+    assert block_steps(66) == 3 < MIN_BLOCK_STEPS <= block_steps(32)
+    plan = build("layer_norm_lstm")
+    assert render_numpy(plan) == render_numpy(plan, passes=ALL - {"hoist_coefficients"})
+    assert "for t1 in range(T, 0, -_COEF_STEPS):" not in render_numpy(plan)

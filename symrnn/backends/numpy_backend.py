@@ -22,7 +22,7 @@ from ..printing import numpy_code
 from ..schedule import schedule
 from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_SYM, t_SYM
 from ..passes import ALL, check
-from ..passes.hoist_coefficients import block_steps
+from ..passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from ..passes.lean_buffers import lean_buffers
 from ..passes.unit_products import helpers_used
 from .array_module import group_weight, module_namer, weight_ref
@@ -86,8 +86,14 @@ class NumpyModule:
 
 def emit(plan: KernelPlan, passes=ALL) -> NumpyModule:
     """The statements of the generated module for ``plan`` (``passes``: the optimisations
-    to run, symrnn.passes)."""
-    return _Emitter(plan, check(passes)).run()
+    to run, symrnn.passes).  Where hoisting the backward's coefficients does not pay (too many
+    buffers for a block of MIN_BLOCK_STEPS steps to stay in cache: passes/hoist_coefficients), the module
+    is the one emitted without that pass."""
+    passes = check(passes)
+    m = _Emitter(plan, passes).run()
+    if "hoist_coefficients" in passes and m.backward_coefs and m.coef_steps < MIN_BLOCK_STEPS:
+        return _Emitter(plan, passes - {"hoist_coefficients"}).run()
+    return m
 
 
 def uniform_values(g: StepGraph) -> tuple[frozenset[str], frozenset[str]]:

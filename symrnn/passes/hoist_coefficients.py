@@ -13,6 +13,11 @@ A block is ``_COEF_STEPS`` steps (:func:`block_steps`): 16, or fewer where a cel
 coefficients, so that a block's buffers stay in the CPU's caches while the loop reads
 them (layer_norm_lstm's 66 buffers of (16, 32, 256) float32 are 34 MiB: its backward
 took ~10% longer with 16 steps than with 2 to 4; benchmarks/RESULTS.md, layer-norm section).
+Where a block would be shorter than ``MIN_BLOCK_STEPS`` (more than 32 buffers) the pass does not
+pay and the module is emitted without it (:func:`pays`): layer_norm_lstm's 66 buffers in blocks of
+3 steps took 1.05x (float32) and 1.08x (float64) the time of its module without hoisting
+(benchmarks/layer_norm_cpu.py, 2026-12-02); the cells with 5 to 16 buffers gain from it.  Between
+16 and 66 buffers the threshold is not measured more finely.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from ..errors import InternalError
 from ..plan import Stage
 from ..stmt import Assign, Ref, t0_SYM, t_SYM
 
-__all__ = ["CoefficientHoisting", "block_steps"]
+__all__ = ["CoefficientHoisting", "MIN_BLOCK_STEPS", "block_steps"]
 
 #: steps per block at most
 MAX_BLOCK_STEPS = 16
 #: coefficient buffers times steps per block at most (a cell with up to 16 buffers gets 16 steps)
 BLOCK_BUFFER_STEPS = 256
+#: steps per block at least, for the pass to pay
+MIN_BLOCK_STEPS = 8
 
 
 def block_steps(buffers: int) -> int:
