@@ -411,11 +411,18 @@ def _rename(x: _T, old: str, new: str) -> _T:
 
 
 class Evaluator:
-    """Evaluates a claims expression on an instance, step by step."""
+    """Evaluates a claims expression on an instance, step by step.
 
-    def __init__(self, inst: Instance, ranges: dict[str, int] | None = None):
+    ``uniform``: a value that is one number per row (a reduction's value, its adjoint) may stand
+    where a vector is read, as the vector whose units all hold it: in ``outer(a, b)`` and as what
+    ``mean`` reduces (the derivation's own formulas, as the documents print them, read it so).
+    Off (claims, the default), either is refused in one line: a claim that means a number where it
+    writes a vector is told so."""
+
+    def __init__(self, inst: Instance, ranges: dict[str, int] | None = None, uniform: bool = False):
         self.inst = inst
         self.ranges = dict(ranges or {})
+        self.uniform = uniform
         self.dry = False
 
     def index_range(self, name: str) -> int:
@@ -508,6 +515,8 @@ class Evaluator:
         """mean(v), sum(v), logsumexp(v): over the units of v (its axis ``_``), one number
         per other axis (broadcast back wherever it meets a vector)."""
         x = self.ev(e.args[0], t)
+        if "_" not in x.axes and self.uniform and type(e).spec_name == "mean":
+            return x  # the mean of a uniform vector (the same number at every unit) is that number
         if "_" not in x.axes:
             raise ShapeMismatch(f"{type(e).spec_name}(...) reduces a vector over its units, not a number")
         k = x.axes.index("_")
@@ -530,9 +539,10 @@ class Evaluator:
         if not {"_", "~"} <= set(w.axes):
             raise ShapeMismatch("the left of @ is not a matrix")
         parts = [self.ev(o, t) for o in e.args[1]]
-        if len(parts) == 1 and "_" not in parts[0].axes and not parts[0].axes:
+        if len(parts) == 1 and "_" not in parts[0].axes and (not parts[0].axes or self.uniform):
             # one number as the vector: a reduction's value (or its adjoint) broadcast over the columns
-            parts[0] = _T(np.full(w.sizes()["~"], float(parts[0].a)), ("_",))
+            one = parts[0]
+            parts[0] = _T(np.broadcast_to(one.a[..., None], one.a.shape + (w.sizes()["~"],)), one.axes + ("_",))
         scalars = [k for k, p_ in enumerate(parts) if "_" not in p_.axes]
         if len(parts) > 1 and len(scalars) == 1 and not np.any(parts[scalars[0]].a):
             # W [v; 0]: the 0 is as long as the columns that are left
@@ -565,9 +575,11 @@ class Evaluator:
         return _T(np.take(v.a, range(lo, hi), axis=k), v.axes)
 
     def _ev_outer(self, e, t: int | None) -> _T:
+        """outer(a, b); with ``uniform``, either may be one number per row: the result then has no
+        '_' (or '~') axis, every row (column) the same."""
         a = self.ev(e.args[0], t)
         b = _rename(self.ev(e.args[1], t), "_", "~")
-        if "_" not in a.axes or "~" not in b.axes:
+        if "~" in a.axes or not self.uniform and ("_" not in a.axes or "~" not in b.axes):
             raise ShapeMismatch("outer(a, b) takes two vectors")
         return _binary(a, b, np.multiply)
 
