@@ -13,7 +13,8 @@ hand, each ``"left side" = "right side"`` in the expression language of equation
   is ``prev(h)``;
 * ``sigmoid_prime(a)`` (also written ``sigmoid'(a)``) and the same for every function;
 * indices: ``h[l]``, ``W[l, m]``, ``sum(expr, m)``, ``delta(l, i)``, ``e(i)`` (a unit
-  vector), ``W.T @ v``, ``outer(a, b)``, ``(a, b)`` a concatenation, ``v[a:b]`` rows;
+  vector), ``W.T @ v``, ``(A - A.T - c * I) @ v`` (a combination of matrices, as in the
+  equations), ``outer(a, b)``, ``(a, b)`` a concatenation, ``v[a:b]`` rows;
 * ``sum_t(expr)`` (over all steps, in ``[total]``), ``T`` the number of steps, ``L`` the loss.
 
 Nothing in the file is evaluated: it is read with :mod:`tomllib` and :mod:`ast` against an
@@ -31,7 +32,7 @@ from pathlib import Path
 import sympy
 from sympy.printing.str import StrPrinter
 
-from .cell import Block, Cell, MatVec, ParamSymbol
+from .cell import Block, Cell, Identity, MatVec, ParamSymbol, Transpose
 from .cells import BUILTIN, builtin
 from .errors import suggest
 from .escape import check_text, one_line, shown
@@ -538,7 +539,8 @@ _FUNCTIONS = {
     "e": "e(i): the unit vector e_i", "outer": "outer(a, b): a b^T", "sum_t": "sum_t(expr): the sum over all steps",
     "deriv": "deriv(h, b): dh/db",
 }
-_ALLOWED = ("names, numbers, + - * / **, W @ v, W.T @ v, W @ (a, b), W[k], h[l], W[l, m], v[a:b], (a, b), the "
+_ALLOWED = ("names, numbers, + - * / **, W @ v, W.T @ v, W @ (a, b), (A - A.T - c * I) @ v, W[k], h[l], W[l, m], "
+            "v[a:b], (a, b), the "
             "functions " + ", ".join(OPS) + " and their _prime, " + ", ".join(_FUNCTIONS))
 
 
@@ -716,6 +718,8 @@ class _ClaimBuilder(_Builder):
 
     def matmul(self, node: ast.BinOp):
         left = node.left
+        if isinstance(left, ast.Name) and left.id == "I" and left.id not in self.params:
+            return self.distributed(left, node)  # I @ v
         if isinstance(left, ast.Attribute) and left.attr == "T":
             weight = self._Attribute(left)
         elif isinstance(left, ast.Name):
@@ -724,15 +728,37 @@ class _ClaimBuilder(_Builder):
                 raise self.fail(left, f"the left of @ must be a parameter matrix, got '{self.snippet(left)}'")
         elif isinstance(left, ast.Subscript):
             weight = self._Subscript(left)
-        elif isinstance(left, ast.BinOp) and not isinstance(left.op, ast.MatMult):  # (A + B - c * I) @ v in equations
-            raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}': "
-                            "in a claim, distribute a combination of matrices, (A - A.T - c * I) @ v = A @ v - A.T @ v - c * v, "
-                            "and write c * A @ v as c * (A @ v)")
+        elif isinstance(left, (ast.BinOp, ast.UnaryOp)) and not isinstance(getattr(left, "op", None), ast.MatMult):
+            return self.distributed(left, node)
         else:
             raise self.fail(left, f"the left of @ must be a parameter matrix (W, W[k], W.T), got '{self.snippet(left)}'")
         right = node.right
         operands = [self.build(v) for v in right.elts] if isinstance(right, ast.Tuple) else [self.build(right)]
         return CMatVec(weight, sympy.Tuple(*operands))
+
+    def distributed(self, left: ast.AST, node: ast.BinOp):
+        """``(A - A.T - c * I) @ v`` as ``A @ v - A.T @ v - c * v``: the combination read as the
+        equations read it (symrnn.spec: matrices, transposes, row blocks and I, times numbers,
+        constants and scalar parameters), then one product per matrix."""
+        weight = sympy.expand(self.combination(left, node))
+        if weight == 0:
+            raise self.fail(left, f"in '{self.snippet(node)}': the combination of matrices is 0")
+        if isinstance(node.right, ast.Tuple):
+            raise self.fail(node.right, "a combination of matrices multiplies one vector, not a concatenation")
+        vector = self.build(node.right)
+        out = sympy.Integer(0)
+        for term in sympy.Add.make_args(weight):
+            atoms = [f for f in sympy.Mul.make_args(term) if isinstance(f, (ParamSymbol, Block, Transpose, Identity))]
+            if len(atoms) != 1:
+                raise self.fail(left, f"'{self.snippet(left)}' is not a linear combination of matrices")
+            (atom,) = atoms
+            coefficient = term / atom
+            if isinstance(atom, Identity):
+                out += coefficient * vector
+            else:
+                weight_atom = Transposed(atom.args[0]) if isinstance(atom, Transpose) else atom
+                out += coefficient * CMatVec(weight_atom, sympy.Tuple(vector))
+        return out
 
     # -- calls ----------------------------------------------------------------------------
     def _Call(self, node: ast.Call):

@@ -436,12 +436,36 @@ def test_the_lru_runs_through_every_command(tmp_path, capsys):
     assert "3 claim(s), 3 correct" in capsys.readouterr().out
 
 
-def test_a_combination_of_matrices_in_a_claim_names_the_rewrite(tmp_path, capsys):
+@pytest.mark.parametrize("claim, correct", [
+    ("((1 - beta) * (M_A + M_A.T) + beta * (M_A - M_A.T) - gamma_A * I) @ h_prev", True),  # as the equation
+    ("(M_A - 0.5 * M_A.T) @ h_prev - gamma_A * h_prev", True),  # the same matrix, otherwise combined
+    ("M_A @ h_prev - 0.5 * (M_A.T @ h_prev) - 0.01 * (I @ h_prev)", True),
+    ("(M_A - 0.5 * M_A.T - gamma_A * I) @ h_prev + 0.01 * h_prev", False),  # one term too many
+    ("(M_A + 0.5 * M_A.T - gamma_A * I) @ h_prev", False),  # a sign
+    ("(M_A - 0.5 * M_W.T - gamma_A * I) @ h_prev", False),  # another matrix
+])
+def test_a_combination_of_matrices_in_a_claim_is_judged(claim, correct, tmp_path, capsys):
+    """(A - A.T - c * I) @ v in a claim reads as the equations read it (one product per matrix;
+    beta = 0.75: (1 - beta)(A + A^T) + beta (A - A^T) = A - 0.5 A^T), and is judged like any claim."""
     from symrnn.cli import main
 
     (tmp_path / "lipschitz_rnn.toml").write_text(LIPSCHITZ)
-    (tmp_path / "claims.toml").write_text('[claims]\nspec = "lipschitz_rnn.toml"\n\n[steps]\n'
-                                          '"A_h" = "(M_A - M_A.T) @ h_prev"\n')
+    (tmp_path / "claims.toml").write_text(f'[claims]\nspec = "lipschitz_rnn.toml"\n\n[steps]\n"A_h" = "{claim}"\n')
+    assert main(["verify", str(tmp_path / "claims.toml")]) == (0 if correct else 1)
+    assert ("1 claim(s), 1 correct" if correct else "1 claim(s), 0 correct, 1 wrong") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("claim, message", [
+    ("(M_A - M_A) @ h_prev", "the combination of matrices is 0"),
+    ("(M_A - I) @ (h_prev, x)", "a combination of matrices multiplies one vector, not a concatenation"),
+    ("(h_prev * M_A) @ h_prev", "is not a scalar, so it cannot scale a matrix"),
+    ("(M_A * M_W) @ h_prev", "a product of two matrices is not allowed"),
+])
+def test_a_wrong_combination_of_matrices_in_a_claim_is_one_line(claim, message, tmp_path, capsys):
+    from symrnn.cli import main
+
+    (tmp_path / "lipschitz_rnn.toml").write_text(LIPSCHITZ)
+    (tmp_path / "claims.toml").write_text(f'[claims]\nspec = "lipschitz_rnn.toml"\n\n[steps]\n"A_h" = "{claim}"\n')
     assert main(["verify", str(tmp_path / "claims.toml")]) == 2
     err = capsys.readouterr().err
-    assert "claims.toml:5" in err and "distribute a combination of matrices" in err and len(err.strip().splitlines()) == 1
+    assert "claims.toml:5" in err and message in err and len(err.strip().splitlines()) == 1, err
