@@ -383,11 +383,12 @@ def _add_matrix(J, offset, shape, row0, col0, v):
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):
-    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing): a copy
+    """grad_outputs[name] as an array of ``dtype`` (zeros when it is missing: contiguous, as
+    BLAS needs them; a broadcast zero made a readout's weight-gradient GEMM ~70x slower): a copy
     when backward adds into it, else the caller's array itself (read only)."""
     g = grad_outputs.get(name)
     if g is None:
-        return np.zeros(shape, dtype) if writable else np.broadcast_to(np.zeros((), dtype), shape)
+        return np.zeros(shape, dtype)
     g = _real(g, f"grad_outputs['{name}']")
     if g.shape != shape:
         raise ValueError(f"grad_outputs['{name}'] has shape {g.shape}; expected {shape}")

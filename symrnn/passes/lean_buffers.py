@@ -3,7 +3,7 @@
 * A weight's gradient GEMM that is the only write to that gradient writes into it
   (``np.matmul(a, b, out=d_W)``), and the gradient is allocated empty, not zeroed.
 * A seed (an output's adjoint from the caller) nothing writes into is the caller's
-  array itself, read only (or a broadcast zero): ``_seed(..., writable=False)``.
+  array itself, read only (zeros where the caller gives none): ``_seed(..., writable=False)``.
 * When the first statement that touches d_x is a GEMM over every step adding into
   it, that GEMM writes into d_x (no zero fill, no temporary).
 """
