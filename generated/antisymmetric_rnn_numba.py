@@ -367,20 +367,32 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b, h_seq, lengths, tanh_z_seq, x_proj_seq):
     h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_flat = b.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    tanh_z_seq_flat = tanh_z_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_h_prev, W_T_h_prev
-        antisymmetric_rnn_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq.reshape(-1), h_prev_proj.reshape(-1), b.reshape(-1), h_seq.reshape(-1), tanh_z_seq.reshape(-1), lengths.reshape(-1))
+        antisymmetric_rnn_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq_flat, h_prev_proj_flat, b_flat, h_seq_flat, tanh_z_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, d_h_prev_0, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_x_proj_seq, tanh_z_seq):
     d_h_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_h_prev_0
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    d_x_proj_seq_flat = d_x_proj_seq.reshape(-1)
+    tanh_z_seq_flat_1 = tanh_z_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_0_next = d_h_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_h_prev_0, d_h_prev_0_spare = d_h_prev_0_spare, d_h_prev_0  # this step's buffer; the other holds step t + 1's
-        antisymmetric_rnn_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_0_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_h_prev_0.reshape(-1), d_x_proj_seq.reshape(-1), tanh_z_seq.reshape(-1))
+        antisymmetric_rnn_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_0_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_h_prev_0.reshape(-1), d_x_proj_seq_flat, tanh_z_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_0, d_h_prev_from_h_prev_proj

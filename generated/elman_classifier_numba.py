@@ -502,6 +502,25 @@ def _logsumexp_units(a):
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _logsumexp_units_to(a, out):
+    """log(sum(exp(a))) over the units of each row of ``a`` (..., n) written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        top = rows[i, 0]
+        for j in range(1, n):
+            top = max(top, rows[i, j])
+        total = np.exp(rows[i, 0] - top)
+        for j in range(1, n):
+            total += np.exp(rows[i, j] - top)
+        values[i] = np.log(total) + top
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _sum_units(a):
     """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
     n = a.shape[-1]
@@ -513,6 +532,22 @@ def _sum_units(a):
             total += rows[i, j]
         out[i, 0] = total
     return out.reshape(a.shape[:-1] + (1,))
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_units_to(a, out, divisor):
+    """The sum over the units of each row of ``a`` (..., n), divided by divisor, written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        total = rows[i, 0]
+        for j in range(1, n):
+            total += rows[i, j]
+        values[i] = total / divisor
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled
@@ -576,17 +611,28 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, U_T, b, h_seq, lengths, x_proj_seq):
     h_prev_proj = np.empty((B, U_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_flat = b.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], U_T, h_prev_proj)  # U_h_prev
-        elman_classifier_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        elman_classifier_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, x_proj_seq_flat, b_flat, h_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, U, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, h_seq):
     d_h_prev_from_h_prev_proj_spare = np.empty((B, U.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_h_from_h_proj_seq_flat = d_h_from_h_proj_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    h_seq_flat_1 = h_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
-        elman_classifier_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_h_proj_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), h_seq.reshape(-1))
+        elman_classifier_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, h_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], U, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_from_h_prev_proj,

@@ -389,17 +389,27 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, lengths, s_seq, x_proj_seq):
     s_prev_proj = np.empty((B, W_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    lengths_flat = lengths.reshape(-1)
+    s_prev_proj_flat = s_prev_proj.reshape(-1)
+    s_seq_flat = s_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(s_seq[t], W_T, s_prev_proj)  # W_s_prev
-        elman_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq.reshape(-1), s_prev_proj.reshape(-1), s_seq.reshape(-1), lengths.reshape(-1))
+        elman_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq_flat, s_prev_proj_flat, s_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj, d_s_prev_proj_seq, d_s_seq, s_seq):
     d_s_prev_from_s_prev_proj_spare = np.empty((B, W.shape[1]), dtype)  # the second buffer of d_s_prev_from_s_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_s_from_s_proj_seq_flat = d_s_from_s_proj_seq.reshape(-1)
+    d_s_prev_proj_seq_flat = d_s_prev_proj_seq.reshape(-1)
+    d_s_seq_flat = d_s_seq.reshape(-1)
+    s_seq_flat_1 = s_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_s_prev_from_s_prev_proj_next = d_s_prev_from_s_prev_proj
-        elman_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_s_seq.reshape(-1), d_s_from_s_proj_seq.reshape(-1), d_s_prev_from_s_prev_proj_next.reshape(-1), d_s_prev_proj_seq.reshape(-1), s_seq.reshape(-1))
+        elman_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_s_seq_flat, d_s_from_s_proj_seq_flat, d_s_prev_from_s_prev_proj_next.reshape(-1), d_s_prev_proj_seq_flat, s_seq_flat_1)
         d_s_prev_from_s_prev_proj, d_s_prev_from_s_prev_proj_spare = d_s_prev_from_s_prev_proj_spare, d_s_prev_from_s_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_s_prev_proj_seq[t], W, d_s_prev_from_s_prev_proj)  # W^T delta
     return d_s_prev_from_s_prev_proj,

@@ -444,17 +444,28 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_h_T, b_h, h_seq, lengths, x_proj_seq):
     h_prev_proj = np.empty((B, W_h_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_h_flat = b_h.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], W_h_T, h_prev_proj)  # W_h_h_prev
-        elman_out_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b_h.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        elman_out_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, x_proj_seq_flat, b_h_flat, h_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_h, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, h_seq):
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_h.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_h_from_h_proj_seq_flat = d_h_from_h_proj_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    h_seq_flat_1 = h_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
-        elman_out_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_h_proj_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), h_seq.reshape(-1))
+        elman_out_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, h_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], W_h, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_from_h_prev_proj,

@@ -507,11 +507,23 @@ def _gemm_compiled(a, b, out):
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_h_T, W_h_in0_seq, W_stack_h_prev_T, b_h, b_rz, h_seq, h_tilde_seq, lengths, r_seq, x_proj_seq, z_seq):
     h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
     W_h_in0_proj = np.empty((B, W_h_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    W_h_in0_proj_flat = W_h_in0_proj.reshape(-1)
+    W_h_in0_seq_flat = W_h_in0_seq.reshape(-1)
+    b_h_flat = b_h.reshape(-1)
+    b_rz_flat = b_rz.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    h_tilde_seq_flat = h_tilde_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    r_seq_flat = r_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
+    z_seq_flat = z_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_rz_0_h_prev, W_rz_1_h_prev
-        gru_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b_rz.reshape(-1), z_seq.reshape(-1), r_seq.reshape(-1), h_seq.reshape(-1), W_h_in0_seq.reshape(-1))
+        gru_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, x_proj_seq_flat, b_rz_flat, z_seq_flat, r_seq_flat, h_seq_flat, W_h_in0_seq_flat)
         _gemm(W_h_in0_seq[t], W_h_T, W_h_in0_proj)  # W_h_W_h_in0
-        gru_forward_loop1(B, 1, t, n_in, n_hidden, n_out, W_h_in0_proj.reshape(-1), x_proj_seq.reshape(-1), b_h.reshape(-1), h_tilde_seq.reshape(-1), h_seq.reshape(-1), z_seq.reshape(-1), lengths.reshape(-1))
+        gru_forward_loop1(B, 1, t, n_in, n_hidden, n_out, W_h_in0_proj_flat, x_proj_seq_flat, b_h_flat, h_tilde_seq_flat, h_seq_flat, z_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
@@ -521,15 +533,26 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_h_block, W_stack_h_pre
     d_z_from1 = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_W_h_in0_from_W_h_in0_proj = np.empty((B, W_h_block.shape[1]), dtype)  # one buffer for every step
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_W_h_in0_from_W_h_in0_proj_flat = d_W_h_in0_from_W_h_in0_proj.reshape(-1)
+    d_W_h_in0_proj_seq_flat = d_W_h_in0_proj_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    d_x_proj_seq_flat = d_x_proj_seq.reshape(-1)
+    d_z_from1_flat = d_z_from1.reshape(-1)
+    h_seq_flat_1 = h_seq.reshape(-1)
+    h_tilde_seq_flat_1 = h_tilde_seq.reshape(-1)
+    r_seq_flat_1 = r_seq.reshape(-1)
+    z_seq_flat_1 = z_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_1_next = d_h_prev_1
         d_h_prev_0_next = d_h_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_h_prev_1, d_h_prev_1_spare = d_h_prev_1_spare, d_h_prev_1  # this step's buffer; the other holds step t + 1's
         d_h_prev_0, d_h_prev_0_spare = d_h_prev_0_spare, d_h_prev_0  # this step's buffer; the other holds step t + 1's
-        gru_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_0_next.reshape(-1), d_h_prev_1_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_W_h_in0_proj_seq.reshape(-1), d_h_prev_1.reshape(-1), d_z_from1.reshape(-1), d_x_proj_seq.reshape(-1), z_seq.reshape(-1), h_tilde_seq.reshape(-1), h_seq.reshape(-1))
+        gru_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_0_next.reshape(-1), d_h_prev_1_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_W_h_in0_proj_seq_flat, d_h_prev_1.reshape(-1), d_z_from1_flat, d_x_proj_seq_flat, z_seq_flat_1, h_tilde_seq_flat_1, h_seq_flat_1)
         _gemm(d_W_h_in0_proj_seq[t], W_h_block, d_W_h_in0_from_W_h_in0_proj)  # W^T delta
-        gru_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_z_from1.reshape(-1), d_h_prev_0.reshape(-1), d_x_proj_seq.reshape(-1), h_seq.reshape(-1), r_seq.reshape(-1), z_seq.reshape(-1))
+        gru_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_W_h_in0_from_W_h_in0_proj_flat, d_h_prev_proj_seq_flat, d_z_from1_flat, d_h_prev_0.reshape(-1), d_x_proj_seq_flat, h_seq_flat_1, r_seq_flat_1, z_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_0, d_h_prev_1, d_h_prev_from_h_prev_proj

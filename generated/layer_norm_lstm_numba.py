@@ -1168,6 +1168,22 @@ def _mean_units(a):
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _mean_units_to(a, out):
+    """The mean over the units of each row of ``a`` (..., n) written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        total = rows[i, 0]
+        for j in range(1, n):
+            total += rows[i, j]
+        values[i] = total / n
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _sum_units(a):
     """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
     n = a.shape[-1]
@@ -1179,6 +1195,22 @@ def _sum_units(a):
             total += rows[i, j]
         out[i, 0] = total
     return out.reshape(a.shape[:-1] + (1,))
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_units_to(a, out, divisor):
+    """The sum over the units of each row of ``a`` (..., n), divided by divisor, written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        total = rows[i, 0]
+        for j in range(1, n):
+            total += rows[i, j]
+        values[i] = total / divisor
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled
@@ -1242,23 +1274,63 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, R_T, b, beta_c, c_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, h_seq, i_seq, lengths, mean_in_msd_r_f_seq, mean_in_msd_r_g_seq, mean_in_msd_r_i_seq, mean_in_msd_r_o_seq, mean_in_var_c_seq, mean_rh_f_seq, mean_rh_g_seq, mean_rh_i_seq, mean_rh_o_seq, msd_r_f_seq, msd_r_g_seq, msd_r_i_seq, msd_r_o_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
     h_prev_proj = np.empty((B, R_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_flat = b.reshape(-1)
+    beta_c_flat = beta_c.reshape(-1)
+    c_seq_flat = c_seq.reshape(-1)
+    f_seq_flat = f_seq.reshape(-1)
+    g_seq_flat = g_seq.reshape(-1)
+    gamma_c_flat = gamma_c.reshape(-1)
+    gamma_r_flat = gamma_r.reshape(-1)
+    gamma_x_flat = gamma_x.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    i_seq_flat = i_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    mean_in_msd_r_f_seq_flat = mean_in_msd_r_f_seq.reshape(-1)
+    mean_in_msd_r_g_seq_flat = mean_in_msd_r_g_seq.reshape(-1)
+    mean_in_msd_r_i_seq_flat = mean_in_msd_r_i_seq.reshape(-1)
+    mean_in_msd_r_o_seq_flat = mean_in_msd_r_o_seq.reshape(-1)
+    mean_in_var_c_seq_flat = mean_in_var_c_seq.reshape(-1)
+    mean_rh_f_seq_flat = mean_rh_f_seq.reshape(-1)
+    mean_rh_g_seq_flat = mean_rh_g_seq.reshape(-1)
+    mean_rh_i_seq_flat = mean_rh_i_seq.reshape(-1)
+    mean_rh_o_seq_flat = mean_rh_o_seq.reshape(-1)
+    msd_r_f_seq_flat = msd_r_f_seq.reshape(-1)
+    msd_r_g_seq_flat = msd_r_g_seq.reshape(-1)
+    msd_r_i_seq_flat = msd_r_i_seq.reshape(-1)
+    msd_r_o_seq_flat = msd_r_o_seq.reshape(-1)
+    mu_c_seq_flat = mu_c_seq.reshape(-1)
+    mu_r_seq_flat = mu_r_seq.reshape(-1)
+    mu_x_seq_flat = mu_x_seq.reshape(-1)
+    o_seq_flat = o_seq.reshape(-1)
+    rh_f_seq_flat = rh_f_seq.reshape(-1)
+    rh_g_seq_flat = rh_g_seq.reshape(-1)
+    rh_i_seq_flat = rh_i_seq.reshape(-1)
+    rh_o_seq_flat = rh_o_seq.reshape(-1)
+    rstd_r_seq_flat = rstd_r_seq.reshape(-1)
+    rstd_x_seq_flat = rstd_x_seq.reshape(-1)
+    tanh_c_norm_seq_flat = tanh_c_norm_seq.reshape(-1)
+    var_c_seq_flat = var_c_seq.reshape(-1)
+    var_r_seq_flat = var_r_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], R_T, h_prev_proj)  # rh_i, rh_g, rh_f, rh_o
-        layer_norm_lstm_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), rh_i_seq.reshape(-1), rh_g_seq.reshape(-1), rh_f_seq.reshape(-1), rh_o_seq.reshape(-1))
-        mean_rh_f_seq[t] = _mean_units(rh_f_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_g_seq[t] = _mean_units(rh_g_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_i_seq[t] = _mean_units(rh_i_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_o_seq[t] = _mean_units(rh_o_seq[t])  # eq:layer_norm_lstm:mu_r
-        layer_norm_lstm_forward_loop1(B, 1, t, n_in, n_hidden, n_out, mean_rh_f_seq.reshape(-1), mean_rh_g_seq.reshape(-1), mean_rh_i_seq.reshape(-1), mean_rh_o_seq.reshape(-1), mu_r_seq.reshape(-1), rh_i_seq.reshape(-1), mean_in_msd_r_i_seq.reshape(-1), rh_g_seq.reshape(-1), mean_in_msd_r_g_seq.reshape(-1), rh_f_seq.reshape(-1), mean_in_msd_r_f_seq.reshape(-1), rh_o_seq.reshape(-1), mean_in_msd_r_o_seq.reshape(-1))
-        msd_r_i_seq[t] = _mean_units(mean_in_msd_r_i_seq[t])  # eq:layer_norm_lstm:msd_r_i
-        msd_r_g_seq[t] = _mean_units(mean_in_msd_r_g_seq[t])  # eq:layer_norm_lstm:msd_r_g
-        msd_r_f_seq[t] = _mean_units(mean_in_msd_r_f_seq[t])  # eq:layer_norm_lstm:msd_r_f
-        msd_r_o_seq[t] = _mean_units(mean_in_msd_r_o_seq[t])  # eq:layer_norm_lstm:msd_r_o
-        layer_norm_lstm_forward_loop2(B, 1, t, n_in, n_hidden, n_out, msd_r_f_seq.reshape(-1), msd_r_g_seq.reshape(-1), msd_r_i_seq.reshape(-1), msd_r_o_seq.reshape(-1), var_r_seq.reshape(-1), rstd_r_seq.reshape(-1), b.reshape(-1), gamma_r.reshape(-1), gamma_x.reshape(-1), mu_r_seq.reshape(-1), mu_x_seq.reshape(-1), rh_i_seq.reshape(-1), rstd_x_seq.reshape(-1), x_proj_seq.reshape(-1), i_seq.reshape(-1), rh_g_seq.reshape(-1), g_seq.reshape(-1), rh_f_seq.reshape(-1), f_seq.reshape(-1), rh_o_seq.reshape(-1), o_seq.reshape(-1), c_seq.reshape(-1), lengths.reshape(-1))
-        mu_c_seq[t] = _mean_units(c_seq[t + 1])  # eq:layer_norm_lstm:mu_c
-        layer_norm_lstm_forward_loop3(B, 1, t, n_in, n_hidden, n_out, c_seq.reshape(-1), mu_c_seq.reshape(-1), mean_in_var_c_seq.reshape(-1))
-        var_c_seq[t] = _mean_units(mean_in_var_c_seq[t])  # eq:layer_norm_lstm:var_c
-        layer_norm_lstm_forward_loop4(B, 1, t, n_in, n_hidden, n_out, beta_c.reshape(-1), c_seq.reshape(-1), gamma_c.reshape(-1), mu_c_seq.reshape(-1), var_c_seq.reshape(-1), tanh_c_norm_seq.reshape(-1), o_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        layer_norm_lstm_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, rh_i_seq_flat, rh_g_seq_flat, rh_f_seq_flat, rh_o_seq_flat)
+        _mean_units_to(rh_f_seq[t], mean_rh_f_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_g_seq[t], mean_rh_g_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_i_seq[t], mean_rh_i_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_o_seq[t], mean_rh_o_seq[t])  # eq:layer_norm_lstm:mu_r
+        layer_norm_lstm_forward_loop1(B, 1, t, n_in, n_hidden, n_out, mean_rh_f_seq_flat, mean_rh_g_seq_flat, mean_rh_i_seq_flat, mean_rh_o_seq_flat, mu_r_seq_flat, rh_i_seq_flat, mean_in_msd_r_i_seq_flat, rh_g_seq_flat, mean_in_msd_r_g_seq_flat, rh_f_seq_flat, mean_in_msd_r_f_seq_flat, rh_o_seq_flat, mean_in_msd_r_o_seq_flat)
+        _mean_units_to(mean_in_msd_r_i_seq[t], msd_r_i_seq[t])  # eq:layer_norm_lstm:msd_r_i
+        _mean_units_to(mean_in_msd_r_g_seq[t], msd_r_g_seq[t])  # eq:layer_norm_lstm:msd_r_g
+        _mean_units_to(mean_in_msd_r_f_seq[t], msd_r_f_seq[t])  # eq:layer_norm_lstm:msd_r_f
+        _mean_units_to(mean_in_msd_r_o_seq[t], msd_r_o_seq[t])  # eq:layer_norm_lstm:msd_r_o
+        layer_norm_lstm_forward_loop2(B, 1, t, n_in, n_hidden, n_out, msd_r_f_seq_flat, msd_r_g_seq_flat, msd_r_i_seq_flat, msd_r_o_seq_flat, var_r_seq_flat, rstd_r_seq_flat, b_flat, gamma_r_flat, gamma_x_flat, mu_r_seq_flat, mu_x_seq_flat, rh_i_seq_flat, rstd_x_seq_flat, x_proj_seq_flat, i_seq_flat, rh_g_seq_flat, g_seq_flat, rh_f_seq_flat, f_seq_flat, rh_o_seq_flat, o_seq_flat, c_seq_flat, lengths_flat)
+        _mean_units_to(c_seq[t + 1], mu_c_seq[t])  # eq:layer_norm_lstm:mu_c
+        layer_norm_lstm_forward_loop3(B, 1, t, n_in, n_hidden, n_out, c_seq_flat, mu_c_seq_flat, mean_in_var_c_seq_flat)
+        _mean_units_to(mean_in_var_c_seq[t], var_c_seq[t])  # eq:layer_norm_lstm:var_c
+        layer_norm_lstm_forward_loop4(B, 1, t, n_in, n_hidden, n_out, beta_c_flat, c_seq_flat, gamma_c_flat, mu_c_seq_flat, var_c_seq_flat, tanh_c_norm_seq_flat, o_seq_flat, h_seq_flat, lengths_flat)
     return mu_c_seq, var_c_seq
 
 
@@ -1289,35 +1361,111 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_se
     d_rh_f_from1 = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_rh_o_from1 = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_h_prev_from_h_prev_proj_spare = np.empty((B, R.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    d_var_c_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mu_c_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_o_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_f_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_g_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_i_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_o_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_i_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_g_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_f_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    c_seq_flat_1 = c_seq.reshape(-1)
+    d_b_0_loop2_seq_flat = d_b_0_loop2_seq.reshape(-1)
+    d_b_1_loop2_seq_flat = d_b_1_loop2_seq.reshape(-1)
+    d_b_2_loop2_seq_flat = d_b_2_loop2_seq.reshape(-1)
+    d_b_3_loop2_seq_flat = d_b_3_loop2_seq.reshape(-1)
+    d_beta_c_loop4_seq_flat = d_beta_c_loop4_seq.reshape(-1)
+    d_c_from3_flat = d_c_from3.reshape(-1)
+    d_c_from4_flat = d_c_from4.reshape(-1)
+    d_c_seq_flat = d_c_seq.reshape(-1)
+    d_gamma_c_loop4_seq_flat = d_gamma_c_loop4_seq.reshape(-1)
+    d_gamma_r_0_loop2_seq_flat = d_gamma_r_0_loop2_seq.reshape(-1)
+    d_gamma_r_1_loop2_seq_flat = d_gamma_r_1_loop2_seq.reshape(-1)
+    d_gamma_r_2_loop2_seq_flat = d_gamma_r_2_loop2_seq.reshape(-1)
+    d_gamma_r_3_loop2_seq_flat = d_gamma_r_3_loop2_seq.reshape(-1)
+    d_gamma_x_0_loop2_seq_flat = d_gamma_x_0_loop2_seq.reshape(-1)
+    d_gamma_x_1_loop2_seq_flat = d_gamma_x_1_loop2_seq.reshape(-1)
+    d_gamma_x_2_loop2_seq_flat = d_gamma_x_2_loop2_seq.reshape(-1)
+    d_gamma_x_3_loop2_seq_flat = d_gamma_x_3_loop2_seq.reshape(-1)
+    d_h_from_h_proj_seq_flat = d_h_from_h_proj_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    d_mean_rh_f_flat = d_mean_rh_f.reshape(-1)
+    d_mean_rh_f_sum_flat = d_mean_rh_f_sum.reshape(-1)
+    d_mean_rh_g_flat = d_mean_rh_g.reshape(-1)
+    d_mean_rh_g_sum_flat = d_mean_rh_g_sum.reshape(-1)
+    d_mean_rh_i_flat = d_mean_rh_i.reshape(-1)
+    d_mean_rh_i_sum_flat = d_mean_rh_i_sum.reshape(-1)
+    d_mean_rh_o_flat = d_mean_rh_o.reshape(-1)
+    d_mean_rh_o_sum_flat = d_mean_rh_o_sum.reshape(-1)
+    d_msd_r_f_flat = d_msd_r_f.reshape(-1)
+    d_msd_r_f_sum_flat = d_msd_r_f_sum.reshape(-1)
+    d_msd_r_g_flat = d_msd_r_g.reshape(-1)
+    d_msd_r_g_sum_flat = d_msd_r_g_sum.reshape(-1)
+    d_msd_r_i_flat = d_msd_r_i.reshape(-1)
+    d_msd_r_i_sum_flat = d_msd_r_i_sum.reshape(-1)
+    d_msd_r_o_flat = d_msd_r_o.reshape(-1)
+    d_msd_r_o_sum_flat = d_msd_r_o_sum.reshape(-1)
+    d_mu_c_flat = d_mu_c.reshape(-1)
+    d_mu_c_from4_flat = d_mu_c_from4.reshape(-1)
+    d_mu_c_sum_flat = d_mu_c_sum.reshape(-1)
+    d_mu_r_from2_flat = d_mu_r_from2.reshape(-1)
+    d_mu_x_loop2_seq_flat = d_mu_x_loop2_seq.reshape(-1)
+    d_o_from4_flat = d_o_from4.reshape(-1)
+    d_rh_f_from1_flat = d_rh_f_from1.reshape(-1)
+    d_rh_f_from2_flat = d_rh_f_from2.reshape(-1)
+    d_rh_g_from1_flat = d_rh_g_from1.reshape(-1)
+    d_rh_g_from2_flat = d_rh_g_from2.reshape(-1)
+    d_rh_i_from1_flat = d_rh_i_from1.reshape(-1)
+    d_rh_i_from2_flat = d_rh_i_from2.reshape(-1)
+    d_rh_o_from1_flat = d_rh_o_from1.reshape(-1)
+    d_rh_o_from2_flat = d_rh_o_from2.reshape(-1)
+    d_rstd_x_loop2_seq_flat = d_rstd_x_loop2_seq.reshape(-1)
+    d_var_c_flat = d_var_c.reshape(-1)
+    d_var_c_sum_flat = d_var_c_sum.reshape(-1)
+    d_x_proj_seq_flat = d_x_proj_seq.reshape(-1)
+    f_seq_flat_1 = f_seq.reshape(-1)
+    g_seq_flat_1 = g_seq.reshape(-1)
+    gamma_c_flat_1 = gamma_c.reshape(-1)
+    gamma_r_flat_1 = gamma_r.reshape(-1)
+    gamma_x_flat_1 = gamma_x.reshape(-1)
+    i_seq_flat_1 = i_seq.reshape(-1)
+    mu_c_seq_flat_1 = mu_c_seq.reshape(-1)
+    mu_r_seq_flat_1 = mu_r_seq.reshape(-1)
+    mu_x_seq_flat_1 = mu_x_seq.reshape(-1)
+    o_seq_flat_1 = o_seq.reshape(-1)
+    rh_f_seq_flat_1 = rh_f_seq.reshape(-1)
+    rh_g_seq_flat_1 = rh_g_seq.reshape(-1)
+    rh_i_seq_flat_1 = rh_i_seq.reshape(-1)
+    rh_o_seq_flat_1 = rh_o_seq.reshape(-1)
+    rstd_r_seq_flat_1 = rstd_r_seq.reshape(-1)
+    rstd_x_seq_flat_1 = rstd_x_seq.reshape(-1)
+    tanh_c_norm_seq_flat_1 = tanh_c_norm_seq.reshape(-1)
+    var_c_seq_flat_1 = var_c_seq.reshape(-1)
+    var_r_seq_flat_1 = var_r_seq.reshape(-1)
+    x_proj_seq_flat_1 = x_proj_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_c_prev_2_next = d_c_prev_2
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_2, d_c_prev_2_spare = d_c_prev_2_spare, d_c_prev_2  # this step's buffer; the other holds step t + 1's
-        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_h_proj_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c.reshape(-1), d_gamma_c_loop4_seq.reshape(-1), d_beta_c_loop4_seq.reshape(-1), d_o_from4.reshape(-1), d_c_from4.reshape(-1), d_mu_c_from4.reshape(-1), o_seq.reshape(-1), tanh_c_norm_seq.reshape(-1), gamma_c.reshape(-1), var_c_seq.reshape(-1), c_seq.reshape(-1), mu_c_seq.reshape(-1))
-        d_var_c_sum = _sum_units(d_var_c)  # sum over the units of d_var_c
-        d_var_c_sum = d_var_c_sum/n_hidden
-        layer_norm_lstm_backward_loop3(B, 1, t, n_in, n_hidden, n_out, d_var_c_sum.reshape(-1), d_mu_c_from4.reshape(-1), d_mu_c.reshape(-1), d_c_from3.reshape(-1), c_seq.reshape(-1), mu_c_seq.reshape(-1))
-        d_mu_c_sum = _sum_units(d_mu_c)  # sum over the units of d_mu_c
-        d_mu_c_sum = d_mu_c_sum/n_hidden
-        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq.reshape(-1), d_c_prev_2_next.reshape(-1), d_c_from4.reshape(-1), d_mu_c_sum.reshape(-1), d_c_from3.reshape(-1), d_o_from4.reshape(-1), d_msd_r_o.reshape(-1), d_msd_r_f.reshape(-1), d_msd_r_g.reshape(-1), d_msd_r_i.reshape(-1), d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_seq.reshape(-1), d_gamma_x_0_loop2_seq.reshape(-1), d_b_0_loop2_seq.reshape(-1), d_gamma_r_1_loop2_seq.reshape(-1), d_gamma_x_1_loop2_seq.reshape(-1), d_b_1_loop2_seq.reshape(-1), d_gamma_r_2_loop2_seq.reshape(-1), d_gamma_x_2_loop2_seq.reshape(-1), d_b_2_loop2_seq.reshape(-1), d_gamma_r_3_loop2_seq.reshape(-1), d_gamma_x_3_loop2_seq.reshape(-1), d_b_3_loop2_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_mu_x_loop2_seq.reshape(-1), d_rstd_x_loop2_seq.reshape(-1), d_rh_i_from2.reshape(-1), d_rh_g_from2.reshape(-1), d_rh_f_from2.reshape(-1), d_rh_o_from2.reshape(-1), d_mu_r_from2.reshape(-1), c_seq.reshape(-1), i_seq.reshape(-1), g_seq.reshape(-1), mu_r_seq.reshape(-1), rh_g_seq.reshape(-1), gamma_r.reshape(-1), rh_f_seq.reshape(-1), f_seq.reshape(-1), rh_i_seq.reshape(-1), rh_o_seq.reshape(-1), o_seq.reshape(-1), var_r_seq.reshape(-1), rstd_r_seq.reshape(-1), rstd_x_seq.reshape(-1), mu_x_seq.reshape(-1), x_proj_seq.reshape(-1), gamma_x.reshape(-1))
-        d_msd_r_o_sum = _sum_units(d_msd_r_o)  # sum over the units of d_msd_r_o
-        d_msd_r_o_sum = d_msd_r_o_sum/n_hidden
-        d_msd_r_f_sum = _sum_units(d_msd_r_f)  # sum over the units of d_msd_r_f
-        d_msd_r_f_sum = d_msd_r_f_sum/n_hidden
-        d_msd_r_g_sum = _sum_units(d_msd_r_g)  # sum over the units of d_msd_r_g
-        d_msd_r_g_sum = d_msd_r_g_sum/n_hidden
-        d_msd_r_i_sum = _sum_units(d_msd_r_i)  # sum over the units of d_msd_r_i
-        d_msd_r_i_sum = d_msd_r_i_sum/n_hidden
-        layer_norm_lstm_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_msd_r_o_sum.reshape(-1), d_msd_r_f_sum.reshape(-1), d_msd_r_g_sum.reshape(-1), d_msd_r_i_sum.reshape(-1), d_mu_r_from2.reshape(-1), d_mean_rh_o.reshape(-1), d_mean_rh_i.reshape(-1), d_mean_rh_g.reshape(-1), d_mean_rh_f.reshape(-1), d_rh_i_from1.reshape(-1), d_rh_g_from1.reshape(-1), d_rh_f_from1.reshape(-1), d_rh_o_from1.reshape(-1), mu_r_seq.reshape(-1), rh_f_seq.reshape(-1), rh_g_seq.reshape(-1), rh_i_seq.reshape(-1), rh_o_seq.reshape(-1))
-        d_mean_rh_o_sum = _sum_units(d_mean_rh_o)  # sum over the units of d_mean_rh_o
-        d_mean_rh_o_sum = d_mean_rh_o_sum/n_hidden
-        d_mean_rh_i_sum = _sum_units(d_mean_rh_i)  # sum over the units of d_mean_rh_i
-        d_mean_rh_i_sum = d_mean_rh_i_sum/n_hidden
-        d_mean_rh_g_sum = _sum_units(d_mean_rh_g)  # sum over the units of d_mean_rh_g
-        d_mean_rh_g_sum = d_mean_rh_g_sum/n_hidden
-        d_mean_rh_f_sum = _sum_units(d_mean_rh_f)  # sum over the units of d_mean_rh_f
-        d_mean_rh_f_sum = d_mean_rh_f_sum/n_hidden
-        layer_norm_lstm_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_rh_o_from2.reshape(-1), d_mean_rh_o_sum.reshape(-1), d_rh_o_from1.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_rh_f_from2.reshape(-1), d_mean_rh_f_sum.reshape(-1), d_rh_f_from1.reshape(-1), d_rh_g_from2.reshape(-1), d_mean_rh_g_sum.reshape(-1), d_rh_g_from1.reshape(-1), d_rh_i_from2.reshape(-1), d_mean_rh_i_sum.reshape(-1), d_rh_i_from1.reshape(-1))
+        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c_flat, d_gamma_c_loop4_seq_flat, d_beta_c_loop4_seq_flat, d_o_from4_flat, d_c_from4_flat, d_mu_c_from4_flat, o_seq_flat_1, tanh_c_norm_seq_flat_1, gamma_c_flat_1, var_c_seq_flat_1, c_seq_flat_1, mu_c_seq_flat_1)
+        _sum_units_to(d_var_c, d_var_c_sum, n_hidden)  # sum over the units of d_var_c
+        layer_norm_lstm_backward_loop3(B, 1, t, n_in, n_hidden, n_out, d_var_c_sum_flat, d_mu_c_from4_flat, d_mu_c_flat, d_c_from3_flat, c_seq_flat_1, mu_c_seq_flat_1)
+        _sum_units_to(d_mu_c, d_mu_c_sum, n_hidden)  # sum over the units of d_mu_c
+        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq_flat, d_c_prev_2_next.reshape(-1), d_c_from4_flat, d_mu_c_sum_flat, d_c_from3_flat, d_o_from4_flat, d_msd_r_o_flat, d_msd_r_f_flat, d_msd_r_g_flat, d_msd_r_i_flat, d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_seq_flat, d_gamma_x_0_loop2_seq_flat, d_b_0_loop2_seq_flat, d_gamma_r_1_loop2_seq_flat, d_gamma_x_1_loop2_seq_flat, d_b_1_loop2_seq_flat, d_gamma_r_2_loop2_seq_flat, d_gamma_x_2_loop2_seq_flat, d_b_2_loop2_seq_flat, d_gamma_r_3_loop2_seq_flat, d_gamma_x_3_loop2_seq_flat, d_b_3_loop2_seq_flat, d_x_proj_seq_flat, d_mu_x_loop2_seq_flat, d_rstd_x_loop2_seq_flat, d_rh_i_from2_flat, d_rh_g_from2_flat, d_rh_f_from2_flat, d_rh_o_from2_flat, d_mu_r_from2_flat, c_seq_flat_1, i_seq_flat_1, g_seq_flat_1, mu_r_seq_flat_1, rh_g_seq_flat_1, gamma_r_flat_1, rh_f_seq_flat_1, f_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1, o_seq_flat_1, var_r_seq_flat_1, rstd_r_seq_flat_1, rstd_x_seq_flat_1, mu_x_seq_flat_1, x_proj_seq_flat_1, gamma_x_flat_1)
+        _sum_units_to(d_msd_r_o, d_msd_r_o_sum, n_hidden)  # sum over the units of d_msd_r_o
+        _sum_units_to(d_msd_r_f, d_msd_r_f_sum, n_hidden)  # sum over the units of d_msd_r_f
+        _sum_units_to(d_msd_r_g, d_msd_r_g_sum, n_hidden)  # sum over the units of d_msd_r_g
+        _sum_units_to(d_msd_r_i, d_msd_r_i_sum, n_hidden)  # sum over the units of d_msd_r_i
+        layer_norm_lstm_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_msd_r_o_sum_flat, d_msd_r_f_sum_flat, d_msd_r_g_sum_flat, d_msd_r_i_sum_flat, d_mu_r_from2_flat, d_mean_rh_o_flat, d_mean_rh_i_flat, d_mean_rh_g_flat, d_mean_rh_f_flat, d_rh_i_from1_flat, d_rh_g_from1_flat, d_rh_f_from1_flat, d_rh_o_from1_flat, mu_r_seq_flat_1, rh_f_seq_flat_1, rh_g_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1)
+        _sum_units_to(d_mean_rh_o, d_mean_rh_o_sum, n_hidden)  # sum over the units of d_mean_rh_o
+        _sum_units_to(d_mean_rh_i, d_mean_rh_i_sum, n_hidden)  # sum over the units of d_mean_rh_i
+        _sum_units_to(d_mean_rh_g, d_mean_rh_g_sum, n_hidden)  # sum over the units of d_mean_rh_g
+        _sum_units_to(d_mean_rh_f, d_mean_rh_f_sum, n_hidden)  # sum over the units of d_mean_rh_f
+        layer_norm_lstm_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_rh_o_from2_flat, d_mean_rh_o_sum_flat, d_rh_o_from1_flat, d_h_prev_proj_seq_flat, d_rh_f_from2_flat, d_mean_rh_f_sum_flat, d_rh_f_from1_flat, d_rh_g_from2_flat, d_mean_rh_g_sum_flat, d_rh_g_from1_flat, d_rh_i_from2_flat, d_mean_rh_i_sum_flat, d_rh_i_from1_flat)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], R, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_2, d_h_prev_from_h_prev_proj

@@ -564,20 +564,54 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b_f, b_g, b_i, b_o, c_seq, f_seq, g_seq, h_seq, i_seq, lengths, o_seq, p_f, p_i, p_o, tanh_c_seq, x_proj_seq):
     h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_f_flat = b_f.reshape(-1)
+    b_g_flat = b_g.reshape(-1)
+    b_i_flat = b_i.reshape(-1)
+    b_o_flat = b_o.reshape(-1)
+    c_seq_flat = c_seq.reshape(-1)
+    f_seq_flat = f_seq.reshape(-1)
+    g_seq_flat = g_seq.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    i_seq_flat = i_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    o_seq_flat = o_seq.reshape(-1)
+    p_f_flat = p_f.reshape(-1)
+    p_i_flat = p_i.reshape(-1)
+    p_o_flat = p_o.reshape(-1)
+    tanh_c_seq_flat = tanh_c_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_i_h_prev, W_f_h_prev, W_g_h_prev, W_o_h_prev
-        lstm_peephole_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), b_i.reshape(-1), c_seq.reshape(-1), p_i.reshape(-1), i_seq.reshape(-1), b_f.reshape(-1), p_f.reshape(-1), f_seq.reshape(-1), b_g.reshape(-1), g_seq.reshape(-1), b_o.reshape(-1), p_o.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        lstm_peephole_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, x_proj_seq_flat, b_i_flat, c_seq_flat, p_i_flat, i_seq_flat, b_f_flat, p_f_flat, f_seq_flat, b_g_flat, g_seq_flat, b_o_flat, p_o_flat, o_seq_flat, tanh_c_seq_flat, h_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_p_f_loop0_seq, d_p_i_loop0_seq, d_p_o_loop0_seq, f_seq, g_seq, i_seq, o_seq, p_f, p_i, p_o, tanh_c_seq):
     d_c_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_0
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    c_seq_flat_1 = c_seq.reshape(-1)
+    d_c_seq_flat = d_c_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    d_p_f_loop0_seq_flat = d_p_f_loop0_seq.reshape(-1)
+    d_p_i_loop0_seq_flat = d_p_i_loop0_seq.reshape(-1)
+    d_p_o_loop0_seq_flat = d_p_o_loop0_seq.reshape(-1)
+    f_seq_flat_1 = f_seq.reshape(-1)
+    g_seq_flat_1 = g_seq.reshape(-1)
+    i_seq_flat_1 = i_seq.reshape(-1)
+    o_seq_flat_1 = o_seq.reshape(-1)
+    p_f_flat_1 = p_f.reshape(-1)
+    p_i_flat_1 = p_i.reshape(-1)
+    p_o_flat_1 = p_o.reshape(-1)
+    tanh_c_seq_flat_1 = tanh_c_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_c_prev_0_next = d_c_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_0, d_c_prev_0_spare = d_c_prev_0_spare, d_c_prev_0  # this step's buffer; the other holds step t + 1's
-        lstm_peephole_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_c_seq.reshape(-1), d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), d_p_i_loop0_seq.reshape(-1), d_p_f_loop0_seq.reshape(-1), d_p_o_loop0_seq.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), p_o.reshape(-1), i_seq.reshape(-1), g_seq.reshape(-1), c_seq.reshape(-1), f_seq.reshape(-1), p_f.reshape(-1), p_i.reshape(-1))
+        lstm_peephole_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_c_seq_flat, d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), d_p_i_loop0_seq_flat, d_p_f_loop0_seq_flat, d_p_o_loop0_seq_flat, o_seq_flat_1, tanh_c_seq_flat_1, p_o_flat_1, i_seq_flat_1, g_seq_flat_1, c_seq_flat_1, f_seq_flat_1, p_f_flat_1, p_i_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_0, d_h_prev_from_h_prev_proj

@@ -487,20 +487,43 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, bias_hh_l0, bias_ih_l0, c_seq, f_seq, g_seq, h_seq, i_seq, lengths, o_seq, tanh_c_seq, weight_hh_l0_T, x_proj_seq):
     h_prev_proj = np.empty((B, weight_hh_l0_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    bias_hh_l0_flat = bias_hh_l0.reshape(-1)
+    bias_ih_l0_flat = bias_ih_l0.reshape(-1)
+    c_seq_flat = c_seq.reshape(-1)
+    f_seq_flat = f_seq.reshape(-1)
+    g_seq_flat = g_seq.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    i_seq_flat = i_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    o_seq_flat = o_seq.reshape(-1)
+    tanh_c_seq_flat = tanh_c_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], weight_hh_l0_T, h_prev_proj)  # weight_hh_l0_0_h_prev, weight_hh_l0_1_h_prev, weight_hh_l0_2_h_prev, weight_hh_l0_3_h_prev
-        lstm_torch_forward_loop0(B, 1, t, n_in, n_hidden, n_out, bias_hh_l0.reshape(-1), bias_ih_l0.reshape(-1), h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), i_seq.reshape(-1), f_seq.reshape(-1), g_seq.reshape(-1), o_seq.reshape(-1), c_seq.reshape(-1), tanh_c_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        lstm_torch_forward_loop0(B, 1, t, n_in, n_hidden, n_out, bias_hh_l0_flat, bias_ih_l0_flat, h_prev_proj_flat, x_proj_seq_flat, i_seq_flat, f_seq_flat, g_seq_flat, o_seq_flat, c_seq_flat, tanh_c_seq_flat, h_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, f_seq, g_seq, i_seq, o_seq, tanh_c_seq, weight_hh_l0):
     d_c_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_0
     d_h_prev_from_h_prev_proj_spare = np.empty((B, weight_hh_l0.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    c_seq_flat_1 = c_seq.reshape(-1)
+    d_c_seq_flat = d_c_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    f_seq_flat_1 = f_seq.reshape(-1)
+    g_seq_flat_1 = g_seq.reshape(-1)
+    i_seq_flat_1 = i_seq.reshape(-1)
+    o_seq_flat_1 = o_seq.reshape(-1)
+    tanh_c_seq_flat_1 = tanh_c_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_c_prev_0_next = d_c_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_0, d_c_prev_0_spare = d_c_prev_0_spare, d_c_prev_0  # this step's buffer; the other holds step t + 1's
-        lstm_torch_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_c_seq.reshape(-1), d_c_prev_0_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_c_prev_0.reshape(-1), o_seq.reshape(-1), tanh_c_seq.reshape(-1), i_seq.reshape(-1), g_seq.reshape(-1), c_seq.reshape(-1), f_seq.reshape(-1))
+        lstm_torch_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_c_seq_flat, d_c_prev_0_next.reshape(-1), d_h_prev_proj_seq_flat, d_c_prev_0.reshape(-1), o_seq_flat_1, tanh_c_seq_flat_1, i_seq_flat_1, g_seq_flat_1, c_seq_flat_1, f_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], weight_hh_l0, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_0, d_h_prev_from_h_prev_proj

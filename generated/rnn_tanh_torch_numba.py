@@ -353,17 +353,28 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, bias_hh_l0, bias_ih_l0, h_seq, lengths, weight_hh_l0_T, x_proj_seq):
     h_prev_proj = np.empty((B, weight_hh_l0_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    bias_hh_l0_flat = bias_hh_l0.reshape(-1)
+    bias_ih_l0_flat = bias_ih_l0.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], weight_hh_l0_T, h_prev_proj)  # weight_hh_l0_0_h_prev
-        rnn_tanh_torch_forward_loop0(B, 1, t, n_in, n_hidden, n_out, bias_hh_l0.reshape(-1), bias_ih_l0.reshape(-1), h_prev_proj.reshape(-1), x_proj_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        rnn_tanh_torch_forward_loop0(B, 1, t, n_in, n_hidden, n_out, bias_hh_l0_flat, bias_ih_l0_flat, h_prev_proj_flat, x_proj_seq_flat, h_seq_flat, lengths_flat)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, h_seq, weight_hh_l0):
     d_h_prev_from_h_prev_proj_spare = np.empty((B, weight_hh_l0.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    h_seq_flat_1 = h_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
-        rnn_tanh_torch_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq.reshape(-1), h_seq.reshape(-1))
+        rnn_tanh_torch_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, h_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], weight_hh_l0, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_from_h_prev_proj,
