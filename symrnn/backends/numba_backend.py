@@ -36,13 +36,17 @@ figures in benchmarks/RESULTS.md):
   step of a row 32 KB from the next) took 10x as long as (t, row, unit): minGRU's backward
   kernel at T=100, B=32, H=256 float32, 10.2 ms against 1.0 ms.  A kernel whose prologue
   holds anything else keeps the (row, unit, t) order.
-* **float32 exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
-  ``_exp_float32``, ``_tanh_float32``): numba calls libm one number at a time (PyPI's
-  llvmlite has no SVML), 5 of them per unit of an LSTM step cost 10x the step's
-  arithmetic.  Pure arithmetic (Cody-Waite + Cephes' polynomial; Eigen's rational tanh)
-  within 1 and 7 ulp, inlined (``forceinline``) so that LLVM vectorizes the units' loop.
-  sigmoid stays ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through
-  that exp.  float64 keeps libm (the finite-difference checks need it exact).
+* **exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
+  ``_exp_float32``, ``_tanh_float32``, ``_exp_float64``, ``_tanh_float64``): numba calls libm
+  one number at a time (PyPI's llvmlite has no SVML), 5 of them per unit of an LSTM step
+  cost 10x the step's arithmetic.  Pure arithmetic, inlined (``forceinline``) so that LLVM
+  vectorizes the units' loop: float32 (Cody-Waite + Cephes' polynomial; Eigen's rational
+  tanh) within 1 and 7 ulp; float64 (Cody-Waite + Cephes' rational exp; Cephes' tanh,
+  ``1 - 2 / (exp(2x) + 1)`` beyond 0.625) within 2 ulp (benchmarks/float64_math.py: 1.58 and
+  1.40 ulp on 1.2 million points each; 1.7x and 3.8x libm's speed), which made the float64
+  modules 0.50-0.70x as long at T=50, B=16, H=32 (rnn_tanh_torch, lstm_torch, gru_torch,
+  mgu) and 0.81-0.93x at T=100, B=32, H=256 (benchmarks/numba_ab.py).  sigmoid stays
+  ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through that exp.
 * **Indices are ``U(...)``** (np.uint64): numba checks a signed index for wraparound, a
   branch per access that stops LLVM from vectorizing.
 * **LLVM's limits on run-time alias checks are raised** (the template sets two LLVM
@@ -88,9 +92,9 @@ LOOP_ARGS = ("T", "B", "n_in", "n_hidden", "n_out", "dtype")
 REDUCE_INTO = {f"_{name}_units_to": name for name in ("sum", "mean", "logsumexp")}
 
 #: the ops' libm functions that the kernels call through the module's own (the template's
-#: ``_exp``, ``_tanh``): libm's in float64; in float32 pure arithmetic that LLVM vectorizes
-#: (numba's libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors
-#: the template states (measured by benchmarks/float32_math.py)
+#: ``_exp``, ``_tanh``): pure arithmetic that LLVM vectorizes, float32 and float64 (numba's
+#: libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors the template
+#: states (measured by benchmarks/float32_math.py, benchmarks/float64_math.py)
 VECTORIZED = {"exp": "_exp", "tanh": "_tanh"}
 
 
