@@ -25,8 +25,12 @@ parameter, x, the initial states) before it is timed.  ``--products`` also times
 product alone: numba's np.dot (SciPy's OpenBLAS) against the numba module's ``_gemm`` (NumPy's
 OpenBLAS) and NumPy's np.dot, at the LSTM's and GRU's step shapes.
 
-Every column runs on one thread: run it with OPENBLAS_NUM_THREADS=1 (numba's np.dot and
-NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  The implementations alternate within each round (the order rotates), after a warm-up;
+Every column is meant to run on one thread: run it with OPENBLAS_NUM_THREADS=1 (numba's np.dot and
+NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  XLA's CPU runtime
+starts threads of its own all the same (measured: JAX's CPU time over its timed calls is up
+to 2x its wall time on 2 cores); the table below the ratios gives each column's CPU time /
+wall time, and ``--one-core`` pins the whole process (every thread it starts) to one core,
+so that JAX also runs on one (``--busy`` then spins on the other cores).  The implementations alternate within each round (the order rotates), after a warm-up;
 reported: medians, ratios numba/other with their per-round range. ``--busy`` runs a competing
 busy process (a spinning Python loop) for the whole run. ``--write`` replaces this script's
 section of benchmarks/RESULTS.md.
@@ -59,7 +63,9 @@ TORCH_CELLS = {"rnn_tanh_torch": "RNN", "lstm_torch": "LSTM", "gru_torch": "GRU"
 SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "antisymmetric_rnn", "rg_lru",
               "elman_classifier", "layer_norm_lstm")
 SETUP = {}  # (cell, size, dtype, column) -> seconds to build the column (torch.compile: its compilation)
+CPU = {}  # (cell, size, dtype) -> {column: CPU time / wall time of its timed calls (1: one busy core; 2: two)}
 SECTION = "## Compiled backend (numba): benchmarks/custom_cpu.py"
+COLUMNS = ("numba", "numpy", "torch", "jax", "eager", "compile", "gemm")
 
 
 def inputs(cell, size, dtype):
@@ -242,12 +248,17 @@ def bench(cell, size, dtype, rounds, compile_sizes=()):
         reps[name] = max(1, min(50, int(0.15 / max(time.perf_counter() - t0, 1e-6))))
     samples = {name: [] for name in steps}
     names = list(steps)
+    cpu = {name: [0.0, 0.0] for name in steps}  # the process's CPU seconds (every thread) and wall seconds of the timed calls
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(reps[name]):
                 steps[name]()
-            samples[name].append((time.perf_counter() - t0) / reps[name])
+            wall = time.perf_counter() - t0
+            cpu[name][0] += time.process_time() - c0
+            cpu[name][1] += wall
+            samples[name].append(wall / reps[name])
+    CPU[(cell, size, np.dtype(dtype).name)] = {name: c / w for name, (c, w) in cpu.items()}
     return samples, failed
 
 
@@ -329,7 +340,9 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def spin(stop):
+def spin(stop, cores=None):
+    if cores:  # off the core the benchmark is pinned to (--one-core)
+        os.sched_setaffinity(0, cores)
     while not stop.is_set():
         pass
 
@@ -349,11 +362,17 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--first-call", action="store_true")
+    ap.add_argument("--one-core", action="store_true",
+                    help="pin this process (every thread it starts: XLA's, BLAS's) to one core, so that every column runs on one core")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--label", default="", help="added to the section's title (a run of its own: --write replaces only it)")
     args = ap.parse_args(argv)
+    cores = os.sched_getaffinity(0)
+    if args.one_core:  # before jax, torch or BLAS start their threads: they inherit it
+        os.sched_setaffinity(0, {min(cores)})
     stop = multiprocessing.Event()
-    busy = multiprocessing.Process(target=spin, args=(stop,), daemon=True) if args.busy else None
+    others = (cores - {min(cores)}) if args.one_core else None
+    busy = multiprocessing.Process(target=spin, args=(stop, others), daemon=True) if args.busy else None
     if busy:
         busy.start()
     versions = [f"Python {platform.python_version()}", f"NumPy {np.__version__}", f"numba {importlib.import_module('numba').__version__}"]
@@ -368,7 +387,9 @@ def main(argv=None):
              f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, "
              f"{os.cpu_count()} cores, {', '.join(versions)}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
              f"XLA_FLAGS={os.environ['XLA_FLAGS']}; load average at the start {load[0]:.1f} (a shared machine); "
-             f"busy process on the other core: {'yes' if busy else 'no'}; {args.rounds} rounds, medians; "
+             f"busy process on the other core: {'yes' if busy else 'no'}; "
+             f"{'this process pinned to one core (os.sched_setaffinity: every column on one core); ' if args.one_core else ''}"
+             f"{args.rounds} rounds, medians; "
              "ratio = numba / column, median over rounds (min-max); below 1: numba is faster.", "",
              "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/torch eager "
              "| numba/torch.compile | numba/GEMM bound |",
@@ -392,6 +413,12 @@ def main(argv=None):
         if busy:
             stop.set()
             busy.join()
+    lines += ["", "CPU time / wall time of each column's timed calls (the process's CPU seconds, every thread, "
+              "os.times via time.process_time; 1.0: one core busy, above 1: more than one core):", "",
+              "| cell | size | dtype | " + " | ".join(COLUMNS) + " |", "| --- | --- | --- |" + " --- |" * len(COLUMNS)]
+    for (cell, size, dtype), ratios in CPU.items():
+        lines.append(f"| {cell} | {size} | {dtype} | " + " | ".join(f"{ratios[k]:.2f}" if k in ratios else "-" for k in COLUMNS) + " |")
+    print("\n".join(lines[-len(CPU) - 2:]), flush=True)
     compiled = sorted((k, v) for k, v in SETUP.items() if k[3] == "compile")
     if compiled:
         lines += ["", "torch.compile's compilation of the step (the first call, seconds): "

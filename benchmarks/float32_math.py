@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The errors of the numba modules' float32 exp and tanh (generated/<cell>_numba.py's
-``_exp_float32``, ``_tanh_float32``; float64 kernels call libm), over every float32.
+``_exp_float32``, ``_tanh_float32``; float64: benchmarks/float64_math.py), over every float32.
 
     python benchmarks/float32_math.py [--stride N] [--write]
 

@@ -523,19 +523,22 @@ def _check_target(target, y):
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-# The kernels' exp and tanh: in float64 libm's (np.exp, np.tanh); in float32 pure arithmetic
-# that LLVM vectorizes over the units (numba calls libm one number at a time: PyPI's
-# llvmlite has no SVML): within 1 ulp (exp) and 7 ulp (tanh) of the exact values where they
-# are normal float32 numbers (measured on every 16th float32 by symrnn's
-# benchmarks/float32_math.py: 0.99 and 6.5 ulp; NumPy's float32 exp: 2.5, tanh: 1.4).
+# The kernels' exp and tanh: pure arithmetic that LLVM vectorizes over the units (numba calls
+# libm one number at a time: PyPI's llvmlite has no SVML).  float32: within 1 ulp (exp) and
+# 7 ulp (tanh) of the exact values where they are normal float32 numbers (measured on every
+# 16th float32 by symrnn's benchmarks/float32_math.py: 0.99 and 6.5 ulp; NumPy's float32 exp:
+# 2.5, tanh: 1.4).  float64: within 2 ulp of the exact values where they are normal float64
+# numbers (measured by symrnn's benchmarks/float64_math.py against 120-bit values on 1.2 million
+# seeded points each: exp 1.58, tanh 1.40 ulp; NumPy's: 0.72 and 1.17), exp 0 where its value is
+# subnormal (x < -708.4); 1.7x (exp) and 3.8x (tanh) libm's speed in a compiled loop.
 def _exp(x):
-    """exp(x) in the kernels (compiled: float64 np.exp, float32 _exp_float32)."""
+    """exp(x) in the kernels (compiled: _exp_float32, _exp_float64)."""
     return np.exp(x)
 
 
 @overload(_exp, jit_options={"error_model": "numpy"}, inline="always")
 def _exp_compiled(x):
-    return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: np.exp(x))
+    return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: _exp_float64(x))
 
 
 @numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
@@ -581,14 +584,65 @@ def _exp_float32(x):
     return S(0) if x < S(-87.33654) else (e if x <= S(88.72283) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _exp_float64(x):
+    """exp of a float64 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
+    (Cody-Waite reduction; Cephes' exp: exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)));
+    0 below -708.39 (a subnormal result)."""
+    S = np.float64
+    a = min(max(x, S(-708.3964185322641)), S(709.782712893384))
+    n = (a * S(1.4426950408889634) + S(6755399441055744.0)) - S(6755399441055744.0)  # round: 1.5 * 2^52 drops the fraction
+    r = a - n * S(6.93145751953125e-1) - n * S(1.42860682030941723212e-6)  # ln 2 in two parts (n times the first is exact)
+    rr = r * r
+    p = (S(1.26177193074810590878e-4) * rr + S(3.02994407707441961300e-2)) * rr + S(9.99999999999999999910e-1)
+    p = p * r
+    q = ((S(3.00198505138664455042e-6) * rr + S(2.52448340349684104192e-3)) * rr + S(2.27265548208155028766e-1)) * rr + S(2.00000000000000000009e0)
+    e = S(1) + S(2) * (p / (q - p))
+    # times 2^n, n in [-1022, 1024], by the binary digits of |n| (exact: powers of two)
+    k = abs(n)
+    two = S(2) if n > S(0) else S(0.5)
+    if k > S(1023):  # 2^1024 is not a float64
+        e, k = e * two, k - S(1)
+    two2 = two * two
+    two4 = two2 * two2
+    two8 = two4 * two4
+    two16 = two8 * two8
+    two32 = two16 * two16
+    two64 = two32 * two32
+    two128 = two64 * two64
+    two256 = two128 * two128
+    two512 = two256 * two256
+    if k >= S(512):
+        e, k = e * two512, k - S(512)
+    if k >= S(256):
+        e, k = e * two256, k - S(256)
+    if k >= S(128):
+        e, k = e * two128, k - S(128)
+    if k >= S(64):
+        e, k = e * two64, k - S(64)
+    if k >= S(32):
+        e, k = e * two32, k - S(32)
+    if k >= S(16):
+        e, k = e * two16, k - S(16)
+    if k >= S(8):
+        e, k = e * two8, k - S(8)
+    if k >= S(4):
+        e, k = e * two4, k - S(4)
+    if k >= S(2):
+        e, k = e * two2, k - S(2)
+    if k >= S(1):
+        e = e * two
+    return S(0) if x < S(-708.3964185322641) else (e if x <= S(709.782712893384) else (S(np.inf) if x > S(0) else x))  # x: NaN
+
+
 def _tanh(x):
-    """tanh(x) in the kernels (compiled: float64 np.tanh, float32 _tanh_float32)."""
+    """tanh(x) in the kernels (compiled: _tanh_float32, _tanh_float64)."""
     return np.tanh(x)
 
 
 @overload(_tanh, jit_options={"error_model": "numpy"}, inline="always")
 def _tanh_compiled(x):
-    return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: np.tanh(x))
+    return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: _tanh_float64(x))
 
 
 @numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
@@ -610,6 +664,21 @@ def _tanh_float32(x):
     q = q * c2 + S(2.26843463243900e-03)
     q = q * c2 + S(4.89352518554385e-03)
     return c * p / q if abs(x) >= S(0.0004) else x  # x: also NaN
+
+
+@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+def _tanh_float64(x):
+    """tanh of a float64: x + x^3 P(x^2) / Q(x^2) where |x| <= 0.625 (Cephes' tanh), else
+    sign(x) (1 - 2 / (exp(2 |x|) + 1)) with |x| clamped to 22 (beyond, tanh is 1 in float64)."""
+    S = np.float64
+    z = x * x
+    p = (S(-9.64399179425052238628e-1) * z + S(-9.92877231001918586564e1)) * z + S(-1.61468768441708447952e3)
+    q = ((z + S(1.12811678491632931402e2)) * z + S(2.23548839060100448583e3)) * z + S(4.84406305325125486048e3)
+    small = x + x * z * (p / q)
+    a = min(abs(x), S(22))
+    big = S(1) - S(2) / (_exp_float64(a + a) + S(1))
+    big = big if x > S(0) else -big
+    return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
@@ -1168,6 +1237,22 @@ def _mean_units(a):
 
 
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _mean_units_to(a, out):
+    """The mean over the units of each row of ``a`` (..., n) written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        total = rows[i, 0]
+        for j in range(1, n):
+            total += rows[i, j]
+        values[i] = total / n
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _sum_units(a):
     """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
     n = a.shape[-1]
@@ -1179,6 +1264,22 @@ def _sum_units(a):
             total += rows[i, j]
         out[i, 0] = total
     return out.reshape(a.shape[:-1] + (1,))
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_units_to(a, out, divisor):
+    """The sum over the units of each row of ``a`` (..., n), divided by divisor, written into ``out``
+    (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    values = out.reshape(-1)
+    if values.shape[0] != rows.shape[0]:
+        raise ValueError("out has not one value per row of a")
+    for i in range(rows.shape[0]):
+        total = rows[i, 0]
+        for j in range(1, n):
+            total += rows[i, j]
+        values[i] = total / divisor
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled
@@ -1242,23 +1343,63 @@ def _gemm_compiled(a, b, out):
 @numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, R_T, b, beta_c, c_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, h_seq, i_seq, lengths, mean_in_msd_r_f_seq, mean_in_msd_r_g_seq, mean_in_msd_r_i_seq, mean_in_msd_r_o_seq, mean_in_var_c_seq, mean_rh_f_seq, mean_rh_g_seq, mean_rh_i_seq, mean_rh_o_seq, msd_r_f_seq, msd_r_g_seq, msd_r_i_seq, msd_r_o_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
     h_prev_proj = np.empty((B, R_T.shape[1]), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    b_flat = b.reshape(-1)
+    beta_c_flat = beta_c.reshape(-1)
+    c_seq_flat = c_seq.reshape(-1)
+    f_seq_flat = f_seq.reshape(-1)
+    g_seq_flat = g_seq.reshape(-1)
+    gamma_c_flat = gamma_c.reshape(-1)
+    gamma_r_flat = gamma_r.reshape(-1)
+    gamma_x_flat = gamma_x.reshape(-1)
+    h_prev_proj_flat = h_prev_proj.reshape(-1)
+    h_seq_flat = h_seq.reshape(-1)
+    i_seq_flat = i_seq.reshape(-1)
+    lengths_flat = lengths.reshape(-1)
+    mean_in_msd_r_f_seq_flat = mean_in_msd_r_f_seq.reshape(-1)
+    mean_in_msd_r_g_seq_flat = mean_in_msd_r_g_seq.reshape(-1)
+    mean_in_msd_r_i_seq_flat = mean_in_msd_r_i_seq.reshape(-1)
+    mean_in_msd_r_o_seq_flat = mean_in_msd_r_o_seq.reshape(-1)
+    mean_in_var_c_seq_flat = mean_in_var_c_seq.reshape(-1)
+    mean_rh_f_seq_flat = mean_rh_f_seq.reshape(-1)
+    mean_rh_g_seq_flat = mean_rh_g_seq.reshape(-1)
+    mean_rh_i_seq_flat = mean_rh_i_seq.reshape(-1)
+    mean_rh_o_seq_flat = mean_rh_o_seq.reshape(-1)
+    msd_r_f_seq_flat = msd_r_f_seq.reshape(-1)
+    msd_r_g_seq_flat = msd_r_g_seq.reshape(-1)
+    msd_r_i_seq_flat = msd_r_i_seq.reshape(-1)
+    msd_r_o_seq_flat = msd_r_o_seq.reshape(-1)
+    mu_c_seq_flat = mu_c_seq.reshape(-1)
+    mu_r_seq_flat = mu_r_seq.reshape(-1)
+    mu_x_seq_flat = mu_x_seq.reshape(-1)
+    o_seq_flat = o_seq.reshape(-1)
+    rh_f_seq_flat = rh_f_seq.reshape(-1)
+    rh_g_seq_flat = rh_g_seq.reshape(-1)
+    rh_i_seq_flat = rh_i_seq.reshape(-1)
+    rh_o_seq_flat = rh_o_seq.reshape(-1)
+    rstd_r_seq_flat = rstd_r_seq.reshape(-1)
+    rstd_x_seq_flat = rstd_x_seq.reshape(-1)
+    tanh_c_norm_seq_flat = tanh_c_norm_seq.reshape(-1)
+    var_c_seq_flat = var_c_seq.reshape(-1)
+    var_r_seq_flat = var_r_seq.reshape(-1)
+    x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
         _gemm(h_seq[t], R_T, h_prev_proj)  # rh_i, rh_g, rh_f, rh_o
-        layer_norm_lstm_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj.reshape(-1), rh_i_seq.reshape(-1), rh_g_seq.reshape(-1), rh_f_seq.reshape(-1), rh_o_seq.reshape(-1))
-        mean_rh_f_seq[t] = _mean_units(rh_f_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_g_seq[t] = _mean_units(rh_g_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_i_seq[t] = _mean_units(rh_i_seq[t])  # eq:layer_norm_lstm:mu_r
-        mean_rh_o_seq[t] = _mean_units(rh_o_seq[t])  # eq:layer_norm_lstm:mu_r
-        layer_norm_lstm_forward_loop1(B, 1, t, n_in, n_hidden, n_out, mean_rh_f_seq.reshape(-1), mean_rh_g_seq.reshape(-1), mean_rh_i_seq.reshape(-1), mean_rh_o_seq.reshape(-1), mu_r_seq.reshape(-1), rh_i_seq.reshape(-1), mean_in_msd_r_i_seq.reshape(-1), rh_g_seq.reshape(-1), mean_in_msd_r_g_seq.reshape(-1), rh_f_seq.reshape(-1), mean_in_msd_r_f_seq.reshape(-1), rh_o_seq.reshape(-1), mean_in_msd_r_o_seq.reshape(-1))
-        msd_r_i_seq[t] = _mean_units(mean_in_msd_r_i_seq[t])  # eq:layer_norm_lstm:msd_r_i
-        msd_r_g_seq[t] = _mean_units(mean_in_msd_r_g_seq[t])  # eq:layer_norm_lstm:msd_r_g
-        msd_r_f_seq[t] = _mean_units(mean_in_msd_r_f_seq[t])  # eq:layer_norm_lstm:msd_r_f
-        msd_r_o_seq[t] = _mean_units(mean_in_msd_r_o_seq[t])  # eq:layer_norm_lstm:msd_r_o
-        layer_norm_lstm_forward_loop2(B, 1, t, n_in, n_hidden, n_out, msd_r_f_seq.reshape(-1), msd_r_g_seq.reshape(-1), msd_r_i_seq.reshape(-1), msd_r_o_seq.reshape(-1), var_r_seq.reshape(-1), rstd_r_seq.reshape(-1), b.reshape(-1), gamma_r.reshape(-1), gamma_x.reshape(-1), mu_r_seq.reshape(-1), mu_x_seq.reshape(-1), rh_i_seq.reshape(-1), rstd_x_seq.reshape(-1), x_proj_seq.reshape(-1), i_seq.reshape(-1), rh_g_seq.reshape(-1), g_seq.reshape(-1), rh_f_seq.reshape(-1), f_seq.reshape(-1), rh_o_seq.reshape(-1), o_seq.reshape(-1), c_seq.reshape(-1), lengths.reshape(-1))
-        mu_c_seq[t] = _mean_units(c_seq[t + 1])  # eq:layer_norm_lstm:mu_c
-        layer_norm_lstm_forward_loop3(B, 1, t, n_in, n_hidden, n_out, c_seq.reshape(-1), mu_c_seq.reshape(-1), mean_in_var_c_seq.reshape(-1))
-        var_c_seq[t] = _mean_units(mean_in_var_c_seq[t])  # eq:layer_norm_lstm:var_c
-        layer_norm_lstm_forward_loop4(B, 1, t, n_in, n_hidden, n_out, beta_c.reshape(-1), c_seq.reshape(-1), gamma_c.reshape(-1), mu_c_seq.reshape(-1), var_c_seq.reshape(-1), tanh_c_norm_seq.reshape(-1), o_seq.reshape(-1), h_seq.reshape(-1), lengths.reshape(-1))
+        layer_norm_lstm_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, rh_i_seq_flat, rh_g_seq_flat, rh_f_seq_flat, rh_o_seq_flat)
+        _mean_units_to(rh_f_seq[t], mean_rh_f_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_g_seq[t], mean_rh_g_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_i_seq[t], mean_rh_i_seq[t])  # eq:layer_norm_lstm:mu_r
+        _mean_units_to(rh_o_seq[t], mean_rh_o_seq[t])  # eq:layer_norm_lstm:mu_r
+        layer_norm_lstm_forward_loop1(B, 1, t, n_in, n_hidden, n_out, mean_rh_f_seq_flat, mean_rh_g_seq_flat, mean_rh_i_seq_flat, mean_rh_o_seq_flat, mu_r_seq_flat, rh_i_seq_flat, mean_in_msd_r_i_seq_flat, rh_g_seq_flat, mean_in_msd_r_g_seq_flat, rh_f_seq_flat, mean_in_msd_r_f_seq_flat, rh_o_seq_flat, mean_in_msd_r_o_seq_flat)
+        _mean_units_to(mean_in_msd_r_i_seq[t], msd_r_i_seq[t])  # eq:layer_norm_lstm:msd_r_i
+        _mean_units_to(mean_in_msd_r_g_seq[t], msd_r_g_seq[t])  # eq:layer_norm_lstm:msd_r_g
+        _mean_units_to(mean_in_msd_r_f_seq[t], msd_r_f_seq[t])  # eq:layer_norm_lstm:msd_r_f
+        _mean_units_to(mean_in_msd_r_o_seq[t], msd_r_o_seq[t])  # eq:layer_norm_lstm:msd_r_o
+        layer_norm_lstm_forward_loop2(B, 1, t, n_in, n_hidden, n_out, msd_r_f_seq_flat, msd_r_g_seq_flat, msd_r_i_seq_flat, msd_r_o_seq_flat, var_r_seq_flat, rstd_r_seq_flat, b_flat, gamma_r_flat, gamma_x_flat, mu_r_seq_flat, mu_x_seq_flat, rh_i_seq_flat, rstd_x_seq_flat, x_proj_seq_flat, i_seq_flat, rh_g_seq_flat, g_seq_flat, rh_f_seq_flat, f_seq_flat, rh_o_seq_flat, o_seq_flat, c_seq_flat, lengths_flat)
+        _mean_units_to(c_seq[t + 1], mu_c_seq[t])  # eq:layer_norm_lstm:mu_c
+        layer_norm_lstm_forward_loop3(B, 1, t, n_in, n_hidden, n_out, c_seq_flat, mu_c_seq_flat, mean_in_var_c_seq_flat)
+        _mean_units_to(mean_in_var_c_seq[t], var_c_seq[t])  # eq:layer_norm_lstm:var_c
+        layer_norm_lstm_forward_loop4(B, 1, t, n_in, n_hidden, n_out, beta_c_flat, c_seq_flat, gamma_c_flat, mu_c_seq_flat, var_c_seq_flat, tanh_c_norm_seq_flat, o_seq_flat, h_seq_flat, lengths_flat)
     return mu_c_seq, var_c_seq
 
 
@@ -1289,35 +1430,111 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_se
     d_rh_f_from1 = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_rh_o_from1 = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_h_prev_from_h_prev_proj_spare = np.empty((B, R.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    d_var_c_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mu_c_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_o_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_f_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_g_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_msd_r_i_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_o_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_i_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_g_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    d_mean_rh_f_sum = np.empty((B, 1), dtype)  # one buffer for every step
+    # the arrays' flat views that the kernels index, made once (not per step and kernel)
+    c_seq_flat_1 = c_seq.reshape(-1)
+    d_b_0_loop2_seq_flat = d_b_0_loop2_seq.reshape(-1)
+    d_b_1_loop2_seq_flat = d_b_1_loop2_seq.reshape(-1)
+    d_b_2_loop2_seq_flat = d_b_2_loop2_seq.reshape(-1)
+    d_b_3_loop2_seq_flat = d_b_3_loop2_seq.reshape(-1)
+    d_beta_c_loop4_seq_flat = d_beta_c_loop4_seq.reshape(-1)
+    d_c_from3_flat = d_c_from3.reshape(-1)
+    d_c_from4_flat = d_c_from4.reshape(-1)
+    d_c_seq_flat = d_c_seq.reshape(-1)
+    d_gamma_c_loop4_seq_flat = d_gamma_c_loop4_seq.reshape(-1)
+    d_gamma_r_0_loop2_seq_flat = d_gamma_r_0_loop2_seq.reshape(-1)
+    d_gamma_r_1_loop2_seq_flat = d_gamma_r_1_loop2_seq.reshape(-1)
+    d_gamma_r_2_loop2_seq_flat = d_gamma_r_2_loop2_seq.reshape(-1)
+    d_gamma_r_3_loop2_seq_flat = d_gamma_r_3_loop2_seq.reshape(-1)
+    d_gamma_x_0_loop2_seq_flat = d_gamma_x_0_loop2_seq.reshape(-1)
+    d_gamma_x_1_loop2_seq_flat = d_gamma_x_1_loop2_seq.reshape(-1)
+    d_gamma_x_2_loop2_seq_flat = d_gamma_x_2_loop2_seq.reshape(-1)
+    d_gamma_x_3_loop2_seq_flat = d_gamma_x_3_loop2_seq.reshape(-1)
+    d_h_from_h_proj_seq_flat = d_h_from_h_proj_seq.reshape(-1)
+    d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
+    d_h_seq_flat = d_h_seq.reshape(-1)
+    d_mean_rh_f_flat = d_mean_rh_f.reshape(-1)
+    d_mean_rh_f_sum_flat = d_mean_rh_f_sum.reshape(-1)
+    d_mean_rh_g_flat = d_mean_rh_g.reshape(-1)
+    d_mean_rh_g_sum_flat = d_mean_rh_g_sum.reshape(-1)
+    d_mean_rh_i_flat = d_mean_rh_i.reshape(-1)
+    d_mean_rh_i_sum_flat = d_mean_rh_i_sum.reshape(-1)
+    d_mean_rh_o_flat = d_mean_rh_o.reshape(-1)
+    d_mean_rh_o_sum_flat = d_mean_rh_o_sum.reshape(-1)
+    d_msd_r_f_flat = d_msd_r_f.reshape(-1)
+    d_msd_r_f_sum_flat = d_msd_r_f_sum.reshape(-1)
+    d_msd_r_g_flat = d_msd_r_g.reshape(-1)
+    d_msd_r_g_sum_flat = d_msd_r_g_sum.reshape(-1)
+    d_msd_r_i_flat = d_msd_r_i.reshape(-1)
+    d_msd_r_i_sum_flat = d_msd_r_i_sum.reshape(-1)
+    d_msd_r_o_flat = d_msd_r_o.reshape(-1)
+    d_msd_r_o_sum_flat = d_msd_r_o_sum.reshape(-1)
+    d_mu_c_flat = d_mu_c.reshape(-1)
+    d_mu_c_from4_flat = d_mu_c_from4.reshape(-1)
+    d_mu_c_sum_flat = d_mu_c_sum.reshape(-1)
+    d_mu_r_from2_flat = d_mu_r_from2.reshape(-1)
+    d_mu_x_loop2_seq_flat = d_mu_x_loop2_seq.reshape(-1)
+    d_o_from4_flat = d_o_from4.reshape(-1)
+    d_rh_f_from1_flat = d_rh_f_from1.reshape(-1)
+    d_rh_f_from2_flat = d_rh_f_from2.reshape(-1)
+    d_rh_g_from1_flat = d_rh_g_from1.reshape(-1)
+    d_rh_g_from2_flat = d_rh_g_from2.reshape(-1)
+    d_rh_i_from1_flat = d_rh_i_from1.reshape(-1)
+    d_rh_i_from2_flat = d_rh_i_from2.reshape(-1)
+    d_rh_o_from1_flat = d_rh_o_from1.reshape(-1)
+    d_rh_o_from2_flat = d_rh_o_from2.reshape(-1)
+    d_rstd_x_loop2_seq_flat = d_rstd_x_loop2_seq.reshape(-1)
+    d_var_c_flat = d_var_c.reshape(-1)
+    d_var_c_sum_flat = d_var_c_sum.reshape(-1)
+    d_x_proj_seq_flat = d_x_proj_seq.reshape(-1)
+    f_seq_flat_1 = f_seq.reshape(-1)
+    g_seq_flat_1 = g_seq.reshape(-1)
+    gamma_c_flat_1 = gamma_c.reshape(-1)
+    gamma_r_flat_1 = gamma_r.reshape(-1)
+    gamma_x_flat_1 = gamma_x.reshape(-1)
+    i_seq_flat_1 = i_seq.reshape(-1)
+    mu_c_seq_flat_1 = mu_c_seq.reshape(-1)
+    mu_r_seq_flat_1 = mu_r_seq.reshape(-1)
+    mu_x_seq_flat_1 = mu_x_seq.reshape(-1)
+    o_seq_flat_1 = o_seq.reshape(-1)
+    rh_f_seq_flat_1 = rh_f_seq.reshape(-1)
+    rh_g_seq_flat_1 = rh_g_seq.reshape(-1)
+    rh_i_seq_flat_1 = rh_i_seq.reshape(-1)
+    rh_o_seq_flat_1 = rh_o_seq.reshape(-1)
+    rstd_r_seq_flat_1 = rstd_r_seq.reshape(-1)
+    rstd_x_seq_flat_1 = rstd_x_seq.reshape(-1)
+    tanh_c_norm_seq_flat_1 = tanh_c_norm_seq.reshape(-1)
+    var_c_seq_flat_1 = var_c_seq.reshape(-1)
+    var_r_seq_flat_1 = var_r_seq.reshape(-1)
+    x_proj_seq_flat_1 = x_proj_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_c_prev_2_next = d_c_prev_2
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_2, d_c_prev_2_spare = d_c_prev_2_spare, d_c_prev_2  # this step's buffer; the other holds step t + 1's
-        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_h_proj_seq.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c.reshape(-1), d_gamma_c_loop4_seq.reshape(-1), d_beta_c_loop4_seq.reshape(-1), d_o_from4.reshape(-1), d_c_from4.reshape(-1), d_mu_c_from4.reshape(-1), o_seq.reshape(-1), tanh_c_norm_seq.reshape(-1), gamma_c.reshape(-1), var_c_seq.reshape(-1), c_seq.reshape(-1), mu_c_seq.reshape(-1))
-        d_var_c_sum = _sum_units(d_var_c)  # sum over the units of d_var_c
-        d_var_c_sum = d_var_c_sum/n_hidden
-        layer_norm_lstm_backward_loop3(B, 1, t, n_in, n_hidden, n_out, d_var_c_sum.reshape(-1), d_mu_c_from4.reshape(-1), d_mu_c.reshape(-1), d_c_from3.reshape(-1), c_seq.reshape(-1), mu_c_seq.reshape(-1))
-        d_mu_c_sum = _sum_units(d_mu_c)  # sum over the units of d_mu_c
-        d_mu_c_sum = d_mu_c_sum/n_hidden
-        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq.reshape(-1), d_c_prev_2_next.reshape(-1), d_c_from4.reshape(-1), d_mu_c_sum.reshape(-1), d_c_from3.reshape(-1), d_o_from4.reshape(-1), d_msd_r_o.reshape(-1), d_msd_r_f.reshape(-1), d_msd_r_g.reshape(-1), d_msd_r_i.reshape(-1), d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_seq.reshape(-1), d_gamma_x_0_loop2_seq.reshape(-1), d_b_0_loop2_seq.reshape(-1), d_gamma_r_1_loop2_seq.reshape(-1), d_gamma_x_1_loop2_seq.reshape(-1), d_b_1_loop2_seq.reshape(-1), d_gamma_r_2_loop2_seq.reshape(-1), d_gamma_x_2_loop2_seq.reshape(-1), d_b_2_loop2_seq.reshape(-1), d_gamma_r_3_loop2_seq.reshape(-1), d_gamma_x_3_loop2_seq.reshape(-1), d_b_3_loop2_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_mu_x_loop2_seq.reshape(-1), d_rstd_x_loop2_seq.reshape(-1), d_rh_i_from2.reshape(-1), d_rh_g_from2.reshape(-1), d_rh_f_from2.reshape(-1), d_rh_o_from2.reshape(-1), d_mu_r_from2.reshape(-1), c_seq.reshape(-1), i_seq.reshape(-1), g_seq.reshape(-1), mu_r_seq.reshape(-1), rh_g_seq.reshape(-1), gamma_r.reshape(-1), rh_f_seq.reshape(-1), f_seq.reshape(-1), rh_i_seq.reshape(-1), rh_o_seq.reshape(-1), o_seq.reshape(-1), var_r_seq.reshape(-1), rstd_r_seq.reshape(-1), rstd_x_seq.reshape(-1), mu_x_seq.reshape(-1), x_proj_seq.reshape(-1), gamma_x.reshape(-1))
-        d_msd_r_o_sum = _sum_units(d_msd_r_o)  # sum over the units of d_msd_r_o
-        d_msd_r_o_sum = d_msd_r_o_sum/n_hidden
-        d_msd_r_f_sum = _sum_units(d_msd_r_f)  # sum over the units of d_msd_r_f
-        d_msd_r_f_sum = d_msd_r_f_sum/n_hidden
-        d_msd_r_g_sum = _sum_units(d_msd_r_g)  # sum over the units of d_msd_r_g
-        d_msd_r_g_sum = d_msd_r_g_sum/n_hidden
-        d_msd_r_i_sum = _sum_units(d_msd_r_i)  # sum over the units of d_msd_r_i
-        d_msd_r_i_sum = d_msd_r_i_sum/n_hidden
-        layer_norm_lstm_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_msd_r_o_sum.reshape(-1), d_msd_r_f_sum.reshape(-1), d_msd_r_g_sum.reshape(-1), d_msd_r_i_sum.reshape(-1), d_mu_r_from2.reshape(-1), d_mean_rh_o.reshape(-1), d_mean_rh_i.reshape(-1), d_mean_rh_g.reshape(-1), d_mean_rh_f.reshape(-1), d_rh_i_from1.reshape(-1), d_rh_g_from1.reshape(-1), d_rh_f_from1.reshape(-1), d_rh_o_from1.reshape(-1), mu_r_seq.reshape(-1), rh_f_seq.reshape(-1), rh_g_seq.reshape(-1), rh_i_seq.reshape(-1), rh_o_seq.reshape(-1))
-        d_mean_rh_o_sum = _sum_units(d_mean_rh_o)  # sum over the units of d_mean_rh_o
-        d_mean_rh_o_sum = d_mean_rh_o_sum/n_hidden
-        d_mean_rh_i_sum = _sum_units(d_mean_rh_i)  # sum over the units of d_mean_rh_i
-        d_mean_rh_i_sum = d_mean_rh_i_sum/n_hidden
-        d_mean_rh_g_sum = _sum_units(d_mean_rh_g)  # sum over the units of d_mean_rh_g
-        d_mean_rh_g_sum = d_mean_rh_g_sum/n_hidden
-        d_mean_rh_f_sum = _sum_units(d_mean_rh_f)  # sum over the units of d_mean_rh_f
-        d_mean_rh_f_sum = d_mean_rh_f_sum/n_hidden
-        layer_norm_lstm_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_rh_o_from2.reshape(-1), d_mean_rh_o_sum.reshape(-1), d_rh_o_from1.reshape(-1), d_h_prev_proj_seq.reshape(-1), d_rh_f_from2.reshape(-1), d_mean_rh_f_sum.reshape(-1), d_rh_f_from1.reshape(-1), d_rh_g_from2.reshape(-1), d_mean_rh_g_sum.reshape(-1), d_rh_g_from1.reshape(-1), d_rh_i_from2.reshape(-1), d_mean_rh_i_sum.reshape(-1), d_rh_i_from1.reshape(-1))
+        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c_flat, d_gamma_c_loop4_seq_flat, d_beta_c_loop4_seq_flat, d_o_from4_flat, d_c_from4_flat, d_mu_c_from4_flat, o_seq_flat_1, tanh_c_norm_seq_flat_1, gamma_c_flat_1, var_c_seq_flat_1, c_seq_flat_1, mu_c_seq_flat_1)
+        _sum_units_to(d_var_c, d_var_c_sum, n_hidden)  # sum over the units of d_var_c
+        layer_norm_lstm_backward_loop3(B, 1, t, n_in, n_hidden, n_out, d_var_c_sum_flat, d_mu_c_from4_flat, d_mu_c_flat, d_c_from3_flat, c_seq_flat_1, mu_c_seq_flat_1)
+        _sum_units_to(d_mu_c, d_mu_c_sum, n_hidden)  # sum over the units of d_mu_c
+        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq_flat, d_c_prev_2_next.reshape(-1), d_c_from4_flat, d_mu_c_sum_flat, d_c_from3_flat, d_o_from4_flat, d_msd_r_o_flat, d_msd_r_f_flat, d_msd_r_g_flat, d_msd_r_i_flat, d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_seq_flat, d_gamma_x_0_loop2_seq_flat, d_b_0_loop2_seq_flat, d_gamma_r_1_loop2_seq_flat, d_gamma_x_1_loop2_seq_flat, d_b_1_loop2_seq_flat, d_gamma_r_2_loop2_seq_flat, d_gamma_x_2_loop2_seq_flat, d_b_2_loop2_seq_flat, d_gamma_r_3_loop2_seq_flat, d_gamma_x_3_loop2_seq_flat, d_b_3_loop2_seq_flat, d_x_proj_seq_flat, d_mu_x_loop2_seq_flat, d_rstd_x_loop2_seq_flat, d_rh_i_from2_flat, d_rh_g_from2_flat, d_rh_f_from2_flat, d_rh_o_from2_flat, d_mu_r_from2_flat, c_seq_flat_1, i_seq_flat_1, g_seq_flat_1, mu_r_seq_flat_1, rh_g_seq_flat_1, gamma_r_flat_1, rh_f_seq_flat_1, f_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1, o_seq_flat_1, var_r_seq_flat_1, rstd_r_seq_flat_1, rstd_x_seq_flat_1, mu_x_seq_flat_1, x_proj_seq_flat_1, gamma_x_flat_1)
+        _sum_units_to(d_msd_r_o, d_msd_r_o_sum, n_hidden)  # sum over the units of d_msd_r_o
+        _sum_units_to(d_msd_r_f, d_msd_r_f_sum, n_hidden)  # sum over the units of d_msd_r_f
+        _sum_units_to(d_msd_r_g, d_msd_r_g_sum, n_hidden)  # sum over the units of d_msd_r_g
+        _sum_units_to(d_msd_r_i, d_msd_r_i_sum, n_hidden)  # sum over the units of d_msd_r_i
+        layer_norm_lstm_backward_loop1(B, 1, t, n_in, n_hidden, n_out, d_msd_r_o_sum_flat, d_msd_r_f_sum_flat, d_msd_r_g_sum_flat, d_msd_r_i_sum_flat, d_mu_r_from2_flat, d_mean_rh_o_flat, d_mean_rh_i_flat, d_mean_rh_g_flat, d_mean_rh_f_flat, d_rh_i_from1_flat, d_rh_g_from1_flat, d_rh_f_from1_flat, d_rh_o_from1_flat, mu_r_seq_flat_1, rh_f_seq_flat_1, rh_g_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1)
+        _sum_units_to(d_mean_rh_o, d_mean_rh_o_sum, n_hidden)  # sum over the units of d_mean_rh_o
+        _sum_units_to(d_mean_rh_i, d_mean_rh_i_sum, n_hidden)  # sum over the units of d_mean_rh_i
+        _sum_units_to(d_mean_rh_g, d_mean_rh_g_sum, n_hidden)  # sum over the units of d_mean_rh_g
+        _sum_units_to(d_mean_rh_f, d_mean_rh_f_sum, n_hidden)  # sum over the units of d_mean_rh_f
+        layer_norm_lstm_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_rh_o_from2_flat, d_mean_rh_o_sum_flat, d_rh_o_from1_flat, d_h_prev_proj_seq_flat, d_rh_f_from2_flat, d_mean_rh_f_sum_flat, d_rh_f_from1_flat, d_rh_g_from2_flat, d_mean_rh_g_sum_flat, d_rh_g_from1_flat, d_rh_i_from2_flat, d_mean_rh_i_sum_flat, d_rh_i_from1_flat)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], R, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_2, d_h_prev_from_h_prev_proj

@@ -262,6 +262,49 @@ def test_float32_exp_and_tanh_within_their_stated_errors():
         assert np.all(np.abs(t[~np.isnan(x)]) <= 1)
 
 
+def test_float64_exp_and_tanh_within_their_stated_errors():
+    """The kernels' float64 exp and tanh (pure arithmetic, vectorized) against exact values
+    (mpmath at 120 bits) on a seeded sample over exp's whole range and tanh's formulas (tiny x,
+    the switch at |x| = 0.625): at most 2 ulp where the exact value is a normal float64 (the
+    template's claim; a larger sample: benchmarks/float64_math.py); 0 and -0, +-inf, NaN,
+    overflow to inf, underflow to 0 below -708.4, |tanh| <= 1."""
+    numba = pytest.importorskip("numba")
+    mpmath = pytest.importorskip("mpmath")
+    mod = numba_module("lstm_torch")
+    exp64, tanh64 = mod._exp_float64, mod._tanh_float64
+
+    @numba.njit
+    def apply(x, e, t):
+        for i in range(x.size):
+            e[i] = exp64(x[i])
+            t[i] = tanh64(x[i])
+
+    rng = np.random.default_rng(0)
+    n = 1500
+    tiny = np.ldexp(rng.uniform(-1, 1, n), -rng.integers(1, 61, n))
+    x = np.concatenate([rng.uniform(-745, 710, n), rng.uniform(-30, 30, n), rng.uniform(0.6, 0.65, n) * rng.choice([-1.0, 1.0], n),
+                        rng.uniform(-2, 2, n), tiny])
+    e, t = np.empty_like(x), np.empty_like(x)
+    apply(x, e, t)
+    mpmath.mp.prec = 120
+    worst = {"exp": 0.0, "tanh": 0.0}
+    for xi, ei, ti in zip(x, e, t):
+        for name, got, exact in (("exp", ei, mpmath.exp), ("tanh", ti, mpmath.tanh)):
+            ref = exact(mpmath.mpf(float(xi)))
+            r = abs(float(ref))
+            if np.finfo(np.float64).tiny <= r <= np.finfo(np.float64).max:
+                worst[name] = max(worst[name], float(abs(mpmath.mpf(float(got)) - ref)) / float(np.spacing(r)))
+    assert worst["exp"] <= 2 and worst["tanh"] <= 2, worst
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 709.79, 1000.0, -708.4, -745.2, -1000.0, 5e-324, -5e-324, 22.0, -30.0, 1e308])
+    e, t = np.empty_like(special), np.empty_like(special)
+    apply(special, e, t)
+    assert e[:5].tolist()[:4] == [1.0, 1.0, np.inf, 0.0] and np.isnan(e[4]) and np.isnan(t[4])
+    assert t[:4].tolist() == [0.0, -0.0, 1.0, -1.0] and np.signbit(t[1]) and not np.signbit(t[0])
+    assert e[5:10].tolist() == [np.inf, np.inf, 0.0, 0.0, 0.0]
+    assert t[10:].tolist() == [5e-324, -5e-324, 1.0, -1.0, 1.0]
+    assert np.all(np.abs(t[~np.isnan(t)]) <= 1)
+
+
 @pytest.mark.parametrize("cell", ["gru_torch"])
 def test_steps_products_with_and_without_numpys_openblas(tmp_path, cell):
     """A step's product (_gemm) calls the OpenBLAS that NumPy bundles where NumPy has one

@@ -36,13 +36,17 @@ figures in benchmarks/RESULTS.md):
   step of a row 32 KB from the next) took 10x as long as (t, row, unit): minGRU's backward
   kernel at T=100, B=32, H=256 float32, 10.2 ms against 1.0 ms.  A kernel whose prologue
   holds anything else keeps the (row, unit, t) order.
-* **float32 exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
-  ``_exp_float32``, ``_tanh_float32``): numba calls libm one number at a time (PyPI's
-  llvmlite has no SVML), 5 of them per unit of an LSTM step cost 10x the step's
-  arithmetic.  Pure arithmetic (Cody-Waite + Cephes' polynomial; Eigen's rational tanh)
-  within 1 and 7 ulp, inlined (``forceinline``) so that LLVM vectorizes the units' loop.
-  sigmoid stays ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through
-  that exp.  float64 keeps libm (the finite-difference checks need it exact).
+* **exp and tanh are the module's own** (:data:`VECTORIZED`; the template's
+  ``_exp_float32``, ``_tanh_float32``, ``_exp_float64``, ``_tanh_float64``): numba calls libm
+  one number at a time (PyPI's llvmlite has no SVML), 5 of them per unit of an LSTM step
+  cost 10x the step's arithmetic.  Pure arithmetic, inlined (``forceinline``) so that LLVM
+  vectorizes the units' loop: float32 (Cody-Waite + Cephes' polynomial; Eigen's rational
+  tanh) within 1 and 7 ulp; float64 (Cody-Waite + Cephes' rational exp; Cephes' tanh,
+  ``1 - 2 / (exp(2x) + 1)`` beyond 0.625) within 2 ulp (benchmarks/float64_math.py: 1.58 and
+  1.40 ulp on 1.2 million points each; 1.7x and 3.8x libm's speed), which made the float64
+  modules 0.50-0.70x as long at T=50, B=16, H=32 (rnn_tanh_torch, lstm_torch, gru_torch,
+  mgu) and 0.81-0.93x at T=100, B=32, H=256 (benchmarks/numba_ab.py).  sigmoid stays
+  ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through that exp.
 * **Indices are ``U(...)``** (np.uint64): numba checks a signed index for wraparound, a
   branch per access that stops LLVM from vectorizing.
 * **LLVM's limits on run-time alias checks are raised** (the template sets two LLVM
@@ -84,10 +88,13 @@ __all__ = ["NUMBA", "NumbaModule", "emit_numba", "numba_code"]
 #: the leading arguments of every compiled loop (the sizes and the scalar type)
 LOOP_ARGS = ("T", "B", "n_in", "n_hidden", "n_out", "dtype")
 
+#: the compiled helpers that write a reduction over units into a buffer (:func:`_reduce_into`)
+REDUCE_INTO = {f"_{name}_units_to": name for name in ("sum", "mean", "logsumexp")}
+
 #: the ops' libm functions that the kernels call through the module's own (the template's
-#: ``_exp``, ``_tanh``): libm's in float64; in float32 pure arithmetic that LLVM vectorizes
-#: (numba's libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors
-#: the template states (measured by benchmarks/float32_math.py)
+#: ``_exp``, ``_tanh``): pure arithmetic that LLVM vectorizes, float32 and float64 (numba's
+#: libm calls are scalar: PyPI's llvmlite has no SVML), with the maximum errors the template
+#: states (measured by benchmarks/float32_math.py, benchmarks/float64_math.py)
 VECTORIZED = {"exp": "_exp", "tanh": "_tanh"}
 
 
@@ -243,6 +250,7 @@ class HostPrinter(PythonPrinter):
         super().__init__("np")
         self.reductions: set[str] = set()  # the reductions over units printed (their helpers)
         self.gemm = False  # a product into a buffer printed (the module defines _gemm)
+        self.flat: dict[str, str] = {}  # array -> its flat view made before the compiled loop being printed
 
     def value(self, v):
         if isinstance(v, Elementwise):
@@ -254,8 +262,11 @@ class HostPrinter(PythonPrinter):
             key, _dtype, rows, _units, steps, step, _dims, *arrays = v.args
             if not isinstance(key, Key):
                 raise InternalError(f"a launch of {key!r}")
-            flat = [f"{self.value(a)}.reshape(-1)" for a in arrays]
+            flat = [self.flat[a.name] if isinstance(a, Ref) and not a.index and not a.T and a.name in self.flat
+                    else f"{self.value(a)}.reshape(-1)" for a in arrays]
             return f"{key.name}({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
+        if isinstance(v, Helper) and v.func in REDUCE_INTO:  # a reduction into its buffer (_reduce_into)
+            self.reductions.add(REDUCE_INTO[v.func])
         if isinstance(v, Call) and v.func == "matmul" and len(v.args) == 3:  # a step's product into its buffer
             self.gemm = True
             return f"_gemm({self.arguments(v)})"
@@ -343,7 +354,16 @@ def _hoist_loops(stmts: list, section: str, after: list, loops: list[CompiledLoo
         args = [*LOOP_ARGS, *sorted((reads_of(s) & defined) - set(LOOP_ARGS) - {s.var})]
         returns = sorted((writes_of(s) - {s.var}) & later)
         s, allocations = _preallocate(s, stmts[:i], names)
-        loops.append(CompiledLoop(name, args, returns, printer.lines([*allocations, s])))
+        s, buffers = _reduce_into(s)
+        flat, printer.flat = _flat_views(s, names), {}
+        lines = printer.lines([*allocations, *buffers])
+        if flat:
+            lines += ["# the arrays' flat views that the kernels index, made once (not per step and kernel)",
+                      *(f"{view} = {array}.reshape(-1)" for array, view in flat.items())]
+        printer.flat = flat
+        lines += printer.lines([s])
+        printer.flat = {}
+        loops.append(CompiledLoop(name, args, returns, lines))
         call = f"{name}({', '.join(args)})"
         out.append(f"{', '.join(returns)}{',' if len(returns) == 1 else ''} = {call}" if returns else call)
         defined |= writes_of(s)
@@ -413,6 +433,83 @@ def _preallocate(loop: Loop, before: list, names) -> tuple[Loop, list]:
         body[j] = tuple(steps)
     flat = [b for item in body for b in (item if isinstance(item, tuple) else (item,))]
     return replace(loop, body=tuple(flat)), allocations
+
+
+def _reduce_into(loop: Loop) -> tuple[Loop, list]:
+    """The loop with each step's reduction over units written into a buffer by the module's
+    compiled helper (``_mean_units_to(a, out)``, ``_sum_units_to(a, out, divisor)``) instead
+    of an array made per step and assigned: ``X[t] = mean(a)`` (numba compiles a broadcasting
+    assignment with its error message: seconds of compilation), ``X = sum(a); X = X / n``
+    (two arrays per step; X's buffer is made before the loop: its only other readers are
+    kernels, after it).  Returns (loop, the buffers' allocations)."""
+    t = _t_loop(loop)
+    body = list(loop.body)
+    out: list = []
+    buffers: list = []
+    j = 0
+    while j < len(body):
+        s = body[j]
+        if (isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.index == (t,) and not s.dst.T
+                and isinstance(s.value, Elementwise) and isinstance(s.value.expr, Reduce)
+                and isinstance(s.value.expr.args[0], sympy.Symbol) and f"_{type(s.value.expr).spec_name}_units_to" in REDUCE_INTO):
+            refs = dict(s.value.refs)
+            a = refs.get(s.value.expr.args[0].name)
+            if isinstance(a, Ref):
+                name = type(s.value.expr).spec_name
+                args = (a, s.dst, Text("1")) if name == "sum" else (a, s.dst)  # the sum's divisor: 1
+                out.append(Do(Helper(f"_{name}_units_to", args), out=s.dst, comment=s.comment))
+                j += 1
+                continue
+        if (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and not s.dst.T
+                and isinstance(s.value, Call) and s.value.func == "sum" and len(s.value.args) == 1
+                and isinstance(s.value.args[0], Ref) and dict(s.value.kwargs) == {"axis": Text("-1"), "keepdims": Text("True")}):
+            x = s.dst
+            divisor = _divided(body[j + 1], x) if j + 1 < len(body) else None
+            rest = body[:j] + body[j + (2 if divisor is not None else 1):]
+            only_kernels = all(x.name not in writes_of(b) and (x.name not in reads_of(b) or _is_launch(b)) for b in rest)
+            if only_kernels and not any(x.name in reads_of(b) for b in body[:j]):
+                buffers.append(Assign(x, Call("empty", ((Size(B_SYM), Size(sympy.Integer(1))), Text("dtype"))), "one buffer for every step"))
+                out.append(Do(Helper("_sum_units_to", (s.value.args[0], x, divisor if divisor is not None else Text("1"))), out=x,
+                              comment=s.comment))
+                j += 2 if divisor is not None else 1
+                continue
+        out.append(s)
+        j += 1
+    return replace(loop, body=tuple(out)), buffers
+
+
+def _divided(s, x: Ref):
+    """The divisor of ``s`` where it is ``x = x / n`` (n a size), else None."""
+    if not (isinstance(s, Assign) and s.dst == x and isinstance(s.value, Elementwise)):
+        return None
+    refs = dict(s.value.refs)
+    mine = [k for k, v in refs.items() if v == x]
+    if len(mine) != 1:
+        return None
+    num, den = sympy.fraction(s.value.expr)
+    if num != sympy.Symbol(mine[0]) or den == 1 or not den.is_Symbol or den.name in refs:
+        return None
+    return Size(den)
+
+
+def _is_launch(s) -> bool:
+    return isinstance(s, Do) and isinstance(s.call, Helper) and s.call.func == "_launch"
+
+
+def _flat_views(loop: Loop, names) -> dict[str, str]:
+    """{array: its flat view's name} for the arrays the loop's kernels are passed whole and
+    that no statement of the loop binds again (a swapped buffer keeps ``.reshape(-1)`` per
+    step): made once before the loop instead of per step and kernel."""
+    rebound = set()
+    for s in loop.body:
+        if isinstance(s, Assign):
+            dsts = s.dst if isinstance(s.dst, tuple) else (s.dst,)
+            rebound |= {d.name for d in dsts if isinstance(d, Ref)}
+    arrays = set()
+    for s in loop.body:
+        if _is_launch(s):
+            arrays |= {a.name for a in s.call.args[7:] if isinstance(a, Ref) and not a.index and not a.T}
+    return {name: names.fresh(f"{name}_flat") for name in sorted(arrays - rebound)}
 
 
 def _t_loop(loop: Loop):
