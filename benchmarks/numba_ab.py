@@ -15,8 +15,10 @@ gradients are bit-identical, the load average after each row.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+# a cache folder of this run's own: numba would otherwise cache the modules loaded here (under
+# names of their own, not importable) in generated/__pycache__, whose entries a later
+# `import generated.<cell>_numba` of the same file then fails to load
+os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="numba_ab_")
+atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], True)
 
 import numpy as np  # noqa: E402
 

@@ -226,9 +226,9 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_h_prev_0, d_h_prev_1, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_h_block, W_stack_h_prev, d_W_h_in0_proj_seq, d_h_prev_0, d_h_prev_1, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_x_proj_seq, h_seq, h_tilde_seq, r_seq, z_seq)
     d_h0 = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_W_h_in0_proj_sum = np.sum(d_W_h_in0_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_W_h_in0_proj_sum = _sum_rows(d_W_h_in0_proj_seq.reshape(-1, n_hidden))
     d_b_h += d_W_h_in0_proj_sum
-    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq.reshape(-1, 2*n_hidden), axis=0)
+    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, 2*n_hidden))
     d_b_rz[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
     d_b_rz[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
@@ -512,6 +512,18 @@ def gru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_fr
             d_h_prev_0[U(row_ * n_hidden + unit_)] = d_W_h_in0*r
             d_x_proj_seq[U((step_ * rows_ + row_) * (3*n_hidden) + unit_)] = tmp1
             d_x_proj_seq[U((step_ * rows_ + row_) * (3*n_hidden) + n_hidden + unit_)] = tmp0
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_rows(a):
+    """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
+    C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
+    rows = np.ascontiguousarray(a)
+    out = np.zeros(rows.shape[1], rows.dtype)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[j] += rows[i, j]
+    return out
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled

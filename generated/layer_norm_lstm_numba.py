@@ -431,35 +431,35 @@ def backward(params, cache, grad_outputs, grad_final=None):
     # input side, every step at once
     layer_norm_lstm_backward_pre0(T * B, 1, 0, n_in, n_hidden, n_out, d_mean_wx_o_sum.reshape(-1), d_wx_o_pre1_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_mean_wx_f_sum.reshape(-1), d_wx_f_pre1_seq.reshape(-1), d_mean_wx_g_sum.reshape(-1), d_wx_g_pre1_seq.reshape(-1), d_mean_wx_i_sum.reshape(-1), d_wx_i_pre1_seq.reshape(-1))
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_h_proj_sum = np.sum(d_h_proj_seq.reshape(-1, n_out), axis=0)
+    d_h_proj_sum = _sum_rows(d_h_proj_seq.reshape(-1, n_out))
     d_b_y += d_h_proj_sum
-    d_gamma_c_loop4_sum = np.sum(d_gamma_c_loop4_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_c_loop4_sum = _sum_rows(d_gamma_c_loop4_seq.reshape(-1, n_hidden))
     d_gamma_c += d_gamma_c_loop4_sum
-    d_beta_c_loop4_sum = np.sum(d_beta_c_loop4_seq.reshape(-1, n_hidden), axis=0)
+    d_beta_c_loop4_sum = _sum_rows(d_beta_c_loop4_seq.reshape(-1, n_hidden))
     d_beta_c += d_beta_c_loop4_sum
-    d_gamma_r_0_loop2_sum = np.sum(d_gamma_r_0_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_r_0_loop2_sum = _sum_rows(d_gamma_r_0_loop2_seq.reshape(-1, n_hidden))
     d_gamma_r[:n_hidden] += d_gamma_r_0_loop2_sum
-    d_gamma_x_0_loop2_sum = np.sum(d_gamma_x_0_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_x_0_loop2_sum = _sum_rows(d_gamma_x_0_loop2_seq.reshape(-1, n_hidden))
     d_gamma_x[:n_hidden] += d_gamma_x_0_loop2_sum
-    d_b_0_loop2_sum = np.sum(d_b_0_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_b_0_loop2_sum = _sum_rows(d_b_0_loop2_seq.reshape(-1, n_hidden))
     d_b[:n_hidden] += d_b_0_loop2_sum
-    d_gamma_r_1_loop2_sum = np.sum(d_gamma_r_1_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_r_1_loop2_sum = _sum_rows(d_gamma_r_1_loop2_seq.reshape(-1, n_hidden))
     d_gamma_r[n_hidden:2*n_hidden] += d_gamma_r_1_loop2_sum
-    d_gamma_x_1_loop2_sum = np.sum(d_gamma_x_1_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_x_1_loop2_sum = _sum_rows(d_gamma_x_1_loop2_seq.reshape(-1, n_hidden))
     d_gamma_x[n_hidden:2*n_hidden] += d_gamma_x_1_loop2_sum
-    d_b_1_loop2_sum = np.sum(d_b_1_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_b_1_loop2_sum = _sum_rows(d_b_1_loop2_seq.reshape(-1, n_hidden))
     d_b[n_hidden:2*n_hidden] += d_b_1_loop2_sum
-    d_gamma_r_2_loop2_sum = np.sum(d_gamma_r_2_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_r_2_loop2_sum = _sum_rows(d_gamma_r_2_loop2_seq.reshape(-1, n_hidden))
     d_gamma_r[2*n_hidden:3*n_hidden] += d_gamma_r_2_loop2_sum
-    d_gamma_x_2_loop2_sum = np.sum(d_gamma_x_2_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_x_2_loop2_sum = _sum_rows(d_gamma_x_2_loop2_seq.reshape(-1, n_hidden))
     d_gamma_x[2*n_hidden:3*n_hidden] += d_gamma_x_2_loop2_sum
-    d_b_2_loop2_sum = np.sum(d_b_2_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_b_2_loop2_sum = _sum_rows(d_b_2_loop2_seq.reshape(-1, n_hidden))
     d_b[2*n_hidden:3*n_hidden] += d_b_2_loop2_sum
-    d_gamma_r_3_loop2_sum = np.sum(d_gamma_r_3_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_r_3_loop2_sum = _sum_rows(d_gamma_r_3_loop2_seq.reshape(-1, n_hidden))
     d_gamma_r[3*n_hidden:4*n_hidden] += d_gamma_r_3_loop2_sum
-    d_gamma_x_3_loop2_sum = np.sum(d_gamma_x_3_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_gamma_x_3_loop2_sum = _sum_rows(d_gamma_x_3_loop2_seq.reshape(-1, n_hidden))
     d_gamma_x[3*n_hidden:4*n_hidden] += d_gamma_x_3_loop2_sum
-    d_b_3_loop2_sum = np.sum(d_b_3_loop2_seq.reshape(-1, n_hidden), axis=0)
+    d_b_3_loop2_sum = _sum_rows(d_b_3_loop2_seq.reshape(-1, n_hidden))
     d_b[3*n_hidden:4*n_hidden] += d_b_3_loop2_sum
     # weight gradients: one GEMM over every step per stacked product
     d_V += np.dot(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden))
@@ -1280,6 +1280,18 @@ def _sum_units_to(a, out, divisor):
         for j in range(1, n):
             total += rows[i, j]
         values[i] = total / divisor
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_rows(a):
+    """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
+    C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
+    rows = np.ascontiguousarray(a)
+    out = np.zeros(rows.shape[1], rows.dtype)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[j] += rows[i, j]
+    return out
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled

@@ -277,15 +277,15 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_p_i_loop0_sum = np.sum(d_p_i_loop0_seq.reshape(-1, n_hidden), axis=0)
+    d_p_i_loop0_sum = _sum_rows(d_p_i_loop0_seq.reshape(-1, n_hidden))
     d_p_i += d_p_i_loop0_sum
-    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), axis=0)
+    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, 4*n_hidden))
     d_b_i += d_h_prev_proj_sum[:n_hidden]
-    d_p_f_loop0_sum = np.sum(d_p_f_loop0_seq.reshape(-1, n_hidden), axis=0)
+    d_p_f_loop0_sum = _sum_rows(d_p_f_loop0_seq.reshape(-1, n_hidden))
     d_p_f += d_p_f_loop0_sum
     d_b_f += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     d_b_g += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
-    d_p_o_loop0_sum = np.sum(d_p_o_loop0_seq.reshape(-1, n_hidden), axis=0)
+    d_p_o_loop0_sum = _sum_rows(d_p_o_loop0_seq.reshape(-1, n_hidden))
     d_p_o += d_p_o_loop0_sum
     d_b_o += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
@@ -570,6 +570,18 @@ def lstm_peephole_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_
             d_p_i_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c_prev*tmp2
             d_p_f_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c_prev*tmp1
             d_p_o_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c*tmp0
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_rows(a):
+    """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
+    C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
+    rows = np.ascontiguousarray(a)
+    out = np.zeros(rows.shape[1], rows.dtype)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[j] += rows[i, j]
+    return out
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled

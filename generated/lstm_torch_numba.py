@@ -226,7 +226,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq.reshape(-1, 4*n_hidden), axis=0)
+    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, 4*n_hidden))
     d_bias_hh_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
     d_bias_ih_l0[:n_hidden] += d_h_prev_proj_sum[:n_hidden]
     d_bias_hh_l0[n_hidden:2*n_hidden] += d_h_prev_proj_sum[n_hidden:2*n_hidden]
@@ -493,6 +493,18 @@ def lstm_torch_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_s
             d_weight_hh_l0_0_h_prev = d_i*i*(S(1) - i)
             d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)] = d_weight_hh_l0_0_h_prev
             d_c_prev_0[U(row_ * n_hidden + unit_)] = d_c*f
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_rows(a):
+    """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
+    C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
+    rows = np.ascontiguousarray(a)
+    out = np.zeros(rows.shape[1], rows.dtype)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[j] += rows[i, j]
+    return out
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled

@@ -251,11 +251,11 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_h_prev_0, d_h_prev_1, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_f_block, W_h_block, d_W_h_in0_proj_seq, d_h_from_h_proj_seq, d_h_prev_0, d_h_prev_1, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_x_proj_seq, f_seq, h_seq, h_tilde_seq)
     d_h0 = d_h_prev_1 + d_h_prev_0 + d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_h_proj_sum = np.sum(d_h_proj_seq.reshape(-1, n_out), axis=0)
+    d_h_proj_sum = _sum_rows(d_h_proj_seq.reshape(-1, n_out))
     d_b_y += d_h_proj_sum
-    d_W_h_in0_proj_sum = np.sum(d_W_h_in0_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_W_h_in0_proj_sum = _sum_rows(d_W_h_in0_proj_seq.reshape(-1, n_hidden))
     d_b_h += d_W_h_in0_proj_sum
-    d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, n_hidden))
     d_b_f += d_h_prev_proj_sum
     # weight gradients: one GEMM over every step per stacked product
     d_V += np.dot(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden))
@@ -589,6 +589,18 @@ def mgu_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_W_h_in0_fr
             d_h_prev_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_W_f_h_prev
             d_h_prev_0[U(row_ * n_hidden + unit_)] = d_W_h_in0*f
             d_x_proj_seq[U((step_ * rows_ + row_) * (2*n_hidden) + unit_)] = tmp0
+
+
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+def _sum_rows(a):
+    """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
+    C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
+    rows = np.ascontiguousarray(a)
+    out = np.zeros(rows.shape[1], rows.dtype)
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            out[j] += rows[i, j]
+    return out
 
 
 # -- the steps' products, out = a @ b into a buffer (_gemm): BLAS's gemm called from the compiled

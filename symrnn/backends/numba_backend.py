@@ -79,7 +79,7 @@ from ..ops import Op
 from ..plan import KernelPlan
 from ..printing import NumpyPrinter
 from ..reductions import Reduce
-from ..stmt import B_SYM, Assign, Attr, Call, Do, Elementwise, Helper, Index, Key, Loop, Ref, Size, Text, reads_of, writes_of
+from ..stmt import B_SYM, Assign, Attr, Call, Do, Elementwise, Helper, Index, Key, Loop, Ref, Reshape, Size, Text, reads_of, writes_of
 from .cuda_kernels import Dialect, Kernel
 from .python_printer import PythonPrinter
 
@@ -224,6 +224,7 @@ class NumbaModule:
     finals: list[tuple] = field(default_factory=list)  # each state's array over the steps, the initial state first
     reductions: list[str] = field(default_factory=list)  # the reductions over units the module computes (their helpers)
     gemm: bool = False  # the compiled loops multiply through _gemm
+    sum_rows: bool = False  # the module sums elementwise parameters' gradients through _sum_rows
     design: str = ""
 
 
@@ -251,6 +252,7 @@ class HostPrinter(PythonPrinter):
         self.reductions: set[str] = set()  # the reductions over units printed (their helpers)
         self.gemm = False  # a product into a buffer printed (the module defines _gemm)
         self.flat: dict[str, str] = {}  # array -> its flat view made before the compiled loop being printed
+        self.sum_rows = False  # a sum over the rows printed (the module defines _sum_rows)
 
     def value(self, v):
         if isinstance(v, Elementwise):
@@ -265,6 +267,10 @@ class HostPrinter(PythonPrinter):
             flat = [self.flat[a.name] if isinstance(a, Ref) and not a.index and not a.T and a.name in self.flat
                     else f"{self.value(a)}.reshape(-1)" for a in arrays]
             return f"{key.name}({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
+        if isinstance(v, Call) and v.func == "sum" and dict(v.kwargs) == {"axis": Text("0")} and len(v.args) == 1 \
+                and isinstance(v.args[0], Reshape):  # an elementwise parameter's gradient: a sum over every (step, row)
+            self.sum_rows = True
+            return f"_sum_rows({self.value(v.args[0])})"
         if isinstance(v, Helper) and v.func in REDUCE_INTO:  # a reduction into its buffer (_reduce_into)
             self.reductions.add(REDUCE_INTO[v.func])
         if isinstance(v, Call) and v.func == "matmul" and len(v.args) == 3:  # a step's product into its buffer
@@ -304,6 +310,7 @@ def emit_numba(plan: KernelPlan) -> NumbaModule:
     m.finals = [(k, printer.value(v)) for k, v in cm.finals]
     m.reductions = sorted(printer.reductions)
     m.gemm = printer.gemm
+    m.sum_rows = printer.sum_rows
     return m
 
 
