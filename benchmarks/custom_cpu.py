@@ -27,8 +27,8 @@ OpenBLAS) and NumPy's np.dot, at the LSTM's and GRU's step shapes.
 
 Every column is meant to run on one thread: run it with OPENBLAS_NUM_THREADS=1 (numba's np.dot and
 NumPy call OpenBLAS), torch.set_num_threads(1), XLA's Eigen pool off.  XLA's CPU runtime
-starts threads of its own all the same (measured: JAX's CPU time over its timed calls is up
-to 2x its wall time on 2 cores); the table below the ratios gives each column's CPU time /
+starts threads of its own all the same (measured: JAX's CPU time over its timed calls up to
+1.7x its wall time on 2 cores, benchmarks/RESULTS.md); the table below the ratios gives each column's CPU time /
 wall time, and ``--one-core`` pins the whole process (every thread it starts) to one core,
 so that JAX also runs on one (``--busy`` then spins on the other cores).  The implementations alternate within each round (the order rotates), after a warm-up;
 reported: medians, ratios numba/other with their per-round range. ``--busy`` runs a competing

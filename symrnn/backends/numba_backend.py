@@ -62,6 +62,22 @@ figures in benchmarks/RESULTS.md):
   launch per step costs more than a step's elementwise work (tens of microseconds) and
   waits for the slowest thread, which a busy core makes slow.  Use OPENBLAS_NUM_THREADS=1
   on a shared machine.
+* **Compile time** (the first call, float32, empty cache: benchmarks/custom_cpu.py
+  --first-call): most of it is LLVM optimizing each compiled loop's module, the kernels it
+  calls linked in and optimized again, and numba typing and lowering the loop.  A step's
+  reduction assigned to a slice (``X[t] = _mean_units(a)``) made numba compile a broadcasting
+  assignment with its error message (string formatting: ~2 s of layer_norm_lstm's 14.8 s), an
+  adjoint's ``X = sum(a); X = X / n`` two arrays and an array expression per step: a
+  reduction in a loop writes into a buffer made before it (:func:`_reduce_into`,
+  ``_<name>_units_to``); the kernels' flat views are made once before the loop, not per step
+  and kernel (:func:`_flat_views`).  layer_norm_lstm 14.8 -> 9.4 s, the other cells 0.8-2.8 s.
+  Not adopted: numba's IR inlining of the kernels into the loops (``inline="always"``) refuses
+  a call of more than 30 arguments (Python passes them as a tuple); NUMBA_OPT=0 takes half the
+  time but vectorizes nothing; NumPy's own reductions outside the loops compile 0.4 s less
+  but took 1.07x (layer_norm_lstm) and 1.31x (elman_classifier) the time at the small size.
+* **An elementwise parameter's gradient** (a sum over every step and row) is the module's
+  compiled ``_sum_rows``, row after row as NumPy sums a C array over axis 0 (the same bits):
+  NumPy's axis-0 sum cost ~15 us a call at T=50, B=16, H=32 (indrnn small: 0.79x).
 * rtrl_grads (a check, not a training path) is the NumPy module's.
 """
 
