@@ -37,7 +37,8 @@ Compiled by numba: per step, 1 recurrent GEMM(s) (BLAS) and 1 fused kernel(s) fo
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
-numba's user cache folder; NUMBA_CACHE_DIR sets another).
+numba's user cache folder; NUMBA_CACHE_DIR sets another; the entries are kept per module
+name; a module loaded from its path without a name in sys.modules is not cached).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
@@ -53,8 +54,11 @@ from pathlib import Path
 
 import llvmlite.binding
 import numba
+import numba.core.compiler
+import numba.core.cpu
+import numba.core.options
 import numpy as np
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 
 CELL = "elman"
@@ -87,8 +91,42 @@ LOOPS = (
     "_forward_loop0",
     "_backward_loop0",
 )
-#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
-_CACHE = str(globals().get("__file__", "")).endswith(".py")
+#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a
+#: string) and is imported under its name (one loaded from a path without a name in sys.modules
+#: is compiled afresh: numba's cache entries name the module that wrote them)
+_CACHE = (str(globals().get("__file__", "")).endswith(".py")
+          and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
+
+
+def _compiled(**options):
+    """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
+    (numba names them after the file: the same file imported under two names would read the
+    other's entries, and fail to load them)."""
+    def decorate(function):
+        if _CACHE:
+            function.__qualname__ = f"{__name__}.{function.__qualname__}"
+        return numba.njit(cache=_CACHE, **options)(function)
+    return decorate
+
+
+def _noalias():
+    """{"noalias": True} where numba's compiler has that flag (not among njit's documented
+    options: added to them here), else {}.  A kernel's array arguments are then noalias for
+    LLVM: its loop over the units vectorizes without run-time checks that they do not overlap
+    (with 29 arrays, 7 written, those checks made LLVM run a layer-norm LSTM's gate kernel on
+    the scalar path below 40 units: 6x slower at 32).  The module never passes a kernel two
+    arrays that share memory (tests/test_numba_backend.py checks every kernel call)."""
+    if not hasattr(numba.core.compiler.Flags, "noalias"):
+        return {}
+    options, mapping = numba.core.cpu.CPUTargetOptions, numba.core.options.TargetOptions.Mapping
+    if not isinstance(getattr(options, "noalias", None), mapping):
+        options.noalias = mapping("noalias")
+    return {"noalias": True}
+
+
+_NOALIAS = _noalias()
+
+
 # LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
 # (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
 # a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
@@ -265,8 +303,24 @@ def _check_target(target, y):
 # 2.5, tanh: 1.4).  float64: within 2 ulp of the exact values where they are normal float64
 # numbers (measured by symrnn's benchmarks/float64_math.py against 120-bit values on 1.2 million
 # seeded points each: exp 1.58, tanh 1.40 ulp; NumPy's: 0.72 and 1.17), exp 0 where its value is
-# subnormal (x < -708.4); 1.7x (exp) and 3.8x (tanh) libm's speed in a compiled loop.
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+# subnormal (x < -708.4); float64 exp 4.1x and tanh 5.6x libm's speed in a compiled loop.
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float32))
+    return numba.float32(numba.int32), codegen
+
+
+@intrinsic
+def _float64_of_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float64))
+    return numba.float64(numba.int64), codegen
+
+
+@_compiled(error_model="numpy", forceinline=True)
 def _exp_float64(x):
     """exp of a float64 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
     (Cody-Waite reduction; Cephes' exp: exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)));
@@ -280,40 +334,11 @@ def _exp_float64(x):
     p = p * r
     q = ((S(3.00198505138664455042e-6) * rr + S(2.52448340349684104192e-3)) * rr + S(2.27265548208155028766e-1)) * rr + S(2.00000000000000000009e0)
     e = S(1) + S(2) * (p / (q - p))
-    # times 2^n, n in [-1022, 1024], by the binary digits of |n| (exact: powers of two)
-    k = abs(n)
-    two = S(2) if n > S(0) else S(0.5)
-    if k > S(1023):  # 2^1024 is not a float64
-        e, k = e * two, k - S(1)
-    two2 = two * two
-    two4 = two2 * two2
-    two8 = two4 * two4
-    two16 = two8 * two8
-    two32 = two16 * two16
-    two64 = two32 * two32
-    two128 = two64 * two64
-    two256 = two128 * two128
-    two512 = two256 * two256
-    if k >= S(512):
-        e, k = e * two512, k - S(512)
-    if k >= S(256):
-        e, k = e * two256, k - S(256)
-    if k >= S(128):
-        e, k = e * two128, k - S(128)
-    if k >= S(64):
-        e, k = e * two64, k - S(64)
-    if k >= S(32):
-        e, k = e * two32, k - S(32)
-    if k >= S(16):
-        e, k = e * two16, k - S(16)
-    if k >= S(8):
-        e, k = e * two8, k - S(8)
-    if k >= S(4):
-        e, k = e * two4, k - S(4)
-    if k >= S(2):
-        e, k = e * two2, k - S(2)
-    if k >= S(1):
-        e = e * two
+    # times 2^n, n in [-1022, 1024]: 2^n built from its bits (exact; 2^1024 = 2 * 2^1023 is not a float64)
+    big = n > S(1023)
+    k = np.int64(n) - np.int64(1) if big else np.int64(n)
+    e = e * _float64_of_bits((k + np.int64(1023)) << np.int64(52))
+    e = e * S(2) if big else e
     return S(0) if x < S(-708.3964185322641) else (e if x <= S(709.782712893384) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
@@ -327,7 +352,7 @@ def _tanh_compiled(x):
     return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: _tanh_float64(x))
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _tanh_float32(x):
     """tanh of a float32: x P(x^2) / Q(x^2) on |x| <= 7.905 (Eigen's rational
     approximation; beyond, tanh is 1 in float32), x itself where |x| < 0.0004."""
@@ -348,7 +373,7 @@ def _tanh_float32(x):
     return c * p / q if abs(x) >= S(0.0004) else x  # x: also NaN
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _tanh_float64(x):
     """tanh of a float64: x + x^3 P(x^2) / Q(x^2) where |x| <= 0.625 (Cephes' tanh), else
     sign(x) (1 - 2 / (exp(2 |x|) + 1)) with |x| clamped to 22 (beyond, tanh is 1 in float64)."""
@@ -363,7 +388,7 @@ def _tanh_float64(x):
     return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def elman_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq, lengths_):
     """forward, loop stage 0: z, s"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -379,7 +404,7 @@ def elman_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq,
             s_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (s if active_ else S(0))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def elman_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq):
     """backward, loop stage 0: adjoints of s, z"""
     S = d_s_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -455,7 +480,7 @@ def _gemm_compiled(a, b, out):
     return impl
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, lengths, s_seq, x_proj_seq):
     s_prev_proj = np.empty((B, W_T.shape[1]), dtype)  # one buffer for every step
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
@@ -468,7 +493,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_T, lengths, s_seq, x_pr
         elman_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq_flat, s_prev_proj_flat, s_seq_flat, lengths_flat)
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj, d_s_prev_proj_seq, d_s_seq, s_seq):
     d_s_prev_from_s_prev_proj_spare = np.empty((B, W.shape[1]), dtype)  # the second buffer of d_s_prev_from_s_prev_proj
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
@@ -524,7 +549,8 @@ def _check_grad_outputs(grad_outputs):
 
 
 def _check_same_params(params, p):
-    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    """backward's parameters are forward's (the cache holds a copy of those), bit for bit (a NaN
+    is itself); None: forward's."""
     if params is None:
         return
     missing = [name for name in PARAM_SHAPES if name not in params]
@@ -534,9 +560,19 @@ def _check_same_params(params, p):
         if name not in p:
             raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
         value = np.asarray(value)
-        if value.shape != p[name].shape or not bool(np.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+        if value.shape != p[name].shape or not _same_bits(value.astype(p[name].dtype, copy=False), p[name]):
             raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
                              "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _same_bits(a, mine):
+    """Whether ``a`` holds the bits of ``mine`` (same shape and dtype, C-contiguous): up to 64 KiB
+    as bytes (a few times faster than comparing arrays there), beyond as unsigned integers."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= 65536:
+        return a.tobytes() == mine.tobytes()
+    unsigned = np.uint32 if a.itemsize == 4 else np.uint64
+    return bool((a.view(unsigned) == mine.view(unsigned)).all())
 
 
 def _real(value, what):

@@ -31,7 +31,8 @@ Compiled by numba: the recurrence is elementwise, so forward and backward are ea
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
-numba's user cache folder; NUMBA_CACHE_DIR sets another).
+numba's user cache folder; NUMBA_CACHE_DIR sets another; the entries are kept per module
+name; a module loaded from its path without a name in sys.modules is not cached).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
@@ -46,6 +47,9 @@ from pathlib import Path
 
 import llvmlite.binding
 import numba
+import numba.core.compiler
+import numba.core.cpu
+import numba.core.options
 import numpy as np
 
 
@@ -75,8 +79,42 @@ KERNELS = (
 )
 LOOPS = (
 )
-#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
-_CACHE = str(globals().get("__file__", "")).endswith(".py")
+#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a
+#: string) and is imported under its name (one loaded from a path without a name in sys.modules
+#: is compiled afresh: numba's cache entries name the module that wrote them)
+_CACHE = (str(globals().get("__file__", "")).endswith(".py")
+          and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
+
+
+def _compiled(**options):
+    """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
+    (numba names them after the file: the same file imported under two names would read the
+    other's entries, and fail to load them)."""
+    def decorate(function):
+        if _CACHE:
+            function.__qualname__ = f"{__name__}.{function.__qualname__}"
+        return numba.njit(cache=_CACHE, **options)(function)
+    return decorate
+
+
+def _noalias():
+    """{"noalias": True} where numba's compiler has that flag (not among njit's documented
+    options: added to them here), else {}.  A kernel's array arguments are then noalias for
+    LLVM: its loop over the units vectorizes without run-time checks that they do not overlap
+    (with 29 arrays, 7 written, those checks made LLVM run a layer-norm LSTM's gate kernel on
+    the scalar path below 40 units: 6x slower at 32).  The module never passes a kernel two
+    arrays that share memory (tests/test_numba_backend.py checks every kernel call)."""
+    if not hasattr(numba.core.compiler.Flags, "noalias"):
+        return {}
+    options, mapping = numba.core.cpu.CPUTargetOptions, numba.core.options.TargetOptions.Mapping
+    if not isinstance(getattr(options, "noalias", None), mapping):
+        options.noalias = mapping("noalias")
+    return {"noalias": True}
+
+
+_NOALIAS = _noalias()
+
+
 # LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
 # (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
 # a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
@@ -213,7 +251,7 @@ def rtrl_grads(params, x, grad_outputs, state0=None, lengths=None, reverse=False
 
 # -- compiled code: the elementwise kernels (one call: every (row, unit); a time-loop
 # kernel also every step), then the time loops that call them per step
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def indrnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_ptr, h_seq, u_ptr, lengths_):
     """forward, loop stage 0: h"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -231,7 +269,7 @@ def indrnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq
                 h_seq[U(((t_ + 1) * rows_ + row_) * n_hidden + unit_)] = (h if active_ else S(0))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr):
     """backward, loop stage 0: adjoints of h"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -262,7 +300,7 @@ def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
             d_h0_ptr[U(row_ * n_hidden + unit_)] = d_h_next
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _sum_rows(a):
     """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
     C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
@@ -314,7 +352,8 @@ def _check_grad_outputs(grad_outputs):
 
 
 def _check_same_params(params, p):
-    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    """backward's parameters are forward's (the cache holds a copy of those), bit for bit (a NaN
+    is itself); None: forward's."""
     if params is None:
         return
     missing = [name for name in PARAM_SHAPES if name not in params]
@@ -324,9 +363,19 @@ def _check_same_params(params, p):
         if name not in p:
             raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
         value = np.asarray(value)
-        if value.shape != p[name].shape or not bool(np.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+        if value.shape != p[name].shape or not _same_bits(value.astype(p[name].dtype, copy=False), p[name]):
             raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
                              "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _same_bits(a, mine):
+    """Whether ``a`` holds the bits of ``mine`` (same shape and dtype, C-contiguous): up to 64 KiB
+    as bytes (a few times faster than comparing arrays there), beyond as unsigned integers."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= 65536:
+        return a.tobytes() == mine.tobytes()
+    unsigned = np.uint32 if a.itemsize == 4 else np.uint64
+    return bool((a.view(unsigned) == mine.view(unsigned)).all())
 
 
 def _real(value, what):

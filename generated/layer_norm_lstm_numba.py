@@ -66,7 +66,8 @@ Compiled by numba: per step, 1 recurrent GEMM(s) (BLAS) and 5 fused kernel(s) fo
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
-numba's user cache folder; NUMBA_CACHE_DIR sets another).
+numba's user cache folder; NUMBA_CACHE_DIR sets another; the entries are kept per module
+name; a module loaded from its path without a name in sys.modules is not cached).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
@@ -82,8 +83,11 @@ from pathlib import Path
 
 import llvmlite.binding
 import numba
+import numba.core.compiler
+import numba.core.cpu
+import numba.core.options
 import numpy as np
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 
 CELL = "layer_norm_lstm"
@@ -137,8 +141,42 @@ LOOPS = (
     "_forward_loop0",
     "_backward_loop0",
 )
-#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
-_CACHE = str(globals().get("__file__", "")).endswith(".py")
+#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a
+#: string) and is imported under its name (one loaded from a path without a name in sys.modules
+#: is compiled afresh: numba's cache entries name the module that wrote them)
+_CACHE = (str(globals().get("__file__", "")).endswith(".py")
+          and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
+
+
+def _compiled(**options):
+    """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
+    (numba names them after the file: the same file imported under two names would read the
+    other's entries, and fail to load them)."""
+    def decorate(function):
+        if _CACHE:
+            function.__qualname__ = f"{__name__}.{function.__qualname__}"
+        return numba.njit(cache=_CACHE, **options)(function)
+    return decorate
+
+
+def _noalias():
+    """{"noalias": True} where numba's compiler has that flag (not among njit's documented
+    options: added to them here), else {}.  A kernel's array arguments are then noalias for
+    LLVM: its loop over the units vectorizes without run-time checks that they do not overlap
+    (with 29 arrays, 7 written, those checks made LLVM run a layer-norm LSTM's gate kernel on
+    the scalar path below 40 units: 6x slower at 32).  The module never passes a kernel two
+    arrays that share memory (tests/test_numba_backend.py checks every kernel call)."""
+    if not hasattr(numba.core.compiler.Flags, "noalias"):
+        return {}
+    options, mapping = numba.core.cpu.CPUTargetOptions, numba.core.options.TargetOptions.Mapping
+    if not isinstance(getattr(options, "noalias", None), mapping):
+        options.noalias = mapping("noalias")
+    return {"noalias": True}
+
+
+_NOALIAS = _noalias()
+
+
 # LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
 # (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
 # a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
@@ -530,7 +568,23 @@ def _check_target(target, y):
 # 2.5, tanh: 1.4).  float64: within 2 ulp of the exact values where they are normal float64
 # numbers (measured by symrnn's benchmarks/float64_math.py against 120-bit values on 1.2 million
 # seeded points each: exp 1.58, tanh 1.40 ulp; NumPy's: 0.72 and 1.17), exp 0 where its value is
-# subnormal (x < -708.4); 1.7x (exp) and 3.8x (tanh) libm's speed in a compiled loop.
+# subnormal (x < -708.4); float64 exp 4.1x and tanh 5.6x libm's speed in a compiled loop.
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float32))
+    return numba.float32(numba.int32), codegen
+
+
+@intrinsic
+def _float64_of_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float64))
+    return numba.float64(numba.int64), codegen
+
+
 def _exp(x):
     """exp(x) in the kernels (compiled: _exp_float32, _exp_float64)."""
     return np.exp(x)
@@ -541,7 +595,7 @@ def _exp_compiled(x):
     return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: _exp_float64(x))
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _exp_float32(x):
     """exp of a float32 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
     (Cody-Waite reduction, Cephes' expf polynomial); 0 below -87.34 (a subnormal result)."""
@@ -556,35 +610,15 @@ def _exp_float32(x):
     p = p * r + S(1.6666665459e-1)
     p = p * r + S(5.0000001201e-1)
     e = p * r * r + r + S(1)
-    # times 2^n, n in [-126, 128], by the binary digits of |n| (exact: powers of two)
-    k = abs(n)
-    two = S(2) if n > S(0) else S(0.5)
-    if k > S(127):  # 2^128 is not a float32
-        e, k = e * two, k - S(1)
-    two2 = two * two
-    two4 = two2 * two2
-    two8 = two4 * two4
-    two16 = two8 * two8
-    two32 = two16 * two16
-    two64 = two32 * two32
-    if k >= S(64):
-        e, k = e * two64, k - S(64)
-    if k >= S(32):
-        e, k = e * two32, k - S(32)
-    if k >= S(16):
-        e, k = e * two16, k - S(16)
-    if k >= S(8):
-        e, k = e * two8, k - S(8)
-    if k >= S(4):
-        e, k = e * two4, k - S(4)
-    if k >= S(2):
-        e, k = e * two2, k - S(2)
-    if k >= S(1):
-        e = e * two
+    # times 2^n, n in [-126, 128]: 2^n built from its bits (exact; 2^128 = 2 * 2^127 is not a float32)
+    big = n > S(127)
+    k = np.int32(n) - np.int32(1) if big else np.int32(n)
+    e = e * _float32_of_bits((k + np.int32(127)) << np.int32(23))
+    e = e * S(2) if big else e
     return S(0) if x < S(-87.33654) else (e if x <= S(88.72283) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _exp_float64(x):
     """exp of a float64 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
     (Cody-Waite reduction; Cephes' exp: exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)));
@@ -598,40 +632,11 @@ def _exp_float64(x):
     p = p * r
     q = ((S(3.00198505138664455042e-6) * rr + S(2.52448340349684104192e-3)) * rr + S(2.27265548208155028766e-1)) * rr + S(2.00000000000000000009e0)
     e = S(1) + S(2) * (p / (q - p))
-    # times 2^n, n in [-1022, 1024], by the binary digits of |n| (exact: powers of two)
-    k = abs(n)
-    two = S(2) if n > S(0) else S(0.5)
-    if k > S(1023):  # 2^1024 is not a float64
-        e, k = e * two, k - S(1)
-    two2 = two * two
-    two4 = two2 * two2
-    two8 = two4 * two4
-    two16 = two8 * two8
-    two32 = two16 * two16
-    two64 = two32 * two32
-    two128 = two64 * two64
-    two256 = two128 * two128
-    two512 = two256 * two256
-    if k >= S(512):
-        e, k = e * two512, k - S(512)
-    if k >= S(256):
-        e, k = e * two256, k - S(256)
-    if k >= S(128):
-        e, k = e * two128, k - S(128)
-    if k >= S(64):
-        e, k = e * two64, k - S(64)
-    if k >= S(32):
-        e, k = e * two32, k - S(32)
-    if k >= S(16):
-        e, k = e * two16, k - S(16)
-    if k >= S(8):
-        e, k = e * two8, k - S(8)
-    if k >= S(4):
-        e, k = e * two4, k - S(4)
-    if k >= S(2):
-        e, k = e * two2, k - S(2)
-    if k >= S(1):
-        e = e * two
+    # times 2^n, n in [-1022, 1024]: 2^n built from its bits (exact; 2^1024 = 2 * 2^1023 is not a float64)
+    big = n > S(1023)
+    k = np.int64(n) - np.int64(1) if big else np.int64(n)
+    e = e * _float64_of_bits((k + np.int64(1023)) << np.int64(52))
+    e = e * S(2) if big else e
     return S(0) if x < S(-708.3964185322641) else (e if x <= S(709.782712893384) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
@@ -645,7 +650,7 @@ def _tanh_compiled(x):
     return (lambda x: _tanh_float32(x)) if x == numba.float32 else (lambda x: _tanh_float64(x))
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _tanh_float32(x):
     """tanh of a float32: x P(x^2) / Q(x^2) on |x| <= 7.905 (Eigen's rational
     approximation; beyond, tanh is 1 in float32), x itself where |x| < 0.0004."""
@@ -666,7 +671,7 @@ def _tanh_float32(x):
     return c * p / q if abs(x) >= S(0.0004) else x  # x: also NaN
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _tanh_float64(x):
     """tanh of a float64: x + x^3 P(x^2) / Q(x^2) where |x| <= 0.625 (Cephes' tanh), else
     sign(x) (1 - 2 / (exp(2 |x|) + 1)) with |x| clamped to 22 (beyond, tanh is 1 in float64)."""
@@ -681,7 +686,7 @@ def _tanh_float64(x):
     return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_pre1(rows_, steps_, step_, n_in, n_hidden, n_out, mean_wx_f_seq, mean_wx_g_seq, mean_wx_i_seq, mean_wx_o_seq, mu_x_seq, x_proj_seq, mean_in_msd_x_i_seq, mean_in_msd_x_g_seq, mean_in_msd_x_f_seq, mean_in_msd_x_o_seq):
     """forward, pre stage 1: mu_x, mean_in_msd_x_i, mean_in_msd_x_g, mean_in_msd_x_f, mean_in_msd_x_o"""
     S = mean_wx_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -709,7 +714,7 @@ def layer_norm_lstm_forward_pre1(rows_, steps_, step_, n_in, n_hidden, n_out, me
             mean_in_msd_x_o_seq[U(row_ * n_hidden + unit_)] = mean_in_msd_x_o
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, msd_x_f_seq, msd_x_g_seq, msd_x_i_seq, msd_x_o_seq, var_x_seq, rstd_x_seq):
     """forward, pre stage 2: var_x, rstd_x"""
     S = msd_x_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -723,11 +728,11 @@ def layer_norm_lstm_forward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, ms
             msd_x_o = msd_x_o_seq[U(row_)]
             var_x = ((S(1)/S(4)))*msd_x_f + ((S(1)/S(4)))*msd_x_g + ((S(1)/S(4)))*msd_x_i + ((S(1)/S(4)))*msd_x_o  # eq:layer_norm_lstm:var_x
             var_x_seq[U(row_ * n_hidden + unit_)] = var_x
-            rstd_x = (var_x + S(1e-05))**(S(-0.5))  # eq:layer_norm_lstm:rstd_x
+            rstd_x = (S(1)/np.sqrt(var_x + S(1e-05)))  # eq:layer_norm_lstm:rstd_x
             rstd_x_seq[U(row_ * n_hidden + unit_)] = rstd_x
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, rh_i_seq, rh_g_seq, rh_f_seq, rh_o_seq):
     """forward, loop stage 0: """
     S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
@@ -745,7 +750,7 @@ def layer_norm_lstm_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h
             rh_o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rh_o
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, mean_rh_f_seq, mean_rh_g_seq, mean_rh_i_seq, mean_rh_o_seq, mu_r_seq, rh_i_seq, mean_in_msd_r_i_seq, rh_g_seq, mean_in_msd_r_g_seq, rh_f_seq, mean_in_msd_r_f_seq, rh_o_seq, mean_in_msd_r_o_seq):
     """forward, loop stage 1: mu_r, mean_in_msd_r_i, mean_in_msd_r_g, mean_in_msd_r_f, mean_in_msd_r_o"""
     S = mean_rh_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -773,7 +778,7 @@ def layer_norm_lstm_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, m
             mean_in_msd_r_o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = mean_in_msd_r_o
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, msd_r_f_seq, msd_r_g_seq, msd_r_i_seq, msd_r_o_seq, var_r_seq, rstd_r_seq, b, gamma_r, gamma_x, mu_r_seq, mu_x_seq, rh_i_seq, rstd_x_seq, x_proj_seq, i_seq, rh_g_seq, g_seq, rh_f_seq, f_seq, rh_o_seq, o_seq, c_seq, lengths_):
     """forward, loop stage 2: var_r, rstd_r, i, g, f, o, c"""
     S = msd_r_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -812,7 +817,7 @@ def layer_norm_lstm_forward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, m
             c_prev = c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
             var_r = ((S(1)/S(4)))*msd_r_f + ((S(1)/S(4)))*msd_r_g + ((S(1)/S(4)))*msd_r_i + ((S(1)/S(4)))*msd_r_o  # eq:layer_norm_lstm:var_r
             var_r_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = var_r
-            rstd_r = (var_r + S(1e-05))**(S(-0.5))  # eq:layer_norm_lstm:rstd_r
+            rstd_r = (S(1)/np.sqrt(var_r + S(1e-05)))  # eq:layer_norm_lstm:rstd_r
             rstd_r_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_r
             i = (S(1) / (S(1) + _exp(-(b_0 + gamma_r_0*rstd_r*(-mu_r + rh_i) + gamma_x_0*rstd_x*(-mu_x + wx_i)))))  # eq:layer_norm_lstm:i
             i_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = i
@@ -826,7 +831,7 @@ def layer_norm_lstm_forward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, m
             c_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (c if active_ else S(0))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, c_seq, mu_c_seq, mean_in_var_c_seq):
     """forward, loop stage 3: mean_in_var_c"""
     S = c_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -840,7 +845,7 @@ def layer_norm_lstm_forward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, c
             mean_in_var_c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = mean_in_var_c
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, beta_c_ptr, c_seq, gamma_c_ptr, mu_c_seq, var_c_seq, tanh_c_norm_seq, o_seq, h_seq, lengths_):
     """forward, loop stage 4: c_norm, tanh_c_norm, h"""
     S = beta_c_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -855,14 +860,14 @@ def layer_norm_lstm_forward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, b
             mu_c = mu_c_seq[U((step_ * rows_ + row_))]
             var_c = var_c_seq[U((step_ * rows_ + row_))]
             o = o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
-            c_norm = beta_c + gamma_c*(c - mu_c)*(var_c + S(1e-05))**(S(-0.5))  # eq:layer_norm_lstm:c_norm
+            c_norm = beta_c + gamma_c*(c - mu_c)*(S(1)/np.sqrt(var_c + S(1e-05)))  # eq:layer_norm_lstm:c_norm
             tanh_c_norm = _tanh(c_norm)  # eq:layer_norm_lstm:h
             tanh_c_norm_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tanh_c_norm
             h = o*tanh_c_norm  # eq:layer_norm_lstm:h
             h_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (h if active_ else S(0))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, h_proj_seq, b_y_ptr, y_seq):
     """forward, post stage 0: y"""
     S = h_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -876,7 +881,7 @@ def layer_norm_lstm_forward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, h
             y_seq[U(row_ * n_out + unit_)] = y
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_h_proj_seq):
     """backward, post stage 0: adjoints of y"""
     S = d_y_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -890,7 +895,7 @@ def layer_norm_lstm_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_h_proj_seq[U(row_ * n_out + unit_)] = d_V_h
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_var_c_ptr, d_gamma_c_loop4_seq, d_beta_c_loop4_seq, d_o_from4_ptr, d_c_from4_ptr, d_mu_c_from4_ptr, o_seq, tanh_c_norm_seq, gamma_c_ptr, var_c_seq, c_seq, mu_c_seq):
     """backward, loop stage 4: adjoints of h, tanh_c_norm, c_norm"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -912,9 +917,9 @@ def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_c_norm = d_tanh_c_norm*(S(1) - (tanh_c_norm*tanh_c_norm))  # eq:layer_norm_lstm:adj:c_norm
             tmp0 = var_c + S(1e-05)
             tmp1 = c - mu_c
-            d_var_c = -S(0.5)*d_c_norm*gamma_c*tmp0**(S(-1.5))*tmp1
+            d_var_c = -S(0.5)*d_c_norm*gamma_c*(S(1)/(np.sqrt(tmp0)*tmp0))*tmp1
             d_var_c_ptr[U(row_ * n_hidden + unit_)] = d_var_c
-            tmp2 = d_c_norm*tmp0**(S(-0.5))
+            tmp2 = d_c_norm*(S(1)/np.sqrt(tmp0))
             d_gamma_c_loop4_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp1*tmp2
             d_beta_c_loop4_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_c_norm
             d_o_from4_ptr[U(row_ * n_hidden + unit_)] = d_h*tanh_c_norm
@@ -923,7 +928,7 @@ def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_mu_c_from4_ptr[U(row_ * n_hidden + unit_)] = -tmp3
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, d_var_c_sum_ptr, d_mu_c_from4_ptr, d_mu_c_ptr, d_c_from3_ptr, c_seq, mu_c_seq):
     """backward, loop stage 3: adjoints of mean_in_var_c"""
     S = d_var_c_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -943,7 +948,7 @@ def layer_norm_lstm_backward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_c_from3_ptr[U(row_ * n_hidden + unit_)] = tmp0*tmp1
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, d_c_seq, d_c_prev_2_next_ptr, d_c_from4_ptr, d_mu_c_sum_ptr, d_c_from3_ptr, d_o_from4_ptr, d_msd_r_o_ptr, d_msd_r_f_ptr, d_msd_r_g_ptr, d_msd_r_i_ptr, d_c_prev_2, d_gamma_r_0_loop2_seq, d_gamma_x_0_loop2_seq, d_b_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_x_1_loop2_seq, d_b_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_x_2_loop2_seq, d_b_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_3_loop2_seq, d_b_3_loop2_seq, d_x_proj_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_rh_i_from2_ptr, d_rh_g_from2_ptr, d_rh_f_from2_ptr, d_rh_o_from2_ptr, d_mu_r_from2_ptr, c_seq, i_seq, g_seq, mu_r_seq, rh_g_seq, gamma_r, rh_f_seq, f_seq, rh_i_seq, rh_o_seq, o_seq, var_r_seq, rstd_r_seq, rstd_x_seq, mu_x_seq, x_proj_seq, gamma_x):
     """backward, loop stage 2: adjoints of c, o, f, g, i, rstd_r, var_r"""
     S = d_c_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -1001,7 +1006,7 @@ def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, 
             tmp10 = d_o*o*(S(1) - o)
             tmp11 = gamma_r_3*tmp10
             d_rstd_r = tmp0*tmp2 + tmp11*tmp9 + tmp3*tmp5 + tmp6*tmp8  # eq:layer_norm_lstm:adj:rstd_r
-            d_var_r = -S(0.5)*d_rstd_r*(var_r + S(1e-05))**(S(-1.5))  # eq:layer_norm_lstm:adj:var_r
+            d_var_r = -S(0.5)*d_rstd_r*(S(1)/(np.sqrt(var_r + S(1e-05))*(var_r + S(1e-05))))  # eq:layer_norm_lstm:adj:var_r
             tmp12 = ((S(1)/S(4)))*d_var_r
             d_msd_r_o = tmp12
             d_msd_r_o_ptr[U(row_ * n_hidden + unit_)] = d_msd_r_o
@@ -1045,7 +1050,7 @@ def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_mu_r_from2_ptr[U(row_ * n_hidden + unit_)] = -rstd_r*(tmp11 + tmp2 + tmp5 + tmp8)
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, d_msd_r_o_sum_ptr, d_msd_r_f_sum_ptr, d_msd_r_g_sum_ptr, d_msd_r_i_sum_ptr, d_mu_r_from2_ptr, d_mean_rh_o_ptr, d_mean_rh_i_ptr, d_mean_rh_g_ptr, d_mean_rh_f_ptr, d_rh_i_from1_ptr, d_rh_g_from1_ptr, d_rh_f_from1_ptr, d_rh_o_from1_ptr, mu_r_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq):
     """backward, loop stage 1: adjoints of mean_in_msd_r_o, mean_in_msd_r_f, mean_in_msd_r_g, mean_in_msd_r_i, mu_r"""
     S = d_msd_r_o_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1091,7 +1096,7 @@ def layer_norm_lstm_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_rh_o_from1_ptr[U(row_ * n_hidden + unit_)] = -tmp6*tmp7
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_rh_o_from2_ptr, d_mean_rh_o_sum_ptr, d_rh_o_from1_ptr, d_h_prev_proj_seq, d_rh_f_from2_ptr, d_mean_rh_f_sum_ptr, d_rh_f_from1_ptr, d_rh_g_from2_ptr, d_mean_rh_g_sum_ptr, d_rh_g_from1_ptr, d_rh_i_from2_ptr, d_mean_rh_i_sum_ptr, d_rh_i_from1_ptr):
     """backward, loop stage 0: adjoints of rh_o, rh_f, rh_g, rh_i"""
     S = d_rh_o_from2_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1121,7 +1126,7 @@ def layer_norm_lstm_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)] = d_rh_i
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, d_rstd_x_loop2_seq, d_msd_x_o_seq, d_msd_x_f_seq, d_msd_x_g_seq, d_msd_x_i_seq, var_x_seq):
     """backward, pre stage 2: adjoints of rstd_x, var_x"""
     S = d_rstd_x_loop2_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -1132,7 +1137,7 @@ def layer_norm_lstm_backward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, d
             d_rstd_x_loop2 = d_rstd_x_loop2_seq[U(row_ * n_hidden + unit_)]
             var_x = var_x_seq[U(row_ * n_hidden + unit_)]
             d_rstd_x = d_rstd_x_loop2  # eq:layer_norm_lstm:adj:rstd_x
-            d_var_x = -S(0.5)*d_rstd_x*(var_x + S(1e-05))**(S(-1.5))  # eq:layer_norm_lstm:adj:var_x
+            d_var_x = -S(0.5)*d_rstd_x*(S(1)/(np.sqrt(var_x + S(1e-05))*(var_x + S(1e-05))))  # eq:layer_norm_lstm:adj:var_x
             tmp0 = ((S(1)/S(4)))*d_var_x
             d_msd_x_o = tmp0
             d_msd_x_o_seq[U(row_ * n_hidden + unit_)] = d_msd_x_o
@@ -1144,7 +1149,7 @@ def layer_norm_lstm_backward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, d
             d_msd_x_i_seq[U(row_ * n_hidden + unit_)] = d_msd_x_i
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_pre1(rows_, steps_, step_, n_in, n_hidden, n_out, d_msd_x_o_sum_ptr, d_msd_x_f_sum_ptr, d_msd_x_g_sum_ptr, d_msd_x_i_sum_ptr, d_mu_x_loop2_seq, d_mean_wx_o_seq, d_mean_wx_i_seq, d_mean_wx_g_seq, d_mean_wx_f_seq, d_wx_i_pre1_seq, d_wx_g_pre1_seq, d_wx_f_pre1_seq, d_wx_o_pre1_seq, mu_x_seq, x_proj_seq):
     """backward, pre stage 1: adjoints of mean_in_msd_x_o, mean_in_msd_x_f, mean_in_msd_x_g, mean_in_msd_x_i, mu_x"""
     S = d_msd_x_o_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1190,7 +1195,7 @@ def layer_norm_lstm_backward_pre1(rows_, steps_, step_, n_in, n_hidden, n_out, d
             d_wx_o_pre1_seq[U(row_ * n_hidden + unit_)] = -tmp6*tmp7
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_mean_wx_o_sum_ptr, d_wx_o_pre1_seq, d_x_proj_seq, d_mean_wx_f_sum_ptr, d_wx_f_pre1_seq, d_mean_wx_g_sum_ptr, d_wx_g_pre1_seq, d_mean_wx_i_sum_ptr, d_wx_i_pre1_seq):
     """backward, pre stage 0: adjoints of wx_o, wx_f, wx_g, wx_i"""
     S = d_mean_wx_o_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1222,7 +1227,7 @@ def layer_norm_lstm_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d
 
 # reductions over the units (the last axis), kept: one value per row (numba's np.mean and
 # np.max take no axis); each row is reduced in order, the same bits on every run
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _mean_units(a):
     """The mean over the units of each row of ``a`` (..., n) -> (..., 1)."""
     n = a.shape[-1]
@@ -1236,7 +1241,7 @@ def _mean_units(a):
     return out.reshape(a.shape[:-1] + (1,))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _mean_units_to(a, out):
     """The mean over the units of each row of ``a`` (..., n) written into ``out``
     (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
@@ -1252,7 +1257,7 @@ def _mean_units_to(a, out):
         values[i] = total / n
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _sum_units(a):
     """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
     n = a.shape[-1]
@@ -1266,7 +1271,7 @@ def _sum_units(a):
     return out.reshape(a.shape[:-1] + (1,))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _sum_units_to(a, out, divisor):
     """The sum over the units of each row of ``a`` (..., n), divided by divisor, written into ``out``
     (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
@@ -1282,7 +1287,7 @@ def _sum_units_to(a, out, divisor):
         values[i] = total / divisor
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _sum_rows(a):
     """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
     C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
@@ -1352,7 +1357,7 @@ def _gemm_compiled(a, b, out):
     return impl
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, R_T, b, beta_c, c_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, h_seq, i_seq, lengths, mean_in_msd_r_f_seq, mean_in_msd_r_g_seq, mean_in_msd_r_i_seq, mean_in_msd_r_o_seq, mean_in_var_c_seq, mean_rh_f_seq, mean_rh_g_seq, mean_rh_i_seq, mean_rh_o_seq, msd_r_f_seq, msd_r_g_seq, msd_r_i_seq, msd_r_o_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
     h_prev_proj = np.empty((B, R_T.shape[1]), dtype)  # one buffer for every step
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
@@ -1415,7 +1420,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, R_T, b, beta_c, c_seq, f_
     return mu_c_seq, var_c_seq
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_seq, d_b_1_loop2_seq, d_b_2_loop2_seq, d_b_3_loop2_seq, d_beta_c_loop4_seq, d_c_prev_2, d_c_seq, d_gamma_c_loop4_seq, d_gamma_r_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_0_loop2_seq, d_gamma_x_1_loop2_seq, d_gamma_x_2_loop2_seq, d_gamma_x_3_loop2_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_x_proj_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, i_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
     d_c_prev_2_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_2
     d_var_c = np.empty((B, n_hidden), dtype)  # one buffer for every step
@@ -1592,7 +1597,8 @@ def _check_grad_outputs(grad_outputs):
 
 
 def _check_same_params(params, p):
-    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    """backward's parameters are forward's (the cache holds a copy of those), bit for bit (a NaN
+    is itself); None: forward's."""
     if params is None:
         return
     missing = [name for name in PARAM_SHAPES if name not in params]
@@ -1602,9 +1608,19 @@ def _check_same_params(params, p):
         if name not in p:
             raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
         value = np.asarray(value)
-        if value.shape != p[name].shape or not bool(np.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+        if value.shape != p[name].shape or not _same_bits(value.astype(p[name].dtype, copy=False), p[name]):
             raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
                              "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _same_bits(a, mine):
+    """Whether ``a`` holds the bits of ``mine`` (same shape and dtype, C-contiguous): up to 64 KiB
+    as bytes (a few times faster than comparing arrays there), beyond as unsigned integers."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= 65536:
+        return a.tobytes() == mine.tobytes()
+    unsigned = np.uint32 if a.itemsize == 4 else np.uint64
+    return bool((a.view(unsigned) == mine.view(unsigned)).all())
 
 
 def _real(value, what):

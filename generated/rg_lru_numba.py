@@ -35,7 +35,8 @@ Compiled by numba: the recurrence is elementwise, so forward and backward are ea
 compiled function each; no Python runs per step.  Each compiled function is compiled
 on its first call for each dtype (float32, float64) and cached on disk (numba's
 cache=True: __pycache__ beside this file, or, where that folder is not writable,
-numba's user cache folder; NUMBA_CACHE_DIR sets another).
+numba's user cache folder; NUMBA_CACHE_DIR sets another; the entries are kept per module
+name; a module loaded from its path without a name in sys.modules is not cached).
 One thread: the kernels are serial loops (a parallel loop per step measured slower, and
 fragile when another process holds a core); the products use BLAS's threads
 (OPENBLAS_NUM_THREADS=1 recommended on a shared machine).
@@ -50,8 +51,11 @@ from pathlib import Path
 
 import llvmlite.binding
 import numba
+import numba.core.compiler
+import numba.core.cpu
+import numba.core.options
 import numpy as np
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 
 CELL = "rg_lru"
@@ -84,8 +88,42 @@ KERNELS = (
 )
 LOOPS = (
 )
-#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a string)
-_CACHE = str(globals().get("__file__", "")).endswith(".py")
+#: numba caches compiled code on disk for a module that lives in a .py file (not one run from a
+#: string) and is imported under its name (one loaded from a path without a name in sys.modules
+#: is compiled afresh: numba's cache entries name the module that wrote them)
+_CACHE = (str(globals().get("__file__", "")).endswith(".py")
+          and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
+
+
+def _compiled(**options):
+    """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
+    (numba names them after the file: the same file imported under two names would read the
+    other's entries, and fail to load them)."""
+    def decorate(function):
+        if _CACHE:
+            function.__qualname__ = f"{__name__}.{function.__qualname__}"
+        return numba.njit(cache=_CACHE, **options)(function)
+    return decorate
+
+
+def _noalias():
+    """{"noalias": True} where numba's compiler has that flag (not among njit's documented
+    options: added to them here), else {}.  A kernel's array arguments are then noalias for
+    LLVM: its loop over the units vectorizes without run-time checks that they do not overlap
+    (with 29 arrays, 7 written, those checks made LLVM run a layer-norm LSTM's gate kernel on
+    the scalar path below 40 units: 6x slower at 32).  The module never passes a kernel two
+    arrays that share memory (tests/test_numba_backend.py checks every kernel call)."""
+    if not hasattr(numba.core.compiler.Flags, "noalias"):
+        return {}
+    options, mapping = numba.core.cpu.CPUTargetOptions, numba.core.options.TargetOptions.Mapping
+    if not isinstance(getattr(options, "noalias", None), mapping):
+        options.noalias = mapping("noalias")
+    return {"noalias": True}
+
+
+_NOALIAS = _noalias()
+
+
 # LLVM vectorizes a loop over the units behind run-time checks that its arrays do not overlap
 # (numba cannot tell it that they do not), and by default gives up beyond a few dozen checks:
 # a fused LSTM step (7 arrays written, 6 read) needs more.  These options of LLVM (every
@@ -272,7 +310,23 @@ def rtrl_grads(params, x, grad_outputs, state0=None, lengths=None, reverse=False
 # 2.5, tanh: 1.4).  float64: within 2 ulp of the exact values where they are normal float64
 # numbers (measured by symrnn's benchmarks/float64_math.py against 120-bit values on 1.2 million
 # seeded points each: exp 1.58, tanh 1.40 ulp; NumPy's: 0.72 and 1.17), exp 0 where its value is
-# subnormal (x < -708.4); 1.7x (exp) and 3.8x (tanh) libm's speed in a compiled loop.
+# subnormal (x < -708.4); float64 exp 4.1x and tanh 5.6x libm's speed in a compiled loop.
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float32))
+    return numba.float32(numba.int32), codegen
+
+
+@intrinsic
+def _float64_of_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bit cast: LLVM vectorizes it)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(numba.float64))
+    return numba.float64(numba.int64), codegen
+
+
 def _exp(x):
     """exp(x) in the kernels (compiled: _exp_float32, _exp_float64)."""
     return np.exp(x)
@@ -283,7 +337,7 @@ def _exp_compiled(x):
     return (lambda x: _exp_float32(x)) if x == numba.float32 else (lambda x: _exp_float64(x))
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _exp_float32(x):
     """exp of a float32 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
     (Cody-Waite reduction, Cephes' expf polynomial); 0 below -87.34 (a subnormal result)."""
@@ -298,35 +352,15 @@ def _exp_float32(x):
     p = p * r + S(1.6666665459e-1)
     p = p * r + S(5.0000001201e-1)
     e = p * r * r + r + S(1)
-    # times 2^n, n in [-126, 128], by the binary digits of |n| (exact: powers of two)
-    k = abs(n)
-    two = S(2) if n > S(0) else S(0.5)
-    if k > S(127):  # 2^128 is not a float32
-        e, k = e * two, k - S(1)
-    two2 = two * two
-    two4 = two2 * two2
-    two8 = two4 * two4
-    two16 = two8 * two8
-    two32 = two16 * two16
-    two64 = two32 * two32
-    if k >= S(64):
-        e, k = e * two64, k - S(64)
-    if k >= S(32):
-        e, k = e * two32, k - S(32)
-    if k >= S(16):
-        e, k = e * two16, k - S(16)
-    if k >= S(8):
-        e, k = e * two8, k - S(8)
-    if k >= S(4):
-        e, k = e * two4, k - S(4)
-    if k >= S(2):
-        e, k = e * two2, k - S(2)
-    if k >= S(1):
-        e = e * two
+    # times 2^n, n in [-126, 128]: 2^n built from its bits (exact; 2^128 = 2 * 2^127 is not a float32)
+    big = n > S(127)
+    k = np.int32(n) - np.int32(1) if big else np.int32(n)
+    e = e * _float32_of_bits((k + np.int32(127)) << np.int32(23))
+    e = e * S(2) if big else e
     return S(0) if x < S(-87.33654) else (e if x <= S(88.72283) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
-@numba.njit(cache=_CACHE, error_model="numpy", forceinline=True)
+@_compiled(error_model="numpy", forceinline=True)
 def _exp_float64(x):
     """exp of a float64 as exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2)/2
     (Cody-Waite reduction; Cephes' exp: exp(r) = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)));
@@ -340,44 +374,15 @@ def _exp_float64(x):
     p = p * r
     q = ((S(3.00198505138664455042e-6) * rr + S(2.52448340349684104192e-3)) * rr + S(2.27265548208155028766e-1)) * rr + S(2.00000000000000000009e0)
     e = S(1) + S(2) * (p / (q - p))
-    # times 2^n, n in [-1022, 1024], by the binary digits of |n| (exact: powers of two)
-    k = abs(n)
-    two = S(2) if n > S(0) else S(0.5)
-    if k > S(1023):  # 2^1024 is not a float64
-        e, k = e * two, k - S(1)
-    two2 = two * two
-    two4 = two2 * two2
-    two8 = two4 * two4
-    two16 = two8 * two8
-    two32 = two16 * two16
-    two64 = two32 * two32
-    two128 = two64 * two64
-    two256 = two128 * two128
-    two512 = two256 * two256
-    if k >= S(512):
-        e, k = e * two512, k - S(512)
-    if k >= S(256):
-        e, k = e * two256, k - S(256)
-    if k >= S(128):
-        e, k = e * two128, k - S(128)
-    if k >= S(64):
-        e, k = e * two64, k - S(64)
-    if k >= S(32):
-        e, k = e * two32, k - S(32)
-    if k >= S(16):
-        e, k = e * two16, k - S(16)
-    if k >= S(8):
-        e, k = e * two8, k - S(8)
-    if k >= S(4):
-        e, k = e * two4, k - S(4)
-    if k >= S(2):
-        e, k = e * two2, k - S(2)
-    if k >= S(1):
-        e = e * two
+    # times 2^n, n in [-1022, 1024]: 2^n built from its bits (exact; 2^1024 = 2 * 2^1023 is not a float64)
+    big = n > S(1023)
+    k = np.int64(n) - np.int64(1) if big else np.int64(n)
+    e = e * _float64_of_bits((k + np.int64(1023)) << np.int64(52))
+    e = e * S(2) if big else e
     return S(0) if x < S(-708.3964185322641) else (e if x <= S(709.782712893384) else (S(np.inf) if x > S(0) else x))  # x: NaN
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def rg_lru_forward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, b_a_ptr, r_seq, b_x_ptr, i_seq, Lambda_ptr, a_seq, log_a_seq, a_t_seq, sqrt_h_seq):
     """forward, pre stage 0: r, i, a, log_a, a_t, sqrt_h"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -404,7 +409,7 @@ def rg_lru_forward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq,
             sqrt_h_seq[U(row_ * n_hidden + unit_)] = sqrt_h
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def rg_lru_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, a_t_seq, h_seq, i_seq, sqrt_h_seq, x_ptr, lengths_):
     """forward, loop stage 0: h"""
     S = a_t_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -423,7 +428,7 @@ def rg_lru_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, a_t_seq, h
                 h_seq[U(((t_ + 1) * rows_ + row_) * n_hidden + unit_)] = (h if active_ else S(0))
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def rg_lru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_x_loop0_seq, d_i_loop0_seq, d_a_t_loop0_seq, d_sqrt_h_loop0_seq, i_seq, sqrt_h_seq, x_ptr, h_seq, a_t_seq, d_h0_ptr):
     """backward, loop stage 0: adjoints of h"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -458,7 +463,7 @@ def rg_lru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
             d_h0_ptr[U(row_ * n_hidden + unit_)] = d_h_next
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
 def rg_lru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_sqrt_h_loop0_seq, d_a_t_loop0_seq, d_i_loop0_seq, d_x_proj_seq, d_Lambda_pre0_seq, a_t_seq, sqrt_h_seq, r_seq, a_seq, i_seq, log_a_seq):
     """backward, pre stage 0: adjoints of sqrt_h, a_t, log_a, a, i, r"""
     S = d_sqrt_h_loop0_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -489,7 +494,7 @@ def rg_lru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_sqrt_h_l
             d_Lambda_pre0_seq[U(row_ * n_hidden + unit_)] = a*d_a*(S(1) - a)
 
 
-@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
+@_compiled(nogil=True, error_model="numpy")
 def _sum_rows(a):
     """The sum of the rows of ``a`` (rows, n) -> (n,), row after row (NumPy's order for a
     C-contiguous array, compiled: NumPy's axis-0 sum costs microseconds per call at small sizes)."""
@@ -541,7 +546,8 @@ def _check_grad_outputs(grad_outputs):
 
 
 def _check_same_params(params, p):
-    """backward's parameters are forward's (the cache holds a copy of those); None: forward's."""
+    """backward's parameters are forward's (the cache holds a copy of those), bit for bit (a NaN
+    is itself); None: forward's."""
     if params is None:
         return
     missing = [name for name in PARAM_SHAPES if name not in params]
@@ -551,9 +557,19 @@ def _check_same_params(params, p):
         if name not in p:
             raise ValueError(f"unknown parameter '{name}'; cell '{CELL}' has {', '.join(PARAM_SHAPES)}")
         value = np.asarray(value)
-        if value.shape != p[name].shape or not bool(np.array_equal(value.astype(p[name].dtype, copy=False), p[name])):
+        if value.shape != p[name].shape or not _same_bits(value.astype(p[name].dtype, copy=False), p[name]):
             raise ValueError(f"parameter '{name}' differs from the one forward ran with (changed in place since?); "
                              "backward computes the gradients at forward's values: pass those, or run forward again")
+
+
+def _same_bits(a, mine):
+    """Whether ``a`` holds the bits of ``mine`` (same shape and dtype, C-contiguous): up to 64 KiB
+    as bytes (a few times faster than comparing arrays there), beyond as unsigned integers."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= 65536:
+        return a.tobytes() == mine.tobytes()
+    unsigned = np.uint32 if a.itemsize == 4 else np.uint64
+    return bool((a.view(unsigned) == mine.view(unsigned)).all())
 
 
 def _real(value, what):

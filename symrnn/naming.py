@@ -71,7 +71,7 @@ PYTHON_TEMPLATE = frozenset("""
     np cp CELL CUDA_SOURCE FIXED_DIMS KERNELS OUTPUTS LOSS_TARGET PARAM_SHAPES STATES INPUT_SIZE PARAM_INITS STATE_INITS
     _BLOCK _COEF_STEPS _FUNCTIONS _MODULE CupyUnavailable param_shapes input_size init_params init_state0 forward
     backward loss_and_grads rtrl_loss_and_grads rtrl_grads
-    _rtrl _loss _loss_grad _check_target _check_steps _check_grad_outputs _check_same_params _real _read_only _add_diagonal
+    _rtrl _loss _loss_grad _check_target _check_steps _check_grad_outputs _check_same_params _same_bits _real _read_only _add_diagonal
     _add_matrix _add_matrix_t _seed _dims _dim_of _as_input _prepare _cupy
     _launch params x state0 p n_in n_hidden n_out dims dtype T B t t0 t1 outputs cache grad_outputs K G cot
     cotangent dW_stack

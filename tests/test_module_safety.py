@@ -61,6 +61,29 @@ def test_changing_params_in_place_after_forward_is_a_clear_error(module):
         module.backward({**problem.params, "nope": 1.0}, cache, problem.grad_outputs)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("n_hidden", [3, 80])  # every parameter under 64 KiB; weight_hh 200 KiB
+def test_backward_compares_params_bit_for_bit(backend, n_hidden):
+    """A parameter holding a NaN (a diverged run) is forward's own: backward does not call it
+    changed; one element changed in place (-0.0 for 0.0 too) is named, in a small parameter
+    and in a large one."""
+    import importlib
+
+    pytest.importorskip(backend)
+    module = importlib.import_module(f"generated.lstm_torch_{backend}")
+    problem = random_problem(module, seed=6, T=3, B=2, n_in=4, n_hidden=n_hidden)
+    params = {k: v.copy() for k, v in problem.params.items()}
+    params["bias_ih_l0"][1] = np.nan
+    params["weight_hh_l0"][-1, -1] = 0.0
+    _, cache = module.forward(params, problem.x, problem.state0)
+    module.backward(params, cache, problem.grad_outputs)
+    for name, index, value in (("weight_hh_l0", (-1, -1), -0.0), ("weight_hh_l0", (0, 1), 0.5), ("bias_ih_l0", 1, 0.0)):
+        changed = {k: v.copy() for k, v in params.items()}
+        changed[name][index] = value
+        with pytest.raises(ValueError, match=f"parameter '{name}' differs from the one forward ran with"):
+            module.backward(changed, cache, problem.grad_outputs)
+
+
 def test_float32_forward_accepts_float64_params_in_backward(module):
     """forward casts the parameters to x's dtype: backward compares in that dtype."""
     problem = random_problem(module, seed=4, T=3, B=2)

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +166,27 @@ def test_every_op_has_a_numba_spelling_that_matches_its_formula(name):
         assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (name, value)
 
 
+@pytest.mark.parametrize("exponent", ["-0.5", "0.5", "-1.5", "1.5", "2.5", "-3.5", "3/2", "-1/2", "0.25", "4.5"])
+def test_a_power_prints_as_numba_computes_it(exponent):
+    """x ** e in a kernel, compiled, against NumPy's power in float64 and float32: a half-integer
+    e (a Float from a spec, or a Rational) as a square root times a power (no scalar libm pow),
+    other exponents through **; within 2 ulp of float64's power, and of float32's."""
+    numba = pytest.importorskip("numba")
+    from symrnn.backends.numba_backend import numba_code
+
+    x = sympy.Symbol("x")
+    e = sympy.Rational(exponent) if "/" in exponent else sympy.Float(exponent)
+    code = numba_code((x + 1) ** e)
+    assert ("np.sqrt" in code) == (float(2 * e) % 2 == 1 and abs(float(e)) < 4), code
+    kernel = numba.njit(eval(f"lambda x, S: {code}", {"np": np}))  # noqa: S307 - our own printer's output
+    values = np.array([0.1, 0.7, 1.0, 2.3, 17.0, 1e3])
+    for dtype in (np.float64, np.float32):
+        got = np.array([kernel(dtype(v), dtype) for v in values.astype(dtype)]).astype(dtype)  # numba returns Python floats
+        want = np.power(values.astype(dtype) + dtype(1), dtype(float(e)))
+        ulp = np.spacing(np.abs(want).astype(dtype)).astype(np.float64)
+        assert np.max(np.abs(got.astype(np.float64) - want) / ulp) <= 2, (exponent, dtype, got, want)
+
+
 def test_an_op_without_a_numba_spelling_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(OPS["tanh"], "numba", "")
     with pytest.raises(CellError) as info:
@@ -211,6 +236,7 @@ def test_random_cells_match_numpy(tmp_path_factory, text, sizes):
     errors |= {"d_" + k: rel_error(grads[k], grads_ref[k]) for k in grads_ref}
     bad = {k: e for k, e in errors.items() if not e <= 1e-12}
     assert not bad, f"{bad}\n{text}"
+    assert kernel_overlaps([Path(mod.__file__)], sizes) == [], text
 
 
 
@@ -329,3 +355,81 @@ def test_steps_products_with_and_without_numpys_openblas(tmp_path, cell):
         assert max(rel_error(out[k], out_ref[k]) for k in out_ref) <= 1e-12
         llvm = "".join(code for name in m.LOOPS for code in getattr(m, name).inspect_llvm().values())
         assert ("scipy_cblas_dgemm64_" in llvm) == calls_blas, m.__name__
+
+
+_LOAD_AS = '''
+import importlib, importlib.util, sys
+import numpy as np
+folder, how = sys.argv[1], sys.argv[2]
+if how == "import":
+    sys.path.insert(0, folder)
+    module = importlib.import_module("kernels.mingru_numba")
+else:  # loaded from its path, registered under another name or not at all
+    spec = importlib.util.spec_from_file_location("vendored_mingru", folder + "/kernels/mingru_numba.py")
+    module = importlib.util.module_from_spec(spec)
+    if how == "registered":
+        sys.modules["vendored_mingru"] = module
+    spec.loader.exec_module(module)
+p = module.init_params(3, 4, seed=1)
+out, cache = module.forward(p, np.ones((2, 2, 3)))
+grads = module.backward(p, cache, {"h": np.ones_like(out["h"])})
+print(module._CACHE, repr(float(grads["W_z"].sum())))
+'''
+
+
+def test_a_module_imported_under_several_names_keeps_a_cache_per_name(tmp_path):
+    """One file imported as a package's module, loaded from its path under another name, and
+    loaded from its path unregistered, in turn and again, each in a fresh interpreter: every
+    run works and gives the same gradients (numba's cache entries name the module that wrote
+    them: a file's entries are kept apart per module name; an unregistered module is not cached)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    (kernels / "__init__.py").write_text("")
+    for name in ("mingru_numba.py", "mingru_numpy.py"):
+        shutil.copy(Path(numba_module("mingru").__file__).with_name(name), kernels / name)
+    script = tmp_path / "load_as.py"
+    script.write_text(_LOAD_AS)
+    results = []
+    for how in ("import", "registered", "unregistered") * 2:
+        run = subprocess.run([sys.executable, str(script), str(tmp_path), how], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (how, run.stderr[-2000:])
+        cached, value = run.stdout.split()
+        assert cached == str(how != "unregistered"), (how, cached)
+        results.append(value)
+    assert len(set(results)) == 1, results
+    entries = {path.name.split("-")[0] for path in (kernels / "__pycache__").glob("*.nbi")}
+    assert {e for e in entries if e.startswith("mingru_numba.kernels.mingru_numba.")} and \
+        {e for e in entries if e.startswith("mingru_numba.vendored_mingru.")}, sorted(entries)
+
+
+def kernel_overlaps(paths, sizes=(3, 3, 3)) -> list:
+    """tests/numba_alias_check.py's findings for the numba modules at ``paths``: every kernel
+    call handed two arrays that share memory (the kernels are compiled noalias)."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("numba_alias_check.py")),
+                          "--sizes", ",".join(map(str, sizes)), *map(str, paths)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_no_kernel_is_handed_arrays_that_share_memory():
+    """Every kernel of every committed numba module (compiled noalias: LLVM vectorizes without
+    run-time overlap checks) gets arrays that do not overlap, in forward and backward, with
+    and without lengths and reverse; a module that passes one buffer twice is caught."""
+    paths = sorted(Path(numba_module("mingru").__file__).parent.glob("*_numba.py"))
+    assert len(paths) >= 15
+    assert kernel_overlaps(paths) == []
+
+
+def test_the_overlap_check_finds_a_shared_buffer(tmp_path):
+    """The check itself: minGRU's module with z and h_tilde in one buffer is caught."""
+    source = Path(numba_module("mingru").__file__).read_text()
+    bad = source.replace("h_tilde_seq = np.empty((T, B, n_hidden), dtype)", "h_tilde_seq = z_seq")
+    assert bad != source
+    (tmp_path / "mingru_shared_numba.py").write_text(bad)
+    found = kernel_overlaps([tmp_path / "mingru_shared_numba.py"])
+    assert {"mingru_forward_pre0", "mingru_forward_loop0"} <= {kernel for _, kernel, _, _ in found}

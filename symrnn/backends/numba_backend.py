@@ -43,16 +43,28 @@ figures in benchmarks/RESULTS.md):
   vectorizes the units' loop: float32 (Cody-Waite + Cephes' polynomial; Eigen's rational
   tanh) within 1 and 7 ulp; float64 (Cody-Waite + Cephes' rational exp; Cephes' tanh,
   ``1 - 2 / (exp(2x) + 1)`` beyond 0.625) within 2 ulp (benchmarks/float64_math.py: 1.58 and
-  1.40 ulp on 1.2 million points each; 1.7x and 3.8x libm's speed), which made the float64
-  modules 0.50-0.70x as long at T=50, B=16, H=32 (rnn_tanh_torch, lstm_torch, gru_torch,
-  mgu) and 0.81-0.93x at T=100, B=32, H=256 (benchmarks/numba_ab.py).  sigmoid stays
-  ``1 / (1 + exp(-a))`` (ops.py: accurate relative to its value), through that exp.
+  1.40 ulp on 1.2 million points each), which made the float64 modules 0.50-0.70x as long
+  at T=50, B=16, H=32 (rnn_tanh_torch, lstm_torch, gru_torch, mgu) and 0.81-0.93x at
+  T=100, B=32, H=256 (benchmarks/numba_ab.py).  exp's 2^n is built from its bits (a bit cast,
+  ``_float32_of_bits``/``_float64_of_bits``), not by multiplying powers of two: the same bits
+  (every 61st float32, 21 million float64), 1.8x (float32) and 2.5x (float64) the speed;
+  float64 exp 4.1x and tanh 5.6x libm's (AMD EPYC).  sigmoid stays ``1 / (1 + exp(-a))``
+  (ops.py: accurate relative to its value), through that exp.
+* **x ** (k + 1/2) is sqrt(x) x^k** (:class:`NumbaPrinter`): numba's ``**`` calls libm's
+  scalar pow (a layer norm's ``(var + eps) ** -0.5``: most of its backward kernels' time);
+  within 2 ulp of pow (tests).
 * **Indices are ``U(...)``** (np.uint64): numba checks a signed index for wraparound, a
   branch per access that stops LLVM from vectorizing.
-* **LLVM's limits on run-time alias checks are raised** (the template sets two LLVM
-  options on import): numba cannot mark arrays as not overlapping, so LLVM vectorizes
-  behind run-time checks and gives up beyond a few dozen; an LSTM step needs ~60.  With
-  these three, the float32 LSTM step kernel (32 x 256 units) takes 47 us instead of 488 us.
+* **The kernels' arrays are noalias** (numba's compiler flag ``noalias``, which njit does
+  not offer: the template adds it to numba's CPU options, ``_noalias``): without it LLVM
+  vectorizes a kernel's units' loop behind run-time checks that its arrays do not overlap, and
+  takes that path only above a trip count it derives from the checks' cost (40 units for the
+  layer-norm LSTM's gate kernel, 29 arrays: 6x slower at 32).  The module never hands a kernel
+  two arrays that share memory (tests/numba_alias_check.py runs every kernel call of every
+  module, and of the random cells, with the JIT off).  With it: 0.63x (layer_norm_lstm),
+  0.75-0.81x (the LSTMs, GRU, RG-LRU) the time at T=50, B=16, H=32 float32, 0.89-0.98x at
+  T=100, B=32, H=256 (benchmarks/numba_ab.py, with the two items above).  LLVM's limits on
+  run-time alias checks stay raised (two LLVM options on import) for the compiled loops.
 * **One thread.**  The kernels are serial loops (no ``parallel=True``/``prange``) and the
   products call BLAS as the process has it (OPENBLAS_NUM_THREADS: NumPy's OpenBLAS and
   SciPy's read it).  On this project's 2-core machine (shared: load average ~3 from
@@ -153,6 +165,15 @@ class NumbaPrinter(PythonCodePrinter):
         if exp.is_Integer and exp < 0:
             inv = sympy.Pow(base, -exp, evaluate=False) if exp != -1 else base
             return f"S(1)/{self.parenthesize(inv, PRECEDENCE['Pow'], strict=True)}"
+        halves = 2 * float(exp) if exp.is_Number else 0.5  # a Float exponent too (a spec's ** -0.5)
+        if halves.is_integer() and int(halves) % 2 and abs(halves) <= 7:
+            # x ** (k + 1/2) as sqrt(x) x^k: a vectorized square root (numba's ** is libm's
+            # scalar pow; a layer norm's (var + eps) ** -0.5 was most of its kernel's time)
+            k = abs(int(halves)) // 2
+            root = f"np.sqrt({self._print(base)})"
+            power = self._print_Pow(sympy.Pow(base, k, evaluate=False)) if k else ""
+            magnitude = f"({root}*{power})" if k else root
+            return magnitude if halves > 0 else f"(S(1)/{magnitude})"
         return f"{self.parenthesize(base, PRECEDENCE['Pow'], strict=True)}**{self.parenthesize(exp, PRECEDENCE['Pow'])}"
 
 
