@@ -18,6 +18,10 @@ grad_outputs ones for them; every parameter gradient, x and the initial states),
 * **jax**: ``jax.jit(jax.grad(...))`` over ``lax.scan`` of the same hand-written cell, when ``import
   jax`` works (a benchmark-only install: ``pip install jax``), single-threaded (``XLA_FLAGS`` as
   below, unless set);
+* **jax v&g**: the same with ``jax.value_and_grad``: the loss's value too.  ``jax.grad`` alone
+  drops a readout's forward product as dead code (measured in XLA's optimized HLO: minGRU's 8
+  products against 9 with the value; its time 0.88x), while the numba module's forward computes
+  every output, as a training step needs them: this column is the like-for-like one;
 * **gemm**: the GEMM bound of the torch-convention cells (benchmarks/rnn_cpu.py's).
 
 Every oracle (eager, compile, jax) is checked against the NumPy module's gradients (every
@@ -65,7 +69,7 @@ SPEC_CELLS = ("mgu", "indrnn", "mingru", "lstm_peephole", "lstm_forget_bias", "a
 SETUP = {}  # (cell, size, dtype, column) -> seconds to build the column (torch.compile: its compilation)
 CPU = {}  # (cell, size, dtype) -> {column: CPU time / wall time of its timed calls (1: one busy core; 2: two)}
 SECTION = "## Compiled backend (numba): benchmarks/custom_cpu.py"
-COLUMNS = ("numba", "numpy", "torch", "jax", "eager", "compile", "gemm")
+COLUMNS = ("numba", "numpy", "torch", "jax", "jax v&g", "eager", "compile", "gemm")
 
 
 def inputs(cell, size, dtype):
@@ -134,32 +138,39 @@ def check_oracle(name, cell, size, dtype, grads):
             raise AssertionError(f"{name} oracle of {cell} ({size}, {np.dtype(dtype).name}): d{k} off by {err:.1e} (relative)")
 
 
-def jax_factory(cell, size, dtype):
-    import cell_oracles
-    import jax
-    import jax.numpy as jnp
+def jax_factory(with_value):
+    """jax.jit(jax.grad(loss)) over lax.scan (the issue's column), or with ``with_value``
+    jax.jit(jax.value_and_grad(loss)): the loss too, as a training step has it.  jax.grad
+    alone drops the forward readout's product as dead code (its value only feeds the loss);
+    the numba module's forward computes every output (a loss needs them): the v&g column does
+    the same work."""
+    def factory(cell, size, dtype):
+        import cell_oracles
+        import jax
+        import jax.numpy as jnp
 
-    params, x, state0 = inputs(cell, size, dtype)
-    H, m = SIZES[size][3], cell_oracles.namespace("jax")
+        params, x, state0 = inputs(cell, size, dtype)
+        H, m = SIZES[size][3], cell_oracles.namespace("jax")
 
-    def run(p, xs, s0):
-        pre, step = cell_oracles.CELLS[cell](p, m, H)
+        def run(p, xs, s0):
+            pre, step = cell_oracles.CELLS[cell](p, m, H)
 
-        def body(s, a):
-            new = step(s, a)
-            return new, new["h"]
-        _, hs = jax.lax.scan(body, s0, pre(xs))
-        return jnp.sum(hs) + readout_sum(cell, p, m, hs)
+            def body(s, a):
+                new = step(s, a)
+                return new, new["h"]
+            _, hs = jax.lax.scan(body, s0, pre(xs))
+            return jnp.sum(hs) + readout_sum(cell, p, m, hs)
 
-    grad_fn = jax.jit(jax.grad(run, argnums=(0, 1, 2)))
-    jp, jx, js = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x),
-                  {k: jnp.asarray(v) for k, v in state0.items()})
-    gp, gx, gs = grad_fn(jp, jx, js)
-    check_oracle("jax", cell, size, dtype, {**gp, "x": gx, **{f"{k}0": v for k, v in gs.items()}})
+        grad_fn = jax.jit((jax.value_and_grad if with_value else jax.grad)(run, argnums=(0, 1, 2)))
+        jp, jx, js = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x),
+                      {k: jnp.asarray(v) for k, v in state0.items()})
+        gp, gx, gs = grad_fn(jp, jx, js)[1] if with_value else grad_fn(jp, jx, js)
+        check_oracle("jax", cell, size, dtype, {**gp, "x": gx, **{f"{k}0": v for k, v in gs.items()}})
 
-    def call():
-        jax.block_until_ready(grad_fn(jp, jx, js))
-    return call
+        def call():
+            jax.block_until_ready(grad_fn(jp, jx, js))
+        return call
+    return factory
 
 
 def grad(leaf):
@@ -218,7 +229,8 @@ def columns(cell, dtype, size, compile_sizes):
     if cell in TORCH_CELLS:
         cols |= {"torch": torch_factory, "gemm": gemm_factory}
     if jax_available():
-        cols["jax"] = jax_factory
+        cols["jax"] = jax_factory(with_value=False)
+        cols["jax v&g"] = jax_factory(with_value=True)
     cols["eager"] = torch_oracle_factory(compiled=False)
     if dtype == np.float32 and size in compile_sizes:
         cols["compile"] = torch_oracle_factory(compiled=True)
@@ -391,9 +403,9 @@ def main(argv=None):
              f"{'this process pinned to one core (os.sched_setaffinity: every column on one core); ' if args.one_core else ''}"
              f"{args.rounds} rounds, medians; "
              "ratio = numba / column, median over rounds (min-max); below 1: numba is faster.", "",
-             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/torch eager "
-             "| numba/torch.compile | numba/GEMM bound |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| cell | size | dtype | numba ms | numpy ms | numba/numpy | numba/torch nn | numba/jax | numba/jax v&g "
+             "| numba/torch eager | numba/torch.compile | numba/GEMM bound |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     failures = []
     try:
         for cell in args.cells.split(","):
@@ -403,7 +415,7 @@ def main(argv=None):
                     med = {k: statistics.median(v) for k, v in s.items()}
                     row = [cell, size, dtype, f"{med['numba'] * 1e3:.2f}", f"{med['numpy'] * 1e3:.2f}",
                            fmt_range(s["numba"], s["numpy"])]
-                    for k in ("torch", "jax", "eager", "compile", "gemm"):
+                    for k in ("torch", "jax", "jax v&g", "eager", "compile", "gemm"):
                         if k in failed:
                             failures.append(f"{cell} {size} {dtype} {k}: {failed[k]}")
                         row.append(fmt_range(s["numba"], s[k]) if k in s else f"failed ({len(failures)})" if k in failed else "-")
