@@ -336,7 +336,6 @@ def test_steps_products_with_and_without_numpys_openblas(tmp_path, cell):
     """A step's product (_gemm) calls the OpenBLAS that NumPy bundles where NumPy has one
     (its symbol in the compiled loop), else np.dot (numba's: SciPy's BLAS); either way the
     NumPy module's values."""
-    from pathlib import Path
 
     source = Path(numba_module(cell).__file__).read_text()
     bundled = sorted(Path(np.__file__).resolve().parent.parent.glob("numpy.libs/libscipy_openblas64_*"))
@@ -384,7 +383,6 @@ def test_a_module_imported_under_several_names_keeps_a_cache_per_name(tmp_path):
     them: a file's entries are kept apart per module name; an unregistered module is not cached)."""
     import shutil
     import subprocess
-    from pathlib import Path
 
     kernels = tmp_path / "kernels"
     kernels.mkdir()

@@ -46,7 +46,7 @@ figures in benchmarks/RESULTS.md):
   1.40 ulp on 1.2 million points each), which made the float64 modules 0.50-0.70x as long
   at T=50, B=16, H=32 (rnn_tanh_torch, lstm_torch, gru_torch, mgu) and 0.81-0.93x at
   T=100, B=32, H=256 (benchmarks/numba_ab.py).  exp's 2^n is built from its bits (a bit cast,
-  ``_float32_of_bits``/``_float64_of_bits``), not by multiplying powers of two: the same bits
+  ``_float_of_bits``), not by multiplying powers of two: the same bits
   (every 61st float32, 21 million float64), 1.8x (float32) and 2.5x (float64) the speed;
   float64 exp 4.1x and tanh 5.6x libm's (AMD EPYC).  sigmoid stays ``1 / (1 + exp(-a))``
   (ops.py: accurate relative to its value), through that exp.
