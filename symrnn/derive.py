@@ -175,7 +175,19 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
         table = {sym: sympy.IndexedBase(sym.name)[unit] for sym in expr.free_symbols if g.size(sym.name) is not None}
         return expr.xreplace(table)
 
+    memo: dict[str, sympy.Expr] = {}  # a node's tangent at the unit ``probe``
+    probe = sympy.Dummy("unit")
+
     def tan(name: str, unit: sympy.Expr) -> sympy.Expr:
+        """The tangent of ``name`` at ``unit``; a node's is derived once and re-indexed (its
+        summation indices are bound, drawn before any sum that holds it)."""
+        if g.is_leaf(name) or name in sens_prev:
+            return tan_at(name, unit)
+        if name not in memo:
+            memo[name] = tan_at(name, probe)
+        return memo[name].xreplace({probe: unit})
+
+    def tan_at(name: str, unit: sympy.Expr) -> sympy.Expr:
         if name in sens_prev:
             return sens_prev[name][(unit, *idx)] if idx else sens_prev[name][unit]
         if g.is_leaf(name):

@@ -267,9 +267,10 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
     for s in g.states:
         for p in g.params:
             sens = der.sensitivity(s.name, p.name)
-            lines = _lines(P, sens.rhs)
-            chain = []
-            if max(_visible(line) for line in lines) > _MAX_LINE:  # too long substituted: the chain, node by node
+            chain, lines = [], []
+            if not _surely_too_long(sens.rhs):
+                lines = _lines(P, sens.rhs)
+            if not lines or max(_visible(line) for line in lines) > _MAX_LINE:  # too long substituted: node by node
                 chain, lines = _chain(P, der, p.name, s.name), []
             sensitivities.append(dict(
                 label=f"eq:{cell}:rtrl:{s.name}:{p.name}",
@@ -284,6 +285,22 @@ def document_data(plan: KernelPlan, notation: Notation = Notation()) -> dict:
 
 
 _MAX_LINE = 60  # visible characters (roughly) in one displayed line
+
+
+def _surely_too_long(expr: sympy.Expr) -> bool:
+    """Whether a term of ``expr`` holds more indexed values (each shows at least a letter)
+    than four lines show characters: the substituted form is then not printed to be
+    measured (printing is what costs: a layer norm's state sensitivities substituted are
+    terms of ~1000 values, 20 s of printing for a form the chain replaces).  Counts up to
+    the bound, no further."""
+    bound = 4 * _MAX_LINE
+    for term in sympy.Add.make_args(expr):
+        seen = 0
+        for sub in sympy.preorder_traversal(term):
+            seen += isinstance(sub, sympy.Indexed)
+            if seen > bound:
+                return True
+    return False
 
 
 def _factor(P, expr: sympy.Expr) -> str:
