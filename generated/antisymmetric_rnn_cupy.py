@@ -129,21 +129,20 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = cp.concatenate([W, W.T], axis=0)  # stacked: one GEMM for 2 products
+    M_z = W - W.T  # formed once: one product per step for the combination
     # input side, every step at once: one GEMM
     x_proj_seq = cp.matmul(x.reshape(-1, n_in), V.T).reshape(T, B, n_hidden)  # V_x
     h_seq = cp.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     tanh_z_seq = cp.empty((T, B, n_hidden), dtype)
     for t in range(T):
-        h_prev_proj = cp.matmul(h_seq[t], W_stack_h_prev.T)  # W_h_prev, W_T_h_prev
-        _launch("antisymmetric_rnn_forward_loop0", dtype, B, n_hidden, 1, t, dims, x_proj_seq, h_prev_proj, b, h_seq, tanh_z_seq, lengths)
+        h_prev_proj = cp.matmul(h_seq[t], M_z.T)  # M_z_h_prev
+        _launch("antisymmetric_rnn_forward_loop0", dtype, B, n_hidden, 1, t, dims, h_prev_proj, x_proj_seq, b, h_seq, tanh_z_seq, lengths)
     outputs = _outputs_in_steps({
         "h": h_seq[1:].copy(),
     }, order, hold)
     final = _final_states({"h": h_seq}, steps[0])
     cache = {"params": p, "x": x, "dims": dims, "steps": steps, "final": final}
-    cache["W_stack_h_prev"] = W_stack_h_prev
     cache["h_seq"] = h_seq
     cache["tanh_z_seq"] = tanh_z_seq
     return outputs, cache
@@ -169,33 +168,32 @@ def backward(params, cache, grad_outputs, grad_final=None):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = cache["W_stack_h_prev"]
+    M_z = W - W.T  # formed once: one product per step for the combination
     h_seq = cache["h_seq"]
     tanh_z_seq = cache["tanh_z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_W = cp.zeros_like(W)
     d_V = cp.zeros_like(V)
     d_b = cp.zeros_like(b)
-    d_x_proj_seq = cp.empty((T, B, n_hidden), dtype)
-    d_h_prev_proj_seq = cp.empty((T, B, 2*n_hidden), dtype)
+    d_h_prev_proj_seq = cp.empty((T, B, n_hidden), dtype)
     d_h_prev_0 = cp.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = cp.zeros((B, n_hidden), dtype)
     for t in reversed(range(T)):
         d_h_prev_0_next = d_h_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_h_prev_0 = cp.empty((B, n_hidden), dtype)
-        _launch("antisymmetric_rnn_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_prev_0_next, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq)
-        d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], W_stack_h_prev)  # W^T delta
+        _launch("antisymmetric_rnn_backward_loop0", dtype, B, n_hidden, 1, t, dims, d_h_seq, d_h_prev_0_next, d_h_prev_from_h_prev_proj_next, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq)
+        d_h_prev_from_h_prev_proj = cp.matmul(d_h_prev_proj_seq[t], M_z)  # W^T delta
     d_h0 = d_h_prev_0 + d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, 2*n_hidden), axis=0)
-    d_b += d_h_prev_proj_sum[:n_hidden]
+    d_h_prev_proj_sum = cp.sum(d_h_prev_proj_seq.reshape(-1, n_hidden), axis=0)
+    d_b += d_h_prev_proj_sum
     # weight gradients: one GEMM over every step per stacked product
-    dW_stack = cp.matmul(d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
+    dW_stack = cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_W += dW_stack[:n_hidden]
-    d_W += dW_stack[n_hidden:2*n_hidden].T
-    d_V += cp.matmul(d_x_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))
-    d_x = cp.matmul(d_x_proj_seq.reshape(-1, n_hidden), V).reshape(T, B, n_in)
+    d_W -= dW_stack[:n_hidden].T
+    d_V += cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))
+    d_x = cp.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), V).reshape(T, B, n_in)
     grads = {
         "W": d_W,
         "V": d_V,
@@ -490,20 +488,19 @@ template <typename scalar_t>
 __host__ __device__ inline void antisymmetric_rnn_forward_loop0_element(
     long long row_, long long unit_, long long rows_, long long steps_, long long step_,
     long long n_in, long long n_hidden, long long n_out,
-    const scalar_t* __restrict__ x_proj_seq,
     const scalar_t* __restrict__ h_prev_proj,
+    const scalar_t* __restrict__ x_proj_seq,
     const scalar_t* __restrict__ b_ptr,
     scalar_t* __restrict__ h_seq,
     scalar_t* __restrict__ tanh_z_seq,
     const long long* lengths_)
 {
     const bool active_ = step_ < lengths_[row_];  // lengths: steps at and beyond a row's length are held
+    const scalar_t M_z_h_prev = h_prev_proj[row_ * n_hidden + unit_];
     const scalar_t V_x = x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_];
-    const scalar_t W_T_h_prev = h_prev_proj[row_ * (2*n_hidden) + n_hidden + unit_];
-    const scalar_t W_h_prev = h_prev_proj[row_ * (2*n_hidden) + unit_];
     const scalar_t b = b_ptr[unit_];
     const scalar_t h_prev = h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
-    const scalar_t z = V_x - W_T_h_prev + W_h_prev + b - scalar_t(0.01)*h_prev;  // eq:antisymmetric_rnn:z
+    const scalar_t z = M_z_h_prev + V_x + b - scalar_t(0.01)*h_prev;  // eq:antisymmetric_rnn:z
     const scalar_t tanh_z = op_tanh(z);  // eq:antisymmetric_rnn:h
     tanh_z_seq[(step_ * rows_ + row_) * n_hidden + unit_] = tanh_z;
     const scalar_t h = h_prev + scalar_t(0.1)*tanh_z;  // eq:antisymmetric_rnn:h
@@ -520,7 +517,6 @@ __host__ __device__ inline void antisymmetric_rnn_backward_loop0_element(
     const scalar_t* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     scalar_t* __restrict__ d_h_prev_proj_seq,
     scalar_t* __restrict__ d_h_prev_0,
-    scalar_t* __restrict__ d_x_proj_seq,
     const scalar_t* __restrict__ tanh_z_seq)
 {
     const scalar_t d_h_out = d_h_seq[(step_ * rows_ + row_) * n_hidden + unit_];
@@ -530,20 +526,17 @@ __host__ __device__ inline void antisymmetric_rnn_backward_loop0_element(
     const scalar_t d_h = d_h_out + d_h_prev_0_next + d_h_prev_from_h_prev_proj_next;  // eq:antisymmetric_rnn:adj:h
     const scalar_t d_tanh_z = scalar_t(0.1)*d_h;  // eq:antisymmetric_rnn:adj:tanh_z
     const scalar_t d_z = d_tanh_z*(scalar_t(1) - (tanh_z*tanh_z));  // eq:antisymmetric_rnn:adj:z
-    const scalar_t d_W_h_prev = d_z;
-    d_h_prev_proj_seq[(step_ * rows_ + row_) * (2*n_hidden) + unit_] = d_W_h_prev;
-    const scalar_t d_W_T_h_prev = -d_z;
-    d_h_prev_proj_seq[(step_ * rows_ + row_) * (2*n_hidden) + n_hidden + unit_] = d_W_T_h_prev;
+    const scalar_t d_M_z_h_prev = d_z;
+    d_h_prev_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_M_z_h_prev;
     d_h_prev_0[row_ * n_hidden + unit_] = d_h - scalar_t(0.01)*d_z;
-    d_x_proj_seq[(step_ * rows_ + row_) * n_hidden + unit_] = d_z;
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)  // nvcc, or NVRTC (cupy.RawModule)
 
 extern "C" __global__ void antisymmetric_rnn_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ x_proj_seq,
     const float* __restrict__ h_prev_proj,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_ptr,
     float* __restrict__ h_seq,
     float* __restrict__ tanh_z_seq,
@@ -552,14 +545,14 @@ extern "C" __global__ void antisymmetric_rnn_forward_loop0_f32(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
+        antisymmetric_rnn_forward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_ptr, h_seq, tanh_z_seq, lengths_);
     }
 }
 
 extern "C" __global__ void antisymmetric_rnn_forward_loop0_f64(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ x_proj_seq,
     const double* __restrict__ h_prev_proj,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_ptr,
     double* __restrict__ h_seq,
     double* __restrict__ tanh_z_seq,
@@ -568,7 +561,7 @@ extern "C" __global__ void antisymmetric_rnn_forward_loop0_f64(
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
+        antisymmetric_rnn_forward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_ptr, h_seq, tanh_z_seq, lengths_);
     }
 }
 
@@ -579,13 +572,12 @@ extern "C" __global__ void antisymmetric_rnn_backward_loop0_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq,
     const float* __restrict__ tanh_z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq);
+        antisymmetric_rnn_backward_loop0_element<float>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq);
     }
 }
 
@@ -596,13 +588,12 @@ extern "C" __global__ void antisymmetric_rnn_backward_loop0_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq,
     const double* __restrict__ tanh_z_seq)
 {
     const long long units_ = n_hidden;
     const long long i_ = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i_ < rows_ * units_) {
-        antisymmetric_rnn_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq);
+        antisymmetric_rnn_backward_loop0_element<double>(i_ / units_, i_ % units_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq);
     }
 }
 #else
@@ -611,8 +602,8 @@ extern "C" __global__ void antisymmetric_rnn_backward_loop0_f64(
 
 extern "C" void antisymmetric_rnn_forward_loop0_f32(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
-    const float* __restrict__ x_proj_seq,
     const float* __restrict__ h_prev_proj,
+    const float* __restrict__ x_proj_seq,
     const float* __restrict__ b_ptr,
     float* __restrict__ h_seq,
     float* __restrict__ tanh_z_seq,
@@ -621,15 +612,15 @@ extern "C" void antisymmetric_rnn_forward_loop0_f32(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
+            antisymmetric_rnn_forward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_ptr, h_seq, tanh_z_seq, lengths_);
         }
     }
 }
 
 extern "C" void antisymmetric_rnn_forward_loop0_f64(
     long long rows_, long long steps_, long long step_, long long n_in, long long n_hidden, long long n_out,
-    const double* __restrict__ x_proj_seq,
     const double* __restrict__ h_prev_proj,
+    const double* __restrict__ x_proj_seq,
     const double* __restrict__ b_ptr,
     double* __restrict__ h_seq,
     double* __restrict__ tanh_z_seq,
@@ -638,7 +629,7 @@ extern "C" void antisymmetric_rnn_forward_loop0_f64(
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_);
+            antisymmetric_rnn_forward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_ptr, h_seq, tanh_z_seq, lengths_);
         }
     }
 }
@@ -650,13 +641,12 @@ extern "C" void antisymmetric_rnn_backward_loop0_f32(
     const float* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     float* __restrict__ d_h_prev_proj_seq,
     float* __restrict__ d_h_prev_0,
-    float* __restrict__ d_x_proj_seq,
     const float* __restrict__ tanh_z_seq)
 {
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq);
+            antisymmetric_rnn_backward_loop0_element<float>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq);
         }
     }
 }
@@ -668,13 +658,12 @@ extern "C" void antisymmetric_rnn_backward_loop0_f64(
     const double* __restrict__ d_h_prev_from_h_prev_proj_next_ptr,
     double* __restrict__ d_h_prev_proj_seq,
     double* __restrict__ d_h_prev_0,
-    double* __restrict__ d_x_proj_seq,
     const double* __restrict__ tanh_z_seq)
 {
     const long long units_ = n_hidden;
     for (long long row_ = 0; row_ < rows_; ++row_) {
         for (long long unit_ = 0; unit_ < units_; ++unit_) {  // contiguous: a compiler may vectorize it
-            antisymmetric_rnn_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq);
+            antisymmetric_rnn_backward_loop0_element<double>(row_, unit_, rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq);
         }
     }
 }

@@ -184,14 +184,14 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = np.concatenate([W, W.T], axis=0)  # stacked: one GEMM for 2 products
+    M_z = W - W.T  # formed once: one product per step for the combination
     # input side, every step at once: one GEMM
     x_proj_seq = np.dot(x.reshape(-1, n_in), V.T).reshape(T, B, n_hidden)  # V_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
     tanh_z_seq = np.empty((T, B, n_hidden), dtype)
-    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)  # a contiguous operand for every step's product
-    _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b, h_seq, lengths, tanh_z_seq, x_proj_seq)
+    M_z_T = np.ascontiguousarray(M_z.T)  # a contiguous operand for every step's product
+    _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, M_z_T, b, h_seq, lengths, tanh_z_seq, x_proj_seq)
     outputs = _outputs_in_steps({
         "h": h_seq[1:],
     }, order, hold)
@@ -199,7 +199,6 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     final = _final_states({"h": h_seq}, steps[0])
     _read_only(final)
     cache = {"params": p, "x": x, "dims": dims, "steps": steps, "final": final}
-    cache["W_stack_h_prev"] = W_stack_h_prev
     cache["h_seq"] = h_seq
     cache["tanh_z_seq"] = tanh_z_seq
     return outputs, cache
@@ -224,28 +223,27 @@ def backward(params, cache, grad_outputs, grad_final=None):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = cache["W_stack_h_prev"]
+    M_z = W - W.T  # formed once: one product per step for the combination
     h_seq = cache["h_seq"]
     tanh_z_seq = cache["tanh_z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype)
     d_W = np.zeros_like(W)
     d_V = np.zeros_like(V)
     d_b = np.zeros_like(b)
-    d_x_proj_seq = np.empty((T, B, n_hidden), dtype)
-    d_h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
+    d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_prev_0 = np.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = np.zeros((B, n_hidden), dtype)
-    d_h_prev_0, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, d_h_prev_0, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_x_proj_seq, tanh_z_seq)
+    d_h_prev_0, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, M_z, d_h_prev_0, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, tanh_z_seq)
     d_h0 = d_h_prev_0 + d_h_prev_from_h_prev_proj
     # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, 2*n_hidden))
-    d_b += d_h_prev_proj_sum[:n_hidden]
+    d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, n_hidden))
+    d_b += d_h_prev_proj_sum
     # weight gradients: one GEMM over every step per stacked product
-    dW_stack = np.dot(d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
+    dW_stack = np.dot(d_h_prev_proj_seq.reshape(-1, n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
     d_W += dW_stack[:n_hidden]
-    d_W += dW_stack[n_hidden:2*n_hidden].T
-    d_V += np.dot(d_x_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))
-    d_x = np.dot(d_x_proj_seq.reshape(-1, n_hidden), V).reshape(T, B, n_in)
+    d_W -= dW_stack[:n_hidden].T
+    d_V += np.dot(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in))
+    d_x = np.dot(d_h_prev_proj_seq.reshape(-1, n_hidden), V).reshape(T, B, n_in)
     grads = {
         "W": d_W,
         "V": d_V,
@@ -352,20 +350,19 @@ def _tanh_float64(x):
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def antisymmetric_rnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, h_prev_proj, b_ptr, h_seq, tanh_z_seq, lengths_):
+def antisymmetric_rnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_ptr, h_seq, tanh_z_seq, lengths_):
     """forward, loop stage 0: z, tanh_z, h"""
-    S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
+    S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
     units_ = n_hidden
     for row_ in range(rows_):
         for unit_ in range(units_):
             active_ = step_ < lengths_[U(row_)]  # lengths: steps at and beyond a row's length are held
+            M_z_h_prev = h_prev_proj[U(row_ * n_hidden + unit_)]
             V_x = x_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
-            W_T_h_prev = h_prev_proj[U(row_ * (2*n_hidden) + n_hidden + unit_)]
-            W_h_prev = h_prev_proj[U(row_ * (2*n_hidden) + unit_)]
             b = b_ptr[U(unit_)]
             h_prev = h_seq[U((step_ * rows_ + row_) * n_hidden + unit_)]
-            z = V_x - W_T_h_prev + W_h_prev + b - S(0.01)*h_prev  # eq:antisymmetric_rnn:z
+            z = M_z_h_prev + V_x + b - S(0.01)*h_prev  # eq:antisymmetric_rnn:z
             tanh_z = _tanh(z)  # eq:antisymmetric_rnn:h
             tanh_z_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tanh_z
             h = h_prev + S(0.1)*tanh_z  # eq:antisymmetric_rnn:h
@@ -373,7 +370,7 @@ def antisymmetric_rnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out,
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def antisymmetric_rnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, d_x_proj_seq, tanh_z_seq):
+def antisymmetric_rnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_h_prev_0, tanh_z_seq):
     """backward, loop stage 0: adjoints of h, tanh_z, z"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -387,12 +384,9 @@ def antisymmetric_rnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out
             d_h = d_h_out + d_h_prev_0_next + d_h_prev_from_h_prev_proj_next  # eq:antisymmetric_rnn:adj:h
             d_tanh_z = S(0.1)*d_h  # eq:antisymmetric_rnn:adj:tanh_z
             d_z = d_tanh_z*(S(1) - (tanh_z*tanh_z))  # eq:antisymmetric_rnn:adj:z
-            d_W_h_prev = d_z
-            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (2*n_hidden) + unit_)] = d_W_h_prev
-            d_W_T_h_prev = -d_z
-            d_h_prev_proj_seq[U((step_ * rows_ + row_) * (2*n_hidden) + n_hidden + unit_)] = d_W_T_h_prev
+            d_M_z_h_prev = d_z
+            d_h_prev_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_M_z_h_prev
             d_h_prev_0[U(row_ * n_hidden + unit_)] = d_h - S(0.01)*d_z
-            d_x_proj_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_z
 
 
 @_compiled(nogil=True, error_model="numpy")
@@ -466,8 +460,8 @@ def _gemm_compiled(a, b, out):
 
 
 @_compiled(nogil=True, error_model="numpy")
-def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b, h_seq, lengths, tanh_z_seq, x_proj_seq):
-    h_prev_proj = np.empty((B, W_stack_h_prev_T.shape[1]), dtype)  # one buffer for every step
+def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, M_z_T, b, h_seq, lengths, tanh_z_seq, x_proj_seq):
+    h_prev_proj = np.empty((B, M_z_T.shape[1]), dtype)  # one buffer for every step
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
     b_flat = b.reshape(-1)
     h_prev_proj_flat = h_prev_proj.reshape(-1)
@@ -476,26 +470,25 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b, h_se
     tanh_z_seq_flat = tanh_z_seq.reshape(-1)
     x_proj_seq_flat = x_proj_seq.reshape(-1)
     for t in range(T):
-        _gemm(h_seq[t], W_stack_h_prev_T, h_prev_proj)  # W_h_prev, W_T_h_prev
-        antisymmetric_rnn_forward_loop0(B, 1, t, n_in, n_hidden, n_out, x_proj_seq_flat, h_prev_proj_flat, b_flat, h_seq_flat, tanh_z_seq_flat, lengths_flat)
+        _gemm(h_seq[t], M_z_T, h_prev_proj)  # M_z_h_prev
+        antisymmetric_rnn_forward_loop0(B, 1, t, n_in, n_hidden, n_out, h_prev_proj_flat, x_proj_seq_flat, b_flat, h_seq_flat, tanh_z_seq_flat, lengths_flat)
 
 
 @_compiled(nogil=True, error_model="numpy")
-def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, d_h_prev_0, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_x_proj_seq, tanh_z_seq):
+def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, M_z, d_h_prev_0, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, tanh_z_seq):
     d_h_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_h_prev_0
-    d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
+    d_h_prev_from_h_prev_proj_spare = np.empty((B, M_z.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
     d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
     d_h_seq_flat = d_h_seq.reshape(-1)
-    d_x_proj_seq_flat = d_x_proj_seq.reshape(-1)
     tanh_z_seq_flat_1 = tanh_z_seq.reshape(-1)
     for t in range(T - 1, -1, -1):
         d_h_prev_0_next = d_h_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_h_prev_0, d_h_prev_0_spare = d_h_prev_0_spare, d_h_prev_0  # this step's buffer; the other holds step t + 1's
-        antisymmetric_rnn_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_0_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_h_prev_0.reshape(-1), d_x_proj_seq_flat, tanh_z_seq_flat_1)
+        antisymmetric_rnn_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_0_next.reshape(-1), d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_h_prev_0.reshape(-1), tanh_z_seq_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
-        _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
+        _gemm(d_h_prev_proj_seq[t], M_z, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_h_prev_0, d_h_prev_from_h_prev_proj
 
 

@@ -108,23 +108,22 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = np.concatenate([W, W.T], axis=0)  # stacked: one GEMM for 2 products
-    W_stack_h_prev_T = np.ascontiguousarray(W_stack_h_prev.T)
+    M_z = W - W.T  # formed once: one product per step for the combination
+    M_z_T = np.ascontiguousarray(M_z.T)
     # input side, every step at once
     V_x_seq = (x.reshape(-1, n_in) @ V.T).reshape(T, B, n_hidden)  # V_x
     V_x_seq += b  # the biases of z, for every step at once
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
-    h_prev_proj_step = np.empty((B, 2*n_hidden), dtype)
+    h_prev_proj_step = np.empty((B, n_hidden), dtype)
     tanh_z_seq = np.empty((T, B, n_hidden), dtype)
     for t in range(T):
         h_prev = h_seq[t]
         h_prev_proj = h_prev_proj_step
-        np.dot(h_prev, W_stack_h_prev_T, out=h_prev_proj)  # W_h_prev, W_T_h_prev
-        h_prev_proj[:, :n_hidden] += V_x_seq[t, :, :n_hidden]
-        W_h_prev_sum = h_prev_proj[:, :n_hidden]
-        W_T_h_prev = h_prev_proj[:, n_hidden:2*n_hidden]
-        z = -W_T_h_prev + W_h_prev_sum - 0.01*h_prev  # eq:antisymmetric_rnn:z
+        np.dot(h_prev, M_z_T, out=h_prev_proj)  # M_z_h_prev
+        h_prev_proj += V_x_seq[t]  # + the input side (and biases) of every slot
+        M_z_h_prev_sum = h_prev_proj[:, :n_hidden]
+        z = M_z_h_prev_sum - 0.01*h_prev  # eq:antisymmetric_rnn:z
         tanh_z = tanh_z_seq[t]
         np.tanh(z, out=tanh_z)  # eq:antisymmetric_rnn:h
         h = h_seq[t + 1]
@@ -138,7 +137,6 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     final = _final_states({"h": h_seq}, lengths)
     _read_only(final)
     cache = {"params": p, "x": x, "dims": (n_in, n_hidden, n_out), "steps": steps, "final": final}
-    cache["W_stack_h_prev"] = W_stack_h_prev
     cache["h_seq"] = h_seq
     cache["tanh_z_seq"] = tanh_z_seq
     return outputs, cache
@@ -163,42 +161,38 @@ def backward(params, cache, grad_outputs, grad_final=None):
     W = p["W"]
     V = p["V"]
     b = p["b"]
-    W_stack_h_prev = cache["W_stack_h_prev"]
+    M_z = W - W.T  # formed once: one product per step for the combination
     h_seq = cache["h_seq"]
     tanh_z_seq = cache["tanh_z_seq"]
     d_h_seq = _seed(grad_outputs, "h", (T, B, n_hidden), dtype, writable=False)
     d_x_seq = np.empty((T, B, n_in), dtype)
     d_W = np.zeros_like(W)
-    d_V = np.zeros_like(V)
+    d_V = np.empty_like(V)
     d_b = np.zeros_like(b)
-    d_h_prev_proj_seq = np.empty((T, B, 2*n_hidden), dtype)
+    d_h_prev_proj_seq = np.empty((T, B, n_hidden), dtype)
     d_h_next = np.zeros((B, n_hidden), dtype)
     for t1 in range(T, 0, -_COEF_STEPS):
         t0 = max(t1 - _COEF_STEPS, 0)
         # the coefficients of the adjoint recursion (stored values only) for steps t0 .. t1 - 1
         common = tanh_z_seq[t0:t1]**2
-        common_1 = common - 1
-        dh_dW_h_prev = -0.1*common_1
-        dh_dW_T_h_prev = 0.1*common_1
+        dh_dM_z_h_prev = 0.1 - 0.1*common
         dh_dh_prev_0 = 0.001*common + 0.999
         for t in reversed(range(t0, t1)):
             d_h = d_h_next + d_h_seq[t]  # eq:antisymmetric_rnn:adj:h
-            d_W_h_prev = d_h_prev_proj_seq[t, :, :n_hidden]
-            np.multiply(d_h, dh_dW_h_prev[t - t0], out=d_W_h_prev)  # eq:antisymmetric_rnn:adj:W_h_prev
-            d_W_T_h_prev = d_h_prev_proj_seq[t, :, n_hidden:2*n_hidden]
-            np.multiply(d_h, dh_dW_T_h_prev[t - t0], out=d_W_T_h_prev)  # eq:antisymmetric_rnn:adj:W_T_h_prev
+            d_M_z_h_prev = d_h_prev_proj_seq[t]
+            np.multiply(d_h, dh_dM_z_h_prev[t - t0], out=d_M_z_h_prev)  # eq:antisymmetric_rnn:adj:M_z_h_prev
             d_h_prev_0 = d_h*dh_dh_prev_0[t - t0]
-            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], W_stack_h_prev)
+            d_h_prev_from_h_prev_proj = np.dot(d_h_prev_proj_seq[t], M_z)
             d_h_next = d_h_prev_0 + d_h_prev_from_h_prev_proj
     d_h_prev_proj_sum = np.sum(d_h_prev_proj_seq, axis=(0, 1))  # over the steps and the batch
-    d_b += d_h_prev_proj_sum[:n_hidden]
+    d_b += d_h_prev_proj_sum
     # input side, every step at once
-    np.matmul(d_h_prev_proj_seq[..., :n_hidden].reshape(-1, n_hidden), V[:n_hidden], out=d_x_seq.reshape(-1, n_in))
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden), V, out=d_x_seq.reshape(-1, n_in))
     # weight gradients: one GEMM over every step per stacked product
-    dW_stack = d_h_prev_proj_seq.reshape(-1, 2*n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
+    dW_stack = d_h_prev_proj_seq.reshape(-1, n_hidden).T @ h_seq[:-1].reshape(-1, n_hidden)
     d_W += dW_stack[:n_hidden]
-    d_W += dW_stack[n_hidden:2*n_hidden].T
-    d_V[:n_hidden] += d_h_prev_proj_seq[..., :n_hidden].reshape(-1, n_hidden).T @ x.reshape(-1, n_in)
+    d_W -= dW_stack[:n_hidden].T
+    np.matmul(d_h_prev_proj_seq.reshape(-1, n_hidden).T, x.reshape(-1, n_in), out=d_V)
     grads = {
         "W": d_W,
         "V": d_V,
@@ -242,6 +236,7 @@ def _rtrl(params, x, state0, hold, cotangent):
     W = p["W"]
     V = p["V"]
     b = p["b"]
+    M_z = W - W.T  # formed once: one product per step for the combination
     # tangent directions: parameters, initial states, then x
     o_W = 0
     o_V = o_W + W.size
@@ -255,22 +250,19 @@ def _rtrl(params, x, state0, hold, cotangent):
     G = np.zeros((K, B), dtype)
     for t in range(T):
         h_prev, J_h_prev = h, J_h
-        # W_T_h_prev  eq:antisymmetric_rnn:z
-        W_T_h_prev = h_prev @ W
-        J_W_T_h_prev = J_h_prev @ W
-        _add_matrix_t(J_W_T_h_prev, o_W, W.shape, 0, h_prev)
-        # W_h_prev  eq:antisymmetric_rnn:z
-        W_h_prev = h_prev @ W.T
-        J_W_h_prev = J_h_prev @ W.T
-        _add_matrix(J_W_h_prev, o_W, W.shape, 0, 0, h_prev)
+        # M_z_h_prev  eq:antisymmetric_rnn:z
+        M_z_h_prev = h_prev @ M_z.T
+        J_M_z_h_prev = J_h_prev @ M_z.T
+        _add_matrix(J_M_z_h_prev, o_W, W.shape, 0, 0, h_prev)
+        _add_matrix_t(J_M_z_h_prev, o_W, W.shape, 0, -h_prev)
         # V_x  eq:antisymmetric_rnn:z
         V_x = x[t] @ V.T
         J_V_x = np.zeros((K, B, n_hidden), dtype)
         J_V_x[o_x + t * n_in:o_x + t * n_in + n_in] += V.T[:, None, :]
         _add_matrix(J_V_x, o_V, V.shape, 0, 0, x[t])
         # z  eq:antisymmetric_rnn:z
-        z = V_x - W_T_h_prev + W_h_prev + b - 0.01*h_prev
-        J_z = J_V_x + (-1) * J_W_T_h_prev + J_W_h_prev + (-0.0100000000000000) * J_h_prev
+        z = M_z_h_prev + V_x + b - 0.01*h_prev
+        J_z = J_M_z_h_prev + J_V_x + (-0.0100000000000000) * J_h_prev
         _add_diagonal(J_z, o_b, 1)
         # tanh_z  eq:antisymmetric_rnn:h
         tanh_z = np.tanh(z)

@@ -216,10 +216,13 @@ def _sensitivity(der: Derivation, state: str, param: str) -> Sensitivity:
             dv = dv.xreplace({probe: m})
             entry = w[m + col0, unit] if node.transpose else w[row, m + col0]  # W.T @ v: sum_m W[m, l] v_m
             terms.append(sympy.Sum(entry * dv, (m, 0, g.size(node.operand) - 1)))
-        if node.param == param and node.transpose:
-            terms.append(sympy.KroneckerDelta(unit, _j) * sympy.IndexedBase(node.operand)[_i - col0])
-        elif node.param == param:
-            terms.append(sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
+        for coeff, name, transposed in g.weight_terms(node):  # d(W v)_l / dW_ij = delta_li v_j; W.T: delta_lj v_i
+            if name != param:
+                continue
+            if transposed:
+                terms.append(coeff * sympy.KroneckerDelta(unit, _j) * sympy.IndexedBase(node.operand)[_i - col0])
+            else:
+                terms.append(coeff * sympy.KroneckerDelta(row, _i) * sympy.IndexedBase(node.operand)[_j - col0])
         return sympy.Add(*terms)
 
     def reduction(node: Reduction, unit: sympy.Expr) -> sympy.Expr:

@@ -50,4 +50,20 @@ def cost_table(plan: KernelPlan) -> dict:
         ("RTRL (forward)", r"about $M \cdot P \cdot B$", rf"${dim_tex(states)} \cdot P \cdot B$: the sensitivity tensor, "
          "independent of $T$"),
     ]
-    return dict(rows=rows, M=sympy.latex(mults), P=sympy.latex(n_params))
+    return dict(rows=rows, M=sympy.latex(mults), P=sympy.latex(n_params), formed=formed_matrices(g))
+
+
+def formed_matrices(g) -> list[str]:
+    """The LaTeX of each combination of matrices the kernels form once per call
+    (ir.DerivedMatrix: ``W - W^T``), which M counts as one product."""
+    from .latex import base_latex
+
+    out = []
+    for d in g.derived:
+        text = ""
+        for coeff, param, transposed in d.terms:
+            size = abs(coeff)
+            w = f"{{{base_latex(param)}}}" + (r"^{\top}" if transposed else "")
+            text += f" {'-' if coeff < 0 else '+'} {'' if size == 1 else sympy.latex(size) + ' '}{w}"
+        out.append(text[3:] if text.startswith(" + ") else text.strip())
+    return out

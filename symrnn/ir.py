@@ -119,6 +119,24 @@ class Reduction:
         return self.reduce.weight(sympy.Symbol(self.operand), sympy.Symbol(self.name), self.size)
 
 
+@dataclass(frozen=True)
+class DerivedMatrix:
+    """A matrix formed from parameters once per call, ``M = sum_k c_k P_k`` (each ``P_k`` a
+    whole matrix parameter or its transpose, each ``c_k`` a number): the weight of the one
+    product a cell's combination of matrices makes (``(W - W.T - gamma * I) @ h`` is
+    ``M h - gamma h`` with ``M = W - W^T``: one product per step, not one per matrix).  A
+    product node reads it as it reads a parameter; it has no gradient of its own in a module:
+    dL/dP_k += c_k dL/dM (its transpose for a transposed term)."""
+
+    name: str
+    shape: tuple[sympy.Expr, sympy.Expr]
+    terms: tuple[tuple[sympy.Expr, str, bool], ...]  # (c_k, parameter, transposed)
+
+    @property
+    def decl(self) -> ParamDecl:
+        return ParamDecl(self.name, self.shape)
+
+
 Node = Union[Pointwise, MatVecNode, Reduction]
 #: every kind of node; each stage that treats nodes by kind has a rule for each (tests/test_rules.py)
 NODE_KINDS: tuple[type, ...] = (Pointwise, MatVecNode, Reduction)
@@ -171,6 +189,7 @@ class StepGraph:
     loss: LossIR | None
     equations: tuple[tuple[str, sympy.Expr], ...]  # the user's equations, for documents
     warnings: tuple[str, ...] = ()
+    derived: tuple[DerivedMatrix, ...] = ()  # matrices formed from the parameters once per call
 
     # -- lookups -----------------------------------------------------------
     def node(self, name: str) -> Node:
@@ -186,10 +205,27 @@ class StepGraph:
         raise KeyError(name)
 
     def param(self, name: str) -> ParamDecl:
+        """A parameter's declaration, or a derived matrix's (its name and shape)."""
         for p in self.params:
             if p.name == name:
                 return p
+        return self.derived_matrix(name).decl
+
+    def derived_matrix(self, name: str) -> DerivedMatrix:
+        for d in self.derived:
+            if d.name == name:
+                return d
         raise KeyError(name)
+
+    def weight_terms(self, node: "MatVecNode") -> tuple[tuple[sympy.Expr, str, bool], ...]:
+        """The parameters a product's weight is made of, as (coefficient, parameter,
+        transposed): its own parameter, or a derived matrix's terms."""
+        if self.is_derived(node.param):
+            return self.derived_matrix(node.param).terms
+        return ((sympy.Integer(1), node.param, node.transpose),)
+
+    def is_derived(self, name: str) -> bool:
+        return any(d.name == name for d in self.derived)
 
     def is_leaf(self, name: str) -> bool:
         return any(leaf.name == name for leaf in self.leaves)

@@ -113,6 +113,8 @@ class DerivationLatexPrinter(LatexPrinter):
         return self.doprint(node.expr)
 
     def weight(self, node: MatVecNode) -> str:
+        if self.g.is_derived(node.param):  # (W - W^T): the combination, as the cell writes it
+            return rf"\left({self.combination(node)}\right)"
         base = self.notation.base(node.param)
         p = self.g.param(node.param)
         if node.block is not None:
@@ -122,6 +124,17 @@ class DerivationLatexPrinter(LatexPrinter):
             lo, hi = sympy.latex(node.cols[0] + 1), sympy.latex(node.cols[1])
             base = f"{base}_{{[{lo}:{hi},\\,:]}}" if node.transpose else f"{base}_{{[:,\\,{lo}:{hi}]}}"
         return f"{{{base}}}^{{\\top}}" if node.transpose else f"{{{base}}}"
+
+    def combination(self, node: MatVecNode) -> str:
+        """A derived matrix's terms, c_1 W_1 + c_2 W_2^T (ir.DerivedMatrix)."""
+        out = []
+        for coeff, param, transposed in self.g.weight_terms(node):
+            w = f"{{{self.notation.base(param)}}}" + (r"^{\top}" if transposed else "")
+            sign = "-" if coeff < 0 else "+"
+            size = abs(coeff)
+            out.append(f"{sign} {'' if size == 1 else self.doprint(size) + ' '}{w}")
+        text = " ".join(out)
+        return text[2:] if text.startswith("+ ") else text
 
     def _print_Symbol(self, expr, style="plain"):
         name = expr.name
@@ -338,11 +351,15 @@ def _chain(P, der: Derivation, param: str, state: str) -> list[tuple[str, str]]:
             inner = dot(node.operand)
             if inner:
                 terms.append(rf"\left({P.weight(node)} \tfrac{{\partial {P.value(node.operand)}}}{{\partial {theta}}}\right)_{{l}}")
-            if node.param == param and node.transpose:  # d(W^T v)_l / dW_ij = delta_lj v_i
-                terms.append(rf"\delta_{{lj}} {P.value(node.operand)}_{{i}}")
-            elif node.param == param:
-                row = "l" if not node.block else f"(l + {P.doprint(node.block * node.size)})"
-                terms.append(rf"\delta_{{{row}i}} {P.value(node.operand)}_{{j}}")
+            for coeff, name_, transposed in g.weight_terms(node):
+                if name_ != param:
+                    continue
+                factor = "" if coeff == 1 else _factor(P, coeff) + r"\, "
+                if transposed:  # d(W^T v)_l / dW_ij = delta_lj v_i
+                    terms.append(rf"{factor}\delta_{{lj}} {P.value(node.operand)}_{{i}}")
+                else:
+                    row = "l" if not node.block else f"(l + {P.doprint(node.block * node.size)})"
+                    terms.append(rf"{factor}\delta_{{{row}i}} {P.value(node.operand)}_{{j}}")
             text = " + ".join(terms)
         elif isinstance(node, Reduction):
             inner = dot(node.operand)
@@ -429,7 +446,15 @@ def _param_gradients(P, der: Derivation, g) -> list[dict]:
     for p in g.params:
         terms = []
         for n in g.nodes:
-            if isinstance(n, MatVecNode) and n.param == p.name:
+            if isinstance(n, MatVecNode) and g.is_derived(n.param):  # d((c W + c' W^T) v) / dW: c delta v^T + c' v delta^T
+                for coeff, name, transposed in g.weight_terms(n):
+                    if name != p.name:
+                        continue
+                    factor = "" if coeff == 1 else _factor(P, coeff) + r"\, "
+                    outer = (rf"{P.value(n.operand)} \left(\overline{{{P.value(n.name)}}}\right)^{{\top}}" if transposed
+                             else rf"\overline{{{P.value(n.name)}}} \left({P.value(n.operand)}\right)^{{\top}}")
+                    terms.append((f"{{{P.notation.base(name)}}}", factor + outer))
+            elif isinstance(n, MatVecNode) and n.param == p.name:
                 w = P.weight(n)
                 if n.transpose:  # d(W^T v) / dW: v delta^T
                     terms.append((w.removesuffix(r"^{\top}"),

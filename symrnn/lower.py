@@ -20,7 +20,7 @@ from .cell import DIMS, Block, Cell, Identity, MatVec, State, Transpose
 from .errors import CellError, suggest
 from .escape import check_text, shown
 from .init import Init, as_init, check_init
-from .ir import Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, Reduction, StateDecl, StepGraph
+from .ir import DerivedMatrix, Leaf, LossIR, MatVecNode, ParamDecl, Pointwise, Reduction, StateDecl, StepGraph
 from .ops import OPS, Op, exp, log
 from .reductions import Reduce
 
@@ -303,6 +303,7 @@ class _Lowering:
             self.add_leaf(Leaf(prev, "prev_state", s.size, state=name))
 
         self.params = {}
+        self.derived: dict[tuple, DerivedMatrix] = {}  # the combinations of matrices formed once per call
         for name, p in cell.params.items():
             self.claim(name, "params")
             where = f"params['{name}']"
@@ -363,6 +364,7 @@ class _Lowering:
             input=input_leaf,
             states=tuple(states),
             params=tuple(self.params.values()),
+            derived=tuple(self.derived.values()),
             leaves=tuple(self.leaves),
             nodes=tuple(self.nodes),
             readouts=tuple(readouts),
@@ -631,6 +633,9 @@ class _Lowering:
                                  "a matrix, its transpose (W.T) or the identity I")
             coeffs.setdefault(mats[0], []).append(term / mats[0])
         operand = sympy.Symbol(self.operand_name(operands[0], 0, "I", eq, where))
+        derived = self.derived_product(coeffs, operand.name, eq, where)
+        if derived is not None:
+            return derived
         out, shapes = [], []
         for mat, parts in coeffs.items():
             coeff = sympy.Add(*parts)
@@ -656,6 +661,46 @@ class _Lowering:
         if not out:
             raise self.error(where, f"in {sympy.sstr(expr)}: the combination of matrices is 0")
         return sympy.Add(*out)
+
+    def derived_product(self, coeffs: dict, operand: str, eq: str, where: str) -> sympy.Expr | None:
+        """``(c_1 M_1 + c_2 M_2 + ... + c I) @ v`` as one product, ``D v + c v`` with the matrix
+        ``D = sum_k c_k M_k`` formed once per call (ir.DerivedMatrix), where that is what it is:
+        two or more whole matrix parameters or transposes of one shape, with numbers as
+        coefficients.  None otherwise (row blocks, scalar-parameter coefficients, a single
+        matrix, or shapes that do not agree: one product per matrix, whose checks name the
+        mistake)."""
+        terms, shapes = [], set()
+        for mat, parts in coeffs.items():
+            coeff = sympy.Add(*parts)
+            if isinstance(mat, Identity) or coeff == 0:
+                continue
+            transpose = isinstance(mat, Transpose)
+            base = mat.args[0] if transpose else mat
+            decl = self.params.get(base.name) if isinstance(base, sympy.Symbol) else None
+            if decl is None or decl.kind != "matrix" or decl.blocks != 1 or not coeff.is_Number:
+                return None
+            shapes.add(tuple(reversed(decl.shape)) if transpose else tuple(decl.shape))
+            terms.append((coeff, base.name, transpose))
+        if len(terms) < 2 or len(shapes) != 1:
+            return None
+        (rows, cols), = shapes
+        if not self.same(cols, self.sizes[operand]):
+            return None
+        terms.sort(key=lambda t: (t[1], t[2]))
+        key = tuple(terms)
+        if key not in self.derived:
+            name = self.fresh(f"M_{eq}")
+            self.derived[key] = DerivedMatrix(name, (rows, cols), key)
+            self.used_params.update(t[1] for t in terms)
+        identity = coeffs.get(Identity())
+        scale = self.rational(sympy.Add(*identity), eq, where) if identity else None
+        if scale is not None and any(self.sizes[s.name] is not None for s in scale.free_symbols):
+            return None  # a vector times I: refused by the product per matrix
+        matrix = self.derived[key]
+        node = MatVecNode(self.fresh(f"{matrix.name}_{operand}"), rows, matrix.name, None, (sympy.Integer(0), cols),
+                          operand, "auxiliary", eq)
+        self.add_node(node)
+        return sympy.Symbol(node.name) + (scale * sympy.Symbol(operand) if scale is not None else 0)
 
     def is_matrix(self, factor: sympy.Expr) -> bool:
         """A matrix factor of a combination: a matrix parameter, a row block, a transpose, I."""

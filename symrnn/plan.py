@@ -164,7 +164,7 @@ PART = {MatVecNode: "matvec", Pointwise: "pointwise", Reduction: "reduction"}
 
 
 def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[GemmGroup, ...]:
-    order = {p.name: i for i, p in enumerate(g.params)}
+    order = {p.name: i for i, p in enumerate(g.params + tuple(d.decl for d in g.derived))}
     by_operand: dict[str, list[MatVecNode]] = {}
     for m in matvecs:
         by_operand.setdefault(m.operand, []).append(m)
@@ -185,6 +185,8 @@ def _groups(g: StepGraph, matvecs: list[MatVecNode], names: set[str]) -> tuple[G
 
 def _whole(g: StepGraph, members: list[MatVecNode]) -> str | None:
     """The parameter the stacked members are, exactly, if they are one."""
+    if g.is_derived(members[0].param):  # formed once per call, not a parameter of the module
+        return None
     p = g.param(members[0].param)
     blocks = [m.block or 0 for m in members]
     if any(m.param != p.name or m.transpose for m in members) or blocks != list(range(p.blocks)):

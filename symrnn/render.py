@@ -20,6 +20,7 @@ import jinja2
 from .backends.numpy_backend import loss_code
 from .backends.python_printer import dim
 from .errors import InternalError, UserError
+from .ir import MatVecNode
 from .escape import c_comment, html_comment, md_text, py_comment, py_docstring, py_raw_block, tex_comment, tex_text
 from .plan import KernelPlan
 
@@ -128,7 +129,8 @@ def render_numpy(kernel_plan: KernelPlan, command: str | None = None, passes=Non
                 "rtrl_carry", "rtrl_cot", "rtrl_grads", "forward_hold", "finals")
     return _ENV.get_template("numpy_module.py.j2").render(
         **header.fields(), outputs_code=m.outputs, quiet_overflow=_uses_op(g, "sigmoid"),
-        transposed_products=any(getattr(n, "transpose", False) for n in g.nodes), unit_helpers=m.helpers,
+        transposed_products=any(t for n in g.nodes if isinstance(n, MatVecNode) for _, _, t in g.weight_terms(n)),
+        unit_helpers=m.helpers,
         coef_steps=m.coef_steps,
         **{name: getattr(m, name) for name in sections},
     )

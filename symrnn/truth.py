@@ -113,6 +113,9 @@ class Instance:
         return p[r0:r0 + self.size(leaf.size)]
 
     def matrix(self, node: MatVecNode):
+        if self.g.is_derived(node.param):  # M = sum_k c_k P_k, each P_k whole or transposed
+            M = sum(float(c) * (self.params[p].T if tr else self.params[p]) for c, p, tr in self.g.weight_terms(node))
+            return M, 0, 0, M.shape[1]
         decl = self.g.param(node.param)
         r0 = 0 if node.block is None else node.block * self.size(decl.block_rows)
         c0, c1 = self.size(node.cols[0]), self.size(node.cols[1])
@@ -195,10 +198,11 @@ class Instance:
             for n in g.nodes:
                 if isinstance(n, MatVecNode):
                     W, r0, c0, c1 = self.matrix(n)
-                    if n.transpose:
-                        grads[n.param][c0:c1] += np.outer(env[n.operand], a[n.name])
-                    else:
-                        grads[n.param][r0:r0 + W.shape[0], c0:c1] += np.outer(a[n.name], env[n.operand])
+                    for c, p, transposed in g.weight_terms(n):
+                        if transposed:
+                            grads[p][c0:c1] += float(c) * np.outer(env[n.operand], a[n.name])
+                        else:
+                            grads[p][r0:r0 + W.shape[0], c0:c1] += float(c) * np.outer(a[n.name], env[n.operand])
                 else:
                     for dep in n.deps:
                         if g.is_leaf(dep) and g.leaf(dep).kind == "param":
@@ -247,16 +251,18 @@ class Instance:
                 if isinstance(n, MatVecNode):
                     W, r0, c0, c1 = self.matrix(n)
                     acc = W @ d[n.operand]
-                    if n.param == param:
+                    for c, p, transposed in g.weight_terms(n):
+                        if p != param:
+                            continue
                         cols = shape[1]
                         direct = np.zeros((size, E))
                         v = env[n.operand]
                         for r in range(size):
-                            if n.transpose:  # d(W[c0:c1].T v)_r / dW[c0 + c, r] = v_c
+                            if transposed:  # d(W[c0:c1].T v)_r / dW[c0 + c, r] = v_c
                                 direct[r, (c0 + np.arange(c1 - c0)) * cols + r] = v
                             else:
                                 direct[r, (r0 + r) * cols + c0:(r0 + r) * cols + c1] = v
-                        acc = acc + direct
+                        acc = acc + float(c) * direct
                 elif isinstance(n, Reduction):  # dr = sum_j w_j da_j, the same at every unit
                     row = (self.weight(n, env)[:, None] * d[n.operand]).sum(axis=0)
                     acc = np.broadcast_to(row, (size, E)).copy()

@@ -26,6 +26,7 @@ import sympy
 from symrnn import I, Cell, matvec, params, tanh
 from symrnn.cells import builtin
 from symrnn.gradcheck import check_module, random_problem, rel_error, report
+from symrnn.ir import MatVecNode
 from symrnn.pipeline import build, load_module, module_name, render_cupy, render_numpy
 from symrnn.render import render_numba
 from symrnn.spec import SpecError, SpecWarning, parse_spec
@@ -260,10 +261,13 @@ def test_the_cupy_module_compiled_for_the_host_matches_numpy(host_xp, name):
 
 # -- the syntax: what it reads, what it refuses ---------------------------------------------
 def test_the_combination_gives_w_both_contributions():
-    """dW of (W - W.T) @ h: the W term's delta h^T minus the W.T term's h delta^T."""
+    """(W - W.T) @ h is one product with M = W - W^T, formed once per call; dW gets both
+    contributions of dM = sum_t delta h^T: dW += dM, dW -= dM^T."""
     module = module_of(builtin("antisymmetric_rnn"))
     source = render_numpy(build("antisymmetric_rnn"))
-    assert "W.T" in source and "W_T_h_prev" in source and ".T\n" in source.split("d_W +=", 2)[2]
+    assert "M_z = W - W.T" in source and "W_T_h_prev" not in source
+    assert "np.dot(h_prev, M_z_T, out=h_prev_proj)" in source  # one (B, n) @ (n, n) product per step
+    assert "d_W += dW_stack[:n_hidden]\n" in source and "d_W -= dW_stack[:n_hidden].T\n" in source
     problem = random_problem(module, seed=4)
     results = check_module(module, seed=4)
     assert all(r.ok for r in results if r.name == "W"), report("antisymmetric_rnn", results)
@@ -469,3 +473,24 @@ def test_a_wrong_combination_of_matrices_in_a_claim_is_one_line(claim, message, 
     assert main(["verify", str(tmp_path / "claims.toml")]) == 2
     err = capsys.readouterr().err
     assert "claims.toml:5" in err and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_combination_of_numbers_is_one_matrix_formed_once_and_a_scalar_parameter_keeps_the_products():
+    """The Lipschitz RNN's A_beta and W_beta are each one derived matrix (M + (1 - 2 beta) M^T,
+    I left as its term); with a scalar parameter as a coefficient each matrix keeps its own
+    product, and both forms pass finite differences and BPTT = RTRL."""
+    def h_products(g):
+        return sorted((n.param, n.transpose) for n in g.nodes if isinstance(n, MatVecNode) and n.operand == "h_prev")
+
+    g = build(parse_spec(LIPSCHITZ, "lipschitz.toml")).graph
+    assert [[(float(c), p, t) for c, p, t in d.terms] for d in g.derived] == [
+        [(1.0, "M_A", False), (-0.5, "M_A", True)], [(1.0, "M_W", False), (-0.5, "M_W", True)]]
+    assert h_products(g) == sorted((d.name, False) for d in g.derived)
+    scaled = LIPSCHITZ.replace('U = ["n_hidden", "n_in"]', 'U = ["n_hidden", "n_in"]\na = []').replace(
+        "((1 - beta) * (M_A + M_A.T) + beta * (M_A - M_A.T) - gamma_A * I)", "(M_A - a * M_A.T)")
+    cell = parse_spec(scaled, "scaled.toml")
+    g = build(cell).graph
+    assert [[(float(c), p, t) for c, p, t in d.terms] for d in g.derived] == [[(1.0, "M_W", False), (-0.5, "M_W", True)]]
+    assert h_products(g) == sorted([("M_A", False), ("M_A", True), (g.derived[0].name, False)])
+    results = check_module(module_of(cell), seed=2)
+    assert results and all(r.ok for r in results), report("scaled", results)

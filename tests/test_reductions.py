@@ -103,7 +103,26 @@ s = "sum(h_prev * x) / 4"
 h = "tanh(U @ h_prev + s * b + mean(x) - logsumexp(h_prev))"
 """
 
-CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS}
+#: reductions of values that are the same at every unit (their softmax weight is 1/n at each;
+#: the NumPy module keeps such values as (B, 1): a random cell caught the sum over units of
+#: a (B, 1) adjoint taken as one unit's)
+NESTED = """\
+[cell]
+name = "nested"
+[inputs]
+x = "n_hidden"
+[states]
+h = "n_hidden"
+[params]
+U = ["n_hidden", "n_hidden"]
+b = ["n_hidden"]
+[equations]
+u = "logsumexp(h_prev)"
+s = "logsumexp(2 * u) + mean(logsumexp(x))"
+h = "tanh(U @ h_prev + s * b + sigmoid(s) * h_prev)"
+"""
+
+CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS, "nested": NESTED}
 
 
 def module_of(text: str):

@@ -13,7 +13,8 @@ and logsumexp, and a layer norm of a drawn expression; matrix-vector products W 
 U @ s_prev, W @ (s_prev, x), U @ (gate * s_prev), P @ s (a state's new value), a matrix
 the cell already uses on another vector, transposes (U.T @ s_prev, the transpose of a
 matrix already used, R.T @ x of an n_in x n_hidden R) and combinations of matrices,
-their transposes and I ((U - U.T - c * I) @ v, c a number or a scalar parameter); a readout (sometimes) multiplies one or two
+their transposes and I ((U - U.T - c * I) @ v, c a number or a scalar parameter; U - 2 V.T with V a
+matrix the cell may read elsewhere); a readout (sometimes) multiplies one or two
 states or gates by their own matrices, maybe under a tanh, and sometimes takes its log-softmax
 for a cross-entropy loss.  Every name (states,
 gates, parameters, the readout) comes from a pool of names that look like the
@@ -108,8 +109,10 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
             U = params.new("U", ["n_hidden", "n_hidden"])
             c = draw(st.sampled_from(["0.5", "scalar"]))
             c = params.new("g", []) if c == "scalar" else c
+            used = params.by_shape.get(("n_hidden", "n_hidden"))
+            other = draw(st.sampled_from(used)) if used else params.new("U", ["n_hidden", "n_hidden"])
             terms = draw(st.sampled_from([f"{U} - {U}.T - {c} * I", f"(1 - {c}) * ({U} + {U}.T) + {c} * {U}",
-                                          f"{c} * {U}.T + I"]))
+                                          f"{c} * {U}.T + I", f"{U} - 2 * {other}.T"]))
             return f"({terms}) @ {draw(st.sampled_from(vectors))}"
         if form == "x":
             return f"{params.new('W', ['n_hidden', 'n_in'])} @ x"

@@ -8,16 +8,18 @@ import sympy
 from ..ir import MatVecNode, StepGraph
 from ..naming import PYTHON_FIXED, Namer
 from ..plan import GemmGroup, KernelPlan
-from ..stmt import ALL, Assign, Concat, ETC, Ref, Span, Update, span
+from ..stmt import ALL, Assign, Concat, Elementwise, ETC, Ref, Span, Update, span
 
-__all__ = ["module_namer", "weight_ref", "group_weight", "weight_gradient", "parameter_sums"]
+__all__ = ["module_namer", "weight_ref", "group_weight", "weight_gradient", "derived_setup", "derived_gradient",
+           "parameter_sums"]
 
 
 def module_namer(plan: KernelPlan) -> Namer:
     """The namer of a NumPy (or CuPy) module: every value of the step graph keeps its
     name where Python, the template and the other names allow; the input reads ``x``."""
     g = plan.graph
-    values = [p.name for p in g.params] + [leaf.name for leaf in g.leaves if leaf.kind not in ("input", "target")]
+    values = [p.name for p in g.params] + [d.name for d in g.derived]
+    values += [leaf.name for leaf in g.leaves if leaf.kind not in ("input", "target")]
     values += [n.name for n in g.nodes]
     return Namer(PYTHON_FIXED, dict.fromkeys(values), spellings={g.input.name: "x"})
 
@@ -27,6 +29,8 @@ def weight_ref(g: StepGraph, n: Namer, mv: MatVecNode, base: str | None = None) 
     parameter's gradient, say); transposed (``W[rows].T``) for ``W.T @ v``."""
     p = g.param(mv.param)
     base = base or n.value(mv.param)
+    if g.is_derived(mv.param):  # a derived matrix is always used whole
+        return Ref(base)
     if mv.transpose:  # W[cols].T: the product's columns are rows of W
         whole = sympy.simplify(mv.cols[0]) == 0 and sympy.simplify(mv.cols[1] - p.shape[0]) == 0
         return Ref(base, T=True) if whole else Ref(base, (span(mv.cols[0], mv.cols[1] - mv.cols[0]),), T=True)
@@ -60,8 +64,36 @@ def weight_gradient(g: StepGraph, n: Namer, group: GemmGroup, grad, dW) -> list:
         return [Update(Ref(grad(group.whole_param)), "+", dW)]
     out = [Assign(Ref("dW_stack"), dW)]
     for mv, off in zip(group.members, group.offsets):
-        target, part = weight_ref(g, n, mv, base=grad(mv.param)), Ref("dW_stack", (span(off, mv.size),))
+        part = Ref("dW_stack", (span(off, mv.size),))
+        if g.is_derived(mv.param):
+            out.extend(derived_gradient(g, mv, grad, part))
+            continue
+        target = weight_ref(g, n, mv, base=grad(mv.param))
         out.append(Update(target.t, "+", part.t) if mv.transpose else Update(target, "+", part))  # dW[rows] += dW_T.T
+    return out
+
+
+def derived_setup(g: StepGraph, n: Namer) -> list:
+    """Each derived matrix formed from its parameters, once per call (``M_z = W - W.T``)."""
+    out = []
+    for d in g.derived:
+        refs = tuple((f"_term{k}", Ref(n.value(p), T=transposed)) for k, (_, p, transposed) in enumerate(d.terms))
+        expr = sympy.Add(*[c * sympy.Symbol(name) for (c, _, _), (name, _) in zip(d.terms, refs)])
+        out.append(Assign(Ref(n.value(d.name)), Elementwise(expr, refs), "formed once: one product per step for the combination"))
+    return out
+
+
+def derived_gradient(g: StepGraph, mv: MatVecNode, grad, part: Ref) -> list:
+    """``part`` (dL/dM of the derived matrix ``mv`` multiplies) into the gradients of the
+    parameters M is made of: dP += c dM, or c dM^T for a transposed term (``grad``: a
+    parameter's name -> its gradient's)."""
+    out = []
+    for coeff, param, transposed in g.weight_terms(mv):
+        dM = part.t if transposed else part
+        if abs(coeff) == 1:
+            out.append(Update(Ref(grad(param)), "+" if coeff > 0 else "-", dM))
+        else:
+            out.append(Update(Ref(grad(param)), "+", Elementwise(coeff * sympy.Symbol("_dM"), (("_dM", dM),))))
     return out
 
 

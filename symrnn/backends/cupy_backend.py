@@ -38,7 +38,7 @@ from ..ops import Op
 from ..plan import GemmGroup, KernelPlan, Stage
 from ..schedule import schedule
 from ..stmt import Assign, Call, Comment, Do, ETC, Elementwise, Helper, Key, Loop, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
-from .array_module import group_weight, module_namer
+from .array_module import derived_setup, group_weight, module_namer
 from .cuda_kernels import BLOCK, CUDA, IN_GROUP, Dialect, Kernel, KernelBuilder, Loc, design_note, template_kernels
 from .python_printer import PythonPrinter
 
@@ -210,6 +210,7 @@ class _Emitter:
         m, g = self.m, self.g
         for p in g.params:
             m.setup.append(Assign(Ref(self.py.value(p.name)), Ref("p", (Key(p.name),))))
+        m.setup.extend(derived_setup(g, self.py))
         for group in self.plan.groups.values():
             self.weights[group.name] = group_weight(g, self.py, group, m.stacks, self.stacked)
 

@@ -25,7 +25,7 @@ from ..passes import ALL, check
 from ..passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from ..passes.lean_buffers import lean_buffers
 from ..passes.unit_products import helpers_used
-from .array_module import group_weight, module_namer, weight_ref
+from .array_module import derived_setup, group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
 from .numpy_forward import emit_forward
 from .numpy_rtrl import emit_rtrl
@@ -217,12 +217,13 @@ class _Emitter:
         return m
 
     def used_setup(self, *bodies: list) -> list:
-        """The setup statements a function needs: every parameter, and the row blocks it reads."""
+        """The setup statements a function needs: every parameter, and the row blocks and
+        derived matrices it reads."""
         read = set()
         for body in bodies:
             for s in body:
                 read |= s.reads
-        return [s for s in self.m.setup if s.value.name == "p" or s.dst.name in read]
+        return [s for s in self.m.setup if getattr(s.value, "name", "") == "p" or s.dst.name in read]
 
     @property
     def d_x(self) -> str:
@@ -239,6 +240,7 @@ class _Emitter:
         m, g, n = self.m, self.g, self.n
         for p in g.params:
             m.setup.append(Assign(Ref(n.value(p.name)), Ref("p", (Key(p.name),))))
+        m.setup.extend(derived_setup(g, n))
         for leaf in g.leaves:
             if leaf.kind == "param" and leaf.block is not None:
                 m.setup.append(Assign(Ref(n.value(leaf.name)), Ref(n.value(leaf.param), (span(leaf.block * leaf.size, leaf.size),))))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import InternalError
+from ..cell import DIMS
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Region, Stage
 from ..reductions import sum_units
@@ -33,7 +34,7 @@ from ..passes.unit_products import ROWS, UNITS
 from ..passes.unit_sums import UnitSums
 from ..schedule import shared_subexpressions
 from ..stmt import ALL, Assign, Call, Concat, Do, ETC, Helper, Index, Infix, Key, MatMul, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
-from .array_module import parameter_sums, weight_gradient
+from .array_module import derived_gradient, parameter_sums, weight_gradient
 from .python_printer import PythonPrinter
 
 __all__ = ["Backward", "Pending", "emit_backward"]
@@ -311,7 +312,9 @@ class Backward:
             out.append(Assign(Ref(total), value, f"sum over the units of {held}"))
         share = node.weight() * sympy.Symbol(total)
         if self.plan.region_of[node.operand] == self.region_name:  # an earlier stage: its own name
-            uniform = not share.has(sympy.Symbol(node.operand))  # the same at every unit
+            # the same at every unit: the weight reads no per-unit value (a mean's 1/n; logsumexp's
+            # softmax of an operand that is itself uniform, stored (B, 1), is 1/n at every unit)
+            uniform = all(s.name in (total, *DIMS) or s.name in self.e.uniform for s in share.free_symbols)
             key = (self.region_name, share, node.size)
             if uniform and key in self.unit_shares and "shared_unit_sums" in self.e.passes:  # computed already
                 self.acc.setdefault(node.operand, []).append(Ref(self.unit_shares[key]))
@@ -533,6 +536,10 @@ class Backward:
                 if inside.is_negative or sympy.expand(row + size - off - mv.size).is_negative:
                     continue
                 part = view(source, None if src_off is None else src_off + inside, mv.size)
+                if self.g.is_derived(mv.param):
+                    self.m.backward_weights.append(Assign(Ref("dW_stack"), weight_gradient_gemm(part, mv.size, x, cols)))
+                    self.m.backward_weights.extend(derived_gradient(self.g, mv, e.grad, Ref("dW_stack")))
+                    continue
                 target = e.weight_ref(mv, base=e.grad(mv.param))
                 if mv.transpose:  # d(W^T) = delta^T x, so dW += x^T delta
                     self.m.backward_weights.append(Update(target.t, "+", weight_gradient_gemm(x, cols, part, mv.size)))

@@ -16,7 +16,7 @@ import sympy
 
 from ..ir import MatVecNode, Pointwise, Reduction, rule
 from ..stmt import (
-    ALL, NEW, Assign, Attr, Call, Comment, Dict, Do, Helper, If, Index, Infix, Key, MatMul, Method, Paren, Ref, Size, Span,
+    ALL, NEW, Assign, Attr, Call, Comment, Dict, Do, Elementwise, Helper, If, Index, Infix, Key, MatMul, Method, Paren, Ref, Size, Span,
     Text, Update, t_SYM,
 )
 
@@ -127,14 +127,15 @@ def _matvec(e, node: MatVecNode, ctx: Context) -> list:
         stmts.append(Update(Ref(n("tangent", node.name), (slab,)), "+", Index(w.t, (ALL, NEW, ALL))))
     else:
         stmts.append(Assign(J(node.name), MatMul(J(node.operand), w.t)))
-    shape = Attr(Ref(n.value(node.param)), "shape")
-    if node.transpose:  # d(W[cols].T @ v)_i / dW[cols_0 + c, i] = v_c
-        stmts.append(Do(Helper("_add_matrix_t", (J(node.name), o(node.param), shape, Size(node.cols[0]), operand)),
-                        J(node.name)))
-        return stmts
     row0 = Size(node.block * node.size if node.block else sympy.Integer(0))
-    stmts.append(Do(Helper("_add_matrix", (J(node.name), o(node.param), shape, row0, Size(node.cols[0]), operand)),
-                    J(node.name)))
+    for coeff, param, transposed in g.weight_terms(node):  # a derived matrix: c dP v for each of its terms
+        shape = Attr(Ref(n.value(param)), "shape")
+        v = operand if coeff == 1 else Elementwise(coeff * sympy.Symbol("_v"), (("_v", operand),))
+        if transposed:  # d(W[cols].T @ v)_i / dW[cols_0 + c, i] = v_c
+            stmts.append(Do(Helper("_add_matrix_t", (J(node.name), o(param), shape, Size(node.cols[0]), v)), J(node.name)))
+        else:
+            stmts.append(Do(Helper("_add_matrix", (J(node.name), o(param), shape, row0, Size(node.cols[0]), v)),
+                            J(node.name)))
     return stmts
 
 
