@@ -58,12 +58,16 @@ def formed_matrices(g) -> list[str]:
     (ir.DerivedMatrix: ``W - W^T``), which M counts as one product."""
     from .latex import base_latex
 
+    return [combination_tex(d.terms, base_latex) for d in g.derived]
+
+
+def combination_tex(terms, base) -> str:
+    """c_1 W_1 + c_2 W_2^T from (coefficient, parameter, transposed) terms; ``base`` prints a
+    parameter's name."""
     out = []
-    for d in g.derived:
-        text = ""
-        for coeff, param, transposed in d.terms:
-            size = abs(coeff)
-            w = f"{{{base_latex(param)}}}" + (r"^{\top}" if transposed else "")
-            text += f" {'-' if coeff < 0 else '+'} {'' if size == 1 else sympy.latex(size) + ' '}{w}"
-        out.append(text[3:] if text.startswith(" + ") else text.strip())
-    return out
+    for coeff, param, transposed in terms:
+        size = abs(coeff)
+        w = f"{{{base(param)}}}" + (r"^{\top}" if transposed else "")
+        out.append(f"{'-' if coeff < 0 else '+'} {'' if size == 1 else sympy.latex(size) + ' '}{w}")
+    text = " ".join(out)
+    return text[2:] if text.startswith("+ ") else text

@@ -21,7 +21,7 @@ from sympy.printing.precedence import PRECEDENCE
 from .cell import DIMS
 from .derive import Derivation, sensitivity_name
 from .ir import MatVecNode, Pointwise, Reduction
-from .document import cost_table as _cost, dim_tex as _dim, visible_width as _visible
+from .document import combination_tex, cost_table as _cost, dim_tex as _dim, visible_width as _visible
 from .plan import KernelPlan
 
 __all__ = ["Notation", "DerivationLatexPrinter", "document_data"]
@@ -127,14 +127,7 @@ class DerivationLatexPrinter(LatexPrinter):
 
     def combination(self, node: MatVecNode) -> str:
         """A derived matrix's terms, c_1 W_1 + c_2 W_2^T (ir.DerivedMatrix)."""
-        out = []
-        for coeff, param, transposed in self.g.weight_terms(node):
-            w = f"{{{self.notation.base(param)}}}" + (r"^{\top}" if transposed else "")
-            sign = "-" if coeff < 0 else "+"
-            size = abs(coeff)
-            out.append(f"{sign} {'' if size == 1 else self.doprint(size) + ' '}{w}")
-        text = " ".join(out)
-        return text[2:] if text.startswith("+ ") else text
+        return combination_tex(self.g.weight_terms(node), self.notation.base)
 
     def _print_Symbol(self, expr, style="plain"):
         name = expr.name
