@@ -359,6 +359,17 @@ def spin(stop, cores=None):
         pass
 
 
+def thread_masks():
+    """{cores allowed: how many of this process's threads have that mask} (Linux /proc)."""
+    masks = {}
+    for status in Path("/proc/self/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                mask = line.split(":", 1)[1].strip()
+                masks[mask] = masks.get(mask, 0) + 1
+    return masks
+
+
 def fmt_range(a, b):
     ratios = sorted(x / y for x, y in zip(a, b))
     return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
@@ -380,8 +391,15 @@ def main(argv=None):
     ap.add_argument("--label", default="", help="added to the section's title (a run of its own: --write replaces only it)")
     args = ap.parse_args(argv)
     cores = os.sched_getaffinity(0)
-    if args.one_core:  # before jax, torch or BLAS start their threads: they inherit it
+    if args.one_core and len(cores) > 1:
+        # A thread keeps the mask it was started with, and NumPy's import (above) has started
+        # OpenBLAS's threads already (measured: CPU/wall 2.0 with OPENBLAS_NUM_THREADS unset).
+        # Pin, then start this script again: every thread of the new process inherits the mask.
+        os.environ["SYMRNN_BENCH_CORES"] = ",".join(map(str, sorted(cores)))
         os.sched_setaffinity(0, {min(cores)})
+        os.execv(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    if args.one_core:
+        cores = {int(c) for c in os.environ.get("SYMRNN_BENCH_CORES", str(min(cores))).split(",")}
     stop = multiprocessing.Event()
     others = (cores - {min(cores)}) if args.one_core else None
     busy = multiprocessing.Process(target=spin, args=(stop, others), daemon=True) if args.busy else None
@@ -425,6 +443,11 @@ def main(argv=None):
         if busy:
             stop.set()
             busy.join()
+    if args.one_core:
+        masks = thread_masks()
+        lines[3:3] = ["", f"Pinning checked at the end of the run: {sum(masks.values())} threads, "
+                      + ", ".join(f"{n} allowed on cores {m}" for m, n in sorted(masks.items())) + "."]
+        print(lines[4], flush=True)
     lines += ["", "CPU time / wall time of each column's timed calls (the process's CPU seconds, every thread, "
               "os.times via time.process_time; 1.0: one core busy, above 1: more than one core):", "",
               "| cell | size | dtype | " + " | ".join(COLUMNS) + " |", "| --- | --- | --- |" + " --- |" * len(COLUMNS)]
