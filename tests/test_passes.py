@@ -77,6 +77,8 @@ def _source(cell: str, passes) -> str:
     ("unit_products", "layer_norm_lstm", "mu_c = _mean_units(c)  # eq:layer_norm_lstm:mu_c"),
     ("unit_products", "elman_classifier", "d_logsumexp_z_sum = _sum_units(d_logsumexp_z)"),
     ("unit_products", "lstm_peephole", "d_p_i += _sum_rows(d_c*d_coef[t - t0])"),
+    # the centred rh_i - mu_r of an earlier stage (the gains' adjoints) read by the variance's
+    ("shared_temporaries", "layer_norm_lstm", "d_rh_i_from1 = d_tmp10*d_tmp24"),
 ])
 def test_each_pass_does_what_it_says(name, cell, present):
     on, off = _source(cell, ALL), _source(cell, ALL - {name})

@@ -102,6 +102,10 @@ class Backward:
         self.in_place: set[str] = set()  # loop adjoints computed directly into their slot
         self.region_name = ""
         self.temporaries = self.n.numbered("d_tmp")  # names of shared subexpressions
+        # the region's temporaries of forward values only, in the order they were defined:
+        # (definition, temporary), read again by the stages after (passes: shared_temporaries)
+        self.region_temps: list[tuple[sympy.Expr, sympy.Symbol]] = []
+        self.adjoint_temps: set[sympy.Symbol] = set()  # temporaries that read an adjoint
         self.stage: Stage | None = None
         s = e.schedule  # which input-side adjoints the loop's buffers hold (symrnn.schedule)
         self.shared_members, self.shared_groups, self.member_source = s.shared_members, s.shared_groups, s.member_source
@@ -222,6 +226,7 @@ class Backward:
     def region_backward(self, region: Region, ctx: str, out: list) -> None:
         g, n = self.g, self.n
         self.region_name = region.name
+        self.region_temps = []
         for k in reversed(range(len(region.stages))):
             self.stage_backward(region.stages[k], k, ctx, out)
         if ctx == "loop":
@@ -398,13 +403,15 @@ class Backward:
 
         Each temporary is placed just before the first statement that reads it,
         so it may use the adjoints computed by the statements above."""
-        placed = iter(shared_subexpressions([p.expr for p in pending if p.expr is not None], self.temporaries))
+        exprs = [self.reuse_temporaries(p.expr) for p in pending if p.expr is not None]
+        placed = iter(shared_subexpressions(exprs, self.temporaries))
         for p in pending:
             if p.expr is None:
                 out.append(Assign(p.dst, Ref(p.alias), p.comment))
                 continue
             before, expr = next(placed)
             out.extend(Assign(Ref(sym.name), self.ew(definition, ctx)) for sym, definition in before)
+            self.note_temporaries(before)
             name = self.assigned(p)
             in_slot = name in self.destination  # an adjoint whose slot in a GEMM's adjoint buffer is known
             target = p.dst if in_slot or (p.op == "=" and p.dst.index) else None  # or a buffer slot (d_W_x_seq[t])
@@ -422,6 +429,25 @@ class Backward:
             elif p.total:
                 value = Call("sum", (value,), (("axis", p.axes),) if p.axes is not None else ())
             out.append(Assign(p.dst, value, p.comment) if p.op == "=" else Update(p.dst, p.op, value, p.comment))
+
+    def reuse_temporaries(self, expr: sympy.Expr) -> sympy.Expr:
+        """``expr`` reading the temporaries an earlier stage of this region defined for its
+        subexpressions of forward values (the centred ``rh - mu`` of a layer norm, which the
+        variance's adjoint and the gains' read in different stages), instead of computing them again."""
+        if "shared_temporaries" not in self.e.passes:
+            return expr
+        for definition, sym in self.region_temps:  # in order: a later definition reads the earlier ones
+            expr = expr.xreplace({definition: sym})
+        return expr
+
+    def note_temporaries(self, defined: list) -> None:
+        """Keep the temporaries of forward values only for the stages after: the loop body's
+        (or an all-steps region's) forward values do not change within it, adjoints may (``+=``)."""
+        for sym, definition in defined:
+            if any(self.is_adjoint(s) or s in self.adjoint_temps for s in definition.free_symbols):
+                self.adjoint_temps.add(sym)
+            else:
+                self.region_temps.append((definition, sym))
 
     # -- GEMMs -------------------------------------------------------------------------
     def loop_adjoint_buffer(self, group: GemmGroup, nonzero: set[str]) -> tuple[str, bool]:

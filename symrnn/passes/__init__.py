@@ -18,14 +18,18 @@ values, deciding from the step graph, the plan and what statements read and writ
 * ``zero_unit_sums`` (unit_sums.py): the terms of a uniform value's adjoint (a mean's,
   a variance's) whose sum over units is zero by the reductions' definitions are left out;
 * ``unit_products`` (unit_products.py): sums and means over the units, and parameters'
-  sums over the batch rows in the loop, as products with a vector of ones (BLAS).
+  sums over the batch rows in the loop, as products with a vector of ones (BLAS);
+* ``shared_temporaries`` (the NumPy backward): a subexpression of forward values that one
+  stage of a region computed (sympy.cse's temporary) is read, not computed again, by the
+  stages after it in that region (a layer norm's centred ``rh - mu``).
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
 of them off, and that each does what it says.
 """
 
-PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums", "unit_products")
+PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums",
+          "unit_products", "shared_temporaries")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]
