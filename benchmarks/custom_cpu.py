@@ -412,7 +412,9 @@ def main(argv=None):
         except ImportError:
             pass
     load = os.getloadavg()
-    section = SECTION + (f", {args.label}" if args.label else "") + (", with a busy core" if busy else "")
+    # a run of its own kind gets a section of its own (--write replaces only that section)
+    section = (SECTION + (f", {args.label}" if args.label else "") + (", with a busy core" if busy else "")
+               + (", first call" if args.first_call else ""))
     lines = [section, "",
              f"Run {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_model()}, "
              f"{os.cpu_count()} cores, {', '.join(versions)}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
