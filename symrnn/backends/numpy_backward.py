@@ -226,7 +226,7 @@ class Backward:
     def region_backward(self, region: Region, ctx: str, out: list) -> None:
         g, n = self.g, self.n
         self.region_name = region.name
-        self.region_temps = []
+        self.region_temps, self.adjoint_temps = [], set()  # (shared_temporaries: per region)
         for k in reversed(range(len(region.stages))):
             self.stage_backward(region.stages[k], k, ctx, out)
         if ctx == "loop":
