@@ -194,10 +194,9 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_h_next = np.zeros((B, n_hidden), dtype)
     # readout, every step at once
     d_logp = d_logp_seq  # eq:elman_classifier:adj:logp
-    d_logsumexp_z = -d_logp  # eq:elman_classifier:adj:logsumexp_z
+    d_logsumexp_z = -_mean_units(d_logp)  # eq:elman_classifier:adj:logsumexp_z
     d_z_from1 = d_logp
-    d_logsumexp_z_sum = _sum_units(d_logsumexp_z)  # sum over the units of d_logsumexp_z
-    d_z_from_logsumexp_z = d_logsumexp_z_sum*np.exp(-logsumexp_z_seq + z_seq)
+    d_z_from_logsumexp_z = d_logsumexp_z*n_out*np.exp(-logsumexp_z_seq + z_seq)
     d_z = d_z_from1 + d_z_from_logsumexp_z + d_z_seq  # eq:elman_classifier:adj:z
     d_V_h = d_z  # eq:elman_classifier:adj:V_h
     d_c += np.sum(d_V_h, axis=(0, 1))
@@ -393,6 +392,11 @@ def _sum_units(a):
     """The sum of a over its units (the last axis), kept as an axis of 1: a product with a
     column of ones (BLAS), several times faster than np.sum over a short last axis."""
     return a @ np.ones((a.shape[-1], 1), a.dtype)
+
+
+def _mean_units(a):
+    """The mean of a over its units (the last axis), kept as an axis of 1 (as _sum_units)."""
+    return _sum_units(a) / a.shape[-1]
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):

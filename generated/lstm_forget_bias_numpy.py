@@ -189,8 +189,11 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
         g_seq[t] = g
         o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
         o_seq[t] = o
-        f = (1 / (1 + np.exp(-(pre_f + 1.0))))  # eq:lstm_forget_bias:f
-        f_seq[t] = f
+        f = f_seq[t]
+        np.negative(pre_f + 1.0, out=f)  # eq:lstm_forget_bias:f  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(f, out=f)
+        f += 1
+        np.reciprocal(f, out=f)
         c = c_seq[t + 1]
         np.add(c_prev*f, g*i, out=c)  # eq:lstm_forget_bias:c
         tanh_c = tanh_c_seq[t]

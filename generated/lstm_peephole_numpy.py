@@ -174,14 +174,23 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
         g = h_prev_proj[:, 2*n_hidden:3*n_hidden]
         g_seq[t] = g
         pre_o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
-        i = (1 / (1 + np.exp(-(c_prev*p_i + pre_i))))  # eq:lstm_peephole:i
-        i_seq[t] = i
-        f = (1 / (1 + np.exp(-(c_prev*p_f + pre_f))))  # eq:lstm_peephole:f
-        f_seq[t] = f
+        i = i_seq[t]
+        np.negative(c_prev*p_i + pre_i, out=i)  # eq:lstm_peephole:i  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(i, out=i)
+        i += 1
+        np.reciprocal(i, out=i)
+        f = f_seq[t]
+        np.negative(c_prev*p_f + pre_f, out=f)  # eq:lstm_peephole:f  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(f, out=f)
+        f += 1
+        np.reciprocal(f, out=f)
         c = c_seq[t + 1]
         np.add(c_prev*f, g*i, out=c)  # eq:lstm_peephole:c
-        o = (1 / (1 + np.exp(-(c*p_o + pre_o))))  # eq:lstm_peephole:o
-        o_seq[t] = o
+        o = o_seq[t]
+        np.negative(c*p_o + pre_o, out=o)  # eq:lstm_peephole:o  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(o, out=o)
+        o += 1
+        np.reciprocal(o, out=o)
         tanh_c = tanh_c_seq[t]
         np.tanh(c, out=tanh_c)  # eq:lstm_peephole:h
         h = h_seq[t + 1]

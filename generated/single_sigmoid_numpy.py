@@ -129,8 +129,11 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     for t in range(T):
         h_prev = h_seq[t]
         a = b + h_prev*v + w*x[t]  # eq:single_sigmoid:a
-        h = (1 / (1 + np.exp(-(a))))  # eq:single_sigmoid:h
-        h_seq[t + 1] = h
+        h = h_seq[t + 1]
+        np.negative(a, out=h)  # eq:single_sigmoid:h  (sigmoid(a) = 1 / (1 + exp(-a)))
+        np.exp(h, out=h)
+        h += 1
+        np.reciprocal(h, out=h)
         if hold is not None:  # lengths: the held rows' outputs are zero (symrnn.schedule)
             np.copyto(h_seq[t + 1], 0, where=hold[t])  # the rows past their length
     # readout, every step at once

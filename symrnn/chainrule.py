@@ -207,10 +207,17 @@ class Deriver:
         return target.time
 
     def size(self, e: sympy.Expr) -> sympy.Expr:
+        """The number of units of the vector expression ``e``: of a value it reads, or of a
+        vector parameter (a reduction of parameters alone, ``mean(cos(b))``)."""
         g = self.g
+        vectors = {leaf.param: leaf.size for leaf in g.leaves if leaf.kind == "param" and leaf.size is not None}
         for a in sympy.preorder_traversal(e):
             if isinstance(a, Q) and a.kind == "val":
-                return g.size(a.qname) if a.qname in self.eqs or g.is_leaf(a.qname) else g.size(a.qname)
+                return g.size(a.qname)
+            if isinstance(a, Block) and str(a.args[0]) in vectors:
+                return vectors[str(a.args[0])]
+            if isinstance(a, ParamSymbol) and a.name in vectors:
+                return vectors[a.name]
         raise InternalError("size of an expression without a value")
 
     def adj(self, name: str, time=TIME) -> sympy.Expr:

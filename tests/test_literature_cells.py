@@ -369,6 +369,19 @@ READS_THE_INPUT = {
         'h = "tanh(a * h_prev + W @ x)"', 'y = "V @ h + mean(x) + x"'),
 }
 
+#: a readout reducing a value of the loop (a state, a gate): its adjoint's sum over units is
+#: computed for every step at once after the readout and read by the loop's step t (one value
+#: per row of that step, not of step 0)
+READS_THE_LOOP = {
+    "state_mean": _readout_cell(
+        "state_mean", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\ng = ["n_hidden"]',
+        'a = "W @ x + U @ h_prev"\nh = "tanh(g * a / sqrt(mean(a**2) + 1e-6))"', 'y = "sum(h) / 4"'),
+    "gate_sum": _readout_cell(
+        "gate_sum", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_hidden", "n_hidden"]\nb = ["n_hidden"]',
+        'z = "sigmoid(W @ x + b)"\nh = "z * tanh(U @ h_prev) + (1 - z) * h_prev"',
+        'y = "tanh(V @ h) * sum(z) + h * mean(h)"'),
+}
+
 
 def _errors(ref, mod, xp, dtype, steps):
     """Every output, final state and gradient of ``mod`` (arrays through ``xp``) against ``ref``."""
@@ -391,11 +404,11 @@ def _errors(ref, mod, xp, dtype, steps):
     return errors | {"d_" + k: rel_error(host(grads[k]), v) for k, v in grads_ref.items()}
 
 
-@pytest.mark.parametrize("name", sorted(READS_THE_INPUT))
-def test_a_readout_of_the_input_side_in_the_cupy_and_numba_modules(host_xp, monkeypatch, name):
+@pytest.mark.parametrize("name", sorted(READS_THE_INPUT) + sorted(READS_THE_LOOP))
+def test_a_readout_of_the_input_side_or_a_reduction_of_the_loop_in_the_cupy_and_numba_modules(host_xp, monkeypatch, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpecWarning)
-        cell = parse_spec(READS_THE_INPUT[name], f"{name}.toml")
+        cell = parse_spec({**READS_THE_INPUT, **READS_THE_LOOP}[name], f"{name}.toml")
     plan = build(cell)
     ref = load_module(render_numpy(plan), module_name(cell.name))
     assert all(r.ok for r in check_module(ref, seed=3))  # the reference itself, by finite differences

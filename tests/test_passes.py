@@ -65,6 +65,14 @@ def _source(cell: str, passes) -> str:
     ("fusion", "lstm", "np.exp(x_proj, out=x_proj)"),  # the gates activated where the GEMM wrote them
     ("in_place", "lstm", "np.multiply(d_h, dh_dW_o_h_prev[t - t0], out=d_W_o_h_prev)"),  # into the adjoint buffer's slot
     ("in_place", "lstm", "np.multiply(o, tanh_c, out=h)"),  # a state straight into its stored buffer
+    # a value of several in-place calls (sigmoid) straight into its stored buffer, not copied there
+    ("in_place", "layer_norm_lstm", "np.reciprocal(i, out=i)"),
+    # the input side's adjoints in one stacked buffer: the rest of each added into its view, no concatenation
+    ("in_place", "layer_norm_lstm", "d_wx_i_seq += d_wx_f_from_mean_wx_f + d_wx_i_from1  # eq:layer_norm_lstm:adj:wx_i"),
+    # the four gates' recurrent products, all stored, written by the GEMM into their stored buffer
+    ("fusion", "layer_norm_lstm", "np.dot(h_prev, R_T, out=h_prev_proj)  # rh_i, rh_g, rh_f, rh_o"),
+    # a mean's and an inverse standard deviation's adjoints from the loop as one value per row
+    ("in_place", "layer_norm_lstm", "d_rstd_x_seq = np.zeros((T, B, 1), dtype)"),
     ("hoist_coefficients", "gru", "for t1 in range(T, 0, -_COEF_STEPS):"),  # coefficients per block of steps
     ("lean_buffers", "lstm", "writable=False"),  # a seed nothing writes is the caller's array
     ("lean_buffers", "gru", "np.matmul("),  # the first write to d_x is a GEMM into it
@@ -73,9 +81,15 @@ def _source(cell: str, passes) -> str:
     # sum_k (wx_k - mu_x) = 0: the mean's adjoint keeps only what the loop passed it
     ("zero_unit_sums", "layer_norm_lstm", "d_mu_x = d_mu_x_seq  # eq:layer_norm_lstm:adj:mu_x"),
     ("zero_unit_sums", "layer_norm_lstm", "d_mu_c = d_mu_c_from4  # eq:layer_norm_lstm:adj:mu_c"),
+    # a uniform value's adjoint as its mean over the units, one value per row, and a reduction's
+    # share of it passed on without a sum over the units
+    ("compact_unit_adjoints", "layer_norm_lstm",
+     "d_rstd_r = _mean_units(d_tmp10*d_tmp12 + d_tmp13*d_tmp15 + d_tmp4*d_tmp6 + d_tmp7*d_tmp9)  # eq:layer_norm_lstm:adj:rstd_r"),
+    ("compact_unit_adjoints", "layer_norm_lstm", "d_mean_in_msd_x_i_from_msd_x_i = np.broadcast_to(d_msd_x_o, (T, B, n_hidden))"),
+    ("compact_unit_adjoints", "layer_norm_lstm", "d_mu_c_from4 = -_mean_units(d_tmp3)"),
     # sums over a short axis as products with ones: a reduction, a reduction's adjoint, a parameter's sum in the loop
     ("unit_products", "layer_norm_lstm", "mu_c = _mean_units(c)  # eq:layer_norm_lstm:mu_c"),
-    ("unit_products", "elman_classifier", "d_logsumexp_z_sum = _sum_units(d_logsumexp_z)"),
+    ("unit_products", "elman_classifier", "d_logsumexp_z = -_mean_units(d_logp)"),
     ("unit_products", "lstm_peephole", "d_p_i += _sum_rows(d_c*d_coef[t - t0])"),
     # the centred rh_i - mu_r of an earlier stage (the gains' adjoints) read by the variance's
     ("shared_temporaries", "layer_norm_lstm", "d_rh_i_from1 = d_tmp10*d_tmp24"),
@@ -84,6 +98,14 @@ def test_each_pass_does_what_it_says(name, cell, present):
     on, off = _source(cell, ALL), _source(cell, ALL - {name})
     assert present in on
     assert present not in off
+
+
+def test_stacked_input_adjoints_are_not_concatenated():
+    """With in_place, layer_norm_lstm's four input-side adjoints live in the buffer the adjoint
+    GEMM reads; without it they are concatenated into it."""
+    on, off = _source("layer_norm_lstm", ALL), _source("layer_norm_lstm", ALL - {"in_place"})
+    assert "np.concatenate" not in on and "d_wx_i_seq = d_x_proj_seq[..., :n_hidden]" in on
+    assert "d_x_proj_seq = np.concatenate([d_wx_i, d_wx_g, d_wx_f, d_wx_o], axis=-1)" in off
 
 
 def test_prune_views_drops_the_views_nothing_reads():
@@ -107,10 +129,16 @@ def test_passes_are_deterministic_and_default_to_all():
 
 def test_shared_unit_sums_sums_one_adjoint_once():
     """The four msd reductions of one stacked projection have one adjoint (d_msd_r_f = d_msd_r_o, ...):
-    its sum over units is computed once, not once per reduction."""
-    on, off = _source("layer_norm_lstm", ALL), _source("layer_norm_lstm", ALL - {"shared_unit_sums"})
+    its sum over units is computed once, not once per reduction; held as its mean over the
+    units (compact_unit_adjoints), one share of it is passed on, not four."""
+    full = ALL - {"compact_unit_adjoints"}
+    on, off = _source("layer_norm_lstm", full), _source("layer_norm_lstm", full - {"shared_unit_sums"})
     assert on.count("# sum over the units of d_msd_r_o") == 1
     assert off.count("# sum over the units of d_msd_r_o") == 4
+    on, off = _source("layer_norm_lstm", ALL), _source("layer_norm_lstm", ALL - {"shared_unit_sums"})
+    assert "# sum over the units of d_msd_r" not in on + off
+    assert on.count("= np.broadcast_to(d_msd_r_o, (B, n_hidden))") == 1
+    assert off.count("= np.broadcast_to(d_msd_r_") == 4
 
 
 @pytest.mark.parametrize("k, zero", [

@@ -210,7 +210,7 @@ def test_constants_and_set(tmp_path, capsys):
         load_spec(path, {"forget_bais": 2.0})
     assert main(["generate", "--spec", str(path), "--set", "forget_bias=2.5", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "lstm_forget_bias_numpy.py").read_text()
-    assert "+ 2.5))))  # eq:lstm_forget_bias:f" in text
+    assert "np.negative(pre_f + 2.5, out=f)  # eq:lstm_forget_bias:f" in text
     assert f"symrnn generate --spec {path} --set forget_bias=2.5" in text.splitlines()[2]
     assert main(["generate", "--set", "forget_bias=2", "--out", str(tmp_path)]) == 2
     assert "give --spec FILE" in capsys.readouterr().err

@@ -16,7 +16,8 @@ matrix already used, R.T @ x of an n_in x n_hidden R) and combinations of matric
 their transposes and I ((U - U.T - c * I) @ v, c a number or a scalar parameter; U - 2 V.T with V a
 matrix the cell may read elsewhere); a readout (sometimes) multiplies one or two
 states or gates by their own matrices, maybe under a tanh, and sometimes takes its log-softmax
-for a cross-entropy loss.  Every name (states,
+for a cross-entropy loss; a second readout (sometimes) multiplies a state or gate by a
+reduction of one (which the loop's adjoint then reads at its step).  Every name (states,
 gates, parameters, the readout) comes from a pool of names that look like the
 generated code's own, the template's, Python's, C++'s and CUDA's, or a paper's
 (``W_T``, ``common``, ``h_seq``, ``T``, ``np``, ``int``, ``threadIdx``, ``d_1``),
@@ -44,7 +45,18 @@ from symrnn.spec import SpecWarning, parse_spec
 UNARY = ("sigmoid({})", "tanh({})", "softplus({})", "relu({})", "exp(tanh({}))", "identity({})", "({})**2",
          "sin({})", "cos({})", "log(1 + ({})**2)", "sqrt(1 + ({})**2)")
 #: reductions over units (symrnn.reductions), alone and as a layer norm of a drawn expression
-REDUCE = ("mean({0})", "sum({0}) / 3", "logsumexp({0})", "({0} - mean({0})) * (mean(({0} - mean({0}))**2) + 0.5)**-0.5")
+#: with a gain vector {1} before and after it: a drawn expression may be the same at every unit (a
+#: reduction itself), and a reduction may be drawn of a layer norm; without the gains the layer
+#: norm, or the mean of one, would be 0 identically, its gradient rounding noise that neither
+#: differences nor a second backend can judge
+REDUCE = ("mean({0})", "sum({0}) / 3", "logsumexp({0})",
+          "{1} * ({0} * {1} - mean({0} * {1})) * (mean(({0} * {1} - mean({0} * {1}))**2) + 0.5)**-0.5")
+
+
+def reduction(draw, params, operand: str) -> str:
+    """A reduction of ``operand`` drawn from REDUCE (a layer norm's gain a new vector parameter)."""
+    form = draw(st.sampled_from(REDUCE))
+    return form.format(operand, params.new("g", ["n_hidden"]) if "{1}" in form else "")
 
 #: names for everything a cell declares: the generated code's own patterns, template
 #: variables, Python, C++ and CUDA names, and names papers use (tests/test_hostile_names.py)
@@ -137,7 +149,7 @@ def expression(draw, params: _Params, vectors: list[str], states: list[str], dep
     if kind == "unary":
         return draw(st.sampled_from(UNARY)).format(draw(sub))
     if kind == "reduction":
-        return draw(st.sampled_from(REDUCE)).format(f"({draw(sub)})")
+        return reduction(draw, params, f"({draw(sub)})")
     a, b = draw(sub), draw(sub)
     op = draw(st.sampled_from(["+", "-", "*", "/", "scaled", "**"]))
     if op == "**":  # an expression as exponent, of a positive base
@@ -195,6 +207,9 @@ def spec_text(draw) -> str:
             logp = names.new()
             lines_ro[2:5] = [f'{logp} = "{y} - logsumexp({y})"', "[loss]", 'expr = "-target * ' + logp + '"',
                              f'target_of = "{logp}"']
+        if draw(st.integers(0, 2)) == 0:  # a second readout reducing a value of the loop (a state, a gate)
+            v, w = (draw(st.sampled_from(states + gates)) for _ in range(2))
+            lines_ro.insert(2, f'{names.new()} = "{v} * ({reduction(draw, params, w)})"')
     decls = [f"{k} = {v!r}".replace("'", '"') for k, v in params.shapes.items()]
     return "\n".join([
         '[cell]', 'name = "random_cell"', '[inputs]', 'x = "n_in"', '[states]',

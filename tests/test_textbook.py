@@ -152,11 +152,32 @@ g = "sigmoid(2 + tanh(W @ h_prev + U @ x + b))"
 h = "tanh(g * h_prev + U @ x)"
 """
 
+#: a reduction of parameters alone (one number per cell, the same at every step), and in a
+#: layer norm's operand: its size is the parameter's
+PARAMETER_MEAN = """\
+[cell]
+name = "random_cell"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+a = ["n_hidden"]
+g = ["n_hidden"]
+U = ["n_hidden", "n_hidden"]
+b = ["n_hidden"]
+[equations]
+m = "mean(cos(a))"
+v = "sin((m * g - mean(m * g)) * (mean((m * g - mean(m * g))**2) + 0.5)**-0.5)"
+h = "tanh(U @ h_prev / (1 + sigmoid(m)) + v + b * h_prev)"
+"""
+
 
 @settings(max_examples=25, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
           suppress_health_check=list(HealthCheck))
 @given(text=spec_text())
 @example(text=NESTED)
+@example(text=PARAMETER_MEAN)
 def test_random_cells_print_and_every_printed_formula_is_the_derivation(text):
     """Cells nobody wrote (tests/test_spec_random_cells.py's grammar: nonlinearities of
     sums of nonlinearities, products of gates, readouts, reductions over units) in both forms

@@ -312,7 +312,8 @@ class BackwardEmitter:
         local = c("adj_sum", node.name)
         if inside:
             self.weight[local] = w  # logsumexp's softmax: per unit, in the operand's kernel
-        self.acc.setdefault(node.operand, []).append((local, Loc(Ref(total), kind="rowval")))
+        # (T, B, 1) where the reduction's kernel ran over every step: a step's kernel reads its step
+        self.acc.setdefault(node.operand, []).append((local, Loc(Ref(total), kind="rowval", seq=mode != "step")))
         return loc
 
     def take_after(self) -> list:

@@ -28,7 +28,7 @@ from ..errors import InternalError
 from ..cell import DIMS
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Region, Stage
-from ..reductions import sum_units
+from ..reductions import mean, sum_units
 from ..passes.hoist_coefficients import CoefficientHoisting
 from ..passes.unit_products import ROWS, UNITS
 from ..passes.unit_sums import UnitSums
@@ -58,9 +58,10 @@ class Pending:
     axes: Text | None = None
     alias: str = ""
     comment: str = ""
+    units: bool = False  # dst (one value per row) takes expr's mean over the units
 
     def with_expr(self, expr: sympy.Expr) -> "Pending":
-        return Pending(self.dst, expr, self.op, self.total, self.axes, self.alias, self.comment)
+        return Pending(self.dst, expr, self.op, self.total, self.axes, self.alias, self.comment, self.units)
 
 
 def emit_backward(e) -> None:
@@ -110,6 +111,13 @@ class Backward:
         s = e.schedule  # which input-side adjoints the loop's buffers hold (symrnn.schedule)
         self.shared_members, self.shared_groups, self.member_source = s.shared_members, s.shared_groups, s.member_source
         self.partial_groups = set(s.partial_groups)
+        self.compact_adjoints: set[str] = set()  # input-side values whose loop contributions are means (compact_adjoint)
+        # names of adjoint arrays (and temporaries) holding one value per row, (..., 1): uniform
+        # values' adjoints as their means over the units (passes: compact_unit_adjoints)
+        self.compact_names: set[str] = set()
+        self.stacked: dict[str, str] = {}  # an input-side product's adjoint buffer -> the group's it is a view of
+        self.stacked_of: dict[str, str] = {}  # the product -> that view
+        self.in_stack: dict[str, str] = {}  # a pre-region adjoint held by such a view -> the view
         self.routed: dict[sympy.Expr, str] = {}  # a step's whole contribution to an input-side buffer -> the buffer
         self.loop_buffer: dict[str, str] = {}  # loop group name -> its adjoint buffer
         self.slots: dict[str, tuple] = {}  # loop adjoint -> (buffer over all steps, its columns there: a Span or None)
@@ -168,13 +176,20 @@ class Backward:
             self.acc[r] = [Ref(n("adj_seq", r))]
         # adjoint buffers for values that receive contributions from a later region
         order = {"pre": 0, "loop": 1, "post": 2}
+        later = set()
         for node in g.nodes:
             if node.name in g.state_names or node.name in g.readouts:
                 continue
             mine = order[plan.region_of[node.name]]
-            later = any(order[plan.region_of[c.name]] > mine for c in g.consumers(node.name))
-            if later and node.name not in self.shared_members:
-                m.backward_seed.append(Assign(Ref(n("adj_seq", node.name)), empty_steps(node.size, "zeros")))
+            if any(order[plan.region_of[c.name]] > mine for c in g.consumers(node.name)) and node.name not in self.shared_members:
+                later.add(node.name)
+        views = self.stack_input_adjoints(later)
+        self.compact_adjoints = {name for name in later if self.compact_adjoint(name)}
+        for node in g.nodes:
+            if node.name in later and n("adj_seq", node.name) not in self.stacked:
+                width = sympy.Integer(1) if node.name in self.compact_adjoints else node.size
+                m.backward_seed.append(Assign(Ref(n("adj_seq", node.name)), empty_steps(width, "zeros")))
+        m.backward_seed.extend(views)
         m.backward_seed.append(Assign(self.d_x, Call("zeros_like", (Ref("x"),))))
         for p in g.params:
             m.backward_seed.append(Assign(self.grad_ref(p.name), Call("zeros_like", (Ref(n.value(p.name)),))))
@@ -194,11 +209,121 @@ class Backward:
                 self.acc[name] = [Ref(n("adj", self.shared_members[name]))]  # never printed: see gemm_backward
             elif any(plan.region_of[c.name] != "pre" for c in g.consumers(name)):
                 self.acc.setdefault(name, []).append(Ref(n("adj_seq", name)))
+                if name in self.compact_adjoints and "compact_unit_adjoints" in self.e.passes:
+                    self.compact_names.add(n("adj_seq", name))  # (T, B, 1), read as it is
+                elif name in self.compact_adjoints:  # read at the full width (a view)
+                    self.sym_refs[n("adj_seq", name)] = Call("broadcast_to", (
+                        Ref(n("adj_seq", name)), (Text("T"), Text("B"), Size(g.node(name).size))))
         self.region_backward(plan.pre, "all", m.backward_pre)
+        read = set().union(*(st.reads for st in (*m.backward_pre, *m.backward_after, *m.backward_weights)))
+        m.backward_pre[:] = [st for st in m.backward_pre  # names of stacked adjoints nothing reads
+                             if not (isinstance(st, Assign) and st.dst.name in self.in_stack and st.dst.name not in read)]
         self.hoisting.share()
         # initial states and the input
         m.grads = [(p.name, self.grad_ref(p.name)) for p in g.params] + [("x", self.d_x)]
         m.grads += [(f"{s.name}0", Ref(n("adj_next", s.name))) for s in g.states]
+
+    def compact_adjoint(self, name: str) -> bool:
+        """A value of the input side kept as one value per row (a layer norm's mean or inverse
+        standard deviation, symrnn.backends.numpy_backend.uniform_values) that only the loop reads
+        besides the input side: the loop stores each step's contribution to its adjoint as the
+        mean over the units, (T, B, 1), and the input side reads that broadcast to the full
+        width.  Exact: a value the same at every unit affects the loss only through the sum
+        over units of its adjoint (every reduction passes back its adjoint's sum), which
+        n times the mean is.  With the ``in_place`` pass (else the full-width buffer)."""
+        if "in_place" not in self.e.passes or name not in self.e.compact or self.plan.region_of[name] != "pre":
+            return False
+        return all(self.plan.region_of[c.name] in ("pre", "loop") for c in self.g.consumers(name))
+
+    def assign_compact(self, name: str, expr: sympy.Expr, seen: dict, label: str = "") -> Pending:
+        """``name`` = the mean over the units of ``expr``, one value per row, (..., 1): the
+        adjoint (or a part of it) of a uniform value (a mean, a variance, an inverse standard
+        deviation: the same at every unit; passes: compact_unit_adjoints).  Exact, as
+        compact_adjoint's buffers: such a value affects the loss only through the sum over
+        units of its adjoint; what it passes on (to other uniform values, to a reduction's
+        operand, to a scalar parameter) is linear in that adjoint with coefficients the same
+        at every unit, so the mean carries the sum (n times it: reduction_backward,
+        units_held).  A layer norm's chain from rstd to the variance's share is then one
+        value per row instead of one per unit.  ``seen`` keeps it apart from the names that
+        hold an expression itself (a statement reading that expression per unit, a vector
+        parameter's sum, must not read its mean); the same mean twice is one name."""
+        expr = sympy.factor_terms(expr)
+        key = ("units", expr)
+        if key in seen or expr in seen:  # the mean computed already, or the expression itself
+            held = seen.get(key, seen.get(expr))
+            self.alias[name] = held
+            if held in self.compact_names:
+                self.compact_names.add(name)
+            return Pending(Ref(name), None, alias=held, comment=label)
+        seen[key] = name
+        self.compact_names.add(name)
+        return Pending(Ref(name), expr, comment=label, units=True)
+
+    def units_held(self, node, dep: str) -> sympy.Expr:
+        """The number of units whose mean the adjoint of ``node`` holds where ``dep`` is a
+        scalar parameter (its gradient sums the contribution at every unit), else 1."""
+        g = self.g
+        if not g.is_leaf(dep) or g.leaf(dep).kind != "param" or g.param(g.leaf(dep).param).kind != "scalar":
+            return sympy.Integer(1)
+        return node.size if self.adjoint(node.name).name in self.compact_names else sympy.Integer(1)
+
+    def is_compact(self, expr: sympy.Expr) -> bool:
+        """Every array ``expr`` reads is one value per row (or a scalar): so is its value."""
+        g = self.g
+        for s in expr.free_symbols:
+            if s.name in self.compact_names or s.name.split("[", 1)[0] in self.compact_names:
+                continue
+            if s.name in DIMS or s.name in self.e.compact:  # a forward value kept as (..., 1)
+                continue
+            if g.is_leaf(s.name) and g.leaf(s.name).size is None:  # a scalar
+                continue
+            return False
+        return True
+
+    def compact_value(self, expr: sympy.Expr, ctx: str):
+        """The mean over the units of ``expr``, (..., 1): each term's factors that are one
+        value per row (is_compact) taken out of the mean of the rest, the terms with the
+        same such factors under one mean."""
+        groups: dict[sympy.Expr, list[sympy.Expr]] = {}
+        for term in sympy.Add.make_args(expr):
+            factors = sympy.Mul.make_args(term)
+            outside = [f for f in factors if self.is_compact(f)]
+            inside = [f for f in factors if not self.is_compact(f)]
+            groups.setdefault(sympy.Mul(*outside), []).append(sympy.Mul(*inside))
+        extra, parts = {}, []
+        for outside, inside in groups.items():
+            per_unit = sympy.Add(*inside)
+            if self.is_compact(per_unit):  # nothing per unit (a number)
+                parts.append(outside * per_unit)
+                continue
+            placeholder = sympy.Symbol(f"_mean{len(extra)}")
+            value = self.ew(per_unit, ctx)
+            extra[placeholder.name] = (Helper(UNITS[mean], (value,)) if "unit_products" in self.e.passes
+                                       else Call("mean", (value,), (("axis", Text("-1")), ("keepdims", Text("True")))))
+            parts.append(outside * placeholder)
+        return self.ew(sympy.Add(*parts), ctx, extra)
+
+    def stack_input_adjoints(self, later: set[str]) -> list:
+        """An input-side GEMM of several products whose adjoints all receive contributions
+        from a later region (the loop) keeps them in one (T, B, rows) buffer, the one its
+        adjoint GEMM reads; each product's buffer is a view of it (``self.stacked``).  With the
+        ``in_place`` pass, the pre region then adds the rest of each adjoint into its view
+        (print_with_cse) and the GEMM reads the buffer without concatenating the slots."""
+        if "in_place" not in self.e.passes:
+            return []
+        views = []
+        for group in (grp for st in self.plan.pre.stages for grp in st.groups):
+            if len(group.members) < 2 or group.name in self.shared_groups or group.name in self.partial_groups \
+                    or not all(mv.name in later for mv in group.members):
+                continue
+            buf = self.n("gadj_seq", group.name)
+            self.m.backward_seed.append(Assign(Ref(buf), empty_steps(group.rows, "zeros"), ", ".join(
+                mv.name for mv in group.members)))
+            for mv, off in zip(group.members, group.offsets):
+                self.stacked[self.n("adj_seq", mv.name)] = buf
+                self.stacked_of[mv.name] = self.n("adj_seq", mv.name)
+                views.append(Assign(Ref(self.n("adj_seq", mv.name)), Ref(buf, (ETC, span(off, mv.size)))))
+        return views
 
     def seed(self, output: str, size: sympy.Expr) -> Assign:
         """The adjoint of an output over every step, from the caller's ``grad_outputs``."""
@@ -281,13 +406,16 @@ class Backward:
             if expr == 0:
                 continue
             nonzero.add(node.name)
-            pending.append(self.assign(self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"))
+            compact = "compact_unit_adjoints" in self.e.passes and node.name in self.e.uniform and node.name not in g.state_names
+            pending.append((self.assign_compact if compact else self.assign)(
+                self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"))
             self.unit.note(self.n("adj", node.name), expr)
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
                          key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
         for dep in targets:
-            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) for c in stage.pointwise if c.name in nonzero])
+            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) * self.units_held(c, dep)
+                               for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
                 self.route(dep, expr, k, ctx, pending, seen)
         if ctx == "loop" and "hoist_coefficients" in self.e.passes:
@@ -309,13 +437,16 @@ class Backward:
         adj = self.n("adj", node.name)
         held = self.alias.get(adj, adj)
         total = self.unit_sums.get((self.region_name, held)) if "shared_unit_sums" in self.e.passes else None
-        if total is None:  # reductions whose adjoints are one value (d_r2 = d_r1) sum it once
-            total = self.unit_sums[(self.region_name, held)] = self.n("adj_sum", node.name)
-            axis = (("axis", Text("-1")), ("keepdims", Text("True")))
-            value = (Helper(UNITS[sum_units], (Ref(held),)) if "unit_products" in self.e.passes
-                     else Call("sum", (Ref(held),), axis))
-            out.append(Assign(Ref(total), value, f"sum over the units of {held}"))
-        share = node.weight() * sympy.Symbol(total)
+        if held in self.compact_names:  # the adjoint's mean over the units (assign_compact): n times it
+            total, share = held, node.weight() * node.size * sympy.Symbol(held)
+        else:
+            if total is None:  # reductions whose adjoints are one value (d_r2 = d_r1) sum it once
+                total = self.unit_sums[(self.region_name, held)] = self.n("adj_sum", node.name)
+                axis = (("axis", Text("-1")), ("keepdims", Text("True")))
+                value = (Helper(UNITS[sum_units], (Ref(held),)) if "unit_products" in self.e.passes
+                         else Call("sum", (Ref(held),), axis))
+                out.append(Assign(Ref(total), value, f"sum over the units of {held}"))
+            share = node.weight() * sympy.Symbol(total)
         if self.plan.region_of[node.operand] == self.region_name:  # an earlier stage: its own name
             # the same at every unit: the weight reads no per-unit value (a mean's 1/n; logsumexp's
             # softmax of an operand that is itself uniform, stored (B, 1), is 1/n at every unit)
@@ -385,8 +516,11 @@ class Backward:
             self.acc.setdefault(dep, []).append(Ref(name))
         elif self.plan.region_of[dep] == self.region_name:
             name = n("adj_from", dep, k)
-            out.append(self.assign(name, expr, seen))
+            compact = "compact_unit_adjoints" in self.e.passes and dep in self.e.uniform  # a part of a compact adjoint
+            out.append((self.assign_compact if compact else self.assign)(name, expr, seen))
             self.acc.setdefault(dep, []).append(Ref(name))
+        elif ctx == "loop" and dep in self.compact_adjoints:  # its mean over the units (compact_adjoint)
+            out.append(Pending(Ref(n("adj_seq", dep), step), expr, "=" if self.only_here(dep) else "+", units=True))
         elif ctx == "loop" and self.only_here(dep):  # this step's whole contribution
             out.append(Pending(Ref(n("adj_seq", dep), step), expr))
             self.routed.setdefault(expr, n("adj_seq", dep))
@@ -411,11 +545,21 @@ class Backward:
                 continue
             before, expr = next(placed)
             out.extend(Assign(Ref(sym.name), self.ew(definition, ctx)) for sym, definition in before)
+            self.compact_names.update(sym.name for sym, definition in before if self.is_compact(definition))
             self.note_temporaries(before)
             name = self.assigned(p)
+            view = self.stacked_view(name, expr, exprs) if ctx == "all" and name else None
+            if view is not None:  # the rest of the adjoint added into the view that holds its loop part
+                rest = expr - sympy.Symbol(view)
+                if rest != 0:
+                    out.append(Update(Ref(view), "+", self.ew(rest, ctx), p.comment))
+                out.append(Assign(p.dst, Ref(view), "" if rest != 0 else p.comment))
+                self.in_stack[name] = view
+                continue
             in_slot = name in self.destination  # an adjoint whose slot in a GEMM's adjoint buffer is known
             target = p.dst if in_slot or (p.op == "=" and p.dst.index) else None  # or a buffer slot (d_W_x_seq[t])
-            if ctx == "loop" and target is not None and expr.is_Mul and len(expr.args) == 2 and "in_place" in self.e.passes:
+            if ctx == "loop" and target is not None and expr.is_Mul and len(expr.args) == 2 and "in_place" in self.e.passes \
+                    and not p.units:
                 # one product, straight into the buffer's slot: no temporary, no copy
                 if in_slot:
                     self.in_place.add(name)
@@ -423,12 +567,32 @@ class Backward:
                 a, b = (self.ew(arg, ctx) for arg in expr.args)
                 out.append(Do(Call("multiply", (a, b), (("out", target),)), target, p.comment))
                 continue
-            value = self.ew(expr, ctx)
+            if p.units and "compact_unit_adjoints" in self.e.passes:
+                value = self.compact_value(expr, ctx)
+            elif p.units:  # the mean of the per-unit factors, times the factors the same at every unit
+                uniform = [f for f in sympy.Mul.make_args(expr) if all(self.unit.is_uniform(s.name) for s in f.free_symbols)]
+                per_unit = self.ew(sympy.Mul(*[f for f in sympy.Mul.make_args(expr) if f not in uniform]), ctx)
+                value = (Helper(UNITS[mean], (per_unit,)) if "unit_products" in self.e.passes
+                         else Call("mean", (per_unit,), (("axis", Text("-1")), ("keepdims", Text("True")))))
+                if uniform:
+                    value = self.ew(sympy.Mul(*uniform) * sympy.Symbol("_mean"), ctx, {"_mean": value})
+            else:
+                value = self.ew(expr, ctx)
             if p.total and ctx == "loop" and p.axes == _SUM_AXES["loop"] and "unit_products" in self.e.passes:
                 value = Helper(ROWS, (value,))  # over the batch rows: a product with ones
             elif p.total:
                 value = Call("sum", (value,), (("axis", p.axes),) if p.axes is not None else ())
             out.append(Assign(p.dst, value, p.comment) if p.op == "=" else Update(p.dst, p.op, value, p.comment))
+
+    def stacked_view(self, name: str, expr: sympy.Expr, exprs: list) -> str | None:
+        """The view of a stacked input-side adjoint buffer (stack_input_adjoints) that the
+        adjoint ``name`` may be computed into: ``expr`` is that view plus other terms, and no
+        other statement of the stage reads the view (it then holds the whole adjoint)."""
+        owner = self.n.owner(name)
+        view = self.stacked_of.get(owner[1]) if owner and owner[0] == "adj" else None
+        if view is None or sympy.Symbol(view) not in sympy.Add.make_args(expr):
+            return None
+        return view if sum(1 for other in exprs if sympy.Symbol(view) in other.free_symbols) == 1 else None
 
     def reuse_temporaries(self, expr: sympy.Expr) -> sympy.Expr:
         """``expr`` reading the temporaries an earlier stage of this region defined for its
@@ -503,6 +667,8 @@ class Backward:
         else:
             if len(group.members) == 1:
                 out.append(Assign(Ref(buf), Ref(adj[0])))
+            elif all(self.stacked.get(self.in_stack.get(a, "")) == buf for a in adj):
+                pass  # the slots of its adjoint buffer hold the members' adjoints (stack_input_adjoints)
             else:
                 parts = tuple(Ref(a) if a else Call("zeros_like", (e.ref_of(mv.name, ctx),)) for a, mv in zip(adj, group.members))
                 out.append(Assign(Ref(buf), Concat(parts, -1)))

@@ -15,10 +15,10 @@ import sympy
 from ..ir import Pointwise, Reduction
 from ..ops import Op
 from ..plan import GemmGroup
-from ..passes.loop_fusion import LoopFusion
+from ..passes.loop_fusion import LoopFusion, inplace_calls
 from ..passes.prune_views import without_unread_views
 from ..passes.unit_products import UNITS
-from ..stmt import ETC, Assign, Attr, Call, Do, Helper, Key, MatMul, OpCall, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
+from ..stmt import ETC, Assign, Attr, Call, Do, Helper, Key, MatMul, Ref, Reshape, Size, Span, Text, empty, span, t_SYM
 
 __all__ = ["emit_forward"]
 
@@ -68,9 +68,9 @@ def pointwise_forward(e, node: Pointwise, expr: sympy.Expr, fused: LoopFusion, o
         first, rest = expr.args[0], expr.func(*expr.args[1:])
         out.append(Assign(name, dest))
         out.append(Do(Call(ufunc, (e.ew(first, "loop", refs), e.ew(rest, "loop", refs)), (("out", name),)), name, label))
-    elif isinstance(expr, Op) and len(type(expr).numpy_inplace) == 1:  # one ufunc call, into the buffer
+    elif isinstance(expr, Op) and type(expr).numpy_inplace:  # its ufunc calls, into the buffer
         out.append(Assign(name, dest))
-        out.append(OpCall(type(expr), 0, e.ew(expr.args[0], "loop", refs), name, label))
+        out.extend(inplace_calls(type(expr), e.ew(expr.args[0], "loop", refs), name, label))
     else:
         out.append(Assign(name, full_width(e, node, e.ew(expr, "loop", refs), "loop"), label))
         out.append(Assign(dest, name))

@@ -6,9 +6,12 @@ values, deciding from the step graph, the plan and what statements read and writ
 
 * ``fusion`` (loop_fusion.py): a step's recurrent GEMM and its consumers as one fused
   step (biases folded into the input side, the input side added in one operation,
-  gates activated in place where the GEMM wrote them);
+  gates activated in place where the GEMM wrote them; a GEMM whose products are all
+  stored written into their stored buffer);
 * ``in_place`` (the NumPy backend): a value or an adjoint that has a stored buffer is
-  computed straight into it (``out=``) instead of into a temporary that is copied;
+  computed straight into it (``out=``, or an op's in-place calls: sigmoid's four) instead of
+  into a temporary that is copied; an input-side GEMM's output adjoints, when the loop adds
+  into all of them, share the one buffer the adjoint GEMM reads (no concatenation);
 * ``hoist_coefficients`` (hoist_coefficients.py): the coefficients of the backward
   recursion computed for a block of steps before the loop over them;
 * ``lean_buffers`` (lean_buffers.py): backward allocates no more than it writes;
@@ -17,6 +20,10 @@ values, deciding from the step graph, the plan and what statements read and writ
   over the units once, and terms reading two names of one adjoint combine;
 * ``zero_unit_sums`` (unit_sums.py): the terms of a uniform value's adjoint (a mean's,
   a variance's) whose sum over units is zero by the reductions' definitions are left out;
+* ``compact_unit_adjoints`` (the NumPy backward): the adjoint of a value the same at every
+  unit (a layer norm's mean, variance, inverse standard deviation) is computed as its mean
+  over the units, one value per row, and passed on as that (a reduction's share n times
+  it), instead of a full-width array summed over the units again;
 * ``unit_products`` (unit_products.py): sums and means over the units, and parameters'
   sums over the batch rows in the loop, as products with a vector of ones (BLAS);
 * ``shared_temporaries`` (the NumPy backward): a subexpression of forward values that one
@@ -29,7 +36,7 @@ of them off, and that each does what it says.
 """
 
 PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums",
-          "unit_products", "shared_temporaries")
+          "compact_unit_adjoints", "unit_products", "shared_temporaries")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]

@@ -71,6 +71,7 @@ class CoefficientHoisting:
         keep |= {self.b.n("adj", r.name) for r in stage.reductions}  # summed over units (reduction_backward)
         keep |= {self.b.sym(ref).name for refs in self.b.acc.values() for ref in refs}
         keep |= set(self.b.alias) | set(self.b.alias.values())
+        keep |= {p.dst.name for p in pending if p.units}  # means over the units (compact_unit_adjoints)
         uses: dict[str, int] = {}
         for p in pending:
             for name in ([s.name for s in p.expr.free_symbols] if p.expr is not None else [p.alias]):

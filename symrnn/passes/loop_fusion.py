@@ -13,7 +13,7 @@ from ..ir import Pointwise
 from ..plan import GemmGroup
 from ..stmt import ALL, Assign, Call, Comment, Concat, Do, ETC, OpCall, Ref, Size, Text, Update, empty, span, t_SYM
 
-__all__ = ["LoopFusion"]
+__all__ = ["LoopFusion", "inplace_calls"]
 
 
 class LoopFusion:
@@ -34,6 +34,9 @@ class LoopFusion:
        input-side buffer (the LSTM's four gates), that buffer is the stored one:
        the GEMM writes one step's product to a (B, rows) scratch that is added
        into the input side, and no second (T, B, rows) buffer exists.
+    5. A recurrent GEMM of several products, every one of them stored (a layer norm's
+       four gates' R h_prev, each read by backward), writes into one (T, B, rows) buffer
+       that they are views of, instead of into a scratch copied slot by slot.
     Nothing here changes what a value means: a product is folded into only when
     no other node and no backward formula reads it."""
 
@@ -138,9 +141,9 @@ class LoopFusion:
 
     def plan_group(self, grp: GemmGroup) -> None:
         slots = [self.slot(grp, mv, off) for mv, off in zip(grp.members, grp.offsets)]
-        if not any(s["pre"] for s in slots):
-            return
         g, plan, n = self.e.g, self.e.plan, self.n
+        if not any(s["pre"] for s in slots) and not (len(slots) > 1 and all(s["content"] in plan.stored for s in slots)):
+            return  # nothing to fuse, and no stored buffer for the GEMM to write into
         single_state = len(slots) == 1 and slots[0]["act"] and slots[0]["content"] in g.state_names
         stored = [s["content"] in plan.stored for s in slots]
         pre = {s["pre"].name: s["pre"] for s in slots if s["pre"] is not None}
@@ -213,14 +216,16 @@ class LoopFusion:
                 part = Ref(buf.name, (ALL, span(s["offset"], s["member"].size)))
                 scratch = Ref(self.n.fresh(f"{s['content']}_{s['act'].__name__}"))
                 self.alloc_lines.append(Assign(scratch, empty(Text("B"), Size(s["member"].size))))
-                out.extend(_inplace(s["act"], part, scratch, e.label(s["node"])))
+                out.extend(inplace_calls(s["act"], part, scratch, e.label(s["node"])))
                 saved.append((part, scratch))
-        out.extend(_inplace(whole_op, view, view, ", ".join(e.label(s["node"]) for s in run)))
+        out.extend(inplace_calls(whole_op, view, view, ", ".join(e.label(s["node"]) for s in run)))
         out.extend(Assign(part, scratch) for part, scratch in saved)
 
     def bind_slots(self, info: dict, slots: list, buf: Ref, out: list) -> None:
         """Names for the slots the step reads, and copies for those stored elsewhere."""
         read = {sym.name for expr in self.exprs.values() for sym in expr.free_symbols}
+        read |= {dep for node in self.e.g.nodes if not isinstance(node, Pointwise)  # the step's reductions and products
+                 and self.e.plan.region_of[node.name] == "loop" for dep in node.deps}
         for s in slots:
             if s["content"] not in read and (s["content"] in self.views or info["single_state"]):
                 continue  # nothing else in the step reads it; its buffer holds it
@@ -251,7 +256,7 @@ class LoopFusion:
                 out.append(Update(Ref(buf.name, (ALL, sl)), "+", Ref(src, (t_SYM, ALL, sl))))
 
 
-def _inplace(op, a: Ref, out: Ref, label: str) -> list:
+def inplace_calls(op, a, out: Ref, label: str) -> list:
     """The op's in-place NumPy calls from ``a`` into ``out``, the first labelled (with the
     op's formula, when the calls spell it in several steps)."""
     formula = sympy.sstr(op.formula(sympy.Symbol("a"))).replace("/", " / ")
