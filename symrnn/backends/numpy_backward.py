@@ -259,13 +259,15 @@ class Backward:
         self.compact_names.add(name)
         return Pending(Ref(name), expr, comment=label, units=True)
 
-    def units_held(self, node, dep: str) -> sympy.Expr:
-        """The number of units whose mean the adjoint of ``node`` holds where ``dep`` is a
-        scalar parameter (its gradient sums the contribution at every unit), else 1."""
+    def units_held(self, node, dep: str, term: sympy.Expr) -> sympy.Expr:
+        """``term``, the contribution of pointwise ``node`` to the adjoint of ``dep``, times
+        the number of units it stands for where it is one value per row (is_compact: a
+        compact adjoint times a coefficient the same at every unit) and ``dep`` a scalar
+        parameter, whose gradient sums the contribution at every unit."""
         g = self.g
         if not g.is_leaf(dep) or g.leaf(dep).kind != "param" or g.param(g.leaf(dep).param).kind != "scalar":
-            return sympy.Integer(1)
-        return node.size if self.adjoint(node.name).name in self.compact_names else sympy.Integer(1)
+            return term
+        return term * node.size if self.is_compact(term) else term
 
     def is_compact(self, expr: sympy.Expr) -> bool:
         """Every array ``expr`` reads is one value per row (or a scalar): so is its value."""
@@ -302,6 +304,31 @@ class Backward:
                                        else Call("mean", (value,), (("axis", Text("-1")), ("keepdims", Text("True")))))
             parts.append(outside * placeholder)
         return self.ew(sympy.Add(*parts), ctx, extra)
+
+    @staticmethod
+    def steps(ctx: str) -> tuple:
+        return (Text("B"),) if ctx == "loop" else (Text("T"), Text("B"))
+
+    def note_compact(self, p: Pending, node=None) -> Pending:
+        """Record the adjoint (or adjoint part) ``p`` assigns as one value per row where every
+        term of it is (a reduction's share alone, compact_unit_adjoints: the same value at
+        every unit, broadcast by what reads it), unless it is a product's (a GEMM's input:
+        full_width)."""
+        if "compact_unit_adjoints" not in self.e.passes or isinstance(node, MatVecNode):
+            return p
+        if (p.alias in self.compact_names) if p.expr is None else (not p.units and self.is_compact(p.expr)):
+            self.compact_names.add(p.dst.name)
+        return p
+
+    def full_width(self, name: str | None, expr: sympy.Expr, value, ctx: str):
+        """``value`` (of ``expr``), the adjoint ``name`` of a matrix-vector product (the
+        input of an adjoint GEMM), at the product's width where every term of it is one value
+        per row (a reduction's share alone, compact_unit_adjoints); a read-only view."""
+        owner = self.n.owner(name) if name else None
+        if "compact_unit_adjoints" not in self.e.passes or not owner or owner[0] != "adj" \
+                or not isinstance(self.g.node(owner[1]), MatVecNode) or not self.is_compact(expr):
+            return value
+        return Call("broadcast_to", (value, (*self.steps(ctx), Size(self.g.size(owner[1])))))
 
     def stack_input_adjoints(self, later: set[str]) -> list:
         """An input-side GEMM of several products whose adjoints all receive contributions
@@ -361,6 +388,8 @@ class Backward:
                 terms = tuple(self.acc.get(s.prev, []))
                 carry = Ref(n("adj_next", s.name))
                 value = Infix("+", terms) if len(terms) > 1 else terms[0] if terms else Call("zeros_like", (carry,))
+                if terms and all(t.name in self.compact_names for t in terms):  # one value per row: d_h0's width
+                    value = Call("broadcast_to", (value, (Text("B"), Size(s.size))))
                 prev.append(Assign(carry, value))
             out[:] = bind + out + prev
 
@@ -407,14 +436,14 @@ class Backward:
                 continue
             nonzero.add(node.name)
             compact = "compact_unit_adjoints" in self.e.passes and node.name in self.e.uniform and node.name not in g.state_names
-            pending.append((self.assign_compact if compact else self.assign)(
-                self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"))
+            pending.append(self.note_compact((self.assign_compact if compact else self.assign)(
+                self.n("adj", node.name), expr, seen, label=f"eq:{g.cell}:adj:{node.name}"), node))
             self.unit.note(self.n("adj", node.name), expr)
         # contributions to values outside this stage
         targets = sorted({dep for n in stage.pointwise for dep in n.deps} - {n.name for n in final},
                          key=lambda name: (g.is_leaf(name), self.order(name)))  # values first, then parameters
         for dep in targets:
-            expr = sympy.Add(*[d.partial(c.name, dep) * self.adjoint(c.name) * self.units_held(c, dep)
+            expr = sympy.Add(*[self.units_held(c, dep, d.partial(c.name, dep) * self.adjoint(c.name))
                                for c in stage.pointwise if c.name in nonzero])
             if expr != 0:
                 self.route(dep, expr, k, ctx, pending, seen)
@@ -457,9 +486,12 @@ class Backward:
                 return
             name = self.n("adj_via", node.operand, node.name)
             value = self.ew(share, ctx)
-            if uniform:  # a view at the operand's width
-                steps = (Text("B"),) if ctx == "loop" else (Text("T"), Text("B"))
-                value = Call("broadcast_to", (value, (*steps, Size(node.size))))
+            if uniform and "compact_unit_adjoints" in self.e.passes and self.is_compact(share):
+                self.compact_names.add(name)  # one value per row: whatever adds it broadcasts it (full_width)
+                self.unit_shares[key] = name
+                self.unit.uniform_adjoints.add(name)
+            elif uniform:  # a view at the operand's width
+                value = Call("broadcast_to", (value, (*self.steps(ctx), Size(node.size))))
                 self.unit_shares[key] = name
                 self.unit.uniform_adjoints.add(name)
             out.append(Assign(Ref(name), value))
@@ -512,12 +544,12 @@ class Backward:
             out.append(Pending(Ref(self.d_x.name, step), expr, "+"))
         elif leaf is not None and leaf.kind == "prev_state":
             name = n("adj_part", dep, k)
-            out.append(self.assign(name, expr, seen))
+            out.append(self.note_compact(self.assign(name, expr, seen)))
             self.acc.setdefault(dep, []).append(Ref(name))
         elif self.plan.region_of[dep] == self.region_name:
             name = n("adj_from", dep, k)
             compact = "compact_unit_adjoints" in self.e.passes and dep in self.e.uniform  # a part of a compact adjoint
-            out.append((self.assign_compact if compact else self.assign)(name, expr, seen))
+            out.append(self.note_compact((self.assign_compact if compact else self.assign)(name, expr, seen)))
             self.acc.setdefault(dep, []).append(Ref(name))
         elif ctx == "loop" and dep in self.compact_adjoints:  # its mean over the units (compact_adjoint)
             out.append(Pending(Ref(n("adj_seq", dep), step), expr, "=" if self.only_here(dep) else "+", units=True))
@@ -545,7 +577,8 @@ class Backward:
                 continue
             before, expr = next(placed)
             out.extend(Assign(Ref(sym.name), self.ew(definition, ctx)) for sym, definition in before)
-            self.compact_names.update(sym.name for sym, definition in before if self.is_compact(definition))
+            if "compact_unit_adjoints" in self.e.passes:
+                self.compact_names.update(sym.name for sym, definition in before if self.is_compact(definition))
             self.note_temporaries(before)
             name = self.assigned(p)
             view = self.stacked_view(name, expr, exprs) if ctx == "all" and name else None
@@ -577,7 +610,7 @@ class Backward:
                 if uniform:
                     value = self.ew(sympy.Mul(*uniform) * sympy.Symbol("_mean"), ctx, {"_mean": value})
             else:
-                value = self.ew(expr, ctx)
+                value = self.full_width(name, expr, self.ew(expr, ctx), ctx)
             if p.total and ctx == "loop" and p.axes == _SUM_AXES["loop"] and "unit_products" in self.e.passes:
                 value = Helper(ROWS, (value,))  # over the batch rows: a product with ones
             elif p.total:
