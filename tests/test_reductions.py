@@ -20,6 +20,7 @@ from symrnn import Cell, Loss, Param, logsumexp, mean, params, sum_units, tanh
 from symrnn.errors import UserError
 from symrnn.gradcheck import check_module, random_problem, rel_error
 from symrnn.ir import Reduction
+from symrnn.passes import ALL
 from symrnn.pipeline import build, load_module, render_cupy, render_markdown, render_numpy
 from symrnn.spec import parse_spec
 
@@ -122,7 +123,35 @@ s = "logsumexp(2 * u) + mean(logsumexp(x))"
 h = "tanh(U @ h_prev + s * b + sigmoid(s) * h_prev)"
 """
 
-CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS, "nested": NESTED}
+#: scalar parameters in values the same at every unit, in the loop (of the state's mean), on the
+#: input side (of the input's mean and root mean square) and in a readout: their gradients sum
+#: every unit's share of an adjoint the NumPy module holds as one value per row
+SCALARS = """\
+[cell]
+name = "scalars"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+W = ["n_hidden", "n_in"]
+U = ["n_hidden", "n_hidden"]
+W2 = ["n_hidden", "n_in"]
+s = { shape = [], init = "constant(0.7)" }
+t = { shape = [], init = "constant(0.2)" }
+s2 = { shape = [], init = "constant(0.4)" }
+t2 = { shape = [], init = "constant(-0.3)" }
+s3 = { shape = [], init = "constant(1.1)" }
+[equations]
+m = "mean(h_prev)"
+u = "s * m + t + sigmoid(s) * m**2"
+q = "s2 * mean(W2 @ x) + t2 * sqrt(mean((W2 @ x)**2) + 1)"
+h = "tanh(W @ x + U @ h_prev + u + q)"
+[readout]
+z = "h * (s3 * mean(h) + t)"
+"""
+
+CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS, "nested": NESTED, "scalars": SCALARS}
 
 
 def module_of(text: str):
@@ -156,6 +185,23 @@ def test_cells_with_reductions_pass_finite_differences_and_rtrl(name):
     results = check_module(module, seed=1, T=5, B=2)
     bad = [(r.check, r.name, r.error) for r in results if not r.error <= r.tol]
     assert results and not bad, bad
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_uniform_adjoints_as_means_compute_the_same_values(name):
+    """compact_unit_adjoints (uniform values' adjoints as their means over the units) on and off."""
+    plan, module = module_of(CELLS[name])
+    off = load_module(render_numpy(plan, passes=ALL - {"compact_unit_adjoints"}), f"{plan.graph.cell}_full_width")
+    pr = random_problem(module, T=5, B=3, seed=2)
+    results = []
+    for m in (module, off):
+        out, cache = m.forward(pr.params, pr.x, pr.state0)
+        results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
+    (out, grads), (out_off, grads_off) = results
+    assert set(grads) == set(grads_off)
+    assert all(rel_error(out[k], out_off[k]) <= 1e-12 for k in out_off)
+    bad = {k: rel_error(grads[k], grads_off[k]) for k in grads_off if not rel_error(grads[k], grads_off[k]) <= 1e-12}
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("name", sorted(CELLS))
