@@ -151,7 +151,30 @@ h = "tanh(W @ x + U @ h_prev + u + q)"
 z = "h * (s3 * mean(h) + t)"
 """
 
-CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS, "nested": NESTED, "scalars": SCALARS}
+#: a coefficient of the backward recursion made of parameters alone (``params / 3``, hoisted once,
+#: a 0-d array) multiplying a uniform value's adjoint: taken out of the mean over the units (a
+#: random cell caught it inside one, a mean over no axis)
+HOISTED = """\
+[cell]
+name = "hoisted"
+[inputs]
+x = "n_in"
+[states]
+h = "n_hidden"
+[params]
+s = []
+r = ["n_hidden"]
+W = ["n_hidden", "n_hidden + n_in"]
+b = ["n_hidden"]
+[equations]
+u = "s * (sum(h_prev) / 3)"
+v = "u"
+t0 = "sum(r * v) / 3"
+h = "tanh(mean(W @ (h_prev, x)) + t0 + b * h_prev)"
+"""
+
+CELLS = {"ln_gru": LN_GRU, "rms_elman": RMS_ELMAN, "sums": SUMS, "nested": NESTED, "scalars": SCALARS,
+         "hoisted": HOISTED}
 
 
 def module_of(text: str):

@@ -279,6 +279,9 @@ class Backward:
                 continue
             if g.is_leaf(s.name) and g.leaf(s.name).size is None:  # a scalar
                 continue
+            definition = self.hoisting.definition(s.name)  # a coefficient of the recursion (its buffer)
+            if definition is not None and self.is_compact(definition):
+                continue
             return False
         return True
 

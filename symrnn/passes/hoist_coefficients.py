@@ -102,6 +102,10 @@ class CoefficientHoisting:
         target = self.b.assigned(p) or "d_"
         return sympy.Add(*[a * self.coefficient(k, a.name, target) for a, k in terms])
 
+    def definition(self, name: str) -> sympy.Expr | None:
+        """The expression of coefficient ``name`` (its buffer), or None if ``name`` is none."""
+        return next((k for k, coef in self.coefs.items() if coef == name), None)
+
     def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
         """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
         if k.is_Number or k.is_Symbol or (-k).is_Symbol:
