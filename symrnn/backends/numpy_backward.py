@@ -291,10 +291,10 @@ class Backward:
         same such factors under one mean."""
         groups: dict[sympy.Expr, list[sympy.Expr]] = {}
         for term in sympy.Add.make_args(expr):
-            factors = sympy.Mul.make_args(term)
-            outside = [f for f in factors if self.is_compact(f)]
-            inside = [f for f in factors if not self.is_compact(f)]
-            groups.setdefault(sympy.Mul(*outside), []).append(sympy.Mul(*inside))
+            parts = {True: [], False: []}
+            for f in sympy.Mul.make_args(term):
+                parts[self.is_compact(f)].append(f)
+            groups.setdefault(sympy.Mul(*parts[True]), []).append(sympy.Mul(*parts[False]))
         extra, parts = {}, []
         for outside, inside in groups.items():
             per_unit = sympy.Add(*inside)
@@ -392,7 +392,7 @@ class Backward:
                 carry = Ref(n("adj_next", s.name))
                 value = Infix("+", terms) if len(terms) > 1 else terms[0] if terms else Call("zeros_like", (carry,))
                 if terms and all(t.name in self.compact_names for t in terms):  # one value per row: d_h0's width
-                    value = Call("broadcast_to", (value, (Text("B"), Size(s.size))))
+                    value = Call("broadcast_to", (value, (*self.steps("loop"), Size(s.size))))
                 prev.append(Assign(carry, value))
             out[:] = bind + out + prev
 
@@ -603,15 +603,8 @@ class Backward:
                 a, b = (self.ew(arg, ctx) for arg in expr.args)
                 out.append(Do(Call("multiply", (a, b), (("out", target),)), target, p.comment))
                 continue
-            if p.units and "compact_unit_adjoints" in self.e.passes:
+            if p.units:  # one value per row: the mean over the units
                 value = self.compact_value(expr, ctx)
-            elif p.units:  # the mean of the per-unit factors, times the factors the same at every unit
-                uniform = [f for f in sympy.Mul.make_args(expr) if all(self.unit.is_uniform(s.name) for s in f.free_symbols)]
-                per_unit = self.ew(sympy.Mul(*[f for f in sympy.Mul.make_args(expr) if f not in uniform]), ctx)
-                value = (Helper(UNITS[mean], (per_unit,)) if "unit_products" in self.e.passes
-                         else Call("mean", (per_unit,), (("axis", Text("-1")), ("keepdims", Text("True")))))
-                if uniform:
-                    value = self.ew(sympy.Mul(*uniform) * sympy.Symbol("_mean"), ctx, {"_mean": value})
             else:
                 value = self.full_width(name, expr, self.ew(expr, ctx), ctx)
             if p.total and ctx == "loop" and p.axes == _SUM_AXES["loop"] and "unit_products" in self.e.passes:

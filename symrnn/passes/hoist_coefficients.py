@@ -49,6 +49,7 @@ class CoefficientHoisting:
     def __init__(self, backward):
         self.b = backward
         self.coefs: dict[sympy.Expr, str] = {}  # coefficient of the adjoint recursion -> its buffer
+        self.definitions: dict[str, sympy.Expr] = {}  # ... and back
         self.coef_refs: dict[str, Ref] = {}  # coefficient buffer -> its value at step t
         self.block_coefs: list[tuple[str, sympy.Expr]] = []  # (buffer, coefficient) computed per block of steps
 
@@ -104,7 +105,7 @@ class CoefficientHoisting:
 
     def definition(self, name: str) -> sympy.Expr | None:
         """The expression of coefficient ``name`` (its buffer), or None if ``name`` is none."""
-        return next((k for k, coef in self.coefs.items() if coef == name), None)
+        return self.definitions.get(name)
 
     def coefficient(self, k: sympy.Expr, source: str, target: str) -> sympy.Expr:
         """A symbol for coefficient ``k`` (a buffer over a block of steps), or ``k`` itself when trivial."""
@@ -114,6 +115,7 @@ class CoefficientHoisting:
             src, tgt = source[2:], target[2:]
             name = self.b.n.fresh(f"d{src}_d{tgt}" if src.isidentifier() and tgt.isidentifier() else "d_coef")
             self.coefs[k] = name
+            self.definitions[name] = k
             varies = any(not self.b.g.is_leaf(s.name) or self.b.g.leaf(s.name).kind != "param" for s in k.free_symbols)
             if varies:
                 self.coef_refs[name] = Ref(name, (t_SYM - t0_SYM,))
