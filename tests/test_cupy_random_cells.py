@@ -108,7 +108,7 @@ h = "g * tanh(W @ h_prev + U @ x + c) + (1 - g) * h_prev"
 
 @settings(max_examples=60, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
           suppress_health_check=list(HealthCheck))
-@given(text=spec_text(), sizes=st.sampled_from([(2, 3, 2), (3, 3, 3)]))
+@given(text=spec_text(), sizes=st.sampled_from([(2, 3, 2), (3, 3, 3), (2, 2, 3)]))
 @example(text=CROSS_STAGE_SHARE, sizes=(3, 3, 3))
 @example(text=SCALAR_BESIDE_A_STACK, sizes=(2, 3, 2))
 @example(text=SCALAR_BESIDE_A_READ_PRODUCT, sizes=(2, 3, 2))

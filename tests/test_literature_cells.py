@@ -383,11 +383,32 @@ READS_THE_LOOP = {
 }
 
 
-def _errors(ref, mod, xp, dtype, steps):
+#: a product of another width than the values of its stage (a readout that is a bare product,
+#: ``V @ h``: n_out wide, beside a readout of the hidden width; ``C @ m`` of a reduction m of the
+#: input beside ``E @ g``): its adjoint is written beside the stage's kernel, whose threads are
+#: the stage's values' units (inside it, n_out > n_hidden left units of the product's adjoint
+#: unwritten: wrong gradients; n_out < n_hidden wrote past its rows); and a product of a product
+#: stacked with others (``E @ g``, g = L @ x beside P.T @ x: its columns of their buffer)
+WIDER_THAN_THE_STAGE = {
+    "input_mean": READS_THE_INPUT["input_mean"],
+    "readout_of_the_input_side": _readout_cell(
+        "readout_of_the_input_side", 'P = ["n_in", "n_hidden"]\nO = ["n_hidden", "n_in"]\nL = ["n_hidden", "n_in"]\n'
+        'd = ["n_hidden"]\nC = ["n_out", "n_hidden"]\nE = ["n_out", "n_hidden"]',
+        'a = "P.T @ x"\nm = "logsumexp(O @ x)"\ng = "L @ x"\nh = "tanh(g + a + m + d * h_prev)"', 'y = "C @ m + E @ g"'),
+    "product_beside_a_scaled_state": _readout_cell(
+        "product_beside_a_scaled_state", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]',
+        'h = "tanh(W @ x + U @ h_prev)"', 'y = "V @ h"\nz = "h * (sum(h) / 3)"'),
+    "two_products_of_two_widths": _readout_cell(
+        "two_products_of_two_widths", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]\n'
+        'C = ["n_hidden", "n_hidden"]', 'h = "tanh(W @ x + U @ h_prev)"', 'y = "V @ h"\nu = "tanh(C @ h)"'),
+}
+
+
+def _errors(ref, mod, xp, dtype, steps, **sizes):
     """Every output, final state and gradient of ``mod`` (arrays through ``xp``) against ``ref``."""
     lengths, reverse = cupy_support.lengths_for(steps, 5, 3)
     kw = {} if lengths is None and not reverse else {"lengths": lengths, "reverse": reverse}
-    pr = random_problem(ref, T=5, B=3, seed=0, dtype=dtype)
+    pr = random_problem(ref, T=5, B=3, seed=0, dtype=dtype, **sizes)
     rng = np.random.default_rng(1)
     final = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in pr.state0.items()} if kw else None
     out_ref, cache_ref = ref.forward(pr.params, pr.x, pr.state0, **kw)
@@ -420,6 +441,22 @@ def test_a_readout_of_the_input_side_or_a_reduction_of_the_loop_in_the_cupy_and_
             for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
                 errors = _errors(ref, mod, xp, dtype, steps)
                 assert max(errors.values()) < tol, (name, mod.__name__, steps, dtype, errors)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 5), (2, 4, 3), (5, 2, 3)], ids=["n_out>n_hidden", "n_out<n_hidden", "n_in>n_hidden"])
+@pytest.mark.parametrize("name", sorted(WIDER_THAN_THE_STAGE))
+def test_a_readout_product_of_another_width_than_its_stage_in_the_cupy_and_numba_modules(host_xp, monkeypatch, name, sizes):
+    cell = parse_spec(WIDER_THAN_THE_STAGE[name], f"{name}.toml")
+    plan = build(cell)
+    ref = load_module(render_numpy(plan), module_name(cell.name))
+    monkeypatch.setitem(sys.modules, "cupy", host_xp)
+    cu = load_module(render_cupy(plan), module_name(cell.name, "cupy"))
+    nb = load_module(render_numba(plan), module_name(cell.name, "numba"))
+    n_in, n_hidden, n_out = sizes
+    for mod, xp in ((cu, host_xp), (nb, np)):
+        for steps in cupy_support.LENGTHS:
+            errors = _errors(ref, mod, xp, np.float64, steps, n_in=n_in, n_hidden=n_hidden, n_out=n_out)
+            assert max(errors.values()) < 1e-10, (name, mod.__name__, steps, errors)
 
 
 # -- as a user: the LRU with its D x through every command ----------------------------------------

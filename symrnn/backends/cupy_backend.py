@@ -104,11 +104,11 @@ class _Emitter:
             raise self.unsupported("a product of a value computed from the input alone (two GEMM stages before the loop) is not supported yet")
         for region in (plan.pre, plan.loop, plan.post):
             for stage in region.stages:
-                sizes = {self.fixed(n.size) for n in stage.pointwise}
-                if stage.reductions and not stage.pointwise:  # the stage's kernel has the members' size
-                    sizes |= {self.fixed(n.size) for n in stage.matvecs}
+                # a stage's kernel runs over its values' units (its products of another width:
+                # cupy_backward.wider_member); a reduction's adjoint has its operand's width
+                sizes = {self.fixed(n.size) for n in (*stage.pointwise, *stage.reductions)}
                 if len(sizes) > 1:
-                    raise self.unsupported(f"pointwise nodes of different sizes in one {region.name} stage are not supported yet")
+                    raise self.unsupported(f"values of different sizes (pointwise nodes, reductions) in one {region.name} stage are not supported yet")
 
     def fixed(self, expr) -> sympy.Expr:
         from ..cell import DIMS
@@ -223,12 +223,11 @@ class _Emitter:
     def gemm(self, group: GemmGroup, ctx: str) -> Assign:
         w = self.weights[group.name]
         labels = ", ".join(mv.name for mv in group.members)
+        # the operand as an array: this step's view of it, or every step's; a product itself
+        # (W @ x stacked with other products of x) its columns of its group's buffer
+        operand = self.widened(group.operand, self.array(group.operand, ctx), ctx)
         if ctx == "step":
-            loc = self.loc(group.operand, "step")  # this step's operand: a view of its array
-            operand = Ref(loc.py.name, (t_SYM + loc.shift,)) if loc.seq else loc.py
-            return Assign(Ref(self.py("group", group.name)), Call("matmul", (self.widened(group.operand, operand, ctx), w.t)),
-                          labels)
-        operand = self.widened(group.operand, self.loc(group.operand, "all").py, "all")
+            return Assign(Ref(self.py("group", group.name)), Call("matmul", (operand, w.t)), labels)
         product = Call("matmul", (Reshape(operand, self.g.size(group.operand)), w.t))
         return Assign(Ref(self.py("gseq", group.name)), Reshape(product, group.rows, steps=True), labels)
 

@@ -163,7 +163,7 @@ class BackwardEmitter:
     # -- one stage kernel ------------------------------------------------------------
     def stage_kernel(self, stage: Stage, k: int, mode: str, region: str = "loop") -> Kernel:
         c = self.c
-        size = (stage.pointwise or stage.matvecs or stage.reductions)[0].size
+        size = (stage.pointwise or stage.reductions or stage.matvecs)[0].size  # its products' width may differ (wider_member)
         named = stage.pointwise or (*stage.reductions, *stage.matvecs)
         doc = f"backward, {region} stage {k}: adjoints of " + ", ".join(n.name for n in reversed(named))
         kernel = Kernel(f"{self.g.cell}_backward_{region}{k}", doc, dim_code(size), size, mode, reverse=True)
@@ -173,8 +173,12 @@ class BackwardEmitter:
         stmts: list[tuple[str, sympy.Expr | None]] = []  # (C line with {} for the expression, expression)
         carry_lines: list = []
         members = {mv.name for mv in stage.matvecs}
+        width = self.e.fixed(size)
         for name, expr in adj:
             if expr == 0:
+                continue
+            if name in members and self.e.fixed(self.g.node(name).size) != width:
+                self.lines.extend([line] if (line := self.wider_member(name, expr, mode)) else [])
                 continue
             for local, loc in self.acc.get(name, []):
                 if c.kind(local) == "adj_next" and mode == "time":
@@ -196,6 +200,33 @@ class BackwardEmitter:
         kernel.body = self.print_with_cse(stmts + carry_lines, b, "step" if mode == "step" else mode)
         self.e.m.kernels.append(b.finish())
         return kernel
+
+    def wider_member(self, name: str, expr: sympy.Expr, mode: str):
+        """The adjoint of a product of another width than its stage kernel's units (a readout
+        that is a bare product, ``V @ h``, beside a readout of the hidden width; an input-side
+        product beside a value of the input's width): no value of the stage reads it (one that
+        did would have its width), so its adjoint is its sources', summed into its slot of the
+        group's adjoint buffer on the host (None: what the loop's kernels wrote there is all of
+        it); the kernel, whose threads are its own units, would index it out of its bounds."""
+        size = self.g.node(name).size
+        group, off = self.plan.group_of(name)
+        slot_name = self.py("gadj_seq", group.name)
+        terms = self.acc.get(name, [])
+        here = [sympy.Symbol(local) for local, loc in terms if loc.py.name == slot_name]  # the loop's part, in the slot
+        others = [(local, loc) for local, loc in terms if loc.py.name != slot_name]
+        rest = sympy.expand(expr.subs({s: 0 for s in here}))
+        if (mode != "all" or len(here) > 1 or not expr.free_symbols <= {sympy.Symbol(local) for local, _ in terms}
+                or sympy.expand(expr - rest) != sympy.Add(*here)
+                or not all(loc.off == off and loc.ld == group.rows for local, loc in terms if loc.py.name == slot_name)
+                or not all(loc.kind == "row" and loc.off == 0 and loc.shift == 0 and loc.ld == size for _, loc in others)):
+            raise self.e.unsupported(f"the adjoint of '{name}', a product of another width than its stage's values, is not supported yet")
+        if rest == 0:
+            return None
+        slot = Ref(slot_name, (ETC, span(off, size)) if len(group.members) > 1 else ())
+        value = Elementwise(rest, tuple((local, loc.py) for local, loc in others))
+        if here:
+            return Update(slot, "+", value, f"d_{name}: its sources besides the loop's")
+        return Assign(slot, value, f"d_{name}: its sources")
 
     def route(self, dep: str, expr: sympy.Expr, adj: list, stage: Stage, k: int, mode: str, region: str,
               b: KernelBuilder, stmts: list, carry_lines: list) -> None:
@@ -394,7 +425,7 @@ class BackwardEmitter:
                 name = py("adj_via_seq", operand, group.name)
                 self.lines.append(Assign(Ref(name), back, "W^T delta, every step"))
                 self.acc.setdefault(operand, []).append((c("adj_via", operand, group.name), Loc(Ref(name), ld=cols, seq=True)))
-        src = e.widened(operand, e.loc(operand, "all").py, "all")
+        src = e.widened(operand, e.array(operand, "all"), "all")  # a product: its columns of its group's buffer
         dW = Call("matmul", (Reshape(Ref(buf), rows, T=True), Reshape(src, cols)))
         self.weight_lines.extend(weight_gradient(g, py, group, lambda param: py("adj", param), dW))
 
