@@ -98,14 +98,18 @@ _CACHE = (str(globals().get("__file__", "")).endswith(".py")
           and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
 
 
-def _compiled(**options):
+def _compiled(python=True, **options):
     """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
     (numba names them after the file: the same file imported under two names would read the
-    other's entries, and fail to load them)."""
+    other's entries, and fail to load them).  Without the wrapper that C code would call the
+    function through (nothing here does), and with ``python=False`` (a kernel or helper that
+    only the compiled loops call) without the one that Python calls it through: numba
+    generates, optimizes and emits each wrapper (a kernel's unboxes each of its arrays), seconds
+    of a first call's compilation for a cell with many kernels."""
     def decorate(function):
         if _CACHE:
             function.__qualname__ = f"{__name__}.{function.__qualname__}"
-        return numba.njit(cache=_CACHE, **options)(function)
+        return numba.njit(cache=_CACHE, no_cfunc_wrapper=True, no_cpython_wrapper=not python, **options)(function)
     return decorate
 
 
@@ -383,7 +387,7 @@ def _tanh_float64(x):
     return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def elman_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq, s_prev_proj, s_seq, lengths_):
     """forward, loop stage 0: z, s"""
     S = x_proj_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -399,7 +403,7 @@ def elman_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq,
             s_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (s if active_ else S(0))
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def elman_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_s_seq, d_s_from_s_proj_seq, d_s_prev_from_s_prev_proj_next_ptr, d_s_prev_proj_seq, s_seq):
     """backward, loop stage 0: adjoints of s, z"""
     S = d_s_seq.dtype.type  # float32 or float64: every constant is S(...)

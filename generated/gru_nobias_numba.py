@@ -98,14 +98,18 @@ _CACHE = (str(globals().get("__file__", "")).endswith(".py")
           and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
 
 
-def _compiled(**options):
+def _compiled(python=True, **options):
     """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
     (numba names them after the file: the same file imported under two names would read the
-    other's entries, and fail to load them)."""
+    other's entries, and fail to load them).  Without the wrapper that C code would call the
+    function through (nothing here does), and with ``python=False`` (a kernel or helper that
+    only the compiled loops call) without the one that Python calls it through: numba
+    generates, optimizes and emits each wrapper (a kernel's unboxes each of its arrays), seconds
+    of a first call's compilation for a cell with many kernels."""
     def decorate(function):
         if _CACHE:
             function.__qualname__ = f"{__name__}.{function.__qualname__}"
-        return numba.njit(cache=_CACHE, **options)(function)
+        return numba.njit(cache=_CACHE, no_cfunc_wrapper=True, no_cpython_wrapper=not python, **options)(function)
     return decorate
 
 
@@ -425,7 +429,7 @@ def _tanh_float64(x):
     return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def gru_nobias_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, z_seq, r_seq, h_seq, W_hh_in0_seq):
     """forward, loop stage 0: z, r, W_hh_in0"""
     S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
@@ -446,7 +450,7 @@ def gru_nobias_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev
             W_hh_in0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = W_hh_in0
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def gru_nobias_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_in0_proj, x_proj_seq, h_tilde_seq, h_seq, z_seq, lengths_):
     """forward, loop stage 1: h_tilde, h"""
     S = W_hh_in0_proj.dtype.type  # float32 or float64: every constant is S(...)
@@ -465,7 +469,7 @@ def gru_nobias_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, W_hh_i
             h_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (h if active_ else S(0))
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def gru_nobias_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_0_next_ptr, d_h_prev_1_next_ptr, d_h_prev_from_h_prev_proj_next_ptr, d_W_hh_in0_proj_seq, d_h_prev_1, d_z_from1_ptr, d_x_proj_seq, z_seq, h_tilde_seq, h_seq):
     """backward, loop stage 1: adjoints of h, h_tilde"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -490,7 +494,7 @@ def gru_nobias_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_s
             d_x_proj_seq[U((step_ * rows_ + row_) * (3*n_hidden) + 2*n_hidden + unit_)] = tmp0
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def gru_nobias_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_W_hh_in0_from_W_hh_in0_proj_ptr, d_h_prev_proj_seq, d_z_from1_ptr, d_h_prev_0, d_x_proj_seq, h_seq, r_seq, z_seq):
     """backward, loop stage 0: adjoints of W_hh_in0, r, z"""
     S = d_W_hh_in0_from_W_hh_in0_proj_ptr.dtype.type  # float32 or float64: every constant is S(...)

@@ -148,14 +148,18 @@ _CACHE = (str(globals().get("__file__", "")).endswith(".py")
           and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
 
 
-def _compiled(**options):
+def _compiled(python=True, **options):
     """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
     (numba names them after the file: the same file imported under two names would read the
-    other's entries, and fail to load them)."""
+    other's entries, and fail to load them).  Without the wrapper that C code would call the
+    function through (nothing here does), and with ``python=False`` (a kernel or helper that
+    only the compiled loops call) without the one that Python calls it through: numba
+    generates, optimizes and emits each wrapper (a kernel's unboxes each of its arrays), seconds
+    of a first call's compilation for a cell with many kernels."""
     def decorate(function):
         if _CACHE:
             function.__qualname__ = f"{__name__}.{function.__qualname__}"
-        return numba.njit(cache=_CACHE, **options)(function)
+        return numba.njit(cache=_CACHE, no_cfunc_wrapper=True, no_cpython_wrapper=not python, **options)(function)
     return decorate
 
 
@@ -727,7 +731,7 @@ def layer_norm_lstm_forward_pre2(rows_, steps_, step_, n_in, n_hidden, n_out, ms
             rstd_x_seq[U(row_ * n_hidden + unit_)] = rstd_x
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, rh_i_seq, rh_g_seq, rh_f_seq, rh_o_seq):
     """forward, loop stage 0: """
     S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
@@ -745,7 +749,7 @@ def layer_norm_lstm_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h
             rh_o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rh_o
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, mean_rh_f_seq, mean_rh_g_seq, mean_rh_i_seq, mean_rh_o_seq, mu_r_seq, rh_i_seq, mean_in_msd_r_i_seq, rh_g_seq, mean_in_msd_r_g_seq, rh_f_seq, mean_in_msd_r_f_seq, rh_o_seq, mean_in_msd_r_o_seq):
     """forward, loop stage 1: mu_r, mean_in_msd_r_i, mean_in_msd_r_g, mean_in_msd_r_f, mean_in_msd_r_o"""
     S = mean_rh_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -773,7 +777,7 @@ def layer_norm_lstm_forward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, m
             mean_in_msd_r_o_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = mean_in_msd_r_o
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, msd_r_f_seq, msd_r_g_seq, msd_r_i_seq, msd_r_o_seq, var_r_seq, rstd_r_seq, b, gamma_r, gamma_x, mu_r_seq, mu_x_seq, rh_i_seq, rstd_x_seq, x_proj_seq, i_seq, rh_g_seq, g_seq, rh_f_seq, f_seq, rh_o_seq, o_seq, c_seq, lengths_):
     """forward, loop stage 2: var_r, rstd_r, i, g, f, o, c"""
     S = msd_r_f_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -826,7 +830,7 @@ def layer_norm_lstm_forward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, m
             c_seq[U(((step_ + 1) * rows_ + row_) * n_hidden + unit_)] = (c if active_ else S(0))
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, c_seq, mu_c_seq, mean_in_var_c_seq):
     """forward, loop stage 3: mean_in_var_c"""
     S = c_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -840,7 +844,7 @@ def layer_norm_lstm_forward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, c
             mean_in_var_c_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = mean_in_var_c
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_forward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, beta_c_ptr, c_seq, gamma_c_ptr, mu_c_seq, var_c_seq, tanh_c_norm_seq, o_seq, h_seq, lengths_):
     """forward, loop stage 4: c_norm, tanh_c_norm, h"""
     S = beta_c_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -890,7 +894,7 @@ def layer_norm_lstm_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_h_proj_seq[U(row_ * n_out + unit_)] = d_V_h
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_var_c_ptr, d_gamma_c_loop4_seq, d_beta_c_loop4_seq, d_o_from4_ptr, d_c_from4_ptr, d_mu_c_from4_ptr, o_seq, tanh_c_norm_seq, gamma_c_ptr, var_c_seq, c_seq, mu_c_seq):
     """backward, loop stage 4: adjoints of h, tanh_c_norm, c_norm"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -923,7 +927,7 @@ def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_mu_c_from4_ptr[U(row_ * n_hidden + unit_)] = -tmp3
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, d_var_c_sum_ptr, d_mu_c_from4_ptr, d_mu_c_ptr, d_c_from3_ptr, c_seq, mu_c_seq):
     """backward, loop stage 3: adjoints of mean_in_var_c"""
     S = d_var_c_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -943,7 +947,7 @@ def layer_norm_lstm_backward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_c_from3_ptr[U(row_ * n_hidden + unit_)] = tmp0*tmp1
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, d_c_seq, d_c_prev_2_next_ptr, d_c_from4_ptr, d_mu_c_sum_ptr, d_c_from3_ptr, d_o_from4_ptr, d_msd_r_o_ptr, d_msd_r_f_ptr, d_msd_r_g_ptr, d_msd_r_i_ptr, d_c_prev_2, d_gamma_r_0_loop2_seq, d_gamma_x_0_loop2_seq, d_b_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_x_1_loop2_seq, d_b_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_x_2_loop2_seq, d_b_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_3_loop2_seq, d_b_3_loop2_seq, d_x_proj_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_rh_i_from2_ptr, d_rh_g_from2_ptr, d_rh_f_from2_ptr, d_rh_o_from2_ptr, d_mu_r_from2_ptr, c_seq, i_seq, g_seq, mu_r_seq, rh_g_seq, gamma_r, rh_f_seq, f_seq, rh_i_seq, rh_o_seq, o_seq, var_r_seq, rstd_r_seq, rstd_x_seq, mu_x_seq, x_proj_seq, gamma_x):
     """backward, loop stage 2: adjoints of c, o, f, g, i, rstd_r, var_r"""
     S = d_c_seq.dtype.type  # float32 or float64: every constant is S(...)
@@ -1045,7 +1049,7 @@ def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_mu_r_from2_ptr[U(row_ * n_hidden + unit_)] = -rstd_r*(tmp11 + tmp2 + tmp5 + tmp8)
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, d_msd_r_o_sum_ptr, d_msd_r_f_sum_ptr, d_msd_r_g_sum_ptr, d_msd_r_i_sum_ptr, d_mu_r_from2_ptr, d_mean_rh_o_ptr, d_mean_rh_i_ptr, d_mean_rh_g_ptr, d_mean_rh_f_ptr, d_rh_i_from1_ptr, d_rh_g_from1_ptr, d_rh_f_from1_ptr, d_rh_o_from1_ptr, mu_r_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq):
     """backward, loop stage 1: adjoints of mean_in_msd_r_o, mean_in_msd_r_f, mean_in_msd_r_g, mean_in_msd_r_i, mu_r"""
     S = d_msd_r_o_sum_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1091,7 +1095,7 @@ def layer_norm_lstm_backward_loop1(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_rh_o_from1_ptr[U(row_ * n_hidden + unit_)] = -tmp6*tmp7
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def layer_norm_lstm_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_rh_o_from2_ptr, d_mean_rh_o_sum_ptr, d_rh_o_from1_ptr, d_h_prev_proj_seq, d_rh_f_from2_ptr, d_mean_rh_f_sum_ptr, d_rh_f_from1_ptr, d_rh_g_from2_ptr, d_mean_rh_g_sum_ptr, d_rh_g_from1_ptr, d_rh_i_from2_ptr, d_mean_rh_i_sum_ptr, d_rh_i_from1_ptr):
     """backward, loop stage 0: adjoints of rh_o, rh_f, rh_g, rh_i"""
     S = d_rh_o_from2_ptr.dtype.type  # float32 or float64: every constant is S(...)
@@ -1236,7 +1240,7 @@ def _mean_units(a):
     return out.reshape(a.shape[:-1] + (1,))
 
 
-@_compiled(nogil=True, error_model="numpy")
+@_compiled(python=False, nogil=True, error_model="numpy")
 def _mean_units_to(a, out):
     """The mean over the units of each row of ``a`` (..., n) written into ``out``
     (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""
@@ -1266,7 +1270,7 @@ def _sum_units(a):
     return out.reshape(a.shape[:-1] + (1,))
 
 
-@_compiled(nogil=True, error_model="numpy")
+@_compiled(python=False, nogil=True, error_model="numpy")
 def _sum_units_to(a, out, divisor):
     """The sum over the units of each row of ``a`` (..., n), divided by divisor, written into ``out``
     (..., 1), a compiled loop's buffer (not an array made per step and assigned)."""

@@ -111,14 +111,18 @@ _CACHE = (str(globals().get("__file__", "")).endswith(".py")
           and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
 
 
-def _compiled(**options):
+def _compiled(python=True, **options):
     """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
     (numba names them after the file: the same file imported under two names would read the
-    other's entries, and fail to load them)."""
+    other's entries, and fail to load them).  Without the wrapper that C code would call the
+    function through (nothing here does), and with ``python=False`` (a kernel or helper that
+    only the compiled loops call) without the one that Python calls it through: numba
+    generates, optimizes and emits each wrapper (a kernel's unboxes each of its arrays), seconds
+    of a first call's compilation for a cell with many kernels."""
     def decorate(function):
         if _CACHE:
             function.__qualname__ = f"{__name__}.{function.__qualname__}"
-        return numba.njit(cache=_CACHE, **options)(function)
+        return numba.njit(cache=_CACHE, no_cfunc_wrapper=True, no_cpython_wrapper=not python, **options)(function)
     return decorate
 
 
@@ -523,7 +527,7 @@ def _tanh_float64(x):
     return (small if x != S(0) else x) if not abs(x) > S(0.625) else big  # x: the sign of 0; NaN: small (NaN)
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def lstm_forget_bias_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_prev_proj, x_proj_seq, b_i_ptr, i_seq, b_f_ptr, f_seq, b_g_ptr, g_seq, b_o_ptr, o_seq, c_seq, tanh_c_seq, h_seq, lengths_):
     """forward, loop stage 0: i, f, g, o, c, tanh_c, h"""
     S = h_prev_proj.dtype.type  # float32 or float64: every constant is S(...)
@@ -589,7 +593,7 @@ def lstm_forget_bias_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out,
             d_h_proj_seq[U(row_ * n_out + unit_)] = d_V_h
 
 
-@_compiled(nogil=True, error_model="numpy", **_NOALIAS)
+@_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
 def lstm_forget_bias_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_c_seq, d_c_prev_0_next_ptr, d_h_prev_proj_seq, d_c_prev_0, o_seq, tanh_c_seq, i_seq, g_seq, c_seq, f_seq):
     """backward, loop stage 0: adjoints of h, tanh_c, c, o, g, f, i"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)

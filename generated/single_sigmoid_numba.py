@@ -99,14 +99,18 @@ _CACHE = (str(globals().get("__file__", "")).endswith(".py")
           and getattr(sys.modules.get(__name__), "__dict__", None) is globals())
 
 
-def _compiled(**options):
+def _compiled(python=True, **options):
     """numba.njit(cache=_CACHE, **options), with the cache's entries under this module's name
     (numba names them after the file: the same file imported under two names would read the
-    other's entries, and fail to load them)."""
+    other's entries, and fail to load them).  Without the wrapper that C code would call the
+    function through (nothing here does), and with ``python=False`` (a kernel or helper that
+    only the compiled loops call) without the one that Python calls it through: numba
+    generates, optimizes and emits each wrapper (a kernel's unboxes each of its arrays), seconds
+    of a first call's compilation for a cell with many kernels."""
     def decorate(function):
         if _CACHE:
             function.__qualname__ = f"{__name__}.{function.__qualname__}"
-        return numba.njit(cache=_CACHE, **options)(function)
+        return numba.njit(cache=_CACHE, no_cfunc_wrapper=True, no_cpython_wrapper=not python, **options)(function)
     return decorate
 
 

@@ -262,6 +262,7 @@ class NumbaModule:
     reductions: list[str] = field(default_factory=list)  # the reductions over units the module computes (their helpers)
     gemm: bool = False  # the compiled loops multiply through _gemm
     sum_rows: bool = False  # the module sums elementwise parameters' gradients through _sum_rows
+    python_calls: list[str] = field(default_factory=list)  # the kernels and helpers that Python code calls
     design: str = ""
 
 
@@ -269,14 +270,15 @@ class HostExpressionPrinter(NumpyPrinter):
     """NumPy expressions as numba compiles them: a reduction over units is the module's
     compiled helper ``_<name>_units`` (numba's np.mean and np.max take no axis)."""
 
-    def __init__(self, names, used: set[str]):
+    def __init__(self, names, used: set[str], called):
         super().__init__(names, "np")
         self.used = used  # the reductions printed (the module defines their helpers)
+        self.called = called  # called(helper): a helper's call printed
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, Reduce):
             self.used.add(type(expr).spec_name)
-            return f"_{type(expr).spec_name}_units({self._print(expr.args[0])})"
+            return self.called(f"_{type(expr).spec_name}_units") + f"({self._print(expr.args[0])})"
         return super()._print(expr, **kwargs)
 
 
@@ -290,26 +292,35 @@ class HostPrinter(PythonPrinter):
         self.gemm = False  # a product into a buffer printed (the module defines _gemm)
         self.flat: dict[str, str] = {}  # array -> its flat view made before the compiled loop being printed
         self.sum_rows = False  # a sum over the rows printed (the module defines _sum_rows)
+        self.compiled = False  # printing a compiled loop's body
+        self.python_calls: set[str] = set()  # the kernels and helpers called outside compiled code
+
+    def called(self, name: str) -> str:
+        """``name``, a compiled kernel or helper, as a call being printed: noted where Python calls it."""
+        if not self.compiled:
+            self.python_calls.add(name)
+        return name
 
     def value(self, v):
         if isinstance(v, Elementwise):
-            return HostExpressionPrinter({k: self.value(ref) for k, ref in v.refs}, self.reductions).doprint(v.expr)
+            return HostExpressionPrinter({k: self.value(ref) for k, ref in v.refs}, self.reductions, self.called).doprint(v.expr)
         if isinstance(v, Call) and v.func == "sum" and dict(v.kwargs) == {"axis": Text("-1"), "keepdims": Text("True")}:
             self.reductions.add("sum")  # an adjoint's sum over units: the module's compiled helper
-            return f"_sum_units({self.value(v.args[0])})"
+            return self.called("_sum_units") + f"({self.value(v.args[0])})"
         if isinstance(v, Helper) and v.func == "_launch":
             key, _dtype, rows, _units, steps, step, _dims, *arrays = v.args
             if not isinstance(key, Key):
                 raise InternalError(f"a launch of {key!r}")
             flat = [self.flat[a.name] if isinstance(a, Ref) and not a.index and not a.T and a.name in self.flat
                     else f"{self.value(a)}.reshape(-1)" for a in arrays]
-            return f"{key.name}({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
+            return self.called(key.name) + f"({', '.join([self.value(rows), self.value(steps), self.value(step), 'n_in, n_hidden, n_out', *flat])})"
         if isinstance(v, Call) and v.func == "sum" and dict(v.kwargs) == {"axis": Text("0")} and len(v.args) == 1 \
                 and isinstance(v.args[0], Reshape):  # an elementwise parameter's gradient: a sum over every (step, row)
             self.sum_rows = True
-            return f"_sum_rows({self.value(v.args[0])})"
+            return self.called("_sum_rows") + f"({self.value(v.args[0])})"
         if isinstance(v, Helper) and v.func in REDUCE_INTO:  # a reduction into its buffer (_reduce_into)
             self.reductions.add(REDUCE_INTO[v.func])
+            self.called(v.func)
         if isinstance(v, Call) and v.func == "matmul" and len(v.args) == 3:  # a step's product into its buffer
             self.gemm = True
             return f"_gemm({self.arguments(v)})"
@@ -348,6 +359,9 @@ def emit_numba(plan: KernelPlan) -> NumbaModule:
     m.reductions = sorted(printer.reductions)
     m.gemm = printer.gemm
     m.sum_rows = printer.sum_rows
+    m.python_calls = sorted(printer.python_calls)
+    for k in m.kernels:
+        k["python"] = k["name"] in printer.python_calls
     return m
 
 
@@ -400,13 +414,14 @@ def _hoist_loops(stmts: list, section: str, after: list, loops: list[CompiledLoo
         s, allocations = _preallocate(s, stmts[:i], names)
         s, buffers = _reduce_into(s)
         flat, printer.flat = _flat_views(s, names), {}
+        printer.compiled = True  # the compiled function's lines
         lines = printer.lines([*allocations, *buffers])
         if flat:
             lines += ["# the arrays' flat views that the kernels index, made once (not per step and kernel)",
                       *(f"{view} = {array}.reshape(-1)" for array, view in flat.items())]
         printer.flat = flat
         lines += printer.lines([s])
-        printer.flat = {}
+        printer.flat, printer.compiled = {}, False
         loops.append(CompiledLoop(name, args, returns, lines))
         call = f"{name}({', '.join(args)})"
         out.append(f"{', '.join(returns)}{',' if len(returns) == 1 else ''} = {call}" if returns else call)
