@@ -388,13 +388,19 @@ READS_THE_LOOP = {
 #: input beside ``E @ g``): its adjoint is written beside the stage's kernel, whose threads are
 #: the stage's values' units (inside it, n_out > n_hidden left units of the product's adjoint
 #: unwritten: wrong gradients; n_out < n_hidden wrote past its rows); and a product of a product
-#: stacked with others (``E @ g``, g = L @ x beside P.T @ x: its columns of their buffer)
+#: stacked with others (``E @ g``, g = L @ x beside P.T @ x: its columns of their buffer); the
+#: adjoint of a product beside values of another width that a reduction's partial multiplies
+#: (``logsumexp(V @ a)``)
 WIDER_THAN_THE_STAGE = {
     "input_mean": READS_THE_INPUT["input_mean"],
     "readout_of_the_input_side": _readout_cell(
         "readout_of_the_input_side", 'P = ["n_in", "n_hidden"]\nO = ["n_hidden", "n_in"]\nL = ["n_hidden", "n_in"]\n'
         'd = ["n_hidden"]\nC = ["n_out", "n_hidden"]\nE = ["n_out", "n_hidden"]',
         'a = "P.T @ x"\nm = "logsumexp(O @ x)"\ng = "L @ x"\nh = "tanh(g + a + m + d * h_prev)"', 'y = "C @ m + E @ g"'),
+    "a_reduction_of_a_product_of_parameters": _readout_cell(
+        "a_reduction_of_a_product_of_parameters", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\na = ["n_hidden"]\n'
+        'G = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]',
+        'q = "log(1 + (G @ a)**2)"\nh = "tanh(W @ x + U @ h_prev + q)"', 'z = "V @ a"\ny = "z - logsumexp(z)"'),
     "product_beside_a_scaled_state": _readout_cell(
         "product_beside_a_scaled_state", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]',
         'h = "tanh(W @ x + U @ h_prev)"', 'y = "V @ h"\nz = "h * (sum(h) / 3)"'),

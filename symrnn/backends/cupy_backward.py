@@ -214,16 +214,19 @@ class BackwardEmitter:
         terms = self.acc.get(name, [])
         here = [sympy.Symbol(local) for local, loc in terms if loc.py.name == slot_name]  # the loop's part, in the slot
         others = [(local, loc) for local, loc in terms if loc.py.name != slot_name]
-        rest = sympy.expand(expr.subs({s: 0 for s in here}))
-        if (mode != "all" or len(here) > 1 or not expr.free_symbols <= {sympy.Symbol(local) for local, _ in terms}
-                or sympy.expand(expr - rest) != sympy.Add(*here)
+        rest = expr.subs({s: 0 for s in here})
+        values = sorted(s.name for s in expr.free_symbols if s.name in self.e.c_names)  # a reduction's partial reads values
+        if (mode != "all" or len(here) > 1
+                or not expr.free_symbols <= {sympy.Symbol(local) for local, _ in terms} | {sympy.Symbol(v) for v in values}
+                or sympy.expand(expr - rest - sympy.Add(*here)) != 0
                 or not all(loc.off == off and loc.ld == group.rows for local, loc in terms if loc.py.name == slot_name)
-                or not all(loc.kind == "row" and loc.off == 0 and loc.shift == 0 and loc.ld == size for _, loc in others)):
+                or not all(loc.off == 0 and loc.shift == 0 and (loc.kind == "rowval" or loc.kind == "row" and loc.ld == size)
+                           for _, loc in others)):  # (T, B, size) arrays, or (T, B, 1): a reduction's adjoint summed
             raise self.e.unsupported(f"the adjoint of '{name}', a product of another width than its stage's values, is not supported yet")
         if rest == 0:
             return None
         slot = Ref(slot_name, (ETC, span(off, size)) if len(group.members) > 1 else ())
-        value = Elementwise(rest, tuple((local, loc.py) for local, loc in others))
+        value = Elementwise(rest, tuple((local, loc.py) for local, loc in others) + tuple((v, self.e.array(v, mode)) for v in values))
         if here:
             return Update(slot, "+", value, f"d_{name}: its sources besides the loop's")
         return Assign(slot, value, f"d_{name}: its sources")
