@@ -82,7 +82,12 @@ figures in benchmarks/RESULTS.md):
   adjoint's ``X = sum(a); X = X / n`` two arrays and an array expression per step: a
   reduction in a loop writes into a buffer made before it (:func:`_reduce_into`,
   ``_<name>_units_to``); the kernels' flat views are made once before the loop, not per step
-  and kernel (:func:`_flat_views`).  layer_norm_lstm 14.8 -> 9.4 s, the other cells 0.8-2.8 s.
+  and kernel (:func:`_flat_views`).  layer_norm_lstm 14.8 -> 9.4 s, the other cells 0.8-2.8 s
+  (that day's machine; 12.5-16 s on later days' shared host).  No compiled function has numba's
+  C wrapper, and a kernel or helper that only the compiled loops call has no Python wrapper
+  (``HostPrinter.python_calls``: the template's ``_compiled(python=False)``): each wrapper is
+  code numba generates, optimizes and emits, a kernel's unboxing each of its dozens of arrays;
+  layer_norm_lstm's first call 0.83-0.96x as long (benchmarks/RESULTS.md).
   Not adopted: numba's IR inlining of the kernels into the loops (``inline="always"``) refuses
   a call of more than 30 arguments (Python passes them as a tuple); NUMBA_OPT=0 takes half the
   time but vectorizes nothing; NumPy's own reductions outside the loops compile 0.4 s less
