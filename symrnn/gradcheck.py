@@ -271,10 +271,11 @@ def rtrl_vs_bptt(module, problem: Problem, *, tol=RTRL_TOL) -> list[Result]:
     return [Result("RTRL", k, np.shape(bptt[k]), rel_error(rtrl[k], bptt[k]), tol) for k in bptt]
 
 
-def check_module(module, *, seed=0, T=6, B=3) -> list[Result]:
-    """Every check on one random float64 instance; one failed Result with a diagnosis
-    (``detail``) instead when the instance is not finite (see :func:`nonfinite`)."""
-    problem = random_problem(module, seed=seed, T=T, B=B)
+def check_module(module, *, seed=0, T=6, B=3, **sizes) -> list[Result]:
+    """Every check on one random float64 instance (``sizes``: n_in, n_hidden, n_out as
+    :func:`random_problem` takes them); one failed Result with a diagnosis (``detail``)
+    instead when the instance is not finite (see :func:`nonfinite`)."""
+    problem = random_problem(module, seed=seed, T=T, B=B, **sizes)
     why = nonfinite(module, problem)
     if why is not None:
         return [Result("instance", "finite", (), math.inf, 0.0, detail=why)]

@@ -8,6 +8,9 @@
   nodes; a GEMM whose operand is computed in the same step (the seeds' GRU
   multiplies r * h_prev) waits for the stage before it.  Per step, most cells
   have one stage: one recurrent GEMM and one fused pointwise pass.
+* **Widths.**  Before and after the loop, a stage's values of two widths (two readouts,
+  ``tanh(V @ h)`` and ``h * s``) are two stages, the GEMMs in the first: values of two
+  widths cannot read each other elementwise, and a kernel runs over one width's units.
 * **Reductions.**  A reduction over units (``mean(a)``) waits, like a GEMM, for an
   operand computed in the same step: it runs at the start of the next stage, after
   the stage's GEMMs and before its pointwise nodes (a stage boundary: every unit of
@@ -151,8 +154,25 @@ def _region(g: StepGraph, name: str, nodes: list, names: set[str]) -> Region:
         for n in nodes:
             if level[n.name] == k:
                 parts[rule(PART, n, "stage part")].append(n)
-        stages.append(Stage(_groups(g, parts["matvec"], names), tuple(parts["pointwise"]), tuple(parts["reduction"])))
+        groups = _groups(g, parts["matvec"], names)
+        stages.extend(_by_width(groups, parts["pointwise"], parts["reduction"]) if name != "loop" else
+                      [Stage(groups, tuple(parts["pointwise"]), tuple(parts["reduction"]))])
     return Region(name, tuple(stages))
+
+
+def _by_width(groups: tuple[GemmGroup, ...], pointwise: list, reductions: list) -> list[Stage]:
+    """A stage before or after the loop as one stage per width of its values (two readouts,
+    ``tanh(V @ h)`` and ``h * s``): values of two widths cannot read each other elementwise,
+    and a kernel backend runs a stage's values as one kernel over their units.  The GEMMs run
+    in the first."""
+    widths: list = []
+    for n in (*reductions, *pointwise):
+        if n.size not in widths:
+            widths.append(n.size)
+    if len(widths) <= 1:
+        return [Stage(groups, tuple(pointwise), tuple(reductions))]
+    return [Stage(groups if i == 0 else (), tuple(n for n in pointwise if n.size == w), tuple(r for r in reductions if r.size == w))
+            for i, w in enumerate(widths)]
 
 
 #: the rules of each node kind (ir.NODE_KINDS): its stage from its dependencies' (a

@@ -390,13 +390,20 @@ READS_THE_LOOP = {
 #: unwritten: wrong gradients; n_out < n_hidden wrote past its rows); and a product of a product
 #: stacked with others (``E @ g``, g = L @ x beside P.T @ x: its columns of their buffer); the
 #: adjoint of a product beside values of another width that a reduction's partial multiplies
-#: (``logsumexp(V @ a)``)
+#: (``logsumexp(V @ a)``); a product in the loop beside values of another width (U @ h_prev beside
+#: a = tanh(V @ h_prev)); two readouts of two widths (refused before: one kernel per stage)
 WIDER_THAN_THE_STAGE = {
     "input_mean": READS_THE_INPUT["input_mean"],
     "readout_of_the_input_side": _readout_cell(
         "readout_of_the_input_side", 'P = ["n_in", "n_hidden"]\nO = ["n_hidden", "n_in"]\nL = ["n_hidden", "n_in"]\n'
         'd = ["n_hidden"]\nC = ["n_out", "n_hidden"]\nE = ["n_out", "n_hidden"]',
         'a = "P.T @ x"\nm = "logsumexp(O @ x)"\ng = "L @ x"\nh = "tanh(g + a + m + d * h_prev)"', 'y = "C @ m + E @ g"'),
+    "a_bottleneck_in_the_loop": _readout_cell(  # U @ h_prev (n_hidden) in the stage of a = tanh(V @ h_prev) (n_out)
+        "a_bottleneck_in_the_loop", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]\n'
+        'C = ["n_hidden", "n_out"]', 'a = "tanh(V @ h_prev)"\nh = "tanh(W @ x + U @ h_prev + C @ a)"', 'y = "h"'),
+    "two_readouts_of_two_widths": _readout_cell(  # two stages after the loop, one per width (plan._by_width)
+        "two_readouts_of_two_widths", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]\n'
+        's = ["n_hidden"]', 'h = "tanh(W @ x + U @ h_prev)"', 'y = "tanh(V @ h)"\nz = "h * s * mean(h)"'),
     "a_reduction_of_a_product_of_parameters": _readout_cell(
         "a_reduction_of_a_product_of_parameters", 'W = ["n_hidden", "n_in"]\nU = ["n_hidden", "n_hidden"]\na = ["n_hidden"]\n'
         'G = ["n_hidden", "n_hidden"]\nV = ["n_out", "n_hidden"]',
@@ -455,10 +462,11 @@ def test_a_readout_product_of_another_width_than_its_stage_in_the_cupy_and_numba
     cell = parse_spec(WIDER_THAN_THE_STAGE[name], f"{name}.toml")
     plan = build(cell)
     ref = load_module(render_numpy(plan), module_name(cell.name))
+    n_in, n_hidden, n_out = sizes
+    assert all(r.ok for r in check_module(ref, seed=3, n_in=n_in, n_hidden=n_hidden, n_out=n_out))  # the reference, by FD
     monkeypatch.setitem(sys.modules, "cupy", host_xp)
     cu = load_module(render_cupy(plan), module_name(cell.name, "cupy"))
     nb = load_module(render_numba(plan), module_name(cell.name, "numba"))
-    n_in, n_hidden, n_out = sizes
     for mod, xp in ((cu, host_xp), (nb, np)):
         for steps in cupy_support.LENGTHS:
             errors = _errors(ref, mod, xp, np.float64, steps, n_in=n_in, n_hidden=n_hidden, n_out=n_out)

@@ -18,7 +18,7 @@ from ..errors import InternalError
 from ..ir import MatVecNode, Reduction
 from ..plan import GemmGroup, Stage
 from ..schedule import shared_subexpressions
-from ..stmt import ETC, Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
+from ..stmt import ALL, ETC, Assign, Call, Comment, Elementwise, Helper, Infix, Key, Loop, Ref, Reshape, Size, Text, Update, empty, span, t_SYM
 from .array_module import parameter_sums, weight_gradient
 from .cuda_kernels import Kernel, KernelBuilder, Loc
 
@@ -178,7 +178,8 @@ class BackwardEmitter:
             if expr == 0:
                 continue
             if name in members and self.e.fixed(self.g.node(name).size) != width:
-                self.lines.extend([line] if (line := self.wider_member(name, expr, mode)) else [])
+                line = self.wider_member(name, expr, mode)  # before the kernel's launch (in the loop: this step's)
+                (self.step_fresh if mode == "step" else self.lines).extend([line] if line else [])
                 continue
             for local, loc in self.acc.get(name, []):
                 if c.kind(local) == "adj_next" and mode == "time":
@@ -216,17 +217,19 @@ class BackwardEmitter:
         others = [(local, loc) for local, loc in terms if loc.py.name != slot_name]
         rest = expr.subs({s: 0 for s in here})
         values = sorted(s.name for s in expr.free_symbols if s.name in self.e.c_names)  # a reduction's partial reads values
-        if (mode != "all" or len(here) > 1
+        if (mode not in ("all", "step") or len(here) > 1
                 or not expr.free_symbols <= {sympy.Symbol(local) for local, _ in terms} | {sympy.Symbol(v) for v in values}
                 or sympy.expand(expr - rest - sympy.Add(*here)) != 0
                 or not all(loc.off == off and loc.ld == group.rows for local, loc in terms if loc.py.name == slot_name)
                 or not all(loc.off == 0 and loc.shift == 0 and (loc.kind == "rowval" or loc.kind == "row" and loc.ld == size)
-                           for _, loc in others)):  # (T, B, size) arrays, or (T, B, 1): a reduction's adjoint summed
+                           and not (loc.seq and loc.py.index) for _, loc in others)):  # (T, B, size) or (B, size) arrays; (..., 1): a reduction's adjoint summed
             raise self.e.unsupported(f"the adjoint of '{name}', a product of another width than its stage's values, is not supported yet")
         if rest == 0:
             return None
-        slot = Ref(slot_name, (ETC, span(off, size)) if len(group.members) > 1 else ())
-        value = Elementwise(rest, tuple((local, loc.py) for local, loc in others) + tuple((v, self.e.array(v, mode)) for v in values))
+        step = (t_SYM,) if mode == "step" else ()  # in the loop: this step's part of every array over the steps
+        slot = Ref(slot_name, step + ((ALL, span(off, size)) if mode == "step" else (ETC, span(off, size))) if len(group.members) > 1 else step)
+        sources = tuple((local, Ref(loc.py.name, step) if loc.seq else loc.py) for local, loc in others)
+        value = Elementwise(rest, sources + tuple((v, self.e.array(v, mode)) for v in values))
         if here:
             return Update(slot, "+", value, f"d_{name}: its sources besides the loop's")
         return Assign(slot, value, f"d_{name}: its sources")
