@@ -205,32 +205,38 @@ class BackwardEmitter:
     def wider_member(self, name: str, expr: sympy.Expr, mode: str):
         """The adjoint of a product of another width than its stage kernel's units (a readout
         that is a bare product, ``V @ h``, beside a readout of the hidden width; an input-side
-        product beside a value of the input's width): no value of the stage reads it (one that
-        did would have its width), so its adjoint is its sources', summed into its slot of the
-        group's adjoint buffer on the host (None: what the loop's kernels wrote there is all of
-        it); the kernel, whose threads are its own units, would index it out of its bounds."""
+        product beside a value of the input's width; ``U @ h_prev`` in the loop stage of
+        ``a = tanh(V @ h_prev)``): no value of the stage reads it (one that did would have its
+        width), so its adjoint is its sources' (a reduction's partial included), summed into its
+        slot of the group's adjoint buffer on the host, in the loop this step's; None where what
+        the loop's kernels wrote in the slot is all of it.  Inside the kernel, whose threads are
+        the stage's units, it was indexed out of its bounds."""
         size = self.g.node(name).size
         group, off = self.plan.group_of(name)
         slot_name = self.py("gadj_seq", group.name)
         terms = self.acc.get(name, [])
-        here = [sympy.Symbol(local) for local, loc in terms if loc.py.name == slot_name]  # the loop's part, in the slot
+        in_slot = [(local, loc) for local, loc in terms if loc.py.name == slot_name]  # the loop's part, there already
         others = [(local, loc) for local, loc in terms if loc.py.name != slot_name]
-        rest = expr.subs({s: 0 for s in here})
-        values = sorted(s.name for s in expr.free_symbols if s.name in self.e.c_names)  # a reduction's partial reads values
-        if (mode not in ("all", "step") or len(here) > 1
-                or not expr.free_symbols <= {sympy.Symbol(local) for local, _ in terms} | {sympy.Symbol(v) for v in values}
-                or sympy.expand(expr - rest - sympy.Add(*here)) != 0
-                or not all(loc.off == off and loc.ld == group.rows for local, loc in terms if loc.py.name == slot_name)
-                or not all(loc.off == 0 and loc.shift == 0 and (loc.kind == "rowval" or loc.kind == "row" and loc.ld == size)
-                           and not (loc.seq and loc.py.index) for _, loc in others)):  # (T, B, size) or (B, size) arrays; (..., 1): a reduction's adjoint summed
+        here = sympy.Add(*[sympy.Symbol(local) for local, _ in in_slot])
+        rest = expr.subs({sympy.Symbol(local): 0 for local, _ in in_slot})
+        values = sorted(s.name for s in expr.free_symbols if s.name in self.e.c_names)  # read by a reduction's partial
+
+        def on_host(loc: Loc) -> bool:  # (T, B, size) or this step's (B, size); (..., 1): a reduction's adjoint summed
+            return (loc.off == 0 and loc.shift == 0 and not (loc.seq and loc.py.index)
+                    and (loc.kind == "rowval" or loc.kind == "row" and loc.ld == size))
+
+        known = {sympy.Symbol(local) for local, _ in terms} | {sympy.Symbol(v) for v in values}
+        if not (mode in ("all", "step") and len(in_slot) <= 1 and all(loc.off == off and loc.ld == group.rows for _, loc in in_slot)
+                and all(on_host(loc) for _, loc in others) and expr.free_symbols <= known and sympy.expand(expr - rest - here) == 0):
             raise self.e.unsupported(f"the adjoint of '{name}', a product of another width than its stage's values, is not supported yet")
         if rest == 0:
             return None
         step = (t_SYM,) if mode == "step" else ()  # in the loop: this step's part of every array over the steps
-        slot = Ref(slot_name, step + ((ALL, span(off, size)) if mode == "step" else (ETC, span(off, size))) if len(group.members) > 1 else step)
+        columns = (ALL if step else ETC, span(off, size)) if len(group.members) > 1 else ()  # its part of a stacked buffer
+        slot = Ref(slot_name, step + columns)
         sources = tuple((local, Ref(loc.py.name, step) if loc.seq else loc.py) for local, loc in others)
         value = Elementwise(rest, sources + tuple((v, self.e.array(v, mode)) for v in values))
-        if here:
+        if in_slot:
             return Update(slot, "+", value, f"d_{name}: its sources besides the loop's")
         return Assign(slot, value, f"d_{name}: its sources")
 
