@@ -831,5 +831,33 @@ class _Lowering:
         first_name, first = next(iter(sizes.items()))
         for n, s in sizes.items():
             if not self.same(s, first):
-                raise self.error(where, f"elementwise operation on vectors of different sizes: '{first_name}' has {first}, '{n}' has {s}")
+                raise self.error(where, f"elementwise operation on vectors of different sizes: '{first_name}' has {first}, "
+                                        f"'{n}' has {s}{self.reduction_hint(first_name, n)}")
         return first
+
+    def reduction_hint(self, *names: str) -> str:
+        """Where one of ``names`` is a reduction's value (or computed from reductions alone):
+        why it has a size, and the rewrite that usually works."""
+        for name in names:
+            found = self.reduction_of(name)
+            if found is not None:
+                operand = next(n for n in self.nodes if n.name == found.operand)
+                shown = sympy.sstr(operand.expr) if operand.role == "auxiliary" else operand.name
+                auxiliary = next(n for n in self.nodes if n.name == name).role == "auxiliary"
+                source = "" if found.name == name else "computed from " if auxiliary else f"{name} is computed from "
+                return (f" ({source}{found.reduce.spec_name}({shown}), "
+                        "a reduction: it is one value repeated over the units of what it reduces, and keeps that size; "
+                        "beside a product W @ v, scale the product's operand instead: W @ (v * r) is (W @ v) * r)")
+        return ""
+
+    def reduction_of(self, name: str) -> Reduction | None:
+        """The reduction ``name`` is, or the first of those it is computed from where it is
+        computed from reductions (and scalars) alone; else None."""
+        node = next((n for n in self.nodes if n.name == name), None)
+        if isinstance(node, Reduction):
+            return node
+        if not isinstance(node, Pointwise):
+            return None
+        vectors = [d for d in node.deps if self.sizes.get(d) is not None]
+        found = [self.reduction_of(d) for d in vectors]
+        return found[0] if found and all(found) else None

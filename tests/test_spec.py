@@ -77,6 +77,9 @@ ERRORS = {
                        "U has n_hidden columns but the vector has x (n_in)"),
     "elementwise_sizes": (BASE.replace('b = ["n_hidden"]', 'b = ["n_out"]'), "a = ",
                           "elementwise operation on vectors of different sizes"),
+    "reduction_of_another_size": (BASE.replace("U @ h_prev + b", "U @ h_prev + b + sqrt(mean(x**2))"), "a = ",
+                                  "(computed from mean(x**2), a reduction: it is one value repeated over the units of what it "
+                                  "reduces, and keeps that size; beside a product W @ v, scale the product's operand instead"),
     "function_not_allowed": (BASE.replace("tanh(a)", "sinh(a)"), "sinh(a)", "function 'sinh' is not allowed (allowed: sigmoid, tanh,"),
     "circular": (BASE.replace("+ b\"", "+ b + g\"\ng = \"2 * a\""), "a = ", "circular definition: a -> g -> a"),
     "abs_not_differentiable": (BASE.replace("tanh(a)", "tanh(abs(a))"), "abs(a)", "abs is not differentiable at 0"),
