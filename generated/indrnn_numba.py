@@ -225,13 +225,12 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_u = np.zeros_like(u)
     d_b = np.zeros_like(b)
     d_x_proj_seq = np.empty((T, B, n_hidden), dtype)
-    d_u_loop0_seq = np.empty((T, B, n_hidden), dtype)
+    d_u_loop0_acc = np.zeros((n_hidden,), dtype)
     d_h0 = np.empty((B, n_hidden), dtype)
     # the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)
-    indrnn_backward_loop0(B, T, 0, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_u_loop0_seq.reshape(-1), d_x_proj_seq.reshape(-1), h_seq.reshape(-1), u.reshape(-1), d_h0.reshape(-1))
-    # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_u_loop0_sum = _sum_rows(d_u_loop0_seq.reshape(-1, n_hidden))
-    d_u += d_u_loop0_sum
+    indrnn_backward_loop0(B, T, 0, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_u_loop0_acc.reshape(-1), d_x_proj_seq.reshape(-1), h_seq.reshape(-1), u.reshape(-1), d_h0.reshape(-1))
+    # gradients of elementwise parameters: deterministic sums over the stored adjoints (the _acc arrays: summed by the kernels as they ran)
+    d_u += d_u_loop0_acc
     d_x_proj_sum = _sum_rows(d_x_proj_seq.reshape(-1, n_hidden))
     d_b += d_x_proj_sum
     # weight gradients: one GEMM over every step per stacked product
@@ -274,7 +273,7 @@ def indrnn_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, x_proj_seq
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_seq, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr):
+def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_u_loop0_acc, d_x_proj_seq, h_seq, u_ptr, d_h0_ptr):
     """backward, loop stage 0: adjoints of h"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -294,7 +293,7 @@ def indrnn_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
                 u = u_ptr[U(unit_)]
                 d_h = d_h_next + d_h_out  # eq:indrnn:adj:h
                 tmp0 = d_h*(S(1) if (h) > S(0) else S(0))
-                d_u_loop0_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = h_prev*tmp0
+                d_u_loop0_acc[U(unit_)] += h_prev*tmp0
                 d_x_proj_seq[U((t_ * rows_ + row_) * n_hidden + unit_)] = tmp0
                 d_h_next = tmp0*u
                 carry_[0, U(row_ * units_ + unit_)] = d_h_next

@@ -417,25 +417,25 @@ def backward(params, cache, grad_outputs, grad_final=None):
     layer_norm_lstm_backward_post0(T * B, 1, 0, n_in, n_hidden, n_out, d_y_seq.reshape(-1), d_h_proj_seq.reshape(-1))
     d_h_from_h_proj_seq = np.dot(d_h_proj_seq.reshape(-1, n_out), V).reshape(T, B, n_hidden)  # W^T delta, every step
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
-    d_gamma_c_loop4_seq = np.empty((T, B, n_hidden), dtype)
-    d_beta_c_loop4_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_r_0_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_x_0_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_b_0_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_r_1_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_x_1_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_b_1_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_r_2_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_x_2_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_b_2_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_r_3_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_gamma_x_3_loop2_seq = np.empty((T, B, n_hidden), dtype)
-    d_b_3_loop2_seq = np.empty((T, B, n_hidden), dtype)
+    d_gamma_c_loop4_acc = np.zeros((n_hidden,), dtype)
+    d_beta_c_loop4_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_r_0_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_x_0_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_b_0_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_r_1_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_x_1_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_b_1_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_r_2_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_x_2_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_b_2_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_r_3_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_gamma_x_3_loop2_acc = np.zeros((n_hidden,), dtype)
+    d_b_3_loop2_acc = np.zeros((n_hidden,), dtype)
     d_mu_x_loop2_seq = np.empty((T, B, n_hidden), dtype)
     d_rstd_x_loop2_seq = np.empty((T, B, n_hidden), dtype)
     d_c_prev_2 = np.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = np.zeros((B, n_hidden), dtype)
-    d_c_prev_2, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_seq, d_b_1_loop2_seq, d_b_2_loop2_seq, d_b_3_loop2_seq, d_beta_c_loop4_seq, d_c_prev_2, d_c_seq, d_gamma_c_loop4_seq, d_gamma_r_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_0_loop2_seq, d_gamma_x_1_loop2_seq, d_gamma_x_2_loop2_seq, d_gamma_x_3_loop2_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_x_proj_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, i_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq)
+    d_c_prev_2, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_acc, d_b_1_loop2_acc, d_b_2_loop2_acc, d_b_3_loop2_acc, d_beta_c_loop4_acc, d_c_prev_2, d_c_seq, d_gamma_c_loop4_acc, d_gamma_r_0_loop2_acc, d_gamma_r_1_loop2_acc, d_gamma_r_2_loop2_acc, d_gamma_r_3_loop2_acc, d_gamma_x_0_loop2_acc, d_gamma_x_1_loop2_acc, d_gamma_x_2_loop2_acc, d_gamma_x_3_loop2_acc, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_x_proj_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, i_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq)
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_2
     # input side, every step at once
@@ -472,37 +472,23 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_mean_wx_f_sum = d_mean_wx_f_sum/n_hidden
     # input side, every step at once
     layer_norm_lstm_backward_pre0(T * B, 1, 0, n_in, n_hidden, n_out, d_mean_wx_o_sum.reshape(-1), d_wx_o_pre1_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_mean_wx_f_sum.reshape(-1), d_wx_f_pre1_seq.reshape(-1), d_mean_wx_g_sum.reshape(-1), d_wx_g_pre1_seq.reshape(-1), d_mean_wx_i_sum.reshape(-1), d_wx_i_pre1_seq.reshape(-1))
-    # gradients of elementwise parameters: deterministic sums over the stored adjoints
+    # gradients of elementwise parameters: deterministic sums over the stored adjoints (the _acc arrays: summed by the kernels as they ran)
     d_h_proj_sum = _sum_rows(d_h_proj_seq.reshape(-1, n_out))
     d_b_y += d_h_proj_sum
-    d_gamma_c_loop4_sum = _sum_rows(d_gamma_c_loop4_seq.reshape(-1, n_hidden))
-    d_gamma_c += d_gamma_c_loop4_sum
-    d_beta_c_loop4_sum = _sum_rows(d_beta_c_loop4_seq.reshape(-1, n_hidden))
-    d_beta_c += d_beta_c_loop4_sum
-    d_gamma_r_0_loop2_sum = _sum_rows(d_gamma_r_0_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_r[:n_hidden] += d_gamma_r_0_loop2_sum
-    d_gamma_x_0_loop2_sum = _sum_rows(d_gamma_x_0_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_x[:n_hidden] += d_gamma_x_0_loop2_sum
-    d_b_0_loop2_sum = _sum_rows(d_b_0_loop2_seq.reshape(-1, n_hidden))
-    d_b[:n_hidden] += d_b_0_loop2_sum
-    d_gamma_r_1_loop2_sum = _sum_rows(d_gamma_r_1_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_r[n_hidden:2*n_hidden] += d_gamma_r_1_loop2_sum
-    d_gamma_x_1_loop2_sum = _sum_rows(d_gamma_x_1_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_x[n_hidden:2*n_hidden] += d_gamma_x_1_loop2_sum
-    d_b_1_loop2_sum = _sum_rows(d_b_1_loop2_seq.reshape(-1, n_hidden))
-    d_b[n_hidden:2*n_hidden] += d_b_1_loop2_sum
-    d_gamma_r_2_loop2_sum = _sum_rows(d_gamma_r_2_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_r[2*n_hidden:3*n_hidden] += d_gamma_r_2_loop2_sum
-    d_gamma_x_2_loop2_sum = _sum_rows(d_gamma_x_2_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_x[2*n_hidden:3*n_hidden] += d_gamma_x_2_loop2_sum
-    d_b_2_loop2_sum = _sum_rows(d_b_2_loop2_seq.reshape(-1, n_hidden))
-    d_b[2*n_hidden:3*n_hidden] += d_b_2_loop2_sum
-    d_gamma_r_3_loop2_sum = _sum_rows(d_gamma_r_3_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_r[3*n_hidden:4*n_hidden] += d_gamma_r_3_loop2_sum
-    d_gamma_x_3_loop2_sum = _sum_rows(d_gamma_x_3_loop2_seq.reshape(-1, n_hidden))
-    d_gamma_x[3*n_hidden:4*n_hidden] += d_gamma_x_3_loop2_sum
-    d_b_3_loop2_sum = _sum_rows(d_b_3_loop2_seq.reshape(-1, n_hidden))
-    d_b[3*n_hidden:4*n_hidden] += d_b_3_loop2_sum
+    d_gamma_c += d_gamma_c_loop4_acc
+    d_beta_c += d_beta_c_loop4_acc
+    d_gamma_r[:n_hidden] += d_gamma_r_0_loop2_acc
+    d_gamma_x[:n_hidden] += d_gamma_x_0_loop2_acc
+    d_b[:n_hidden] += d_b_0_loop2_acc
+    d_gamma_r[n_hidden:2*n_hidden] += d_gamma_r_1_loop2_acc
+    d_gamma_x[n_hidden:2*n_hidden] += d_gamma_x_1_loop2_acc
+    d_b[n_hidden:2*n_hidden] += d_b_1_loop2_acc
+    d_gamma_r[2*n_hidden:3*n_hidden] += d_gamma_r_2_loop2_acc
+    d_gamma_x[2*n_hidden:3*n_hidden] += d_gamma_x_2_loop2_acc
+    d_b[2*n_hidden:3*n_hidden] += d_b_2_loop2_acc
+    d_gamma_r[3*n_hidden:4*n_hidden] += d_gamma_r_3_loop2_acc
+    d_gamma_x[3*n_hidden:4*n_hidden] += d_gamma_x_3_loop2_acc
+    d_b[3*n_hidden:4*n_hidden] += d_b_3_loop2_acc
     # weight gradients: one GEMM over every step per stacked product
     d_V += np.dot(d_h_proj_seq.reshape(-1, n_out).T, h_seq[1:].reshape(-1, n_hidden))
     d_R += np.dot(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
@@ -895,7 +881,7 @@ def layer_norm_lstm_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, 
 
 
 @_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
-def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_var_c_ptr, d_gamma_c_loop4_seq, d_beta_c_loop4_seq, d_o_from4_ptr, d_c_from4_ptr, d_mu_c_from4_ptr, o_seq, tanh_c_norm_seq, gamma_c_ptr, var_c_seq, c_seq, mu_c_seq):
+def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj_next_ptr, d_var_c_ptr, d_gamma_c_loop4_acc, d_beta_c_loop4_acc, d_o_from4_ptr, d_c_from4_ptr, d_mu_c_from4_ptr, o_seq, tanh_c_norm_seq, gamma_c_ptr, var_c_seq, c_seq, mu_c_seq):
     """backward, loop stage 4: adjoints of h, tanh_c_norm, c_norm"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -919,8 +905,8 @@ def layer_norm_lstm_backward_loop4(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_var_c = -S(0.5)*d_c_norm*gamma_c*(S(1)/(np.sqrt(tmp0)*tmp0))*tmp1
             d_var_c_ptr[U(row_ * n_hidden + unit_)] = d_var_c
             tmp2 = d_c_norm*(S(1)/np.sqrt(tmp0))
-            d_gamma_c_loop4_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp1*tmp2
-            d_beta_c_loop4_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = d_c_norm
+            d_gamma_c_loop4_acc[U(unit_)] += tmp1*tmp2
+            d_beta_c_loop4_acc[U(unit_)] += d_c_norm
             d_o_from4_ptr[U(row_ * n_hidden + unit_)] = d_h*tanh_c_norm
             tmp3 = gamma_c*tmp2
             d_c_from4_ptr[U(row_ * n_hidden + unit_)] = tmp3
@@ -948,7 +934,7 @@ def layer_norm_lstm_backward_loop3(rows_, steps_, step_, n_in, n_hidden, n_out, 
 
 
 @_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
-def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, d_c_seq, d_c_prev_2_next_ptr, d_c_from4_ptr, d_mu_c_sum_ptr, d_c_from3_ptr, d_o_from4_ptr, d_msd_r_o_ptr, d_msd_r_f_ptr, d_msd_r_g_ptr, d_msd_r_i_ptr, d_c_prev_2, d_gamma_r_0_loop2_seq, d_gamma_x_0_loop2_seq, d_b_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_x_1_loop2_seq, d_b_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_x_2_loop2_seq, d_b_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_3_loop2_seq, d_b_3_loop2_seq, d_x_proj_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_rh_i_from2_ptr, d_rh_g_from2_ptr, d_rh_f_from2_ptr, d_rh_o_from2_ptr, d_mu_r_from2_ptr, c_seq, i_seq, g_seq, mu_r_seq, rh_g_seq, gamma_r, rh_f_seq, f_seq, rh_i_seq, rh_o_seq, o_seq, var_r_seq, rstd_r_seq, rstd_x_seq, mu_x_seq, x_proj_seq, gamma_x):
+def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, d_c_seq, d_c_prev_2_next_ptr, d_c_from4_ptr, d_mu_c_sum_ptr, d_c_from3_ptr, d_o_from4_ptr, d_msd_r_o_ptr, d_msd_r_f_ptr, d_msd_r_g_ptr, d_msd_r_i_ptr, d_c_prev_2, d_gamma_r_0_loop2_acc, d_gamma_x_0_loop2_acc, d_b_0_loop2_acc, d_gamma_r_1_loop2_acc, d_gamma_x_1_loop2_acc, d_b_1_loop2_acc, d_gamma_r_2_loop2_acc, d_gamma_x_2_loop2_acc, d_b_2_loop2_acc, d_gamma_r_3_loop2_acc, d_gamma_x_3_loop2_acc, d_b_3_loop2_acc, d_x_proj_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_rh_i_from2_ptr, d_rh_g_from2_ptr, d_rh_f_from2_ptr, d_rh_o_from2_ptr, d_mu_r_from2_ptr, c_seq, i_seq, g_seq, mu_r_seq, rh_g_seq, gamma_r, rh_f_seq, f_seq, rh_i_seq, rh_o_seq, o_seq, var_r_seq, rstd_r_seq, rstd_x_seq, mu_x_seq, x_proj_seq, gamma_x):
     """backward, loop stage 2: adjoints of c, o, f, g, i, rstd_r, var_r"""
     S = d_c_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -1016,22 +1002,22 @@ def layer_norm_lstm_backward_loop2(rows_, steps_, step_, n_in, n_hidden, n_out, 
             d_msd_r_i = tmp12
             d_msd_r_i_ptr[U(row_ * n_hidden + unit_)] = d_msd_r_i
             d_c_prev_2[U(row_ * n_hidden + unit_)] = d_c*f
-            d_gamma_r_0_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_r*tmp6*tmp7
+            d_gamma_r_0_loop2_acc[U(unit_)] += rstd_r*tmp6*tmp7
             tmp13 = -mu_x + wx_i
-            d_gamma_x_0_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_x*tmp13*tmp7
-            d_b_0_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp7
-            d_gamma_r_1_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_r*tmp0*tmp1
+            d_gamma_x_0_loop2_acc[U(unit_)] += rstd_x*tmp13*tmp7
+            d_b_0_loop2_acc[U(unit_)] += tmp7
+            d_gamma_r_1_loop2_acc[U(unit_)] += rstd_r*tmp0*tmp1
             tmp14 = -mu_x + wx_g
-            d_gamma_x_1_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_x*tmp1*tmp14
-            d_b_1_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp1
-            d_gamma_r_2_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_r*tmp3*tmp4
+            d_gamma_x_1_loop2_acc[U(unit_)] += rstd_x*tmp1*tmp14
+            d_b_1_loop2_acc[U(unit_)] += tmp1
+            d_gamma_r_2_loop2_acc[U(unit_)] += rstd_r*tmp3*tmp4
             tmp15 = -mu_x + wx_f
-            d_gamma_x_2_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_x*tmp15*tmp4
-            d_b_2_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp4
-            d_gamma_r_3_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_r*tmp10*tmp9
+            d_gamma_x_2_loop2_acc[U(unit_)] += rstd_x*tmp15*tmp4
+            d_b_2_loop2_acc[U(unit_)] += tmp4
+            d_gamma_r_3_loop2_acc[U(unit_)] += rstd_r*tmp10*tmp9
             tmp16 = -mu_x + wx_o
-            d_gamma_x_3_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = rstd_x*tmp10*tmp16
-            d_b_3_loop2_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = tmp10
+            d_gamma_x_3_loop2_acc[U(unit_)] += rstd_x*tmp10*tmp16
+            d_b_3_loop2_acc[U(unit_)] += tmp10
             tmp17 = gamma_x_0*tmp7
             d_x_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)] = rstd_x*tmp17
             tmp18 = gamma_x_1*tmp1
@@ -1420,7 +1406,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, R_T, b, beta_c, c_seq, f_
 
 
 @_compiled(nogil=True, error_model="numpy")
-def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_seq, d_b_1_loop2_seq, d_b_2_loop2_seq, d_b_3_loop2_seq, d_beta_c_loop4_seq, d_c_prev_2, d_c_seq, d_gamma_c_loop4_seq, d_gamma_r_0_loop2_seq, d_gamma_r_1_loop2_seq, d_gamma_r_2_loop2_seq, d_gamma_r_3_loop2_seq, d_gamma_x_0_loop2_seq, d_gamma_x_1_loop2_seq, d_gamma_x_2_loop2_seq, d_gamma_x_3_loop2_seq, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_x_proj_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, i_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
+def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_acc, d_b_1_loop2_acc, d_b_2_loop2_acc, d_b_3_loop2_acc, d_beta_c_loop4_acc, d_c_prev_2, d_c_seq, d_gamma_c_loop4_acc, d_gamma_r_0_loop2_acc, d_gamma_r_1_loop2_acc, d_gamma_r_2_loop2_acc, d_gamma_r_3_loop2_acc, d_gamma_x_0_loop2_acc, d_gamma_x_1_loop2_acc, d_gamma_x_2_loop2_acc, d_gamma_x_3_loop2_acc, d_h_from_h_proj_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_mu_x_loop2_seq, d_rstd_x_loop2_seq, d_x_proj_seq, f_seq, g_seq, gamma_c, gamma_r, gamma_x, i_seq, mu_c_seq, mu_r_seq, mu_x_seq, o_seq, rh_f_seq, rh_g_seq, rh_i_seq, rh_o_seq, rstd_r_seq, rstd_x_seq, tanh_c_norm_seq, var_c_seq, var_r_seq, x_proj_seq):
     d_c_prev_2_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_2
     d_var_c = np.empty((B, n_hidden), dtype)  # one buffer for every step
     d_o_from4 = np.empty((B, n_hidden), dtype)  # one buffer for every step
@@ -1458,23 +1444,23 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_se
     d_mean_rh_f_sum = np.empty((B, 1), dtype)  # one buffer for every step
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
     c_seq_flat_1 = c_seq.reshape(-1)
-    d_b_0_loop2_seq_flat = d_b_0_loop2_seq.reshape(-1)
-    d_b_1_loop2_seq_flat = d_b_1_loop2_seq.reshape(-1)
-    d_b_2_loop2_seq_flat = d_b_2_loop2_seq.reshape(-1)
-    d_b_3_loop2_seq_flat = d_b_3_loop2_seq.reshape(-1)
-    d_beta_c_loop4_seq_flat = d_beta_c_loop4_seq.reshape(-1)
+    d_b_0_loop2_acc_flat = d_b_0_loop2_acc.reshape(-1)
+    d_b_1_loop2_acc_flat = d_b_1_loop2_acc.reshape(-1)
+    d_b_2_loop2_acc_flat = d_b_2_loop2_acc.reshape(-1)
+    d_b_3_loop2_acc_flat = d_b_3_loop2_acc.reshape(-1)
+    d_beta_c_loop4_acc_flat = d_beta_c_loop4_acc.reshape(-1)
     d_c_from3_flat = d_c_from3.reshape(-1)
     d_c_from4_flat = d_c_from4.reshape(-1)
     d_c_seq_flat = d_c_seq.reshape(-1)
-    d_gamma_c_loop4_seq_flat = d_gamma_c_loop4_seq.reshape(-1)
-    d_gamma_r_0_loop2_seq_flat = d_gamma_r_0_loop2_seq.reshape(-1)
-    d_gamma_r_1_loop2_seq_flat = d_gamma_r_1_loop2_seq.reshape(-1)
-    d_gamma_r_2_loop2_seq_flat = d_gamma_r_2_loop2_seq.reshape(-1)
-    d_gamma_r_3_loop2_seq_flat = d_gamma_r_3_loop2_seq.reshape(-1)
-    d_gamma_x_0_loop2_seq_flat = d_gamma_x_0_loop2_seq.reshape(-1)
-    d_gamma_x_1_loop2_seq_flat = d_gamma_x_1_loop2_seq.reshape(-1)
-    d_gamma_x_2_loop2_seq_flat = d_gamma_x_2_loop2_seq.reshape(-1)
-    d_gamma_x_3_loop2_seq_flat = d_gamma_x_3_loop2_seq.reshape(-1)
+    d_gamma_c_loop4_acc_flat = d_gamma_c_loop4_acc.reshape(-1)
+    d_gamma_r_0_loop2_acc_flat = d_gamma_r_0_loop2_acc.reshape(-1)
+    d_gamma_r_1_loop2_acc_flat = d_gamma_r_1_loop2_acc.reshape(-1)
+    d_gamma_r_2_loop2_acc_flat = d_gamma_r_2_loop2_acc.reshape(-1)
+    d_gamma_r_3_loop2_acc_flat = d_gamma_r_3_loop2_acc.reshape(-1)
+    d_gamma_x_0_loop2_acc_flat = d_gamma_x_0_loop2_acc.reshape(-1)
+    d_gamma_x_1_loop2_acc_flat = d_gamma_x_1_loop2_acc.reshape(-1)
+    d_gamma_x_2_loop2_acc_flat = d_gamma_x_2_loop2_acc.reshape(-1)
+    d_gamma_x_3_loop2_acc_flat = d_gamma_x_3_loop2_acc.reshape(-1)
     d_h_from_h_proj_seq_flat = d_h_from_h_proj_seq.reshape(-1)
     d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
     d_h_seq_flat = d_h_seq.reshape(-1)
@@ -1536,11 +1522,11 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, R, c_seq, d_b_0_loop2_se
         d_c_prev_2_next = d_c_prev_2
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_2, d_c_prev_2_spare = d_c_prev_2_spare, d_c_prev_2  # this step's buffer; the other holds step t + 1's
-        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c_flat, d_gamma_c_loop4_seq_flat, d_beta_c_loop4_seq_flat, d_o_from4_flat, d_c_from4_flat, d_mu_c_from4_flat, o_seq_flat_1, tanh_c_norm_seq_flat_1, gamma_c_flat_1, var_c_seq_flat_1, c_seq_flat_1, mu_c_seq_flat_1)
+        layer_norm_lstm_backward_loop4(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_from_h_proj_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_var_c_flat, d_gamma_c_loop4_acc_flat, d_beta_c_loop4_acc_flat, d_o_from4_flat, d_c_from4_flat, d_mu_c_from4_flat, o_seq_flat_1, tanh_c_norm_seq_flat_1, gamma_c_flat_1, var_c_seq_flat_1, c_seq_flat_1, mu_c_seq_flat_1)
         _sum_units_to(d_var_c, d_var_c_sum, n_hidden)  # sum over the units of d_var_c
         layer_norm_lstm_backward_loop3(B, 1, t, n_in, n_hidden, n_out, d_var_c_sum_flat, d_mu_c_from4_flat, d_mu_c_flat, d_c_from3_flat, c_seq_flat_1, mu_c_seq_flat_1)
         _sum_units_to(d_mu_c, d_mu_c_sum, n_hidden)  # sum over the units of d_mu_c
-        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq_flat, d_c_prev_2_next.reshape(-1), d_c_from4_flat, d_mu_c_sum_flat, d_c_from3_flat, d_o_from4_flat, d_msd_r_o_flat, d_msd_r_f_flat, d_msd_r_g_flat, d_msd_r_i_flat, d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_seq_flat, d_gamma_x_0_loop2_seq_flat, d_b_0_loop2_seq_flat, d_gamma_r_1_loop2_seq_flat, d_gamma_x_1_loop2_seq_flat, d_b_1_loop2_seq_flat, d_gamma_r_2_loop2_seq_flat, d_gamma_x_2_loop2_seq_flat, d_b_2_loop2_seq_flat, d_gamma_r_3_loop2_seq_flat, d_gamma_x_3_loop2_seq_flat, d_b_3_loop2_seq_flat, d_x_proj_seq_flat, d_mu_x_loop2_seq_flat, d_rstd_x_loop2_seq_flat, d_rh_i_from2_flat, d_rh_g_from2_flat, d_rh_f_from2_flat, d_rh_o_from2_flat, d_mu_r_from2_flat, c_seq_flat_1, i_seq_flat_1, g_seq_flat_1, mu_r_seq_flat_1, rh_g_seq_flat_1, gamma_r_flat_1, rh_f_seq_flat_1, f_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1, o_seq_flat_1, var_r_seq_flat_1, rstd_r_seq_flat_1, rstd_x_seq_flat_1, mu_x_seq_flat_1, x_proj_seq_flat_1, gamma_x_flat_1)
+        layer_norm_lstm_backward_loop2(B, 1, t, n_in, n_hidden, n_out, d_c_seq_flat, d_c_prev_2_next.reshape(-1), d_c_from4_flat, d_mu_c_sum_flat, d_c_from3_flat, d_o_from4_flat, d_msd_r_o_flat, d_msd_r_f_flat, d_msd_r_g_flat, d_msd_r_i_flat, d_c_prev_2.reshape(-1), d_gamma_r_0_loop2_acc_flat, d_gamma_x_0_loop2_acc_flat, d_b_0_loop2_acc_flat, d_gamma_r_1_loop2_acc_flat, d_gamma_x_1_loop2_acc_flat, d_b_1_loop2_acc_flat, d_gamma_r_2_loop2_acc_flat, d_gamma_x_2_loop2_acc_flat, d_b_2_loop2_acc_flat, d_gamma_r_3_loop2_acc_flat, d_gamma_x_3_loop2_acc_flat, d_b_3_loop2_acc_flat, d_x_proj_seq_flat, d_mu_x_loop2_seq_flat, d_rstd_x_loop2_seq_flat, d_rh_i_from2_flat, d_rh_g_from2_flat, d_rh_f_from2_flat, d_rh_o_from2_flat, d_mu_r_from2_flat, c_seq_flat_1, i_seq_flat_1, g_seq_flat_1, mu_r_seq_flat_1, rh_g_seq_flat_1, gamma_r_flat_1, rh_f_seq_flat_1, f_seq_flat_1, rh_i_seq_flat_1, rh_o_seq_flat_1, o_seq_flat_1, var_r_seq_flat_1, rstd_r_seq_flat_1, rstd_x_seq_flat_1, mu_x_seq_flat_1, x_proj_seq_flat_1, gamma_x_flat_1)
         _sum_units_to(d_msd_r_o, d_msd_r_o_sum, n_hidden)  # sum over the units of d_msd_r_o
         _sum_units_to(d_msd_r_f, d_msd_r_f_sum, n_hidden)  # sum over the units of d_msd_r_f
         _sum_units_to(d_msd_r_g, d_msd_r_g_sum, n_hidden)  # sum over the units of d_msd_r_g

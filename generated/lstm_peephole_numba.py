@@ -310,25 +310,22 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_b_g = np.zeros_like(b_g)
     d_b_o = np.zeros_like(b_o)
     d_h_prev_proj_seq = np.empty((T, B, 4*n_hidden), dtype)
-    d_p_i_loop0_seq = np.empty((T, B, n_hidden), dtype)
-    d_p_f_loop0_seq = np.empty((T, B, n_hidden), dtype)
-    d_p_o_loop0_seq = np.empty((T, B, n_hidden), dtype)
+    d_p_i_loop0_acc = np.zeros((n_hidden,), dtype)
+    d_p_f_loop0_acc = np.zeros((n_hidden,), dtype)
+    d_p_o_loop0_acc = np.zeros((n_hidden,), dtype)
     d_c_prev_0 = np.zeros((B, n_hidden), dtype)
     d_h_prev_from_h_prev_proj = np.zeros((B, n_hidden), dtype)
-    d_c_prev_0, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_p_f_loop0_seq, d_p_i_loop0_seq, d_p_o_loop0_seq, f_seq, g_seq, i_seq, o_seq, p_f, p_i, p_o, tanh_c_seq)
+    d_c_prev_0, d_h_prev_from_h_prev_proj = _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_p_f_loop0_acc, d_p_i_loop0_acc, d_p_o_loop0_acc, f_seq, g_seq, i_seq, o_seq, p_f, p_i, p_o, tanh_c_seq)
     d_h0 = d_h_prev_from_h_prev_proj
     d_c0 = d_c_prev_0
-    # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_p_i_loop0_sum = _sum_rows(d_p_i_loop0_seq.reshape(-1, n_hidden))
-    d_p_i += d_p_i_loop0_sum
+    # gradients of elementwise parameters: deterministic sums over the stored adjoints (the _acc arrays: summed by the kernels as they ran)
+    d_p_i += d_p_i_loop0_acc
     d_h_prev_proj_sum = _sum_rows(d_h_prev_proj_seq.reshape(-1, 4*n_hidden))
     d_b_i += d_h_prev_proj_sum[:n_hidden]
-    d_p_f_loop0_sum = _sum_rows(d_p_f_loop0_seq.reshape(-1, n_hidden))
-    d_p_f += d_p_f_loop0_sum
+    d_p_f += d_p_f_loop0_acc
     d_b_f += d_h_prev_proj_sum[n_hidden:2*n_hidden]
     d_b_g += d_h_prev_proj_sum[2*n_hidden:3*n_hidden]
-    d_p_o_loop0_sum = _sum_rows(d_p_o_loop0_seq.reshape(-1, n_hidden))
-    d_p_o += d_p_o_loop0_sum
+    d_p_o += d_p_o_loop0_acc
     d_b_o += d_h_prev_proj_sum[3*n_hidden:4*n_hidden]
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = np.dot(d_h_prev_proj_seq.reshape(-1, 4*n_hidden).T, h_seq[:-1].reshape(-1, n_hidden))
@@ -531,7 +528,7 @@ def lstm_peephole_forward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, h_p
 
 
 @_compiled(python=False, nogil=True, error_model="numpy", **_NOALIAS)
-def lstm_peephole_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_c_seq, d_c_prev_0_next_ptr, d_c_prev_0, d_p_i_loop0_seq, d_p_f_loop0_seq, d_p_o_loop0_seq, o_seq, tanh_c_seq, p_o_ptr, i_seq, g_seq, c_seq, f_seq, p_f_ptr, p_i_ptr):
+def lstm_peephole_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_prev_from_h_prev_proj_next_ptr, d_h_prev_proj_seq, d_c_seq, d_c_prev_0_next_ptr, d_c_prev_0, d_p_i_loop0_acc, d_p_f_loop0_acc, d_p_o_loop0_acc, o_seq, tanh_c_seq, p_o_ptr, i_seq, g_seq, c_seq, f_seq, p_f_ptr, p_i_ptr):
     """backward, loop stage 0: adjoints of h, tanh_c, o, c, g, f, i"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -571,9 +568,9 @@ def lstm_peephole_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_
             d_W_i_h_prev = tmp2
             d_h_prev_proj_seq[U((step_ * rows_ + row_) * (4*n_hidden) + unit_)] = d_W_i_h_prev
             d_c_prev_0[U(row_ * n_hidden + unit_)] = d_c*f + p_f*tmp1 + p_i*tmp2
-            d_p_i_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c_prev*tmp2
-            d_p_f_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c_prev*tmp1
-            d_p_o_loop0_seq[U((step_ * rows_ + row_) * n_hidden + unit_)] = c*tmp0
+            d_p_i_loop0_acc[U(unit_)] += c_prev*tmp2
+            d_p_f_loop0_acc[U(unit_)] += c_prev*tmp1
+            d_p_o_loop0_acc[U(unit_)] += c*tmp0
 
 
 @_compiled(nogil=True, error_model="numpy")
@@ -673,7 +670,7 @@ def _forward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev_T, b_f, b_
 
 
 @_compiled(nogil=True, error_model="numpy")
-def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_p_f_loop0_seq, d_p_i_loop0_seq, d_p_o_loop0_seq, f_seq, g_seq, i_seq, o_seq, p_f, p_i, p_o, tanh_c_seq):
+def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d_c_prev_0, d_c_seq, d_h_prev_from_h_prev_proj, d_h_prev_proj_seq, d_h_seq, d_p_f_loop0_acc, d_p_i_loop0_acc, d_p_o_loop0_acc, f_seq, g_seq, i_seq, o_seq, p_f, p_i, p_o, tanh_c_seq):
     d_c_prev_0_spare = np.empty((B, n_hidden), dtype)  # the second buffer of d_c_prev_0
     d_h_prev_from_h_prev_proj_spare = np.empty((B, W_stack_h_prev.shape[1]), dtype)  # the second buffer of d_h_prev_from_h_prev_proj
     # the arrays' flat views that the kernels index, made once (not per step and kernel)
@@ -681,9 +678,9 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d
     d_c_seq_flat = d_c_seq.reshape(-1)
     d_h_prev_proj_seq_flat = d_h_prev_proj_seq.reshape(-1)
     d_h_seq_flat = d_h_seq.reshape(-1)
-    d_p_f_loop0_seq_flat = d_p_f_loop0_seq.reshape(-1)
-    d_p_i_loop0_seq_flat = d_p_i_loop0_seq.reshape(-1)
-    d_p_o_loop0_seq_flat = d_p_o_loop0_seq.reshape(-1)
+    d_p_f_loop0_acc_flat = d_p_f_loop0_acc.reshape(-1)
+    d_p_i_loop0_acc_flat = d_p_i_loop0_acc.reshape(-1)
+    d_p_o_loop0_acc_flat = d_p_o_loop0_acc.reshape(-1)
     f_seq_flat_1 = f_seq.reshape(-1)
     g_seq_flat_1 = g_seq.reshape(-1)
     i_seq_flat_1 = i_seq.reshape(-1)
@@ -696,7 +693,7 @@ def _backward_loop0(T, B, n_in, n_hidden, n_out, dtype, W_stack_h_prev, c_seq, d
         d_c_prev_0_next = d_c_prev_0
         d_h_prev_from_h_prev_proj_next = d_h_prev_from_h_prev_proj
         d_c_prev_0, d_c_prev_0_spare = d_c_prev_0_spare, d_c_prev_0  # this step's buffer; the other holds step t + 1's
-        lstm_peephole_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_c_seq_flat, d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), d_p_i_loop0_seq_flat, d_p_f_loop0_seq_flat, d_p_o_loop0_seq_flat, o_seq_flat_1, tanh_c_seq_flat_1, p_o_flat_1, i_seq_flat_1, g_seq_flat_1, c_seq_flat_1, f_seq_flat_1, p_f_flat_1, p_i_flat_1)
+        lstm_peephole_backward_loop0(B, 1, t, n_in, n_hidden, n_out, d_h_seq_flat, d_h_prev_from_h_prev_proj_next.reshape(-1), d_h_prev_proj_seq_flat, d_c_seq_flat, d_c_prev_0_next.reshape(-1), d_c_prev_0.reshape(-1), d_p_i_loop0_acc_flat, d_p_f_loop0_acc_flat, d_p_o_loop0_acc_flat, o_seq_flat_1, tanh_c_seq_flat_1, p_o_flat_1, i_seq_flat_1, g_seq_flat_1, c_seq_flat_1, f_seq_flat_1, p_f_flat_1, p_i_flat_1)
         d_h_prev_from_h_prev_proj, d_h_prev_from_h_prev_proj_spare = d_h_prev_from_h_prev_proj_spare, d_h_prev_from_h_prev_proj  # this step's buffer; the other holds step t + 1's
         _gemm(d_h_prev_proj_seq[t], W_stack_h_prev, d_h_prev_from_h_prev_proj)  # W^T delta
     return d_c_prev_0, d_h_prev_from_h_prev_proj

@@ -274,14 +274,13 @@ def backward(params, cache, grad_outputs, grad_final=None):
     # the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)
     rg_lru_backward_loop0(B, T, 0, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_x_loop0_seq.reshape(-1), d_i_loop0_seq.reshape(-1), d_a_t_loop0_seq.reshape(-1), d_sqrt_h_loop0_seq.reshape(-1), i_seq.reshape(-1), sqrt_h_seq.reshape(-1), x.reshape(-1), h_seq.reshape(-1), a_t_seq.reshape(-1), d_h0.reshape(-1))
     # input side, every step at once
-    d_Lambda_pre0_seq = np.empty((T, B, n_hidden), dtype)
-    rg_lru_backward_pre0(T * B, 1, 0, n_in, n_hidden, n_out, d_sqrt_h_loop0_seq.reshape(-1), d_a_t_loop0_seq.reshape(-1), d_i_loop0_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_Lambda_pre0_seq.reshape(-1), a_t_seq.reshape(-1), sqrt_h_seq.reshape(-1), r_seq.reshape(-1), a_seq.reshape(-1), i_seq.reshape(-1), log_a_seq.reshape(-1))
-    # gradients of elementwise parameters: deterministic sums over the stored adjoints
+    d_Lambda_pre0_acc = np.zeros((n_hidden,), dtype)
+    rg_lru_backward_pre0(T * B, 1, 0, n_in, n_hidden, n_out, d_sqrt_h_loop0_seq.reshape(-1), d_a_t_loop0_seq.reshape(-1), d_i_loop0_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_Lambda_pre0_acc.reshape(-1), a_t_seq.reshape(-1), sqrt_h_seq.reshape(-1), r_seq.reshape(-1), a_seq.reshape(-1), i_seq.reshape(-1), log_a_seq.reshape(-1))
+    # gradients of elementwise parameters: deterministic sums over the stored adjoints (the _acc arrays: summed by the kernels as they ran)
     d_x_proj_sum = _sum_rows(d_x_proj_seq.reshape(-1, 2*n_hidden))
     d_b_a += d_x_proj_sum[:n_hidden]
     d_b_x += d_x_proj_sum[n_hidden:2*n_hidden]
-    d_Lambda_pre0_sum = _sum_rows(d_Lambda_pre0_seq.reshape(-1, n_hidden))
-    d_Lambda += d_Lambda_pre0_sum
+    d_Lambda += d_Lambda_pre0_acc
     # weight gradients: one GEMM over every step per stacked product
     dW_stack = np.dot(d_x_proj_seq.reshape(-1, 2*n_hidden).T, x.reshape(-1, n_hidden))
     d_W_a += dW_stack[:n_hidden]
@@ -463,7 +462,7 @@ def rg_lru_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, 
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def rg_lru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_sqrt_h_loop0_seq, d_a_t_loop0_seq, d_i_loop0_seq, d_x_proj_seq, d_Lambda_pre0_seq, a_t_seq, sqrt_h_seq, r_seq, a_seq, i_seq, log_a_seq):
+def rg_lru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_sqrt_h_loop0_seq, d_a_t_loop0_seq, d_i_loop0_seq, d_x_proj_seq, d_Lambda_pre0_acc, a_t_seq, sqrt_h_seq, r_seq, a_seq, i_seq, log_a_seq):
     """backward, pre stage 0: adjoints of sqrt_h, a_t, log_a, a, i, r"""
     S = d_sqrt_h_loop0_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -490,7 +489,7 @@ def rg_lru_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d_sqrt_h_l
             d_r = log_a*tmp0  # eq:rg_lru:adj:r
             d_W_a_x = d_r*r*(S(1) - r)
             d_x_proj_seq[U(row_ * (2*n_hidden) + unit_)] = d_W_a_x
-            d_Lambda_pre0_seq[U(row_ * n_hidden + unit_)] = a*d_a*(S(1) - a)
+            d_Lambda_pre0_acc[U(unit_)] += a*d_a*(S(1) - a)
 
 
 @_compiled(nogil=True, error_model="numpy")

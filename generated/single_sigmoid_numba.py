@@ -251,23 +251,23 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_u = np.zeros_like(u)
     d_d = np.zeros_like(d)
     # readout, every step at once
-    d_u_post0_seq = np.empty((T, B, 1), dtype)
-    d_d_post0_seq = np.empty((T, B, 1), dtype)
+    d_u_post0_acc = np.zeros((1,), dtype)
+    d_d_post0_acc = np.zeros((1,), dtype)
     d_h_from_post0_seq = np.empty((T, B, 1), dtype)
-    single_sigmoid_backward_post0(T * B, 1, 0, n_in, n_hidden, n_out, d_y_seq.reshape(-1), d_u_post0_seq.reshape(-1), d_d_post0_seq.reshape(-1), d_h_from_post0_seq.reshape(-1), h_seq[1:].reshape(-1), u.reshape(-1))
+    single_sigmoid_backward_post0(T * B, 1, 0, n_in, n_hidden, n_out, d_y_seq.reshape(-1), d_u_post0_acc.reshape(-1), d_d_post0_acc.reshape(-1), d_h_from_post0_seq.reshape(-1), h_seq[1:].reshape(-1), u.reshape(-1))
     d_x_loop0_seq = np.empty_like(x)
-    d_v_loop0_seq = np.empty((T, B, 1), dtype)
-    d_w_loop0_seq = np.empty((T, B, 1), dtype)
-    d_b_loop0_seq = np.empty((T, B, 1), dtype)
+    d_v_loop0_acc = np.zeros((1,), dtype)
+    d_w_loop0_acc = np.zeros((1,), dtype)
+    d_b_loop0_acc = np.zeros((1,), dtype)
     d_h0 = np.empty((B, 1), dtype)
     # the whole recurrence backward: one kernel that loops over time, one thread per (batch, unit)
-    single_sigmoid_backward_loop0(B, T, 0, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_post0_seq.reshape(-1), d_x_loop0_seq.reshape(-1), d_v_loop0_seq.reshape(-1), d_w_loop0_seq.reshape(-1), d_b_loop0_seq.reshape(-1), h_seq.reshape(-1), w.reshape(-1), x.reshape(-1), v.reshape(-1), d_h0.reshape(-1))
-    # gradients of elementwise parameters: deterministic sums over the stored adjoints
-    d_u += np.sum(d_u_post0_seq)
-    d_d += np.sum(d_d_post0_seq)
-    d_v += np.sum(d_v_loop0_seq)
-    d_w += np.sum(d_w_loop0_seq)
-    d_b += np.sum(d_b_loop0_seq)
+    single_sigmoid_backward_loop0(B, T, 0, n_in, n_hidden, n_out, d_h_seq.reshape(-1), d_h_from_post0_seq.reshape(-1), d_x_loop0_seq.reshape(-1), d_v_loop0_acc.reshape(-1), d_w_loop0_acc.reshape(-1), d_b_loop0_acc.reshape(-1), h_seq.reshape(-1), w.reshape(-1), x.reshape(-1), v.reshape(-1), d_h0.reshape(-1))
+    # gradients of elementwise parameters: deterministic sums over the stored adjoints (the _acc arrays: summed by the kernels as they ran)
+    d_u += np.sum(d_u_post0_acc)
+    d_d += np.sum(d_d_post0_acc)
+    d_v += np.sum(d_v_loop0_acc)
+    d_w += np.sum(d_w_loop0_acc)
+    d_b += np.sum(d_b_loop0_acc)
     d_x = d_x_loop0_seq
     grads = {
         "w": d_w,
@@ -431,7 +431,7 @@ def single_sigmoid_forward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def single_sigmoid_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_seq, d_d_post0_seq, d_h_from_post0_seq, h_seq_1, u_ptr):
+def single_sigmoid_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d_y_seq, d_u_post0_acc, d_d_post0_acc, d_h_from_post0_seq, h_seq_1, u_ptr):
     """backward, post stage 0: adjoints of y"""
     S = d_y_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -442,13 +442,13 @@ def single_sigmoid_backward_post0(rows_, steps_, step_, n_in, n_hidden, n_out, d
             h = h_seq_1[U(row_ * 1 + unit_)]
             u = u_ptr[U(0)]
             d_y = d_y_out  # eq:single_sigmoid:adj:y
-            d_u_post0_seq[U(row_ * 1 + unit_)] = d_y*h
-            d_d_post0_seq[U(row_ * 1 + unit_)] = d_y
+            d_u_post0_acc[U(unit_)] += d_y*h
+            d_d_post0_acc[U(unit_)] += d_y
             d_h_from_post0_seq[U(row_ * 1 + unit_)] = d_y*u
 
 
 @_compiled(nogil=True, error_model="numpy", **_NOALIAS)
-def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_seq, d_w_loop0_seq, d_b_loop0_seq, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr):
+def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d_h_seq, d_h_from_post0_seq, d_x_loop0_seq, d_v_loop0_acc, d_w_loop0_acc, d_b_loop0_acc, h_seq, w_ptr, x_ptr, v_ptr, d_h0_ptr):
     """backward, loop stage 0: adjoints of h, a"""
     S = d_h_seq.dtype.type  # float32 or float64: every constant is S(...)
     U = np.uint64  # every index is U(...): never negative (no wraparound check: the units' loop vectorizes)
@@ -472,9 +472,9 @@ def single_sigmoid_backward_loop0(rows_, steps_, step_, n_in, n_hidden, n_out, d
                 d_h = d_h_from_post0 + d_h_next + d_h_out  # eq:single_sigmoid:adj:h
                 d_a = d_h*h*(S(1) - h)  # eq:single_sigmoid:adj:a
                 d_x_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*w
-                d_v_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*h_prev
-                d_w_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a*x_1
-                d_b_loop0_seq[U((t_ * rows_ + row_) * 1 + unit_)] = d_a
+                d_v_loop0_acc[U(unit_)] += d_a*h_prev
+                d_w_loop0_acc[U(unit_)] += d_a*x_1
+                d_b_loop0_acc[U(unit_)] += d_a
                 d_h_next = d_a*v
                 carry_[0, U(row_ * units_ + unit_)] = d_h_next
     for row_ in range(rows_):

@@ -45,6 +45,7 @@ PATTERNS: dict[str, str] = {
     "adj_out": "d_{0}_out",  # the adjoint of an output, read by a kernel
     "adj_loop": "d_{0}_loop",
     "adj_stage_seq": "d_{0}_{1}_seq",  # stage {1}'s contribution, stored over every step
+    "adj_stage_acc": "d_{0}_{1}_acc",  # stage {1}'s contribution to a parameter's gradient, summed as it runs
     "adj_stage": "d_{0}_{1}",
     "adj_post_seq": "d_{0}_from_{1}_seq",
     "adj_post": "d_{0}_from_{1}",

@@ -111,7 +111,9 @@ def parameter_sums(sums: list[tuple[Ref, str, Span | None, bool]], n: Namer, tot
         if scalar:
             lines.append(Update(grad, "+", total(Ref(buf, (ETC, cols)) if cols is not None else Ref(buf))))
             continue
-        if buf not in totals:
+        if buf not in totals and over_rows(Ref(buf)) == Ref(buf):  # a sum already (an accumulator)
+            totals[buf] = buf
+        elif buf not in totals:
             totals[buf] = n.fresh(f"{buf.removesuffix('_seq')}_sum")
             lines.append(Assign(Ref(totals[buf]), over_rows(Ref(buf)), comment))
         lines.append(Update(grad, "+", Ref(totals[buf], (cols,)) if cols is not None else Ref(totals[buf])))

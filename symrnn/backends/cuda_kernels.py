@@ -36,6 +36,9 @@ class Dialect:
     every line of a kernel comes from one of these methods."""
 
     fixed = C_FIXED  # the names a kernel's local may not take
+    #: whether a kernel may add into an accumulator per unit (``Loc(kind="acc")``): a serial
+    #: loop over the rows may; CUDA threads of one unit would race (they store every step instead)
+    accumulates = False
 
     def code(self, expr: sympy.Expr, names: dict[str, str]) -> str:
         """An expression (symbols renamed through ``names``)."""
@@ -57,6 +60,9 @@ class Dialect:
 
     def store(self, ptr: str, index: str, code: str) -> str:
         return f"{ptr}[{index}] = {code};"
+
+    def accumulate(self, ptr: str, index: str, code: str) -> str:
+        raise InternalError("a CUDA kernel adds into no accumulator (its threads would race)")
 
     def zero(self) -> str:
         return f"{SCALAR}(0)"
@@ -99,7 +105,8 @@ class Loc:
     """Where a kernel finds a value: a Python array and its layout."""
 
     py: Ref
-    kind: str = "row"  # "row": [row, ld] (rows = B or T * B), "vec": per unit, "scalar", "rowval": [row] (a reduction)
+    kind: str = "row"  # "row": [row, ld] (rows = B or T * B), "vec": per unit, "scalar", "rowval": [row] (a reduction),
+    #                    "acc": per unit, added into over every row and step (Dialect.accumulates)
     ld: sympy.Expr = sympy.Integer(1)
     off: sympy.Expr = sympy.Integer(0)
     seq: bool = False  # py holds every step (T, B, ld): one-step kernels read step ``step_`` of it
@@ -149,7 +156,7 @@ class KernelBuilder:
         if loc.kind == "scalar":
             return "0"
         off = "" if sympy.sympify(loc.off, strict=True) == 0 else f"{dim_code(loc.off)} + "
-        if loc.kind == "vec":
+        if loc.kind in ("vec", "acc"):
             return f"{off}unit_"
         ld = dim_code(loc.ld)
         ld = ld if sympy.sympify(loc.ld, strict=True).is_Atom else f"({ld})"
@@ -172,8 +179,10 @@ class KernelBuilder:
         self.stores.append(self.store_line(loc, code) + comment)
 
     def store_line(self, loc: Loc, code: str) -> str:
-        """A store as a line (``code`` may be ``{}``, a statement template's hole)."""
-        return self.dialect.store(self.ptr(loc.py, True), self.index(loc), code)
+        """A store as a line (``code`` may be ``{}``, a statement template's hole); into an
+        accumulator (``loc.kind == "acc"``), an addition."""
+        write = self.dialect.accumulate if loc.kind == "acc" else self.dialect.store
+        return write(self.ptr(loc.py, True), self.index(loc), code)
 
     def finish(self) -> Kernel:
         k = self.k

@@ -33,7 +33,9 @@ class BackwardEmitter:
         self.py, self.c = e.py, e.c
         self.lines = e.m.backward
         self.acc: dict[str, list[tuple[str, Loc]]] = {}  # value -> (C local, location) of contributions to its adjoint
-        self.sums: list[tuple] = []  # (gradient, stored adjoint, its width, columns, scalar?): reduced after the loop
+        #: (gradient, stored adjoint, its width, columns, scalar?): reduced after the loop; width None:
+        #: an accumulator the kernels have summed over the rows and steps already (Dialect.accumulates)
+        self.sums: list[tuple] = []
         self.dx_terms: list = []
         self.weight_lines: list = []
         self.next_sources: dict[str, list[str]] = {}  # state -> arrays carried to the step before
@@ -70,7 +72,9 @@ class BackwardEmitter:
         self.loop()
         self.pre()
         if self.sums:
-            L.append(Comment("gradients of elementwise parameters: deterministic sums over the stored adjoints"))
+            summed = any(width is None for _, _, width, _, _ in self.sums)
+            L.append(Comment("gradients of elementwise parameters: deterministic sums over the stored adjoints"
+                             + (" (the _acc arrays: summed by the kernels as they ran)" if summed else "")))
             L.extend(self.sum_lines())
         if self.weight_lines:
             L.append(Comment("weight gradients: one GEMM over every step per stacked product"))
@@ -91,11 +95,13 @@ class BackwardEmitter:
 
     def sum_lines(self) -> list:
         """One reduction over the batch and the steps per stored adjoint buffer (cupy.sum:
-        no atomics), then each parameter's gradient from its columns (array_module.parameter_sums)."""
+        no atomics), then each parameter's gradient from its columns (array_module.parameter_sums);
+        an accumulator is its sum already."""
         sums = [(target, src, part, scalar) for target, src, _, part, scalar in self.sums]
         widths = {src: width for _, src, width, _, _ in self.sums}
         return parameter_sums(sums, self.py, lambda v: Call("sum", (v,)),
-                              lambda v: Call("sum", (Reshape(v, widths[v.name]),), (("axis", Text("0")),)))
+                              lambda v: v if widths[v.name] is None else
+                              Call("sum", (Reshape(v, widths[v.name]),), (("axis", Text("0")),)))
 
     # -- symbolic adjoints of one stage ----------------------------------------------
     def stage_adjoints(self, stage: Stage) -> tuple[list[tuple[str, sympy.Expr]], dict[str, sympy.Expr]]:
@@ -264,6 +270,10 @@ class BackwardEmitter:
                 group, off = self.plan.group_of(slot)
                 src, width = self.pre_alias.get(group.name, py("gadj_seq", group.name)), group.rows
                 part = None if len(group.members) == 1 else span(off, g.node(slot).size)
+            elif self.e.dialect.accumulates:  # summed over the rows and steps as the kernel runs
+                src, width, part = py("adj_stage_acc", dep, f"{region}{k}"), None, None
+                self.lines.append(Assign(Ref(src), empty(Size(size), fill="zeros")))
+                stmts.append((b.store_line(Loc(Ref(src), kind="acc"), "{}"), expr))
             else:
                 src, width, part = py("adj_stage_seq", dep, f"{region}{k}"), size, None
                 stmts.append((b.store_line(fresh_seq(src, size), "{}"), expr))

@@ -92,9 +92,16 @@ figures in benchmarks/RESULTS.md):
   a call of more than 30 arguments (Python passes them as a tuple); NUMBA_OPT=0 takes half the
   time but vectorizes nothing; NumPy's own reductions outside the loops compile 0.4 s less
   but took 1.07x (layer_norm_lstm) and 1.31x (elman_classifier) the time at the small size.
-* **An elementwise parameter's gradient** (a sum over every step and row) is the module's
-  compiled ``_sum_rows``, row after row as NumPy sums a C array over axis 0 (the same bits):
-  NumPy's axis-0 sum cost ~15 us a call at T=50, B=16, H=32 (indrnn small: 0.79x).
+* **An elementwise parameter's gradient** (a sum over every step and row): a kernel adds the
+  contribution it computes into an accumulator per unit as it runs (``Loc(kind="acc")``, row
+  after row, step after step: deterministic), where the CuPy modules store it at every step
+  and sum it after the loop (their threads would race).  The stored form cost layer_norm_lstm's
+  backward 14 arrays of (T, B, n_hidden) (183 MB at T=50, B=64, H=512 float64: its peak 850 ->
+  675 MB), fresh memory every call whose page faults cost this shared VM 0.9 -> 0.65 s a call
+  (system time; 2.60 -> 2.07 s in all, benchmarks/RESULTS.md); the speed elsewhere 0.94-1.08x
+  (benchmarks/numba_ab.py).  A contribution that is a stored product's adjoint (a bias's) is
+  summed by the compiled ``_sum_rows``, row after row as NumPy sums a C array over axis 0 (the
+  same bits): NumPy's axis-0 sum cost ~15 us a call at T=50, B=16, H=32 (indrnn small: 0.79x).
 * rtrl_grads (a check, not a training path) is the NumPy module's.
 """
 
@@ -207,6 +214,7 @@ class NumbaDialect(Dialect):
     """The kernels' lines as Python (numba compiles them)."""
 
     fixed = C_FIXED | PYTHON_FIXED | frozenset({"S", "U", "np", "numba", "carry_"})
+    accumulates = True  # a kernel's loops are serial: row after row, unit after unit
 
     def code(self, expr, names):
         return numba_code(expr, names)
@@ -225,6 +233,9 @@ class NumbaDialect(Dialect):
 
     def store(self, ptr, index, code):
         return f"{ptr}[U({index})] = {code}"
+
+    def accumulate(self, ptr, index, code):
+        return f"{ptr}[U({index})] += {code}"
 
     def zero(self):
         return "S(0)"
