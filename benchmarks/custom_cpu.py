@@ -2,7 +2,7 @@
 """CPU benchmark of the compiled backend (generated/<cell>_numba.py).
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/custom_cpu.py [--sizes small,medium] [--dtypes float32]
-                                                           [--rounds N] [--busy] [--write]
+                                                           [--columns jax,gemm] [--rounds N] [--busy] [--write]
 
 One forward + backward per call (the loss: the sum over every step of h and of every readout,
 grad_outputs ones for them; every parameter gradient, x and the initial states), of
@@ -22,10 +22,15 @@ grad_outputs ones for them; every parameter gradient, x and the initial states),
   drops a readout's forward product as dead code (measured in XLA's optimized HLO: minGRU's 8
   products against 9 with the value; its time 0.88x), while the numba module's forward computes
   every output, as a training step needs them: this column is the like-for-like one;
-* **gemm**: the GEMM bound of the torch-convention cells (benchmarks/rnn_cpu.py's).
+* **gemm**: the GEMM bound of every cell: exactly the matrix products of the cell's generated
+  modules (symrnn's plan: each stacked product once), at their real shapes, through NumPy's
+  BLAS, nothing else: per step the recurrent products and their W^T delta, over every step at
+  once the input side's and the readout's products, their operands' adjoints, and every weight
+  gradient (``plan_products``).
 
 Every oracle (eager, compile, jax) is checked against the NumPy module's gradients (every
-parameter, x, the initial states) before it is timed.  ``--products`` also times a step's
+parameter, x, the initial states) before it is timed, on the first 100 steps of its input
+(``CHECK_STEPS``: at T=1000 float rounding can decide a gradient).  ``--products`` also times a step's
 product alone: numba's np.dot (SciPy's OpenBLAS) against the numba module's ``_gemm`` (NumPy's
 OpenBLAS) and NumPy's np.dot, at the LSTM's and GRU's step shapes.
 
@@ -72,14 +77,28 @@ SECTION = "## Compiled backend (numba): benchmarks/custom_cpu.py"
 COLUMNS = ("numba", "numpy", "torch", "jax", "jax v&g", "eager", "compile", "gemm")
 
 
-def inputs(cell, size, dtype):
+#: an oracle is checked against the NumPy module on the first CHECK_STEPS steps of its timed input
+#: (all of them where there are fewer): a check of the oracle's equations, which are the same at
+#: every length.  Over 1000 steps float rounding can decide a gradient: layer_norm_lstm at the long
+#: size amplifies a relative change of x 7.8e7-5.5e8 times in its gradients (measured, float64), so
+#: its float32 oracles and module differ by 1.1-1.2 (relative), its float64 ones by 3e-8.
+CHECK_STEPS = 100
+
+
+def inputs(cell, size, dtype, steps=None):
+    """Parameters, x and the initial states of a run at ``size``; ``steps``: x's first steps only."""
     module = importlib.import_module(f"generated.{cell}_numpy")
     T, B, I, H = SIZES[size]
     params = module.init_params(I, H, seed=0, dtype=dtype)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, B, module.input_size(I, H))).astype(dtype)
     state0 = {s: (0.1 * rng.standard_normal((B, H))).astype(dtype) for s in module.STATES}
-    return params, x, state0
+    return params, x[:steps], state0
+
+
+def check_steps(size):
+    """How many steps an oracle is checked on (CHECK_STEPS)."""
+    return min(SIZES[size][0], CHECK_STEPS)
 
 
 def module_impl(kind):
@@ -111,10 +130,10 @@ def loss_outputs(module):
     return ["h", *(k for k in module.OUTPUTS if k not in module.STATES)]
 
 
-def reference_grads(cell, size, dtype):
+def reference_grads(cell, size, dtype, steps=None):
     """The NumPy module's gradients of the loss (every parameter, x, the initial states)."""
     module = importlib.import_module(f"generated.{cell}_numpy")
-    params, x, state0 = inputs(cell, size, dtype)
+    params, x, state0 = inputs(cell, size, dtype, steps)
     out, cache = module.forward(params, x, state0)
     return module.backward(params, cache, {k: np.ones_like(out[k]) for k in loss_outputs(module)})
 
@@ -128,14 +147,16 @@ def readout_sum(cell, p, m, hs):
 
 
 def check_oracle(name, cell, size, dtype, grads):
-    """Raise if a hand-written oracle's gradients are not the NumPy module's."""
-    ref = reference_grads(cell, size, dtype)
+    """Raise if a hand-written oracle's gradients (on the first check_steps(size) steps) are
+    not the NumPy module's."""
+    ref = reference_grads(cell, size, dtype, check_steps(size))
     tol = 2e-3 if dtype == np.float32 else 1e-9
     for k, want in ref.items():
         got = np.asarray(grads[k], np.float64)
         err = float(np.max(np.abs(got - want))) / max(float(np.max(np.abs(want))), 1e-30) if want.size else 0.0
         if not err <= tol:
-            raise AssertionError(f"{name} oracle of {cell} ({size}, {np.dtype(dtype).name}): d{k} off by {err:.1e} (relative)")
+            raise AssertionError(f"{name} oracle of {cell} ({size}, {np.dtype(dtype).name}, {check_steps(size)} steps): "
+                                 f"d{k} off by {err:.1e} (relative)")
 
 
 def jax_factory(with_value):
@@ -164,7 +185,8 @@ def jax_factory(with_value):
         grad_fn = jax.jit((jax.value_and_grad if with_value else jax.grad)(run, argnums=(0, 1, 2)))
         jp, jx, js = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x),
                       {k: jnp.asarray(v) for k, v in state0.items()})
-        gp, gx, gs = grad_fn(jp, jx, js)[1] if with_value else grad_fn(jp, jx, js)
+        jx_check = jx[:check_steps(size)]
+        gp, gx, gs = grad_fn(jp, jx_check, js)[1] if with_value else grad_fn(jp, jx_check, js)
         check_oracle("jax", cell, size, dtype, {**gp, "x": gx, **{f"{k}0": v for k, v in gs.items()}})
 
         def call():
@@ -189,23 +211,26 @@ def torch_oracle_factory(compiled):
         p = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in params.items()}
         xt = torch.from_numpy(x.copy()).requires_grad_(True)
         s0 = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in state0.items()}
-        leaves = [*p.values(), xt, *s0.values()]
         pre, step = cell_oracles.CELLS[cell](p, m, H)
         step = torch.compile(step, dynamic=False) if compiled else step
 
-        def call():
-            for leaf in leaves:
+        def run(xs):
+            for leaf in (*p.values(), xs, *s0.values()):
                 leaf.grad = None
-            a, s, hs = pre(xt), s0, []
-            for t in range(xt.shape[0]):
+            a, s, hs = pre(xs), s0, []
+            for t in range(xs.shape[0]):
                 s = step(s, {k: v[t] for k, v in a.items()})
                 hs.append(s["h"])
             hs = torch.stack(hs)
             (hs.sum() + readout_sum(cell, p, m, hs)).backward()
 
-        call()  # compiles (torch.compile); then the gradients are checked
+        x_check = torch.from_numpy(x[:check_steps(size)].copy()).requires_grad_(True)
+        run(x_check)  # compiles (torch.compile); then the gradients are checked
         check_oracle("torch.compile" if compiled else "torch eager", cell, size, dtype,
-                     {**{k: grad(v) for k, v in p.items()}, "x": grad(xt), **{f"{k}0": grad(v) for k, v in s0.items()}})
+                     {**{k: grad(v) for k, v in p.items()}, "x": grad(x_check), **{f"{k}0": grad(v) for k, v in s0.items()}})
+
+        def call():
+            run(xt)
         return call
     return factory
 
@@ -216,18 +241,70 @@ def jax_available():
     return rnn_cpu.jax_available()
 
 
-def gemm_factory(cell, size, dtype):
-    import rnn_cpu
+def plan_products(cell, size):
+    """The matrix products of one forward + backward of ``cell``'s generated modules, from its
+    plan: (where, rows, cols) per stacked product, where "step" (a recurrent product: one GEMM
+    (B x cols @ cols x rows) per step forward and its W^T delta per step backward) or "all" (the
+    input side's or a readout's: one GEMM over every step, forward and backward); each also
+    has its weight gradient, one GEMM over every step.  A product of parameters alone (formed
+    once per call, no batch) is left out."""
+    from symrnn.pipeline import build
 
-    rnn_cpu.SIZES.setdefault(size, SIZES[size])
-    step, _ = rnn_cpu.gemm_impl(cell, size, np.dtype(dtype).name)
+    module = importlib.import_module(f"generated.{cell}_numpy")
+    _, _, I, H = SIZES[size]
+    dims = dict(zip(("n_in", "n_hidden", "n_out"), module._dims(I, H, None)))
+
+    def value(size):  # a size (n_hidden, 4*n_hidden, ...) at this benchmark size
+        return int(size.subs({s: dims[s.name] for s in size.free_symbols}))
+    kernel_plan = build(cell)
+    graph = kernel_plan.graph
+    leaves = {leaf.name: leaf for leaf in graph.leaves}
+    found = []
+    for region in (kernel_plan.pre, kernel_plan.loop, kernel_plan.post):
+        for stage in region.stages:
+            for group in stage.groups:
+                operand = leaves.get(group.operand)
+                if operand is not None and operand.kind == "param":
+                    continue
+                cols = operand.size if operand is not None else graph.node(group.operand).size
+                found.append(("step" if region.name == "loop" else "all", value(group.rows), value(cols)))
+    return found
+
+
+def gemm_factory(cell, size, dtype):
+    """The GEMM bound: ``plan_products``' GEMMs alone, as the generated modules call them (a
+    recurrent product by a contiguous W^T through np.dot, the others through np.matmul)."""
+    T, B, _, _ = SIZES[size]
+    rng = np.random.default_rng(2)
+    work = []
+    for where, rows, cols in plan_products(cell, size):
+        w = rng.standard_normal((rows, cols)).astype(dtype)
+        a = rng.standard_normal((T * B, cols)).astype(dtype)  # the operand, every step
+        d = rng.standard_normal((T * B, rows)).astype(dtype)  # the product's adjoint, every step
+        work.append((where, w, np.ascontiguousarray(w.T), a, d, np.empty((T * B, rows), dtype),
+                     np.empty((T * B, cols), dtype), np.empty((rows, cols), dtype)))
+
+    def step():
+        for where, w, w_t, a, d, out, d_a, d_w in work:  # forward
+            if where == "step":
+                for t in range(T):
+                    np.dot(a[t * B:(t + 1) * B], w_t, out=out[t * B:(t + 1) * B])
+            else:
+                np.matmul(a, w.T, out=out)
+        for where, w, w_t, a, d, out, d_a, d_w in work:  # backward
+            if where == "step":
+                for t in range(T):
+                    np.dot(d[t * B:(t + 1) * B], w, out=d_a[t * B:(t + 1) * B])
+            else:
+                np.matmul(d, w, out=d_a)
+            np.matmul(d.T, a, out=d_w)
     return step
 
 
 def columns(cell, dtype, size, compile_sizes):
-    cols = {"numba": module_impl("numba"), "numpy": module_impl("numpy")}
+    cols = {"numba": module_impl("numba"), "numpy": module_impl("numpy"), "gemm": gemm_factory}
     if cell in TORCH_CELLS:
-        cols |= {"torch": torch_factory, "gemm": gemm_factory}
+        cols["torch"] = torch_factory
     if jax_available():
         cols["jax"] = jax_factory(with_value=False)
         cols["jax v&g"] = jax_factory(with_value=True)
@@ -237,11 +314,14 @@ def columns(cell, dtype, size, compile_sizes):
     return cols
 
 
-def bench(cell, size, dtype, rounds, compile_sizes=()):
+def bench(cell, size, dtype, rounds, compile_sizes=(), wanted=COLUMNS):
     """{column: per-round seconds}, and {column: why it has none} (a factory that failed:
-    torch.compile, or an oracle off the NumPy module's gradients)."""
+    torch.compile, or an oracle off the NumPy module's gradients); the columns of ``wanted``
+    besides numba and numpy, which always run."""
     steps, failed = {}, {}
     for name, f in columns(cell, dtype, size, compile_sizes).items():
+        if name not in ("numba", "numpy", *wanted):
+            continue
         t0 = time.perf_counter()
         try:
             steps[name] = f(cell, size, dtype)
@@ -382,6 +462,8 @@ def main(argv=None):
     ap.add_argument("--cells", default=",".join([*TORCH_CELLS, *SPEC_CELLS]))
     ap.add_argument("--compile-sizes", default="small,medium", help="the sizes with a torch.compile column (float32)")
     ap.add_argument("--products", action="store_true", help="also time a step's product alone (the BLAS behind it)")
+    ap.add_argument("--columns", default=",".join(COLUMNS[2:]),
+                    help="the columns besides numba and numpy (default: every one; a column a cell lacks is '-')")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--first-call", action="store_true")
@@ -431,7 +513,8 @@ def main(argv=None):
         for cell in args.cells.split(","):
             for size in args.sizes.split(","):
                 for dtype in args.dtypes.split(","):
-                    s, failed = bench(cell, size, getattr(np, dtype), args.rounds, args.compile_sizes.split(","))
+                    s, failed = bench(cell, size, getattr(np, dtype), args.rounds, args.compile_sizes.split(","),
+                                      args.columns.split(","))
                     med = {k: statistics.median(v) for k, v in s.items()}
                     row = [cell, size, dtype, f"{med['numba'] * 1e3:.2f}", f"{med['numpy'] * 1e3:.2f}",
                            fmt_range(s["numba"], s["numpy"])]
