@@ -841,19 +841,23 @@ class _Lowering:
         for name in names:
             found = self.reduction_of(name)
             if found is not None:
-                operand = next(n for n in self.nodes if n.name == found.operand)
+                operand = self.node_named(found.operand)
                 shown = sympy.sstr(operand.expr) if operand.role == "auxiliary" else operand.name
-                auxiliary = next(n for n in self.nodes if n.name == name).role == "auxiliary"
+                auxiliary = self.node_named(name).role == "auxiliary"
                 source = "" if found.name == name else "computed from " if auxiliary else f"{name} is computed from "
                 return (f" ({source}{found.reduce.spec_name}({shown}), "
                         "a reduction: it is one value repeated over the units of what it reduces, and keeps that size; "
                         "beside a product W @ v, scale the product's operand instead: W @ (v * r) is (W @ v) * r)")
         return ""
 
+    def node_named(self, name: str):
+        """The node called ``name`` (None: a leaf)."""
+        return next((n for n in self.nodes if n.name == name), None)
+
     def reduction_of(self, name: str) -> Reduction | None:
         """The reduction ``name`` is, or the first of those it is computed from where it is
         computed from reductions (and scalars) alone; else None."""
-        node = next((n for n in self.nodes if n.name == name), None)
+        node = self.node_named(name)
         if isinstance(node, Reduction):
             return node
         if not isinstance(node, Pointwise):

@@ -97,7 +97,8 @@ def derived_gradient(g: StepGraph, mv: MatVecNode, grad, part: Ref) -> list:
     return out
 
 
-def parameter_sums(sums: list[tuple[Ref, str, Span | None, bool]], n: Namer, total, over_rows, comment: str = "") -> list:
+def parameter_sums(sums: list[tuple[Ref, str, Span | None, bool]], n: Namer, total, over_rows, comment: str = "",
+                   summed: frozenset[str] = frozenset()) -> list:
     """Gradients of elementwise parameters from the adjoint buffers that hold theirs.
 
     ``sums``: (gradient, buffer over every step, the columns of the buffer that hold the
@@ -105,13 +106,13 @@ def parameter_sums(sums: list[tuple[Ref, str, Span | None, bool]], n: Namer, tot
     columns; a vector's, its columns of one reduction over the steps and the batch per
     buffer, shared by every parameter that reads it (PyTorch's two biases get the same
     sum).  ``total(value)`` spells a sum of every entry, ``over_rows(buffer)`` a sum over
-    the steps and the batch."""
+    the steps and the batch; a buffer in ``summed`` is that sum already (a kernel's accumulator)."""
     lines, totals = [], {}
     for grad, buf, cols, scalar in sums:
         if scalar:
             lines.append(Update(grad, "+", total(Ref(buf, (ETC, cols)) if cols is not None else Ref(buf))))
             continue
-        if buf not in totals and over_rows(Ref(buf)) == Ref(buf):  # a sum already (an accumulator)
+        if buf in summed:
             totals[buf] = buf
         elif buf not in totals:
             totals[buf] = n.fresh(f"{buf.removesuffix('_seq')}_sum")

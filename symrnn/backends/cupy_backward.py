@@ -100,8 +100,8 @@ class BackwardEmitter:
         sums = [(target, src, part, scalar) for target, src, _, part, scalar in self.sums]
         widths = {src: width for _, src, width, _, _ in self.sums}
         return parameter_sums(sums, self.py, lambda v: Call("sum", (v,)),
-                              lambda v: v if widths[v.name] is None else
-                              Call("sum", (Reshape(v, widths[v.name]),), (("axis", Text("0")),)))
+                              lambda v: Call("sum", (Reshape(v, widths[v.name]),), (("axis", Text("0")),)),
+                              summed=frozenset(src for src, width in widths.items() if width is None))
 
     # -- symbolic adjoints of one stage ----------------------------------------------
     def stage_adjoints(self, stage: Stage) -> tuple[list[tuple[str, sympy.Expr]], dict[str, sympy.Expr]]:
