@@ -95,9 +95,18 @@ def _source(cell: str, passes) -> str:
     ("unit_products", "lstm_peephole", "d_p_i += _sum_rows(d_c*d_coef[t - t0])"),
     # the centred rh_i - mu_r of an earlier stage (the gains' adjoints) read by the variance's
     ("shared_temporaries", "layer_norm_lstm", "d_rh_i_from1 = d_tmp10*d_tmp24"),
+    # the four gates' statements as one on the stacked arrays: a product with the gains, an adjoint
+    # added into the stacked input-side adjoint, the gains' gradients, a mean of the four blocks' sum
+    ("stack_blocks", "layer_norm_lstm", "d_tmp12_stack = d_tmp11_stack*gamma_r\n"),
+    ("stack_blocks", "layer_norm_lstm", "d_x_proj_seq[t] += d_tmp16_stack*rstd_x_seq[t]"),
+    ("stack_blocks", "layer_norm_lstm", "d_gamma_r += _sum_rows(d_tmp10_stack*d_tmp11_stack*rstd_r)"),
+    ("stack_blocks", "layer_norm_lstm", "d_rstd_r = 4*_mean_units(d_tmp10_stack*d_tmp12_stack)"),
+    ("stack_blocks", "layer_norm_lstm", "d_h_prev_proj_seq[t] = d_rh_i_stack\n"),
 ])
 def test_each_pass_does_what_it_says(name, cell, present):
-    on, off = _source(cell, ALL), _source(cell, ALL - {name})
+    # stack_blocks restates, on the stacked arrays, statements the other passes wrote block by block
+    base = ALL if name == "stack_blocks" else ALL - {"stack_blocks"}
+    on, off = _source(cell, base), _source(cell, base - {name})
     assert present in on
     assert present not in off
 

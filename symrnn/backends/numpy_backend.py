@@ -24,6 +24,7 @@ from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_S
 from ..passes import ALL, check
 from ..passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from ..passes.lean_buffers import lean_buffers
+from ..passes.stack_blocks import stack_module
 from ..passes.unit_products import helpers_used
 from .array_module import derived_setup, group_weight, module_namer, weight_ref
 from .numpy_backward import emit_backward
@@ -191,6 +192,8 @@ class _Emitter:
         m = self.m
         if "lean_buffers" in self.passes:
             lean_buffers(m, {grad: self.n.value(param) for grad, param in self.grad_of.items()}, self.d_x)
+        if "stack_blocks" in self.passes:
+            stack_module(m, *self.param_shapes(), self.n.fresh)
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)
@@ -215,6 +218,20 @@ class _Emitter:
         for pairs in ("outputs", "finals", "grads", "rtrl_grads"):
             setattr(m, pairs, [(k, printer.value(v)) for k, v in getattr(m, pairs)])
         return m
+
+    def param_shapes(self) -> tuple[dict, frozenset[str]]:
+        """(rank, last-axis size) of each parameter and its gradient, and the names of the vectors
+        among them (passes/stack_blocks.py)."""
+        shapes, vectors = {}, set()
+        grads = {param: grad for grad, param in self.grad_of.items()}
+        for p in self.g.params:
+            shape = (len(p.shape), p.shape[-1] if p.shape else sympy.Integer(1))
+            for name in (self.n.value(p.name), grads.get(p.name)):
+                if name is not None:
+                    shapes[name] = shape
+                    if len(p.shape) == 1:
+                        vectors.add(name)
+        return shapes, frozenset(vectors)
 
     def used_setup(self, *bodies: list) -> list:
         """The setup statements a function needs: every parameter, and the row blocks and

@@ -28,7 +28,10 @@ values, deciding from the step graph, the plan and what statements read and writ
   sums over the batch rows in the loop, as products with a vector of ones (BLAS);
 * ``shared_temporaries`` (the NumPy backward): a subexpression of forward values that one
   stage of a region computed (sympy.cse's temporary) is read, not computed again, by the
-  stages after it in that region (a layer norm's centred ``rh - mu``).
+  stages after it in that region (a layer norm's centred ``rh - mu``);
+* ``stack_blocks`` (stack_blocks.py): the K statements that are one computation on the K blocks
+  of a stacked array (a cell written by gates: ``d_tmp6 = d_tmp5*gamma_r_1`` ... for each gate)
+  become one statement on the stacked array.
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
@@ -36,7 +39,7 @@ of them off, and that each does what it says.
 """
 
 PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums",
-          "compact_unit_adjoints", "unit_products", "shared_temporaries")
+          "compact_unit_adjoints", "unit_products", "shared_temporaries", "stack_blocks")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]

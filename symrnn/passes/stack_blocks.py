@@ -1,0 +1,632 @@
+"""Block stacking (NumPy): one statement on a stacked array where the derivation wrote one per block.
+
+A cell written by blocks (haste's layer-normalized LSTM: four gates, each with its rows of W, R,
+gamma_x, gamma_r and b; symrnn.spec's ``blocks``) is derived node by node, so its module computes
+what is one computation on the stacked (B, 4n) arrays as four statements on (B, n) views:
+
+    d_tmp6 = d_tmp5*gamma_r_1    ...    d_tmp15 = d_tmp14*gamma_r_3
+
+Each of those NumPy calls pays its dispatch and a pass over a quarter of the data.  This pass finds
+the blocks of a *stack*: K views of equal width w of one array's unit axis at offsets 0, w, ..,
+(K - 1) w (a stacked product's views ``rh_g = h_prev_proj[:, n:2n]``, a parameter's row blocks
+``gamma_r_1 = gamma_r[n:2n]``, a stacked adjoint ``d_wx_g_seq[t]``), and rewrites
+
+* **K statements that are one statement on the blocks** (the same expression, block k's views in
+  statement k, every other operand the same and proved of width 1: a row's mean, its inverse
+  standard deviation, a number) into one statement on the stacked views, where the first of them
+  was (or else the last, when they cannot all move there); each block's name becomes a view of
+  the result (``d_tmp6 = d_tmp12_stack[..., n:2n]``).  A statement that adds into, or writes,
+  block k of an array (``d_wx_g_seq[t] += ...``, ``d_gamma_r[n:2n] += _sum_rows(...)``,
+  ``d_h_prev_proj_seq[t, :, n:2n] = d_rh_g``) stacks into the blocks' span;
+* **K different statements whose values two groups of such statements or more read as blocks**
+  (a sigmoid's derivative on three gates, tanh's on the fourth) into writes into the blocks of one
+  new (B, K w) array, when each value is proved to be (B, w) (:class:`Shapes`), so that their
+  readers stack (with one group only, the copies would cost what stacking it saves);
+* **a mean (or sum) over the units of a sum of K terms, one per block** (``_mean_units(d_tmp10 *
+  d_tmp12 + ... + d_tmp7 * d_tmp9)``) into K times the mean of the stacked term (a sum: the sum);
+* **K in-place calls whose operands are one expression on the blocks** (the gates' pre-activations
+  under sigmoid and tanh) into that expression once on the stacked views, each call reading its
+  block of the result.
+
+Nothing is stacked that is not proved the same computation: a statement with a reduction over the
+units of a block (a block's own mean), blocks of two different numbers, a transposed or otherwise
+indexed block, a shared operand not proved of width 1, a statement that cannot move to where the
+stacked one goes (something between reads what it writes or writes what it reads) is left as it
+is.  Switched off (``stack_blocks``, symrnn.passes), every block keeps its own statements.
+
+Measured (benchmarks/layer_norm_cpu.py, benchmarks/RESULTS.md's layer-norm section): layer_norm_lstm's
+module at T=100, B=32, I=H=256 took 1.43x lstm's time with the pass (float32; float64 1.36x)
+against 1.61x (1.52x) on the benchmark's run before it; one interleaved run of both modules
+(12 rounds, float32): 1.63x -> 1.44x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import sympy
+
+from ..reductions import Reduce
+from ..stmt import ALL, ETC, Assign, Call, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update
+
+__all__ = ["Shapes", "Slot", "Views", "stack_blocks"]
+
+#: helpers that reduce over the unit axis (kept as an axis of 1) -> the factor of the stacked one
+#: (a sum of K blocks' sums is the stacked sum; the mean of K blocks' sum is K times the stacked mean)
+_UNIT_REDUCTIONS = {"_sum_units": 1, "_mean_units": None}
+#: the helper that sums over the batch rows (unit by unit: it stacks as the units do)
+_ROW_SUM = "_sum_rows"
+_VALUE = sympy.Symbol("\x02value")  # a statement whose value is a ref, as an expression
+
+Shape = tuple  # (rank, size of the last axis); rank 0: a number
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The part ``lo:lo + width`` of the unit (last) axis of ``base[lead]`` (``lead``: the index
+    items before it; ``()`` for a vector's own span)."""
+
+    base: str
+    lead: tuple
+    lo: sympy.Expr
+    width: sympy.Expr
+
+    @property
+    def block(self) -> int | None:
+        """k where this is block k of width ``width`` (lo = k width), else None."""
+        k = sympy.simplify(self.lo / self.width)
+        return int(k) if k.is_Integer and k >= 0 else None
+
+    @property
+    def stack(self) -> tuple:
+        return (self.base, self.lead, self.width)
+
+    def stacked(self, blocks: int) -> Ref:
+        """The view of blocks 0 .. ``blocks`` - 1."""
+        return Ref(self.base, (*self.lead, Span(sympy.Integer(0), sympy.expand(blocks * self.width))))
+
+    def overlaps(self, other: "Slot") -> bool:
+        if self.base != other.base:
+            return False
+        if self.stack == other.stack and self.block is not None and other.block is not None:
+            return self.block == other.block
+        return True  # not proved apart
+
+
+def _is_span(item) -> bool:
+    return isinstance(item, Span) and item.lo is not None and item.hi is not None
+
+
+def _value_of(stmt):
+    """(the statement's value as an elementwise expression, the row-sum helper around it or None)."""
+    value = stmt.value
+    wrap = None
+    if isinstance(value, Helper) and value.func == _ROW_SUM and len(value.args) == 1 and not value.kwargs:
+        wrap, value = _ROW_SUM, value.args[0]
+    if isinstance(value, Ref):
+        value = Elementwise(_VALUE, ((_VALUE.name, value),))
+    return (value, wrap) if isinstance(value, Elementwise) else (None, None)
+
+
+class Views:
+    """Which names are blocks of a stack: each ``X = Y[..., lo:hi]`` (or ``X = Y[t]`` of such a
+    view, ``X = v[lo:hi]`` of a vector ``v``) of the sections, for a name assigned once there."""
+
+    def __init__(self, sections: Iterable[list], vectors: frozenset[str]):
+        self.vectors = vectors
+        stmts = [s for section in sections for s in section]
+        counts: dict[str, int] = {}
+        for s in stmts:  # bindings (writing into an array does not rebind its name)
+            for dst in (s.dst if isinstance(s.dst, tuple) else (s.dst,)) if isinstance(s, Assign) else ():
+                if not dst.index:
+                    counts[dst.name] = counts.get(dst.name, 0) + 1
+        self.slots: dict[str, Slot] = {}
+        for s in stmts:
+            if (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and counts[s.dst.name] == 1
+                    and isinstance(s.value, Ref)):
+                slot = self.of(s.value)
+                if slot is not None and slot.block is not None and counts.get(slot.base, 0) <= 1:
+                    self.slots[s.dst.name] = slot  # (a view of an array bound again would be of the old one)
+
+    def of(self, ref: Ref) -> Slot | None:
+        """The slot ``ref`` is, or None."""
+        if not isinstance(ref, Ref) or ref.T:
+            return None
+        if ref.name in self.slots:
+            slot = self.slots[ref.name]
+            if not ref.index:
+                return slot
+            if slot.lead == (ETC,) and all(isinstance(i, sympy.Basic) for i in ref.index):
+                return Slot(slot.base, (*ref.index, ETC), slot.lo, slot.width)
+            return None
+        if ref.index and _is_span(ref.index[-1]) and not any(isinstance(i, Span) for i in ref.index[:-1]):
+            lead = tuple(ref.index[:-1])
+            if not lead and ref.name not in self.vectors:
+                return None  # a span of a matrix's rows is not its unit axis
+            span = ref.index[-1]
+            return Slot(ref.name, lead, span.lo, sympy.expand(span.hi - span.lo))
+        return None
+
+    def region(self, name: str):
+        """What a name's array is part of: (root array, its slot there or None: all of it)."""
+        slot, seen = None, set()
+        while name in self.slots and name not in seen:
+            seen.add(name)
+            slot = self.slots[name]
+            name = slot.base
+        return name, slot
+
+
+class Shapes:
+    """(rank, last-axis size) of the names of the sections, where proved: allocations, parameters
+    (``known``), views, NumPy's broadcasting of an elementwise expression (the one size that is
+    not 1), a reduction over the units (1).  A name bound twice with two shapes has none."""
+
+    def __init__(self, known: dict, views: Views):
+        self.shapes: dict = dict(known)
+        self.known = frozenset(known)  # bound from the parameters (``p["W"]``): their shapes stand
+        self.views = views
+
+    def scan(self, stmts: Iterable) -> None:
+        for s in stmts:
+            if isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and s.dst.name not in self.known:
+                shape, name = self.value(s.value), s.dst.name
+                if name in self.shapes and self.shapes[name] != shape:
+                    shape = None
+                self.shapes[name] = shape
+
+    def ref(self, ref: Ref):
+        """The shape of ``name[index]``: a position removes its axis, a span of the last axis sets
+        its size; None where the last axis is indexed away or a span's size is not known."""
+        if ref.T or self.shapes.get(ref.name) is None:
+            return None
+        rank, size = self.shapes[ref.name]
+        index = ref.index
+        if ETC in index:
+            last = index[-1] if index[-1] is not ETC else None  # the item of the last axis, if any
+        else:
+            last = index[-1] if index and len(index) == rank else None
+        if isinstance(last, Span):
+            if not _is_span(last):
+                return None
+            size = sympy.expand(last.hi - last.lo)
+        elif isinstance(last, sympy.Basic):
+            return None  # the last axis indexed away
+        rank -= sum(isinstance(i, sympy.Basic) for i in index)
+        return (rank, size) if rank >= 0 else None
+
+    def value(self, v):
+        if isinstance(v, Ref):
+            slot = self.views.of(v)
+            if slot is not None and v.name in self.views.slots:
+                base = self.shapes.get(slot.base)
+                if base is None:
+                    return None
+                rank = base[0] - sum(isinstance(i, sympy.Basic) for i in slot.lead)
+                return (rank, slot.width) if rank >= 1 else None
+            return self.ref(v)
+        if isinstance(v, Call) and v.func in ("empty", "zeros") and v.args and isinstance(v.args[0], tuple):
+            return self.literal(v.args[0])
+        if isinstance(v, Call) and v.func in ("empty_like", "zeros_like") and v.args and isinstance(v.args[0], Ref):
+            return self.ref(v.args[0])
+        if isinstance(v, Reshape):
+            return (3 if v.steps else 2, v.cols) if not v.T else None
+        if isinstance(v, Helper) and v.func == "_seed" and len(v.args) >= 3 and isinstance(v.args[2], tuple):
+            return self.literal(v.args[2])
+        if isinstance(v, Helper) and v.func in _UNIT_REDUCTIONS and len(v.args) == 1:
+            inner = self.value(v.args[0])
+            return (inner[0], sympy.Integer(1)) if inner else None
+        if isinstance(v, Elementwise):
+            return self.elementwise(v)
+        return None
+
+    @staticmethod
+    def literal(shape: tuple):
+        last = shape[-1] if shape else None
+        if isinstance(last, Size):
+            return (len(shape), sympy.sympify(last.expr))
+        if isinstance(last, sympy.Basic):
+            return (len(shape), last)
+        return None
+
+    def operand(self, name: str, refs: dict):
+        return self.value(refs[name]) if name in refs else self.shapes.get(name)
+
+    def elementwise(self, v: Elementwise):
+        if v.expr.atoms(Reduce):
+            return None
+        refs = dict(v.refs)
+        shapes = [self.operand(s.name, refs) for s in v.expr.free_symbols]
+        if any(s is None for s in shapes):
+            return None
+        if not shapes:
+            return (0, sympy.Integer(1))
+        sizes = {size for _, size in shapes if size != 1}
+        if len(sizes) > 1:
+            return None
+        return (max(rank for rank, _ in shapes), sizes.pop() if sizes else sympy.Integer(1))
+
+    def width_one(self, name: str, refs: dict) -> bool:
+        shape = self.operand(name, refs)
+        return shape is not None and shape[1] == 1
+
+
+class _Stacker:
+    """The pass over one section (its statements in order)."""
+
+    def __init__(self, stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str]):
+        self.stmts = list(stmts)
+        self.views, self.shapes, self.fresh = views, shapes, fresh
+
+    def run(self) -> list:
+        while self.stack_once() or self.produce_once() or self.reduce_once() or self.operands_once():
+            pass
+        return self.stmts
+
+    # -- a statement as block k of a stacked one ----------------------------------------------
+    def abstract(self, v: Elementwise, wild: bool):
+        """(the expression with each block's symbol replaced by its stack's placeholder, the other
+        symbols with their refs, the block, the locals of the blocks' width replaced by ``?``
+        when ``wild``); None when the expression reads no block, blocks of two numbers, or a
+        reduction."""
+        if v.expr.atoms(Reduce):
+            return None  # a reduction over the units of a block is not one over the stack
+        refs = dict(v.refs)
+        subs, blocks, others, wilds = {}, set(), [], []
+        for s in sorted(v.expr.free_symbols, key=lambda s: s.name):
+            value = refs.get(s.name, Ref(s.name))
+            if not isinstance(value, Ref):
+                return None  # a reduction (or a call) inside: not a statement on units
+            slot = self.views.of(value)
+            if slot is not None and slot.block is not None:
+                subs[s] = sympy.Symbol("\x00" + repr(slot.stack))
+                blocks.add(slot.block)
+            elif wild and not value.index and not self.shapes.width_one(s.name, refs):
+                subs[s] = sympy.Symbol("\x01?")
+                wilds.append(value.name)
+            else:
+                others.append((s.name, refs.get(s.name)))
+        if len(blocks) != 1:
+            return None
+        return v.expr.xreplace(subs), tuple(others), blocks.pop(), tuple(wilds)
+
+    def site(self, i: int, wild: bool):
+        """(key, block, wild names) of statement i as block k of a stacked statement, or None."""
+        s = self.stmts[i]
+        if isinstance(s, Assign) and isinstance(s.dst, Ref):
+            kind = "="
+        elif isinstance(s, Update):
+            kind = s.op + "="
+        else:
+            return None
+        value, wrap = _value_of(s)
+        if value is None:
+            return None
+        got = self.abstract(value, wild)
+        if got is None:
+            return None
+        expr, others, block, wilds = got
+        if kind == "=" and not s.dst.index and s.dst.name in self.views.slots:
+            return None  # a block's view of a stack
+        if s.dst.index or kind != "=":
+            slot = self.views.of(s.dst)
+            if slot is None or slot.block != block:
+                return None
+            target = slot.stack
+        else:
+            target = None  # a new value: a view of the stacked one
+        return (kind, wrap, target, sympy.srepr(expr), others, len(wilds)), block, wilds
+
+    def groups(self, wild: bool):
+        """The K sites of one stacked statement, in block order (and their wild names)."""
+        sites: dict = {}
+        for i in range(len(self.stmts)):
+            got = self.site(i, wild)
+            if got is not None:
+                key, block, wilds = got
+                sites.setdefault(key, []).append((i, block, wilds))
+        for key, members in sites.items():
+            by_block = {block: (i, wilds) for i, block, wilds in members}
+            if len(members) >= 2 and len(by_block) == len(members) and set(by_block) == set(range(len(members))):
+                yield [by_block[k] for k in range(len(members))]
+
+    # -- stacking K statements ---------------------------------------------------------------------
+    def stack_once(self) -> bool:
+        return any(self.place([i for i, _ in members]) for members in self.groups(wild=False))
+
+    def regions(self, names) -> list:
+        return [self.views.region(n) for n in names]
+
+    def written(self, stmt) -> list:
+        """What a statement writes: a block it writes into as that block, else the whole array."""
+        dst = getattr(stmt, "dst", None)
+        if isinstance(dst, Ref) and dst.index:
+            slot = self.views.of(dst)
+            if slot is not None:
+                root, above = self.views.region(dst.name)
+                return [(root, slot if above is None else None)]
+        return self.regions(stmt.writes)
+
+    def conflict(self, a: list, b: list) -> bool:
+        for root_a, slot_a in a:
+            for root_b, slot_b in b:
+                if root_a == root_b and (slot_a is None or slot_b is None or slot_a.overlaps(slot_b)):
+                    return True
+        return False
+
+    def movable(self, positions: list[int], to: int) -> bool:
+        """Whether each statement at ``positions`` can move to position ``to`` (the first of them
+        or the last): nothing it passes reads what it writes, or writes what it reads or writes;
+        none of them reads what another writes."""
+        members = [self.stmts[p] for p in positions]
+        written = set().union(*(m.writes for m in members))
+        if any(m.reads & (written - m.writes) for m in members):
+            return False
+        for p, m in zip(positions, members):
+            reads, writes = self.regions(m.reads - m.writes), self.written(m)
+            for j in range(min(p, to), max(p, to) + 1):
+                if j in positions:
+                    continue
+                other = self.stmts[j]
+                if (self.conflict(self.regions(other.reads - other.writes), writes)
+                        or self.conflict(self.written(other), reads + writes)):
+                    return False
+        return True
+
+    def stacked(self, slot: Slot, blocks: int) -> Ref:
+        """The view of a stack's blocks 0 .. ``blocks`` - 1: the array itself (``base[lead]``) where
+        they are all of its last axis."""
+        shape = self.shapes.shapes.get(slot.base)
+        if shape is not None and slot.lo == 0 and sympy.expand(shape[1] - blocks * slot.width) == 0:
+            lead = list(slot.lead)
+            while lead and lead[-1] in (ALL, ETC):
+                lead.pop()
+            return Ref(slot.base, tuple(lead))
+        return slot.stacked(blocks)
+
+    def stacked_value(self, value: Elementwise, blocks: int) -> Elementwise | None:
+        """``value`` (block 0's) on the stacked views of its blocks; None when an operand shared by
+        the blocks is not proved of width 1 (it would not broadcast over the stack)."""
+        refs = dict(value.refs)
+        subs, new_refs = {}, {}
+        for s in value.expr.free_symbols:
+            ref = refs.get(s.name, Ref(s.name))
+            slot = self.views.of(ref)
+            if slot is not None and slot.block is not None:
+                stacked = self.stacked(slot, blocks)
+                name = _view_name(stacked)
+                subs[s] = sympy.Symbol(name)
+                new_refs[name] = stacked
+            elif not self.shapes.width_one(s.name, refs):
+                return None
+            elif s.name in refs:
+                new_refs[s.name] = refs[s.name]
+        return Elementwise(value.expr.xreplace(subs), tuple(sorted(new_refs.items())))
+
+    def place(self, positions: list[int]) -> bool:
+        """Stack the K statements at ``positions`` (block order) where the first of them is, or
+        else the last, if they can move there."""
+        at = next((to for to in (min(positions), max(positions)) if self.movable(positions, to)), None)
+        if at is None:
+            return False
+        stmts, blocks = self.stmts, len(positions)
+        first = stmts[positions[0]]
+        value, wrap = _value_of(first)
+        stacked = self.stacked_value(value, blocks)
+        if stacked is None:
+            return False
+        if stacked.expr.is_Symbol and stacked.expr.name in dict(stacked.refs):
+            merged = dict(stacked.refs)[stacked.expr.name]  # a view: as a ref
+        else:
+            merged = stacked
+        if wrap:
+            merged = Helper(wrap, (merged,))
+        out: list = []
+        if first.dst.index or isinstance(first, Update):
+            dst = self.stacked(self.views.of(first.dst), blocks)
+            out.append(dataclasses.replace(first, dst=dst, value=merged))
+        else:
+            name = self.fresh(first.dst.name + "_stack")
+            out.append(Assign(Ref(name), merged, first.comment))
+            self.shapes.shapes[name] = self.shapes.value(merged)
+            width = self.width_of(positions[0])
+            for k, p in enumerate(positions):
+                member = stmts[p]
+                lo = sympy.expand(k * width)
+                out.append(Assign(member.dst, Ref(name, (ETC, Span(lo, sympy.expand(lo + width)))), member.comment))
+                self.views.slots[member.dst.name] = Slot(name, (ETC,), lo, width)
+        self.stmts = ([s for j, s in enumerate(stmts[:at]) if j not in positions] + out
+                      + [s for j, s in enumerate(stmts[at + 1:], at + 1) if j not in positions])
+        return True
+
+    # -- K different values as the blocks of one new array --------------------------------------
+    def produce_once(self) -> bool:
+        """K statements that would stack if K values, each from its own statement, were the blocks
+        of one array (one such value in each): write those values into the blocks of a new (B, K w)
+        array, where two such groups of statements or more would stack (the writes into the new
+        array cost about one of them)."""
+        readers: dict[tuple, list] = {}
+        for members in self.groups(wild=True):
+            wilds = [w for _, w in members]
+            if all(len(w) == 1 for w in wilds):
+                readers.setdefault(tuple(w[0] for w in wilds), []).append(members[0][0])
+        for names, groups in readers.items():
+            width = self.width_of(groups[0])
+            if len(groups) >= 2 and width is not None and self.make_stack(list(names), width):
+                return True
+        return False
+
+    def width_of(self, i: int):
+        return self.width_in(_value_of(self.stmts[i])[0])
+
+    def width_in(self, value: Elementwise):
+        """The width of the blocks an expression reads."""
+        refs = dict(value.refs)
+        for s in value.expr.free_symbols:
+            slot = self.views.of(refs.get(s.name, Ref(s.name)))
+            if slot is not None and slot.block is not None:
+                return slot.width
+        return None
+
+    def make_stack(self, names: list[str], width: sympy.Expr) -> bool:
+        if len(set(names)) != len(names) or any(n in self.views.slots for n in names):
+            return False
+        where: dict[str, int] = {}
+        for j, s in enumerate(self.stmts):
+            if names_written := s.writes & set(names):
+                if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index) or set(where) & names_written:
+                    return False
+                where[s.dst.name] = j
+        if len(where) != len(names):
+            return False
+        for n in names:
+            shape = self.shapes.shapes.get(n)
+            if shape is None or shape[0] != 2 or sympy.expand(shape[1] - width) != 0:
+                return False  # not proved (B, w)
+        first = min(where.values())
+        if any(set(names) & self.stmts[j].reads for j in range(first)):
+            return False  # read before it is computed (carried from the step before)
+        blocks = len(names)
+        stack = self.fresh(names[0] + "_stack")
+        at = {j: n for n, j in where.items()}
+        out = []
+        for j, s in enumerate(self.stmts):
+            if j == first:
+                out.append(Assign(Ref(stack), Call("empty", ((Text("B"), Size(sympy.expand(blocks * width))), Text("dtype")))))
+            if j in at:
+                lo = sympy.expand(names.index(at[j]) * width)
+                part = Ref(stack, (ALL, Span(lo, sympy.expand(lo + width))))
+                out.append(Assign(part, s.value, s.comment))
+                out.append(Assign(s.dst, part))
+                self.views.slots[s.dst.name] = Slot(stack, (ALL,), lo, width)
+            else:
+                out.append(s)
+        self.shapes.shapes[stack] = (2, sympy.expand(blocks * width))
+        self.stmts = out
+        return True
+
+    # -- the operands of K different statements -------------------------------------------------
+    def operands_once(self) -> bool:
+        """K in-place calls (an op's first, ``out=``) whose operands are one expression on blocks
+        0 .. K - 1 (the gates' pre-activations under sigmoid and tanh): that expression once on the
+        stacked views, before the first of them, and each call reads its block of the result."""
+        sites: dict = {}
+        for i, s in enumerate(self.stmts):
+            if isinstance(s, OpCall) and isinstance(s.a, Elementwise) and not s.a.expr.is_Symbol:
+                got = self.abstract(s.a, wild=False)
+                if got is not None:
+                    expr, others, block, _ = got
+                    sites.setdefault((sympy.srepr(expr), others), []).append((i, block))
+        for members in sites.values():
+            by_block = dict((block, i) for i, block in members)
+            blocks = len(members)
+            if blocks < 2 or len(by_block) != blocks or set(by_block) != set(range(blocks)):
+                continue
+            positions = [by_block[k] for k in range(blocks)]
+            first = min(positions)
+            operands = [self.stmts[p].a for p in positions]
+            if any(self.conflict(self.written(self.stmts[j]), self.regions(Assign(Ref("_"), a).reads))
+                   for p, a in zip(positions, operands) for j in range(first, p)):
+                continue  # an operand's values change before its call
+            stacked = self.stacked_value(operands[0], blocks)
+            width = self.width_in(operands[0])
+            if stacked is None or width is None:
+                continue
+            name = self.fresh(self.stmts[positions[0]].out.name + "_pre_stack")
+            self.shapes.shapes[name] = self.shapes.value(stacked)
+            for k, p in enumerate(positions):
+                lo = sympy.expand(k * width)
+                self.stmts[p] = dataclasses.replace(self.stmts[p], a=Ref(name, (ETC, Span(lo, sympy.expand(lo + width)))))
+            users = ", ".join(self.stmts[p].out.name for p in positions)
+            self.stmts.insert(first, Assign(Ref(name), stacked, f"the operands of {users}, stacked"))
+            return True
+        return False
+
+    # -- a reduction of the sum of K blocks' terms ----------------------------------------------
+    def reduce_once(self) -> bool:
+        for j, s in enumerate(self.stmts):
+            value = getattr(s, "value", None)
+            if not isinstance(value, Elementwise):
+                continue
+            for name, ref in value.refs:
+                if not (isinstance(ref, Helper) and ref.func in _UNIT_REDUCTIONS and len(ref.args) == 1 and not ref.kwargs
+                        and isinstance(ref.args[0], Elementwise) and ref.args[0].expr.is_Add):
+                    continue
+                got = self.stacked_sum(ref.args[0])
+                if got is None:
+                    continue
+                inner, blocks = got
+                factor = blocks if _UNIT_REDUCTIONS[ref.func] is None else 1
+                symbol = sympy.Symbol(name)
+                expr = value.expr.xreplace({symbol: factor * symbol})
+                refs = tuple((n, Helper(ref.func, (inner,)) if n == name else r) for n, r in value.refs)
+                self.stmts[j] = dataclasses.replace(s, value=Elementwise(expr, refs))
+                return True
+        return False
+
+    def stacked_sum(self, v: Elementwise):
+        """(the stacked term, K) where ``v`` is the sum of K terms that are one term on blocks 0 .. K - 1."""
+        refs = dict(v.refs)
+        by_block, keys = {}, set()
+        for term in v.expr.args:
+            got = self.abstract(Elementwise(term, tuple((s.name, refs[s.name]) for s in term.free_symbols if s.name in refs)),
+                                wild=False)
+            if got is None:
+                return None
+            expr, others, block, _ = got
+            keys.add((sympy.srepr(expr), others))
+            by_block.setdefault(block, term)
+        blocks = len(v.expr.args)
+        if len(keys) != 1 or len(by_block) != blocks or set(by_block) != set(range(blocks)):
+            return None
+        term = by_block[0]
+        stacked = self.stacked_value(Elementwise(term, tuple((s.name, refs[s.name]) for s in term.free_symbols
+                                                             if s.name in refs)), blocks)
+        return (stacked, blocks) if stacked is not None else None
+
+
+def _view_name(ref: Ref) -> str:
+    """The symbol standing for a stacked view in an expression (printed through its ref)."""
+    items = [f"{i.lo}:{i.hi}" if isinstance(i, Span) else str(i) for i in ref.index]
+    return f"{ref.name}[{', '.join(items)}]"
+
+
+def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str]) -> list:
+    """``stmts`` (one section of a function: a loop's body, the statements before or after it)
+    with the statements of a stack's blocks stacked (the module docstring); ``shapes`` must
+    have scanned the sections before it."""
+    shapes.scan(stmts)
+    return _Stacker(stmts, views, shapes, fresh).run()
+
+
+def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str], str]) -> None:
+    """Run the pass over the NumPy module ``m``'s forward and backward (symrnn.backends.numpy_backend's
+    sections); ``known``: the parameters' (and their gradients') shapes, ``vectors``: the names of
+    1-D ones.  A stack that forward made and backward reads through its cached views (a stacked
+    product's) joins the cache."""
+    forward = [m.setup, m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post]
+    views = Views(forward, vectors)
+    shapes = Shapes(known, views)
+    shapes.scan([*m.setup, *m.stacks])
+    m.forward_pre = stack_blocks(m.forward_pre, views, shapes, fresh)
+    shapes.scan(m.forward_alloc)
+    m.forward_loop = stack_blocks(m.forward_loop, views, shapes, fresh)
+    cached = set(m.cache_names)
+    forward_stmts = [s for section in forward for s in section]
+    kept = [s for s in forward_stmts if isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.name in cached]
+    backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
+                m.backward_after, m.backward_pre]
+    views = Views([m.setup, kept, *backward], vectors)
+    shapes = Shapes(known, views)
+    shapes.scan(forward_stmts)
+    shapes.scan([*m.backward_seed, *m.backward_carry, *m.backward_post, *m.backward_coefs])
+    m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh)
+    m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh)
+    backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
+                m.backward_after, m.backward_pre]
+    in_backward = set().union(*(s.writes for section in backward for s in section), (s.dst.name for s in m.setup))
+    in_forward = set().union(*(s.writes for s in forward_stmts))
+    read = set().union(*(s.reads for section in backward for s in section))
+    m.cache_names = sorted(cached | ((read & in_forward) - in_backward))
