@@ -110,6 +110,13 @@ def _value_of(stmt):
     return (value, wrap) if isinstance(value, Elementwise) else (None, None)
 
 
+def _alias(value):
+    """The ref a value is another name of (``u = R_0_h_prev_sum``: no copy), or None."""
+    if isinstance(value, Elementwise) and value.expr.is_Symbol:
+        value = dict(value.refs).get(value.expr.name, Ref(value.expr.name))
+    return value if isinstance(value, Ref) else None
+
+
 class Views:
     """Which names are blocks of a stack: each ``X = Y[..., lo:hi]`` (or ``X = Y[t]`` of such a
     view, ``X = v[lo:hi]`` of a vector ``v``) of the sections, for a name assigned once there."""
@@ -124,9 +131,8 @@ class Views:
                     counts[dst.name] = counts.get(dst.name, 0) + 1
         self.slots: dict[str, Slot] = {}
         for s in stmts:
-            if (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and counts[s.dst.name] == 1
-                    and isinstance(s.value, Ref)):
-                slot = self.of(s.value)
+            if isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and counts[s.dst.name] == 1:
+                slot = self.of(_alias(s.value))
                 if slot is not None and slot.block is not None and counts.get(slot.base, 0) <= 1:
                     self.slots[s.dst.name] = slot  # (a view of an array bound again would be of the old one)
 
