@@ -2,19 +2,23 @@
 their rows of stacked parameters) compute the same values with it as without it, pass finite
 differences and BPTT = RTRL with it, and get stacked statements where their blocks are one
 computation, and none where they are not (a block's own mean, an operand of the blocks' width
-shared by them, blocks in another order)."""
+shared by them, blocks in another order); random cells by blocks (hypothesis) compute the same
+values with it as without it, and BPTT = RTRL with it."""
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from symrnn.gradcheck import check_module, random_problem, rel_error
+from symrnn.gradcheck import check_module, random_problem, rel_error, rtrl_vs_bptt
 from symrnn.passes import ALL
 from symrnn.pipeline import build, load_module, render_numpy
-from symrnn.spec import parse_spec
+from symrnn.spec import SpecWarning, parse_spec
 
 from test_reductions import LN_GRU
 
@@ -171,3 +175,70 @@ def test_float32_stacked_module_matches_the_unstacked_one():
     assert all(grads[0][k].dtype == np.float32 for k in grads[0])
     bad = {k: rel_error(grads[0][k], grads[1][k]) for k in grads[1] if not rel_error(grads[0][k], grads[1][k]) <= 1e-5}
     assert not bad, bad
+
+
+# -- random cells by blocks --------------------------------------------------------------------------
+#: a gate's pre-activation: terms over block {k}'s rows (its product with x, with h_prev, its gain and
+#: bias), the blocks' shared normalization (m, s: one value per row), a block's own mean (which must
+#: not stack), h_prev (of the blocks' width, shared: which must not stack either) and numbers
+TERMS = ("(W[{k}] @ x)", "(R[{k}] @ h_prev)", "g[{k}]", "b[{k}]", "(wx{k} - m) * s", "mean(wx{k})", "h_prev", "0.5")
+ACTS = ("sigmoid({})", "tanh({})")
+
+
+@st.composite
+def _template(draw, depth=0):
+    """A pre-activation with ``{k}`` where block k's rows go."""
+    if depth >= 2 or draw(st.booleans()):
+        return draw(st.sampled_from(TERMS))
+    a, b = draw(_template(depth + 1)), draw(_template(depth + 1))
+    form = draw(st.sampled_from(("{} + {}", "{} * {}", "{} - {}", "tanh({}) * {}")))
+    return "(" + form.format(a, b) + ")"
+
+
+@st.composite
+def block_cells(draw):
+    """K gates over the K row blocks of stacked parameters: one pre-activation template for all
+    of them (possibly under different activations) or each its own, then a bounded state update."""
+    blocks = draw(st.integers(2, 4))
+    shared = draw(st.booleans())
+    common = draw(_template())
+    templates = [common if shared else draw(_template()) for _ in range(blocks)]
+    acts = [draw(st.sampled_from(ACTS)) for _ in range(blocks)]
+    rows = f"{blocks}*n_hidden"
+    lines = [f'wx{k} = "W[{k}] @ x"' for k in range(blocks)]
+    lines.append(f'm = "({" + ".join(f"mean(wx{k})" for k in range(blocks))}) / {blocks}"')
+    lines.append(f's = "(({" + ".join(f"mean((wx{k} - m)**2)" for k in range(blocks))}) / {blocks} + 0.5)**-0.5"')
+    # every gate reads its block's normalized product and bias: each gate is a vector, every equation used
+    lines += [f'a{k} = "{acts[k].format(templates[k].format(k=k) + f" + (wx{k} - m) * s + b[{k}]")}"' for k in range(blocks)]
+    rest = " + ".join(f"a{k}" for k in range(1, blocks))
+    lines.append(f'h = "tanh(a0 * h_prev + {rest})"')
+    return _HEAD.format(name="random_blocks") + f"""\
+[params]
+W = {{ shape = ["{rows}", "n_in"], blocks = {blocks} }}
+R = {{ shape = ["{rows}", "n_hidden"], blocks = {blocks} }}
+g = {{ shape = ["{rows}"], blocks = {blocks} }}
+b = {{ shape = ["{rows}"], blocks = {blocks} }}
+[equations]
+""" + "\n".join(lines) + "\n"
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(block_cells())
+def test_random_block_cells_compute_the_same_values_stacked(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)  # a block's row of a parameter no gate reads is fine here
+        plan = build(parse_spec(text, "random_blocks.toml"))
+    on = load_module(render_numpy(plan, passes=ALL), "random_blocks_stacked")
+    off = load_module(render_numpy(plan, passes=ALL - {"stack_blocks"}), "random_blocks_unstacked")
+    pr = random_problem(on, T=5, B=3, seed=2, n_in=3, n_hidden=3, n_out=3)
+    for kw in ({}, {"lengths": np.array([5, 0, 2]), "reverse": True}):
+        results = []
+        for m in (on, off):
+            out, cache = m.forward(pr.params, pr.x, pr.state0, **kw)
+            results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
+        (out, grads), (out_off, grads_off) = results
+        errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
+        bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+        assert not bad, (bad, text)
+    bad = [(r.name, r.error) for r in rtrl_vs_bptt(on, pr) if not r.error <= r.tol]
+    assert not bad, (bad, text)
