@@ -35,14 +35,15 @@ stacked one goes (something between reads what it writes or writes what it reads
 is.  Switched off (``stack_blocks``, symrnn.passes), every block keeps its own statements.
 
 Measured (benchmarks/layer_norm_cpu.py, benchmarks/RESULTS.md's layer-norm section): layer_norm_lstm's
-module at T=100, B=32, I=H=256 took 1.43x lstm's time with the pass (float32; float64 1.36x)
-against 1.61x (1.52x) on the benchmark's run before it; one interleaved run of both modules
-(12 rounds, float32): 1.63x -> 1.44x.
+module at T=100, B=32, I=H=256 took 1.41-1.43x lstm's time with the pass in three runs (float32;
+float64 1.30-1.36x) against 1.61x (1.52x) on the benchmark's run before it; one interleaved run of
+both modules (12 rounds, float32): 1.63x -> 1.44x.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -262,9 +263,10 @@ class Shapes:
 class _Stacker:
     """The pass over one section (its statements in order)."""
 
-    def __init__(self, stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str]):
+    def __init__(self, stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set):
         self.stmts = list(stmts)
         self.views, self.shapes, self.fresh = views, shapes, fresh
+        self.bindings = bindings  # the views of a stack this pass binds a block's name to
 
     def run(self) -> list:
         while self.stack_once() or self.produce_once() or self.reduce_once() or self.operands_once():
@@ -442,6 +444,7 @@ class _Stacker:
                 member = stmts[p]
                 lo = sympy.expand(k * width)
                 out.append(Assign(member.dst, Ref(name, (ETC, Span(lo, sympy.expand(lo + width)))), member.comment))
+                self.bindings.add(out[-1])
                 self.views.slots[member.dst.name] = Slot(name, (ETC,), lo, width)
         self.stmts = ([s for j, s in enumerate(stmts[:at]) if j not in positions] + out
                       + [s for j, s in enumerate(stmts[at + 1:], at + 1) if j not in positions])
@@ -506,6 +509,7 @@ class _Stacker:
                 part = Ref(stack, (ALL, Span(lo, sympy.expand(lo + width))))
                 out.append(Assign(part, s.value, s.comment))
                 out.append(Assign(s.dst, part))
+                self.bindings.add(out[-1])
                 self.views.slots[s.dst.name] = Slot(stack, (ALL,), lo, width)
             else:
                 out.append(s)
@@ -599,28 +603,30 @@ def _view_name(ref: Ref) -> str:
     return f"{ref.name}[{', '.join(items)}]"
 
 
-def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str]) -> list:
+def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set) -> list:
     """``stmts`` (one section of a function: a loop's body, the statements before or after it)
     with the statements of a stack's blocks stacked (the module docstring); ``shapes`` must
-    have scanned the sections before it."""
+    have scanned the sections before it; ``bindings`` gets the blocks' views it binds."""
     shapes.scan(stmts)
-    return _Stacker(stmts, views, shapes, fresh).run()
+    return _Stacker(stmts, views, shapes, fresh, bindings).run()
 
 
 def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str], str]) -> None:
     """Run the pass over the NumPy module ``m``'s forward and backward (symrnn.backends.numpy_backend's
     sections); ``known``: the parameters' (and their gradients') shapes, ``vectors``: the names of
     1-D ones.  A stack that forward made and backward reads through its cached views (a stacked
-    product's) joins the cache."""
+    product's) joins the cache; a block's view that nothing reads any more is not bound."""
+    bindings: set = set()
     forward = [m.setup, m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post]
     views = Views(forward, vectors)
     shapes = Shapes(known, views)
     shapes.scan([*m.setup, *m.stacks])
-    m.forward_pre = stack_blocks(m.forward_pre, views, shapes, fresh)
+    m.forward_pre = stack_blocks(m.forward_pre, views, shapes, fresh, bindings)
     shapes.scan(m.forward_alloc)
-    m.forward_loop = stack_blocks(m.forward_loop, views, shapes, fresh)
+    m.forward_loop = stack_blocks(m.forward_loop, views, shapes, fresh, bindings)
     cached = set(m.cache_names)
-    forward_stmts = [s for section in forward for s in section]
+    forward_stmts = [s for section in (m.setup, m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
+                     for s in section]
     kept = [s for s in forward_stmts if isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.name in cached]
     backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
                 m.backward_after, m.backward_pre]
@@ -628,11 +634,25 @@ def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str],
     shapes = Shapes(known, views)
     shapes.scan(forward_stmts)
     shapes.scan([*m.backward_seed, *m.backward_carry, *m.backward_post, *m.backward_coefs])
-    m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh)
-    m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh)
+    m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh, bindings)
+    m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh, bindings)
     backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
                 m.backward_after, m.backward_pre]
     in_backward = set().union(*(s.writes for section in backward for s in section), (s.dst.name for s in m.setup))
     in_forward = set().union(*(s.writes for s in forward_stmts))
     read = set().union(*(s.reads for section in backward for s in section))
     m.cache_names = sorted(cached | ((read & in_forward) - in_backward))
+    _unbind_unread(m, bindings)
+
+
+def _unbind_unread(m, bindings: set) -> None:
+    """Leave out the views of blocks (``bindings``) whose names nothing of the module reads: no
+    statement, output, gradient, cache entry or loss expression."""
+    sections = [name for name, value in vars(m).items() if isinstance(value, list) and all(hasattr(s, "reads") for s in value)]
+    read = set(m.cache_names).union(*(s.reads for name in sections for s in getattr(m, name)))
+    for pairs in (m.outputs, m.finals, m.grads, m.rtrl_grads):
+        read = read.union(*(Assign(Ref("_"), value).reads for _, value in pairs))
+    for text in (value for value in vars(m).values() if isinstance(value, str)):
+        read |= set(re.findall(r"[A-Za-z_]\w*", text))
+    for name in sections:
+        setattr(m, name, [s for s in getattr(m, name) if s not in bindings or s.dst.name in read])
