@@ -17,7 +17,7 @@ from .cell import Block, Identity, MatVec, ParamSymbol, Transpose
 from .claims import TIME, CMatVec, Cat, Delta, Entry, ISum, Outer, Prime, Q, Rows, Transposed, TSum, Unit, q
 from .errors import InternalError
 from .ir import Pointwise
-from .ops import OPS, Op, exp, log
+from .ops import OPS, Op, log
 from .reductions import Reduce, sum_units
 
 __all__ = ["Deriver"]

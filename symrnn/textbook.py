@@ -145,7 +145,6 @@ class TextbookPrinter(LatexPrinter):
 
     def _print_Rows(self, e) -> str:
         v, lo, hi = e.args
-        n = self.g.size(v.args[1][0].qname) if False else None  # noqa: F841
         lo_t = self._print(lo + 1)
         hi_t = "" if hi == _END else self._print(hi)
         return rf"\left[{self._print(v)}\right]_{{{lo_t}:{hi_t}}}"

@@ -99,7 +99,7 @@ class _Emitter:
         return CellError(self.cell, f"{self.backend} backend", f"{what}; use the NumPy backend for this cell")
 
     def check(self) -> None:
-        g, plan = self.g, self.plan
+        plan = self.plan
         if len(plan.pre.stages) > 1 and not any(s.reductions for s in plan.pre.stages):
             raise self.unsupported("a product of a value computed from the input alone (two GEMM stages before the loop) is not supported yet")
         for region in (plan.pre, plan.loop, plan.post):
