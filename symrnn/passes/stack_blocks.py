@@ -61,7 +61,6 @@ _UNIT_REDUCTIONS = {"_sum_units": 1, "_mean_units": None}
 _ROW_SUM = "_sum_rows"
 _VALUE = sympy.Symbol("\x02value")  # a statement whose value is a ref, as an expression
 
-Shape = tuple  # (rank, size of the last axis); rank 0: a number
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,27 @@ class Slot:
 
 def _is_span(item) -> bool:
     return isinstance(item, Span) and item.lo is not None and item.hi is not None
+
+
+def _in_block_order(pairs):
+    """The items of (block, item) pairs in block order, where the blocks are 0 .. K - 1 (K >= 2),
+    each once; else None."""
+    by_block = dict(pairs)
+    if len(pairs) < 2 or len(by_block) != len(pairs) or set(by_block) != set(range(len(pairs))):
+        return None
+    return [by_block[k] for k in range(len(pairs))]
+
+
+def _part(v: Elementwise, expr: sympy.Expr) -> Elementwise:
+    """A subexpression of ``v`` with the refs of its symbols."""
+    refs = dict(v.refs)
+    return Elementwise(expr, tuple((s.name, refs[s.name]) for s in expr.free_symbols if s.name in refs))
+
+
+def _block(name: str, lead: tuple, k: int, width: sympy.Expr) -> tuple[Ref, Slot]:
+    """Block k of array ``name`` (of width ``width``, on its last axis after ``lead``): its view and slot."""
+    lo = sympy.expand(k * width)
+    return Ref(name, (*lead, Span(lo, sympy.expand(lo + width)))), Slot(name, lead, lo, width)
 
 
 def _value_of(stmt):
@@ -309,15 +329,13 @@ class _Stacker:
             kind = s.op + "="
         else:
             return None
+        if kind == "=" and not s.dst.index and s.dst.name in self.views.slots:
+            return None  # a block's view of a stack
         value, wrap = _value_of(s)
-        if value is None:
-            return None
-        got = self.abstract(value, wild)
+        got = None if value is None else self.abstract(value, wild)
         if got is None:
             return None
         expr, others, block, wilds = got
-        if kind == "=" and not s.dst.index and s.dst.name in self.views.slots:
-            return None  # a block's view of a stack
         if s.dst.index or kind != "=":
             slot = self.views.of(s.dst)
             if slot is None or slot.block != block:
@@ -335,10 +353,10 @@ class _Stacker:
             if got is not None:
                 key, block, wilds = got
                 sites.setdefault(key, []).append((i, block, wilds))
-        for key, members in sites.items():
-            by_block = {block: (i, wilds) for i, block, wilds in members}
-            if len(members) >= 2 and len(by_block) == len(members) and set(by_block) == set(range(len(members))):
-                yield [by_block[k] for k in range(len(members))]
+        for members in sites.values():
+            ordered = _in_block_order([(block, (i, wilds)) for i, block, wilds in members])
+            if ordered is not None:
+                yield ordered
 
     # -- stacking K statements ---------------------------------------------------------------------
     def stack_once(self) -> bool:
@@ -442,10 +460,9 @@ class _Stacker:
             width = self.width_of(positions[0])
             for k, p in enumerate(positions):
                 member = stmts[p]
-                lo = sympy.expand(k * width)
-                out.append(Assign(member.dst, Ref(name, (ETC, Span(lo, sympy.expand(lo + width)))), member.comment))
+                view, self.views.slots[member.dst.name] = _block(name, (ETC,), k, width)
+                out.append(Assign(member.dst, view, member.comment))
                 self.bindings.add(out[-1])
-                self.views.slots[member.dst.name] = Slot(name, (ETC,), lo, width)
         self.stmts = ([s for j, s in enumerate(stmts[:at]) if j not in positions] + out
                       + [s for j, s in enumerate(stmts[at + 1:], at + 1) if j not in positions])
         return True
@@ -505,12 +522,10 @@ class _Stacker:
             if j == first:
                 out.append(Assign(Ref(stack), Call("empty", ((Text("B"), Size(sympy.expand(blocks * width))), Text("dtype")))))
             if j in at:
-                lo = sympy.expand(names.index(at[j]) * width)
-                part = Ref(stack, (ALL, Span(lo, sympy.expand(lo + width))))
+                part, self.views.slots[s.dst.name] = _block(stack, (ALL,), names.index(at[j]), width)
                 out.append(Assign(part, s.value, s.comment))
                 out.append(Assign(s.dst, part))
                 self.bindings.add(out[-1])
-                self.views.slots[s.dst.name] = Slot(stack, (ALL,), lo, width)
             else:
                 out.append(s)
         self.shapes.shapes[stack] = (2, sympy.expand(blocks * width))
@@ -530,12 +545,10 @@ class _Stacker:
                     expr, others, block, _ = got
                     sites.setdefault((sympy.srepr(expr), others), []).append((i, block))
         for members in sites.values():
-            by_block = dict((block, i) for i, block in members)
-            blocks = len(members)
-            if blocks < 2 or len(by_block) != blocks or set(by_block) != set(range(blocks)):
+            positions = _in_block_order([(block, i) for i, block in members])
+            if positions is None:
                 continue
-            positions = [by_block[k] for k in range(blocks)]
-            first = min(positions)
+            blocks, first = len(positions), min(positions)
             operands = [self.stmts[p].a for p in positions]
             if any(self.conflict(self.written(self.stmts[j]), self.regions(Assign(Ref("_"), a).reads))
                    for p, a in zip(positions, operands) for j in range(first, p)):
@@ -547,8 +560,7 @@ class _Stacker:
             name = self.fresh(self.stmts[positions[0]].out.name + "_pre_stack")
             self.shapes.shapes[name] = self.shapes.value(stacked)
             for k, p in enumerate(positions):
-                lo = sympy.expand(k * width)
-                self.stmts[p] = dataclasses.replace(self.stmts[p], a=Ref(name, (ETC, Span(lo, sympy.expand(lo + width)))))
+                self.stmts[p] = dataclasses.replace(self.stmts[p], a=_block(name, (ETC,), k, width)[0])
             users = ", ".join(self.stmts[p].out.name for p in positions)
             self.stmts.insert(first, Assign(Ref(name), stacked, f"the operands of {users}, stacked"))
             return True
@@ -578,23 +590,19 @@ class _Stacker:
 
     def stacked_sum(self, v: Elementwise):
         """(the stacked term, K) where ``v`` is the sum of K terms that are one term on blocks 0 .. K - 1."""
-        refs = dict(v.refs)
-        by_block, keys = {}, set()
+        pairs, keys = [], set()
         for term in v.expr.args:
-            got = self.abstract(Elementwise(term, tuple((s.name, refs[s.name]) for s in term.free_symbols if s.name in refs)),
-                                wild=False)
+            got = self.abstract(_part(v, term), wild=False)
             if got is None:
                 return None
             expr, others, block, _ = got
             keys.add((sympy.srepr(expr), others))
-            by_block.setdefault(block, term)
-        blocks = len(v.expr.args)
-        if len(keys) != 1 or len(by_block) != blocks or set(by_block) != set(range(blocks)):
+            pairs.append((block, term))
+        terms = _in_block_order(pairs)
+        if len(keys) != 1 or terms is None:
             return None
-        term = by_block[0]
-        stacked = self.stacked_value(Elementwise(term, tuple((s.name, refs[s.name]) for s in term.free_symbols
-                                                             if s.name in refs)), blocks)
-        return (stacked, blocks) if stacked is not None else None
+        stacked = self.stacked_value(_part(v, terms[0]), len(terms))
+        return (stacked, len(terms)) if stacked is not None else None
 
 
 def _view_name(ref: Ref) -> str:
@@ -628,21 +636,24 @@ def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str],
     forward_stmts = [s for section in (m.setup, m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
                      for s in section]
     kept = [s for s in forward_stmts if isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.name in cached]
-    backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
-                m.backward_after, m.backward_pre]
-    views = Views([m.setup, kept, *backward], vectors)
+    views = Views([m.setup, kept, *_backward(m)], vectors)
     shapes = Shapes(known, views)
     shapes.scan(forward_stmts)
     shapes.scan([*m.backward_seed, *m.backward_carry, *m.backward_post, *m.backward_coefs])
     m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh, bindings)
     m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh, bindings)
-    backward = [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop,
-                m.backward_after, m.backward_pre]
+    backward = _backward(m)
     in_backward = set().union(*(s.writes for section in backward for s in section), (s.dst.name for s in m.setup))
     in_forward = set().union(*(s.writes for s in forward_stmts))
     read = set().union(*(s.reads for section in backward for s in section))
     m.cache_names = sorted(cached | ((read & in_forward) - in_backward))
     _unbind_unread(m, bindings)
+
+
+def _backward(m) -> list[list]:
+    """backward's sections, in the order the template lays them out."""
+    return [m.backward_seed, m.backward_carry, m.backward_post, m.backward_coefs, m.backward_loop, m.backward_after,
+            m.backward_pre]
 
 
 def _unbind_unread(m, bindings: set) -> None:
