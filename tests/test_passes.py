@@ -102,10 +102,18 @@ def _source(cell: str, passes) -> str:
     ("stack_blocks", "layer_norm_lstm", "d_gamma_r += _sum_rows(d_tmp10_stack*d_tmp11_stack*rstd_r)"),
     ("stack_blocks", "layer_norm_lstm", "d_rstd_r = 4*_mean_units(d_tmp10_stack*d_tmp12_stack)"),
     ("stack_blocks", "layer_norm_lstm", "d_h_prev_proj_seq[t] = d_rh_i_stack\n"),
+    # the four blocks' means, and mean squared deviations, one mean of the stacked array each
+    ("stack_blocks", "layer_norm_lstm", "mu_r[...] = _mean_units(h_prev_proj)  # eq:layer_norm_lstm:mu_r"),
+    ("stack_blocks", "layer_norm_lstm", "var_x_seq = _mean_units(mean_in_msd_x_i_seq_stack)  # eq:layer_norm_lstm:var_x"),
+    # the projections centred once, where they are made, and read centred in forward and backward
+    ("centred_in_place", "layer_norm_lstm", "x_proj_seq -= mu_x_seq\n"),
+    ("centred_in_place", "layer_norm_lstm", "h_prev_proj -= mu_r\n"),
+    ("centred_in_place", "layer_norm_lstm", "d_tmp22_stack = x_proj_seq[t]\n"),
+    ("centred_in_place", "layer_norm_lstm", "d_wx_i_from1_stack = d_tmp25*x_proj_seq\n"),
 ])
 def test_each_pass_does_what_it_says(name, cell, present):
     # stack_blocks restates, on the stacked arrays, statements the other passes wrote block by block
-    base = ALL if name == "stack_blocks" else ALL - {"stack_blocks"}
+    base = ALL if name in ("stack_blocks", "centred_in_place") else ALL - {"stack_blocks"}
     on, off = _source(cell, base), _source(cell, base - {name})
     assert present in on
     assert present not in off

@@ -24,6 +24,7 @@ from ..stmt import Assign, Call, Elementwise, Key, Ref, Span, span, t0_SYM, t1_S
 from ..passes import ALL, check
 from ..passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from ..passes.lean_buffers import lean_buffers
+from ..passes.centred_in_place import centre_module
 from ..passes.stack_blocks import stack_module
 from ..passes.unit_products import helpers_used
 from .array_module import derived_setup, group_weight, module_namer, weight_ref
@@ -194,6 +195,8 @@ class _Emitter:
             lean_buffers(m, {grad: self.n.value(param) for grad, param in self.grad_of.items()}, self.d_x)
         if "stack_blocks" in self.passes:
             stack_module(m, *self.param_shapes(), self.n.fresh)
+        if "centred_in_place" in self.passes:
+            centre_module(m, *self.param_shapes())
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)

@@ -31,7 +31,11 @@ values, deciding from the step graph, the plan and what statements read and writ
   stages after it in that region (a layer norm's centred ``rh - mu``);
 * ``stack_blocks`` (stack_blocks.py): the K statements that are one computation on the K blocks
   of a stacked array (a cell written by gates: ``d_tmp6 = d_tmp5*gamma_r_1`` ... for each gate)
-  become one statement on the stacked array.
+  become one statement on the stacked array, and K reductions of its blocks that one sum reads one
+  reduction of the stacked array;
+* ``centred_in_place`` (centred_in_place.py): an array that forward writes once and everything after
+  reads only centred, ``S - M`` (a layer norm's projection less its mean), is centred in place
+  (``S -= M``) and read as it is.
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
@@ -39,7 +43,7 @@ of them off, and that each does what it says.
 """
 
 PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums",
-          "compact_unit_adjoints", "unit_products", "shared_temporaries", "stack_blocks")
+          "compact_unit_adjoints", "unit_products", "shared_temporaries", "stack_blocks", "centred_in_place")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]

@@ -26,7 +26,11 @@ the blocks of a *stack*: K views of equal width w of one array's unit axis at of
   d_tmp12 + ... + d_tmp7 * d_tmp9)``) into K times the mean of the stacked term (a sum: the sum);
 * **K in-place calls whose operands are one expression on the blocks** (the gates' pre-activations
   under sigmoid and tanh) into that expression once on the stacked views, each call reading its
-  block of the result.
+  block of the result;
+* **K reductions over the units of the K blocks that one statement reads, and nothing else, as one
+  sum with one coefficient** (``mu_r = mean_rh_i/4 + ... + mean_rh_o/4``, a layer norm over all
+  gates written as the mean of the gates' means) into one reduction of the stacked view
+  (``mu_r[...] = _mean_units(h_prev_proj)``): the K means' sum is K times the stacked mean.
 
 Nothing is stacked that is not proved the same computation: a statement with a reduction over the
 units of a block (a block's own mean), blocks of two different numbers, a transposed or otherwise
@@ -50,7 +54,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..reductions import Reduce
-from ..stmt import ALL, ETC, Assign, Call, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update
+from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update
 
 __all__ = ["Shapes", "Slot", "Views", "stack_blocks"]
 
@@ -283,13 +287,16 @@ class Shapes:
 class _Stacker:
     """The pass over one section (its statements in order)."""
 
-    def __init__(self, stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set):
+    def __init__(self, stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set,
+                 outside: frozenset[str] = frozenset()):
         self.stmts = list(stmts)
         self.views, self.shapes, self.fresh = views, shapes, fresh
         self.bindings = bindings  # the views of a stack this pass binds a block's name to
+        self.outside = outside  # the names something outside this section reads
 
     def run(self) -> list:
-        while self.stack_once() or self.produce_once() or self.reduce_once() or self.operands_once():
+        while (self.stack_once() or self.produce_once() or self.reduce_once() or self.operands_once()
+               or self.sums_once()):
             pass
         return self.stmts
 
@@ -603,6 +610,94 @@ class _Stacker:
             return None
         stacked = self.stacked_value(_part(v, terms[0]), len(terms))
         return (stacked, len(terms)) if stacked is not None else None
+
+
+    # -- the sum of K blocks' reductions --------------------------------------------------------
+    def block_reduction(self, s):
+        """(helper, slot) where ``s`` is ``name = _mean_units(block)`` (or ``_sum_units``) of a
+        stack's block, else None."""
+        if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and isinstance(s.value, Helper)
+                and s.value.func in _UNIT_REDUCTIONS and len(s.value.args) == 1 and not s.value.kwargs):
+            return None
+        slot = self.views.of(_alias(s.value.args[0]))
+        return (s.value.func, slot) if slot is not None and slot.block is not None else None
+
+    def sums_once(self) -> bool:
+        """K reductions over the units of blocks 0 .. K - 1 of a stack (``mean_rh_i = _mean_units(rh_i)``
+        ...) that one statement reads, and nothing else, in one sum with the same coefficient
+        (``mu_r = mean_rh_i/4 + ... + mean_rh_o/4``): one reduction of the stack instead (the K
+        means' sum is K times the stacked mean, the K sums' the stacked sum)."""
+        groups: dict = {}
+        for i, s in enumerate(self.stmts):
+            got = self.block_reduction(s)
+            if got is not None:
+                func, slot = got
+                groups.setdefault((func, slot.stack), []).append((slot.block, i))
+        for (func, _), members in groups.items():
+            positions = _in_block_order(members)
+            if positions is None:
+                continue
+            names = [self.stmts[p].dst.name for p in positions]
+            readers = [j for j, s in enumerate(self.stmts) if s.reads & set(names)]
+            if set(names) & self.outside or len(readers) != 1:
+                continue
+            j = readers[0]
+            at = next((to for to in (min(positions), max(positions)) if self.movable(positions, to)), None)
+            slot = self.views.of(_alias(self.stmts[positions[0]].value.args[0]))
+            name = self.fresh(f"{func.strip('_').split('_')[0]}_{slot.base.removesuffix('_stack')}")
+            factor = len(positions) if _UNIT_REDUCTIONS[func] is None else 1
+            reader = None if at is None else _one_sum(self.stmts[j], names, sympy.Symbol(name), factor)
+            if reader is None:
+                continue
+            value = Helper(func, (self.stacked(slot, len(positions)),))
+            merged = Assign(Ref(name), value, self.stmts[positions[0]].comment)
+            if _alias(reader.value) == Ref(name) and self.movable(positions, j - 1):
+                reader, at = dataclasses.replace(reader, value=value), None  # the reader is that reduction
+            else:
+                self.shapes.shapes[name] = self.shapes.value(value)
+            self.stmts[j] = reader
+            self.stmts = [merged if k == at else s for k, s in enumerate(self.stmts) if k not in positions or k == at]
+            return True
+        return False
+
+
+def _one_sum(stmt, names: list[str], merged: sympy.Symbol, factor: int):
+    """``stmt`` (an assignment of an expression, or ``add(a, b, out=...)``) with the sum
+    c (m_0 + ... + m_{K-1}) of the values named ``names`` replaced by c ``factor`` ``merged``;
+    None where it does not read them only so (each once, linearly, with one coefficient)."""
+    if isinstance(stmt, (Assign, Update)) and isinstance(stmt.value, Elementwise):
+        parts = [stmt.value]
+    elif (isinstance(stmt, Do) and isinstance(stmt.call, Call) and stmt.call.func == "add" and len(stmt.call.args) == 2
+          and all(isinstance(a, Elementwise) for a in stmt.call.args)):
+        parts = list(stmt.call.args)
+    else:
+        return None
+    marks = [sympy.Dummy(n) for n in names]
+    marked = []
+    for part in parts:
+        subs, refs = {}, []
+        for sym_name, ref in part.refs:
+            if isinstance(ref, Ref) and not ref.index and ref.name in names:
+                subs[sympy.Symbol(sym_name)] = marks[names.index(ref.name)]
+            else:
+                refs.append((sym_name, ref))
+        if any(s.name in names and s.name not in dict(part.refs) for s in part.expr.free_symbols):
+            subs.update({s: marks[names.index(s.name)] for s in part.expr.free_symbols if s.name in names})
+        marked.append((part.expr.xreplace(subs), refs))
+    total = sympy.Add(*(e for e, _ in marked))
+    coeffs = {sympy.diff(total, m) for m in marks}
+    if len(coeffs) != 1 or not next(iter(coeffs)).is_Number or (total - next(iter(coeffs)) * sympy.Add(*marks)).has(*marks):
+        return None
+    new = [Elementwise(e.xreplace({marks[0]: factor * merged, **{m: 0 for m in marks[1:]}}),
+                       tuple(sorted([*refs, *([(merged.name, Ref(merged.name))] if e.has(marks[0]) else [])])))
+           for e, refs in marked]
+    if len(new) == 1:
+        return dataclasses.replace(stmt, value=new[0])
+    kept = [v for v in new if v.expr != 0]
+    if len(kept) == 2:
+        return dataclasses.replace(stmt, call=dataclasses.replace(stmt.call, args=tuple(new)))
+    out = stmt.out
+    return Assign(Ref(out.name, out.index or (ETC,)), kept[0] if kept else Elementwise(sympy.Integer(0)), stmt.comment)
 
 
 def _view_name(ref: Ref) -> str:
