@@ -32,6 +32,11 @@ the blocks of a *stack*: K views of equal width w of one array's unit axis at of
   gates written as the mean of the gates' means) into one reduction of the stacked view
   (``mu_r[...] = _mean_units(h_prev_proj)``): the K means' sum is K times the stacked mean.
 
+Then what it stacked is written where it goes: a stacked value that is only copied into a part of
+an array is computed there, and a sum or product written into a block of a stack it made is its
+ufunc's ``out=`` (no temporary copied); and a sum over the rows of a product with a row's value
+(``_sum_rows(a*b*rstd_r)``) is that sum weighted by the value (``_sum_rows_by(a*b, rstd_r)``).
+
 Nothing is stacked that is not proved the same computation: a statement with a reduction over the
 units of a block (a block's own mean), blocks of two different numbers, a transposed or otherwise
 indexed block, a shared operand not proved of width 1, a statement that cannot move to where the
@@ -54,6 +59,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..reductions import Reduce
+from .unit_products import WEIGHTED_ROWS
 from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update
 
 __all__ = ["Shapes", "Slot", "Views", "stack_blocks"]
@@ -283,6 +289,10 @@ class Shapes:
         shape = self.operand(name, refs)
         return shape is not None and shape[1] == 1
 
+    def width_one_expr(self, v: Elementwise) -> bool:
+        shape = self.elementwise(v)
+        return shape is not None and shape[1] == 1
+
 
 class _Stacker:
     """The pass over one section (its statements in order)."""
@@ -293,12 +303,69 @@ class _Stacker:
         self.views, self.shapes, self.fresh = views, shapes, fresh
         self.bindings = bindings  # the views of a stack this pass binds a block's name to
         self.outside = outside  # the names something outside this section reads
+        self.made: set[str] = set()  # the arrays this pass made (stacked values, new stacks)
 
     def run(self) -> list:
         while (self.stack_once() or self.produce_once() or self.reduce_once() or self.operands_once()
                or self.sums_once()):
             pass
+        self.into_buffers()
+        self.stmts = [self.weighed(s) for s in self.stmts]
         return self.stmts
+
+    # -- the stacked values written where they go ----------------------------------------------
+    def read_anywhere(self, name: str, but: int | None = None) -> bool:
+        """Whether a statement (other than number ``but``), or something outside the section,
+        reads ``name`` or a view of it; a block's view this pass bound is a read only where its
+        name is read."""
+        names = {name} | {n for n in self.views.slots if self.views.region(n)[0] == name}
+        if names & self.outside:
+            return True
+        for k, st in enumerate(self.stmts):
+            if k == but or not st.reads & names:
+                continue
+            if st in self.bindings and not self.read_anywhere(st.dst.name):
+                continue
+            return True
+        return False
+
+    def into_buffers(self) -> None:
+        """A stacked value copied into a part of an array and read nowhere else (``d_rh_i_stack = ...;
+        d_h_prev_proj_seq[t] = d_rh_i_stack``) computed into that part; a sum or a product written
+        into a part of an array (a block of a stack this pass made) computed there by its ufunc
+        (``np.multiply(d_g, 1 - g**2, out=d_tmp11_stack[:, n:2n])``), not into a temporary then copied."""
+        for i in reversed(range(len(self.stmts))):
+            s = self.stmts[i]
+            if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and s.dst.name in self.made
+                    and isinstance(s.value, Elementwise)):
+                continue
+            j = i + 1  # the next statement but the blocks' views of it that nothing reads
+            while j < len(self.stmts) and self.stmts[j] in self.bindings and not self.read_anywhere(self.stmts[j].dst.name):
+                j += 1
+            copy = self.stmts[j] if j < len(self.stmts) else None
+            if (isinstance(copy, Assign) and isinstance(copy.dst, Ref) and copy.dst.index
+                    and copy.value == Ref(s.dst.name) and not self.read_anywhere(s.dst.name, j)):
+                views = [st for st in self.stmts[i + 1:j] if not (isinstance(st.value, Ref) and st.value.name == s.dst.name)]
+                self.stmts[i:j + 1] = [_into(copy.dst, s.value, s.comment), *views]  # (X's own views go with it)
+        self.stmts = [_into(s.dst, s.value, s.comment)
+                      if isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.index and s.dst.name in self.made
+                      and isinstance(s.value, Elementwise) else s for s in self.stmts]
+
+    def weighed(self, s):
+        """``s`` with a sum over the rows of a product with a (B, 1) column w (``_sum_rows(a*b*rstd_r)``)
+        as that sum weighted by w (``_sum_rows_by(a*b, rstd_r)``: a product with w, one pass fewer)."""
+        value = getattr(s, "value", None)
+        if not (isinstance(s, (Assign, Update)) and isinstance(value, Helper) and value.func == _ROW_SUM
+                and len(value.args) == 1 and isinstance(value.args[0], Elementwise) and value.args[0].expr.is_Mul):
+            return s
+        v = value.args[0]
+        refs = dict(v.refs)
+        for factor in sorted(v.expr.args, key=sympy.default_sort_key):
+            rest = v.expr / factor
+            if (factor.is_Symbol and self.shapes.operand(factor.name, refs) == (2, 1)
+                    and rest.free_symbols and not self.shapes.width_one_expr(_part(v, rest))):
+                return dataclasses.replace(s, value=Helper(WEIGHTED_ROWS, (_part(v, rest), _part(v, factor))))
+        return s
 
     # -- a statement as block k of a stacked one ----------------------------------------------
     def abstract(self, v: Elementwise, wild: bool):
@@ -462,6 +529,7 @@ class _Stacker:
             out.append(dataclasses.replace(first, dst=dst, value=merged))
         else:
             name = self.fresh(first.dst.name + "_stack")
+            self.made.add(name)
             out.append(Assign(Ref(name), merged, first.comment))
             self.shapes.shapes[name] = self.shapes.value(merged)
             width = self.width_of(positions[0])
@@ -523,6 +591,7 @@ class _Stacker:
             return False  # read before it is computed (carried from the step before)
         blocks = len(names)
         stack = self.fresh(names[0] + "_stack")
+        self.made.add(stack)
         at = {j: n for n, j in where.items()}
         out = []
         for j, s in enumerate(self.stmts):
@@ -661,6 +730,15 @@ class _Stacker:
         return False
 
 
+def _into(dst: Ref, value: Elementwise, comment: str):
+    """``dst = value`` as its ufunc writing into ``dst`` where ``value`` is a sum or a product."""
+    ufunc = {sympy.Add: "add", sympy.Mul: "multiply"}.get(type(value.expr))
+    if ufunc is None or value.expr.atoms(Reduce):
+        return Assign(dst, value, comment)
+    first, rest = value.expr.args[0], value.expr.func(*value.expr.args[1:])
+    return Do(Call(ufunc, (_part(value, first), _part(value, rest)), (("out", dst),)), dst, comment)
+
+
 def _one_sum(stmt, names: list[str], merged: sympy.Symbol, factor: int):
     """``stmt`` (an assignment of an expression, or ``add(a, b, out=...)``) with the sum
     c (m_0 + ... + m_{K-1}) of the values named ``names`` replaced by c ``factor`` ``merged``;
@@ -706,12 +784,33 @@ def _view_name(ref: Ref) -> str:
     return f"{ref.name}[{', '.join(items)}]"
 
 
-def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set) -> list:
+def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str], str], bindings: set,
+                 outside: frozenset[str] = frozenset()) -> list:
     """``stmts`` (one section of a function: a loop's body, the statements before or after it)
     with the statements of a stack's blocks stacked (the module docstring); ``shapes`` must
-    have scanned the sections before it; ``bindings`` gets the blocks' views it binds."""
+    have scanned the sections before it; ``bindings`` gets the blocks' views it binds; ``outside``:
+    the names something outside the section reads."""
     shapes.scan(stmts)
-    return _Stacker(stmts, views, shapes, fresh, bindings).run()
+    return _Stacker(stmts, views, shapes, fresh, bindings, outside).run()
+
+
+#: the sections of the module's forward function and of its backward function (RTRL's is a third,
+#: which reads neither's names; backward reads forward's arrays by the cache's names)
+_FUNCTIONS = (("setup", "stacks", "forward_pre", "forward_alloc", "forward_loop", "forward_hold", "forward_post"),
+              ("setup", "backward_seed", "backward_carry", "backward_post", "backward_coefs", "backward_loop",
+               "backward_after", "backward_pre", "backward_weights"))
+
+
+def _read_outside(m, section: str) -> frozenset[str]:
+    """The names that the rest of ``section``'s function reads: its other sections, and forward's
+    cache and outputs, or backward's gradients."""
+    forward, backward = _FUNCTIONS
+    others = [n for n in (forward if section in forward else backward) if n != section]
+    read = set().union(*(s.reads for n in others for s in getattr(m, n)))
+    pairs = (m.outputs, m.finals) if section in forward else (m.grads,)
+    for table in pairs:
+        read = read.union(*(Assign(Ref("_"), value).reads for _, value in table))
+    return frozenset(read | (set(m.cache_names) if section in forward else set()))
 
 
 def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str], str]) -> None:
@@ -724,9 +823,9 @@ def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str],
     views = Views(forward, vectors)
     shapes = Shapes(known, views)
     shapes.scan([*m.setup, *m.stacks])
-    m.forward_pre = stack_blocks(m.forward_pre, views, shapes, fresh, bindings)
+    m.forward_pre = stack_blocks(m.forward_pre, views, shapes, fresh, bindings, _read_outside(m, "forward_pre"))
     shapes.scan(m.forward_alloc)
-    m.forward_loop = stack_blocks(m.forward_loop, views, shapes, fresh, bindings)
+    m.forward_loop = stack_blocks(m.forward_loop, views, shapes, fresh, bindings, _read_outside(m, "forward_loop"))
     cached = set(m.cache_names)
     forward_stmts = [s for section in (m.setup, m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
                      for s in section]
@@ -735,8 +834,8 @@ def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str],
     shapes = Shapes(known, views)
     shapes.scan(forward_stmts)
     shapes.scan([*m.backward_seed, *m.backward_carry, *m.backward_post, *m.backward_coefs])
-    m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh, bindings)
-    m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh, bindings)
+    m.backward_loop = stack_blocks(m.backward_loop, views, shapes, fresh, bindings, _read_outside(m, "backward_loop"))
+    m.backward_pre = stack_blocks(m.backward_pre, views, shapes, fresh, bindings, _read_outside(m, "backward_pre"))
     backward = _backward(m)
     in_backward = set().union(*(s.writes for section in backward for s in section), (s.dst.name for s in m.setup))
     in_forward = set().union(*(s.writes for s in forward_stmts))

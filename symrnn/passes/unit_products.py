@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from ..reductions import Reduce, mean, sum_units
 
-__all__ = ["HELPERS", "ROWS", "UNITS", "helpers_used"]
+__all__ = ["HELPERS", "ROWS", "UNITS", "WEIGHTED_ROWS", "helpers_used"]
 
 #: reduction over the units -> the module's helper computing it as a product
 UNITS: dict[type[Reduce], str] = {mean: "_mean_units", sum_units: "_sum_units"}
-#: the helper summing a (B, n) array over its rows
-ROWS = "_sum_rows"
-#: every helper this pass may use, in the order the template defines them
-HELPERS = (UNITS[sum_units], UNITS[mean], ROWS)
+#: the helper summing a (B, n) array over its rows, and the one summing them weighted by a (B, 1) column
+ROWS, WEIGHTED_ROWS = "_sum_rows", "_sum_rows_by"
+#: every helper this pass (and stack_blocks's weighted row sums) may use, in the order the template defines them
+HELPERS = (UNITS[sum_units], UNITS[mean], ROWS, WEIGHTED_ROWS)
 #: helper -> the helpers it calls (the template defines them too)
 CALLS = {UNITS[mean]: (UNITS[sum_units],)}
 
