@@ -273,9 +273,23 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
+_ONES = {}
+
+
+def _ones(n, dtype):
+    """A read-only vector of n ones of ``dtype``, made once for each size and dtype."""
+    key = (n, dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = np.ones(n, dtype)
+        ones.flags.writeable = False
+        _ONES[key] = ones
+    return ones
+
+
 def _sum_rows(a):
     """The sum of a (B, n) array over its rows: a product with a row of ones (BLAS)."""
-    return np.ones(a.shape[0], a.dtype) @ a
+    return _ones(a.shape[0], a.dtype) @ a
 
 
 def _seed(grad_outputs, name, shape, dtype, writable=True):

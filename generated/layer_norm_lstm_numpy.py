@@ -177,8 +177,7 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     wx_o_seq = x_proj_seq[..., 3*n_hidden:4*n_hidden]
     mu_x_seq = _mean_units(x_proj_seq)  # eq:layer_norm_lstm:mu_x
     x_proj_seq -= mu_x_seq
-    mean_in_msd_x_i_seq_stack = x_proj_seq**2  # eq:layer_norm_lstm:msd_x_i
-    var_x_seq = _mean_units(mean_in_msd_x_i_seq_stack)  # eq:layer_norm_lstm:var_x
+    var_x_seq = _mean_units(x_proj_seq, x_proj_seq)  # eq:layer_norm_lstm:var_x
     rstd_x_seq = (var_x_seq + 1.0e-5)**(-0.5)  # eq:layer_norm_lstm:rstd_x
     h_seq = np.empty((T + 1, B, n_hidden), dtype)
     h_seq[0] = state0["h"]
@@ -210,14 +209,9 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
         rh_o = h_prev_proj[:, 3*n_hidden:4*n_hidden]
         mu_r = mu_r_seq[t]
         mu_r[...] = _mean_units(h_prev_proj)  # eq:layer_norm_lstm:mu_r
-        h_prev_proj -= mu_r
-        mean_in_msd_r_i_stack = h_prev_proj**2  # eq:layer_norm_lstm:msd_r_i
-        mean_in_msd_r_i = mean_in_msd_r_i_stack[..., :n_hidden]  # eq:layer_norm_lstm:msd_r_i
-        mean_in_msd_r_g = mean_in_msd_r_i_stack[..., n_hidden:2*n_hidden]  # eq:layer_norm_lstm:msd_r_g
-        mean_in_msd_r_f = mean_in_msd_r_i_stack[..., 2*n_hidden:3*n_hidden]  # eq:layer_norm_lstm:msd_r_f
-        mean_in_msd_r_o = mean_in_msd_r_i_stack[..., 3*n_hidden:4*n_hidden]  # eq:layer_norm_lstm:msd_r_o
         var_r = var_r_seq[t]
-        var_r[...] = _mean_units(mean_in_msd_r_i_stack)  # eq:layer_norm_lstm:var_r
+        h_prev_proj -= mu_r
+        var_r[...] = _mean_units(h_prev_proj, h_prev_proj)  # eq:layer_norm_lstm:var_r
         rstd_r = (var_r + 1.0e-5)**(-0.5)  # eq:layer_norm_lstm:rstd_r
         rstd_r_seq[t] = rstd_r
         i = i_seq[t]
@@ -242,8 +236,7 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
         np.add(c_prev*f, g*i, out=c)  # eq:layer_norm_lstm:c
         mu_c = _mean_units(c)  # eq:layer_norm_lstm:mu_c
         mu_c_seq[t] = mu_c
-        mean_in_var_c = (c - mu_c)**2  # eq:layer_norm_lstm:var_c
-        var_c = _mean_units(mean_in_var_c)  # eq:layer_norm_lstm:var_c
+        var_c = _mean_units((c - mu_c)**2)  # eq:layer_norm_lstm:var_c
         var_c_seq[t] = var_c
         c_norm = beta_c + gamma_c*(c - mu_c)*(var_c + 1.0e-5)**(-0.5)  # eq:layer_norm_lstm:c_norm
         tanh_c_norm = tanh_c_norm_seq[t]
@@ -394,7 +387,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
         d_c_norm = d_tanh_c_norm*(1 - tanh_c_norm**2)  # eq:layer_norm_lstm:adj:c_norm
         d_tmp0 = var_c + 1.0e-5
         d_tmp1 = c - mu_c
-        d_var_c = -0.5*_mean_units(d_c_norm*d_tmp1*gamma_c)*d_tmp0**(-1.5)  # eq:layer_norm_lstm:adj:var_c
+        d_var_c = -0.5*_mean_units(d_tmp1*gamma_c, d_c_norm)*d_tmp0**(-1.5)  # eq:layer_norm_lstm:adj:var_c
         d_o_from4 = d_h*tanh_c_norm
         d_tmp2 = d_c_norm*d_tmp0**(-0.5)
         d_tmp3 = d_tmp2*gamma_c
@@ -419,7 +412,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
         np.multiply(d_i, i*(1 - i), out=d_tmp11_stack[:, :n_hidden])
         np.multiply(d_o, o*(1 - o), out=d_tmp11_stack[:, 3*n_hidden:4*n_hidden])
         d_tmp12_stack = d_tmp11_stack*gamma_r
-        d_rstd_r = 4*_mean_units(d_tmp10_stack*d_tmp12_stack)  # eq:layer_norm_lstm:adj:rstd_r
+        d_rstd_r = 4*_mean_units(d_tmp12_stack, d_tmp10_stack)  # eq:layer_norm_lstm:adj:rstd_r
         d_var_r = -0.5*d_rstd_r*(var_r + 1.0e-5)**(-1.5)  # eq:layer_norm_lstm:adj:var_r
         d_msd_r_o = (1/4)*d_var_r  # eq:layer_norm_lstm:adj:msd_r_o
         d_msd_r_f = d_msd_r_o  # eq:layer_norm_lstm:adj:msd_r_f
@@ -429,7 +422,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
         d_x_proj_seq[t] += d_tmp16_stack*rstd_x_seq[t]
         d_mu_x_seq[t] += -4*_mean_units(d_tmp16_stack)*rstd_x_seq[t]
         d_tmp22_stack = x_proj_seq[t]
-        d_rstd_x_seq[t] = 4*_mean_units(d_tmp16_stack*d_tmp22_stack)
+        d_rstd_x_seq[t] = 4*_mean_units(d_tmp22_stack, d_tmp16_stack)
         d_rh_i_from2_stack = d_tmp12_stack*rstd_r
         d_mu_r_from2 = -4*_mean_units(d_tmp12_stack)*rstd_r
         d_c_prev_2 = d_c*f
@@ -847,20 +840,37 @@ def _add_matrix(J, offset, shape, row0, col0, v):
     block[row0 + idx, col0:col0 + v.shape[1], :, idx] += v.T
 
 
-def _sum_units(a):
-    """The sum of a over its units (the last axis), kept as an axis of 1: a product with a
-    column of ones (BLAS), several times faster than np.sum over a short last axis."""
-    return a @ np.ones((a.shape[-1], 1), a.dtype)
+_ONES = {}
 
 
-def _mean_units(a):
-    """The mean of a over its units (the last axis), kept as an axis of 1 (as _sum_units)."""
-    return _sum_units(a) / a.shape[-1]
+def _ones(n, dtype):
+    """A read-only vector of n ones of ``dtype``, made once for each size and dtype."""
+    key = (n, dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = np.ones(n, dtype)
+        ones.flags.writeable = False
+        _ONES[key] = ones
+    return ones
+
+
+def _sum_units(a, b=None):
+    """The sum over the units (the last axis) of a, or of a * b without forming it, kept as an
+    axis of 1: a product with a vector of ones (BLAS), or np.vecdot (one pass over a and b),
+    several times faster than np.sum over a short last axis."""
+    if b is None:
+        return (a @ _ones(a.shape[-1], a.dtype))[..., None]
+    return np.vecdot(a, b)[..., None]
+
+
+def _mean_units(a, b=None):
+    """The mean over the units (the last axis) of a, or of a * b, kept as an axis of 1 (as _sum_units)."""
+    return _sum_units(a, b) / a.shape[-1]
 
 
 def _sum_rows(a):
     """The sum of a (B, n) array over its rows: a product with a row of ones (BLAS)."""
-    return np.ones(a.shape[0], a.dtype) @ a
+    return _ones(a.shape[0], a.dtype) @ a
 
 
 def _sum_rows_by(a, w):

@@ -31,7 +31,7 @@ h = a + 1  [a = a_seq[t]]  # eq:x:h
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 import sympy
@@ -42,7 +42,7 @@ __all__ = [
     "T_SYM", "B_SYM", "t_SYM", "t0_SYM", "t1_SYM", "ALL", "ETC", "NEW", "Span", "Ref", "Elementwise", "Call", "Helper", "MatMul", "Reshape",
     "Concat", "Size", "Text", "Key", "Infix", "Paren", "Attr", "Method", "Index", "Dict", "Assign", "Update", "Do", "OpCall",
     "If", "Loop", "Comment", "Stmt", "Value", "verify", "span", "empty",
-    "dump", "reads_of", "writes_of",
+    "dump", "reads_of", "writes_of", "rewrite_values", "rewrite_stmt",
 ]
 
 #: the symbols of the time axis: T steps, B rows, step t, the steps t0 .. t1 - 1 of a block
@@ -300,6 +300,32 @@ def span(start: sympy.Expr, size: sympy.Expr) -> Span:
 def empty(*shape, fill: str = "empty") -> Call:
     """A new array of the module's dtype: ``<library>.empty(shape, dtype)`` (or ``zeros``)."""
     return Call(fill, (tuple(shape), Text("dtype")))
+
+
+# -- rewriting the values of statements --------------------------------------------------
+def rewrite_values(value, fn):
+    """``value`` with ``fn`` applied to each of its parts, innermost first (an elementwise
+    expression's refs, a call's arguments, then the value itself): ``fn`` returns the part or
+    what replaces it."""
+    if isinstance(value, Elementwise):
+        value = Elementwise(value.expr, tuple((n, rewrite_values(v, fn)) for n, v in value.refs))
+    elif isinstance(value, (Call, Helper)):
+        value = replace(value, args=tuple(rewrite_values(a, fn) for a in value.args),
+                        kwargs=tuple((k, rewrite_values(v, fn)) for k, v in value.kwargs))
+    elif isinstance(value, tuple):
+        return tuple(rewrite_values(v, fn) for v in value)
+    return fn(value)
+
+
+def rewrite_stmt(stmt, fn):
+    """``stmt`` with :func:`rewrite_values` applied to the values it computes (not to what it writes)."""
+    if isinstance(stmt, (Assign, Update)):
+        return replace(stmt, value=rewrite_values(stmt.value, fn))
+    if isinstance(stmt, Do):
+        return replace(stmt, call=rewrite_values(stmt.call, fn))
+    if isinstance(stmt, OpCall):
+        return replace(stmt, a=rewrite_values(stmt.a, fn))
+    return stmt
 
 
 # -- what statements read and write ------------------------------------------------------

@@ -101,13 +101,14 @@ def _source(cell: str, passes) -> str:
     ("stack_blocks", "layer_norm_lstm", "d_x_proj_seq[t] += d_tmp16_stack*rstd_x_seq[t]"),
     # (a sum over the rows of a product with a row's value: that sum weighted by the value)
     ("stack_blocks", "layer_norm_lstm", "d_gamma_r += _sum_rows_by(d_tmp10_stack*d_tmp11_stack, rstd_r)"),
-    ("stack_blocks", "layer_norm_lstm", "d_rstd_r = 4*_mean_units(d_tmp10_stack*d_tmp12_stack)"),
+    # (a mean over the units of a product of two arrays: of the two, the product not formed)
+    ("stack_blocks", "layer_norm_lstm", "d_rstd_r = 4*_mean_units(d_tmp12_stack, d_tmp10_stack)"),
     # (a stacked value computed where it goes: into the stacked product's adjoint, a new stack's blocks)
     ("stack_blocks", "layer_norm_lstm", "d_rh_i_from2_stack, out=d_h_prev_proj_seq[t])  # eq:layer_norm_lstm:adj:rh_i"),
     ("stack_blocks", "layer_norm_lstm", "np.multiply(d_g, 1 - g**2, out=d_tmp11_stack[:, n_hidden:2*n_hidden])"),
     # the four blocks' means, and mean squared deviations, one mean of the stacked array each
     ("stack_blocks", "layer_norm_lstm", "mu_r[...] = _mean_units(h_prev_proj)  # eq:layer_norm_lstm:mu_r"),
-    ("stack_blocks", "layer_norm_lstm", "var_x_seq = _mean_units(mean_in_msd_x_i_seq_stack)  # eq:layer_norm_lstm:var_x"),
+    ("stack_blocks", "layer_norm_lstm", "var_x_seq = _mean_units(x_proj_seq, x_proj_seq)  # eq:layer_norm_lstm:var_x"),
     # the projections centred once, where they are made, and read centred in forward and backward
     ("centred_in_place", "layer_norm_lstm", "x_proj_seq -= mu_x_seq\n"),
     ("centred_in_place", "layer_norm_lstm", "h_prev_proj -= mu_r\n"),

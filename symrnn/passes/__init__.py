@@ -25,14 +25,17 @@ values, deciding from the step graph, the plan and what statements read and writ
   over the units, one value per row, and passed on as that (a reduction's share n times
   it), instead of a full-width array summed over the units again;
 * ``unit_products`` (unit_products.py): sums and means over the units, and parameters'
-  sums over the batch rows in the loop, as products with a vector of ones (BLAS);
+  sums over the batch rows in the loop, as products with a vector of ones (BLAS), one made
+  per size and dtype;
 * ``shared_temporaries`` (the NumPy backward): a subexpression of forward values that one
   stage of a region computed (sympy.cse's temporary) is read, not computed again, by the
   stages after it in that region (a layer norm's centred ``rh - mu``);
 * ``stack_blocks`` (stack_blocks.py): the K statements that are one computation on the K blocks
   of a stacked array (a cell written by gates: ``d_tmp6 = d_tmp5*gamma_r_1`` ... for each gate)
   become one statement on the stacked array, and K reductions of its blocks that one sum reads one
-  reduction of the stacked array;
+  reduction of the stacked array; what it stacked is then computed where it goes (``out=``), and
+  a sum over the units of a product of two arrays reads the two (np.vecdot), a sum over the rows
+  of a product with a row's value is that sum weighted;
 * ``centred_in_place`` (centred_in_place.py): an array that forward writes once and everything after
   reads only centred, ``S - M`` (a layer norm's projection less its mean), is centred in place
   (``S -= M``) and read as it is.

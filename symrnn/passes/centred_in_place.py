@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import sympy
 
-from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Update
-from .stack_blocks import _UNIT_REDUCTIONS, Shapes, Views
+from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Update, rewrite_stmt
+from .stack_blocks import _UNIT_REDUCTIONS, Shapes, Views, weighed
 
 __all__ = ["centre_module"]
 
@@ -128,27 +128,9 @@ class _Names:
         return any(isinstance(v, Ref) and self.may_be(v.name, root, (*seen, name)) for v in self.bound.get(name, ()))
 
 
-def _map_values(value, fn: Callable):
-    """``value`` with ``fn`` applied to each elementwise expression in it (refs' values too)."""
-    if isinstance(value, Elementwise):
-        refs = tuple((n, _map_values(v, fn)) for n, v in value.refs)
-        return fn(Elementwise(value.expr, refs))
-    if isinstance(value, (Call, Helper)):
-        return dataclasses.replace(value, args=tuple(_map_values(a, fn) for a in value.args),
-                                   kwargs=tuple((k, _map_values(v, fn)) for k, v in value.kwargs))
-    if isinstance(value, tuple):
-        return tuple(_map_values(v, fn) for v in value)
-    return value
-
-
 def _map_stmt(s, fn: Callable):
-    if isinstance(s, (Assign, Update)):
-        return dataclasses.replace(s, value=_map_values(s.value, fn))
-    if isinstance(s, Do):
-        return dataclasses.replace(s, call=_map_values(s.call, fn))
-    if isinstance(s, OpCall):
-        return dataclasses.replace(s, a=_map_values(s.a, fn))
-    return s
+    """``s`` with ``fn`` applied to each elementwise expression it computes."""
+    return rewrite_stmt(s, lambda v: fn(v) if isinstance(v, Elementwise) else v)
 
 
 class _Candidate:
@@ -335,7 +317,8 @@ def _centred(m, names: dict, c: _Candidate, order: list[str], widths) -> dict | 
                     return None
             elif other or mean_written:
                 return None
-            out.append(c.unmark(marked, marks) if marks else s)
+            # (a sum over the units of what is now a product of arrays: without forming it)
+            out.append(rewrite_stmt(c.unmark(marked, marks), lambda v: weighed(v, widths[0])) if marks else s)
         new[sec] = out
     if not started or _read_elsewhere(m, names, c, order):
         return None

@@ -60,9 +60,9 @@ import sympy
 
 from ..reductions import Reduce
 from .unit_products import WEIGHTED_ROWS
-from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update
+from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Span, Text, Update, rewrite_stmt
 
-__all__ = ["Shapes", "Slot", "Views", "stack_blocks"]
+__all__ = ["Shapes", "Slot", "Views", "stack_blocks", "weighed"]
 
 #: helpers that reduce over the unit axis (kept as an axis of 1) -> the factor of the stacked one
 #: (a sum of K blocks' sums is the stacked sum; the mean of K blocks' sum is K times the stacked mean)
@@ -252,7 +252,7 @@ class Shapes:
             return (3 if v.steps else 2, v.cols) if not v.T else None
         if isinstance(v, Helper) and v.func == "_seed" and len(v.args) >= 3 and isinstance(v.args[2], tuple):
             return self.literal(v.args[2])
-        if isinstance(v, Helper) and v.func in _UNIT_REDUCTIONS and len(v.args) == 1:
+        if isinstance(v, Helper) and v.func in _UNIT_REDUCTIONS and len(v.args) in (1, 2):  # (of a, or of a * b)
             inner = self.value(v.args[0])
             return (inner[0], sympy.Integer(1)) if inner else None
         if isinstance(v, Elementwise):
@@ -310,7 +310,8 @@ class _Stacker:
                or self.sums_once()):
             pass
         self.into_buffers()
-        self.stmts = [self.weighed(s) for s in self.stmts]
+        self.fold_products()
+        self.stmts = [rewrite_stmt(s, lambda v: weighed(v, self.shapes)) for s in self.stmts]
         return self.stmts
 
     # -- the stacked values written where they go ----------------------------------------------
@@ -351,21 +352,38 @@ class _Stacker:
                       if isinstance(s, Assign) and isinstance(s.dst, Ref) and s.dst.index and s.dst.name in self.made
                       and isinstance(s.value, Elementwise) else s for s in self.stmts]
 
-    def weighed(self, s):
-        """``s`` with a sum over the rows of a product with a (B, 1) column w (``_sum_rows(a*b*rstd_r)``)
-        as that sum weighted by w (``_sum_rows_by(a*b, rstd_r)``: a product with w, one pass fewer)."""
-        value = getattr(s, "value", None)
-        if not (isinstance(s, (Assign, Update)) and isinstance(value, Helper) and value.func == _ROW_SUM
-                and len(value.args) == 1 and isinstance(value.args[0], Elementwise) and value.args[0].expr.is_Mul):
-            return s
-        v = value.args[0]
-        refs = dict(v.refs)
-        for factor in sorted(v.expr.args, key=sympy.default_sort_key):
-            rest = v.expr / factor
-            if (factor.is_Symbol and self.shapes.operand(factor.name, refs) == (2, 1)
-                    and rest.free_symbols and not self.shapes.width_one_expr(_part(v, rest))):
-                return dataclasses.replace(s, value=Helper(WEIGHTED_ROWS, (_part(v, rest), _part(v, factor))))
-        return s
+    def fold_products(self) -> None:
+        """A product (or a square) that only a sum or mean over its units reads (``mean_in_var_r =
+        rc**2; var_r = _mean_units(mean_in_var_r)``) read as its factors by that reduction instead
+        (``_mean_units(rc**2)``, which :func:`weighed` then computes without the product)."""
+        for i in reversed(range(len(self.stmts))):
+            s = self.stmts[i]
+            if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index and isinstance(s.value, Elementwise)
+                    and (s.value.expr.is_Mul or (s.value.expr.is_Pow and s.value.expr.exp == 2))):
+                continue
+            name = s.dst.name
+            views = [j for j, st in enumerate(self.stmts) if st in self.bindings and _alias(st.value) is not None
+                     and _alias(st.value).name == name and not self.read_anywhere(st.dst.name)]  # (unread)
+            readers = [j for j, st in enumerate(self.stmts) if name in st.reads and j not in views]
+            if len(readers) != 1 or self.read_anywhere(name, readers[0]):
+                continue
+            j = readers[0]
+            kept, self.stmts = self.stmts, [st for k, st in enumerate(self.stmts) if k not in views]
+            movable = self.movable([i], j - 1 - sum(k < j for k in views))  # (i: before every view of it)
+            self.stmts = kept
+            if not movable:
+                continue
+
+            def inline(v, name=name, value=s.value):
+                if (isinstance(v, Helper) and v.func in _UNIT_REDUCTIONS and len(v.args) == 1
+                        and _alias(v.args[0]) == Ref(name)):
+                    return Helper(v.func, (value,))
+                return v
+
+            folded = rewrite_stmt(self.stmts[j], inline)
+            if name not in folded.reads:
+                self.stmts[j] = folded
+                self.stmts = [st for k, st in enumerate(self.stmts) if k != i and k not in views]
 
     # -- a statement as block k of a stacked one ----------------------------------------------
     def abstract(self, v: Elementwise, wild: bool):
@@ -728,6 +746,40 @@ class _Stacker:
             self.stmts = [merged if k == at else s for k, s in enumerate(self.stmts) if k not in positions or k == at]
             return True
         return False
+
+
+def _width(shapes: Shapes, v: Elementwise):
+    shape = shapes.elementwise(v)
+    return None if shape is None else shape[1]
+
+
+def weighed(v, shapes: Shapes):
+    """A sum over the rows of a product with a (B, 1) column w (``_sum_rows(a*b*rstd_r)``) as that
+    sum weighted by w (``_sum_rows_by(a*b, rstd_r)``: a product with w); a sum or mean over the units
+    of a product of two arrays of that width, or of a square (``_mean_units(d_tmp10*d_tmp12)``),
+    with the two as its arguments (``_mean_units(d_tmp10, d_tmp12)``: np.vecdot, the product not
+    formed); any other value as it is."""
+    if not (isinstance(v, Helper) and len(v.args) == 1 and not v.kwargs and isinstance(v.args[0], Elementwise)):
+        return v
+    arg = v.args[0]
+    expr, refs = arg.expr, dict(arg.refs)
+    if v.func == _ROW_SUM and expr.is_Mul:
+        for factor in sorted(expr.args, key=sympy.default_sort_key):
+            rest = expr / factor
+            if (factor.is_Symbol and shapes.operand(factor.name, refs) == (2, 1)
+                    and rest.free_symbols and not shapes.width_one_expr(_part(arg, rest))):
+                return Helper(WEIGHTED_ROWS, (_part(arg, rest), _part(arg, factor)))
+    if v.func in _UNIT_REDUCTIONS and (expr.is_Mul or (expr.is_Pow and expr.exp == 2)):
+        width = _width(shapes, arg)
+        # (a square's base, or one factor, an array's name: a compound one would be computed twice, or as the product)
+        pairs = ([(expr.base, expr.base)] if expr.is_Pow else
+                 [(expr / f, f) for f in sorted(expr.args, key=sympy.default_sort_key)])
+        for a, b in pairs:
+            if not b.is_Symbol:
+                continue
+            if width is not None and width != 1 and _width(shapes, _part(arg, a)) == width == _width(shapes, _part(arg, b)):
+                return Helper(v.func, (_part(arg, a), _part(arg, b)))
+    return v
 
 
 def _into(dst: Ref, value: Elementwise, comment: str):
