@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from symrnn.gradcheck import check_module, random_problem, rel_error
+from symrnn.gradcheck import check_module, random_problem
 from symrnn.passes import ALL
 from symrnn.pipeline import build, load_module, render_numpy
 from symrnn.spec import SpecWarning, parse_spec
 
-from test_stack_blocks import CELLS as BLOCK_CELLS
+from test_stack_blocks import CELLS as BLOCK_CELLS, value_differences
 
 _HEAD = """\
 [cell]
@@ -89,13 +89,7 @@ def test_centred_modules_compute_the_same_values(modules, mode):
     name, _, _, on, off = modules
     pr = random_problem(on, T=6, B=4, seed=5)
     kw = {} if mode == "all steps" else {"lengths": np.array([6, 2, 0, 5]), "reverse": True}
-    results = []
-    for m in (on, off):
-        out, cache = m.forward(pr.params, pr.x, pr.state0, **kw)
-        results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
-    (out, grads), (out_off, grads_off) = results
-    errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
-    bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+    bad = value_differences(on, off, pr, **kw)
     assert not bad, (name, bad)
 
 
@@ -146,11 +140,5 @@ def test_random_centred_cells_compute_the_same_values(text):
     on = load_module(render_numpy(plan, passes=ALL), "random_centred_on")
     off = load_module(render_numpy(plan, passes=ALL - {"centred_in_place"}), "random_centred_off")
     pr = random_problem(on, T=4, B=3, seed=6)
-    results = []
-    for m in (on, off):
-        out, cache = m.forward(pr.params, pr.x, pr.state0)
-        results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
-    (out, grads), (out_off, grads_off) = results
-    errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
-    bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+    bad = value_differences(on, off, pr)
     assert not bad, (bad, text)

@@ -124,6 +124,19 @@ def _plan(name: str):
     return build(name) if name not in CELLS else build(parse_spec(CELLS[name], f"{name}.toml"))
 
 
+def value_differences(on, off, pr, **kw) -> dict[str, float]:
+    """The outputs and gradients (``d_<name>``) of modules ``on`` and ``off`` on problem ``pr``
+    (forward's keywords ``kw``) that differ by more than 1e-12 relative, with their difference."""
+    results = []
+    for m in (on, off):
+        out, cache = m.forward(pr.params, pr.x, pr.state0, **kw)
+        results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
+    (out, grads), (out_off, grads_off) = results
+    assert set(grads) == set(grads_off)
+    errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
+    return {k: e for k, e in errors.items() if not e <= 1e-12}
+
+
 def _modules(name: str):
     plan = _plan(name)
     on, off = render_numpy(plan, passes=ALL), render_numpy(plan, passes=ALL - {"stack_blocks"})
@@ -136,14 +149,7 @@ def test_stacked_blocks_compute_the_same_values(name, mode):
     _, _, on, off = _modules(name)
     pr = random_problem(on, T=6, B=4, seed=3)
     kw = {} if mode == "all steps" else {"lengths": np.array([6, 2, 0, 5]), "reverse": mode == "lengths reversed"}
-    results = []
-    for m in (on, off):
-        out, cache = m.forward(pr.params, pr.x, pr.state0, **kw)
-        results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
-    (out, grads), (out_off, grads_off) = results
-    assert set(grads) == set(grads_off)
-    errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
-    bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+    bad = value_differences(on, off, pr, **kw)
     assert not bad, bad
 
 
@@ -235,13 +241,7 @@ def test_random_block_cells_compute_the_same_values_stacked(text):
     off = load_module(render_numpy(plan, passes=ALL - {"stack_blocks"}), "random_blocks_unstacked")
     pr = random_problem(on, T=5, B=3, seed=2, n_in=3, n_hidden=3, n_out=3)
     for kw in ({}, {"lengths": np.array([5, 0, 2]), "reverse": True}):
-        results = []
-        for m in (on, off):
-            out, cache = m.forward(pr.params, pr.x, pr.state0, **kw)
-            results.append((out, m.backward(pr.params, cache, pr.grad_outputs)))
-        (out, grads), (out_off, grads_off) = results
-        errors = {k: rel_error(out[k], out_off[k]) for k in out_off} | {f"d_{k}": rel_error(grads[k], grads_off[k]) for k in grads_off}
-        bad = {k: e for k, e in errors.items() if not e <= 1e-12}
+        bad = value_differences(on, off, pr, **kw)
         assert not bad, (bad, text)
     bad = [(r.name, r.error) for r in rtrl_vs_bptt(on, pr) if not r.error <= r.tol]
     assert not bad, (bad, text)
