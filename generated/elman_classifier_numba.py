@@ -272,7 +272,7 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_logsumexp_z_seq = np.empty((T, B, n_out), dtype)
     d_z_from_post1_seq = np.empty((T, B, n_out), dtype)
     elman_classifier_backward_post1(T * B, 1, 0, n_in, n_hidden, n_out, d_logp_seq.reshape(-1), d_logsumexp_z_seq.reshape(-1), d_z_from_post1_seq.reshape(-1))
-    d_logsumexp_z_sum = _sum_units(d_logsumexp_z_seq)  # sum over the units of d_logsumexp_z
+    d_logsumexp_z_sum = _host_sum_units(d_logsumexp_z_seq)  # sum over the units of d_logsumexp_z
     # readout, every step at once
     d_h_proj_seq = np.empty((T, B, n_out), dtype)
     elman_classifier_backward_post0(T * B, 1, 0, n_in, n_hidden, n_out, d_z_seq.reshape(-1), d_logsumexp_z_sum.reshape(-1), d_z_from_post1_seq.reshape(-1), d_h_proj_seq.reshape(-1), logsumexp_z_seq.reshape(-1), z_seq.reshape(-1))
@@ -593,18 +593,10 @@ def _logsumexp_units_to(a, out):
         values[i] = np.log(total) + top
 
 
-@_compiled(nogil=True, error_model="numpy")
-def _sum_units(a):
-    """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
-    n = a.shape[-1]
-    rows = np.ascontiguousarray(a).reshape(-1, n)
-    out = np.empty((rows.shape[0], 1), a.dtype)
-    for i in range(rows.shape[0]):
-        total = rows[i, 0]
-        for j in range(1, n):
-            total += rows[i, j]
-        out[i, 0] = total
-    return out.reshape(a.shape[:-1] + (1,))
+def _host_sum_units(a):
+    """The sum over the units of each row of ``a`` (..., n) -> (..., 1), from Python code: a
+    product with a vector of ones (NumPy's BLAS; each row's sum in one order, the same bits on every run)."""
+    return (a @ np.ones(a.shape[-1], a.dtype))[..., None]
 
 
 @_compiled(python=False, nogil=True, error_model="numpy")

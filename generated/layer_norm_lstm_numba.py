@@ -267,10 +267,10 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     # input side, every step at once: one GEMM
     x_proj_seq = np.dot(x.reshape(-1, n_in), W.T).reshape(T, B, 4*n_hidden)  # wx_i, wx_g, wx_f, wx_o
     # input side, every step at once: one GEMM, then one kernel
-    mean_wx_f_seq = _mean_units(x_proj_seq[..., 2*n_hidden:3*n_hidden])  # eq:layer_norm_lstm:mu_x
-    mean_wx_g_seq = _mean_units(x_proj_seq[..., n_hidden:2*n_hidden])  # eq:layer_norm_lstm:mu_x
-    mean_wx_i_seq = _mean_units(x_proj_seq[..., :n_hidden])  # eq:layer_norm_lstm:mu_x
-    mean_wx_o_seq = _mean_units(x_proj_seq[..., 3*n_hidden:4*n_hidden])  # eq:layer_norm_lstm:mu_x
+    mean_wx_f_seq = _host_mean_units(x_proj_seq[..., 2*n_hidden:3*n_hidden])  # eq:layer_norm_lstm:mu_x
+    mean_wx_g_seq = _host_mean_units(x_proj_seq[..., n_hidden:2*n_hidden])  # eq:layer_norm_lstm:mu_x
+    mean_wx_i_seq = _host_mean_units(x_proj_seq[..., :n_hidden])  # eq:layer_norm_lstm:mu_x
+    mean_wx_o_seq = _host_mean_units(x_proj_seq[..., 3*n_hidden:4*n_hidden])  # eq:layer_norm_lstm:mu_x
     mu_x_seq = np.empty((T, B, n_hidden), dtype)
     mean_in_msd_x_i_seq = np.empty((T, B, n_hidden), dtype)
     mean_in_msd_x_g_seq = np.empty((T, B, n_hidden), dtype)
@@ -278,10 +278,10 @@ def forward(params, x, state0=None, lengths=None, reverse=False):
     mean_in_msd_x_o_seq = np.empty((T, B, n_hidden), dtype)
     layer_norm_lstm_forward_pre1(T * B, 1, 0, n_in, n_hidden, n_out, mean_wx_f_seq.reshape(-1), mean_wx_g_seq.reshape(-1), mean_wx_i_seq.reshape(-1), mean_wx_o_seq.reshape(-1), mu_x_seq.reshape(-1), x_proj_seq.reshape(-1), mean_in_msd_x_i_seq.reshape(-1), mean_in_msd_x_g_seq.reshape(-1), mean_in_msd_x_f_seq.reshape(-1), mean_in_msd_x_o_seq.reshape(-1))
     # input side, every step at once: one GEMM, then one kernel
-    msd_x_i_seq = _mean_units(mean_in_msd_x_i_seq)  # eq:layer_norm_lstm:msd_x_i
-    msd_x_g_seq = _mean_units(mean_in_msd_x_g_seq)  # eq:layer_norm_lstm:msd_x_g
-    msd_x_f_seq = _mean_units(mean_in_msd_x_f_seq)  # eq:layer_norm_lstm:msd_x_f
-    msd_x_o_seq = _mean_units(mean_in_msd_x_o_seq)  # eq:layer_norm_lstm:msd_x_o
+    msd_x_i_seq = _host_mean_units(mean_in_msd_x_i_seq)  # eq:layer_norm_lstm:msd_x_i
+    msd_x_g_seq = _host_mean_units(mean_in_msd_x_g_seq)  # eq:layer_norm_lstm:msd_x_g
+    msd_x_f_seq = _host_mean_units(mean_in_msd_x_f_seq)  # eq:layer_norm_lstm:msd_x_f
+    msd_x_o_seq = _host_mean_units(mean_in_msd_x_o_seq)  # eq:layer_norm_lstm:msd_x_o
     var_x_seq = np.empty((T, B, n_hidden), dtype)
     rstd_x_seq = np.empty((T, B, n_hidden), dtype)
     layer_norm_lstm_forward_pre2(T * B, 1, 0, n_in, n_hidden, n_out, msd_x_f_seq.reshape(-1), msd_x_g_seq.reshape(-1), msd_x_i_seq.reshape(-1), msd_x_o_seq.reshape(-1), var_x_seq.reshape(-1), rstd_x_seq.reshape(-1))
@@ -444,13 +444,13 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_msd_x_g_seq = np.empty((T, B, n_hidden), dtype)
     d_msd_x_i_seq = np.empty((T, B, n_hidden), dtype)
     layer_norm_lstm_backward_pre2(T * B, 1, 0, n_in, n_hidden, n_out, d_rstd_x_loop2_seq.reshape(-1), d_msd_x_o_seq.reshape(-1), d_msd_x_f_seq.reshape(-1), d_msd_x_g_seq.reshape(-1), d_msd_x_i_seq.reshape(-1), var_x_seq.reshape(-1))
-    d_msd_x_o_sum = _sum_units(d_msd_x_o_seq)  # sum over the units of d_msd_x_o
+    d_msd_x_o_sum = _host_sum_units(d_msd_x_o_seq)  # sum over the units of d_msd_x_o
     d_msd_x_o_sum = d_msd_x_o_sum/n_hidden
-    d_msd_x_f_sum = _sum_units(d_msd_x_f_seq)  # sum over the units of d_msd_x_f
+    d_msd_x_f_sum = _host_sum_units(d_msd_x_f_seq)  # sum over the units of d_msd_x_f
     d_msd_x_f_sum = d_msd_x_f_sum/n_hidden
-    d_msd_x_g_sum = _sum_units(d_msd_x_g_seq)  # sum over the units of d_msd_x_g
+    d_msd_x_g_sum = _host_sum_units(d_msd_x_g_seq)  # sum over the units of d_msd_x_g
     d_msd_x_g_sum = d_msd_x_g_sum/n_hidden
-    d_msd_x_i_sum = _sum_units(d_msd_x_i_seq)  # sum over the units of d_msd_x_i
+    d_msd_x_i_sum = _host_sum_units(d_msd_x_i_seq)  # sum over the units of d_msd_x_i
     d_msd_x_i_sum = d_msd_x_i_sum/n_hidden
     # input side, every step at once
     d_mean_wx_o_seq = np.empty((T, B, n_hidden), dtype)
@@ -462,13 +462,13 @@ def backward(params, cache, grad_outputs, grad_final=None):
     d_wx_f_pre1_seq = np.empty((T, B, n_hidden), dtype)
     d_wx_o_pre1_seq = np.empty((T, B, n_hidden), dtype)
     layer_norm_lstm_backward_pre1(T * B, 1, 0, n_in, n_hidden, n_out, d_msd_x_o_sum.reshape(-1), d_msd_x_f_sum.reshape(-1), d_msd_x_g_sum.reshape(-1), d_msd_x_i_sum.reshape(-1), d_mu_x_loop2_seq.reshape(-1), d_mean_wx_o_seq.reshape(-1), d_mean_wx_i_seq.reshape(-1), d_mean_wx_g_seq.reshape(-1), d_mean_wx_f_seq.reshape(-1), d_wx_i_pre1_seq.reshape(-1), d_wx_g_pre1_seq.reshape(-1), d_wx_f_pre1_seq.reshape(-1), d_wx_o_pre1_seq.reshape(-1), mu_x_seq.reshape(-1), x_proj_seq.reshape(-1))
-    d_mean_wx_o_sum = _sum_units(d_mean_wx_o_seq)  # sum over the units of d_mean_wx_o
+    d_mean_wx_o_sum = _host_sum_units(d_mean_wx_o_seq)  # sum over the units of d_mean_wx_o
     d_mean_wx_o_sum = d_mean_wx_o_sum/n_hidden
-    d_mean_wx_i_sum = _sum_units(d_mean_wx_i_seq)  # sum over the units of d_mean_wx_i
+    d_mean_wx_i_sum = _host_sum_units(d_mean_wx_i_seq)  # sum over the units of d_mean_wx_i
     d_mean_wx_i_sum = d_mean_wx_i_sum/n_hidden
-    d_mean_wx_g_sum = _sum_units(d_mean_wx_g_seq)  # sum over the units of d_mean_wx_g
+    d_mean_wx_g_sum = _host_sum_units(d_mean_wx_g_seq)  # sum over the units of d_mean_wx_g
     d_mean_wx_g_sum = d_mean_wx_g_sum/n_hidden
-    d_mean_wx_f_sum = _sum_units(d_mean_wx_f_seq)  # sum over the units of d_mean_wx_f
+    d_mean_wx_f_sum = _host_sum_units(d_mean_wx_f_seq)  # sum over the units of d_mean_wx_f
     d_mean_wx_f_sum = d_mean_wx_f_sum/n_hidden
     # input side, every step at once
     layer_norm_lstm_backward_pre0(T * B, 1, 0, n_in, n_hidden, n_out, d_mean_wx_o_sum.reshape(-1), d_wx_o_pre1_seq.reshape(-1), d_x_proj_seq.reshape(-1), d_mean_wx_f_sum.reshape(-1), d_wx_f_pre1_seq.reshape(-1), d_mean_wx_g_sum.reshape(-1), d_wx_g_pre1_seq.reshape(-1), d_mean_wx_i_sum.reshape(-1), d_wx_i_pre1_seq.reshape(-1))
@@ -1212,18 +1212,10 @@ def layer_norm_lstm_backward_pre0(rows_, steps_, step_, n_in, n_hidden, n_out, d
 
 # reductions over the units (the last axis), kept: one value per row (numba's np.mean and
 # np.max take no axis); each row is reduced in order, the same bits on every run
-@_compiled(nogil=True, error_model="numpy")
-def _mean_units(a):
-    """The mean over the units of each row of ``a`` (..., n) -> (..., 1)."""
-    n = a.shape[-1]
-    rows = np.ascontiguousarray(a).reshape(-1, n)
-    out = np.empty((rows.shape[0], 1), a.dtype)
-    for i in range(rows.shape[0]):
-        total = rows[i, 0]
-        for j in range(1, n):
-            total += rows[i, j]
-        out[i, 0] = total / n
-    return out.reshape(a.shape[:-1] + (1,))
+def _host_mean_units(a):
+    """The mean over the units of each row of ``a`` (..., n) -> (..., 1), from Python code: a
+    product with a vector of ones (NumPy's BLAS; each row's sum in one order, the same bits on every run)."""
+    return (a @ np.ones(a.shape[-1], a.dtype))[..., None] / a.shape[-1]
 
 
 @_compiled(python=False, nogil=True, error_model="numpy")
@@ -1242,18 +1234,10 @@ def _mean_units_to(a, out):
         values[i] = total / n
 
 
-@_compiled(nogil=True, error_model="numpy")
-def _sum_units(a):
-    """The sum over the units of each row of ``a`` (..., n) -> (..., 1)."""
-    n = a.shape[-1]
-    rows = np.ascontiguousarray(a).reshape(-1, n)
-    out = np.empty((rows.shape[0], 1), a.dtype)
-    for i in range(rows.shape[0]):
-        total = rows[i, 0]
-        for j in range(1, n):
-            total += rows[i, j]
-        out[i, 0] = total
-    return out.reshape(a.shape[:-1] + (1,))
+def _host_sum_units(a):
+    """The sum over the units of each row of ``a`` (..., n) -> (..., 1), from Python code: a
+    product with a vector of ones (NumPy's BLAS; each row's sum in one order, the same bits on every run)."""
+    return (a @ np.ones(a.shape[-1], a.dtype))[..., None]
 
 
 @_compiled(python=False, nogil=True, error_model="numpy")

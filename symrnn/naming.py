@@ -77,7 +77,7 @@ PYTHON_TEMPLATE = frozenset("""
     _launch params x state0 p n_in n_hidden n_out dims dtype T B t t0 t1 outputs cache grad_outputs K G cot
     cotangent dW_stack
     final_states final steps lengths reverse grad_final order hold grads extra _steps _in_steps _out_steps _seeds_in_steps
-    _final_states _check_grad_final _outputs_in_steps _masked_sum _ONES _ones _sum_units _mean_units _sum_rows _sum_rows_by
+    _final_states _check_grad_final _outputs_in_steps _masked_sum _ONES _ones _sum_units _mean_units _sum_rows _sum_rows_by _host_mean_units _host_sum_units
 """.split())
 
 #: Python's keywords and built-ins, and the templates' names

@@ -181,7 +181,7 @@ def render_numba(kernel_plan: KernelPlan, command: str | None = None) -> str:
     return _ENV.get_template("numba_module.py.j2").render(
         **header.fields(), outputs_code=m.outputs, design=m.design, kernels=m.kernels, loops=m.loops, math=m.math,
         setup=m.setup, stacks=m.stacks, forward=m.forward, cache_names=m.cache_names, backward=m.backward, grads=m.grads,
-        finals=m.finals, reductions=m.reductions, gemm=m.gemm, sum_rows=m.sum_rows, python_calls=m.python_calls,
+        finals=m.finals, reductions=m.reductions, gemm=m.gemm, sum_rows=m.sum_rows, python_calls=m.python_calls, compiled_calls=m.compiled_calls, host_calls=m.host_calls,
     )
 
 

@@ -87,7 +87,11 @@ figures in benchmarks/RESULTS.md):
   C wrapper, and a kernel or helper that only the compiled loops call has no Python wrapper
   (``HostPrinter.python_calls``: the template's ``_compiled(python=False)``): each wrapper is
   code numba generates, optimizes and emits, a kernel's unboxing each of its dozens of arrays;
-  layer_norm_lstm's first call 0.83-0.96x as long (benchmarks/RESULTS.md).
+  layer_norm_lstm's first call 0.83-0.96x as long (benchmarks/RESULTS.md).  A mean or sum over
+  the units that Python code computes (the input side's, over every step) is NumPy's product
+  with ones (``_host_mean_units``), not a compiled helper that numba compiled once per layout of
+  its argument (a block's strided view, a C array): layer_norm_lstm's first call 10.6 -> 9.8 s
+  (three interleaved pairs), the speed 0.96-1.01x (benchmarks/numba_ab.py).
   Not adopted: numba's IR inlining of the kernels into the loops (``inline="always"``) refuses
   a call of more than 30 arguments (Python passes them as a tuple); NUMBA_OPT=0 takes half the
   time but vectorizes nothing; NumPy's own reductions outside the loops compile 0.4 s less
@@ -279,6 +283,8 @@ class NumbaModule:
     gemm: bool = False  # the compiled loops multiply through _gemm
     sum_rows: bool = False  # the module sums elementwise parameters' gradients through _sum_rows
     python_calls: list[str] = field(default_factory=list)  # the kernels and helpers that Python code calls
+    compiled_calls: list[str] = field(default_factory=list)  # ... that compiled code calls
+    host_calls: list[str] = field(default_factory=list)  # the reductions Python code computes with NumPy
     design: str = ""
 
 
@@ -298,6 +304,10 @@ class HostExpressionPrinter(NumpyPrinter):
         return super()._print(expr, **kwargs)
 
 
+#: the reductions over the units that Python code computes through NumPy (``_host_mean_units``)
+HOST_REDUCTIONS = frozenset({"_mean_units", "_sum_units"})
+
+
 class HostPrinter(PythonPrinter):
     """The module's statements over NumPy; a kernel launch is a call of the compiled kernel
     on its arrays' flat views; a product is ``np.dot`` (BLAS, also inside compiled code)."""
@@ -310,11 +320,22 @@ class HostPrinter(PythonPrinter):
         self.sum_rows = False  # a sum over the rows printed (the module defines _sum_rows)
         self.compiled = False  # printing a compiled loop's body
         self.python_calls: set[str] = set()  # the kernels and helpers called outside compiled code
+        self.compiled_calls: set[str] = set()  # ... and those compiled code calls
+        self.host_calls: set[str] = set()  # the reductions Python code computes with NumPy (HOST_REDUCTIONS)
 
     def called(self, name: str) -> str:
-        """``name``, a compiled kernel or helper, as a call being printed: noted where Python calls it."""
+        """``name``, a compiled kernel or helper, as a call being printed: noted where Python calls it,
+        and noted where compiled code does.  A mean or sum over the units that Python code computes
+        (the input side's, every step at once) is the module's NumPy helper ``_host_<name>`` (a product
+        with ones, BLAS), not compiled: numba compiled ``_mean_units`` once for each layout of its
+        argument (a block's strided view, a C array), 0.4 s each of layer_norm_lstm's first call."""
         if not self.compiled:
+            if name in HOST_REDUCTIONS:
+                self.host_calls.add(name)
+                return "_host" + name
             self.python_calls.add(name)
+        else:
+            self.compiled_calls.add(name)
         return name
 
     def value(self, v):
@@ -376,6 +397,8 @@ def emit_numba(plan: KernelPlan) -> NumbaModule:
     m.gemm = printer.gemm
     m.sum_rows = printer.sum_rows
     m.python_calls = sorted(printer.python_calls)
+    m.compiled_calls = sorted(printer.compiled_calls)
+    m.host_calls = sorted(printer.host_calls)
     for k in m.kernels:
         k["python"] = k["name"] in printer.python_calls
     return m
