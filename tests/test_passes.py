@@ -113,11 +113,14 @@ def _source(cell: str, passes) -> str:
     ("centred_in_place", "layer_norm_lstm", "x_proj_seq -= mu_x_seq\n"),
     ("centred_in_place", "layer_norm_lstm", "h_prev_proj -= mu_r\n"),
     ("centred_in_place", "layer_norm_lstm", "d_tmp22_stack = x_proj_seq[t]\n"),
-    ("centred_in_place", "layer_norm_lstm", "d_wx_i_from1_stack = d_tmp25*x_proj_seq\n"),
+    ("centred_in_place", "layer_norm_lstm", "d_wx_i_from1_stack = d_tmp25*x_proj_seq[t]\n"),
+    # the input side's adjoint step by step in backward's loop, not over every step after it
+    ("input_side_in_loop", "layer_norm_lstm", "        d_var_x = -0.5*d_rstd_x*(var_x_seq[t] + 1.0e-5)**(-1.5)"),
+    ("input_side_in_loop", "layer_norm_lstm", "        d_x_proj_seq[t] += d_wx_f_from_mean_wx_f + d_wx_i_from1_stack"),
 ])
 def test_each_pass_does_what_it_says(name, cell, present):
     # stack_blocks restates, on the stacked arrays, statements the other passes wrote block by block
-    base = ALL if name in ("stack_blocks", "centred_in_place") else ALL - {"stack_blocks"}
+    base = ALL if name in ("stack_blocks", "centred_in_place", "input_side_in_loop") else ALL - {"stack_blocks"}
     on, off = _source(cell, base), _source(cell, base - {name})
     assert present in on
     assert present not in off

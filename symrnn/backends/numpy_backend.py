@@ -25,6 +25,7 @@ from ..passes import ALL, check
 from ..passes.hoist_coefficients import MIN_BLOCK_STEPS, block_steps
 from ..passes.lean_buffers import lean_buffers
 from ..passes.centred_in_place import centre_module
+from ..passes.input_side_in_loop import input_side_in_loop
 from ..passes.stack_blocks import stack_module
 from ..passes.unit_products import helpers_used
 from .array_module import derived_setup, group_weight, module_namer, weight_ref
@@ -197,6 +198,8 @@ class _Emitter:
             stack_module(m, *self.param_shapes(), self.n.fresh)
         if "centred_in_place" in self.passes:
             centre_module(m, *self.param_shapes())
+        if "input_side_in_loop" in self.passes:
+            input_side_in_loop(m, frozenset(s.dst.name for s in m.setup if isinstance(s, Assign) and isinstance(s.dst, Ref)))
         m.forward_setup = self.used_setup(m.stacks, m.forward_pre, m.forward_alloc, m.forward_loop, m.forward_post)
         m.backward_setup = self.used_setup(m.backward_seed, m.backward_post, m.backward_coefs, m.backward_loop,
                                            m.backward_after, m.backward_pre, m.backward_weights)

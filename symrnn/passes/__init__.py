@@ -38,7 +38,9 @@ values, deciding from the step graph, the plan and what statements read and writ
   of a product with a row's value is that sum weighted;
 * ``centred_in_place`` (centred_in_place.py): an array that forward writes once and everything after
   reads only centred, ``S - M`` (a layer norm's projection less its mean), is centred in place
-  (``S -= M``) and read as it is.
+  (``S -= M``) and read as it is;
+* ``input_side_in_loop`` (input_side_in_loop.py): the input side's adjoint statements after backward's
+  loop that are elementwise over the steps computed step by step at the end of the loop's body.
 
 ``symrnn.pipeline.render_numpy(plan, passes=...)`` takes the set to run (default: all);
 tests/test_passes.py checks that every module computes the same values with any one
@@ -46,7 +48,8 @@ of them off, and that each does what it says.
 """
 
 PASSES = ("fusion", "in_place", "hoist_coefficients", "lean_buffers", "prune_views", "shared_unit_sums", "zero_unit_sums",
-          "compact_unit_adjoints", "unit_products", "shared_temporaries", "stack_blocks", "centred_in_place")
+          "compact_unit_adjoints", "unit_products", "shared_temporaries", "stack_blocks", "centred_in_place",
+          "input_side_in_loop")
 ALL = frozenset(PASSES)
 
 __all__ = ["ALL", "PASSES", "check"]
