@@ -48,7 +48,8 @@ module at T=100, B=32, I=H=256 took 1.41-1.43x lstm's time with the pass in thre
 float64 1.30-1.36x) against 1.61x (1.52x) on the benchmark's run before it; one interleaved run of
 both modules (12 rounds, float32): 1.63x -> 1.44x.  With the sums of block means, the writes into
 buffers, the weighted and vecdot sums, and centred_in_place: 1.25-1.29x in three runs of four
-(1.36x in the fourth, on a loaded host; float64 1.21-1.27x).
+(1.36x in the fourth, on a loaded host; float64 1.21-1.27x); with input_side_in_loop too, 1.21x
+(float64 1.18x) on a quieter host.
 """
 
 from __future__ import annotations
