@@ -31,6 +31,7 @@ h = a + 1  [a = a_seq[t]]  # eq:x:h
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Union
 
@@ -42,7 +43,7 @@ __all__ = [
     "T_SYM", "B_SYM", "t_SYM", "t0_SYM", "t1_SYM", "ALL", "ETC", "NEW", "Span", "Ref", "Elementwise", "Call", "Helper", "MatMul", "Reshape",
     "Concat", "Size", "Text", "Key", "Infix", "Paren", "Attr", "Method", "Index", "Dict", "Assign", "Update", "Do", "OpCall",
     "If", "Loop", "Comment", "Stmt", "Value", "verify", "span", "empty",
-    "dump", "reads_of", "writes_of", "rewrite_values", "rewrite_stmt",
+    "dump", "reads_of", "writes_of", "rewrite_values", "rewrite_stmt", "refs_read",
 ]
 
 #: the symbols of the time axis: T steps, B rows, step t, the steps t0 .. t1 - 1 of a block
@@ -326,6 +327,30 @@ def rewrite_stmt(stmt, fn):
     if isinstance(stmt, OpCall):
         return replace(stmt, a=rewrite_values(stmt.a, fn))
     return stmt
+
+
+def refs_read(value) -> list[Ref]:
+    """The refs a statement or value reads, in order (a name in an expression as a ref of that name;
+    a statement's destination is not read, an ``out=`` argument is)."""
+    out: list[Ref] = []
+
+    def walk(v):
+        if isinstance(v, Ref):
+            out.append(v)
+        elif isinstance(v, Elementwise):
+            refs = dict(v.refs)
+            for sym in sorted(v.expr.free_symbols, key=lambda s: s.name):
+                walk(refs.get(sym.name, Ref(sym.name)))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            for f in dataclasses.fields(v):
+                if f.name not in ("dst", "out", "comment"):
+                    walk(getattr(v, f.name))
+        elif isinstance(v, tuple):
+            for item in v:
+                walk(item)
+
+    walk(value)
+    return out
 
 
 # -- what statements read and write ------------------------------------------------------

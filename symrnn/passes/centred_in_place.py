@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import sympy
 
-from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Update, rewrite_stmt
+from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Update, refs_read, rewrite_stmt
 from .stack_blocks import _UNIT_REDUCTIONS, Shapes, Views, weighed
 
 __all__ = ["centre_module"]
@@ -327,30 +327,11 @@ def _centred(m, names: dict, c: _Candidate, order: list[str], widths) -> dict | 
 
 def _same_step(names: _Names, s, c: _Candidate, step) -> bool:
     """Whether every ref of S that ``s`` reads is at ``step`` (a statement before the centring in forward's loop)."""
-    refs: list = []
-    _collect_refs(s, refs)
-    for ref in refs:
+    for ref in refs_read(s):
         loc = names.loc(ref)
         if loc is None or (loc.root == c.root and loc.step != step):
             return False
     return True
-
-
-def _collect_refs(value, out: list) -> None:
-    """The refs a statement or value reads (a name in an expression as a ref of that name)."""
-    if isinstance(value, Ref):
-        out.append(value)
-    elif isinstance(value, Elementwise):
-        refs = dict(value.refs)
-        for sym in value.expr.free_symbols:
-            _collect_refs(refs.get(sym.name, Ref(sym.name)), out)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            if f.name not in ("dst", "out", "comment"):
-                _collect_refs(getattr(value, f.name), out)
-    elif isinstance(value, tuple):
-        for v in value:
-            _collect_refs(v, out)
 
 
 def _width_one(shapes, reduced: frozenset[str], first: Ref) -> bool:

@@ -25,7 +25,7 @@ import dataclasses
 
 import sympy
 
-from ..stmt import Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Text, Update, t_SYM
+from ..stmt import Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Text, Update, refs_read, t_SYM
 
 __all__ = ["input_side_in_loop"]
 
@@ -127,30 +127,10 @@ def _touches(s):
     elif isinstance(s, (Do, OpCall)):
         out = s.out
         written = [out] if out is not None else []
-    read: list = []
-    _collect(getattr(s, "value", None), read)
-    _collect(getattr(s, "call", None), read)
-    _collect(getattr(s, "a", None), read)
+    read = refs_read(s)
     if isinstance(s, Update):
         read.append(s.dst)
     return written, read
-
-
-def _collect(value, out: list) -> None:
-    if value is None:
-        return
-    if isinstance(value, Ref):
-        out.append(value)
-    elif isinstance(value, Elementwise):
-        refs = dict(value.refs)
-        for sym in value.expr.free_symbols:
-            _collect(refs.get(sym.name, Ref(sym.name)), out)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            _collect(getattr(value, f.name), out)
-    elif isinstance(value, tuple):
-        for v in value:
-            _collect(v, out)
 
 
 def _only_at_step(refs, names: set[str]) -> bool:
