@@ -20,13 +20,13 @@ same step; no output, gradient, RTRL statement or loss expression reads S; M is 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 
 import sympy
 
 from ..stmt import ALL, ETC, Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Update, refs_read, rewrite_stmt
-from .stack_blocks import _UNIT_REDUCTIONS, Shapes, Views, weighed
+from .stack_blocks import (_UNIT_REDUCTIONS, BACKWARD_SECTIONS, FORWARD_SECTIONS, Shapes, Views, _alias, module_reads,
+                           weighed)
 
 __all__ = ["centre_module"]
 
@@ -45,10 +45,8 @@ def _binding(s) -> tuple[str, Ref] | None:
     """(name, ref) where ``s`` binds a name to (a part of) an array without a copy."""
     if not (isinstance(s, Assign) and isinstance(s.dst, Ref) and not s.dst.index):
         return None
-    value = s.value
-    if isinstance(value, Elementwise) and value.expr.is_Symbol:
-        value = dict(value.refs).get(value.expr.name, Ref(value.expr.name))
-    return (s.dst.name, value) if isinstance(value, Ref) and not value.T else None
+    value = _alias(s.value)
+    return (s.dst.name, value) if value is not None and not value.T else None
 
 
 def _assigned(stmts: list) -> dict[str, set]:
@@ -199,10 +197,7 @@ def _sections(m) -> list[str]:
             and all(hasattr(s, "reads") for s in value)]
 
 
-#: forward's sections and backward's, in the order they run (forward_hold: at the end of each step)
-_FORWARD = ("setup", "stacks", "forward_pre", "forward_alloc", "forward_loop", "forward_hold", "forward_post")
-_BACKWARD = ("backward_seed", "backward_carry", "backward_post", "backward_coefs", "backward_loop", "backward_after",
-             "backward_pre", "backward_weights")
+_FORWARD, _BACKWARD = FORWARD_SECTIONS, BACKWARD_SECTIONS
 
 
 def centre_module(m, known: dict, vectors: frozenset[str]) -> None:
@@ -345,9 +340,5 @@ def _width_one(shapes, reduced: frozenset[str], first: Ref) -> bool:
 
 def _read_elsewhere(m, names: dict, c: _Candidate, order: list[str]) -> bool:
     """Whether an output, final state, gradient or loss expression reads S."""
-    read: set[str] = set()
-    for pairs in (m.outputs, m.finals, m.grads, m.rtrl_grads):
-        read = read.union(*(Assign(Ref("_"), value).reads for _, value in pairs))
-    for text in (value for value in vars(m).values() if isinstance(value, str)):
-        read |= set(re.findall(r"[A-Za-z_]\w*", text))
+    read = module_reads(m)
     return any(names[n].may_be(name, c.root) for n in (order[0], order[-1]) for name in read)

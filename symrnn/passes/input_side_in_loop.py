@@ -26,11 +26,11 @@ import dataclasses
 import sympy
 
 from ..stmt import Assign, Call, Do, Elementwise, Helper, OpCall, Ref, Reshape, Size, Text, Update, refs_read, t_SYM
+from .stack_blocks import _UNIT_REDUCTIONS
 
 __all__ = ["input_side_in_loop"]
 
 _ALLOCATIONS = frozenset({"empty", "zeros"})
-_UNIT_REDUCTIONS = frozenset({"_mean_units", "_sum_units"})
 
 
 def _leads_with_steps(shape) -> bool:

@@ -851,9 +851,24 @@ def stack_blocks(stmts: list, views: Views, shapes: Shapes, fresh: Callable[[str
 
 #: the sections of the module's forward function and of its backward function (RTRL's is a third,
 #: which reads neither's names; backward reads forward's arrays by the cache's names)
-_FUNCTIONS = (("setup", "stacks", "forward_pre", "forward_alloc", "forward_loop", "forward_hold", "forward_post"),
-              ("setup", "backward_seed", "backward_carry", "backward_post", "backward_coefs", "backward_loop",
-               "backward_after", "backward_pre", "backward_weights"))
+#: (the sections of each in the order they run: forward_hold at the end of each step)
+FORWARD_SECTIONS = ("setup", "stacks", "forward_pre", "forward_alloc", "forward_loop", "forward_hold", "forward_post")
+BACKWARD_SECTIONS = ("backward_seed", "backward_carry", "backward_post", "backward_coefs", "backward_loop",
+                     "backward_after", "backward_pre", "backward_weights")
+_FUNCTIONS = (FORWARD_SECTIONS, ("setup", *BACKWARD_SECTIONS))
+
+
+def table_reads(*tables) -> set[str]:
+    """The names the values of (key, value) tables read (a module's outputs, final states, gradients)."""
+    return set().union(*(Assign(Ref("_"), value).reads for table in tables for _, value in table))
+
+
+def module_reads(m) -> set[str]:
+    """The names the module ``m``'s outputs, final states, gradients and loss expressions read."""
+    read = table_reads(m.outputs, m.finals, m.grads, m.rtrl_grads)
+    for text in (value for value in vars(m).values() if isinstance(value, str)):
+        read |= set(re.findall(r"[A-Za-z_]\w*", text))
+    return read
 
 
 def _read_outside(m, section: str) -> frozenset[str]:
@@ -862,10 +877,8 @@ def _read_outside(m, section: str) -> frozenset[str]:
     forward, backward = _FUNCTIONS
     others = [n for n in (forward if section in forward else backward) if n != section]
     read = set().union(*(s.reads for n in others for s in getattr(m, n)))
-    pairs = (m.outputs, m.finals) if section in forward else (m.grads,)
-    for table in pairs:
-        read = read.union(*(Assign(Ref("_"), value).reads for _, value in table))
-    return frozenset(read | (set(m.cache_names) if section in forward else set()))
+    read |= table_reads(m.outputs, m.finals) | set(m.cache_names) if section in forward else table_reads(m.grads)
+    return frozenset(read)
 
 
 def stack_module(m, known: dict, vectors: frozenset[str], fresh: Callable[[str], str]) -> None:
@@ -909,10 +922,6 @@ def _unbind_unread(m, bindings: set) -> None:
     """Leave out the views of blocks (``bindings``) whose names nothing of the module reads: no
     statement, output, gradient, cache entry or loss expression."""
     sections = [name for name, value in vars(m).items() if isinstance(value, list) and all(hasattr(s, "reads") for s in value)]
-    read = set(m.cache_names).union(*(s.reads for name in sections for s in getattr(m, name)))
-    for pairs in (m.outputs, m.finals, m.grads, m.rtrl_grads):
-        read = read.union(*(Assign(Ref("_"), value).reads for _, value in pairs))
-    for text in (value for value in vars(m).values() if isinstance(value, str)):
-        read |= set(re.findall(r"[A-Za-z_]\w*", text))
+    read = set(m.cache_names).union(*(s.reads for name in sections for s in getattr(m, name))) | module_reads(m)
     for name in sections:
         setattr(m, name, [s for s in getattr(m, name) if s not in bindings or s.dst.name in read])
